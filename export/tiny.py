@@ -1,0 +1,122 @@
+"""Tiny Stable-Diffusion-architecture models with random weights, for tests and for trying sdrt offline.
+
+They keep SD's structure where it matters to a runtime (a VAE that downsamples by 8, a UNet with three
+levels and cross-attention, the real CLIP vocabulary, SD's scheduler configs) but are small enough to
+build in a second. "sd1" predicts epsilon; "sd2" predicts v, uses linear projections, per-block head
+counts, GELU and pads prompts with "!" (id 0), like SD 2.x.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sdrt.export.clip_vocab import write_clip_tokenizer
+
+# The scheduler configs of the real checkpoints (runwayml SD 1.5; stabilityai SD 2.1 768-v).
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+SD21_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0) -> Path:
+    """Build and save a tiny random-weight model in diffusers format; returns the folder."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if variant not in ("sd1", "sd2"):
+        raise ValueError(f"variant {variant!r} is not one of 'sd1', 'sd2'")
+    sd2 = variant == "sd2"
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    text_hidden = 32
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_hidden,
+        attention_head_dim=(2, 4, 4) if sd2 else 8,
+        use_linear_projection=sd2,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=text_hidden,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="gelu" if sd2 else "quick_gelu",
+            projection_dim=text_hidden,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=0 if sd2 else 49407,
+        )
+    )
+    tok_dir = write_clip_tokenizer(folder / "tokenizer", pad_token="!" if sd2 else "<|endoftext|>")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    scheduler = (DDIMScheduler if sd2 else PNDMScheduler).from_config(SD21_SCHEDULER if sd2 else SD15_SCHEDULER)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Build a tiny random-weight SD model folder (diffusers format).")
+    parser.add_argument("folder", help="where to write it")
+    parser.add_argument("--variant", choices=("sd1", "sd2"), default="sd1")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_sd(args.folder, args.variant, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""One I/O contract per network: the only place that says what each network takes and returns.
+
+The ONNX exporter, the TensorRT engine builder, every backend and the C++ host read these (the manifest
+stores them as JSON). A dimension is either a fixed int or a symbolic name; `ShapeLimits` turns the
+symbols into min/opt/max values for dynamic-shape exports and engine profiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from sdrt.model_facts import ModelFacts
+
+TEXT_ENCODER = "text_encoder"
+UNET = "unet"
+VAE_ENCODER = "vae_encoder"
+VAE_DECODER = "vae_decoder"
+NETWORKS = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name; "float32" everywhere (an fp16 export changes what it stores, not its I/O)
+    shape: tuple  # ints and symbolic names such as "batch", "latent_height"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TensorSpec":
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkContract:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    doc: str
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """{tensor: {axis: symbol}} for every symbolic axis, the form torch.onnx.export takes."""
+        axes = {}
+        for spec in self.inputs + self.outputs:
+            named = {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
+            if named:
+                axes[spec.name] = named
+        return axes
+
+    def resolve(self, spec: TensorSpec, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
+
+    def sample_inputs(self, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+        """Random inputs of the contract's shapes at `dims`, for exports and parity checks."""
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for spec in self.inputs:
+            shape = self.resolve(spec, dims)
+            if spec.name == "timestep":
+                feeds[spec.name] = rng.uniform(0, 999, size=shape).astype(spec.dtype)
+            else:
+                feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        return feeds
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """Catch a wrong name, rank or fixed dimension before it becomes an error inside a backend."""
+        for spec in self.inputs:
+            if spec.name not in feeds:
+                raise KeyError(f"{self.name} needs input {spec.name!r}; got {sorted(feeds)}")
+            shape = tuple(feeds[spec.name].shape)
+            if len(shape) != len(spec.shape) or any(
+                isinstance(want, int) and want != got for want, got in zip(spec.shape, shape)
+            ):
+                raise ValueError(f"{self.name} input {spec.name!r} has shape {shape}; the contract says {spec.shape}")
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "doc": self.doc,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "NetworkContract":
+        return cls(
+            data["name"],
+            tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+            data.get("doc", ""),
+        )
+
+
+def build_contracts(facts: ModelFacts) -> dict[str, NetworkContract]:
+    """The four networks' contracts for a model with these facts."""
+    c, seq, hidden = facts.latent_channels, facts.text_seq_len, facts.text_hidden_size
+    f32 = "float32"
+    return {
+        TEXT_ENCODER: NetworkContract(
+            TEXT_ENCODER,
+            inputs=(TensorSpec("inputs_embeds", f32, ("batch", seq, hidden)),),
+            outputs=(TensorSpec("last_hidden_state", f32, ("batch", seq, hidden)),),
+            doc="Token embeddings (looked up by the runtime, so textual-inversion rows need no re-export) -> "
+            "position embeddings added, causal CLIP encoder, final layer norm -> last hidden state.",
+        ),
+        UNET: NetworkContract(
+            UNET,
+            inputs=(
+                TensorSpec("sample", f32, ("unet_batch", c, "latent_height", "latent_width")),
+                TensorSpec("timestep", f32, ("unet_batch",)),
+                TensorSpec("encoder_hidden_states", f32, ("unet_batch", seq, facts.cross_attention_dim)),
+            ),
+            outputs=(TensorSpec("out_sample", f32, ("unet_batch", c, "latent_height", "latent_width")),),
+            doc="Scaled latents, a float timestep per item (fractional allowed), text states -> the model's "
+            "prediction (epsilon or v, per prediction_type). Guidance runs [uncond, cond] as one batch.",
+        ),
+        VAE_ENCODER: NetworkContract(
+            VAE_ENCODER,
+            inputs=(TensorSpec("image", f32, ("batch", 3, "image_height", "image_width")),),
+            outputs=(
+                TensorSpec("mean", f32, ("batch", c, "latent_height", "latent_width")),
+                TensorSpec("logvar", f32, ("batch", c, "latent_height", "latent_width")),
+            ),
+            doc="Image in [-1, 1] -> the posterior's mean and log-variance, unscaled; the runtime samples and "
+            "multiplies by scaling_factor (sampling stays in the runtime for seed parity with diffusers).",
+        ),
+        VAE_DECODER: NetworkContract(
+            VAE_DECODER,
+            inputs=(TensorSpec("latent", f32, ("batch", c, "latent_height", "latent_width")),),
+            outputs=(TensorSpec("image", f32, ("batch", 3, "image_height", "image_width")),),
+            doc="Scaled latents, as the UNet sees them (divided by scaling_factor inside) -> image in about [-1, 1].",
+        ),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeLimits:
+    """The range of sizes and batches an export or engine must serve; min/opt/max per symbolic axis."""
+
+    min_size: int = 64
+    opt_size: int = 512
+    max_size: int = 1024
+    max_batch: int = 4  # images per call; the UNet sees twice this with guidance
+
+    def dims(self, facts: ModelFacts, which: str) -> dict[str, int]:
+        """Concrete values of every symbol at `which` in ("min", "opt", "max")."""
+        size = {"min": self.min_size, "opt": self.opt_size, "max": self.max_size}[which]
+        size = max(facts.size_step, size // facts.size_step * facts.size_step)
+        batch = {"min": 1, "opt": 1, "max": self.max_batch}[which]
+        unet_batch = {"min": 1, "opt": 2, "max": 2 * self.max_batch}[which]
+        return {
+            "batch": batch,
+            "unet_batch": unet_batch,
+            "image_height": size,
+            "image_width": size,
+            "latent_height": size // facts.vae_scale_factor,
+            "latent_width": size // facts.vae_scale_factor,
+        }
+
+    def profile(self, contract: NetworkContract, facts: ModelFacts) -> dict[str, tuple[tuple, tuple, tuple]]:
+        """{input: (min_shape, opt_shape, max_shape)}: one TensorRT optimisation profile."""
+        lo, opt, hi = (self.dims(facts, w) for w in ("min", "opt", "max"))
+        return {s.name: (contract.resolve(s, lo), contract.resolve(s, opt), contract.resolve(s, hi)) for s in contract.inputs}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,21 @@
+"""sdrt's errors: each names the bad value and how to fix it.
+
+They subclass ValueError so callers that already catch ValueError keep working; the CLI prints
+their message as one line instead of a traceback.
+"""
+
+
+class SdrtError(ValueError):
+    """Base class of every error sdrt raises on purpose."""
+
+
+class ModelError(SdrtError):
+    """A model folder, export or checkpoint that sdrt cannot use as it is."""
+
+
+class InputError(SdrtError):
+    """A generation argument (size, steps, strength, image, ...) that is out of range."""
+
+
+class BackendError(SdrtError):
+    """A backend that is not installed here, or a network that produced bad output (NaN, all black)."""

@@ -1,0 +1,148 @@
+"""What the runtime must know about a model, read from its own config files (never assumed from SD 1.5).
+
+`ModelFacts` is the single source of latent channels, VAE scale and scaling factors, prediction type and
+the size step. It is read from a diffusers-format folder's JSON configs (no torch needed) and stored in
+an export's manifest, so every backend and the exporter agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from sdrt.errors import InputError, ModelError
+
+# Pipelines sdrt refuses by name: a clear message beats a shape error deep inside a network.
+UNSUPPORTED_PIPELINES = {
+    "StableDiffusionXLPipeline": "SDXL",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL",
+    "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
+    "StableDiffusion3Pipeline": "SD3",
+    "StableDiffusionInpaintPipeline": "SD inpainting",
+    "StableDiffusionUpscalePipeline": "SD x4 upscaler",
+    "StableDiffusionDepth2ImgPipeline": "SD 2 depth-to-image",
+    "StableDiffusionInstructPix2PixPipeline": "InstructPix2Pix",
+    "LatentConsistencyModelPipeline": "LCM",
+    "StableCascadeCombinedPipeline": "Stable Cascade",
+    "FluxPipeline": "FLUX",
+    "PixArtAlphaPipeline": "PixArt",
+    "KandinskyV22Pipeline": "Kandinsky",
+}
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline"}
+COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """Facts about one Stable Diffusion 1.x/2.x model that the loop, the contracts and the exporter need."""
+
+    family: str  # "sd1" or "sd2"
+    latent_channels: int
+    vae_scale_factor: int  # image pixels per latent pixel (8 for SD)
+    scaling_factor: float  # latents fed to the UNet = posterior sample * scaling_factor
+    prediction_type: str  # "epsilon" or "v_prediction"
+    unet_downsamples: int  # 2 ** this must divide the latent size
+    text_seq_len: int  # tokens per prompt (77)
+    text_hidden_size: int  # width of the token-embedding table
+    cross_attention_dim: int  # width of the UNet's encoder_hidden_states
+    default_size: int  # the image size the model was trained at (unet sample_size * vae scale)
+    vocab_size: int
+
+    @property
+    def size_step(self) -> int:
+        """Image height and width must be multiples of this (64 for SD 1.x/2.x)."""
+        return self.vae_scale_factor * 2**self.unet_downsamples
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelFacts":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - set(data)
+        if missing:
+            raise ModelError(f"the manifest's model facts lack {sorted(missing)}; re-export the model with `sdrt export`")
+        return cls(**{k: data[k] for k in names})
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing; the model folder is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path} is not valid JSON ({err}); the model folder is damaged") from None
+
+
+def check_pipeline_class(model_dir: Path) -> str:
+    """Refuse model families sdrt does not run yet, by name, before any weights load."""
+    index_path = model_dir / "model_index.json"
+    if not index_path.exists():
+        return "StableDiffusionPipeline"
+    cls = read_json(index_path).get("_class_name", "StableDiffusionPipeline")
+    if cls in UNSUPPORTED_PIPELINES:
+        raise ModelError(
+            f"{model_dir} holds a {UNSUPPORTED_PIPELINES[cls]} model ({cls}); sdrt runs Stable Diffusion 1.x and 2.x "
+            "text-to-image models only, for now"
+        )
+    if cls not in SUPPORTED_PIPELINES:
+        raise ModelError(f"{model_dir} holds a {cls}, which sdrt does not know; it runs StableDiffusionPipeline models")
+    return cls
+
+
+def read_model_facts(model_dir: str | Path) -> ModelFacts:
+    """Read ModelFacts from a diffusers-format Stable Diffusion folder (configs only; no weights load)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"model folder {model_dir} does not exist; pass a diffusers-format folder or an sdrt export")
+    check_pipeline_class(model_dir)
+    missing = [c for c in COMPONENTS if not (model_dir / c).is_dir()]
+    if missing:
+        raise ModelError(
+            f"model folder {model_dir} lacks {', '.join(missing)}; a diffusers-format Stable Diffusion folder holds "
+            f"{', '.join(COMPONENTS)}"
+        )
+    unet = read_json(model_dir / "unet" / "config.json")
+    vae = read_json(model_dir / "vae" / "config.json")
+    text = read_json(model_dir / "text_encoder" / "config.json")
+    sched = read_json(model_dir / "scheduler" / "scheduler_config.json")
+
+    if unet.get("addition_embed_type") == "text_time":
+        raise ModelError(f"{model_dir}'s UNet takes SDXL's added time embeddings; sdrt runs SD 1.x/2.x only, for now")
+    vae_latents = vae.get("latent_channels", 4)
+    if unet.get("in_channels", 4) != vae_latents:
+        raise ModelError(
+            f"{model_dir}'s UNet takes {unet.get('in_channels')} input channels but the VAE makes {vae_latents}: "
+            "an inpainting or depth UNet, which sdrt does not run yet"
+        )
+    vae_scale = 2 ** (len(vae.get("block_out_channels", [64])) - 1)
+    family = "sd2" if text.get("hidden_act", "quick_gelu") == "gelu" else "sd1"
+    return ModelFacts(
+        family=family,
+        latent_channels=int(vae_latents),
+        vae_scale_factor=int(vae_scale),
+        # 0.18215 is AutoencoderKL's own default, used by diffusers too when the config lacks the key.
+        scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        prediction_type=str(sched.get("prediction_type", "epsilon")),
+        unet_downsamples=len(unet.get("down_block_types", [])) - 1,
+        text_seq_len=int(text.get("max_position_embeddings", 77)),
+        text_hidden_size=int(text["hidden_size"]),
+        cross_attention_dim=int(unet.get("cross_attention_dim", text["hidden_size"])),
+        default_size=int(unet.get("sample_size", 64)) * vae_scale,
+        vocab_size=int(text.get("vocab_size", 49408)),
+    )
+
+
+def check_size(facts: ModelFacts, height: int, width: int) -> None:
+    """Refuse image sizes the networks cannot run, before any network runs."""
+    step = facts.size_step
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(f"{name} {value!r} is not an integer; use a multiple of {step}")
+        if value < step or value % step:
+            lower = max(step, value // step * step)
+            upper = max(step, (value + step - 1) // step * step)
+            options = f"{lower}" if lower == upper else f"{lower} or {upper}"
+            raise InputError(f"{name} {value} is not a multiple of {step} for this model; use {options}")
+

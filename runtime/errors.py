@@ -19,3 +19,7 @@ class InputError(SdrtError):
 
 class BackendError(SdrtError):
     """A backend that is not installed here, or a network that produced bad output (NaN, all black)."""
+
+
+class Cancelled(SdrtError):
+    """A step callback asked to stop; no image was made."""

@@ -1,0 +1,331 @@
+"""Train the built-in digits model: VAE, then text encoder (contrastive), then UNet; saves diffusers format.
+
+    python -m sdrt.export.digits.train --phase all --seed 0 --out build/digits/model     # ~70 min, 2 CPU cores
+    python -m sdrt.export.digits.train --smoke --out build/digits/smoke                  # a few steps of each phase
+
+Each phase saves the whole pipeline to --out (a phase after the first loads the earlier ones from there), and
+the UNet phase saves a checkpoint every --ckpt-every steps, so a run that is cut still leaves a usable model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sdrt.export.clip_vocab import write_clip_tokenizer
+from sdrt.export.digits import data
+from sdrt.export.tiny import SD15_SCHEDULER
+
+TEXT_HIDDEN = 32
+
+
+def build_models():
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 64, 64),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=64)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=3,
+        num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8, norm_num_groups=32)
+    return vae, text_encoder, unet
+
+
+def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+class Timer:
+    def __init__(self, minutes: float):
+        self.t0, self.limit = time.time(), minutes * 60
+
+    def over(self) -> bool:
+        return time.time() - self.t0 > self.limit
+
+    def __str__(self) -> str:
+        return f"{time.time() - self.t0:7.1f}s"
+
+
+# ---------------------------------------------------------------------------------------------------- VAE
+def train_vae(vae, images, steps, batch, minutes, rng, log):
+    """Reconstruction + KL, with colour weighted from the first step (pooled colour and chroma terms)."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0, foreach=True)
+    timer = Timer(minutes)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 1e-3, warmup=30)
+        x = to_tensor(images[rng.integers(len(images), size=batch)])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        mse = F.mse_loss(rec, x)
+        l1 = F.l1_loss(rec, x)
+        colour = F.mse_loss(F.avg_pool2d(rec, 4), F.avg_pool2d(x, 4))
+        chroma = F.mse_loss(rec - rec.mean(1, keepdim=True), x - x.mean(1, keepdim=True))
+        kl = post.kl().mean() / (4 * 8 * 8)
+        loss = mse + l1 + colour + 2 * chroma + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae  step {step:5d} {timer} loss {loss.item():.4f} mse {mse.item():.4f} colour {colour.item():.4f} "
+                f"chroma {chroma.item():.4f} kl {kl.item():.2f}")
+        if timer.over():
+            log(f"vae  stopped by the time cap at step {step}")
+            break
+    return vae
+
+
+@torch.no_grad()
+def encode_dataset(vae, images, batch=256):
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        d = vae.encode(to_tensor(images[i:i + batch])).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+# ---------------------------------------------------------------------------------------------- text encoder
+class ImageEncoder(torch.nn.Module):
+    """A small CNN that meets the text encoder in one embedding space (CLIP-style); thrown away after training."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        c = [3, 32, 64, 64, 128]
+        layers = []
+        for a, b in zip(c, c[1:]):
+            layers += [torch.nn.Conv2d(a, b, 3, stride=2, padding=1), torch.nn.GroupNorm(8, b), torch.nn.SiLU()]
+        self.net = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(128, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Captioner:
+    """Captions -> token ids exactly as the runtime feeds them (77 tokens, padded with <|endoftext|>), cached."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def ids(self, texts: list[str]) -> torch.Tensor:
+        new = [t for t in set(texts) if t not in self.cache]
+        if new:
+            enc = self.tokenizer(new, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            self.cache.update(zip(new, enc))
+        return torch.stack([self.cache[t] for t in texts])
+
+
+def soft_ce(logits, match):
+    target = match / match.sum(1, keepdim=True)
+    return -(target * logits.log_softmax(1)).sum(1).mean()
+
+
+def train_text(text_encoder, captioner, images, labels, steps, batch, minutes, rng, log):
+    image_encoder = ImageEncoder(TEXT_HIDDEN)
+    proj = torch.nn.Linear(TEXT_HIDDEN, TEXT_HIDDEN)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    params = list(text_encoder.parameters()) + list(image_encoder.parameters()) + list(proj.parameters()) + [logit_scale]
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0, foreach=True)
+    timer = Timer(minutes)
+    text_encoder.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 2e-3, warmup=50)
+        idx = rng.integers(len(images), size=batch)
+        caps = [data.caption_with_labels(*labels[i], rng) for i in idx]
+        named = np.array([c[1] for c in caps])
+        match = torch.from_numpy(data.caption_matches(named, labels[idx])).float()
+        t = F.normalize(proj(text_encoder(captioner.ids([c[0] for c in caps])).pooler_output), dim=-1)
+        v = F.normalize(image_encoder(to_tensor(images[idx])), dim=-1)
+        logits = logit_scale.clamp(max=math.log(100)).exp() * t @ v.T
+        loss = 0.5 * (soft_ce(logits, match) + soft_ce(logits.T, match.T))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"text step {step:5d} {timer} loss {loss.item():.4f} scale {logit_scale.exp().item():.1f}")
+        if timer.over():
+            log(f"text stopped by the time cap at step {step}")
+            break
+    text_encoder.eval()
+    return text_encoder, image_encoder, proj
+
+
+@torch.no_grad()
+def retrieval_check(text_encoder, image_encoder, proj, captioner, images, labels, log):
+    """Each held-out image picks the best of the 80 captions 'a {colour} {digit}': digit and colour accuracy."""
+    pairs = [(d, c) for d in range(10) for c in range(len(data.COLOUR_NAMES))]
+    t = F.normalize(proj(text_encoder(captioner.ids([f"a {data.COLOUR_NAMES[c]} {d}" for d, c in pairs])).pooler_output), dim=-1)
+    v = F.normalize(image_encoder(to_tensor(images)), dim=-1)
+    best = np.array(pairs)[(v @ t.T).argmax(1).numpy()]
+    digit_acc, colour_acc = (best[:, 0] == labels[:, 0]).mean(), (best[:, 1] == labels[:, 1]).mean()
+    # and with digit-only captions "the number {word}"
+    td = F.normalize(proj(text_encoder(captioner.ids([f"the number {w}" for w in data.WORDS])).pooler_output), dim=-1)
+    word_acc = ((v @ td.T).argmax(1).numpy() == labels[:, 0]).mean()
+    log(f"text retrieval on held-out images: digit {digit_acc:.3f} colour {colour_acc:.3f} (digit by word {word_acc:.3f})")
+
+
+# ---------------------------------------------------------------------------------------------------- UNet
+def train_unet(unet, text_encoder, captioner, vae, lat_mean, lat_std, labels, steps, batch, minutes, rng, log,
+               save, ckpt_every, p_drop=0.12):
+    noise_sched = DDPMScheduler.from_config({k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"})
+    scale = vae.config.scaling_factor
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2, foreach=True)
+    ema = [p.detach().clone() for p in unet.parameters()]
+    emb_cache: dict[str, torch.Tensor] = {}
+    timer = Timer(minutes)
+
+    def embed(texts):
+        new = [t for t in set(texts) if t not in emb_cache]
+        if new:
+            with torch.no_grad():
+                hs = text_encoder(captioner.ids(new)).last_hidden_state
+            emb_cache.update(zip(new, hs))
+        return torch.stack([emb_cache[t] for t in texts])
+
+    def swap_ema():
+        for p, e in zip(unet.parameters(), ema):
+            tmp = p.detach().clone()
+            p.data.copy_(e)
+            e.copy_(tmp)
+
+    unet.train()
+    avg = None
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 1e-3, warmup=200)
+        idx = torch.from_numpy(rng.integers(len(labels), size=batch))
+        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])) * scale
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,))
+        zt = noise_sched.add_noise(z0, noise, t)
+        cond = embed([data.caption(*labels[i], rng, p_drop=p_drop) for i in idx.tolist()])
+        loss = F.mse_loss(unet(zt, t, cond).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - decay)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        last = step == steps - 1 or timer.over()
+        if step % 100 == 0 or last:
+            log(f"unet step {step:5d} {timer} loss {loss.item():.4f} avg {avg:.4f} lr {opt.param_groups[0]['lr']:.2e}")
+        if (step > 0 and step % ckpt_every == 0) or last:
+            swap_ema()
+            save(unet)
+            swap_ema()
+            log(f"unet checkpoint (EMA weights) saved at step {step}")
+        if timer.over():
+            log(f"unet stopped by the time cap at step {step}")
+            break
+    swap_ema()
+    unet.eval()
+    return unet
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phase", choices=["vae", "text", "unet", "all"], default="all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("build/digits/model"))
+    p.add_argument("--smoke", action="store_true", help="a few steps of every phase (CI)")
+    p.add_argument("--images", type=int, default=30000)
+    p.add_argument("--vae-steps", type=int, default=700)
+    p.add_argument("--text-steps", type=int, default=1500)
+    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--minutes", type=float, nargs=3, default=[14, 6, 48], metavar=("VAE", "TEXT", "UNET"),
+                   help="a time cap per phase (a safety net: the step counts decide a normal run)")
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.images, a.vae_steps, a.text_steps, a.unet_steps, a.unet_batch, a.ckpt_every = 256, 3, 3, 3, 8, 2
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    rng = np.random.default_rng(a.seed)
+    a.out.mkdir(parents=True, exist_ok=True)
+    logfile = open(a.out / "train_log.txt", "a")
+    t_start = time.time()
+
+    def log(msg):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        logfile.write(line + "\n")
+        logfile.flush()
+
+    log(f"args {vars(a)}")
+    images, labels = data.make_dataset(a.images, seed=a.seed, split="train")
+    test_images, test_labels = data.make_dataset(min(1000, a.images), seed=a.seed + 1, split="test")
+    log(f"data: {len(images)} training images ({time.time() - t_start:.0f}s)")
+    tokenizer_dir = write_clip_tokenizer(a.out / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    captioner = Captioner(tokenizer)
+    vae, text_encoder, unet = build_models()
+    if a.phase != "vae" and a.phase != "all":
+        vae = AutoencoderKL.from_pretrained(a.out / "vae")
+        text_encoder = CLIPTextModel.from_pretrained(a.out / "text_encoder")
+    for name, m in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
+        log(f"{name}: {sum(q.numel() for q in m.parameters()) / 1e6:.3f} M parameters")
+
+    def save(u=unet):
+        save_pipeline(a.out, vae, text_encoder, tokenizer, u)
+
+    if a.phase in ("vae", "all"):
+        vae.train()
+        train_vae(vae, images, a.vae_steps, 32, a.minutes[0], rng, log)
+        vae.eval()
+        with torch.no_grad():
+            x = to_tensor(test_images[:256])
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+            log(f"vae held-out mse {F.mse_loss(rec, x).item():.4f}")
+        mean, std = encode_dataset(vae, images[:4096])
+        sf = 1.0 / (mean + std * torch.randn_like(std)).std().item()
+        vae.register_to_config(scaling_factor=sf)
+        log(f"vae scaling_factor {sf:.4f}")
+        save()
+    if a.phase in ("text", "all"):
+        text_encoder, image_encoder, proj = train_text(text_encoder, captioner, images, labels, a.text_steps, 128,
+                                                      a.minutes[1], rng, log)
+        retrieval_check(text_encoder, image_encoder, proj, captioner, test_images, test_labels, log)
+        save()
+    if a.phase in ("unet", "all"):
+        t0 = time.time()
+        lat_mean, lat_std = encode_dataset(vae, images)
+        log(f"encoded {len(images)} images in {time.time() - t0:.0f}s; latent std x scale "
+            f"{(lat_mean.std() * vae.config.scaling_factor).item():.3f}")
+        train_unet(unet, text_encoder, captioner, vae, lat_mean, lat_std, labels, a.unet_steps, a.unet_batch,
+                   a.minutes[2], rng, log, save, a.ckpt_every)
+        save()
+    log(f"done in {(time.time() - t_start) / 60:.1f} min; saved to {a.out}")
+
+
+if __name__ == "__main__":
+    main()

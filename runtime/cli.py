@@ -1,0 +1,157 @@
+"""The `sdrt` command line. argparse lives here only; every subcommand calls library functions.
+
+    sdrt generate "a red 7 on a white background"            # the built-in model, no download
+    sdrt generate "a fox" -m path/to/sd15 -o fox.png --steps 30 --seed 42
+    sdrt info path/to/sd15                                   # what a model folder holds, what can run it here
+    sdrt export path/to/sd15 out/sd15-onnx [--fp16]          # ONNX export (needs torch)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sdrt.errors import SdrtError
+
+EPILOG_GENERATE = """examples:
+  sdrt generate "a red 7 on a white background"                 built-in digits model
+  sdrt generate "a 3" --negative-prompt "blue" --seed 1         steer away from a colour
+  sdrt generate "a green 7" --image seven.png --strength 0.5    img2img
+  sdrt generate "a fox" -m ~/models/sd15 --steps 30 --scheduler euler_a -o fox.png
+Each PNG carries its prompt and every parameter in its text metadata (A1111's `parameters` layout).
+"""
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="make images from a prompt",
+        description="Make images from a prompt (txt2img), or from a prompt and an image (img2img).",
+        epilog=EPILOG_GENERATE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("prompt", help="what the image should show")
+    p.add_argument("-m", "--model", help="diffusers-format folder or sdrt export (default: the built-in digits model)")
+    p.add_argument("-o", "--output", default="sdrt.png", help="PNG to write; with several images, -1, -2... is added (default: %(default)s)")
+    p.add_argument("-n", "--negative-prompt", default=None, help="what to steer away from (replaces the empty prompt)")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default: %(default)s)")
+    p.add_argument("-g", "--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off (default: %(default)s)")
+    p.add_argument("-s", "--seed", type=int, default=None, help="random seed; the same seed gives diffusers' image (default: random)")
+    p.add_argument("-W", "--width", type=int, default=None, help="image width, a multiple of the model's size step (default: the model's)")
+    p.add_argument("-H", "--height", type=int, default=None, help="image height (default: the model's)")
+    p.add_argument("--scheduler", default=None, help="ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras (default: the model's own)")
+    p.add_argument("--image", default=None, help="init image for img2img")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image, (0, 1] (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=("auto", "onnx", "torch", "tensorrt"), help="which runtime runs the networks (default: the fastest the model folder allows)")
+    p.add_argument("--num-images", type=int, default=1, help="images to make; image k uses seed+k (default: %(default)s)")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="textual-inversion embedding to load (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    path = Path(output)
+    if path.suffix.lower() != ".png":
+        path = path.with_suffix(path.suffix + ".png") if path.suffix else path.with_suffix(".png")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{k + 1}{path.suffix}") for k in range(count)]
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    from sdrt.images import save_png
+    from sdrt.pipeline import Pipeline
+
+    t0 = time.perf_counter()
+    options = {"threads": args.threads} if args.threads else {}
+    pipe = Pipeline.from_pretrained(args.model, backend=args.backend, **options)
+    for spec in args.embedding:
+        path, _, token = spec.partition(":")
+        pipe.load_textual_inversion(path, token=token or None)
+    load_s = time.perf_counter() - t0
+    out = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        image=args.image,
+        strength=args.strength,
+        num_images_per_prompt=args.num_images,
+        progress=not args.quiet,
+    )
+    for image, params, path in zip(out.images, out.parameters, output_paths(args.output, len(out.images))):
+        save_png(image, path, params)
+        print(f"{path}  (seed {params['seed']})")
+    if not args.quiet:
+        t = out.timings
+        print(
+            f"{pipe.backend.describe()}: load {load_s:.2f} s, text {t['text']:.2f} s, loop {t['loop']:.2f} s, "
+            f"decode {t['decode']:.2f} s, total {t['total']:.2f} s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="what a model folder holds and which backends can run it here")
+    p.add_argument("model", nargs="?", default=None, help="model folder (default: the built-in model)")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256 against the export's manifest")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    from sdrt.info import describe_model
+
+    text, ok = describe_model(args.model, verify=args.verify)
+    print(text)
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sdrt import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sdrt",
+        description="sdrt: a fast Stable Diffusion runtime (ONNX Runtime, TensorRT, PyTorch).",
+        epilog='start with: sdrt generate "a red 7 on a white background"',
+    )
+    parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_generate(sub)
+    add_info(sub)
+    for name in ("export", "build", "bench"):
+        module = __import__(f"sdrt.cli_{name}", fromlist=["add_parser"]) if _has_module(f"sdrt.cli_{name}") else None
+        if module is not None:
+            module.add_parser(sub)
+    return parser
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SdrtError as err:
+        print(f"sdrt: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdrt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

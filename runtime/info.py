@@ -1,0 +1,55 @@
+"""`sdrt info`: what a model folder holds, and which backends can run it on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdrt.backends.base import available_backends
+from sdrt.model_source import open_model
+
+
+def _size(path: Path) -> str:
+    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    return f"{total / 1e6:.1f} MB"
+
+
+def describe_model(model: str | Path | None, verify: bool = False) -> tuple[str, bool]:
+    """A readable report, and False when --verify found damaged files."""
+    if model is None:
+        from sdrt.builtin import builtin_model_dir
+
+        model = builtin_model_dir()
+    source = open_model(model)
+    f = source.facts
+    sched = source.scheduler_config
+    lines = [
+        f"model        {source.path}",
+        f"kind         {'sdrt export' if source.manifest else 'diffusers folder'}" + (" + diffusers weights" if source.manifest and source.is_diffusers else ""),
+        f"family       {f.family}  (prediction: {f.prediction_type})",
+        f"scheduler    {sched.get('_class_name', '?')}  ({sched.get('beta_schedule', '?')}, {sched.get('num_train_timesteps', '?')} train steps)",
+        f"latents      {f.latent_channels} channels, VAE /{f.vae_scale_factor}, scaling factor {f.scaling_factor}",
+        f"size         default {f.default_size}x{f.default_size}; height and width must be multiples of {f.size_step}",
+        f"text         {f.text_seq_len} tokens x {f.text_hidden_size}, vocabulary {f.vocab_size}",
+        "components",
+    ]
+    if source.manifest:
+        for name, net in source.manifest.networks.items():
+            lines.append(f"  {name:<14} {net['file']}  ({net.get('precision', 'fp32')}, {_size(source.path / net['file'])})")
+    else:
+        for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
+            lines.append(f"  {name:<14} {_size(source.path / name)}")
+    ok = True
+    if verify:
+        if source.manifest is None:
+            lines.append("verify       nothing to verify: a diffusers folder has no manifest")
+        else:
+            bad = source.manifest.verify(source.path)
+            ok = not bad
+            lines.append("verify       all files match the manifest" if ok else f"verify       DAMAGED: {', '.join(bad)}; re-export")
+    lines.append("backends here")
+    runnable = {"torch": source.is_diffusers, "onnx": source.manifest is not None, "tensorrt": bool(source.manifest and source.manifest.extras.get("engines"))}
+    for name, why in available_backends().items():
+        mark = "yes" if runnable.get(name) and not why.startswith("not installed") else "no "
+        lines.append(f"  {mark} {name:<9} {why}" + ("" if runnable.get(name) else "  (this folder has nothing for it)"))
+    lines.append(f"default      {source.default_backend()}")
+    return "\n".join(lines), ok

@@ -1,0 +1,130 @@
+"""The export manifest: the one saved configuration of an sdrt export folder (manifest.json).
+
+It carries the model facts, each network's I/O contract, the shape limits the export serves, library
+versions, and every file's size and sha256. Loading checks sizes (cheap) and refuses a truncated,
+changed or foreign folder; `verify()` checks the hashes in full.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from sdrt.contracts import NetworkContract
+from sdrt.errors import ModelError
+from sdrt.model_facts import ModelFacts
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "sdrt-export"
+FORMAT_VERSION = 1
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class Manifest:
+    facts: ModelFacts
+    contracts: dict[str, NetworkContract]
+    networks: dict[str, dict]  # name -> {"file": relative path, "precision": "fp32"|"fp16", ...}
+    files: dict[str, dict]  # relative path -> {"size": int, "sha256": str}
+    limits: dict
+    versions: dict
+    tokenizer: str = "tokenizer"
+    scheduler: str = "scheduler/scheduler_config.json"
+    token_embeddings: str = "token_embeddings.safetensors"
+    extras: dict = dataclasses.field(default_factory=dict)  # loras, embeddings, engine cache keys, source
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "facts": self.facts.to_dict(),
+            "contracts": {k: c.to_dict() for k, c in self.contracts.items()},
+            "networks": self.networks,
+            "files": self.files,
+            "limits": self.limits,
+            "versions": self.versions,
+            "tokenizer": self.tokenizer,
+            "scheduler": self.scheduler,
+            "token_embeddings": self.token_embeddings,
+            "extras": self.extras,
+        }
+
+    def write(self, folder: Path) -> Path:
+        """Write manifest.json atomically (temporary name, then rename)."""
+        path = Path(folder) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False))
+        tmp.replace(path)
+        return path
+
+    def record_files(self, folder: Path, relpaths) -> None:
+        """Store size and sha256 of each file (relative to `folder`)."""
+        for rel in relpaths:
+            p = Path(folder) / rel
+            self.files[str(rel)] = {"size": p.stat().st_size, "sha256": sha256_of(p)}
+
+    def check_sizes(self, folder: Path) -> None:
+        """Cheap load-time check: every file is there at its recorded size."""
+        for rel, info in self.files.items():
+            p = Path(folder) / rel
+            if not p.exists():
+                raise ModelError(f"{folder} is missing {rel}; the export is incomplete: re-export it with `sdrt export`")
+            if p.stat().st_size != info["size"]:
+                raise ModelError(
+                    f"{p} is {p.stat().st_size} bytes but the manifest says {info['size']}: the file is truncated "
+                    "or was changed; re-export the model with `sdrt export`"
+                )
+
+    def verify(self, folder: Path) -> list[str]:
+        """Full check: sizes and sha256 of every file. Returns the bad files (empty when all is well)."""
+        bad = []
+        for rel, info in self.files.items():
+            p = Path(folder) / rel
+            if not p.exists() or p.stat().st_size != info["size"] or sha256_of(p) != info["sha256"]:
+                bad.append(rel)
+        return bad
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """Read and check an export folder's manifest; raises ModelError with the fix when anything is off."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{folder} has no {MANIFEST_NAME}; it is not an sdrt export (create one with `sdrt export`)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path} is damaged or truncated ({err}); re-export the model with `sdrt export`") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ModelError(f"{path} is not an sdrt export manifest; re-export the model with `sdrt export`")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ModelError(
+            f"{path} has manifest format {data.get('format_version')}, this sdrt reads {FORMAT_VERSION}; "
+            "re-export the model with this version's `sdrt export`"
+        )
+    try:
+        manifest = Manifest(
+            facts=ModelFacts.from_dict(data["facts"]),
+            contracts={k: NetworkContract.from_dict(v) for k, v in data["contracts"].items()},
+            networks=data["networks"],
+            files=data["files"],
+            limits=data["limits"],
+            versions=data["versions"],
+            tokenizer=data.get("tokenizer", "tokenizer"),
+            scheduler=data.get("scheduler", "scheduler/scheduler_config.json"),
+            token_embeddings=data.get("token_embeddings", "token_embeddings.safetensors"),
+            extras=data.get("extras", {}),
+        )
+    except (KeyError, TypeError) as err:
+        raise ModelError(f"{path} lacks {err}; the manifest is incomplete: re-export the model with `sdrt export`") from None
+    manifest.check_sizes(folder)
+    return manifest

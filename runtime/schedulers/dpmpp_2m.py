@@ -1,0 +1,121 @@
+"""DPM-Solver++ 2M (Lu et al. 2022), equal to diffusers' DPMSolverMultistepScheduler (solver_order=2,
+algorithm_type="dpmsolver++"), with or without Karras sigmas.
+
+Noise level sigma gives alpha = 1/sqrt(sigma^2 + 1), sigma_t = sigma * alpha, lambda = log(alpha / sigma_t),
+h = lambda_next - lambda. history = (x0_prev,), the previous call's data prediction.
+    x0   = sample * x0_from_sample + output * x0_from_output
+    prev = sample * prev_from_sample + x0 * prev_from_x0 + x0_prev * prev_from_x0_prev
+first order (call 0, and the final step):  prev = (sigma_next/sigma) x - alpha_next (e^-h - 1) x0
+second order (midpoint):  with r = h_prev / h, D1 = (x0 - x0_prev) / r, adds -0.5 alpha_next (e^-h - 1) D1.
+Like diffusers, the first call after img2img truncation is first order, and the last step is first order
+when final_sigmas_type is 'zero' (the default) or lower_order_final holds with fewer than 15 steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sdrt.errors import ModelError
+from sdrt.schedulers.base import F32, Scheduler, Tables, karras_sigmas, sigma_to_t, train_sigmas
+
+
+class DPMPP2M(Scheduler):
+    name = "dpmpp_2m"
+    DEFAULTS = dict(  # DPMSolverMultistepScheduler.__init__, diffusers 0.42.1
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+        solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
+        sample_max_value=1.0, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+        euler_at_final=False, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+        use_lu_lambdas=False, use_flow_sigmas=False, flow_shift=1.0, final_sigmas_type="zero",
+        lambda_min_clipped=-float("inf"), variance_type=None, timestep_spacing="linspace", steps_offset=0,
+        rescale_betas_zero_snr=False, use_dynamic_shifting=False, time_shift_type="exponential",
+    )  # fmt: skip
+    coefficient_names = ("x0_from_sample", "x0_from_output", "prev_from_sample", "prev_from_x0", "prev_from_x0_prev")
+    history_size = 1
+
+    def __init__(self, config: dict, **overrides):
+        super().__init__(config, **overrides)
+        cfg = self.config
+        if cfg["algorithm_type"] == "deis":  # diffusers maps it to dpmsolver++ too
+            cfg["algorithm_type"] = "dpmsolver++"
+        if cfg["solver_type"] in ("logrho", "bh1", "bh2"):  # and these to midpoint
+            cfg["solver_type"] = "midpoint"
+        wanted = dict(solver_order=2, algorithm_type="dpmsolver++", thresholding=False, use_exponential_sigmas=False,
+                      use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False, variance_type=None)  # fmt: skip
+        for key, value in wanted.items():
+            if (cfg[key] or None) != (value or None):
+                raise ModelError(f"{key}={cfg[key]!r} is not supported by sdrt's DPM-Solver++ 2M; it needs {key}={value!r}")
+        if cfg["solver_type"] not in ("midpoint", "heun"):
+            raise ModelError(f"solver_type {cfg['solver_type']!r} is not supported; use 'midpoint' or 'heun'")
+        if cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
+            raise ModelError(f"final_sigmas_type {cfg['final_sigmas_type']!r} is not supported; use 'zero' or 'sigma_min'")
+        if cfg["rescale_betas_zero_snr"]:
+            self.alphas_cumprod[-1] = 2**-24
+        if cfg["use_karras_sigmas"]:
+            self.name = "dpmpp_2m_karras"
+
+    def _sigmas(self, n: int):
+        """Integer timesteps [n] and float32 sigmas [n + 1], as diffusers' set_timesteps."""
+        cfg, T = self.config, self.num_train_timesteps
+        ac = self.alphas_cumprod
+        lambdas = np.log(np.sqrt(ac)) - np.log(np.sqrt(F32(1) - ac))
+        last = T - int(np.searchsorted(lambdas[::-1], cfg["lambda_min_clipped"]))
+        if cfg["timestep_spacing"] == "linspace":
+            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
+        elif cfg["timestep_spacing"] == "leading":
+            ts = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + cfg["steps_offset"]
+        else:
+            ts = np.arange(last, 0, -T / n).round() - 1
+        ts = ts.astype(np.int64)
+        train = train_sigmas(ac)
+        if cfg["use_karras_sigmas"]:
+            sigmas = karras_sigmas(np.flip(train).copy(), n)
+            ts = np.array([sigma_to_t(s, np.log(train)) for s in sigmas])
+            ts = (ts if cfg["beta_schedule"] == "squaredcos_cap_v2" else ts.round()).astype(np.int64)
+        else:
+            sigmas = np.interp(ts, np.arange(len(train)), train)
+        final = train[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+        return ts, np.concatenate([sigmas, [final]]).astype(F32)
+
+    def _tables(self, n: int, start: int) -> Tables:
+        cfg = self.config
+        ts, sigmas = self._sigmas(n)
+        s = sigmas.astype(np.float64)
+        alpha = 1 / np.sqrt(s * s + 1)
+        sig = s * alpha
+        with np.errstate(divide="ignore"):  # the final sigma 0 gives lambda = inf and e^-h = 0, as intended
+            lam = np.log(alpha) - np.log(sig)
+        rows = []
+        for k in range(start, len(ts)):
+            if cfg["prediction_type"] == "epsilon":
+                x0_coefs = (1 / alpha[k], -sig[k] / alpha[k])
+            else:
+                x0_coefs = (alpha[k], -sig[k])
+            h = lam[k + 1] - lam[k]
+            a = alpha[k + 1] * np.expm1(-h)  # alpha_next (e^-h - 1)
+            final = k == len(ts) - 1 and (
+                cfg["euler_at_final"]
+                or (cfg["lower_order_final"] and len(ts) < 15)
+                or cfg["final_sigmas_type"] == "zero"
+            )
+            if k == start or final:  # first order
+                c0, c1 = -a, 0.0
+            else:
+                r = (lam[k] - lam[k - 1]) / h
+                if cfg["solver_type"] == "midpoint":
+                    c0, c1 = -a - 0.5 * a / r, 0.5 * a / r
+                else:  # heun
+                    b = alpha[k + 1] * (np.expm1(-h) / h + 1)
+                    c0, c1 = -a + b / r, -b / r
+            rows.append((*x0_coefs, sig[k + 1] / sig[k], c0, c1))
+        # add_noise in float32, as diffusers: alpha * original + sigma_t * noise.
+        s32 = sigmas[start:-1]
+        a32 = F32(1) / np.sqrt(s32 * s32 + F32(1))
+        noise = np.stack([a32, s32 * a32], axis=1).astype(np.float64)
+        return Tables(ts[start:].astype(F32), np.array(rows, np.float64), np.ones(len(s32)), noise, 1.0)
+
+    def update(self, coefs, sample, model_output, history, noise=None, clip=None):
+        """(prev_sample, (x0,)) from one row of `coefficients`; arithmetic only."""
+        (x0_prev,) = history
+        x0 = sample * coefs[0] + model_output * coefs[1]
+        return sample * coefs[2] + x0 * coefs[3] + x0_prev * coefs[4], (x0,)

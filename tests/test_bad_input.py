@@ -1,0 +1,89 @@
+"""Bad input gets an sdrt error naming the value and the fix, before any network runs."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sdrt
+from sdrt.errors import InputError, ModelError, SdrtError
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd1):
+    return sdrt.Pipeline.from_pretrained(tiny_sd1, backend="torch")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(scheduler="heun"), "unknown scheduler 'heun'"),
+        (dict(num_inference_steps=0), "num_inference_steps 0"),
+        (dict(height=500), "height 500 is not a multiple of 32 for this model; use 480 or 512"),
+        (dict(width=16), "width 16 is not a multiple of 32"),
+        (dict(guidance_scale=-1.0), "guidance_scale -1.0 is negative"),
+        (dict(image=np.zeros((64, 64, 3), np.uint8), strength=0.0), r"strength 0.0 is outside \(0, 1\]"),
+        (dict(image=np.zeros((64, 64, 3), np.uint8), strength=1.5), r"strength 1.5 is outside"),
+        (dict(image=np.zeros((64, 64, 3), np.uint8), strength=0.05, num_inference_steps=10), "raise strength or steps"),
+        (dict(image="/nonexistent/x.png"), "does not exist"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt 0"),
+        (dict(output_type="tensor"), "output_type 'tensor'"),
+    ],
+)
+def test_bad_arguments(pipe, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        pipe("a cat", progress=False, **kwargs)
+
+
+def test_unreadable_and_odd_images(pipe, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(InputError, match="cannot be read as an image"):
+        pipe("a cat", image=str(bad), progress=False)
+    for mode in ("RGBA", "L"):  # converted, not refused
+        out = pipe("a cat", image=Image.new(mode, (64, 64)), num_inference_steps=2, strength=0.5, progress=False)
+        assert out.images[0].size == (64, 64)
+
+
+def test_errors_are_value_errors():
+    assert issubclass(SdrtError, ValueError)
+
+
+def test_bad_model_folders(tiny_sd1, tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        sdrt.Pipeline.from_pretrained(tmp_path / "nope")
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_sd1, partial, ignore=shutil.ignore_patterns("unet"))
+    with pytest.raises(ModelError, match="lacks unet"):
+        sdrt.Pipeline.from_pretrained(partial)
+    for cls, family in [("StableDiffusionXLPipeline", "SDXL"), ("StableDiffusion3Pipeline", "SD3"), ("StableDiffusionInpaintPipeline", "inpainting")]:
+        other = tmp_path / cls
+        shutil.copytree(tiny_sd1, other)
+        index = json.loads((other / "model_index.json").read_text())
+        index["_class_name"] = cls
+        (other / "model_index.json").write_text(json.dumps(index))
+        with pytest.raises(ModelError, match=family):
+            sdrt.Pipeline.from_pretrained(other)
+    inpaint = tmp_path / "inpaint-unet"
+    shutil.copytree(tiny_sd1, inpaint)
+    config = json.loads((inpaint / "unet" / "config.json").read_text())
+    config["in_channels"] = 9
+    (inpaint / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="inpainting"):
+        sdrt.Pipeline.from_pretrained(inpaint)
+
+
+def test_cli_error_is_one_line_and_leaves_no_png(tiny_sd1, tmp_path):
+    out = tmp_path / "x.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdrt.cli", "generate", "a cat", "-m", str(tiny_sd1), "--backend", "torch", "-H", "500", "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["sdrt: error: height 500 is not a multiple of 32 for this model; use 480 or 512"]
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))

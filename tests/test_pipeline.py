@@ -1,0 +1,118 @@
+"""The whole pipeline against diffusers' own pipelines, same seed, on tiny random-weight models.
+
+Random weights amplify float noise at high guidance, so these compare at guidance 2.0. Tolerance: images
+within 2e-3 of the [0, 1] range (about half a grey level): the noise source matches torch's to ~2.4e-7 and
+float reductions differ in order, which a few UNet calls amplify a little.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import sdrt
+from sdrt.errors import Cancelled, InputError
+
+IMAGE_TOL = 2e-3
+DIFFUSERS_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+def diffusers_scheduler(name, config):
+    import diffusers
+
+    cls_name, extra = DIFFUSERS_SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(config, **extra)
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def pipes(request, tiny_sd1, tiny_sd2):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    folder = tiny_sd1 if request.param == "sd1" else tiny_sd2
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref_i2i = StableDiffusionImg2ImgPipeline(**ref.components)
+    ref_i2i.set_progress_bar_config(disable=True)
+    ours = sdrt.Pipeline.from_pretrained(folder, backend="torch")
+    return ref, ref_i2i, ours
+
+
+def run_reference(ref, scheduler, **kwargs):
+    ref.scheduler = diffusers_scheduler(scheduler, ref.scheduler.config) if scheduler else ref.scheduler
+    seed = kwargs.pop("seed")
+    with torch.no_grad():
+        return ref(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
+
+
+@pytest.mark.parametrize("scheduler", list(DIFFUSERS_SCHEDULERS))
+def test_txt2img_equals_diffusers(pipes, scheduler):
+    ref, _, ours = pipes
+    kwargs = dict(prompt="a photo of a red cat", num_inference_steps=6, guidance_scale=2.0, height=64, width=64, seed=7)
+    expected = run_reference(ref, scheduler, **kwargs)
+    got = ours(**kwargs, scheduler=scheduler, output_type="np", progress=False).images
+    diff = np.abs(got.astype(np.float32) / 255 - expected).max()
+    assert diff <= IMAGE_TOL + 1 / 255, f"{scheduler}: max diff {diff}"
+
+
+def test_negative_prompt_and_model_default_scheduler(pipes):
+    ref, _, ours = pipes
+    kwargs = dict(prompt="a cat", negative_prompt="blurry, dog", num_inference_steps=5, guidance_scale=3.0, height=64, width=96, seed=3)
+    expected = run_reference(ref, None, **kwargs)
+    got = ours(**kwargs, output_type="np", progress=False).images
+    assert np.abs(got.astype(np.float32) / 255 - expected).max() <= IMAGE_TOL + 1 / 255
+
+
+@pytest.mark.parametrize("scheduler,strength", [("pndm", 0.6), ("euler_a", 0.75), ("dpmpp_2m", 0.5), ("ddim", 1.0)])
+def test_img2img_equals_diffusers(pipes, scheduler, strength):
+    _, ref_i2i, ours = pipes
+    rng = np.random.default_rng(0)
+    init = (rng.uniform(0, 1, (64, 64, 3)) * 255).astype(np.uint8)
+    from PIL import Image
+
+    image = Image.fromarray(init)
+    kwargs = dict(prompt="a dog", num_inference_steps=8, guidance_scale=2.0, strength=strength, seed=11)
+    expected = run_reference(ref_i2i, scheduler, image=image, **kwargs)
+    got = ours(**kwargs, image=image, scheduler=scheduler, output_type="np", progress=False).images
+    assert np.abs(got.astype(np.float32) / 255 - expected).max() <= IMAGE_TOL + 1 / 255
+
+
+def test_batch_seeds_reproduce_each_image_alone(pipes):
+    _, _, ours = pipes
+    batch = ours(["a cat", "a dog"], num_images_per_prompt=2, num_inference_steps=3, guidance_scale=1.5, seed=20, output_type="np", progress=False)
+    assert batch.seeds == [20, 21, 22, 23]
+    alone = ours("a dog", num_inference_steps=3, guidance_scale=1.5, seed=batch.seeds[3], output_type="np", progress=False)
+    assert np.abs(alone.images[0].astype(int) - batch.images[3].astype(int)).max() <= 1
+
+
+def test_guidance_off_runs_cond_only_and_callback_cancels(pipes):
+    _, _, ours = pipes
+    seen = []
+
+    def spy(network, feeds, real=ours.backend.run):
+        seen.append(feeds.get("sample", np.empty((0,))).shape[0] if network == "unet" else None)
+        return real(network, feeds)
+
+    ours.backend.run, original = spy, ours.backend.run
+    try:
+        ours("a cat", num_inference_steps=2, guidance_scale=1.0, seed=1, progress=False)
+    finally:
+        ours.backend.run = original
+    assert [s for s in seen if s is not None] == [1, 1, 1]  # PNDM: n + 1 UNet calls, batch 1 without guidance
+    with pytest.raises(Cancelled):
+        ours("a cat", num_inference_steps=4, seed=1, progress=False, callback=lambda i, t, x: i < 1)
+
+
+def test_explicit_latents_are_used(pipes):
+    _, _, ours = pipes
+    latents = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    a = ours("a cat", num_inference_steps=2, seed=1, latents=latents, output_type="latent", progress=False).images
+    b = ours("a cat", num_inference_steps=2, seed=999, latents=latents, output_type="latent", progress=False).images
+    assert np.array_equal(a, b)
+    with pytest.raises(InputError, match="latents have shape"):
+        ours("a cat", latents=latents[:, :, :4], progress=False)

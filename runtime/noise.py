@@ -16,8 +16,9 @@ CPUGeneratorImpl, DistributionTemplates.h and DistributionsHelper.h, read for to
 The Box-Muller arithmetic depends on the CPU kernel torch dispatches to. x86 CPUs with AVX2 (and AVX512
 ones: normal_stub is registered without an AVX512 kernel, so they fall back to AVX2) use avx_mathfun's
 Cephes log/sincos in float32 with fused multiply-adds, which `_box_muller_avx2` replays operation by
-operation: bit-exact against torch 2.13 and 2.11. The DEFAULT kernel (older x86, ARM) calls libm's float
-logf/cosf/sinf, which `_box_muller_libm` computes in float64 and rounds: within 1 ulp, <= 2.4e-7 abs.
+operation: bit-exact against torch 2.13 on an AVX2 CPU and torch 2.11 on an AVX512 one. The DEFAULT kernel
+(x86 without AVX2; presumably ARM too, not checked) calls libm's float logf/cosf/sinf, which
+`_box_muller_libm` computes in float64 and rounds: within 1 ulp of torch, <= 2.4e-7 abs.
 The two kernels differ from each other by up to ~2e-6, so the kernel is picked the way torch picks it.
 """
 
@@ -28,6 +29,8 @@ import os
 import platform
 
 import numpy as np
+
+from sdrt.errors import InputError
 
 _F32 = np.float32
 _N = 624  # mt19937 state words
@@ -136,7 +139,7 @@ class TorchCPUGenerator:
     def __init__(self, seed: int, cpu_capability: str | None = None):
         capability = cpu_capability or torch_cpu_capability()
         if capability not in ("avx2", "avx512", "default"):
-            raise ValueError(f"cpu_capability {capability!r} is not one of 'avx2', 'avx512', 'default'")
+            raise InputError(f"cpu_capability {capability!r} is not one of 'avx2', 'avx512', 'default'")
         self.cpu_capability = capability
         self._box_muller = _box_muller_libm if capability == "default" else _box_muller_avx2
         self._mt = np.random.MT19937()
@@ -144,10 +147,10 @@ class TorchCPUGenerator:
 
     def manual_seed(self, seed: int) -> "TorchCPUGenerator":
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-            raise ValueError(f"seed {seed!r} is not an integer")
+            raise InputError(f"seed {seed!r} is not an integer")
         seed = int(seed)
         if not -(2**63) <= seed < 2**64:
-            raise ValueError(f"seed {seed} is outside torch's range [-2**63, 2**64)")
+            raise InputError(f"seed {seed} is outside torch's range [-2**63, 2**64)")
         self.seed = seed % 2**64
         self._mt.state = {"bit_generator": "MT19937", "state": {"key": _init_genrand(seed & 0xFFFFFFFF), "pos": _N}}
         self._next_normal: float | None = None
@@ -159,7 +162,8 @@ class TorchCPUGenerator:
         return {"key": mt["key"].copy(), "pos": int(mt["pos"]), "next_normal": self._next_normal, "seed": self.seed}
 
     def set_state(self, state: dict) -> None:
-        self._mt.state = {"bit_generator": "MT19937", "state": {"key": np.array(state["key"], np.uint32), "pos": state["pos"]}}
+        key = np.array(state["key"], np.uint32)
+        self._mt.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": int(state["pos"])}}
         self._next_normal = state["next_normal"]
         self.seed = state["seed"]
 
@@ -178,8 +182,9 @@ class TorchCPUGenerator:
         if self._next_normal is not None:
             value, self._next_normal = self._next_normal, None
             return value
-        w = self._words(4).astype(np.uint64)
-        u1, u2 = (float(((hi & 0x1FFFFF) << 32) | lo) * 2.0**-53 for hi, lo in (w[:2], w[2:]))
+        w = [int(x) for x in self._words(4)]
+        # random64 = first word << 32 | second word; a double uniform keeps its low 53 bits.
+        u1, u2 = ((((hi & 0x1FFFFF) << 32) | lo) * 2.0**-53 for hi, lo in ((w[0], w[1]), (w[2], w[3])))
         radius = math.sqrt(-2.0 * math.log1p(-u2))
         theta = 2.0 * math.pi * u1
         self._next_normal = radius * math.sin(theta)

@@ -88,7 +88,9 @@ def make_alphas_cumprod(cfg: dict) -> np.ndarray:
     elif cfg["beta_schedule"] == "squaredcos_cap_v2":
         betas = cosine_betas(n)
     else:
-        raise ModelError(f"beta_schedule {cfg['beta_schedule']!r} is not supported; use one of {', '.join(BETA_SCHEDULES)}")
+        raise ModelError(
+            f"beta_schedule {cfg['beta_schedule']!r} is not supported; use one of {', '.join(BETA_SCHEDULES)}"
+        )
     if cfg.get("rescale_betas_zero_snr"):
         betas = rescale_zero_terminal_snr(betas)
     return cumprod_f32(F32(1) - betas)
@@ -174,7 +176,9 @@ class Scheduler:
                 f"{' or '.join(PREDICTION_TYPES)}"
             )
         if cfg.get("timestep_spacing") not in SPACINGS:
-            raise ModelError(f"timestep_spacing {cfg.get('timestep_spacing')!r} is not supported; use one of {', '.join(SPACINGS)}")
+            raise ModelError(
+                f"timestep_spacing {cfg.get('timestep_spacing')!r} is not supported; use one of {', '.join(SPACINGS)}"
+            )
         self.num_train_timesteps = int(cfg["num_train_timesteps"])
         self.alphas_cumprod = make_alphas_cumprod(cfg)
         self.timesteps = None
@@ -182,7 +186,8 @@ class Scheduler:
         self._next = 0
 
     def __repr__(self):
-        return f"<{type(self).__name__} {self.name!r} {self.num_calls} calls>" if self.timesteps is not None else f"<{self.name}>"
+        calls = "no timesteps yet" if self.timesteps is None else f"{self.num_calls} calls"
+        return f"<sdrt scheduler {self.name}: {calls}>"
 
     def set_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> None:
         """Build the per-call tables; strength < 1 keeps the schedule's tail as diffusers' img2img does."""
@@ -190,7 +195,9 @@ class Scheduler:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise InputError(f"num_inference_steps {n!r} must be an integer >= 1")
         if n > self.num_train_timesteps:
-            raise InputError(f"num_inference_steps {n} exceeds the model's {self.num_train_timesteps} training timesteps")
+            raise InputError(
+                f"num_inference_steps {n} exceeds the model's {self.num_train_timesteps} training timesteps"
+            )
         if not 0 < strength <= 1:
             raise InputError(f"strength {strength} must be in (0, 1]; 1 ignores the init image entirely")
         init_timestep = min(int(n * strength), n)
@@ -234,21 +241,29 @@ class Scheduler:
         if self.timesteps is None:
             raise InputError("call set_timesteps before step")
         if i != self._next:
-            raise InputError(f"step {i} called after step {self._next - 1}; steps run in order (reset() restarts)")
+            raise InputError(f"step {i} called where step {self._next} is due; steps run in order (reset() restarts)")
         if self.needs_noise:
             if noise is None:
-                raise InputError(f"scheduler {self.name} adds fresh noise each step; pass noise shaped like the sample")
-            if hasattr(noise, "astype") and hasattr(sample, "dtype") and noise.dtype != sample.dtype:
+                raise InputError(f"{self.name} adds fresh noise each step; pass noise shaped like the sample")
+            if isinstance(noise, np.ndarray) and isinstance(sample, np.ndarray) and noise.dtype != sample.dtype:
                 noise = noise.astype(sample.dtype)
         if self._history is None:
             self._history = self.init_history(sample)
         # A list of Python floats: a float64 numpy row would promote float32 arrays to float64 (NEP 50).
-        prev, self._history = self.update(self.coefficients[i].tolist(), sample, model_output, self._history, noise, clip)
+        row = self.coefficients[i].tolist()
+        prev, self._history = self.update(row, sample, model_output, self._history, noise, clip)
         self._next += 1
         return prev
 
     def update(self, coefs, sample, model_output, history, noise=None, clip=None):
-        """(prev_sample, new_history) from one coefficient row; pure arithmetic, see the subclass."""
+        """(prev_sample, new_history): one step from row `coefs` of `coefficients`, by `+` and `*` only.
+
+        coefs is read as coefs[k]: Python floats (what `step` passes), a 1-D torch tensor row on the arrays'
+        device (its 0-d elements keep float32 tensors float32), or a numpy row of the arrays' dtype. A float64
+        numpy row works but turns float32 numpy results into float64 (NumPy 2 promotion). history is the fixed-
+        length tuple from `init_history`; the arrays pass through untouched, so torch tensors stay on device.
+        noise: this step's fresh noise (ancestral schedulers only). clip: see `clamp` (DDIM's clip_sample).
+        """
         raise NotImplementedError
 
     def _tables(self, n: int, start: int) -> Tables:

@@ -30,7 +30,7 @@ class DDIM(Scheduler):
     def __init__(self, config: dict, **overrides):
         super().__init__(config, **overrides)
         if self.config["thresholding"]:
-            raise ModelError("DDIM's dynamic thresholding is not supported (it is for pixel-space models); set thresholding false")
+            raise ModelError("DDIM's dynamic thresholding (for pixel-space models) is unsupported; turn it off")
         self.final_alpha = 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
 
     def _tables(self, n: int, start: int) -> Tables:

@@ -19,6 +19,11 @@ from sdrt.errors import ModelError
 from sdrt.schedulers.base import F32, Scheduler, Tables, karras_sigmas, sigma_to_t, train_sigmas
 
 
+# Settings that would make a different solver; sdrt refuses them rather than run something else.
+REQUIRED = dict(solver_order=2, algorithm_type="dpmsolver++", thresholding=None, use_exponential_sigmas=None,
+                use_beta_sigmas=None, use_lu_lambdas=None, use_flow_sigmas=None, variance_type=None)  # fmt: skip
+
+
 class DPMPP2M(Scheduler):
     name = "dpmpp_2m"
     DEFAULTS = dict(  # DPMSolverMultistepScheduler.__init__, diffusers 0.42.1
@@ -40,15 +45,13 @@ class DPMPP2M(Scheduler):
             cfg["algorithm_type"] = "dpmsolver++"
         if cfg["solver_type"] in ("logrho", "bh1", "bh2"):  # and these to midpoint
             cfg["solver_type"] = "midpoint"
-        wanted = dict(solver_order=2, algorithm_type="dpmsolver++", thresholding=False, use_exponential_sigmas=False,
-                      use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False, variance_type=None)  # fmt: skip
-        for key, value in wanted.items():
-            if (cfg[key] or None) != (value or None):
-                raise ModelError(f"{key}={cfg[key]!r} is not supported by sdrt's DPM-Solver++ 2M; it needs {key}={value!r}")
-        if cfg["solver_type"] not in ("midpoint", "heun"):
-            raise ModelError(f"solver_type {cfg['solver_type']!r} is not supported; use 'midpoint' or 'heun'")
-        if cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
-            raise ModelError(f"final_sigmas_type {cfg['final_sigmas_type']!r} is not supported; use 'zero' or 'sigma_min'")
+        for key, needed in REQUIRED.items():
+            if (cfg[key] or None) != needed:  # False and None both mean "off"
+                fix = "turn it off" if needed is None else f"it needs {needed!r}"
+                raise ModelError(f"{key}={cfg[key]!r} is not supported by sdrt's DPM-Solver++ 2M; {fix}")
+        for key, allowed in (("solver_type", ("midpoint", "heun")), ("final_sigmas_type", ("zero", "sigma_min"))):
+            if cfg[key] not in allowed:
+                raise ModelError(f"{key} {cfg[key]!r} is not supported; use {' or '.join(map(repr, allowed))}")
         if cfg["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2**-24
         if cfg["use_karras_sigmas"]:

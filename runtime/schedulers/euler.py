@@ -39,7 +39,7 @@ class Euler(Scheduler):
         if cfg.get("timestep_type") == "continuous" and cfg["prediction_type"] == "v_prediction":
             raise ModelError("timestep_type 'continuous' (log-sigma timesteps) is not supported; use 'discrete'")
         if cfg.get("final_sigmas_type", "zero") not in ("zero", "sigma_min"):
-            raise ModelError(f"final_sigmas_type {cfg['final_sigmas_type']!r} is not supported; use 'zero' or 'sigma_min'")
+            raise ModelError(f"final_sigmas_type {cfg['final_sigmas_type']!r} is unsupported; use zero or sigma_min")
         if cfg.get("rescale_betas_zero_snr"):
             self.alphas_cumprod[-1] = 2**-24  # as diffusers: a tiny alpha instead of zero, so sigma stays finite
 

@@ -1,13 +1,15 @@
 """PNDM's PLMS steps (Liu et al. 2022) with skip_prk_steps, SD's default, equal to diffusers' PNDMScheduler.
 
 sdrt's PNDM always skips the Runge-Kutta warm-up (skip_prk_steps=True, which every SD 1.x/2.x config sets):
-diffusers' own default is False, so a config that lacks the key would make diffusers run 12 extra PRK calls.
+diffusers' own default is False, so from a config that lacks the key diffusers would run 12 Runge-Kutta calls
+first (n + 9 calls in all, not n + 1).
 
 n steps take n+1 UNet calls. Call 0 is an Euler-like step; call 1 re-evaluates at the same timestep and redoes
 step 0 from the sample it started at (`cur_sample`) with the mean of both outputs; calls 2, 3, 4+ use 2nd, 3rd,
 4th-order Adams-Bashforth mixes of the last outputs. diffusers keys this on a call counter that starts at 0
-after img2img truncation too, so a truncated schedule restarts the warm-up (and its call 1 redoes call 0 towards
-the next listed timestep).
+after img2img truncation too, but the truncated list no longer holds the doubled timestep: its call 1 redoes
+call 0 towards the next listed timestep, and from call 2 on every call is told a timestep one interval below
+the sample's noise level. sdrt reproduces that, as it reproduces diffusers.
 
 history = (e1, e2, e3, cur_sample): the last three stored outputs, newest first, and call 0's sample.
     out    = output * mix_output + e1 * mix_e1 + e2 * mix_e2 + e3 * mix_e3

@@ -1,0 +1,129 @@
+"""fp32 -> fp16 conversion of an exported network, keeping the I/O contract float32.
+
+onnxruntime.transformers.float16 does the conversion (ENVIRONMENT.md: it converted every exporter's graphs;
+onnxconverter-common did not). Two things stay float32 on top of its defaults:
+
+- the timestep path of the UNet: every node that depends on `timestep` and not on the latents or the text
+  states (the sinusoidal projection and the time MLP, which are tiny). Fractional Euler/Karras timesteps such
+  as 999.37 are not representable in fp16 (its spacing near 1000 is 0.5), and the projection multiplies them by
+  frequencies, so rounding there changes the phase of every sin/cos;
+- the op types in KEEP_FP32_OPS plus those the caller names, with the constants that only they read.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto
+
+# Op types kept in fp32 by default. On ORT CPU most of them have no fp16 kernel anyway, so ORT would insert
+# the same casts itself; on GPU they are the ones whose reductions or sums overflow or lose precision in fp16
+# (instance/layer norm over large activations, Pow/Sqrt of variances) and the sinusoidal Sin/Cos.
+KEEP_FP32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "Pow", "Sqrt", "Sin", "Cos")
+
+# Nodes whose outputs are integer shapes: dependence through them is not a float dependence.
+SHAPE_OPS = {"Shape", "Size"}
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _descendants(graph: onnx.GraphProto, starts, users, through_shape_ops: bool) -> set[str]:
+    """Names of the nodes that depend on any tensor in `starts` (optionally not through Shape/Size)."""
+    seen_tensors, nodes = set(starts), set()
+    frontier = list(starts)
+    while frontier:
+        tensor = frontier.pop()
+        for node in users.get(tensor, ()):
+            if node.name in nodes:
+                continue
+            nodes.add(node.name)
+            if node.op_type in SHAPE_OPS and not through_shape_ops:
+                continue
+            for out in node.output:
+                if out not in seen_tensors:
+                    seen_tensors.add(out)
+                    frontier.append(out)
+    return nodes
+
+
+def fp32_node_names(model: onnx.ModelProto, fp32_inputs=("timestep",), keep_ops=()) -> set[str]:
+    """Nodes to keep in fp32: those fed only by `fp32_inputs`, those of the `keep_ops` types, and the
+    Constant nodes read only by nodes kept in fp32 (otherwise their values would be rounded to fp16 first)."""
+    graph = model.graph
+    for i, node in enumerate(graph.node):  # the converter blocks by node name
+        if not node.name:
+            node.name = f"sdrt_node_{i}"
+    users = _consumers(graph)
+    inputs = [i.name for i in graph.input]
+    kept_inputs = [n for n in inputs if n in fp32_inputs]
+    other_inputs = [n for n in inputs if n not in fp32_inputs]
+    blocked = _descendants(graph, kept_inputs, users, True) - _descendants(graph, other_inputs, users, False)
+    blocked |= {n.name for n in graph.node if n.op_type in keep_ops}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            readers = [u for out in node.output for u in users.get(out, ())]
+            if readers and all(u.name in blocked for u in readers):
+                blocked.add(node.name)
+    return blocked
+
+
+def convert_to_fp16(model: onnx.ModelProto, keep_ops=(), fp32_inputs=("timestep",), shapes_inferred=False) -> onnx.ModelProto:
+    """Return an fp16 copy of `model` whose graph inputs and outputs all stay float32.
+
+    `shapes_inferred`: the caller already ran shape inference (needed for models over 2 GB, where only
+    onnx.shape_inference.infer_shapes_path works).
+    """
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    keep_ops = tuple(KEEP_FP32_OPS) + tuple(keep_ops)
+    present = [i.name for i in model.graph.input if i.name in fp32_inputs]
+    blocked = fp32_node_names(model, present, keep_ops)
+    # Inputs such as the timestep get no fp32->fp16 cast at all: everything reading them is kept in fp32.
+    users = _consumers(model.graph)
+    for name in present:
+        loose = [u.name for u in users.get(name, ()) if u.name not in blocked]
+        if loose:
+            raise RuntimeError(f"input {name!r} also feeds fp16 nodes {loose[:3]}; cannot keep it float32")
+    float_io = [v.name for v in list(model.graph.input) + list(model.graph.output) if v.type.tensor_type.elem_type == TensorProto.FLOAT]
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=[n for n in float_io if n not in present],
+        disable_shape_infer=shapes_inferred,
+        op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_ops)),
+        node_block_list=sorted(blocked),
+    )
+    # The converter typed these inputs float16 and put float->float casts (no-ops) before their readers;
+    # restoring the declared type keeps the values exact.
+    for value in converted.graph.input:
+        if value.name in present:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    sort_nodes(converted.graph)
+    return converted
+
+
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """Put the nodes in topological order (the converter appends its I/O casts at the end; the ONNX checker
+    and some tools insist on the order)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise RuntimeError(f"the fp16 graph has a cycle or a dangling input at node {waiting[0].name!r}")
+        pending = waiting
+    copies = [onnx.NodeProto() for _ in ordered]
+    for copy, node in zip(copies, ordered):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)

@@ -1,0 +1,73 @@
+"""`sdrt export MODEL OUT`: a diffusers-format folder -> a self-contained ONNX export (needs torch).
+
+    sdrt export ~/models/sd15 exports/sd15-onnx
+    sdrt export ~/models/sd15 exports/sd15-fp16 --fp16 --max-size 768
+argparse only; the work is sdrt.export.onnx_export.export_model, imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sdrt.backends.base import module_available
+from sdrt.errors import BackendError
+
+EPILOG = """The export folder holds one ONNX file per network, the tokenizer, the scheduler config, the token
+embeddings and manifest.json; it runs with only onnxruntime installed: sdrt generate "a fox" -m OUT.
+Sizes are image pixels: min/opt/max say which sizes the export (and later TensorRT engines) must serve;
+ONNX Runtime itself runs any multiple of the model's size step.
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a diffusers-format model to ONNX (needs torch)",
+        description="Export a Stable Diffusion 1.x/2.x diffusers-format folder to an sdrt ONNX export.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="diffusers-format model folder")
+    p.add_argument("out", help="export folder to create")
+    p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (I/O, timestep path and norms stay fp32)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17 for torchscript, 18 for dynamo)")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript", help="torch.onnx exporter (default: %(default)s, 10x faster here)")
+    p.add_argument("--min-size", type=int, default=None, help="smallest image side to serve (default: 64, or the size step)")
+    p.add_argument("--opt-size", type=int, default=None, help="the usual image side (default: the model's own)")
+    p.add_argument("--max-size", type=int, default=None, help="largest image side to serve (default: 1024)")
+    p.add_argument("--max-batch", type=int, default=4, help="most images per call (default: %(default)s)")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip comparing each network with PyTorch")
+    p.add_argument("--keep-fp32-op", action="append", default=[], metavar="OP", help="with --fp16: an ONNX op type to keep in fp32 (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace an existing export at OUT")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    missing = [m for m in ("torch", "diffusers", "transformers", "onnx") if not module_available(m)]
+    if missing:
+        raise BackendError(f"sdrt export needs {', '.join(missing)}: pip install 'sdrt[export]'")
+    from sdrt.contracts import ShapeLimits
+    from sdrt.export.onnx_export import export_model
+    from sdrt.model_facts import read_model_facts
+
+    facts = read_model_facts(args.model)
+    step = facts.size_step
+    min_size = args.min_size or max(step, 64 // step * step)
+    opt_size = args.opt_size or max(min_size, facts.default_size)
+    max_size = args.max_size or max(opt_size, 1024 // step * step)
+    limits = ShapeLimits(min_size=min_size, opt_size=opt_size, max_size=max_size, max_batch=args.max_batch)
+    report = export_model(
+        args.model,
+        args.out,
+        fp16=args.fp16,
+        opset=args.opset,
+        limits=limits,
+        check=args.check,
+        keep_fp32_ops=tuple(args.keep_fp32_op),
+        progress=not args.quiet,
+        exporter=args.exporter,
+        force=args.force,
+    )
+    print(report.summary())
+    return 0

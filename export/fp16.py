@@ -102,8 +102,44 @@ def convert_to_fp16(model: onnx.ModelProto, keep_ops=(), fp32_inputs=("timestep"
     for value in converted.graph.input:
         if value.name in present:
             value.type.tensor_type.elem_type = TensorProto.FLOAT
+    remove_round_trips(converted.graph, blocked)
     sort_nodes(converted.graph)
     return converted
+
+
+def remove_round_trips(graph: onnx.GraphProto, fp32_nodes: set[str]) -> None:
+    """Drop the converter's fp32 -> fp16 -> fp32 cast pairs between two fp32 nodes.
+
+    The converter types every float tensor fp16, so it casts each output of a kept node to fp16 and back to fp32
+    before the next kept node: a chain of fp32 nodes would still round every intermediate to fp16.
+    """
+    producers = {o: n for n in graph.node for o in n.output}
+    fp32 = {v.name for v in graph.input if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    fp32 |= {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT}
+    graph_outputs = {v.name for v in graph.output}
+
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    def is_fp32(tensor) -> bool:
+        node = producers.get(tensor)
+        return tensor in fp32 or (node is not None and (node.name in fp32_nodes or cast_to(node) == TensorProto.FLOAT))
+
+    rename, dropped = {}, set()
+    for down in graph.node:  # down: Cast(to fp32) of up: Cast(to fp16) of an fp32 tensor
+        up = producers.get(down.input[0]) if cast_to(down) == TensorProto.FLOAT else None
+        if up is None or cast_to(up) != TensorProto.FLOAT16 or not is_fp32(up.input[0]) or down.output[0] in graph_outputs:
+            continue
+        rename[down.output[0]] = up.input[0]
+        dropped.add(down.name)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    used = {name for n in graph.node if n.name not in dropped for name in n.input} | graph_outputs
+    keep = [n for n in graph.node if n.name not in dropped and (n.op_type != "Cast" or any(o in used for o in n.output))]
+    del graph.node[:]
+    graph.node.extend(keep)
 
 
 def sort_nodes(graph: onnx.GraphProto) -> None:

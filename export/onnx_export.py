@@ -94,6 +94,8 @@ def export_model(
     if exporter not in EXPORTERS:
         raise InputError(f"exporter {exporter!r} is not one of {', '.join(EXPORTERS)}")
     opset = opset or DEFAULT_OPSET[exporter]
+    if keep_fp32_ops and not fp16:
+        raise InputError(f"keep_fp32_ops {list(keep_fp32_ops)} applies to fp16 exports only; add --fp16 or drop it")
     if not 14 <= opset <= 23:
         raise InputError(f"opset {opset} is outside 14-23; use {DEFAULT_OPSET[exporter]}")
     facts = read_model_facts(model_dir)

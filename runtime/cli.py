@@ -46,6 +46,7 @@ def add_generate(sub) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "onnx", "torch", "tensorrt"), help="which runtime runs the networks (default: the fastest the model folder allows)")
     p.add_argument("--num-images", type=int, default=1, help="images to make; image k uses seed+k (default: %(default)s)")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="textual-inversion embedding to load (repeatable)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA to fuse at load, PyTorch backend only (repeatable; exports take `sdrt export --lora`)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
@@ -68,10 +69,17 @@ def cmd_generate(args) -> int:
 
     t0 = time.perf_counter()
     options = {"threads": args.threads} if args.threads else {}
-    pipe = Pipeline.from_pretrained(args.model, backend=args.backend, **options)
+    if args.model and Path(args.model).expanduser().is_file():  # an original-layout checkpoint: converted once, cached
+        pipe = Pipeline.from_single_file(args.model, backend="torch" if args.backend == "auto" else args.backend, **options)
+    else:
+        pipe = Pipeline.from_pretrained(args.model, backend=args.backend, **options)
     for spec in args.embedding:
         path, _, token = spec.partition(":")
         pipe.load_textual_inversion(path, token=token or None)
+    for spec in args.lora:
+        from sdrt.lora import parse_lora_spec
+
+        pipe.load_lora(*parse_lora_spec(spec))
     load_s = time.perf_counter() - t0
     out = pipe(
         args.prompt,

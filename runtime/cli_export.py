@@ -8,6 +8,7 @@ argparse only; the work is sdrt.export.onnx_export.export_model, imported when t
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from sdrt.backends.base import module_available
 from sdrt.errors import BackendError
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="diffusers-format model folder")
+    p.add_argument("model", help="diffusers-format model folder, or an original-layout SD 1.x/2.x .safetensors file")
     p.add_argument("out", help="export folder to create")
     p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (I/O, timestep path and norms stay fp32)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17 for torchscript, 18 for dynamo)")
@@ -39,6 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-check", dest="check", action="store_false", help="skip comparing each network with PyTorch")
     p.add_argument("--keep-fp32-op", action="append", default=[], metavar="OP", help="with --fp16: an ONNX op type to keep in fp32 (repeatable)")
     p.add_argument("--force", action="store_true", help="replace an existing export at OUT")
+    # issue 4: LoRAs fused at export; single-file checkpoints (sdrt.export.lora, sdrt.export.single_file)
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA (kohya or diffusers layout) into the UNet and text encoder; repeatable (scale default 1)")
+    p.add_argument("--allow-pickle", action="store_true", help="let MODEL be a pickle .ckpt: unpickling can run code from the file, use only for files you trust")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
 
@@ -47,6 +51,10 @@ def cmd_export(args) -> int:
     missing = [m for m in ("torch", "diffusers", "transformers", "onnx") if not module_available(m)]
     if missing:
         raise BackendError(f"sdrt export needs {', '.join(missing)}: pip install 'sdrt[export]'")
+    if args.lora or Path(args.model).expanduser().is_file():  # issue 4: export a prepared diffusers folder instead
+        from sdrt.export.lora import export_command_with_customisations
+
+        return export_command_with_customisations(args, cmd_export)
     from sdrt.contracts import ShapeLimits
     from sdrt.export.onnx_export import export_model
     from sdrt.model_facts import read_model_facts

@@ -25,6 +25,7 @@ from sdrt.model_facts import check_size
 from sdrt.model_source import ModelSource, open_model
 from sdrt.noise import TorchCPUGenerator
 from sdrt.schedulers import make_scheduler
+from sdrt.textual_inversion import expand_prompt
 from sdrt.tokenizer import ClipTokenizer
 
 MAX_SEED = 2**63 - 1
@@ -48,6 +49,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.token_table = token_table  # [vocab (+ textual-inversion rows), hidden], owned by the runtime
         self.textual_inversions: dict[str, list[str]] = {}
+        self.loras: list[dict] = []  # LoRAs fused into the PyTorch backend's networks: {"file", "sha256", "scale"}
 
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, backend: str = "auto", **backend_options) -> "Pipeline":
@@ -60,6 +62,40 @@ class Pipeline:
         backend_impl = source.create_backend(backend, **backend_options)
         return cls(source, backend_impl, ClipTokenizer.from_folder(source.tokenizer_dir), source.load_token_embeddings())
 
+    @classmethod
+    def from_single_file(cls, path: str | Path, backend: str = "torch", cache_dir=None, allow_pickle: bool = False,
+                         **options) -> "Pipeline":
+        """Load an original-layout SD 1.x/2.x checkpoint (.safetensors; .ckpt with allow_pickle=True, which unpickles):
+        converted once to a diffusers folder in the cache (needs torch + diffusers), then run on the PyTorch backend."""
+        from sdrt.export.single_file import cached_conversion  # torch-only path, imported lazily
+
+        folder = cached_conversion(path, cache_dir=cache_dir, allow_pickle=allow_pickle,
+                                   **{k: options.pop(k) for k in ("image_size", "prediction_type", "config") if k in options})
+        return cls.from_pretrained(folder, backend=backend, **options)
+
+    # --- customisation: textual inversion (any backend), LoRA (fused; PyTorch backend) --------------------------
+
+    def load_textual_inversion(self, path_or_dict, token: str | None = None) -> list[str]:
+        """Load a diffusers or A1111 embedding (file, folder or {token: vectors}); returns the tokens it added."""
+        from sdrt import textual_inversion as ti
+
+        token, vectors, name = ti.read_embedding(path_or_dict, token, width=self.token_table.shape[1])
+        self.token_table = ti.add_embedding(self.tokenizer, self.token_table, self.textual_inversions, token, vectors, name)
+        return self.textual_inversions[token]
+
+    def unload_textual_inversion(self, token: str | None = None) -> None:
+        """Remove one loaded embedding (by its token), or all of them."""
+        from sdrt.textual_inversion import remove_embedding
+
+        self.token_table = remove_embedding(self.tokenizer, self.token_table, self.textual_inversions, token)
+
+    def load_lora(self, path, scale: float = 1.0) -> None:
+        """Fuse a LoRA (kohya or diffusers layout) into the PyTorch backend's UNet and text encoder at `scale`.
+        Exports fuse LoRAs when exporting: `sdrt export MODEL OUT --lora FILE:SCALE`."""
+        from sdrt.lora import fuse_lora_into_backend
+
+        self.loras.append(fuse_lora_into_backend(self.backend, path, scale))
+
     @property
     def default_scheduler(self) -> str | None:
         return None  # the model's own scheduler config (PNDM for SD 1.5)
@@ -68,7 +104,7 @@ class Pipeline:
 
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
         """Prompts -> text-encoder hidden states [len(prompts), seq, hidden]; the runtime looks up the embeddings."""
-        ids = self.tokenizer(prompts)
+        ids = self.tokenizer([expand_prompt(p, self.tokenizer, self.textual_inversions) for p in prompts])
         embeds = self.token_table[ids]
         return self.backend.run(TEXT_ENCODER, {"inputs_embeds": embeds})["last_hidden_state"]
 

@@ -38,14 +38,17 @@ def pipes(request, tiny_sd1, tiny_sd2):
     folder = tiny_sd1 if request.param == "sd1" else tiny_sd2
     ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
+    ref.original_scheduler = ref.scheduler  # the model's own (PNDM / DDIM-v), restored for scheduler=None
     ref_i2i = StableDiffusionImg2ImgPipeline(**ref.components)
     ref_i2i.set_progress_bar_config(disable=True)
+    ref_i2i.original_scheduler = ref.scheduler
     ours = sdrt.Pipeline.from_pretrained(folder, backend="torch")
     return ref, ref_i2i, ours
 
 
 def run_reference(ref, scheduler, **kwargs):
-    ref.scheduler = diffusers_scheduler(scheduler, ref.scheduler.config) if scheduler else ref.scheduler
+    original = getattr(ref, "original_scheduler", None) or ref.scheduler
+    ref.scheduler = diffusers_scheduler(scheduler, original.config) if scheduler else original
     seed = kwargs.pop("seed")
     with torch.no_grad():
         return ref(generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", **kwargs).images.numpy()
@@ -105,7 +108,7 @@ def test_guidance_off_runs_cond_only_and_callback_cancels(pipes):
 
     ours.backend.run, original = spy, ours.backend.run
     try:
-        ours("a cat", num_inference_steps=2, guidance_scale=1.0, seed=1, progress=False)
+        ours("a cat", num_inference_steps=2, guidance_scale=1.0, seed=1, scheduler="pndm", progress=False)
     finally:
         ours.backend.run = original
     assert [s for s in seen if s is not None] == [1, 1, 1]  # PNDM: n + 1 UNet calls, batch 1 without guidance
@@ -126,7 +129,7 @@ def test_explicit_latents_are_used(pipes):
 def test_decoded_image_equals_diffusers(pipes):
     ref, _, ours = pipes
     kwargs = dict(prompt="a red cat", num_inference_steps=4, guidance_scale=2.0, height=64, width=64)
-    ref.scheduler = diffusers_scheduler("pndm", ref.scheduler.config)
+    ref.scheduler = ref.original_scheduler
     with torch.no_grad():
         expected = ref(generator=torch.Generator("cpu").manual_seed(9), output_type="np", **kwargs).images
     got = ours(**kwargs, seed=9, output_type="np", progress=False).images

@@ -41,7 +41,7 @@ def build_models():
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8, norm_num_groups=32)
+        cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8, norm_num_groups=8)
     return vae, text_encoder, unet
 
 

@@ -1,6 +1,8 @@
 """The PyTorch backend: diffusers/transformers model classes loaded from a diffusers-format folder.
 
-The fallback, and the only backend that needs no export. fp32 on CPU; fp16 on CUDA when a GPU is there.
+The fallback, and the only backend that needs no export. fp32 on CPU; fp16 on CUDA when a GPU is there, with
+diffusers' default attention (SDPA, AttnProcessor2_0). On CUDA the denoising loop runs on the device
+(`sdrt.device_loop`): no host round trip per step, and each whole step replayed from a CUDA graph.
 Imported lazily: `import sdrt` never loads torch.
 """
 
@@ -11,6 +13,8 @@ import torch
 
 from sdrt.backends.base import Backend
 from sdrt.backends.torch_modules import load_contract_modules
+from sdrt.contracts import UNET
+from sdrt.device_loop import DeviceLoop
 
 
 def pick_device(device: str | None) -> tuple[torch.device, torch.dtype]:
@@ -21,9 +25,23 @@ def pick_device(device: str | None) -> tuple[torch.device, torch.dtype]:
 
 
 class TorchBackend(Backend):
+    """Options: device ("cpu", "cuda", "auto"), dtype ("fp32"/"fp16"), threads; device_loop (None: on CUDA
+    only), cuda_graphs (replay each step from a CUDA graph; CUDA only), channels_last (UNet memory format)."""
+
     name = "torch"
 
-    def __init__(self, model_dir, facts, contracts, device: str | None = None, dtype: str | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        model_dir,
+        facts,
+        contracts,
+        device: str | None = None,
+        dtype: str | None = None,
+        threads: int | None = None,
+        device_loop: bool | None = None,
+        cuda_graphs: bool = True,
+        channels_last: bool = False,
+    ):
         super().__init__(contracts)
         self.device, self.dtype = pick_device(device)
         if dtype is not None:
@@ -31,6 +49,19 @@ class TorchBackend(Backend):
         if threads:
             torch.set_num_threads(threads)
         self.modules = load_contract_modules(model_dir, facts, self.device, self.dtype)
+        # The pipeline hands the whole loop to `denoise` when this is set (see Pipeline.__call__).
+        self.use_device_loop = self.device.type == "cuda" if device_loop is None else bool(device_loop)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.loop = DeviceLoop(self.modules[UNET], self.device, self.dtype)
+        self.channels_last = False
+        self.set_channels_last(channels_last)
+
+    def set_channels_last(self, on: bool) -> None:
+        """Store the UNet's conv weights NHWC (cuDNN's fast layout on tensor cores) or NCHW; drops captured graphs."""
+        if on != self.channels_last:
+            self.loop.clear()  # the graphs point at the old weight storage
+            self.modules[UNET].to(memory_format=torch.channels_last if on else torch.contiguous_format)
+            self.channels_last = on
 
     @torch.inference_mode()
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -45,6 +76,12 @@ class TorchBackend(Backend):
         outs = out if isinstance(out, tuple) else (out,)
         return {spec.name: o.float().cpu().numpy() for spec, o in zip(contract.outputs, outs)}
 
+    def denoise(self, sched, latents, text_states, guidance_scale, step_noise=None, callback=None, progress=False) -> np.ndarray:
+        """The whole denoising loop on the device (see sdrt.device_loop.DeviceLoop.run); returns float32 latents."""
+        x = self.loop.run(sched, latents, text_states, guidance_scale, step_noise, self.cuda_graphs, callback, progress)
+        return x.cpu().numpy()
+
     def describe(self) -> str:
         precision = "fp16" if self.dtype == torch.float16 else "fp32"
-        return f"torch {torch.__version__} on {self.device} ({precision}, {torch.get_num_threads()} threads)"
+        loop = ("device loop, CUDA graphs" if self.cuda_graphs else "device loop") if self.use_device_loop else "host loop"
+        return f"torch {torch.__version__} on {self.device} ({precision}, {loop}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,193 @@
+// The ONNX Runtime backend (see backend.h) over ORT's C++ API. The API table is fetched by hand
+// (ORT_API_MANUAL_INIT) so that an ONNX Runtime older than the headers is an error message, not a crash.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+
+#include "backend.h"
+#include "util.h"
+
+namespace sdrt {
+
+namespace {
+
+const OrtApi *init_api() {
+    static const OrtApi *api = nullptr;
+    static std::once_flag once;
+    std::call_once(once, [] {
+        const OrtApiBase *base = OrtGetApiBase();
+        api = base ? base->GetApi(ORT_API_VERSION) : nullptr;
+        if (api) Ort::InitApi(api);
+    });
+    if (!api) {
+        const OrtApiBase *base = OrtGetApiBase();
+        throw Error(SDRT_ERR_BACKEND, std::string("the ONNX Runtime library (") + (base ? base->GetVersionString() : "?") +
+                                          ") is older than the headers sdrt was built with (API " + std::to_string(ORT_API_VERSION) +
+                                          "); use ONNX Runtime 1." + std::to_string(ORT_API_VERSION) + " or newer");
+    }
+    return api;
+}
+
+Ort::Env &env() {
+    static Ort::Env e(ORT_LOGGING_LEVEL_ERROR, "sdrt");  // one per process, shared by every context
+    return e;
+}
+
+class OnnxBackend : public Backend {
+public:
+    OnnxBackend(const ExportFolder &model, const BackendOptions &opt) : contracts_(model.contracts) {
+        init_api();
+        std::vector<std::string> available = Ort::GetAvailableProviders();
+        auto has_provider = [&](const char *p) { return std::find(available.begin(), available.end(), p) != available.end(); };
+        bool want_trt = opt.provider == SDRT_BACKEND_ORT_TENSORRT, want_cuda = opt.provider == SDRT_BACKEND_ORT_CUDA || want_trt;
+        bool auto_cuda = opt.provider == SDRT_BACKEND_AUTO && has_provider("CUDAExecutionProvider");
+        if ((want_cuda && !has_provider("CUDAExecutionProvider")) || (want_trt && !has_provider("TensorrtExecutionProvider")))
+            throw Error(SDRT_ERR_UNSUPPORTED, std::string("the loaded ONNX Runtime (") + Ort::GetVersionString() + ") has no " +
+                                                  (want_trt ? "TensorRT" : "CUDA") + " execution provider; use a GPU build of "
+                                                  "ONNX Runtime (onnxruntime-gpu), or SDRT_BACKEND_ORT_CPU");
+        for (const auto &kv : model.network_files) {
+            std::string used;
+            sessions_[kv.first] = load(kv.first, kv.second, opt, want_trt, want_cuda || auto_cuda, used);
+            providers_ = used;
+        }
+    }
+
+    bool has(const std::string &network) const override { return sessions_.count(network) != 0; }
+
+    void run(const std::string &network, const std::vector<TensorIn> &inputs, const std::vector<TensorOut> &outputs) override {
+        auto it = sessions_.find(network);
+        if (it == sessions_.end()) throw model_error("this export has no " + network + " network; re-export the model with `sdrt export`");
+        const NetworkContract &c = contracts_.at(network);
+        Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+        std::vector<Ort::Value> in, out;
+        std::vector<const char *> in_names, out_names;
+        auto count = [](const std::vector<int64_t> &s) {
+            size_t n = 1;
+            for (int64_t d : s) n *= size_t(d);
+            return n;
+        };
+        for (size_t i = 0; i < inputs.size(); ++i) {
+            in.push_back(Ort::Value::CreateTensor<float>(mem, const_cast<float *>(inputs[i].data), count(inputs[i].shape),
+                                                         inputs[i].shape.data(), inputs[i].shape.size()));
+            in_names.push_back(c.inputs[i].c_str());
+        }
+        for (size_t i = 0; i < outputs.size(); ++i) {
+            out.push_back(Ort::Value::CreateTensor<float>(mem, outputs[i].data, count(outputs[i].shape), outputs[i].shape.data(),
+                                                          outputs[i].shape.size()));
+            out_names.push_back(c.outputs[i].c_str());
+        }
+        try {
+            it->second->Run(run_options_, in_names.data(), in.data(), in.size(), out_names.data(), out.data(), out.size());
+        } catch (const Ort::Exception &e) {
+            if (cancelled_) throw Error(SDRT_ERR_CANCELLED, "cancelled by sdrt_request_cancel during the " + network + " network");
+            throw Error(SDRT_ERR_BACKEND, "ONNX Runtime failed running the " + network + " network: " + e.what());
+        }
+    }
+
+    std::string describe() const override { return "onnxruntime " + Ort::GetVersionString() + " on " + providers_; }
+    void reset_cancel() override {
+        std::lock_guard<std::mutex> lock(cancel_mutex_);
+        cancelled_ = false;
+        run_options_.UnsetTerminate();
+    }
+    void cancel() override {
+        std::lock_guard<std::mutex> lock(cancel_mutex_);
+        cancelled_ = true;
+        run_options_.SetTerminate();
+    }
+
+private:
+    std::map<std::string, NetworkContract> contracts_;
+    std::map<std::string, std::unique_ptr<Ort::Session>> sessions_;
+    Ort::RunOptions run_options_;
+    std::mutex cancel_mutex_;
+    std::atomic<bool> cancelled_{false};
+    std::string providers_ = "CPUExecutionProvider";
+
+    static std::unique_ptr<Ort::Session> load(const std::string &network, const std::string &file, const BackendOptions &opt,
+                                              bool trt, bool cuda, std::string &used) {
+        try {
+            Ort::SessionOptions so;
+            so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+            so.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);
+            so.SetLogSeverityLevel(3);
+            if (opt.threads > 0) so.SetIntraOpNumThreads(opt.threads);
+            used = "CPUExecutionProvider";
+            if (cuda) {
+                try {
+                    std::string dev = std::to_string(opt.device_id);
+                    const OrtApi &api = Ort::GetApi();
+                    if (trt) {
+                        OrtTensorRTProviderOptionsV2 *t = nullptr;
+                        Ort::ThrowOnError(api.CreateTensorRTProviderOptions(&t));
+                        const char *k[] = {"device_id"}, *v[] = {dev.c_str()};
+                        Ort::Status st(api.UpdateTensorRTProviderOptions(t, k, v, 1));
+                        if (st.IsOK()) so.AppendExecutionProvider_TensorRT_V2(*t);
+                        api.ReleaseTensorRTProviderOptions(t);
+                        if (!st.IsOK()) throw Ort::Exception(st.GetErrorMessage(), st.GetErrorCode());
+                        used = "TensorrtExecutionProvider, ";
+                    }
+                    OrtCUDAProviderOptionsV2 *c = nullptr;
+                    Ort::ThrowOnError(api.CreateCUDAProviderOptions(&c));
+                    const char *k[] = {"device_id"}, *v[] = {dev.c_str()};
+                    Ort::Status st(api.UpdateCUDAProviderOptions(c, k, v, 1));
+                    if (st.IsOK()) so.AppendExecutionProvider_CUDA_V2(*c);
+                    api.ReleaseCUDAProviderOptions(c);
+                    if (!st.IsOK()) throw Ort::Exception(st.GetErrorMessage(), st.GetErrorCode());
+                    used = (trt ? used : "") + "CUDAExecutionProvider, CPUExecutionProvider";
+                } catch (const Ort::Exception &e) {
+                    if (opt.provider != SDRT_BACKEND_AUTO)
+                        throw Error(SDRT_ERR_BACKEND, std::string("ONNX Runtime could not start its GPU provider: ") + e.what());
+                    auto session = load(network, file, BackendOptions{SDRT_BACKEND_ORT_CPU, opt.threads, opt.device_id}, false, false, used);
+                    used = "CPUExecutionProvider (no usable GPU: " + std::string(e.what()).substr(0, 120) + ")";
+                    return session;
+                }
+            }
+            auto session = std::make_unique<Ort::Session>(env(), file.c_str(), so);
+            check(*session, network, file);
+            return session;
+        } catch (const Ort::Exception &e) {
+            std::string first = e.what();
+            first = first.substr(0, std::min(first.find('\n'), size_t(300)));
+            throw model_error("ONNX Runtime could not load " + file + " (" + first + "); the file is damaged or from an "
+                              "incompatible export: re-export the model with `sdrt export`");
+        }
+    }
+
+    static void check(Ort::Session &s, const std::string &network, const std::string &file) {
+        Ort::AllocatorWithDefaultOptions alloc;
+        const NetworkContract &want = expected_contracts().at(network);
+        std::vector<std::string> ins, outs;
+        bool all_float = true;
+        for (size_t i = 0; i < s.GetInputCount(); ++i) {
+            ins.push_back(s.GetInputNameAllocated(i, alloc).get());
+            all_float &= s.GetInputTypeInfo(i).GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+        }
+        for (size_t i = 0; i < s.GetOutputCount(); ++i) {
+            outs.push_back(s.GetOutputNameAllocated(i, alloc).get());
+            all_float &= s.GetOutputTypeInfo(i).GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+        }
+        if (ins != want.inputs || outs != want.outputs || !all_float) {
+            auto join = [](const std::vector<std::string> &v) {
+                std::string s;
+                for (const auto &x : v) s += (s.empty() ? "" : ", ") + x;
+                return "[" + s + "]";
+            };
+            throw model_error(file + " takes " + join(ins) + " and gives " + join(outs) + " but the " + network + " contract says " +
+                              join(want.inputs) + " -> " + join(want.outputs) + " (float32): the export is mismatched; re-export "
+                              "it with `sdrt export`");
+        }
+    }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_onnx_backend(const ExportFolder &model, const BackendOptions &options) {
+    return std::unique_ptr<Backend>(new OnnxBackend(model, options));
+}
+
+}  // namespace sdrt

@@ -1,0 +1,186 @@
+// Reading an export folder (see model.h): the manifest checks of runtime/manifest.py and a safetensors reader.
+#include "model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "util.h"
+
+namespace sdrt {
+
+static const char *kReexport = "; re-export the model with `sdrt export`";
+
+const std::map<std::string, NetworkContract> &expected_contracts() {
+    static const std::map<std::string, NetworkContract> c = {
+        {"text_encoder", {{"inputs_embeds"}, {"last_hidden_state"}}},
+        {"unet", {{"sample", "timestep", "encoder_hidden_states"}, {"out_sample"}}},
+        {"vae_encoder", {{"image"}, {"mean", "logvar"}}},
+        {"vae_decoder", {{"latent"}, {"image"}}},
+    };
+    return c;
+}
+
+static std::vector<std::string> names_of(const Json &specs) {
+    std::vector<std::string> out;
+    for (const auto &s : specs.as_array()) out.push_back(s.at("name").as_string());
+    return out;
+}
+
+ExportFolder read_export(const std::string &path) {
+    if (path.empty()) throw input_error("model_dir is empty; pass an sdrt export folder (made with `sdrt export`)");
+    if (!is_directory(path))
+        throw model_error("model folder " + path + " does not exist or is not a folder; pass an sdrt export (made with `sdrt export`)");
+    std::string mpath = join_path(path, "manifest.json");
+    if (!file_exists(mpath)) {
+        bool diffusers = file_exists(join_path(path, "unet/config.json"));
+        throw model_error(path + " has no manifest.json; it is not an sdrt export" +
+                          std::string(diffusers ? " but a diffusers folder: export it first with `sdrt export " + path + " OUT`"
+                                                : " (create one with `sdrt export`)"));
+    }
+    Json m = Json::parse_file(mpath);
+    ExportFolder ex;
+    ex.path = path;
+    try {
+        const Json *fmt = m.find("format");
+        if (!fmt || !fmt->is_string() || fmt->as_string() != "sdrt-export")
+            throw model_error(mpath + " is not an sdrt export manifest" + kReexport);
+        const Json *ver = m.find("format_version");
+        if (!ver || !ver->is_number() || ver->as_number() != 1)
+            throw model_error(mpath + " has manifest format " + (ver && ver->is_number() ? std::to_string(ver->as_int()) : "?") +
+                              ", this sdrt reads 1; re-export the model with this version's `sdrt export`");
+        const Json &f = m.at("facts");
+        ModelFacts &facts = ex.facts;
+        facts.family = f.at("family").as_string();
+        facts.prediction_type = f.at("prediction_type").as_string();
+        facts.latent_channels = int(f.at("latent_channels").as_int());
+        facts.vae_scale_factor = int(f.at("vae_scale_factor").as_int());
+        facts.scaling_factor = f.at("scaling_factor").as_number();
+        facts.unet_downsamples = int(f.at("unet_downsamples").as_int());
+        facts.text_seq_len = int(f.at("text_seq_len").as_int());
+        facts.text_hidden_size = int(f.at("text_hidden_size").as_int());
+        facts.cross_attention_dim = int(f.at("cross_attention_dim").as_int());
+        facts.default_size = int(f.at("default_size").as_int());
+        facts.vocab_size = int(f.at("vocab_size").as_int());
+        if (facts.latent_channels < 1 || facts.vae_scale_factor < 1 || facts.unet_downsamples < 0 || facts.unet_downsamples > 8 ||
+            facts.text_seq_len < 2 || facts.text_hidden_size < 1 || facts.cross_attention_dim < 1 || facts.default_size < 1)
+            throw model_error(mpath + " has model facts out of range" + kReexport);
+
+        for (const auto &kv : m.at("contracts").as_object())
+            ex.contracts[kv.first] = {names_of(kv.second.at("inputs")), names_of(kv.second.at("outputs"))};
+        for (const auto &kv : expected_contracts()) {
+            auto it = ex.contracts.find(kv.first);
+            if (it != ex.contracts.end() && (it->second.inputs != kv.second.inputs || it->second.outputs != kv.second.outputs))
+                throw model_error(mpath + ": the " + kv.first + " contract's tensor names differ from the ones this sdrt runs" + kReexport);
+        }
+        for (const auto &kv : m.at("networks").as_object()) {
+            if (!expected_contracts().count(kv.first)) continue;  // a network this runtime does not use
+            ex.network_files[kv.first] = join_path(path, kv.second.at("file").as_string());
+            if (!ex.contracts.count(kv.first)) throw model_error(mpath + " lists network " + kv.first + " without a contract" + kReexport);
+        }
+        for (const char *needed : {"text_encoder", "unet", "vae_decoder"})
+            if (!ex.network_files.count(needed)) throw model_error(mpath + " has no " + std::string(needed) + " network" + kReexport);
+
+        auto str_or = [&](const char *key, const char *fallback) {
+            const Json *v = m.find(key);
+            return v && v->is_string() ? v->as_string() : std::string(fallback);
+        };
+        ex.tokenizer_dir = join_path(path, str_or("tokenizer", "tokenizer"));
+        ex.scheduler_config = join_path(path, str_or("scheduler", "scheduler/scheduler_config.json"));
+        ex.token_embeddings = join_path(path, str_or("token_embeddings", "token_embeddings.safetensors"));
+
+        // The cheap load-time check: every file is there at its recorded size.
+        for (const auto &kv : m.at("files").as_object()) {
+            std::string p = join_path(path, kv.first);
+            long long size = file_size(p), want = kv.second.at("size").as_int();
+            if (size < 0) throw model_error(path + " is missing " + kv.first + "; the export is incomplete" + kReexport);
+            if (size != want)
+                throw model_error(p + " is " + std::to_string(size) + " bytes but the manifest says " + std::to_string(want) +
+                                  ": the file is truncated or was changed" + kReexport);
+        }
+    } catch (const Error &e) {
+        std::string msg = e.what();
+        if (msg.find(mpath) == std::string::npos) msg = mpath + ": " + msg + kReexport;  // a missing key or wrong type
+        throw model_error(msg);
+    }
+    return ex;
+}
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0) {
+        float v = std::ldexp(float(mant), -24);
+        return sign ? -v : v;
+    }
+    if (exp == 31) bits = sign | 0x7F800000u | (mant << 13);
+    else bits = sign | ((exp + 112) << 23) | (mant << 13);
+    float out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+}
+
+TokenTable read_token_table(const std::string &path) {
+    std::string data = read_file(path);
+    auto bad = [&](const std::string &why) { return model_error(path + " is not a valid safetensors file (" + why + ")" + kReexport); };
+    if (data.size() < 8) throw bad("shorter than its header");
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(data[size_t(i)]);
+    if (n > data.size() - 8) throw bad("header length past the end");
+    Json header = Json::parse(data.substr(8, size_t(n)), path + " (header)");
+    const Json *entry = nullptr;
+    for (const char *key : {"token_embedding", "embeddings.token_embedding.weight", "text_model.embeddings.token_embedding.weight"})
+        if ((entry = header.find(key))) break;
+    if (!entry) throw model_error(path + " holds no token-embedding table (looked for token_embedding)" + kReexport);
+    const std::string &dtype = entry->at("dtype").as_string();
+    const auto &shape = entry->at("shape").as_array();
+    const auto &offsets = entry->at("data_offsets").as_array();
+    if (shape.size() != 2 || offsets.size() != 2) throw bad("the token table is not 2-D");
+    TokenTable t;
+    t.rows = int(shape[0].as_int());
+    t.hidden = int(shape[1].as_int());
+    size_t begin = size_t(offsets[0].as_int()), end = size_t(offsets[1].as_int()), base = 8 + size_t(n);
+    size_t count = size_t(t.rows) * size_t(t.hidden);
+    size_t width = dtype == "F32" ? 4 : dtype == "F64" ? 8 : (dtype == "F16" || dtype == "BF16") ? 2 : 0;
+    if (!width) throw model_error(path + ": the token table's dtype " + dtype + " is not supported (F32, F16, BF16, F64)");
+    if (t.rows < 1 || t.hidden < 1 || end < begin || end - begin != count * width || base + end > data.size())
+        throw bad("the token table's offsets do not match its shape");
+    const char *p = data.data() + base + begin;
+    t.data.resize(count);
+    for (size_t i = 0; i < count; ++i) {
+        if (width == 4) {
+            std::memcpy(&t.data[i], p + 4 * i, 4);
+        } else if (width == 8) {
+            double d;
+            std::memcpy(&d, p + 8 * i, 8);
+            t.data[i] = float(d);
+        } else {
+            uint16_t h;
+            std::memcpy(&h, p + 2 * i, 2);
+            if (dtype == "F16") {
+                t.data[i] = half_to_float(h);
+            } else {
+                uint32_t bits = uint32_t(h) << 16;
+                std::memcpy(&t.data[i], &bits, 4);
+            }
+        }
+    }
+    return t;
+}
+
+std::string check_size(const ModelFacts &facts, int height, int width) {
+    int step = facts.size_step();
+    for (int which = 0; which < 2; ++which) {
+        int value = which ? width : height;
+        if (value > (1 << 16))
+            return std::string(which ? "width " : "height ") + std::to_string(value) + " is too large; use at most 65536";
+        if (value < step || value % step) {
+            int lower = std::max(step, value / step * step), upper = std::max(step, (value + step - 1) / step * step);
+            std::string options = lower == upper ? std::to_string(lower) : std::to_string(lower) + " or " + std::to_string(upper);
+            return std::string(which ? "width " : "height ") + std::to_string(value) + " is not a multiple of " +
+                   std::to_string(step) + " for this model; use " + options;
+        }
+    }
+    return "";
+}
+
+}  // namespace sdrt

@@ -1,0 +1,52 @@
+// An sdrt export folder, read as runtime/manifest.py reads it: manifest.json (format, facts, contracts, networks,
+// files with sizes), the tokenizer folder, the scheduler config and the token-embedding table (safetensors).
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "json.h"
+
+namespace sdrt {
+
+struct ModelFacts {  // runtime/model_facts.py's ModelFacts
+    std::string family, prediction_type;
+    int latent_channels = 4, vae_scale_factor = 8, unet_downsamples = 3, text_seq_len = 77, text_hidden_size = 768;
+    int cross_attention_dim = 768, default_size = 512, vocab_size = 49408;
+    double scaling_factor = 0.18215;
+    int size_step() const { return vae_scale_factor << unet_downsamples; }
+};
+
+struct NetworkContract {  // names only: shapes are checked where tensors are made
+    std::vector<std::string> inputs, outputs;
+};
+
+struct ExportFolder {
+    std::string path;
+    ModelFacts facts;
+    std::map<std::string, NetworkContract> contracts;
+    std::map<std::string, std::string> network_files;  // network -> absolute path of its .onnx
+    std::string tokenizer_dir, scheduler_config, token_embeddings;
+};
+
+// Reads and checks an export; throws Error(SDRT_ERR_MODEL) naming the problem and the fix.
+ExportFolder read_export(const std::string &path);
+
+// The contracts this runtime was written against (runtime/contracts.py); read_export refuses an export whose
+// manifest disagrees, and the backend refuses ONNX files that disagree with the manifest.
+const std::map<std::string, NetworkContract> &expected_contracts();
+
+struct TokenTable {
+    std::vector<float> data;  // [rows, hidden]
+    int rows = 0, hidden = 0;
+};
+
+// The token-embedding table from a safetensors file (key "token_embedding" or a checkpoint's own key);
+// F32, F16, BF16 and F64 tensors are read as float32.
+TokenTable read_token_table(const std::string &path);
+
+// "height 500 is not a multiple of 64 for this model; use 448 or 512", or "" when the size is fine.
+std::string check_size(const ModelFacts &facts, int height, int width);
+
+}  // namespace sdrt

@@ -1,0 +1,195 @@
+// The pipeline's algorithm, top to bottom, as runtime/pipeline.py runs it: check inputs, encode the prompts,
+// make the initial latents (noise, or the encoded image noised to the first timestep), the denoising loop (one
+// batched UNet call for [uncond, cond], the guidance combine, the scheduler step), decode.
+//
+// Every array operation is float32 in numpy's order, so the latents equal the Python runtime's bit for bit given
+// equal network outputs.
+#include "pipeline.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "scheduler.h"
+#include "util.h"
+
+namespace sdrt {
+
+namespace {
+
+double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+// Draws `shape`-sized normals from each generator in turn: np.concatenate([g.randn(shape) for g in generators]).
+std::vector<float> draw(std::vector<TorchCpuGenerator> &gens, size_t per_image) {
+    std::vector<float> out(gens.size() * per_image);
+    for (size_t k = 0; k < gens.size(); ++k) gens[k].randn(out.data() + k * per_image, per_image);
+    return out;
+}
+
+}  // namespace
+
+Pipeline::Pipeline(const std::string &model_dir, const BackendOptions &options)
+    : model_(read_export(model_dir)),
+      tokenizer_(ClipTokenizer::from_folder(model_.tokenizer_dir)),
+      table_(read_token_table(model_.token_embeddings)),
+      scheduler_config_(Json::parse_file(model_.scheduler_config)),
+      kernel_(torch_cpu_kernel()) {
+    const ModelFacts &f = model_.facts;
+    if (table_.hidden != f.text_hidden_size)
+        throw model_error(model_.token_embeddings + " has rows of " + std::to_string(table_.hidden) + " but the text encoder takes " +
+                          std::to_string(f.text_hidden_size) + "; the export is mismatched: re-export it with `sdrt export`");
+    if (tokenizer_.max_length() != f.text_seq_len)
+        throw model_error(model_.tokenizer_dir + " makes " + std::to_string(tokenizer_.max_length()) + " tokens per prompt but the "
+                          "text encoder takes " + std::to_string(f.text_seq_len) + "; re-export the model with `sdrt export`");
+    Scheduler::create("", scheduler_config_);  // refuse an unsupported scheduler config now, not at the first image
+    if (options.provider == SDRT_BACKEND_TENSORRT)
+#ifdef SDRT_HAVE_TENSORRT
+        throw Error(SDRT_ERR_UNSUPPORTED, "native TensorRT engines are not implemented in the C++ runtime yet (TensorRT was found "
+                                          "at build time); use SDRT_BACKEND_ORT_TENSORRT, ONNX Runtime's TensorRT provider");
+#else
+        throw Error(SDRT_ERR_UNSUPPORTED, "sdrt was built without TensorRT (not found at configure time), and native TensorRT "
+                                          "engines are not implemented in the C++ runtime yet; use SDRT_BACKEND_ORT_TENSORRT with "
+                                          "a GPU build of ONNX Runtime, or SDRT_BACKEND_AUTO");
+#endif
+    backend_ = make_onnx_backend(model_, options);
+}
+
+void Pipeline::check(Request &r) const {
+    const ModelFacts &f = model_.facts;
+    if (r.steps < 1) throw input_error("steps " + std::to_string(r.steps) + " must be an integer >= 1");
+    if (r.steps > 1000) throw input_error("steps " + std::to_string(r.steps) + " is more than 1000; use at most 1000");
+    if (!(r.guidance >= 0) || !std::isfinite(r.guidance))
+        throw input_error("guidance_scale " + std::to_string(r.guidance) + " is negative or not finite; use 0-1 for no guidance, or e.g. 7.5");
+    if (r.batch < 1 || r.batch > 64) throw input_error("batch_count " + std::to_string(r.batch) + " must be in 1..64");
+    if (r.init_image && !(r.strength > 0.0 && r.strength <= 1.0))
+        throw input_error("strength " + std::to_string(r.strength) + " is outside (0, 1]; 0.3 keeps most of the image, 1.0 replaces it");
+    if (r.width == 0) r.width = f.default_size;
+    if (r.height == 0) r.height = f.default_size;
+    std::string bad = check_size(f, r.height, r.width);
+    if (!bad.empty()) throw input_error(bad);
+    if (r.init_image && !backend_->has("vae_encoder"))
+        throw model_error(model_.path + " has no vae_encoder network, which img2img needs; re-export the model with `sdrt export`");
+}
+
+std::vector<float> Pipeline::encode_prompt(const std::string &prompt) {
+    const int seq = model_.facts.text_seq_len, hidden = table_.hidden;
+    std::vector<int64_t> ids = tokenizer_(prompt);
+    std::vector<float> embeds(size_t(seq) * size_t(hidden));
+    for (int i = 0; i < seq; ++i) {
+        if (ids[size_t(i)] < 0 || ids[size_t(i)] >= table_.rows)
+            throw model_error("token id " + std::to_string(ids[size_t(i)]) + " is past the token table's " + std::to_string(table_.rows) +
+                              " rows; the tokenizer and table do not belong together: re-export the model");
+        std::copy_n(table_.data.begin() + long(ids[size_t(i)]) * hidden, hidden, embeds.begin() + long(i) * hidden);
+    }
+    std::vector<float> states(size_t(seq) * size_t(model_.facts.text_hidden_size));
+    backend_->run("text_encoder", {{embeds.data(), {1, seq, hidden}}}, {{states.data(), {1, seq, model_.facts.text_hidden_size}}});
+    return states;
+}
+
+void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progress, void *user, Timings &timings) {
+    const double t_start = now();
+    Request r = req_in;
+    check(r);
+    cancel_ = false;
+    backend_->reset_cancel();
+    const ModelFacts &f = model_.facts;
+    const int64_t B = r.batch, C = f.latent_channels, h = r.height / f.vae_scale_factor, w = r.width / f.vae_scale_factor;
+    const size_t per_image = size_t(C * h * w), n = size_t(B) * per_image;
+
+    // One generator per image, seeded seed+k: image k alone is reproduced by its own seed.
+    std::vector<TorchCpuGenerator> gens;
+    for (int64_t k = 0; k < B; ++k) gens.emplace_back(r.seed + uint64_t(k), kernel_);
+
+    std::unique_ptr<Scheduler> sched = Scheduler::create(r.scheduler, scheduler_config_);
+    sched->set_timesteps(r.steps, r.init_image ? r.strength : 1.0);
+    const bool guidance = r.guidance > 1.0;
+
+    // 1. Text: [uncond, cond] hidden states, the prompt repeated for each image.
+    double t0 = now();
+    const size_t per_text = size_t(f.text_seq_len) * size_t(f.text_hidden_size);
+    std::vector<float> states;
+    std::vector<float> cond = encode_prompt(r.prompt);
+    if (guidance) {
+        std::vector<float> uncond = encode_prompt(r.negative);
+        for (int64_t k = 0; k < B; ++k) states.insert(states.end(), uncond.begin(), uncond.end());
+    }
+    for (int64_t k = 0; k < B; ++k) states.insert(states.end(), cond.begin(), cond.end());
+    timings.text = now() - t0;
+
+    // 2. Initial latents: pure noise, or the encoded image noised to the first timestep of the truncated schedule.
+    std::vector<float> x(n);
+    if (r.init_image) {
+        const size_t pixels = size_t(r.width) * size_t(r.height);
+        std::vector<float> image(3 * pixels);
+        for (size_t p = 0; p < pixels; ++p)
+            for (size_t c = 0; c < 3; ++c) image[c * pixels + p] = float(r.init_image[3 * p + c]) / 255.0f * 2.0f - 1.0f;
+        std::vector<float> mean(per_image), logvar(per_image);
+        std::vector<int64_t> lat = {1, C, h, w};
+        backend_->run("vae_encoder", {{image.data(), {1, 3, r.height, r.width}}}, {{mean.data(), lat}, {logvar.data(), lat}});
+        std::vector<float> latents(n);  // diffusers samples the posterior with each image's generator, never takes the mean
+        const float scaling = float(f.scaling_factor);
+        for (int64_t k = 0; k < B; ++k) {
+            std::vector<float> eps = gens[size_t(k)].randn(per_image);
+            for (size_t i = 0; i < per_image; ++i)
+                latents[size_t(k) * per_image + i] = (mean[i] + std::exp(0.5f * logvar[i]) * eps[i]) * scaling;
+        }
+        std::vector<float> noise = draw(gens, per_image);
+        sched->add_noise(latents.data(), noise.data(), x.data(), n, 0);
+    } else {
+        std::vector<float> noise = draw(gens, per_image);
+        const float sigma = sched->init_noise_sigma();
+        for (size_t i = 0; i < n; ++i) x[i] = noise[i] * sigma;
+    }
+
+    // 3. The denoising loop: one batched UNet call per step, guidance, scheduler step.
+    t0 = now();
+    const int64_t unet_batch = guidance ? 2 * B : B;
+    std::vector<float> unet_in(size_t(unet_batch) * per_image), pred(unet_in.size()), t_in(size_t(unet_batch));
+    const float g = float(r.guidance);
+    const int calls = sched->num_calls();
+    for (int i = 0; i < calls; ++i) {
+        if (cancel_) throw Error(SDRT_ERR_CANCELLED, "cancelled by sdrt_request_cancel before step " + std::to_string(i + 1) + " of " + std::to_string(calls));
+        sched->scale_model_input(x.data(), unet_in.data(), n, i);
+        if (guidance) std::copy_n(unet_in.begin(), n, unet_in.begin() + long(n));
+        std::fill(t_in.begin(), t_in.end(), sched->timestep(i));
+        backend_->run("unet",
+                      {{unet_in.data(), {unet_batch, C, h, w}}, {t_in.data(), {unet_batch}}, {states.data(), {unet_batch, f.text_seq_len, f.text_hidden_size}}},
+                      {{pred.data(), {unet_batch, C, h, w}}});
+        if (guidance)
+            for (size_t k = 0; k < n; ++k) pred[k] = pred[k] + g * (pred[n + k] - pred[k]);
+        std::vector<float> step_noise;
+        if (sched->needs_noise()) step_noise = draw(gens, per_image);
+        sched->step(pred.data(), i, x.data(), step_noise.empty() ? nullptr : step_noise.data(), n);
+        if (progress && progress(i + 1, calls, user) != 0)
+            throw Error(SDRT_ERR_CANCELLED, "cancelled by the progress callback after step " + std::to_string(i + 1) + " of " + std::to_string(calls));
+    }
+    timings.loop = now() - t0;
+
+    // 4. Decode (the scaling factor is inside the decoder network, per the contract) and round as diffusers does.
+    t0 = now();
+    const size_t pixels = size_t(r.width) * size_t(r.height);
+    std::vector<float> decoded(size_t(B) * 3 * pixels);
+    backend_->run("vae_decoder", {{x.data(), {B, C, h, w}}}, {{decoded.data(), {B, 3, r.height, r.width}}});
+    for (float v : decoded)
+        if (!std::isfinite(v)) {
+            bool latents_bad = false;
+            for (float l : x) latents_bad |= !std::isfinite(l);
+            throw Error(SDRT_ERR_BACKEND, std::string("the VAE decoder produced NaN/inf") +
+                                              (latents_bad ? " (the latents were already NaN: the UNet produced them)" : "") +
+                                              "; with an fp16 export, re-export with more ops kept in fp32 or use fp32");
+        }
+    uint8_t max_value = 0;
+    for (int64_t b = 0; b < B; ++b)
+        for (size_t p = 0; p < pixels; ++p)
+            for (size_t c = 0; c < 3; ++c) {
+                float v = decoded[(size_t(b) * 3 + c) * pixels + p] / 2.0f + 0.5f;
+                v = std::min(std::max(v, 0.0f), 1.0f) * 255.0f;
+                uint8_t u = uint8_t(std::nearbyint(v));  // numpy's round: half to even
+                rgb_out[(size_t(b) * pixels + p) * 3 + c] = u;
+                max_value = std::max(max_value, u);
+            }
+    if (max_value == 0) throw Error(SDRT_ERR_BACKEND, "the backend decoded an all-black image; with an fp16 export, try fp32");
+    timings.decode = now() - t0;
+    timings.total = now() - t_start;
+}
+
+}  // namespace sdrt

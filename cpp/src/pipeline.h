@@ -1,0 +1,55 @@
+// The Stable Diffusion pipeline in C++: prompt in, image out, the same loop as runtime/pipeline.py.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "backend.h"
+#include "model.h"
+#include "noise.h"
+#include "tokenizer.h"
+
+namespace sdrt {
+
+struct Request {  // sdrt_gen_params, checked and with defaults filled in
+    std::string prompt, negative, scheduler;
+    int steps = 30, width = 0, height = 0, batch = 1;
+    double guidance = 7.5, strength = 0.8;
+    uint64_t seed = 0;
+    const uint8_t *init_image = nullptr;
+};
+
+struct Timings {
+    double text = 0, loop = 0, decode = 0, total = 0;
+};
+
+using Progress = int (*)(int step, int total, void *user);
+
+class Pipeline {
+public:
+    Pipeline(const std::string &model_dir, const BackendOptions &options);
+
+    // Checks the request (throws Error(SDRT_ERR_INVALID_ARGUMENT) naming the bad value), then makes
+    // request.batch images of height x width RGB into rgb_out.
+    void generate(const Request &request, uint8_t *rgb_out, Progress progress, void *user, Timings &timings);
+    void check(Request &request) const;  // fills width/height defaults; throws on bad values
+
+    const ModelFacts &facts() const { return model_.facts; }
+    Backend &backend() { return *backend_; }
+    void cancel() { cancel_ = true, backend_->cancel(); }
+
+private:
+    ExportFolder model_;
+    ClipTokenizer tokenizer_;
+    TokenTable table_;
+    Json scheduler_config_;
+    std::unique_ptr<Backend> backend_;
+    CpuKernel kernel_;
+    std::atomic<bool> cancel_{false};
+
+    std::vector<float> encode_prompt(const std::string &prompt);  // [seq, hidden]
+};
+
+}  // namespace sdrt

@@ -1,0 +1,83 @@
+// The five schedulers of runtime/schedulers/, built from a model's scheduler_config.json with diffusers'
+// from_config semantics, equal to the Python runtime's step by step.
+//
+// set_timesteps computes per-call scalar tables on the host in float64 (as the Python does); each step is then
+// `update(coefficients[i], sample, model_output, history, noise)`: float32 array arithmetic with the scalars
+// rounded to float32, in the Python's order of operations, so results match numpy's bit for bit.
+#pragma once
+
+#include <array>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "json.h"
+
+namespace sdrt {
+
+extern const char *const kSchedulerNames[];  // "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"
+std::string scheduler_names();  // comma-separated, for messages
+
+struct SchedulerTables {
+    std::vector<float> timesteps;                      // [calls]: the UNet's timestep input
+    std::vector<std::vector<double>> coefficients;     // [calls][K]
+    std::vector<double> input_scale;                   // [calls]: scale_model_input's factor
+    std::vector<std::array<double, 2>> noise_coefficients;  // [calls]: add_noise = orig * [0] + noise * [1]
+    double init_noise_sigma = 1.0;
+};
+
+class Scheduler {
+public:
+    // name: one of kSchedulerNames, a diffusers class name, or "" for the config's own _class_name (PNDM when the
+    // class is unknown or missing). Throws Error(SDRT_ERR_INVALID_ARGUMENT) for an unknown name and
+    // Error(SDRT_ERR_MODEL) for a config setting sdrt does not support.
+    static std::unique_ptr<Scheduler> create(const std::string &name, const Json &config);
+    virtual ~Scheduler() = default;
+
+    const std::string &name() const { return name_; }
+    bool needs_noise() const { return needs_noise_; }
+    int history_size() const { return history_size_; }
+
+    void set_timesteps(int num_inference_steps, double strength = 1.0);
+    const SchedulerTables &tables() const { return tables_; }
+    int num_calls() const { return int(tables_.timesteps.size()); }
+    float timestep(int i) const { return tables_.timesteps[i]; }
+    float init_noise_sigma() const { return float(tables_.init_noise_sigma); }
+
+    void scale_model_input(const float *sample, float *out, size_t n, int i) const;
+    void add_noise(const float *original, const float *noise, float *out, size_t n, int i) const;
+    // sample <- the step's result; the history is kept here. Calls must come in order 0, 1, ...; noise is this
+    // step's fresh noise (needs_noise() schedulers only, else ignored).
+    void step(const float *model_output, int i, float *sample, const float *noise, size_t n);
+
+protected:
+    Scheduler(const std::string &name, const char *defaults_json, const Json &config, const std::map<std::string, Json> &overrides);
+    virtual SchedulerTables make_tables(int n, int start) = 0;
+    virtual void update(const float *c, float *sample, const float *out, std::vector<std::vector<float>> &history,
+                        const float *noise, size_t n) = 0;
+
+    // The resolved config, read as Python reads it.
+    const Json &cfg(const std::string &key) const;
+    double num(const std::string &key) const { return cfg(key).as_number(); }
+    const std::string &str(const std::string &key) const { return cfg(key).as_string(); }
+    bool flag(const std::string &key) const { return cfg(key).truthy(); }
+    double alpha(long t) const;  // alphas_cumprod[t] as float64, refusing t outside the training range
+
+    std::string name_;
+    bool needs_noise_ = false;
+    int history_size_ = 0;
+    int num_train_ = 1000;
+    std::map<std::string, Json> cfg_;
+    std::vector<float> alphas_cumprod_;
+    SchedulerTables tables_;
+    std::vector<std::vector<float>> history_;
+    int next_ = 0;
+};
+
+namespace detail {  // the factories of each scheduler file, for Scheduler::create
+std::unique_ptr<Scheduler> make_ddim(const Json &config, const std::map<std::string, Json> &overrides);
+std::unique_ptr<Scheduler> make_pndm(const Json &config, const std::map<std::string, Json> &overrides);
+}  // namespace detail
+
+}  // namespace sdrt

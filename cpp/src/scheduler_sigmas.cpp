@@ -1,0 +1,251 @@
+// The sigma-parameterised schedulers (Euler, Euler ancestral, DPM-Solver++ 2M with or without Karras sigmas) and
+// Scheduler::create, the C++ make_scheduler. Ports of runtime/schedulers/{euler,euler_ancestral,dpmpp_2m}.py.
+#include <algorithm>
+#include <cmath>
+
+#include "schedule_math.h"
+#include "scheduler.h"
+#include "util.h"
+
+namespace sdrt {
+
+namespace {
+
+const char *kEulerDefaults = R"({"num_train_timesteps":1000,"beta_start":0.0001,"beta_end":0.02,"beta_schedule":"linear",
+    "trained_betas":null,"prediction_type":"epsilon","interpolation_type":"linear","use_karras_sigmas":false,
+    "use_exponential_sigmas":false,"use_beta_sigmas":false,"sigma_min":null,"sigma_max":null,"timestep_spacing":"linspace",
+    "timestep_type":"discrete","steps_offset":0,"rescale_betas_zero_snr":false,"final_sigmas_type":"zero"})";
+const char *kEulerAncestralDefaults = R"({"num_train_timesteps":1000,"beta_start":0.0001,"beta_end":0.02,
+    "beta_schedule":"linear","trained_betas":null,"prediction_type":"epsilon","timestep_spacing":"linspace","steps_offset":0,
+    "rescale_betas_zero_snr":false})";
+const char *kDpmDefaults = R"({"num_train_timesteps":1000,"beta_start":0.0001,"beta_end":0.02,"beta_schedule":"linear",
+    "trained_betas":null,"solver_order":2,"prediction_type":"epsilon","thresholding":false,"dynamic_thresholding_ratio":0.995,
+    "sample_max_value":1.0,"algorithm_type":"dpmsolver++","solver_type":"midpoint","lower_order_final":true,
+    "euler_at_final":false,"use_karras_sigmas":false,"use_exponential_sigmas":false,"use_beta_sigmas":false,
+    "use_lu_lambdas":false,"use_flow_sigmas":false,"flow_shift":1.0,"final_sigmas_type":"zero","lambda_min_clipped":-Infinity,
+    "variance_type":null,"timestep_spacing":"linspace","steps_offset":0,"rescale_betas_zero_snr":false,
+    "use_dynamic_shifting":false,"time_shift_type":"exponential"})";
+
+std::string str_or(const Json &v, const char *fallback) { return v.is_string() ? v.as_string() : fallback; }
+
+class Euler : public Scheduler {
+public:
+    Euler(const Json &config, const std::map<std::string, Json> &ov, const char *name = "euler",
+          const char *defaults = kEulerDefaults)
+        : Scheduler(name, defaults, config, ov) {
+        for (const char *key : {"use_exponential_sigmas", "use_beta_sigmas"})
+            if (flag(key)) throw model_error(std::string(key) + " is not supported by sdrt's " + name_ + "; set it false or use_karras_sigmas");
+        if (str_or(cfg("interpolation_type"), "linear") != "linear") throw model_error("interpolation_type is not supported; use 'linear'");
+        if (str_or(cfg("timestep_type"), "discrete") == "continuous" && str("prediction_type") == "v_prediction")
+            throw model_error("timestep_type 'continuous' (log-sigma timesteps) is not supported; use 'discrete'");
+        std::string fst = str_or(cfg("final_sigmas_type"), "zero");
+        if (fst != "zero" && fst != "sigma_min") throw model_error("final_sigmas_type " + fst + " is unsupported; use zero or sigma_min");
+        if (flag("rescale_betas_zero_snr")) alphas_cumprod_.back() = 0x1p-24f;
+    }
+
+protected:
+    // float32 timesteps [n] and sigmas [n + 1], as diffusers' set_timesteps.
+    void sigmas(int n, VecF &timesteps, VecF &sig) {
+        Vec ts = spaced_timesteps(str("timestep_spacing"), n, num_train_, int(num("steps_offset")), false);
+        VecF train = train_sigmas(alphas_cumprod_);
+        Vec s(n);
+        for (int i = 0; i < n; ++i) s[i] = np_interp(double(float(ts[i])), train);
+        if (flag("use_karras_sigmas")) {
+            s = karras_sigmas(s, n, &cfg("sigma_min"), &cfg("sigma_max"));
+            VecF logs = log_f32(train);
+            for (int i = 0; i < n; ++i) ts[i] = sigma_to_t(s[i], logs);
+        }
+        double last = cfg("final_sigmas_type").is_string() && str("final_sigmas_type") == "sigma_min" ? double(train[0]) : 0.0;
+        timesteps.assign(n, 0.0f);
+        sig.assign(n + 1, 0.0f);
+        for (int i = 0; i < n; ++i) timesteps[i] = float(ts[i]), sig[i] = float(s[i]);
+        sig[n] = float(last);
+    }
+    SchedulerTables make_tables(int n, int start) override {
+        VecF ts, sig;
+        sigmas(n, ts, sig);
+        float top = *std::max_element(sig.begin(), sig.end());
+        const std::string &sp = str("timestep_spacing");
+        SchedulerTables t;
+        t.init_noise_sigma = (sp == "linspace" || sp == "trailing") ? double(top) : double(std::sqrt(top * top + 1.0f));
+        for (int k = start; k < n; ++k) {
+            double s = sig[k], s_next = sig[k + 1];
+            t.timesteps.push_back(ts[k]);
+            t.coefficients.push_back(rows(s, s_next));
+            t.input_scale.push_back(1 / std::sqrt(s * s + 1));
+            t.noise_coefficients.push_back({1.0, s});
+        }
+        return t;
+    }
+    virtual std::vector<double> rows(double s, double s_next) {
+        double dt = s_next - s;
+        if (str("prediction_type") == "epsilon") return {1.0, dt};
+        return {1 + dt * s / (s * s + 1), dt / std::sqrt(s * s + 1)};
+    }
+    void update(const float *c, float *s, const float *o, std::vector<std::vector<float>> &, const float *, size_t n) override {
+        for (size_t k = 0; k < n; ++k) s[k] = s[k] * c[0] + o[k] * c[1];
+    }
+};
+
+class EulerAncestral : public Euler {
+public:
+    EulerAncestral(const Json &config, const std::map<std::string, Json> &ov)
+        : Euler(config, ov, "euler_a", kEulerAncestralDefaults) {
+        needs_noise_ = true;
+    }
+
+protected:
+    std::vector<double> rows(double s, double s_next) override {
+        double up = std::sqrt(s_next * s_next * (s * s - s_next * s_next) / (s * s));
+        double down = std::sqrt(std::max(s_next * s_next - up * up, 0.0));
+        std::vector<double> r = Euler::rows(s, down);
+        r.push_back(up);
+        return r;
+    }
+    void update(const float *c, float *s, const float *o, std::vector<std::vector<float>> &, const float *noise, size_t n) override {
+        for (size_t k = 0; k < n; ++k) s[k] = s[k] * c[0] + o[k] * c[1] + noise[k] * c[2];
+    }
+};
+
+class DPMPP2M : public Scheduler {
+public:
+    DPMPP2M(const Json &config, const std::map<std::string, Json> &ov) : Scheduler("dpmpp_2m", kDpmDefaults, config, ov) {
+        history_size_ = 1;
+        if (str_or(cfg("algorithm_type"), "") == "deis") cfg_["algorithm_type"] = Json::string("dpmsolver++");
+        std::string st = str_or(cfg("solver_type"), "");
+        if (st == "logrho" || st == "bh1" || st == "bh2") cfg_["solver_type"] = Json::string("midpoint");
+        if (!(cfg("solver_order").is_number() && num("solver_order") == 2))
+            throw model_error("solver_order is not supported by sdrt's DPM-Solver++ 2M; it needs 2");
+        if (str_or(cfg("algorithm_type"), "") != "dpmsolver++")
+            throw model_error("algorithm_type is not supported by sdrt's DPM-Solver++ 2M; it needs 'dpmsolver++'");
+        for (const char *key : {"thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "variance_type"})
+            if (flag(key)) throw model_error(std::string(key) + " is not supported by sdrt's DPM-Solver++ 2M; turn it off");
+        st = str_or(cfg("solver_type"), "");
+        if (st != "midpoint" && st != "heun") throw model_error("solver_type " + st + " is not supported; use 'midpoint' or 'heun'");
+        std::string fst = str_or(cfg("final_sigmas_type"), "");
+        if (fst != "zero" && fst != "sigma_min") throw model_error("final_sigmas_type " + fst + " is not supported; use 'zero' or 'sigma_min'");
+        if (flag("rescale_betas_zero_snr")) alphas_cumprod_.back() = 0x1p-24f;
+        if (flag("use_karras_sigmas")) name_ = "dpmpp_2m_karras";
+    }
+
+protected:
+    void sigmas(int n, std::vector<long> &ts, VecF &sig) {
+        const VecF &ac = alphas_cumprod_;
+        const int T = num_train_;
+        float clipped = float(num("lambda_min_clipped"));
+        int below = 0;  // searchsorted(lambdas[::-1], lambda_min_clipped): lambdas ascending from the end
+        for (size_t i = 0; i < ac.size(); ++i) {
+            float lam = float(std::log(double(std::sqrt(ac[i])))) - float(std::log(double(std::sqrt(1.0f - ac[i]))));
+            if (lam < clipped) ++below;
+        }
+        int last = T - below;
+        Vec raw;
+        const std::string &sp = str("timestep_spacing");
+        if (sp == "linspace") {
+            Vec lin = np_linspace(0, last - 1, n + 1);
+            for (int k = n; k >= 1; --k) raw.push_back(round_half_even(lin[k]));
+        } else if (sp == "leading") {
+            long step = last / (n + 1);
+            for (int k = n; k >= 1; --k) raw.push_back(double(k * step) + num("steps_offset"));
+        } else {
+            for (double v : np_arange(last, 0, -double(T) / n)) raw.push_back(round_half_even(v) - 1);
+        }
+        VecF train = train_sigmas(ac);
+        Vec s(raw.size());
+        ts.assign(raw.size(), 0);
+        if (flag("use_karras_sigmas")) {
+            Vec flipped(train.rbegin(), train.rend());
+            s = karras_sigmas(flipped, n, nullptr, nullptr);
+            VecF logs = log_f32(train);
+            bool cosine = str("beta_schedule") == "squaredcos_cap_v2";
+            ts.assign(s.size(), 0);
+            for (size_t i = 0; i < s.size(); ++i) {
+                double t = sigma_to_t(s[i], logs);
+                ts[i] = long(cosine ? t : round_half_even(t));
+            }
+        } else {
+            for (size_t i = 0; i < raw.size(); ++i) ts[i] = long(raw[i]), s[i] = np_interp(double(ts[i]), train);
+        }
+        double final_sigma = str("final_sigmas_type") == "sigma_min" ? double(train[0]) : 0.0;
+        sig.clear();
+        for (double v : s) sig.push_back(float(v));
+        sig.push_back(float(final_sigma));
+    }
+    SchedulerTables make_tables(int n, int start) override {
+        std::vector<long> ts;
+        VecF sigmas32;
+        sigmas(n, ts, sigmas32);
+        const size_t m = sigmas32.size();
+        Vec alpha(m), sig(m), lam(m);
+        for (size_t i = 0; i < m; ++i) {
+            double s = sigmas32[i];
+            alpha[i] = 1 / std::sqrt(s * s + 1);
+            sig[i] = s * alpha[i];
+            lam[i] = std::log(alpha[i]) - std::log(sig[i]);  // the final sigma 0 gives +inf, as intended
+        }
+        bool eps = str("prediction_type") == "epsilon", midpoint = str("solver_type") == "midpoint";
+        const long len = long(ts.size());
+        SchedulerTables t;
+        for (long k = start; k < len; ++k) {
+            double x0a = eps ? 1 / alpha[k] : alpha[k], x0b = eps ? -sig[k] / alpha[k] : -sig[k];
+            double h = lam[k + 1] - lam[k];
+            double a = alpha[k + 1] * std::expm1(-h);
+            bool final = k == len - 1 && (flag("euler_at_final") || (flag("lower_order_final") && len < 15) ||
+                                          str("final_sigmas_type") == "zero");
+            double c0, c1;
+            if (k == start || final) {
+                c0 = -a, c1 = 0.0;
+            } else {
+                double r = (lam[k] - lam[k - 1]) / h;
+                if (midpoint) {
+                    c0 = -a - 0.5 * a / r, c1 = 0.5 * a / r;
+                } else {
+                    double b = alpha[k + 1] * (std::expm1(-h) / h + 1);
+                    c0 = -a + b / r, c1 = -b / r;
+                }
+            }
+            t.coefficients.push_back({x0a, x0b, sig[k + 1] / sig[k], c0, c1});
+            float s32 = sigmas32[k];
+            float a32 = 1.0f / std::sqrt(s32 * s32 + 1.0f);
+            t.noise_coefficients.push_back({double(a32), double(s32 * a32)});
+            t.timesteps.push_back(float(ts[k]));
+            t.input_scale.push_back(1.0);
+        }
+        return t;
+    }
+    void update(const float *c, float *s, const float *o, std::vector<std::vector<float>> &h, const float *, size_t n) override {
+        float *x0_prev = h[0].data();
+        for (size_t k = 0; k < n; ++k) {
+            float x0 = s[k] * c[0] + o[k] * c[1];
+            s[k] = s[k] * c[2] + x0 * c[3] + x0_prev[k] * c[4];
+            x0_prev[k] = x0;
+        }
+    }
+};
+
+}  // namespace
+
+std::unique_ptr<Scheduler> Scheduler::create(const std::string &name, const Json &config) {
+    if (!config.is_object()) throw model_error("the scheduler config is not a JSON object");
+    std::map<std::string, Json> dpm = {{"solver_order", Json::number(2)}, {"algorithm_type", Json::string("dpmsolver++")}};
+    std::string n = name;
+    if (n.empty()) {
+        const Json *cls = config.find("_class_name");
+        std::string c = cls && cls->is_string() ? cls->as_string() : "";
+        n = c == "DDIMScheduler" || c == "PNDMScheduler" || c == "EulerDiscreteScheduler" ||
+                    c == "EulerAncestralDiscreteScheduler" || c == "DPMSolverMultistepScheduler"
+                ? c : "pndm";  // sdrt's default for unknown classes
+    }
+    if (n == "ddim" || n == "DDIMScheduler") return detail::make_ddim(config, {});
+    if (n == "pndm" || n == "PNDMScheduler") return detail::make_pndm(config, {});
+    if (n == "euler" || n == "EulerDiscreteScheduler") return std::unique_ptr<Scheduler>(new Euler(config, {}));
+    if (n == "euler_a" || n == "EulerAncestralDiscreteScheduler") return std::unique_ptr<Scheduler>(new EulerAncestral(config, {}));
+    if (n == "DPMSolverMultistepScheduler") return std::unique_ptr<Scheduler>(new DPMPP2M(config, {}));
+    if (n == "dpmpp_2m" || n == "dpmpp_2m_karras") {
+        dpm["use_karras_sigmas"] = Json::boolean(n == "dpmpp_2m_karras");
+        return std::unique_ptr<Scheduler>(new DPMPP2M(config, dpm));
+    }
+    throw input_error("unknown scheduler \"" + name + "\"; choose one of " + scheduler_names());
+}
+
+}  // namespace sdrt

@@ -1,0 +1,31 @@
+// A minimal test harness for the C++ tests: CHECK counts failures and prints the first few; main returns
+// finish() (0 pass, 1 fail) or kSkip (77, ctest's SKIP_RETURN_CODE) when a fixture is missing.
+#pragma once
+
+#include <cstdio>
+#include <string>
+
+namespace check {
+
+constexpr int kSkip = 77;
+inline int failures = 0, checks = 0;
+
+inline void report(bool ok, const std::string &what, const char *file, int line) {
+    ++checks;
+    if (ok) return;
+    if (++failures <= 25) std::fprintf(stderr, "FAIL %s:%d: %s\n", file, line, what.c_str());
+}
+
+inline int finish(const char *name) {
+    std::printf("%s: %d checks, %d failures\n", name, checks, failures);
+    return failures ? 1 : 0;
+}
+
+inline int skip(const std::string &why) {
+    std::printf("SKIP: %s\n", why.c_str());
+    return kSkip;
+}
+
+}  // namespace check
+
+#define CHECK(cond, what) ::check::report(static_cast<bool>(cond), what, __FILE__, __LINE__)

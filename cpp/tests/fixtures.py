@@ -1,0 +1,247 @@
+"""Writes what the C++ tests compare against, computed by the Python runtime (the reference).
+
+    .venv/bin/python cpp/tests/fixtures.py OUT [EXPORT ...]
+
+OUT/tokenizer_<name>.json  ids of the Python ClipTokenizer on a corpus of tricky prompts, per tokenizer folder
+OUT/noise.json             TorchCPUGenerator streams (both kernels) and, when torch imports, torch.randn itself
+OUT/schedulers.json        each scheduler's tables and a step-by-step trajectory, for many configs and step counts
+OUT/pipeline.tsv + *.rgb   whole images of the Python pipeline on ONNX Runtime, per export (only with EXPORTs)
+
+ctest runs this first (fixture "py"); the C++ tests skip when their file is missing. Light imports only: the
+runtime (numpy, tokenizers, onnxruntime), the CLIP vocabulary from the openai-clip package, torch if present.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.noise import TorchCPUGenerator, torch_cpu_capability
+from sdrt.schedulers import make_scheduler
+from sdrt.tokenizer import ClipTokenizer
+
+CORPUS = [
+    "a photo of a cat", "A PHOTO OF A CAT", "", " ", "   ", "hello   world\t\n again", "tab\there\r\nnewline",
+    "  leading and trailing spaces  ", "Café crème brûlée", "Cafe\u0301 nai\u0308ve (decomposed accents)",
+    "über straße, Grüße aus München", "niño jalapeño señor", "東京の夜景、ネオンライト", "一只可爱的猫 and 上海",
+    "한국어 문장입니다", "Привет, мир! Москва", "مرحبا بالعالم", "שלום עולם", "हिन्दी भाषा", "ไทย ภาษา",
+    "Ελληνικά ΣΟΦΊΑ σοφία ΟΔΟΣ", "emoji 😀🎉🔥 🐱🐶🦊", "family 👨‍👩‍👧‍👦 couple 👩‍❤️‍👨 thumbs 👍🏽",
+    "flags 🇯🇵 🇫🇷 ❤️", "numbers 1234567 and 3.14 and -42 and 1,000,000 1e10", "fractions ½ ² ٣ Ⅻ ① ¾",
+    "version v1.5 vs 2.1", "wow!!! really??? what?!", "hello! world", "!!!", "a!b!!c", "wow!",
+    "...ellipsis… and — dashes – here", "don't it's you're we've I'm they'll he'd", "DON'T IT'S",
+    "rock 'n' roll '90s ''s ''t 'sa", "fish &amp; chips &lt;tag&gt;", "<b>html tags</b>",
+    "quotes \"double\" and 'single' and “curly” ‘single’", "under_score hyphen-ated slash/separated",
+    "email@example.com https://example.com/path?q=1", "#hashtag @mention $100 50% a+b=c",
+    "(masterpiece:1.2), [bad hands], {best quality}, 8k, trending on artstation", "ＦＵＬＬＷＩＤＴＨ １２３",
+    "ﬁne ligature ﬀ ﬃ", "zero\u200bwidth nbsp\u00a0space ideographic\u3000space thin\u2009space",
+    "nel\u0085line ogham\u1680space mongol\u180evowel bom\ufeffhere line\u2028sep", "<|endoftext|> inside <|startoftext|> text",
+    "<|ENDOFTEXT|> uppercase special", "x<|endoftext|>y", "İstanbul ǅ ǈ Ω ß ẞ Ⅷ", "𝐁𝐨𝐥𝐝 math 𝟏𝟐𝟑",
+    "Zalgo t̸̢̛e̵x̷t̶", "mixed中文English混合text", "control \x07 bell \x1b esc", "supercalifragilisticexpialidocious",
+    "antidisestablishmentarianism pneumonoultramicroscopicsilicovolcanoconiosis", "🐱" * 30,
+    "a highly detailed matte painting of a sprawling cyberpunk city at night, neon signs reflecting in puddles, "
+    "flying cars, towering skyscrapers, dense fog, volumetric lighting, cinematic composition, trending on "
+    "artstation, by greg rutkowski and alphonse mucha, octane render, unreal engine 5, 8k resolution, sharp focus, "
+    "intricate details, vibrant colors, dramatic shadows, award winning photograph, masterpiece", "x " * 100,
+]
+TI_CORPUS = ["a <cat-toy> in <fancy style>", "A <CAT-TOY>!", "x<cat-toy>y <cat-toy><cat-toy>", "<fancy"]
+
+SD15 = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+        "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+        "trained_betas": None, "clip_sample": False}
+SD21V = {"_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+         "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+         "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+CONFIGS = {
+    "sd15": SD15,
+    "sd21v": SD21V,
+    "linear_trailing_zsnr_v": {**SD21V, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+                               "timestep_spacing": "trailing", "rescale_betas_zero_snr": True},
+    "cosine_linspace": {**SD15, "beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "linspace"},
+    "ddim_clip_one": {**SD15, "_class_name": "DDIMScheduler", "clip_sample": True, "set_alpha_to_one": True},
+    "euler_karras": {**SD15, "_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True,
+                     "timestep_spacing": "leading", "final_sigmas_type": "sigma_min"},
+    "dpm_heun_sigma_min": {**SD15, "_class_name": "DPMSolverMultistepScheduler", "solver_type": "heun",
+                           "final_sigmas_type": "sigma_min", "lower_order_final": False, "timestep_spacing": "trailing"},
+    "dpm_leading_defaults": {**SD15, "_class_name": "DPMSolverMultistepScheduler", "timestep_spacing": "leading",
+                             "_use_default_values": ["steps_offset"]},
+    "lms_fallback": {**SD15, "_class_name": "LMSDiscreteScheduler"},
+    "unsupported": {**SD15, "_class_name": "EulerDiscreteScheduler", "use_exponential_sigmas": True},
+}
+NAMES = [None, "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"]
+STEPS = [1, 2, 4, 7, 20, 50]
+TRAJECTORIES = [(4, 1.0), (20, 1.0), (20, 0.6), (7, 0.5)]
+N = 64  # trajectory sample size
+
+
+def tokenizer_fixtures(out: Path, exports: list[Path]) -> None:
+    folders = {}
+    try:
+        from sdrt.export.clip_vocab import write_clip_tokenizer
+
+        folders["sd1"] = write_clip_tokenizer(out / "tok_sd1")
+        folders["sd2"] = write_clip_tokenizer(out / "tok_sd2", pad_token="!")
+        ti = write_clip_tokenizer(out / "tok_ti")
+        (ti / "added_tokens.json").write_text(json.dumps({"<cat-toy>": 49408, "<Fancy Style>": 49409}))
+        folders["ti"] = ti
+    except Exception as err:  # openai-clip missing: the exports' own folders still get tested
+        print(f"fixtures: no standalone tokenizer folders ({err})")
+    for e in exports:
+        folders[f"export_{e.name}"] = e / "tokenizer"
+    for name, folder in folders.items():
+        tok = ClipTokenizer.from_folder(folder)
+        texts = CORPUS + (TI_CORPUS if name == "ti" else [])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cases = [{"text": t, "ids": tok.encode(t), "padded": tok([t])[0].tolist()} for t in texts]
+        (out / f"tokenizer_{name}.json").write_text(json.dumps({"folder": str(folder), "cases": cases}))
+
+
+def noise_fixtures(out: Path) -> None:
+    plans = [(0, [16, 1, 3, 17, 100, 5, 256]), (1, [1, 1, 1, 15, 16]), (42, [16384]), (2**32 + 5, [33, 7, 64]),
+             (-1, [256, 2]), (123456789, [31, 4 * 8 * 12, 1])]
+    torch = None
+    try:
+        import torch  # noqa: F811
+    except ImportError:
+        pass
+    cases = []
+    for kernel in ("avx2", "default"):
+        for seed, sizes in plans:
+            g = TorchCPUGenerator(seed, cpu_capability=kernel)
+            case = {"kernel": kernel, "seed": seed % 2**64, "sizes": sizes, "values": [g.randn(n).tolist() for n in sizes]}
+            ours = "default" if torch_cpu_capability() == "default" else "avx2"
+            if torch is not None and kernel == ours:
+                tg = torch.Generator("cpu").manual_seed(seed)
+                case["torch"] = [torch.randn(n, generator=tg).tolist() for n in sizes]
+            cases.append(case)
+    (out / "noise.json").write_text(json.dumps({"python_kernel": torch_cpu_capability(), "cases": cases}))
+
+
+def error_kind(err: Exception) -> str:
+    return type(err).__name__  # InputError or ModelError
+
+
+def trajectory(s, n_steps: int, strength: float) -> dict:
+    s.set_timesteps(n_steps, strength)
+    kernel = "default" if torch_cpu_capability() == "default" else "avx2"
+    gen = lambda seed: TorchCPUGenerator(seed, cpu_capability=kernel).randn(N)  # noqa: E731
+    if strength < 1:
+        x = s.add_noise(gen(8), gen(9), 0).astype(np.float32)
+    else:
+        x = gen(7) * np.float32(s.init_noise_sigma)
+    steps, scaled = [], []
+    for i in range(s.num_calls):
+        scaled.append(s.scale_model_input(x, i).tolist())
+        noise = gen(200 + i) if s.needs_noise else None
+        x = s.step(gen(100 + i), i, x, noise)
+        steps.append(x.tolist())
+    return {"steps": n_steps, "strength": strength, "scaled": scaled, "samples": steps}
+
+
+def scheduler_fixtures(out: Path) -> None:
+    cases = []
+    for cname, config in CONFIGS.items():
+        for name in NAMES:
+            base = {"config": cname, "name": name or ""}
+            try:
+                s = make_scheduler(name, config)
+            except Exception as err:
+                cases.append({**base, "error": error_kind(err)})
+                continue
+            base["resolved_name"] = s.name
+            for n_steps in STEPS:
+                for strength in (1.0, 0.6) if n_steps in (7, 20) else (1.0,):
+                    case = {**base, "steps": n_steps, "strength": strength}
+                    try:
+                        s.set_timesteps(n_steps, strength)
+                    except Exception as err:
+                        cases.append({**case, "error": error_kind(err)})
+                        continue
+                    case.update(timesteps=s.timesteps.tolist(), coefficients=s.coefficients.tolist(),
+                                input_scale=s.input_scale.tolist(), noise_coefficients=s.noise_coefficients.tolist(),
+                                init_noise_sigma=s.init_noise_sigma)
+                    cases.append(case)
+            for n_steps, strength in TRAJECTORIES:
+                try:
+                    t = trajectory(make_scheduler(name, config), n_steps, strength)
+                except Exception as err:
+                    t = {"steps": n_steps, "strength": strength, "error": error_kind(err)}
+                cases.append({**base, "trajectory": t})
+    (out / "schedulers.json").write_text(json.dumps({"configs": CONFIGS, "cases": cases}))
+
+
+def test_image(width: int, height: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x * y) % 256], -1).astype(np.uint8)
+
+
+def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
+    from sdrt.pipeline import Pipeline
+
+    rows = []
+    for e in exports:
+        pipe = Pipeline.from_pretrained(e, backend="onnx")
+        step = pipe.facts.size_step
+        size = max(step, 64 // step * step)
+        cases = [  # name, prompt, negative, steps, guidance, seed, scheduler, width, height, batch, strength, img2img
+            ("txt2img", "a photo of a cat", "", 8, 1.5, 0, "", size, size, 1, 0.0, False),
+            ("negative", "a red fox in the snow!", "blurry, low quality", 6, 2.0, 1, "euler", size, size, 1, 0.0, False),
+            ("img2img", "a watercolour painting", "", 10, 1.5, 2, "", size, size, 1, 0.6, True),
+            ("euler_a_batch", "two dogs", "cats", 5, 1.5, 3, "euler_a", size + step, size, 2, 0.0, False),
+            ("dpm_karras_noguide", "a lighthouse", "", 6, 1.0, 4, "dpmpp_2m_karras", size, size, 1, 0.0, False),
+            ("ddim", "mountains at dawn", "", 5, 3.0, 5, "ddim", size, size + step, 1, 0.0, False),
+            ("img2img_euler_a_batch", "a city at night", "fog", 6, 1.5, 6, "euler_a", size, size, 2, 0.5, True),
+            ("dpmpp_2m", "a bowl of fruit", "", 7, 1.5, 7, "dpmpp_2m", size, size, 1, 0.0, False),
+        ]
+        for name, prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, img2img in cases:
+            init = test_image(w, h) if img2img else None
+            kwargs = dict(strength=strength, image=init) if img2img else {}
+            pipe(prompt, num_inference_steps=1, height=h, width=w, seed=0, output_type="np", progress=False)  # warm-up
+            t0 = time.perf_counter()
+            result = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
+                          height=h, width=w, seed=seed, scheduler=sched or None, num_images_per_prompt=batch,
+                          output_type="np", progress=False, **kwargs)
+            seconds = time.perf_counter() - t0
+            stem = f"pipe_{e.name}_{name}"
+            (out / f"{stem}.rgb").write_bytes(np.ascontiguousarray(result.images).tobytes())
+            init_file = ""
+            if init is not None:
+                init_file = f"{stem}.init.rgb"
+                (out / init_file).write_bytes(init.tobytes())
+            rows.append([name, str(e), prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, init_file,
+                         f"{stem}.rgb", f"{seconds:.4f}"])
+    (out / "pipeline.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    out = Path(argv[0])
+    exports = [Path(p) for p in argv[1:] if p]
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    missing = [str(e) for e in exports if not (e / "manifest.json").exists()]
+    if missing:
+        print(f"fixtures: not sdrt exports, skipped: {', '.join(missing)}")
+        exports = [e for e in exports if str(e) not in missing]
+    t0 = time.perf_counter()
+    tokenizer_fixtures(out, exports)
+    noise_fixtures(out)
+    scheduler_fixtures(out)
+    if exports:
+        pipeline_fixtures(out, exports)
+    else:
+        print("fixtures: no export given: the C++ vs Python image tests will skip (pass sdrt export folders)")
+    print(f"fixtures written to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,100 @@
+"""LoRAs fused at export, and the export's way in for single-file checkpoints.
+
+Both prepare a diffusers folder that stands in for the model: a single file is converted (sdrt.export.single_file),
+LoRAs are fused into the UNet and text encoder (sdrt.lora, W += scale * alpha/rank * up @ down), and the export of
+that folder records the original source and each LoRA's file, sha256 and scale in its manifest (extras["loras"]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+from sdrt.errors import ModelError
+from sdrt.lora import fuse_into_modules, parse_lora_spec
+from sdrt.manifest import read_manifest
+
+
+def fuse_into_folder(model_dir, loras, out_dir) -> list[dict]:
+    """Write `model_dir` with `loras` [(file, scale)] fused into its UNet and text encoder to `out_dir` (VAE linked,
+    tokenizer and scheduler copied); returns the LoRA records."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    text = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    dtype = next(unet.parameters()).dtype
+    unet.float(), text.float()  # fuse in float32, store in the folder's own precision
+    modules = {"unet": unet, "text_encoder": getattr(text, "text_model", text)}
+    records = [fuse_into_modules(path, scale, modules) for path, scale in loras]
+    out_dir.mkdir(parents=True)
+    with torch.no_grad():
+        unet.to(dtype).save_pretrained(out_dir / "unet")
+        text.to(dtype).save_pretrained(out_dir / "text_encoder")
+    (out_dir / "vae").symlink_to((model_dir / "vae").resolve(), target_is_directory=True)
+    for name in ("tokenizer", "scheduler"):
+        shutil.copytree(model_dir / name, out_dir / name)
+    shutil.copy2(model_dir / "model_index.json", out_dir / "model_index.json")
+    return records
+
+
+@contextlib.contextmanager
+def prepared_model(model, loras=(), allow_pickle: bool = False, workdir=None, **single_file_options):
+    """Yield (diffusers folder, LoRA records) for `model` (a folder or a single file) with `loras` fused; the
+    temporary folders made for it are removed afterwards."""
+    from sdrt.export.single_file import convert_single_file
+
+    model = Path(model).expanduser()
+    if not model.exists():
+        raise ModelError(f"model {model} does not exist; pass a diffusers-format folder or a single-file checkpoint")
+    if model.is_dir() and not loras:
+        yield model, []
+        return
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".sdrt-prepare-", dir=workdir))
+    try:
+        folder = model
+        if model.is_file():
+            folder = convert_single_file(model, tmp / "converted", allow_pickle=allow_pickle, **single_file_options)
+        records = []
+        if loras:
+            records = fuse_into_folder(folder, loras, tmp / "fused")
+            folder = tmp / "fused"
+        yield folder, records
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def record_in_manifest(out_dir, source, loras: list[dict]) -> None:
+    """Record the original source and the fused LoRAs in an export's manifest."""
+    manifest = read_manifest(out_dir)
+    manifest.extras["source"] = str(Path(source).expanduser().resolve())
+    manifest.extras["loras"] = list(loras)
+    manifest.write(Path(out_dir))
+
+
+def export_customised(model, out_dir, loras=(), allow_pickle: bool = False, **export_options):
+    """sdrt.export.onnx_export.export_model for a single file and/or with LoRAs [(file, scale)] fused."""
+    from sdrt.export.onnx_export import export_model
+
+    out_dir = Path(out_dir).expanduser()
+    with prepared_model(model, loras, allow_pickle=allow_pickle, workdir=out_dir.parent) as (folder, records):
+        report = export_model(folder, out_dir, **export_options)
+    record_in_manifest(out_dir, model, records)
+    return report
+
+
+def export_command_with_customisations(args, export_command) -> int:
+    """The `sdrt export` command for a single file and/or --lora: exports the prepared folder with the same options."""
+    loras = [parse_lora_spec(spec) for spec in args.lora]
+    out_dir = Path(args.out).expanduser()
+    with prepared_model(args.model, loras, allow_pickle=args.allow_pickle, workdir=out_dir.parent) as (folder, records):
+        code = export_command(argparse.Namespace(**{**vars(args), "model": str(folder), "lora": []}))
+    record_in_manifest(out_dir, args.model, records)
+    return code

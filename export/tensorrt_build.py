@@ -1,0 +1,430 @@
+"""Build TensorRT engines from an sdrt ONNX export: one engine, with one optimisation profile, per network.
+
+    report = build_engines("exports/sd15-onnx", "exports/sd15-trt", sizes="512x512,768x768", max_batch=2)
+    print(report.summary())        # then: sdrt generate "a fox" -m exports/sd15-trt
+
+Profiles come from the contracts (ShapeLimits.profile): batch from 1 (guidance <= 1 runs a batch of one) to
+max_batch, the UNet from 1 to 2 x max_batch (guidance runs [uncond, cond] as one batch), sizes from min to max.
+Precision: an fp16 export is built as a strongly typed network (TensorRT follows the ONNX file's types, so the
+ops the export kept in fp32 stay fp32); an fp32 export with fp16=True gets TensorRT's FP16 builder flag.
+The build itself goes through polygraphy's TensorRT loaders (NetworkFromOnnxPath, CreateConfig,
+EngineBytesFromNetwork); a timing cache, keyed by GPU and TensorRT version, is loaded and saved across builds.
+
+The output folder is a self-contained export: the ONNX export's files (hard links where the filesystem allows,
+else copies), `engines/<network>-<key>.plan` with a sidecar `<network>-<key>.json` holding the key's fields,
+and manifest.json with extras['engines']. Running `sdrt build` again reuses every engine whose key still
+matches and rebuilds the rest, saying why. Everything is written into a hidden folder beside OUT and renamed at
+the end: a failed build leaves nothing, and an earlier build at OUT stays as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from sdrt import __version__
+from sdrt.backends.tensorrt_backend import (
+    ENGINE_FORMAT,
+    MachineInfo,
+    describe_mismatch,
+    engine_key,
+    engine_key_fields,
+    machine_info,
+    network_onnx_files,
+    read_sidecar,
+    require_tensorrt,
+)
+from sdrt.contracts import NETWORKS, NetworkContract, ShapeLimits
+from sdrt.errors import BackendError, InputError, ModelError
+from sdrt.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_of
+from sdrt.model_facts import ModelFacts
+
+ENGINES_DIR = "engines"
+WHICH = ("min", "opt", "max")
+
+
+@dataclasses.dataclass
+class EnginePlan:
+    """One network's engine: what it is built from and with, its key, and what the build does with it."""
+
+    network: str
+    onnx: str  # the ONNX file, relative to the export
+    profile: dict  # input -> (min, opt, max) shapes
+    flags: dict
+    fields: dict  # the cache key's fields
+    key: str
+    action: str  # "build" or "reuse"; after the build "built" or "reused"
+    reason: str  # why it is built
+    seconds: float = 0.0
+    bytes: int = 0
+
+    @property
+    def file(self) -> str:
+        return f"{ENGINES_DIR}/{self.network}-{self.key}.plan"
+
+    @property
+    def sidecar(self) -> str:
+        return f"{ENGINES_DIR}/{self.network}-{self.key}.json"
+
+
+@dataclasses.dataclass
+class BuildReport:
+    onnx_dir: Path
+    out_dir: Path
+    machine: MachineInfo
+    limits: ShapeLimits
+    static: tuple[int, int] | None
+    timing_cache: Path
+    plans: dict[str, EnginePlan]
+    dry_run: bool
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lim = self.limits
+        size = f"{self.static[0]}x{self.static[1]} (static)" if self.static else f"{lim.min_size}..{lim.max_size} px (opt {lim.opt_size})"
+        head = "dry run, nothing built" if self.dry_run else f"{self.seconds:.1f} s"
+        lines = [
+            f"TensorRT engines: {self.onnx_dir} -> {self.out_dir} ({head})",
+            f"machine       {self.machine.describe()}",
+            f"sizes         {size}, batch 1..{lim.max_batch} (UNet 1..{2 * lim.max_batch})",
+            f"timing cache  {self.timing_cache}" + ("" if self.timing_cache.exists() else " (new)"),
+        ]
+        for p in self.plans.values():
+            flags = ", ".join(f"{k}={v}" for k, v in p.flags.items())
+            done = f"  {p.bytes / 1e6:.1f} MB in {p.seconds:.1f} s" if p.action == "built" else ""
+            verb = {"build": "would build", "reuse": "would reuse"}.get(p.action, p.action) if self.dry_run else p.action
+            lines.append(f"  {p.network:<13} key {p.key}  {verb} ({p.reason}){done}")
+            lines.append(f"    flags       {flags}")
+            for name, (lo, opt, hi) in p.profile.items():
+                lines.append(f"    {name:<22} min {tuple(lo)}  opt {tuple(opt)}  max {tuple(hi)}")
+        return "\n".join(lines)
+
+
+def build_engines(
+    onnx_dir,
+    out_dir,
+    fp16: bool = True,
+    limits: ShapeLimits | None = None,
+    sizes=None,
+    static=None,
+    max_batch: int | None = None,
+    timing_cache=None,
+    dry_run: bool = False,
+    progress: bool = True,
+    machine: MachineInfo | None = None,
+    engine_builder=None,
+) -> BuildReport:
+    """Build (or reuse) one TensorRT engine per network of the ONNX export `onnx_dir` into `out_dir`.
+
+    Shapes: `limits`, or `sizes` ([(W, H), ...] or "512x512,768x768": min and max over all sides, opt the first
+    size), or `static` ((W, H) or "512x768": that size only); default: the export's own limits. max_batch
+    overrides the batch of any of them. fp16: fp16 engines (an fp16 export always gives fp16 engines).
+    timing_cache: file to load and save TensorRT's tactic timings (default: one per GPU and TensorRT version under
+    ~/.cache/sdrt/tensorrt). dry_run: compute and report profiles, flags and keys; build and write nothing
+    (works without TensorRT). machine, engine_builder: what the keys describe and what turns
+    (onnx path, profile, flags, timing cache path) into engine bytes (default: this machine, polygraphy).
+    """
+    t_start = time.perf_counter()
+    if not dry_run and engine_builder is None:
+        require_tensorrt()  # before anything is read or written
+    onnx_dir, out_dir = Path(onnx_dir).expanduser(), Path(out_dir).expanduser()
+    source = read_manifest(onnx_dir)
+    limits, static = resolve_shapes(source, limits, sizes, static, max_batch)
+    check_out_dir(onnx_dir, out_dir)
+    machine = machine or machine_info()
+    timing_cache = Path(timing_cache).expanduser() if timing_cache else default_timing_cache(machine)
+    old = previous_build(out_dir)
+    plans = {}
+    for network in [n for n in NETWORKS if n in source.networks]:
+        profile = network_profile(source.contracts[network], source.facts, limits, static)
+        flags = build_flags(network, source.networks[network].get("precision", "fp32"), fp16)
+        fields = engine_key_fields(network, network_onnx_files(source, network), profile, flags, machine)
+        key = engine_key(fields)
+        action, reason = reuse_or_build(out_dir, old, network, key, fields)
+        plans[network] = EnginePlan(network, source.networks[network]["file"], profile, flags, fields, key, action, reason)
+    report = BuildReport(onnx_dir, out_dir, machine, limits, static, timing_cache, plans, dry_run)
+    if dry_run:
+        return report
+    write_build(source, onnx_dir, out_dir, report, engine_builder or build_with_polygraphy, progress)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+# --- shapes -----------------------------------------------------------------------------------------------------
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'512x512,768x768' -> [(512, 512), (768, 768)] (width x height)."""
+    sizes = []
+    for part in str(text).split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", part)
+        if not match:
+            raise InputError(f"size {part.strip()!r} is not WIDTHxHEIGHT; write sizes like 512x512,768x768")
+        sizes.append((int(match.group(1)), int(match.group(2))))
+    return sizes
+
+
+def _check_side(facts: ModelFacts, what: str, value) -> None:
+    step = facts.size_step
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InputError(f"{what} {value!r} is not an integer; use a multiple of {step}")
+    if value < step or value % step:
+        lower, upper = max(step, value // step * step), max(step, -(-value // step) * step)
+        options = f"{lower}" if lower == upper else f"{lower} or {upper}"
+        raise InputError(f"{what} {value} is not a multiple of {step} for this model; use {options}")
+
+
+def resolve_shapes(source: Manifest, limits, sizes, static, max_batch) -> tuple[ShapeLimits, tuple[int, int] | None]:
+    """The ShapeLimits (and static (W, H), if any) to build for, checked against the model's size step."""
+    given = [name for name, value in (("limits", limits), ("sizes", sizes), ("static", static)) if value is not None]
+    if len(given) > 1:
+        raise InputError(f"pass one of sizes, static and min/opt/max sizes, not {' and '.join(given)}")
+    facts = source.facts
+    if isinstance(sizes, str):
+        sizes = parse_sizes(sizes)
+    if isinstance(static, str):
+        parsed = parse_sizes(static)
+        if len(parsed) != 1:
+            raise InputError(f"static size {static!r} must be one WIDTHxHEIGHT; for several sizes use sizes")
+        static = parsed[0]
+    if limits is None:
+        fields = {f.name for f in dataclasses.fields(ShapeLimits)}
+        limits = ShapeLimits(**{k: v for k, v in source.limits.items() if k in fields})
+    batch = limits.max_batch if max_batch is None else max_batch
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise InputError(f"max batch {batch!r} must be an integer of at least 1")
+    if static is not None:
+        sizes = [tuple(static)]
+    if sizes is not None:
+        if not sizes:
+            raise InputError("no sizes given; write sizes like 512x512,768x768")
+        for w, h in sizes:
+            _check_side(facts, f"width of size {w}x{h}", w)
+            _check_side(facts, f"height of size {w}x{h}", h)
+        sides = [s for wh in sizes for s in wh]
+        limits = ShapeLimits(min(sides), max(sizes[0]), max(sides), batch)
+    else:
+        for which in ("min_size", "opt_size", "max_size"):
+            _check_side(facts, which.replace("_", " "), getattr(limits, which))
+        if not limits.min_size <= limits.opt_size <= limits.max_size:
+            raise InputError(f"sizes must satisfy min {limits.min_size} <= opt {limits.opt_size} <= max {limits.max_size}")
+        limits = dataclasses.replace(limits, max_batch=batch)
+    return limits, (tuple(static) if static is not None else None)
+
+
+def network_profile(contract: NetworkContract, facts: ModelFacts, limits: ShapeLimits, static=None) -> dict:
+    """{input: (min, opt, max)}: the contract's profile; with `static` (W, H), every size fixed at W x H."""
+    if static is None:
+        return limits.profile(contract, facts)
+    w, h = static
+    scale = facts.vae_scale_factor
+    fixed = {"image_width": w, "image_height": h, "latent_width": w // scale, "latent_height": h // scale}
+    dims = {which: {**limits.dims(facts, which), **fixed} for which in WHICH}
+    return {s.name: tuple(contract.resolve(s, dims[which]) for which in WHICH) for s in contract.inputs}
+
+
+def build_flags(network: str, precision: str, fp16: bool) -> dict:
+    """TensorRT flags for a network: strongly typed for fp16 exports, the FP16 builder flag for fp32 ones."""
+    if precision == "fp16":
+        if not fp16:
+            raise InputError(
+                f"the {network} ONNX file is fp16, so its engine is fp16 too; for fp32 engines build from an fp32 "
+                "export (`sdrt export` without --fp16), or drop --no-fp16"
+            )
+        return {"precision": "fp16", "strongly_typed": True, "fp16_flag": False, "tf32": False}
+    return {"precision": "fp16" if fp16 else "fp32", "strongly_typed": False, "fp16_flag": bool(fp16), "tf32": False}
+
+
+# --- the cache ---------------------------------------------------------------------------------------------------
+
+
+def default_timing_cache(machine: MachineInfo) -> Path:
+    """One timing cache per GPU model and TensorRT version (TensorRT refuses a foreign one anyway)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdrt" / "tensorrt"
+    slug = engine_key({"gpu": machine.gpu, "cc": machine.compute_capability, "trt": machine.tensorrt})[:12]
+    return base / f"timing-{slug}.cache"
+
+
+def previous_build(out_dir: Path) -> Manifest | None:
+    """The manifest of an earlier build at out_dir (its engines may be reused); None when there is none."""
+    if not (out_dir / MANIFEST_NAME).exists():
+        return None
+    try:
+        manifest = read_manifest(out_dir)
+    except ModelError:
+        return None  # damaged: everything is rebuilt
+    return manifest if manifest.extras.get("engines") else None
+
+
+def reuse_or_build(out_dir: Path, old: Manifest | None, network: str, key: str, fields: dict) -> tuple[str, str]:
+    entry = (old.extras["engines"].get(network) if old else None) or {}
+    if not entry:
+        return "build", "no engine yet"
+    try:
+        old_fields = read_sidecar(out_dir, entry)
+    except ModelError as err:
+        return "build", f"the old engine is unusable: {err}"
+    if entry.get("key") != key:
+        return "build", describe_mismatch(old_fields, fields) or "its key changed"
+    file, info = out_dir / entry["file"], old.files.get(entry["file"], {})
+    if not file.exists() or file.stat().st_size != info.get("size"):
+        return "build", "the old engine file is missing or truncated"
+    return "reuse", "its key matches"
+
+
+def check_out_dir(onnx_dir: Path, out_dir: Path) -> None:
+    src, dst = onnx_dir.resolve(), out_dir.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise InputError(f"output folder {out_dir} overlaps the ONNX export {onnx_dir}; pick a folder beside it, e.g. {onnx_dir}-trt")
+    if not out_dir.exists():
+        return
+    if out_dir.is_file() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).exists()):
+        raise InputError(f"{out_dir} exists and is not an sdrt export; pick another folder")
+    if (out_dir / MANIFEST_NAME).exists() and previous_build(out_dir) is None:
+        try:
+            is_export = bool(read_manifest(out_dir).networks)
+        except ModelError:
+            is_export = False
+        if is_export:
+            raise InputError(f"{out_dir} is an ONNX export without engines; build into another folder, e.g. {out_dir}-trt")
+
+
+# --- building and writing ----------------------------------------------------------------------------------------
+
+
+def build_with_polygraphy(onnx_path: Path, profile: dict, flags: dict, timing_cache: Path):
+    """One serialised engine (IHostMemory) via polygraphy's TensorRT loaders; the timing cache is read and updated."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    trt_profile = Profile()
+    for name, (lo, opt, hi) in profile.items():
+        trt_profile.add(name, min=tuple(lo), opt=tuple(opt), max=tuple(hi))
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=flags["strongly_typed"])
+    config = CreateConfig(
+        fp16=flags["fp16_flag"],
+        tf32=flags["tf32"],
+        profiles=[trt_profile],
+        load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
+    )
+    return EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))()
+
+
+def write_build(source: Manifest, onnx_dir: Path, out_dir: Path, report: BuildReport, engine_builder, progress: bool) -> None:
+    """Link the export, build or reuse each engine, write the manifest, then rename the folder into place."""
+    from tqdm.auto import tqdm
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    work_cache = tmp / ".timing.cache"
+    try:
+        tmp.mkdir()
+        for rel in export_files(source):  # the ONNX export itself: the folder also runs on ONNX Runtime
+            link_or_copy(onnx_dir / rel, tmp / rel)
+        (tmp / ENGINES_DIR).mkdir()
+        if report.timing_cache.exists():
+            shutil.copy2(report.timing_cache, work_cache)
+        bar = tqdm(report.plans.values(), desc="tensorrt", unit="engine", disable=not progress)
+        for plan in bar:
+            bar.set_postfix_str(plan.network)
+            if plan.action == "reuse":
+                link_or_copy(out_dir / plan.file, tmp / plan.file)
+                plan.action = "reused"
+            else:
+                build_one(source, onnx_dir, tmp, plan, work_cache, engine_builder)
+                plan.action = "built"
+            plan.bytes = (tmp / plan.file).stat().st_size
+            write_json(tmp / plan.sidecar, {"format": ENGINE_FORMAT, "key": plan.key, "key_fields": plan.fields,
+                                             "built_by": f"sdrt {__version__}", "seconds": round(plan.seconds, 2)})  # fmt: skip
+        bar.close()
+        work_cache.with_name(work_cache.name + ".lock").unlink(missing_ok=True)  # polygraphy's lock file
+        manifest = build_manifest(source, onnx_dir, tmp, report)
+        manifest.write(tmp)
+        read_manifest(tmp)  # what the runtime will do: refuse now rather than later
+        if work_cache.exists() and any(p.action == "built" for p in report.plans.values()):
+            report.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+            part = report.timing_cache.with_name(report.timing_cache.name + f".{os.getpid()}.tmp")
+            shutil.move(str(work_cache), part)
+            part.replace(report.timing_cache)
+        work_cache.unlink(missing_ok=True)
+        replace_folder(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_one(source: Manifest, onnx_dir: Path, tmp: Path, plan: EnginePlan, work_cache: Path, engine_builder) -> None:
+    for rel, sha in plan.fields["onnx_sha256"].items():  # the key promises these bytes: check them now
+        if sha256_of(onnx_dir / rel) != sha:
+            raise ModelError(f"{onnx_dir / rel} changed since the export was written (sha256 differs); re-export it with `sdrt export`")
+    t0 = time.perf_counter()
+    try:
+        engine = engine_builder(onnx_dir / plan.onnx, plan.profile, plan.flags, work_cache)
+    except (BackendError, ModelError, InputError):
+        raise
+    except Exception as err:  # polygraphy raises PolygraphyException; TensorRT its own errors
+        text = str(err).strip()
+        first = text.splitlines()[0][:300] if text else type(err).__name__
+        raise BackendError(f"TensorRT could not build the {plan.network} engine from {onnx_dir / plan.onnx} ({first}); nothing was written") from err
+    if engine is None or memoryview(engine).nbytes == 0:
+        raise BackendError(f"TensorRT built no {plan.network} engine (see its log above); nothing was written")
+    with open(tmp / plan.file, "wb") as f:
+        f.write(memoryview(engine))
+    plan.seconds = time.perf_counter() - t0
+
+
+def build_manifest(source: Manifest, onnx_dir: Path, tmp: Path, report: BuildReport) -> Manifest:
+    """The export's manifest plus the engines: their entries in extras['engines'] and their files' hashes."""
+    limits = report.limits.to_dict() | ({"static": list(report.static)} if report.static else {})
+    engines = {
+        p.network: {"file": p.file, "sidecar": p.sidecar, "key": p.key, "flags": p.flags,
+                    "profile": {n: [list(s) for s in shapes] for n, shapes in p.profile.items()}}  # fmt: skip
+        for p in report.plans.values()
+    }
+    manifest = Manifest(
+        facts=source.facts,
+        contracts=source.contracts,
+        networks=source.networks,
+        files=export_files(source),  # the linked export files are the export's bytes: its hashes hold
+        limits=limits,
+        versions={**source.versions, "tensorrt": report.machine.tensorrt, "sdrt_build": __version__},
+        tokenizer=source.tokenizer,
+        scheduler=source.scheduler,
+        token_embeddings=source.token_embeddings,
+        extras={**source.extras, "onnx_export": str(onnx_dir.resolve()), "engines": engines},
+    )
+    manifest.record_files(tmp, [rel for p in report.plans.values() for rel in (p.file, p.sidecar)])
+    return manifest
+
+
+def export_files(source: Manifest) -> dict:
+    """The export's own files (a folder built by `sdrt build` can be built from again: its engines are left out)."""
+    return {rel: info for rel, info in source.files.items() if not rel.startswith(ENGINES_DIR + "/")}
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2))
+
+
+def replace_folder(tmp: Path, out_dir: Path) -> None:
+    """Move the finished build into place; an earlier build is removed only after that."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

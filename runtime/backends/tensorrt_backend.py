@@ -1,0 +1,406 @@
+"""The TensorRT backend: runs the engines that `sdrt build` made from an sdrt ONNX export (NVIDIA GPUs).
+
+One `Engine` per network, each deserialised once (trt.Runtime.deserialize_cuda_engine) with one execution
+context. Tensors are bound by address (set_input_shape + set_tensor_address) and run with execute_async_v3
+on the caller's current CUDA stream, so the work orders with the caller's own kernels and a CUDA-graph capture
+(torch.cuda.graph) records it. Device memory is torch CUDA tensors: torch is already what the device loop holds
+its latents in, so a tensor's data_ptr() is the binding and nothing is copied; torch's caching allocator, streams
+and graph capture come with it. Output buffers are allocated once per shape and reused.
+
+Before an engine loads, its cache key (GPU model and compute capability, TensorRT version, the ONNX files'
+sha256, the profile, the flags) is checked against this machine and the export: a stale or foreign engine is
+refused with the reason and the fix, never loaded blind. The key helpers live here, in the runtime, because
+both the loader and the builder (sdrt.export.tensorrt_build) use them; importing this module imports neither
+tensorrt nor torch.
+
+With device_loop (the default) the pipeline hands the whole denoising loop to `denoise`: sdrt.device_loop runs it
+on the UNet engine through `device_unet()`, each step captured once in a CUDA graph and replayed.
+
+The text encoder takes token embeddings (the contract's inputs_embeds), so textual-inversion tokens added to the
+runtime's table need no rebuild.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.backends.base import Backend, module_available
+from sdrt.contracts import UNET, NetworkContract
+from sdrt.errors import BackendError, InputError, ModelError
+from sdrt.manifest import Manifest
+
+ENGINE_FORMAT = "sdrt-tensorrt-engine/1"
+MIN_TENSORRT_MAJOR = 10
+INSTALL_HINT = "pip install tensorrt on a machine with an NVIDIA GPU and driver, or run the ONNX export with --backend onnx"
+
+
+# --- is TensorRT really here? ---------------------------------------------------------------------------------
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
+@functools.lru_cache(maxsize=None)
+def tensorrt_status(check_gpu: bool = True) -> tuple[bool, str]:
+    """(usable, why): TensorRT >= 10 imports and, with check_gpu, can create a Builder (needs a GPU and driver).
+
+    PyPI's `tensorrt` stubs can be present without their libraries, and a CPU machine has no GPU, so a bare
+    find_spec says nothing: every step runs in a try and any failure counts as "not installed"."""
+    try:
+        import tensorrt as trt
+
+        version = getattr(trt, "__version__", None)
+        if not isinstance(version, str) or not version.split(".")[0].isdigit():
+            return False, "the tensorrt package here has no version: a stub without TensorRT's libraries"
+        if int(version.split(".")[0]) < MIN_TENSORRT_MAJOR:
+            return False, f"TensorRT {version} is older than {MIN_TENSORRT_MAJOR}"
+        if check_gpu:
+            builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+            if not builder:
+                return False, f"TensorRT {version} could not create a builder (no NVIDIA GPU or driver?)"
+            del builder
+        return True, f"TensorRT {version}"
+    except (Exception, SystemExit) as err:  # ImportError, OSError from missing libs, TypeError from a null builder
+        return False, f"import tensorrt failed: {_first_line(err)}"
+
+
+def tensorrt_missing_message(why: str) -> str:
+    """The one line every TensorRT entry point says when TensorRT cannot run here."""
+    return f"TensorRT is not installed here ({why}); {INSTALL_HINT}"
+
+
+def require_tensorrt() -> str:
+    """The TensorRT version, or BackendError with the one-line install hint."""
+    ok, why = tensorrt_status()
+    if not ok:
+        raise BackendError(tensorrt_missing_message(why))
+    import tensorrt as trt
+
+    return trt.__version__
+
+
+# --- which machine, which key ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineInfo:
+    """What an engine is tied to: TensorRT engines run only on the GPU model and TensorRT version that built them."""
+
+    gpu: str
+    compute_capability: str  # "9.0"
+    tensorrt: str
+
+    def describe(self) -> str:
+        return f"{self.gpu} (compute {self.compute_capability}) with TensorRT {self.tensorrt}"
+
+
+def machine_info(device_id: int = 0) -> MachineInfo:
+    """This machine's GPU (via torch, else cuda-python) and TensorRT version; placeholders where absent."""
+    ok, _ = tensorrt_status(check_gpu=False)
+    version = "not installed"
+    if ok:
+        import tensorrt as trt
+
+        version = trt.__version__
+    gpu, capability = _gpu_from_torch(device_id) or _gpu_from_cuda_python(device_id) or ("no GPU found", "-")
+    return MachineInfo(gpu, capability, version)
+
+
+def _gpu_from_torch(device_id: int):
+    if not module_available("torch"):
+        return None
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(device_id)
+        return torch.cuda.get_device_name(device_id), f"{major}.{minor}"
+    except Exception:
+        return None
+
+
+def _gpu_from_cuda_python(device_id: int):
+    try:
+        try:
+            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+        except ImportError:
+            from cuda import cudart
+        err, prop = cudart.cudaGetDeviceProperties(device_id)
+        if err != cudart.cudaError_t.cudaSuccess:
+            return None
+        name = prop.name.split(b"\0")[0].decode() if isinstance(prop.name, bytes) else str(prop.name)
+        return name, f"{prop.major}.{prop.minor}"
+    except Exception:
+        return None
+
+
+def network_onnx_files(manifest: Manifest, network: str) -> dict[str, str]:
+    """{relative path: sha256} of a network's ONNX file and its external data (the weights may live there)."""
+    file = manifest.networks[network]["file"]
+    folder = str(Path(file).parent)
+    found = {}
+    for rel, info in manifest.files.items():
+        same_folder = folder not in ("", ".") and str(Path(rel).parent) == folder
+        if rel == file or rel.startswith(file + ".") or same_folder:
+            found[rel] = info["sha256"]
+    return dict(sorted(found.items()))
+
+
+def engine_key_fields(network: str, onnx_files: dict, profile: dict, flags: dict, machine: MachineInfo) -> dict:
+    """Everything an engine depends on. Two builds with equal fields make interchangeable engines."""
+    return {
+        "format": ENGINE_FORMAT,
+        "network": network,
+        "onnx_sha256": dict(sorted(onnx_files.items())),
+        "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()},
+        "flags": dict(sorted(flags.items())),
+        "gpu": machine.gpu,
+        "compute_capability": machine.compute_capability,
+        "tensorrt": machine.tensorrt,
+    }
+
+
+def engine_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def describe_mismatch(old: dict, new: dict) -> str:
+    """What changed between two engines' key fields, in words ('' when nothing did)."""
+    changes = []
+    if (old.get("gpu"), old.get("compute_capability")) != (new.get("gpu"), new.get("compute_capability")):
+        changes.append(
+            f"built for {old.get('gpu')} (compute {old.get('compute_capability')}), this GPU is {new.get('gpu')} "
+            f"(compute {new.get('compute_capability')})"
+        )
+    if old.get("tensorrt") != new.get("tensorrt"):
+        changes.append(f"built with TensorRT {old.get('tensorrt')}, this machine has {new.get('tensorrt')}")
+    if old.get("onnx_sha256") != new.get("onnx_sha256"):
+        changes.append("the ONNX file changed since (its sha256 differs)")
+    if old.get("profile") != new.get("profile"):
+        changes.append("the shape profile differs")
+    if old.get("flags") != new.get("flags"):
+        changes.append(f"the build flags differ ({old.get('flags')} -> {new.get('flags')})")
+    for name in ("format", "network"):
+        if old.get(name) != new.get(name):
+            changes.append(f"{name} {old.get(name)} -> {new.get(name)}")
+    return "; ".join(changes)
+
+
+def read_sidecar(folder: Path, entry: dict) -> dict:
+    """The engine's sidecar JSON, checked against its own key and the manifest's; ModelError when they disagree."""
+    path = Path(folder) / entry["sidecar"]
+    try:
+        sidecar = json.loads(path.read_text())
+        fields, key = sidecar["key_fields"], sidecar["key"]
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing: the engine's key cannot be checked; rebuild the engines with `sdrt build`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise ModelError(f"{path} is damaged: the engine's key cannot be checked; rebuild the engines with `sdrt build`") from None
+    if engine_key(fields) != key or key != entry.get("key") or key not in Path(entry["file"]).name:
+        raise ModelError(
+            f"{path} does not match its engine (key {entry.get('key')} in the manifest, {key} in the sidecar, "
+            f"{engine_key(fields)} recomputed): the folder was edited; rebuild the engines with `sdrt build`"
+        )
+    return fields
+
+
+def check_engine(folder: Path, manifest: Manifest, network: str, machine: MachineInfo) -> Path:
+    """The engine file for `network`, once its key matches this machine and the export; else ModelError saying why."""
+    engines = manifest.extras.get("engines") or {}
+    if network not in engines:
+        raise ModelError(f"{folder} has no TensorRT engine for {network}; build the engines with `sdrt build`")
+    entry = engines[network]
+    fields = read_sidecar(folder, entry)
+    current = {**fields, "onnx_sha256": network_onnx_files(manifest, network), "gpu": machine.gpu,
+               "compute_capability": machine.compute_capability, "tensorrt": machine.tensorrt}  # fmt: skip
+    why = describe_mismatch(fields, current)
+    if why:
+        source = manifest.extras.get("onnx_export", "ONNX_DIR")
+        raise ModelError(
+            f"the {network} engine in {folder} does not fit here: {why}; rebuild it on this machine with "
+            f"`sdrt build {source} {folder}`, or run this folder with --backend onnx"
+        )
+    return Path(folder) / entry["file"]
+
+
+# --- the engines ------------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """One TensorRT engine: deserialised once, one execution context, output buffers allocated once per shape."""
+
+    def __init__(self, runtime, path: Path, contract: NetworkContract, device):
+        import tensorrt as trt
+
+        self.path, self.contract, self.device = Path(path), contract, device
+        self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise ModelError(f"TensorRT could not deserialise {path} (damaged, or built by another TensorRT); rebuild it with `sdrt build`")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if sorted(self.input_names) != sorted(contract.input_names) or sorted(self.output_names) != sorted(contract.output_names):
+            raise ModelError(
+                f"{path} takes {self.input_names} and gives {self.output_names}, but the {contract.name} contract says "
+                f"{contract.input_names} -> {contract.output_names}: rebuild the engines with `sdrt build`"
+            )
+        wrong = [n for n in names if self.engine.get_tensor_dtype(n) != trt.DataType.FLOAT]
+        if wrong:
+            raise ModelError(f"{path} has non-float32 I/O {wrong}; the contract's I/O is float32: rebuild with `sdrt build`")
+        # (min, opt, max) per input, from the engine's single optimisation profile.
+        self.limits = {n: tuple(tuple(d) for d in self.engine.get_tensor_profile_shape(n, 0)) for n in self.input_names}
+        self.buffers: dict[tuple, object] = {}  # (tensor name, shape) -> torch tensor on self.device
+
+    def buffer(self, name: str, shape: tuple):
+        """A float32 device tensor for `name` at `shape`, allocated on first use and reused after."""
+        import torch
+
+        key = (name, tuple(shape))
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(shape, dtype=torch.float32, device=self.device)
+        return self.buffers[key]
+
+    def check_shapes(self, shapes: dict[str, tuple]) -> None:
+        for name, shape in shapes.items():
+            lo, _, hi = self.limits[name]
+            if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi)):
+                raise InputError(
+                    f"{self.contract.name} input {name!r} has shape {tuple(shape)}; this engine serves {lo} to {hi}: "
+                    "rebuild the engines with `sdrt build` and a larger --max-size or --max-batch, or use --backend onnx"
+                )
+
+    def infer(self, inputs: dict, stream_handle: int) -> dict:
+        """Enqueue one run on `stream_handle`. `inputs`: contiguous float32 tensors on this device, by name.
+        Returns the output buffers: owned by the engine and overwritten by its next run at the same shape."""
+        self.check_shapes({n: tuple(t.shape) for n, t in inputs.items()})
+        for name in self.input_names:
+            tensor = inputs[name]
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise BackendError(f"TensorRT refused shape {tuple(tensor.shape)} for {self.contract.name} input {name!r}")
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name in self.output_names:
+            out = self.buffer(name, tuple(self.context.get_tensor_shape(name)))
+            self.context.set_tensor_address(name, out.data_ptr())
+            outputs[name] = out
+        if not self.context.execute_async_v3(stream_handle):
+            raise BackendError(f"TensorRT failed to run the {self.contract.name} engine ({self.path.name}); see its log above")
+        return outputs
+
+
+class TensorRTBackend(Backend):
+    """Runs an sdrt TensorRT build folder: `run` on host arrays for the pipeline's loop, `run_device` and
+    `device_unet` on torch CUDA tensors for the device loop."""
+
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        path,
+        manifest: Manifest,
+        device_id: int = 0,
+        threads: int | None = None,
+        device_loop: bool = True,
+        cuda_graphs: bool = True,
+        machine: MachineInfo | None = None,
+    ):
+        """device_loop: the pipeline hands the whole denoising loop to `denoise` (sdrt.device_loop on the UNet
+        engine); cuda_graphs: replay each whole step from a CUDA graph. threads: accepted for the CLI's sake and
+        ignored (TensorRT runs on the GPU). machine: what the engines' keys must match (default: this machine)."""
+        super().__init__(manifest.contracts)
+        version = require_tensorrt()
+        if not module_available("torch"):
+            raise BackendError("the TensorRT backend keeps its buffers in torch CUDA tensors: pip install torch (a CUDA build)")
+        import tensorrt as trt
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendError(f"TensorRT {version} is installed but torch {torch.__version__} sees no CUDA GPU: install a CUDA build of torch")
+        self.path, self.manifest = Path(path), manifest
+        self.machine = machine or machine_info(device_id)
+        self.device = torch.device("cuda", device_id)
+        files = {n: check_engine(self.path, manifest, n, self.machine) for n in manifest.extras.get("engines", {})}
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        with torch.cuda.device(self.device):
+            self.stream = torch.cuda.Stream(self.device)  # the host path's one stream
+            self.engines = {n: Engine(self.runtime, f, self.contracts[n], self.device) for n, f in files.items()}
+        from sdrt.device_loop import DeviceLoop
+
+        self.use_device_loop = bool(device_loop) and UNET in self.engines
+        self.cuda_graphs = cuda_graphs
+        self.loop = DeviceLoop(self.device_unet(), self.device, torch.float32)  # engine I/O is float32
+
+    def has(self, network: str) -> bool:
+        return network in self.engines
+
+    def _engine(self, network: str) -> Engine:
+        if network not in self.engines:
+            raise BackendError(f"this build has no {network} engine (it has {', '.join(self.engines)}); rebuild with `sdrt build`")
+        return self.engines[network]
+
+    def run(self, network: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Host arrays in, host arrays out: inputs copied into reused device buffers, one run, outputs copied back."""
+        import torch
+
+        contract = self.contracts[network]
+        contract.check_feeds(feeds)
+        engine = self._engine(network)
+        # inference_mode: the buffers may be inference tensors made inside the device loop's inference_mode.
+        with torch.inference_mode(), torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            inputs = {}
+            for spec in contract.inputs:
+                host = torch.from_numpy(np.ascontiguousarray(feeds[spec.name], dtype=np.float32))
+                inputs[spec.name] = engine.buffer("in:" + spec.name, tuple(host.shape)).copy_(host)
+            outputs = engine.infer(inputs, self.stream.cuda_stream)
+            return {name: t.cpu().numpy() for name, t in outputs.items()}  # .cpu() waits for the stream
+
+    def run_device(self, network: str, tensors: dict) -> dict:
+        """torch CUDA tensors in and out, on the current stream (capturable by torch.cuda.graph after one warm-up
+        run at the same shapes). The outputs are the engine's buffers, overwritten by the next run at that shape."""
+        import torch
+
+        engine = self._engine(network)
+        with torch.inference_mode():
+            inputs = {}
+            for spec in self.contracts[network].inputs:
+                t = tensors[spec.name]
+                if t.device != self.device or t.dtype != torch.float32 or not t.is_contiguous():
+                    t = engine.buffer("in:" + spec.name, tuple(t.shape)).copy_(t)
+                inputs[spec.name] = t
+            return engine.infer(inputs, torch.cuda.current_stream(self.device).cuda_stream)
+
+    def device_unet(self):
+        """`unet(sample, timestep, encoder_hidden_states) -> out_sample` on device tensors, for the device loop.
+        A scalar timestep is broadcast to the batch."""
+
+        def unet(sample, timestep, encoder_hidden_states):
+            if tuple(timestep.shape) != (sample.shape[0],):
+                timestep = timestep.reshape(1).expand(sample.shape[0])  # run_device copies it into a buffer
+            feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+            return self.run_device(UNET, feeds)["out_sample"]
+
+        return unet
+
+    def denoise(self, sched, latents, text_states, guidance_scale, step_noise=None, callback=None, progress=False) -> np.ndarray:
+        """The whole denoising loop on the device (sdrt.device_loop.DeviceLoop.run); returns float32 latents."""
+        import torch
+
+        with torch.cuda.device(self.device):
+            x = self.loop.run(sched, latents, text_states, guidance_scale, step_noise, self.cuda_graphs, callback, progress)
+        return x.cpu().numpy()
+
+    def describe(self) -> str:
+        precisions = sorted({e.get("flags", {}).get("precision", "?") for e in self.manifest.extras.get("engines", {}).values()})
+        loop = ("device loop, CUDA graphs" if self.cuda_graphs else "device loop") if self.use_device_loop else "host loop"
+        return f"TensorRT {self.machine.tensorrt} on {self.machine.gpu} ({'/'.join(precisions)} engines, {loop})"

@@ -1,0 +1,182 @@
+"""The denoising loop on the device: latents, text states and scheduler arithmetic stay there between steps.
+
+The same loop as `Pipeline.__call__` (scale the input, one batched [uncond, cond] UNet call, the guidance
+combine, the scheduler's `update`), with everything the host would compute per step computed once up front:
+
+- `step_table(sched, guidance)`: one float32 row per UNet call, [scheduler coefficients..., input scale,
+  timestep, guidance scale], uploaded once as a [num_calls, K + 3] device tensor;
+- `draw_step_noise(generators, sched, shape)`: the ancestral noise for every call, drawn on the host in
+  diffusers' order (each image's generator, after its initial latents, one draw per call), uploaded once.
+
+A step then reads and writes only static device buffers (latents, scheduler history, text states, the row,
+the noise slice), so it can be captured whole (UNet + guidance + scheduler update) in one CUDA graph per
+(scheduler, shapes, guidance on/off) and replayed: before each replay the loop only copies the row and the
+noise slice from device to device. Nothing in the loop waits for the device.
+
+Backend-neutral: `DeviceLoop` takes any callable `unet(sample, timestep, encoder_hidden_states) -> tensor` on
+device tensors (the PyTorch backend's contract module; a TensorRT engine can be wrapped the same way). Latents
+and the scheduler arithmetic are float32; the UNet sees its own dtype (fp16 on CUDA), as on the host path.
+torch is imported lazily: `draw_step_noise` and `step_table` need numpy only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sdrt.errors import Cancelled
+
+
+def step_table(sched, guidance_scale: float | None) -> np.ndarray:
+    """float32 [num_calls, K + 3]: each call's coefficient row, then input scale, timestep and guidance scale."""
+    n = sched.num_calls
+    extra = np.stack([sched.input_scale, sched.timesteps, np.full(n, guidance_scale or 1.0)], axis=1)
+    return np.concatenate([sched.coefficients, extra], axis=1).astype(np.float32)
+
+
+def draw_step_noise(generators, sched, latent_shape) -> np.ndarray | None:
+    """[num_calls, batch, C, h, w] fresh noise for an ancestral scheduler (None for the others).
+
+    Call it after the initial latents are drawn: image k's generator then continues exactly as in the host
+    loop, which draws one [1, C, h, w] array per image per call.
+    """
+    if not sched.needs_noise:
+        return None
+    per_image = [np.stack([g.randn(latent_shape)[0] for _ in range(sched.num_calls)]) for g in generators]
+    return np.stack(per_image, axis=1).astype(np.float32)
+
+
+class _Step:
+    """One denoising step on static buffers: what `DeviceLoop` runs eagerly, or captures once and replays."""
+
+    def __init__(self, unet, sched, x_shape, text_shape, guided: bool, device, dtype):
+        import torch
+
+        self.unet, self.sched, self.guided, self.dtype = unet, sched, guided, dtype
+        k = sched.coefficients.shape[1]
+        self.scale_col, self.time_col, self.guidance_col = k, k + 1, k + 2
+        self.x = torch.zeros(x_shape, dtype=torch.float32, device=device)
+        self.history = sched.init_history(self.x)
+        self.text = torch.zeros(text_shape, dtype=dtype, device=device)
+        self.row = torch.zeros(k + 3, dtype=torch.float32, device=device)
+        self.noise = torch.zeros_like(self.x) if sched.needs_noise else None
+        self.graph = None
+
+    def load(self, latents, text, row, noise) -> None:
+        """Start a run: copy the inputs in, zero the scheduler history."""
+        self.x.copy_(latents)
+        self.text.copy_(text)
+        self.row.copy_(row)
+        for h in self.history:
+            h.zero_()
+        if self.noise is not None:
+            self.noise.copy_(noise)
+
+    def __call__(self) -> None:
+        """x <- sched.update(row, x, guided UNet prediction at x), reading and writing only the buffers."""
+        import torch
+
+        row = self.row
+        x_in = (self.x * row[self.scale_col]).to(self.dtype)
+        if self.guided:
+            x_in = torch.cat([x_in, x_in])
+        timestep = row[self.time_col].expand(x_in.shape[0])  # float32, as the contract says
+        pred = self.unet(x_in, timestep, self.text).float()
+        if self.guided:
+            uncond, cond = pred.chunk(2)
+            pred = uncond + row[self.guidance_col] * (cond - uncond)
+        prev, new = self.sched.update(row, self.x, pred, self.history, self.noise)
+        for buffer, value in zip(self.history, new):
+            buffer.copy_(value)
+        self.x.copy_(prev)
+
+    def capture(self) -> None:
+        """Warm up on a side stream (as torch asks), restore the buffers, capture one whole step."""
+        import torch
+
+        saved = [b.clone() for b in (self.x, *self.history)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self()
+        torch.cuda.current_stream().wait_stream(side)
+        for buffer, value in zip((self.x, *self.history), saved):
+            buffer.copy_(value)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self()
+
+
+class DeviceLoop:
+    """Runs the denoising loop of one UNet on one device; CUDA graphs are captured on first use and cached."""
+
+    def __init__(self, unet: Callable, device, dtype):
+        import torch
+
+        self.unet = unet
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._steps: dict = {}  # (scheduler config, shapes, guided, graph) -> _Step
+        self.runs = 0
+
+    def clear(self) -> None:
+        """Drop the cached steps and graphs (and their memory); needed after the UNet's weights move."""
+        self._steps.clear()
+
+    def run(
+        self,
+        sched,
+        latents,
+        text_states,
+        guidance_scale: float | None,
+        step_noise=None,
+        graph: bool = False,
+        callback: Callable[[int, float, np.ndarray], bool | None] | None = None,
+        progress: bool = False,
+    ):
+        """Denoise `latents` [B, C, h, w] (already scaled by init_noise_sigma, or noised for img2img) on the device.
+
+        sched: a scheduler after set_timesteps. text_states: [B or 2B, seq, hidden], [uncond; cond] when guided.
+        guidance_scale: None runs the UNet on the cond states alone. step_noise: `draw_step_noise`'s array for
+        ancestral schedulers. graph: capture and replay one CUDA graph per step (CUDA only). callback: as in
+        Pipeline (costs a device-to-host copy per step). Returns the final latents, float32 on the device.
+        """
+        import torch
+
+        if graph and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; this loop runs on {self.device}")
+        if sched.needs_noise and step_noise is None:
+            raise ValueError(f"{sched.name} adds fresh noise each step; pass step_noise from draw_step_noise")
+        guided = guidance_scale is not None
+        with torch.inference_mode():
+            latents = torch.as_tensor(latents, device=self.device, dtype=torch.float32)
+            text = torch.as_tensor(text_states, device=self.device).to(self.dtype)
+            if text.shape[0] != latents.shape[0] * (2 if guided else 1):
+                raise ValueError(f"text states for batch {text.shape[0]} do not fit latents of batch {latents.shape[0]}")
+            table = torch.as_tensor(step_table(sched, guidance_scale), device=self.device)
+            noise = None if step_noise is None else torch.as_tensor(step_noise, device=self.device, dtype=torch.float32)
+            step = self._step(sched, tuple(latents.shape), tuple(text.shape), guided, graph)
+            step.sched = step.sched if graph else sched  # a captured graph already holds its scheduler's ops
+            first_noise = None if noise is None else noise[0]
+            step.load(latents, text, table[0], first_noise)
+            if graph and step.graph is None:
+                step.capture()
+                step.load(latents, text, table[0], first_noise)
+            for i in tqdm(range(sched.num_calls), desc="denoising", disable=not progress, leave=False):
+                step.row.copy_(table[i])
+                if noise is not None:
+                    step.noise.copy_(noise[i])
+                step.graph.replay() if graph else step()
+                if callback is not None and callback(i, float(sched.timesteps[i]), step.x.cpu().numpy()) is False:
+                    raise Cancelled(f"cancelled by the step callback after step {i + 1} of {sched.num_calls}")
+            self.runs += 1
+            return step.x.clone()
+
+    def _step(self, sched, x_shape, text_shape, guided, graph) -> _Step:
+        # The captured ops depend on the scheduler's class and config (DDIM's clip_sample, for one), not its tables.
+        key = (type(sched).__name__, repr(sorted(sched.config.items())), x_shape, text_shape, guided, graph)
+        if key not in self._steps:
+            self._steps[key] = _Step(self.unet, sched, x_shape, text_shape, guided, self.device, self.dtype)
+        return self._steps[key]

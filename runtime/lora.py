@@ -1,0 +1,296 @@
+"""LoRA files: read (kohya and diffusers key layouts), match to a model's layers, and fuse W += scale * alpha/r * up @ down.
+
+Reading and the weight deltas are numpy; fusing into torch modules (the PyTorch backend, the exporter) imports
+torch lazily. Layouts read, for the UNet and the CLIP text encoder of SD 1.x/2.x:
+- kohya (sd-scripts, A1111): lora_unet_<module path with _>.lora_down/.lora_up/.alpha, lora_te_... (LoCon convs too);
+- diffusers/PEFT: unet.<module>.lora_A/.lora_B (alphas from the file's lora_adapter_metadata, else alpha = rank),
+  and the older unet.<...>.processor.to_q_lora.down/.up, <module>.lora.down/.up, lora_linear_layer.down/.up.
+Unsupported kinds are refused by name: SDXL LoRAs (lora_te1_/lora_te2_), LoHa/LoKr (LyCORIS), DoRA, LoRAs with biases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.errors import BackendError, InputError, ModelError
+from sdrt.manifest import sha256_of
+from sdrt.textual_inversion import read_weights
+
+COMPONENTS = ("unet", "text_encoder")
+_KOHYA = re.compile(r"^lora_(unet|te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+# (suffix of the down key, suffix of the up key) of the dotted layouts, newest first.
+_DOTTED = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
+           (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"), (".down.weight", ".up.weight"))
+# diffusers' old attention-processor names -> module names.
+_PROCESSOR = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+_TEXT_PROCESSOR = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
+_UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.")
+
+
+@dataclasses.dataclass
+class LoraLayer:
+    name: str  # dotted module path in the component (UNet2DConditionModel / the CLIP text model), or kohya's flat name
+    flat: bool  # kohya: the path with "." written as "_", resolved against the model's own layer names
+    down: np.ndarray  # [rank, in, (kh, kw)]
+    up: np.ndarray  # [out, rank, (1, 1)]
+    alpha: float | None  # None: alpha = rank (scale 1)
+    rslora: bool = False  # PEFT's rank-stabilised scaling alpha / sqrt(rank)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scaling(self) -> float:
+        alpha = float(self.rank if self.alpha is None else self.alpha)
+        return alpha / (self.rank**0.5 if self.rslora else self.rank)
+
+
+@dataclasses.dataclass
+class LoraFile:
+    path: Path
+    layout: str  # "kohya" or "diffusers"
+    layers: dict[str, list[LoraLayer]]  # component -> layers
+
+    def record(self, scale: float) -> dict:
+        """What a manifest or the pipeline records of a fused LoRA."""
+        return {"file": self.path.name, "sha256": sha256_of(self.path), "scale": float(scale)}
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """'FILE[:SCALE]' (the CLI's --lora) -> (file, scale); a colon that is not followed by a number stays in the name."""
+    path, sep, scale = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Read a LoRA file and sort its layers by component; refuses what sdrt cannot fuse, by name."""
+    path = Path(path).expanduser()
+    tensors, metadata = read_weights(path, "LoRA")
+    keys = list(tensors)
+    refusal = _refusal(keys)
+    if refusal:
+        raise ModelError(f"{path} is {refusal}; sdrt fuses plain LoRAs (kohya or diffusers layout) for SD 1.x/2.x")
+    if keys and all(_KOHYA.match(k) for k in keys):
+        return LoraFile(path, "kohya", _read_kohya(path, tensors))
+    return LoraFile(path, "diffusers", _read_dotted(path, tensors, metadata))
+
+
+def _refusal(keys: list[str]) -> str | None:
+    if not keys:
+        return "empty"
+    if any(k.startswith(("lora_te1_", "lora_te2_")) or k.startswith("text_encoder_2.") for k in keys):
+        return "an SDXL LoRA (two text encoders)"
+    if any(k.startswith("lora_unet_") and ("input_blocks" in k or "output_blocks" in k) for k in keys):
+        return "a LoRA in the original (LDM) UNet layout (SDXL trainers write it)"
+    if any(".hada_" in k or ".lokr_" in k for k in keys):
+        return "a LyCORIS LoHa/LoKr, not a LoRA"
+    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys):
+        return "a DoRA"
+    if any(k.endswith(".lora_mid.weight") for k in keys):
+        return "a LoCon with a CP-decomposed middle layer (lora_mid)"
+    if any(k.endswith(("lora_B.bias", "lora_up.bias", ".up.bias")) for k in keys):
+        return "a LoRA with bias terms"
+    if not any(("lora" in k) for k in keys):
+        return "not a LoRA (no lora keys)"
+    return None
+
+
+def _read_kohya(path: Path, tensors: dict) -> dict[str, list[LoraLayer]]:
+    layers: dict[str, list[LoraLayer]] = {c: [] for c in COMPONENTS}
+    for key in tensors:
+        m = _KOHYA.match(key)
+        if m.group(3) != "lora_down.weight":
+            continue
+        base = key[: -len(".lora_down.weight")]
+        up = tensors.get(base + ".lora_up.weight")
+        if up is None:
+            raise ModelError(f"{path}: {base} has lora_down but no lora_up; the LoRA file is damaged")
+        alpha = tensors.get(base + ".alpha")
+        component = "unet" if m.group(1) == "unet" else "text_encoder"
+        layers[component].append(LoraLayer(m.group(2), True, tensors[key], up, None if alpha is None else float(alpha)))
+    return layers
+
+
+def _adapter_config(metadata: dict[str, str], component: str) -> dict:
+    """PEFT LoraConfig values diffusers stores in the safetensors metadata ("unet.lora_alpha", ...)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        packed = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    return {k[len(component) + 1:]: v for k, v in packed.items() if k.startswith(component + ".")}
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    for key, value in (pattern or {}).items():
+        if name == key or name.endswith("." + key):
+            return value
+    return default
+
+
+def _read_dotted(path: Path, tensors: dict, metadata: dict[str, str]) -> dict[str, list[LoraLayer]]:
+    layers: dict[str, list[LoraLayer]] = {c: [] for c in COMPONENTS}
+    used = set()
+    configs = {c: _adapter_config(metadata, c) for c in COMPONENTS}
+    for key in tensors:
+        for down_suffix, up_suffix in _DOTTED:
+            if key.endswith(down_suffix):
+                break
+        else:
+            continue
+        base = key[: -len(down_suffix)]
+        up_key = base + up_suffix
+        if up_key not in tensors:
+            continue
+        component, name = _component_and_module(base)
+        if component is None:
+            raise ModelError(f"{path}: LoRA layer {base!r} is for neither the UNet nor the text encoder")
+        config = configs[component]
+        if base + ".alpha" in tensors:  # network alphas stored as tensors, as kohya does
+            alpha = float(tensors[base + ".alpha"])
+            used.add(base + ".alpha")
+        else:
+            alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha"))
+        layers[component].append(LoraLayer(name, False, tensors[key], tensors[up_key],
+                                           None if alpha is None else float(alpha), bool(config.get("use_rslora"))))
+        used.update((key, up_key))
+    left = [k for k in tensors if k not in used]
+    if left:
+        raise ModelError(f"{path}: {len(left)} keys of this LoRA are in no layout sdrt reads (e.g. {left[0]!r})")
+    return layers
+
+
+def _component_and_module(base: str) -> tuple[str | None, str]:
+    """A dotted LoRA key's base -> (component, module path in it)."""
+    if base.startswith("unet."):
+        component, name = "unet", base[len("unet."):]
+    elif base.startswith("text_encoder."):
+        component, name = "text_encoder", base[len("text_encoder."):]
+    elif base.startswith(_UNET_ROOTS):
+        component, name = "unet", base
+    elif base.startswith("text_model."):
+        component, name = "text_encoder", base
+    else:
+        return None, base
+    if component == "text_encoder":
+        name = name[len("text_model."):] if name.startswith("text_model.") else name
+    parent, _, last = name.rpartition(".")
+    if last in _PROCESSOR:  # the old attention-processor layout
+        mapping = _PROCESSOR if component == "unet" else _TEXT_PROCESSOR
+        parent = parent[: -len(".processor")] if parent.endswith(".processor") else parent
+        name = f"{parent}.{mapping[last]}"
+    return component, name
+
+
+# --- matching and deltas -----------------------------------------------------------------------------------------
+
+
+def _flat_index(component: str, names) -> dict[str, str]:
+    index = {}
+    for name in names:
+        index[name.replace(".", "_")] = name
+        if component == "text_encoder":  # kohya writes the text encoder's paths from CLIPTextModel: text_model_...
+            index["text_model_" + name.replace(".", "_")] = name
+    return index
+
+
+def lora_deltas(lora: LoraFile, targets: dict[str, dict[str, tuple]], scale: float) -> dict[str, dict[str, np.ndarray]]:
+    """Per component, {module name: float32 delta shaped like its weight} = scale * alpha/rank * up @ down.
+
+    targets: component -> {module name (in the component's own naming): weight shape}. Raises ModelError when a
+    layer of the LoRA is not in the model or has another shape: the LoRA was made for another model.
+    """
+    deltas: dict[str, dict[str, np.ndarray]] = {}
+    for component, layers in lora.layers.items():
+        if not layers:
+            continue
+        shapes = targets.get(component, {})
+        index = _flat_index(component, shapes)
+        missing = []
+        out = deltas.setdefault(component, {})
+        for layer in layers:
+            name = index.get(layer.name) if layer.flat else (layer.name if layer.name in shapes else None)
+            if name is None:
+                missing.append(layer.name)
+                continue
+            delta = _delta(lora.path, name, layer, tuple(shapes[name]), scale)
+            out[name] = out[name] + delta if name in out else delta
+        if missing:
+            raise ModelError(
+                f"{lora.path} does not match this model: {len(missing)} of its {len(layers)} {component} layers are "
+                f"not in the model (e.g. {missing[0]!r}); it was made for another model or architecture"
+            )
+    if not any(deltas.values()):
+        raise ModelError(f"{lora.path} holds no UNet or text-encoder layers to fuse")
+    return deltas
+
+
+def _delta(path: Path, name: str, layer: LoraLayer, shape: tuple, scale: float) -> np.ndarray:
+    down, up = layer.down.astype(np.float32), layer.up.astype(np.float32)
+    rank = layer.rank
+    if up.ndim not in (2, 4) or up.shape[1] != rank or (up.ndim == 4 and up.shape[2:] != (1, 1)):
+        raise ModelError(f"{path}: layer {name}: up {tuple(up.shape)} does not fit down {tuple(down.shape)}; not a plain LoRA")
+    product = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
+    if product.shape[0] != shape[0] or product.size != int(np.prod(shape)):
+        raise ModelError(
+            f"{path} does not match this model: layer {name} has a weight of shape {list(shape)} but the LoRA makes "
+            f"{list(product.shape)}; it was trained for another base model (SD 1.x and 2.x differ)"
+        )
+    return (product * np.float32(scale * layer.scaling)).reshape(shape)
+
+
+# --- fusing into torch modules -----------------------------------------------------------------------------------
+
+
+def weight_shapes(module) -> dict[str, tuple]:
+    """{module name: weight shape} of a torch module's Linear/Conv layers."""
+    return {name: tuple(m.weight.shape) for name, m in module.named_modules()
+            if name and getattr(m, "weight", None) is not None and m.weight.ndim in (2, 4)}
+
+
+def fuse_into_modules(path, scale: float, modules: dict) -> dict:
+    """Fuse the LoRA at `path` into torch modules {"unet": UNet2DConditionModel, "text_encoder": the CLIP text model
+    (its core: embeddings/encoder/final_layer_norm)}; returns the record {"file", "sha256", "scale"}."""
+    import torch
+
+    if not isinstance(scale, (int, float)) or not np.isfinite(scale):
+        raise InputError(f"LoRA scale {scale!r} is not a number; use e.g. 0.8")
+    lora = read_lora(path)
+    deltas = lora_deltas(lora, {c: weight_shapes(m) for c, m in modules.items()}, scale)
+    with torch.no_grad():  # every check passed above: nothing is half-fused
+        for component, layer_deltas in deltas.items():
+            named = dict(modules[component].named_modules())
+            for name, delta in layer_deltas.items():
+                weight = named[name].weight
+                fused = weight.float() + torch.from_numpy(delta).to(weight.device)
+                weight.copy_(fused.to(weight.dtype))
+    return lora.record(scale)
+
+
+def fuse_lora_into_backend(backend, path, scale: float = 1.0) -> dict:
+    """Fuse a LoRA into a running PyTorch backend's UNet and text encoder (the pipeline's load_lora)."""
+    if getattr(backend, "name", None) != "torch":
+        raise BackendError(
+            f"LoRAs are fused into the weights, which the {backend.name} backend holds compiled: export with the LoRA "
+            "fused (`sdrt export MODEL OUT --lora FILE:SCALE`), or run the diffusers folder with --backend torch"
+        )
+    from sdrt.contracts import TEXT_ENCODER, UNET
+
+    modules = {"unet": backend.modules[UNET].unet, "text_encoder": backend.modules[TEXT_ENCODER]}
+    return fuse_into_modules(path, scale, modules)

@@ -1,0 +1,236 @@
+"""Textual-inversion embeddings: new rows of the runtime's token table, so they work on every backend, no re-export.
+
+The text encoder networks take token embeddings (see sdrt.contracts), so an embedding is only a new tokenizer
+token and a new table row. Formats read:
+- diffusers: {token: vectors [n, hidden] or [hidden]} in .safetensors or .bin (or a folder holding
+  learned_embeds.safetensors / learned_embeds.bin);
+- A1111: .pt with string_to_param["*"] and name; .safetensors with emb_params (its token is the file's stem,
+  as A1111 names it).
+A token with n vectors becomes the n tokens "<tok>", "<tok>_1" ... "<tok>_{n-1}", and a prompt's "<tok>" is expanded
+to all of them before tokenising, as diffusers' maybe_convert_prompt does. Pickle files (.bin/.pt) load only
+through torch.load(weights_only=True), and only when torch is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.errors import InputError, ModelError
+
+FAMILY_BY_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL (second encoder)"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+# --- reading weight files (shared with sdrt.lora) ----------------------------------------------------------------
+
+
+def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_, "BF16": np.uint16}
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All tensors of a .safetensors file as numpy arrays (bfloat16 widened to float32), and its metadata.
+
+    Read directly (the format is an 8-byte header size, a JSON header, raw data) because safetensors' own numpy
+    API refuses bfloat16, the usual dtype of published LoRAs and embeddings.
+    """
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= size <= 100_000_000:
+                raise ValueError(f"header size {size} is not plausible")
+            header = json.loads(f.read(size))
+            data = f.read()
+        metadata = header.pop("__metadata__", None) or {}
+        tensors = {}
+        for name, info in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, which sdrt does not read")
+            start, end = info["data_offsets"]
+            if end > len(data):
+                raise ValueError(f"tensor {name!r} runs past the end of the file (truncated?)")
+            array = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+            tensors[name] = _bf16_to_f32(array) if info["dtype"] == "BF16" else array
+        return tensors, metadata
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        raise ModelError(f"{path} is not a readable .safetensors file ({err}); is it complete?") from None
+
+
+def _to_numpy(value):
+    """torch tensors (nested in dicts and lists) -> numpy; other values as they are."""
+    if hasattr(value, "detach") and hasattr(value, "numpy"):
+        value = value.detach().cpu()
+        return value.float().numpy() if value.is_floating_point() else value.numpy()
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_numpy(v) for v in value)
+    return value
+
+
+def read_pickle(path: Path, what: str) -> dict:
+    """A torch pickle file (.bin/.pt) read with torch.load(weights_only=True): tensors only, no code runs."""
+    from sdrt.backends.base import module_available
+
+    if not module_available("torch"):
+        raise ModelError(
+            f"{path} is a pickle file ({path.suffix}), which only torch can read: convert the {what} to .safetensors "
+            "(e.g. on a machine with torch: safetensors.torch.save_file(torch.load(FILE, weights_only=True), OUT)), "
+            "or install torch"
+        )
+    import torch
+
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise ModelError(
+            f"{path} could not be read as a {what} with torch.load(weights_only=True) ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); sdrt never unpickles arbitrary objects: convert it to "
+            ".safetensors where you trust it"
+        ) from None
+    return _to_numpy(data)
+
+
+def read_weights(path: str | Path, what: str) -> tuple[dict, dict[str, str]]:
+    """A .safetensors (by its content) or torch pickle file -> (tensors and values, safetensors metadata)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelError(f"{what} file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header size, then the JSON header
+        return read_safetensors(path)
+    if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix.lower() in PICKLE_SUFFIXES:
+        return read_pickle(path, what), {}
+    raise ModelError(f"{path} is neither a .safetensors nor a torch pickle file; expected a {what} file")
+
+
+# --- embeddings ---------------------------------------------------------------------------------------------------
+
+
+def _embedding_file(path: Path) -> Path:
+    if path.is_dir():  # a diffusers embedding folder (e.g. from sd-concepts-library)
+        for name in ("learned_embeds.safetensors", "learned_embeds.bin"):
+            if (path / name).is_file():
+                return path / name
+        raise ModelError(f"folder {path} holds no learned_embeds.safetensors or learned_embeds.bin; pass the embedding file")
+    return path
+
+
+def read_embedding(source, token: str | None = None, width: int | None = None) -> tuple[str, np.ndarray, str]:
+    """An embedding file, folder or {token: vectors} dict -> (token, float32 vectors [n, hidden], source name).
+
+    `token` overrides the file's own placeholder. `width` (the model's token-embedding width) is checked.
+    """
+    if isinstance(source, dict):
+        name, data = "the embedding dict", _to_numpy(source)
+        stem = None
+    else:
+        path = _embedding_file(Path(source).expanduser())
+        name, stem = str(path), path.stem
+        data, _ = read_weights(path, "textual-inversion embedding")
+    if not isinstance(data, dict):
+        if token is None:
+            raise InputError(f"{name} holds a bare tensor with no token name; pass token='<name>' (CLI: FILE:<name>)")
+        data = {token: data}
+
+    if "string_to_param" in data:  # A1111 .pt
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or "*" not in params:
+            raise ModelError(f"{name} is an A1111 embedding without string_to_param['*']; the file is damaged")
+        file_token, vectors = data.get("name") or stem, params["*"]
+    elif "emb_params" in data and len(data) == 1:  # A1111 .safetensors
+        file_token, vectors = stem, data["emb_params"]
+    elif {"clip_l", "clip_g"} & set(data):
+        raise ModelError(f"{name} is an SDXL embedding (clip_l/clip_g); sdrt runs SD 1.x/2.x, which need a one-encoder embedding")
+    elif len(data) == 1:  # diffusers: {token: vectors}
+        file_token, vectors = next(iter(data.items()))
+    else:
+        keys = ", ".join(list(map(str, data))[:6])
+        raise ModelError(
+            f"{name} is not a textual-inversion embedding sdrt knows (keys: {keys}); expected diffusers' "
+            "{token: vectors} or A1111's string_to_param / emb_params"
+        )
+    token = token or file_token
+    if not isinstance(token, str) or not token.strip() or token != token.strip():
+        raise InputError(f"{name} gives the token {token!r}; pass a token without spaces, e.g. token='<my-style>'")
+    vectors = np.asarray(vectors)
+    if not np.issubdtype(vectors.dtype, np.floating) or vectors.ndim not in (1, 2) or vectors.size == 0:
+        raise ModelError(f"{name}: the embedding has shape {vectors.shape} and dtype {vectors.dtype}; expected float vectors [n, hidden]")
+    vectors = np.ascontiguousarray(vectors.reshape(-1, vectors.shape[-1]), dtype=np.float32)
+    if width is not None and vectors.shape[1] != width:
+        made_for = FAMILY_BY_WIDTH.get(vectors.shape[1])
+        raise ModelError(
+            f"{name}: the embedding's vectors are {vectors.shape[1]} wide but this model's text encoder takes {width}"
+            + (f" (it was made for {made_for})" if made_for else "")
+            + "; use an embedding trained for this model's family"
+        )
+    if not np.all(np.isfinite(vectors)):
+        raise ModelError(f"{name}: the embedding holds NaN/inf values; the file is damaged")
+    return token, vectors, name
+
+
+def vector_tokens(token: str, count: int) -> list[str]:
+    """The tokens of an n-vector embedding, named as diffusers names them."""
+    return [token] + [f"{token}_{i}" for i in range(1, count)]
+
+
+def add_embedding(tokenizer, table: np.ndarray, loaded: dict[str, list[str]], token: str, vectors: np.ndarray,
+                  name: str) -> np.ndarray:
+    """Add `token`'s vectors to the tokenizer and the token table; returns the new table. `loaded` (token -> its
+    vector tokens) is updated. Nothing changes when a check fails."""
+    tokens = vector_tokens(token, len(vectors))
+    taken = [t for t in tokens if tokenizer.token_to_id(t) is not None]
+    if taken:
+        raise InputError(
+            f"{name}: token {taken[0]!r} is already in the vocabulary (id {tokenizer.token_to_id(taken[0])}); pass "
+            "another placeholder, e.g. token='<my-style>' (CLI: --embedding FILE:<my-style>), or unload the one loaded"
+        )
+    if table.shape[0] != tokenizer.vocab_size:
+        raise ModelError(
+            f"the token table has {table.shape[0]} rows but the tokenizer {tokenizer.vocab_size} tokens; "
+            "the model folder's tokenizer and text encoder do not match"
+        )
+    ids = tokenizer.add_tokens(tokens)
+    assert ids == list(range(table.shape[0], table.shape[0] + len(tokens))), ids
+    loaded[token] = tokens
+    return np.concatenate([table, vectors.astype(table.dtype)])
+
+
+def remove_embedding(tokenizer, table: np.ndarray, loaded: dict[str, list[str]], token: str | None = None) -> np.ndarray:
+    """Remove one loaded embedding (all of its vector tokens), or all when token is None; returns the new table."""
+    if token is None:
+        tokens = [t for ts in loaded.values() for t in ts]
+        loaded.clear()
+    else:
+        if token not in loaded:
+            raise InputError(f"no textual inversion {token!r} is loaded; loaded: {sorted(loaded) or 'none'}")
+        tokens = loaded.pop(token)
+    if not tokens:
+        return table
+    ids = tokenizer.remove_tokens(tokens)
+    return np.delete(table, ids, axis=0)
+
+
+def expand_prompt(prompt: str, tokenizer, loaded: dict[str, list[str]]) -> str:
+    """Write each multi-vector token of the prompt as all of its vector tokens ("<tok>" -> "<tok> <tok>_1 ...").
+
+    As diffusers: only tokens the tokenizer finds in the prompt are expanded, by plain text replacement.
+    """
+    multi = {t: ts for t, ts in loaded.items() if len(ts) > 1}
+    if not multi:
+        return prompt
+    ids = set(tokenizer.encode(prompt))
+    for token, tokens in multi.items():
+        if tokenizer.token_to_id(token) in ids:
+            prompt = prompt.replace(token, " ".join(tokens))
+    return prompt

@@ -1,0 +1,43 @@
+"""Session fixtures shared by the test files: tiny random-weight models and their ONNX exports.
+
+Each is built once per session (a tiny model ~5-10 s, an export ~12 s here) in pytest's temporary folder.
+"""
+
+import pytest
+
+from sdrt.contracts import ShapeLimits
+
+# The exports serve 32-128 px (the tiny models' size step is 32, their default size 64), batch up to 2.
+TEST_LIMITS = ShapeLimits(min_size=32, opt_size=64, max_size=128, max_batch=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory):
+    from sdrt.export.tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd1", "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    from sdrt.export.tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd2", "sd2")
+
+
+def _export(model_dir, out_dir, **options):
+    from sdrt.export.onnx_export import export_model
+
+    export_model(model_dir, out_dir, limits=TEST_LIMITS, progress=False, **options)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def onnx_sd1(tiny_sd1, tmp_path_factory):
+    """fp32 ONNX export of tiny_sd1 (the export's own parity check runs too)."""
+    return _export(tiny_sd1, tmp_path_factory.mktemp("onnx") / "sd1")
+
+
+@pytest.fixture(scope="session")
+def onnx_sd2(tiny_sd2, tmp_path_factory):
+    return _export(tiny_sd2, tmp_path_factory.mktemp("onnx") / "sd2")

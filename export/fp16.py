@@ -7,7 +7,10 @@ onnxconverter-common did not). Two things stay float32 on top of its defaults:
   states (the sinusoidal projection and the time MLP, which are tiny). Fractional Euler/Karras timesteps such
   as 999.37 are not representable in fp16 (its spacing near 1000 is 0.5), and the projection multiplies them by
   frequencies, so rounding there changes the phase of every sin/cos;
-- the op types in KEEP_FP32_OPS plus those the caller names, with the constants that only they read.
+- the op types in KEEP_FP32_OPS plus those the caller names, with the constants that only they read;
+- with `upcast_attention` (SD 2.1's UNet config sets it: its attention scores overflow fp16), each attention's
+  score MatMul and Softmax, as diffusers' upcast does.
+The converter rounds every tensor between two kept nodes through fp16; remove_round_trips undoes that.
 """
 
 from __future__ import annotations
@@ -72,7 +75,26 @@ def fp32_node_names(model: onnx.ModelProto, fp32_inputs=("timestep",), keep_ops=
     return blocked
 
 
-def convert_to_fp16(model: onnx.ModelProto, keep_ops=(), fp32_inputs=("timestep",), shapes_inferred=False) -> onnx.ModelProto:
+def attention_score_nodes(graph: onnx.GraphProto) -> set[str]:
+    """Each Softmax and, back through the scaling/masking ops before it, the MatMul that makes its scores."""
+    producers = {o: n for n in graph.node for o in n.output}
+    names = set()
+    for node in graph.node:
+        if node.op_type != "Softmax":
+            continue
+        names.add(node.name)
+        current = producers.get(node.input[0])
+        while current is not None and current.op_type in ("Mul", "Div", "Add", "Where", "Cast", "Reshape"):
+            names.add(current.name)
+            current = producers.get(current.input[0])
+        if current is not None and current.op_type == "MatMul":
+            names.add(current.name)
+    return names
+
+
+def convert_to_fp16(
+    model: onnx.ModelProto, keep_ops=(), fp32_inputs=("timestep",), shapes_inferred=False, upcast_attention=False
+) -> onnx.ModelProto:
     """Return an fp16 copy of `model` whose graph inputs and outputs all stay float32.
 
     `shapes_inferred`: the caller already ran shape inference (needed for models over 2 GB, where only
@@ -83,6 +105,8 @@ def convert_to_fp16(model: onnx.ModelProto, keep_ops=(), fp32_inputs=("timestep"
     keep_ops = tuple(KEEP_FP32_OPS) + tuple(keep_ops)
     present = [i.name for i in model.graph.input if i.name in fp32_inputs]
     blocked = fp32_node_names(model, present, keep_ops)
+    if upcast_attention:
+        blocked |= attention_score_nodes(model.graph)
     # Inputs such as the timestep get no fp32->fp16 cast at all: everything reading them is kept in fp32.
     users = _consumers(model.graph)
     for name in present:

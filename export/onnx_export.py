@@ -30,7 +30,7 @@ from sdrt import __version__
 from sdrt.contracts import NETWORKS, UNET, NetworkContract, ShapeLimits, build_contracts
 from sdrt.errors import InputError, ModelError
 from sdrt.manifest import MANIFEST_NAME, Manifest, read_manifest
-from sdrt.model_facts import ModelFacts, read_model_facts
+from sdrt.model_facts import ModelFacts, read_json, read_model_facts
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}  # dynamo at opset 17 produced an invalid model (ENVIRONMENT.md)
@@ -102,6 +102,8 @@ def export_model(
     check_limits(limits, facts)
     check_out_dir(model_dir, out_dir, force)
     contracts = build_contracts(facts)
+    # SD 2.1 sets this: its attention scores overflow fp16, so diffusers computes them in fp32.
+    upcast_attention = bool(read_json(model_dir / "unet" / "config.json").get("upcast_attention")) and fp16
     modules = load_modules(model_dir, facts)
     precision = "fp16" if fp16 else "fp32"
 
@@ -117,7 +119,7 @@ def export_model(
             t0 = time.perf_counter()
             rel = f"{name}/model.onnx"
             export_network(modules[name], contracts[name], tmp / rel, export_dims(limits, facts), opset, exporter)
-            finish_network(tmp / rel, contracts[name], fp16, keep_fp32_ops)
+            finish_network(tmp / rel, contracts[name], fp16, keep_fp32_ops, upcast_attention and name == UNET)
             report = NetworkReport(name, rel, precision, time.perf_counter() - t0, network_bytes(tmp / rel))
             if check:
                 report.check_dims = check_dims(limits, facts)
@@ -143,6 +145,7 @@ def export_model(
             extras={
                 "source": str(model_dir.resolve()),
                 "keep_fp32_ops": list(keep_fp32_ops),
+                "upcast_attention": upcast_attention,
                 "parity": {n: {"dims": r.check_dims, "errors": r.errors} for n, r in reports.items() if r.errors},
             },
         )
@@ -227,7 +230,7 @@ def export_network(module, contract: NetworkContract, path: Path, dims: dict, op
             )  # fmt: skip
 
 
-def finish_network(path: Path, contract: NetworkContract, fp16: bool, keep_fp32_ops) -> None:
+def finish_network(path: Path, contract: NetworkContract, fp16: bool, keep_fp32_ops, upcast_attention=False) -> None:
     """Name the I/O dims as the contract does, convert to fp16 if asked, and rewrite `path` as one .onnx file
     (plus one model.onnx.data file when over 2 GB), removing whatever else the exporter left in its folder."""
     import onnx
@@ -239,7 +242,7 @@ def finish_network(path: Path, contract: NetworkContract, fp16: bool, keep_fp32_
     if fp16:
         from sdrt.export.fp16 import convert_to_fp16
 
-        model = convert_to_fp16(infer_shapes(model, path.parent, big), keep_fp32_ops, shapes_inferred=True)
+        model = convert_to_fp16(infer_shapes(model, path.parent, big), keep_fp32_ops, shapes_inferred=True, upcast_attention=upcast_attention)
         big = model_bytes(model) > EXTERNAL_DATA_BYTES
     for leftover in path.parent.iterdir():
         leftover.unlink()

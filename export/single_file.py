@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from sdrt import __version__
-from sdrt.errors import InputError, ModelError
+from sdrt.errors import BackendError, InputError, ModelError
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -83,14 +83,16 @@ def detect_family(state: dict, name: str) -> str:
         (lambda: _has(keys, "control_model.") or _has(keys, "controlnet_"), "a ControlNet"),
         (lambda: any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k for k in keys),
          "a LoRA, not a model: pass it with --lora FILE[:SCALE] (Pipeline.load_lora)"),
-        (lambda: any(k.startswith(UNET) and "cond_proj" in k for k in keys), "an LCM (its UNet takes a guidance embedding)"),
+        (lambda: any(k.startswith(UNET) and "cond_proj" in k for k in keys),
+         "an LCM (its UNet takes a guidance embedding)"),
         (lambda: UNET + "label_emb.0.0.weight" in state, "a class-conditioned UNet (SD x4 upscaler or unCLIP)"),
     ]
     for test, what in refusals:
         if test():
             raise ModelError(f"{name} is {what}; sdrt runs Stable Diffusion 1.x and 2.x text-to-image models only, for now")
     if UNET + "input_blocks.0.0.weight" not in state:
-        what = "a VAE alone" if _has(keys, "encoder.down.") or _has(keys, "decoder.up.") else "not an original-layout Stable Diffusion checkpoint"
+        vae_only = _has(keys, "encoder.down.") or _has(keys, "decoder.up.")
+        what = "a VAE alone" if vae_only else "not an original-layout Stable Diffusion checkpoint"
         raise ModelError(f"{name} is {what} (no {UNET}input_blocks); sdrt converts SD 1.x/2.x single-file checkpoints")
     in_channels = state[UNET + "input_blocks.0.0.weight"].shape[1]
     special = {9: "an SD inpainting checkpoint", 8: "an InstructPix2Pix checkpoint", 5: "an SD 2 depth-to-image checkpoint",
@@ -133,7 +135,8 @@ def unet_config(state: dict, family: str, image_size: int, vae_scale: int, predi
     levels.append(current)
     layers = len(levels[0])
     if any(len(level) != layers or len({w for w, _ in level}) != 1 for level in levels):
-        raise ModelError(f"the UNet's input blocks {levels} do not form SD's regular levels; pass config= a diffusers folder")
+        raise ModelError(f"the UNet's input blocks {levels} do not form SD's regular levels; "
+                         "pass config= a diffusers folder")
     widths = [level[0][0] for level in levels]
     depths = [level[0][1] for level in levels]
     proj_in = next(state[k] for k in keys if k.endswith(".proj_in.weight"))
@@ -240,8 +243,14 @@ def _load_strict(model, state: dict, what: str, name: str):
 def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: int | None = None,
                         prediction_type: str | None = None, config=None, force: bool = False) -> Path:
     """Convert an original-layout SD 1.x/2.x checkpoint to the diffusers folder `out_dir` (written atomically)."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from sdrt.backends.base import module_available
+
+    missing = [m for m in ("torch", "diffusers", "transformers") if not module_available(m)]
+    if missing:
+        raise BackendError(f"converting a single-file checkpoint needs {', '.join(missing)}: pip install 'sdrt[export]', "
+                           "or convert it once elsewhere with `sdrt export FILE OUT`")
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
@@ -277,7 +286,8 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
             "text_encoder": text_config(state, family),
             "scheduler": scheduler,
         }
-    scheduler_class = configs["scheduler"].get("_class_name") or ("DDIMScheduler" if prediction_type == "v_prediction" else "PNDMScheduler")
+    default_scheduler = "DDIMScheduler" if prediction_type == "v_prediction" else "PNDMScheduler"
+    scheduler_class = configs["scheduler"].get("_class_name") or default_scheduler
     configs = {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in configs.items()}
     dtype = state[UNET + "input_blocks.0.0.weight"].dtype
 
@@ -285,7 +295,8 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
     _load_strict(unet, convert_ldm_unet_checkpoint(state, configs["unet"]), "UNet", str(path))
     vae = AutoencoderKL(**configs["vae"])
     _load_strict(vae, convert_ldm_vae_checkpoint(state, configs["vae"]), "VAE", str(path))
-    text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}))
+    text_cfg = {k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}
+    text = CLIPTextModel(CLIPTextConfig(**text_cfg))
     if family == "sd1":
         text_state = convert_ldm_clip_checkpoint(state)
         text_state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text_state.items()}
@@ -304,10 +315,11 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
         else:
             from sdrt.export.clip_vocab import write_clip_tokenizer
 
-            write_clip_tokenizer(tmp / "tokenizer", pad_token="!" if family == "sd2" else "<|endoftext|>")
-        import diffusers
-
-        sched_cls = getattr(diffusers, scheduler_class, None) or (DDIMScheduler if prediction_type == "v_prediction" else PNDMScheduler)
+            try:  # a single file holds no tokenizer: SD 1.x/2.x use CLIP's vocabulary, which openai-clip ships
+                write_clip_tokenizer(tmp / "tokenizer", pad_token="!" if family == "sd2" else "<|endoftext|>")
+            except RuntimeError as err:
+                raise ModelError(f"{err}; or pass config= a diffusers SD folder to take its tokenizer") from None
+        sched_cls = getattr(diffusers, scheduler_class, None) or getattr(diffusers, default_scheduler)
         pipe = StableDiffusionPipeline(
             vae=vae.to(dtype), text_encoder=text.to(dtype), tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
             unet=unet.to(dtype), scheduler=sched_cls.from_config(configs["scheduler"]), safety_checker=None,

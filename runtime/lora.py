@@ -1,4 +1,4 @@
-"""LoRA files: read (kohya and diffusers key layouts), match to a model's layers, and fuse W += scale * alpha/r * up @ down.
+"""LoRA files: read (kohya and diffusers key layouts), match them to a model, fuse W += scale * alpha/r * up @ down.
 
 Reading and the weight deltas are numpy; fusing into torch modules (the PyTorch backend, the exporter) imports
 torch lazily. Layouts read, for the UNet and the CLIP text encoder of SD 1.x/2.x:
@@ -245,7 +245,8 @@ def _delta(path: Path, name: str, layer: LoraLayer, shape: tuple, scale: float) 
     down, up = layer.down.astype(np.float32), layer.up.astype(np.float32)
     rank = layer.rank
     if up.ndim not in (2, 4) or up.shape[1] != rank or (up.ndim == 4 and up.shape[2:] != (1, 1)):
-        raise ModelError(f"{path}: layer {name}: up {tuple(up.shape)} does not fit down {tuple(down.shape)}; not a plain LoRA")
+        raise ModelError(f"{path}: layer {name}: up {tuple(up.shape)} does not fit down {tuple(down.shape)}; "
+                         "not a plain LoRA")
     product = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
     if product.shape[0] != shape[0] or product.size != int(np.prod(shape)):
         raise ModelError(

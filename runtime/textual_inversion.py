@@ -122,7 +122,8 @@ def _embedding_file(path: Path) -> Path:
         for name in ("learned_embeds.safetensors", "learned_embeds.bin"):
             if (path / name).is_file():
                 return path / name
-        raise ModelError(f"folder {path} holds no learned_embeds.safetensors or learned_embeds.bin; pass the embedding file")
+        raise ModelError(f"folder {path} holds no learned_embeds.safetensors or learned_embeds.bin; "
+                         "pass the embedding file")
     return path
 
 
@@ -151,7 +152,8 @@ def read_embedding(source, token: str | None = None, width: int | None = None) -
     elif "emb_params" in data and len(data) == 1:  # A1111 .safetensors
         file_token, vectors = stem, data["emb_params"]
     elif {"clip_l", "clip_g"} & set(data):
-        raise ModelError(f"{name} is an SDXL embedding (clip_l/clip_g); sdrt runs SD 1.x/2.x, which need a one-encoder embedding")
+        raise ModelError(f"{name} is an SDXL embedding (clip_l/clip_g); sdrt runs SD 1.x/2.x, which take "
+                         "one-encoder embeddings")
     elif len(data) == 1:  # diffusers: {token: vectors}
         file_token, vectors = next(iter(data.items()))
     else:
@@ -165,7 +167,8 @@ def read_embedding(source, token: str | None = None, width: int | None = None) -
         raise InputError(f"{name} gives the token {token!r}; pass a token without spaces, e.g. token='<my-style>'")
     vectors = np.asarray(vectors)
     if not np.issubdtype(vectors.dtype, np.floating) or vectors.ndim not in (1, 2) or vectors.size == 0:
-        raise ModelError(f"{name}: the embedding has shape {vectors.shape} and dtype {vectors.dtype}; expected float vectors [n, hidden]")
+        raise ModelError(f"{name}: the embedding has shape {vectors.shape} and dtype {vectors.dtype}; "
+                         "expected float vectors [n, hidden]")
     vectors = np.ascontiguousarray(vectors.reshape(-1, vectors.shape[-1]), dtype=np.float32)
     if width is not None and vectors.shape[1] != width:
         made_for = FAMILY_BY_WIDTH.get(vectors.shape[1])

@@ -3,7 +3,14 @@
 Each is built once per session (a tiny model ~5-10 s, an export ~12 s here) in pytest's temporary folder.
 """
 
+import os
+
 import pytest
+
+# One torch (OpenMP) thread in tests: on this 2-core machine shared with a training run, a 4-step tiny-model
+# pipeline took 13-18 s with torch's default 2 threads (OpenMP threads spin against the other load) and 0.8-0.9 s
+# with 1. Set before any test module imports torch; an explicit OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from sdrt.contracts import ShapeLimits
 

@@ -23,6 +23,15 @@ RTOL = 1e-6
 PROMPT = "a photo of a red cat"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (two spin ~20x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 

@@ -111,8 +111,30 @@ def test_fp16_export_through_the_cli(tiny_sd1, tmp_path, capsys):
         assert not upstream_of(node.input[0], producers) & casts_to_fp16, f"{node.name} sees an fp16 timestep"
     softmax_inputs = {n.input[0] for n in unet.graph.node if n.op_type == "Softmax"}
     assert softmax_inputs and not softmax_inputs & casts_to_fp16
-    with pytest.raises(InputError, match="fp16 exports only"):
-        main(["export", str(tiny_sd1), str(tmp_path / "x"), "--keep-fp32-op", "Softmax"])
+    assert main(["export", str(tiny_sd1), str(tmp_path / "x"), "--keep-fp32-op", "Softmax"]) == 2
+    assert "fp16 exports only" in capsys.readouterr().err
+
+
+def test_upcast_attention_keeps_scores_fp32(onnx_sd2):
+    """SD 2.1's UNet config sets upcast_attention; the fp16 export then computes QK^T and Softmax in fp32."""
+    from sdrt.export.fp16 import attention_score_nodes, convert_to_fp16
+
+    model = onnx.load(str(onnx_sd2 / "unet" / "model.onnx"))
+    kept = attention_score_nodes(model.graph)
+    softmaxes = [n.name for n in model.graph.node if n.op_type == "Softmax"]
+    assert softmaxes and {n.op_type for n in model.graph.node if n.name in kept} >= {"MatMul", "Softmax"}
+    fp16 = convert_to_fp16(model, upcast_attention=True)
+    producers = {o: n for n in fp16.graph.node for o in n.output}
+    for node in fp16.graph.node:
+        if node.name in kept and node.op_type == "MatMul":  # reads fp32 casts of the fp16 q and k
+            assert all(producers[i].op_type == "Cast" and producers[i].attribute[0].i == onnx.TensorProto.FLOAT for i in node.input)
+        if node.op_type == "Softmax":
+            assert producers[node.input[0]].name in kept, f"{node.name} reads an fp16 tensor"
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(fp16.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, open_model(onnx_sd2).contracts["unet"].sample_inputs(DIMS[1]))[0]
+    assert np.all(np.isfinite(out))
 
 
 def upstream_of(tensor, producers) -> set:
@@ -212,7 +234,7 @@ def test_interrupted_export_leaves_nothing_that_loads(tiny_sd1, onnx_sd1, tmp_pa
     real = onnx_export.finish_network
 
     def interrupted(path, contract, *args):
-        if contract.name == "unet":
+        if contract.name == "text_encoder":
             raise KeyboardInterrupt  # as if Ctrl-C arrived mid-export
         return real(path, contract, *args)
 

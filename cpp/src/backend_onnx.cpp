@@ -40,7 +40,6 @@ Ort::Env &env() {
 class OnnxBackend : public Backend {
 public:
     OnnxBackend(const ExportFolder &model, const BackendOptions &opt) : contracts_(model.contracts) {
-        init_api();
         std::vector<std::string> available = Ort::GetAvailableProviders();
         auto has_provider = [&](const char *p) { return std::find(available.begin(), available.end(), p) != available.end(); };
         bool want_trt = opt.provider == SDRT_BACKEND_ORT_TENSORRT, want_cuda = opt.provider == SDRT_BACKEND_ORT_CUDA || want_trt;
@@ -101,6 +100,7 @@ public:
     }
 
 private:
+    const OrtApi *api_ = init_api();  // first: the members below call the API when they are constructed
     std::map<std::string, NetworkContract> contracts_;
     std::map<std::string, std::unique_ptr<Ort::Session>> sessions_;
     Ort::RunOptions run_options_;

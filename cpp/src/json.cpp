@@ -236,7 +236,7 @@ const Json *Json::find(const std::string &key) const {
     if (type_ != Type::Object) return nullptr;
     if (index_) {
         auto it = index_->find(key);
-        return it == index_->end() ? nullptr : &object_[it->second];
+        return it == index_->end() ? nullptr : &object_[it->second].second;
     }
     const Json *found = nullptr;
     for (const auto &kv : object_)

@@ -100,7 +100,7 @@ ExportFolder read_export(const std::string &path) {
         }
     } catch (const Error &e) {
         std::string msg = e.what();
-        if (msg.find(mpath) == std::string::npos) msg = mpath + ": " + msg + kReexport;  // a missing key or wrong type
+        if (msg.rfind("a JSON", 0) == 0) msg = mpath + ": " + msg + kReexport;  // a missing key or a wrong type
         throw model_error(msg);
     }
     return ex;

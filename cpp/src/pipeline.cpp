@@ -6,6 +6,7 @@
 // equal network outputs.
 #include "pipeline.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -105,7 +106,6 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
 
     // 1. Text: [uncond, cond] hidden states, the prompt repeated for each image.
     double t0 = now();
-    const size_t per_text = size_t(f.text_seq_len) * size_t(f.text_hidden_size);
     std::vector<float> states;
     std::vector<float> cond = encode_prompt(r.prompt);
     if (guidance) {
@@ -143,7 +143,8 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
     // 3. The denoising loop: one batched UNet call per step, guidance, scheduler step.
     t0 = now();
     const int64_t unet_batch = guidance ? 2 * B : B;
-    std::vector<float> unet_in(size_t(unet_batch) * per_image), pred(unet_in.size()), t_in(size_t(unet_batch));
+    std::vector<float> unet_in(size_t(unet_batch) * per_image), pred(unet_in.size());
+    std::vector<float> t_in(static_cast<size_t>(unet_batch));
     const float g = float(r.guidance);
     const int calls = sched->num_calls();
     for (int i = 0; i < calls; ++i) {

@@ -182,7 +182,8 @@ ClipTokenizer ClipTokenizer::from_folder(const std::string &folder) {
         std::string vf = join_path(folder, "vocab.json"), mf = join_path(folder, "merges.txt");
         if (!file_exists(vf) || !file_exists(mf))
             throw model_error("tokenizer folder " + folder + " has neither a CLIP tokenizer.json nor vocab.json + merges.txt");
-        for (const auto &kv : Json::parse_file(vf).as_object()) tok.vocab_[kv.first] = int(kv.second.as_int());
+        Json vocab = Json::parse_file(vf);
+        for (const auto &kv : vocab.as_object()) tok.vocab_[kv.first] = int(kv.second.as_int());
         std::string text = read_file(mf);
         size_t pos = 0;
         while (pos < text.size()) {

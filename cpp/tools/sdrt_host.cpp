@@ -154,12 +154,16 @@ int main(int argc, char **argv) {
     int rc = 0;
     const int64_t seed = sdrt_last_seed(ctx);
     const size_t image_bytes = size_t(img->width) * size_t(img->height) * 3;
+    char cfg[32];
+    std::snprintf(cfg, sizeof cfg, "%g", gp.guidance_scale);
     for (int k = 0; k < img->count; ++k) {
         std::string path = output_path(out, k, img->count);
         std::string params = prompt + (negative.empty() ? "" : "\nNegative prompt: " + negative) + "\nSteps: " +
-                             std::to_string(gp.steps) + ", CFG scale: " + std::to_string(gp.guidance_scale) + ", Seed: " +
+                             std::to_string(gp.steps) + ", CFG scale: " + cfg + ", Seed: " +
                              std::to_string(seed + k) + ", Size: " + std::to_string(img->width) + "x" + std::to_string(img->height) +
-                             ", Version: sdrt " + sdrt_version() + " (C++)";
+                             (scheduler.empty() ? "" : ", Sampler: " + scheduler) +
+                             (gp.init_image ? ", Denoising strength: " + std::to_string(gp.strength) : "") + ", Version: sdrt " +
+                             sdrt_version() + " (C++)";
         std::string err = sdrt_tools::write_png(path, img->data + size_t(k) * image_bytes, img->width, img->height, {{"parameters", params}});
         if (!err.empty()) {
             std::fprintf(stderr, "sdrt-host: %s\n", err.c_str());

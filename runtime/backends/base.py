@@ -54,8 +54,8 @@ def available_backends() -> dict[str, str]:
         found["torch"] = "torch, diffusers and transformers installed"
     else:
         found["torch"] = "not installed: pip install 'sdrt[torch]' (bring the torch build that fits your CUDA)"
-    if module_available("tensorrt"):
-        found["tensorrt"] = "tensorrt installed"
-    else:
-        found["tensorrt"] = "not installed: pip install 'sdrt[tensorrt]' on a machine with an NVIDIA GPU"
+    from sdrt.backends.tensorrt_backend import tensorrt_status
+
+    usable, why = tensorrt_status()
+    found["tensorrt"] = why if usable else f"not installed ({why}): pip install 'sdrt[tensorrt]' on a machine with an NVIDIA GPU"
     return found

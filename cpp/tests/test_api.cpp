@@ -1,0 +1,239 @@
+// The C API under bad input: NULL pointers, missing / damaged / mismatched exports, bad sizes and parameters,
+// unknown schedulers and backends, cancellation (callback and another thread) - each a status and a message,
+// never a crash - plus seeds (same seed, same image; image k of a batch = seed + k) and two contexts at once.
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "check.h"
+#include "sdrt.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+bool has(const char *text, const char *part) { return text && std::strstr(text, part) != nullptr; }
+
+std::string tmpdir() {
+    char tmpl[] = "/tmp/sdrt-test-XXXXXX";
+    return mkdtemp(tmpl) ? tmpl : "/tmp";
+}
+
+sdrt_status init_at(const std::string &dir, sdrt_ctx **ctx, sdrt_backend backend = SDRT_BACKEND_ORT_CPU) {
+    sdrt_ctx_params cp = sdrt_ctx_default_params();
+    cp.model_dir = dir.c_str();
+    cp.backend = backend;
+    return sdrt_init(&cp, ctx);
+}
+
+// A copy of the export with one thing changed; sdrt_init must refuse it with SDRT_ERR_MODEL and say `hint`.
+void broken_export(const std::string &src, const std::string &root, const char *name, void (*breaker)(const fs::path &), const char *hint) {
+    fs::path dst = fs::path(root) / name;
+    fs::copy(src, dst, fs::copy_options::recursive);
+    fs::remove_all(dst / ".ort_cache");
+    breaker(dst);
+    sdrt_ctx *ctx = reinterpret_cast<sdrt_ctx *>(1);
+    sdrt_status st = init_at(dst.string(), &ctx);
+    CHECK(st == SDRT_ERR_MODEL && ctx == nullptr, std::string(name) + ": status " + sdrt_status_name(st));
+    CHECK(has(sdrt_last_error(nullptr), hint), std::string(name) + ": message \"" + sdrt_last_error(nullptr) + "\" lacks \"" + hint + "\"");
+}
+
+std::string read_text(const fs::path &p) {
+    std::ifstream f(p);
+    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+void write_text(const fs::path &p, const std::string &s) { std::ofstream(p, std::ios::binary | std::ios::trunc) << s; }
+void replace_in(const fs::path &p, const std::string &from, const std::string &to) {
+    std::string s = read_text(p);
+    size_t at = s.find(from);
+    if (at != std::string::npos) s.replace(at, from.size(), to);
+    write_text(p, s);
+}
+void overwrite_start(const fs::path &p, const std::string &bytes) {
+    std::fstream f(p, std::ios::in | std::ios::out | std::ios::binary);
+    f.write(bytes.data(), std::streamsize(bytes.size()));
+}
+
+struct Canceller {
+    std::atomic<int> step{0};
+    int cancel_at = 0;
+};
+
+int cancel_at_step(int step, int, void *user) {
+    auto *c = static_cast<Canceller *>(user);
+    c->step = step;
+    return c->cancel_at && step >= c->cancel_at;
+}
+
+void bad_exports(const std::string &exp) {
+    std::string root = tmpdir();
+    broken_export(exp, root, "damaged_manifest", [](const fs::path &d) { write_text(d / "manifest.json", "{\"format\": \"sdrt-exp"); }, "not valid JSON");
+    broken_export(exp, root, "future_manifest", [](const fs::path &d) { replace_in(d / "manifest.json", "\"format_version\": 1", "\"format_version\": 2"); }, "format 2");
+    broken_export(exp, root, "truncated_unet", [](const fs::path &d) { fs::resize_file(d / "unet/model.onnx", 100); }, "truncated");
+    broken_export(exp, root, "missing_vocab", [](const fs::path &d) { fs::remove(d / "tokenizer/merges.txt"); }, "missing tokenizer/merges.txt");
+    broken_export(exp, root, "garbage_onnx", [](const fs::path &d) { overwrite_start(d / "unet/model.onnx", std::string(64, '\x7f')); }, "could not load");
+    broken_export(exp, root, "swapped_network", [](const fs::path &d) {
+        replace_in(d / "manifest.json", "\"file\": \"unet/model.onnx\"", "\"file\": \"vae_decoder/model.onnx\""); }, "mismatched");
+    broken_export(exp, root, "bad_safetensors", [](const fs::path &d) { overwrite_start(d / "token_embeddings.safetensors", std::string(8, '\xff')); }, "safetensors");
+    broken_export(exp, root, "no_facts", [](const fs::path &d) { replace_in(d / "manifest.json", "\"facts\"", "\"fakts\""); }, "facts");
+    fs::remove_all(root);
+
+    sdrt_ctx *ctx = nullptr;
+    CHECK(init_at(exp, &ctx, SDRT_BACKEND_TENSORRT) == SDRT_ERR_UNSUPPORTED && has(sdrt_last_error(nullptr), "TensorRT"), "tensorrt backend");
+    sdrt_status st = init_at(exp, &ctx, SDRT_BACKEND_ORT_CUDA);  // no CUDA provider in a CPU build of ONNX Runtime
+    if (st == SDRT_OK) sdrt_free(ctx);
+    CHECK(st == SDRT_OK || st == SDRT_ERR_UNSUPPORTED || st == SDRT_ERR_BACKEND, std::string("cuda backend: ") + sdrt_last_error(nullptr));
+    CHECK(init_at(exp, &ctx, sdrt_backend(99)) == SDRT_ERR_INVALID_ARGUMENT, "backend 99");
+}
+
+void bad_generate(sdrt_ctx *ctx) {
+    int w = 0, h = 0;
+    CHECK(sdrt_default_size(ctx, &w, &h) == SDRT_OK && w > 0 && h > 0, "default size");
+    const int step = sdrt_size_step(ctx);
+    std::vector<uint8_t> rgb(size_t(w) * size_t(h) * 3 * 4);
+    sdrt_gen_params gp = sdrt_gen_default_params();
+    gp.prompt = "a cat";
+    gp.steps = 3;
+    gp.seed = 1;
+    auto expect = [&](sdrt_gen_params p, sdrt_status want, const char *hint, const char *what) {
+        sdrt_status got = sdrt_generate(ctx, &p, rgb.data());
+        CHECK(got == want, std::string(what) + ": " + sdrt_status_name(got) + " \"" + sdrt_last_error(ctx) + "\"");
+        CHECK(has(sdrt_last_error(ctx), hint), std::string(what) + ": message \"" + sdrt_last_error(ctx) + "\" lacks \"" + hint + "\"");
+    };
+    sdrt_gen_params p = gp;
+    expect(p, SDRT_OK, "", "valid call");
+    p = gp, p.prompt = nullptr, expect(p, SDRT_ERR_INVALID_ARGUMENT, "prompt is NULL", "NULL prompt");
+    p = gp, p.width = step + 1, expect(p, SDRT_ERR_INVALID_ARGUMENT, "not a multiple of", "bad width");
+    p = gp, p.height = -5, expect(p, SDRT_ERR_INVALID_ARGUMENT, "negative", "negative height");
+    p = gp, p.height = 1 << 20, expect(p, SDRT_ERR_INVALID_ARGUMENT, "too large", "huge height");
+    p = gp, p.steps = 0, expect(p, SDRT_ERR_INVALID_ARGUMENT, "steps 0", "zero steps");
+    p = gp, p.steps = -3, expect(p, SDRT_ERR_INVALID_ARGUMENT, "steps -3", "negative steps");
+    p = gp, p.guidance_scale = -1, expect(p, SDRT_ERR_INVALID_ARGUMENT, "guidance_scale", "negative guidance");
+    p = gp, p.guidance_scale = NAN, expect(p, SDRT_ERR_INVALID_ARGUMENT, "guidance_scale", "NaN guidance");
+    p = gp, p.batch_count = 0, expect(p, SDRT_ERR_INVALID_ARGUMENT, "batch_count", "zero batch");
+    p = gp, p.scheduler = "nope", expect(p, SDRT_ERR_INVALID_ARGUMENT, "euler_a", "unknown scheduler");
+    p = gp, p.init_image = rgb.data(), p.strength = 0, expect(p, SDRT_ERR_INVALID_ARGUMENT, "strength", "strength 0");
+    p = gp, p.init_image = rgb.data(), p.strength = 1.5, expect(p, SDRT_ERR_INVALID_ARGUMENT, "strength", "strength 1.5");
+    p = gp, p.init_image = rgb.data(), p.strength = 0.1, expect(p, SDRT_ERR_INVALID_ARGUMENT, "runs no step", "strength too small");
+    p = gp, p.prompt = "\xff\xfe broken utf-8 \xc3", expect(p, SDRT_OK, "", "invalid UTF-8 prompt");
+    std::string long_prompt;
+    for (int i = 0; i < 500; ++i) long_prompt += "word ";
+    p = gp, p.prompt = long_prompt.c_str(), p.negative_prompt = "東京 🐱", expect(p, SDRT_OK, "", "long prompt, unicode negative");
+
+    CHECK(sdrt_generate(nullptr, &gp, rgb.data()) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(nullptr), "ctx is NULL"), "NULL ctx");
+    CHECK(sdrt_generate(ctx, nullptr, rgb.data()) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "params"), "NULL params");
+    CHECK(sdrt_generate(ctx, &gp, nullptr) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "rgb_out"), "NULL output");
+    CHECK(sdrt_generate_image(ctx, &gp, nullptr) == SDRT_ERR_INVALID_ARGUMENT, "NULL image pointer");
+    CHECK(sdrt_default_size(nullptr, &w, &h) == SDRT_ERR_INVALID_ARGUMENT, "default size of NULL");
+    sdrt_image_free(nullptr);
+    sdrt_free(nullptr);
+
+    // Cancellation by the callback, then the context still works.
+    Canceller c;
+    c.cancel_at = 2;
+    sdrt_set_progress_callback(ctx, cancel_at_step, &c);
+    expect(gp, SDRT_ERR_CANCELLED, "cancelled by the progress callback after step 2", "callback cancel");
+    c.cancel_at = 0;
+    expect(gp, SDRT_OK, "", "after a cancel");
+    // Cancellation from another thread, while the loop runs.
+    c.step = 0;
+    sdrt_gen_params slow = gp;
+    slow.steps = 400;
+    std::thread canceller([&] {
+        while (c.step < 2) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        sdrt_request_cancel(ctx);
+    });
+    sdrt_status st = sdrt_generate(ctx, &slow, rgb.data());
+    canceller.join();
+    CHECK(st == SDRT_ERR_CANCELLED && has(sdrt_last_error(ctx), "sdrt_request_cancel"), std::string("thread cancel: ") + sdrt_last_error(ctx));
+    sdrt_set_progress_callback(ctx, nullptr, nullptr);
+    CHECK(sdrt_generate(ctx, &gp, rgb.data()) == SDRT_OK, "after a thread cancel");
+}
+
+void seeds(sdrt_ctx *ctx, const std::string &exp) {
+    int w = 0, h = 0;
+    sdrt_default_size(ctx, &w, &h);
+    const size_t one = size_t(w) * size_t(h) * 3;
+    sdrt_gen_params gp = sdrt_gen_default_params();
+    gp.prompt = "a lighthouse";
+    gp.steps = 4;
+    gp.guidance_scale = 2.0;
+    gp.scheduler = "euler_a";
+    gp.seed = 10;
+    gp.batch_count = 3;
+    sdrt_image *batch = nullptr;
+    CHECK(sdrt_generate_image(ctx, &gp, &batch) == SDRT_OK && batch && batch->count == 3, "batch of 3");
+    if (!batch) return;
+    std::vector<uint8_t> single(one), again(one);
+    gp.batch_count = 1;
+    for (int k = 0; k < 3; ++k) {
+        gp.seed = 10 + k;
+        CHECK(sdrt_generate(ctx, &gp, single.data()) == SDRT_OK, "single");
+        CHECK(std::memcmp(single.data(), batch->data + size_t(k) * one, one) == 0, "image " + std::to_string(k) + " of a batch = seed + k alone");
+    }
+    gp.seed = 12;
+    sdrt_generate(ctx, &gp, again.data());
+    CHECK(single == again, "same seed, same image");
+    gp.seed = 13;
+    sdrt_generate(ctx, &gp, again.data());
+    CHECK(single != again, "another seed, another image");
+    gp.seed = -1;
+    CHECK(sdrt_generate(ctx, &gp, again.data()) == SDRT_OK && sdrt_last_seed(ctx) >= 0 && sdrt_last_seed(ctx) < (int64_t(1) << 31), "random seed");
+    sdrt_image_free(batch);
+
+    // Two contexts on two threads at once give what one context gives alone.
+    gp.seed = 12;
+    std::vector<uint8_t> a(one), b(one);
+    sdrt_status sa = SDRT_ERR_INTERNAL, sb = SDRT_ERR_INTERNAL;
+    sdrt_ctx *other = nullptr;
+    CHECK(init_at(exp, &other) == SDRT_OK, "second context");
+    std::thread ta([&] { sa = sdrt_generate(ctx, &gp, a.data()); });
+    std::thread tb([&] { sb = sdrt_generate(other, &gp, b.data()); });
+    ta.join(), tb.join();
+    CHECK(sa == SDRT_OK && sb == SDRT_OK && a == single && b == single, "two contexts on two threads");
+    sdrt_free(other);
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+    sdrt_ctx *ctx = reinterpret_cast<sdrt_ctx *>(1);
+    CHECK(sdrt_init(nullptr, &ctx) == SDRT_ERR_INVALID_ARGUMENT && ctx == nullptr && has(sdrt_last_error(nullptr), "params"), "NULL params");
+    sdrt_ctx_params cp = sdrt_ctx_default_params();
+    CHECK(sdrt_init(&cp, nullptr) == SDRT_ERR_INVALID_ARGUMENT, "NULL out");
+    CHECK(sdrt_init(&cp, &ctx) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(nullptr), "model_dir"), "NULL model_dir");
+    CHECK(init_at("/nonexistent/sdrt-export", &ctx) == SDRT_ERR_MODEL && has(sdrt_last_error(nullptr), "/nonexistent/sdrt-export"), "missing folder");
+    CHECK(init_at("/etc/hostname", &ctx) == SDRT_ERR_MODEL, "a file, not a folder");
+    std::string empty = tmpdir();
+    CHECK(init_at(empty, &ctx) == SDRT_ERR_MODEL && has(sdrt_last_error(nullptr), "no manifest.json"), "folder without manifest");
+    fs::remove_all(empty);
+    cp.model_dir = "x";
+    cp.n_threads = -2;
+    CHECK(sdrt_init(&cp, &ctx) == SDRT_ERR_INVALID_ARGUMENT, "negative threads");
+    CHECK(std::string(sdrt_status_name(SDRT_ERR_CANCELLED)) == "SDRT_ERR_CANCELLED", "status names");
+    std::thread([] { CHECK(std::string(sdrt_last_error(nullptr)).empty(), "last error is per thread"); }).join();
+
+    if (argc < 3) {
+        check::finish("test_api (no export: the export checks did not run)");
+        return check::failures ? 1 : check::kSkip;
+    }
+    const std::string exp = argv[2];
+    bad_exports(exp);
+    CHECK(init_at(exp, &ctx) == SDRT_OK, std::string("init: ") + sdrt_last_error(nullptr));
+    if (ctx) {
+        std::printf("backend: %s\n", sdrt_backend_info(ctx));
+        bad_generate(ctx);
+        seeds(ctx, exp);
+        sdrt_free(ctx);
+    }
+    return check::finish("test_api");
+}

@@ -1,0 +1,104 @@
+// Whole images: the C API against the Python pipeline on ONNX Runtime, same export, same seed (txt2img, negative
+// prompts, img2img, batches with per-image seeds, several schedulers). Pixels must agree within 1/255.
+// Also prints C++ and Python times per case (the Python ones measured by fixtures.py after a warm-up).
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "sdrt.h"
+
+namespace {
+
+std::vector<std::string> split_tabs(const std::string &line) {
+    std::vector<std::string> out;
+    std::string cell;
+    std::istringstream in(line);
+    while (std::getline(in, cell, '\t')) out.push_back(cell);
+    return out;
+}
+
+std::vector<uint8_t> read_bytes(const std::string &path) {
+    std::ifstream f(path, std::ios::binary);
+    return std::vector<uint8_t>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+    if (argc < 2) return check::skip("usage: test_pipeline FIXTURES_DIR [EXPORT...]");
+    std::string dir = argv[1];
+    std::ifstream tsv(dir + "/pipeline.tsv");
+    if (argc < 3 || !tsv)
+        return check::skip("no sdrt export to compare images on: configure with -DSDRT_TEST_EXPORTS=<export folders> "
+                           "(.ci/cpp builds tiny ones with `sdrt export`)");
+    std::map<std::string, sdrt_ctx *> contexts;
+    std::string line;
+    double cpp_total = 0, py_total = 0;
+    int cases = 0;
+    while (std::getline(tsv, line)) {
+        std::vector<std::string> f = split_tabs(line);
+        if (f.size() < 15) continue;
+        const std::string &name = f[0], &model = f[1];
+        sdrt_ctx *&ctx = contexts[model];
+        if (!ctx) {
+            sdrt_ctx_params cp = sdrt_ctx_default_params();
+            cp.model_dir = model.c_str();
+            cp.backend = SDRT_BACKEND_ORT_CPU;
+            if (sdrt_init(&cp, &ctx) != SDRT_OK) {
+                CHECK(false, "sdrt_init " + model + ": " + sdrt_last_error(nullptr));
+                continue;
+            }
+        }
+        sdrt_gen_params gp = sdrt_gen_default_params();
+        gp.prompt = f[2].c_str();
+        gp.negative_prompt = f[3].c_str();
+        gp.steps = std::atoi(f[4].c_str());
+        gp.guidance_scale = std::strtod(f[5].c_str(), nullptr);
+        gp.seed = std::atoll(f[6].c_str());
+        gp.scheduler = f[7].empty() ? nullptr : f[7].c_str();
+        gp.width = std::atoi(f[8].c_str());
+        gp.height = std::atoi(f[9].c_str());
+        gp.batch_count = std::atoi(f[10].c_str());
+        std::vector<uint8_t> init;
+        if (!f[12].empty()) {
+            init = read_bytes(dir + "/" + f[12]);
+            gp.init_image = init.data();
+            gp.strength = std::strtod(f[11].c_str(), nullptr);
+        }
+        std::vector<uint8_t> want = read_bytes(dir + "/" + f[13]);
+        std::vector<uint8_t> got(size_t(gp.batch_count) * size_t(gp.width) * size_t(gp.height) * 3);
+        sdrt_gen_params warm = gp;  // the same warm-up as the Python side: one step
+        warm.steps = 1, warm.batch_count = 1, warm.init_image = nullptr, warm.scheduler = nullptr, warm.seed = 0;
+        sdrt_generate(ctx, &warm, got.data());
+        auto t0 = std::chrono::steady_clock::now();
+        sdrt_status st = sdrt_generate(ctx, &gp, got.data());
+        double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        std::string what = model + " " + name;
+        CHECK(st == SDRT_OK, what + ": " + sdrt_last_error(ctx));
+        if (st != SDRT_OK) continue;
+        CHECK(want.size() == got.size(), what + ": expected " + std::to_string(want.size()) + " bytes");
+        int max_diff = 0;
+        size_t differing = 0;
+        for (size_t i = 0; i < want.size() && i < got.size(); ++i) {
+            int d = std::abs(int(want[i]) - int(got[i]));
+            max_diff = std::max(max_diff, d);
+            differing += d != 0;
+        }
+        CHECK(max_diff <= 1, what + ": max pixel difference " + std::to_string(max_diff) + "/255");
+        double py = std::strtod(f[14].c_str(), nullptr);
+        std::printf("%-22s %-28s max diff %d/255, %5zu of %6zu values differ; c++ %.3f s, python %.3f s\n", name.c_str(),
+                    model.substr(model.find_last_of('/') + 1).c_str(), max_diff, differing, want.size(), seconds, py);
+        cpp_total += seconds, py_total += py;
+        ++cases;
+    }
+    for (auto &kv : contexts) sdrt_free(kv.second);
+    if (!cases && !check::failures) return check::skip("pipeline.tsv lists no cases");
+    std::printf("%d cases: c++ %.2f s, python %.2f s in all (same export, ONNX Runtime CPU)\n", cases, cpp_total, py_total);
+    return check::finish("test_pipeline");
+}

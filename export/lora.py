@@ -28,14 +28,16 @@ def fuse_into_folder(model_dir, loras, out_dir) -> list[dict]:
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     text = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    dtype = next(unet.parameters()).dtype
-    unet.float(), text.float()  # fuse in float32, store in the folder's own precision
+    dtypes = next(unet.parameters()).dtype, next(text.parameters()).dtype
+    if dtypes != (torch.float32, torch.float32):  # fuse in float32, store in the folder's own precision
+        unet, text = unet.float(), text.float()
     modules = {"unet": unet, "text_encoder": getattr(text, "text_model", text)}
     records = [fuse_into_modules(path, scale, modules) for path, scale in loras]
     out_dir.mkdir(parents=True)
-    with torch.no_grad():
-        unet.to(dtype).save_pretrained(out_dir / "unet")
-        text.to(dtype).save_pretrained(out_dir / "text_encoder")
+    if dtypes != (torch.float32, torch.float32):
+        unet, text = unet.to(dtypes[0]), text.to(dtypes[1])
+    unet.save_pretrained(out_dir / "unet")
+    text.save_pretrained(out_dir / "text_encoder")
     (out_dir / "vae").symlink_to((model_dir / "vae").resolve(), target_is_directory=True)
     for name in ("tokenizer", "scheduler"):
         shutil.copytree(model_dir / name, out_dir / name)

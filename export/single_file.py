@@ -320,9 +320,11 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
             except RuntimeError as err:
                 raise ModelError(f"{err}; or pass config= a diffusers SD folder to take its tokenizer") from None
         sched_cls = getattr(diffusers, scheduler_class, None) or getattr(diffusers, default_scheduler)
+        if dtype != next(unet.parameters()).dtype:  # keep the file's precision: fp16 files stay fp16
+            unet, vae, text = unet.to(dtype), vae.to(dtype), text.to(dtype)
         pipe = StableDiffusionPipeline(
-            vae=vae.to(dtype), text_encoder=text.to(dtype), tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
-            unet=unet.to(dtype), scheduler=sched_cls.from_config(configs["scheduler"]), safety_checker=None,
+            vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
+            unet=unet, scheduler=sched_cls.from_config(configs["scheduler"]), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False,
         )
         pipe.save_pretrained(tmp)

@@ -57,11 +57,17 @@ class Baseline:
     label: str
 
 
+# Their pins conflict with each other and with sdrt's (diffusers 0.42 needs huggingface-hub>=1.32; optimum-onnx
+# 0.1.0 needs transformers<4.58, so hub<1.0; optimum-intel 2.2.0 needs hub<1.22): exact pins spare pip's backtracking.
 BASELINES = {
     "diffusers": Baseline("diffusers", "diffusers_worker.py", (), "diffusers StableDiffusionPipeline (PyTorch)"),
-    "optimum": Baseline("optimum", "optimum_worker.py", ("optimum-onnx[onnxruntime]==0.1.0", "diffusers"),
+    "optimum": Baseline("optimum", "optimum_worker.py",
+                        ("optimum-onnx[onnxruntime]==0.1.0", "optimum==2.1.0", "transformers==4.57.3",
+                         "huggingface-hub<1.0", "diffusers==0.36.0"),
                         "optimum ORTStableDiffusionPipeline (ONNX Runtime)"),
-    "openvino": Baseline("openvino", "openvino_worker.py", ("optimum-intel[openvino]==2.2.0", "diffusers"),
+    "openvino": Baseline("openvino", "openvino_worker.py",
+                         ("optimum-intel[openvino]==2.2.0", "optimum==2.3.0", "transformers==5.5.4",
+                          "huggingface-hub>=1.5,<1.22", "diffusers==0.36.0", "torchvision==0.28.0"),
                          "optimum-intel OVStableDiffusionPipeline (OpenVINO)"),
 }  # fmt: skip
 
@@ -746,12 +752,12 @@ def _measure_group(group: list, cfg: BenchConfig, request: dict, record: dict, l
 
 
 def speedups(record: dict) -> dict:
-    """{sdrt runner: {baseline: {batch: {stage: baseline median / sdrt median}}}}; e2e within the same group."""
+    """{sdrt runner: {baseline: {batch: {stage: baseline median / sdrt median}}}}; e2e from a group holding both."""
     out = {}
     sdrt = [n for n in record["runners"] if n.startswith("sdrt-")]
     others = [n for n in record["runners"] if n not in sdrt]
     for s in sdrt:
-        for o in others + [n for n in sdrt if n != s]:
+        for o in others:
             for batch, stats in record["runners"][s].get("stats", {}).items():
                 theirs = record["runners"][o].get("stats", {}).get(batch)
                 if not theirs:
@@ -871,7 +877,7 @@ def write_chart(record: dict, path) -> Path:
     ax.set_xlabel("seconds per generation (median)")
     c = record["config"]
     ax.set_title(f"batch {batch}, {c['size']}x{c['size']}, {c['steps']} steps, {c['threads']} threads", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=5, frameon=False)
     for name in names:
         st = record["runners"][name]["stats"]
         bs = sorted(st, key=int)

@@ -104,9 +104,10 @@ class _Step:
         torch.cuda.current_stream().wait_stream(side)
         for buffer, value in zip((self.x, *self.history), saved):
             buffer.copy_(value)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             self()
+        self.graph = graph  # only once captured: a failed capture leaves none to replay
 
 
 class DeviceLoop:

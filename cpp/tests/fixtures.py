@@ -13,6 +13,7 @@ runtime (numpy, tokenizers, onnxruntime), the CLIP vocabulary from the openai-cl
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -127,10 +128,19 @@ def error_kind(err: Exception) -> str:
     return type(err).__name__  # InputError or ModelError
 
 
+@functools.lru_cache(maxsize=None)
+def _draws(seed: int) -> np.ndarray:
+    kernel = "default" if torch_cpu_capability() == "default" else "avx2"
+    return TorchCPUGenerator(seed, cpu_capability=kernel).randn(N)
+
+
+def draws(seed: int) -> np.ndarray:
+    return _draws(seed).copy()
+
+
 def trajectory(s, n_steps: int, strength: float) -> dict:
     s.set_timesteps(n_steps, strength)
-    kernel = "default" if torch_cpu_capability() == "default" else "avx2"
-    gen = lambda seed: TorchCPUGenerator(seed, cpu_capability=kernel).randn(N)  # noqa: E731
+    gen = draws
     if strength < 1:
         x = s.add_noise(gen(8), gen(9), 0).astype(np.float32)
     else:

@@ -1,6 +1,6 @@
 """Train the digit oracle (a small CNN: digit and stroke colour) on real coloured digits and export it to ONNX.
 
-    python -m sdrt.export.digits.oracle            # ~3 min on 1 CPU core; writes runtime/models/digits_oracle.*
+    python -m sdrt.export.digits.oracle            # a few minutes on 1 CPU core; writes runtime/models/digits_oracle.*
 
 It learns only from data.py's generator (scikit-learn's real handwriting, the DejaVu fonts), never from
 generated images; the last 20% of load_digits is held out and reported. The runtime side is sdrt.oracle.
@@ -29,8 +29,8 @@ class Oracle(torch.nn.Module):
         super().__init__()
         def block(a, b):
             return [torch.nn.Conv2d(a, b, 3, padding=1), torch.nn.BatchNorm2d(b), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
-        self.features = torch.nn.Sequential(torch.nn.AvgPool2d(2), *block(3, 32), *block(32, 64), *block(64, 96),
-                                            torch.nn.Flatten(), torch.nn.Dropout(0.3), torch.nn.Linear(96 * 16, 128),
+        self.features = torch.nn.Sequential(torch.nn.AvgPool2d(2), *block(3, 24), *block(24, 48), *block(48, 64),
+                                            torch.nn.Flatten(), torch.nn.Dropout(0.3), torch.nn.Linear(64 * 16, 128),
                                             torch.nn.ReLU())
         self.digit = torch.nn.Linear(128, 10)
         self.colour = torch.nn.Linear(128, n_colours)
@@ -125,8 +125,8 @@ def export(model: Oracle, figures: dict, onnx_path: Path) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=16000)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--images", type=int, default=10000)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=MODELS / "digits_oracle.onnx")
     p.add_argument("--threads", type=int, default=1)

@@ -117,10 +117,10 @@ class OnnxBackend(Backend):
         try:
             session = self._session(source, options)
             tmp.replace(cache)
-        except OSError:  # a full disk or a read-only folder costs the cache, not the run
-            return self._session(source, self._options())
-        finally:
+        except Exception:  # a full disk, or a graph ORT cannot save, costs the cache, not the run
             tmp.unlink(missing_ok=True)
+            (cache.parent / (stem + ".data")).unlink(missing_ok=True)
+            return self._session(source, self._options())  # a real load error surfaces here
         self._prune_cache(cache, keep=(cache.name, stem + ".data"))
         return session
 

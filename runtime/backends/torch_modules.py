@@ -80,7 +80,14 @@ def load_contract_modules(model_dir, facts, device="cpu", dtype=torch.float32) -
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+
+    # sdrt prints its own progress; the libraries' per-file loading bars only clutter stderr.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
     text = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=dtype)
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype)

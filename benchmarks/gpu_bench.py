@@ -242,6 +242,10 @@ class Bench:
             lines += ["", f"targets (H100): per guided UNet call {best_call:.2f} ms (<= {TARGET_CALL_MS}: "
                       f"{'met' if best_call <= TARGET_CALL_MS else 'NOT met'}); 50 steps end to end "
                       + (f"{min(long):.0f} ms (<= {TARGET_50_STEPS_MS:.0f}: {'met' if min(long) <= TARGET_50_STEPS_MS else 'NOT met'})" if long else "not measured")]  # fmt: skip
+        if "gpu_tests" in self.results:
+            lines += [f"gpu tests (pytest -m gpu): {'passed' if self.results['gpu_tests']['passed'] else 'FAILED'}"]
+        if "compile" in self.results:
+            lines += [f"torch.compile: {json.dumps(self.results['compile'])[:300]}"]
         bad = {k: v["status"] for k, v in self.results["sections"].items() if v["status"] != "ok"}
         lines += ["", "sections not ok: " + (", ".join(f"{k} ({v})" for k, v in bad.items()) if bad else "none")]
         return "\n".join(lines) + "\n"
@@ -551,6 +555,16 @@ def main(argv=None) -> int:
         backend.cuda_graphs = cuda
         print("  " + json.dumps(p))
 
+    def gpu_tests():
+        """The repo's GPU-marked tests (graph == eager == host loop per scheduler), in this process: sdrt is the shim."""
+        import pytest
+
+        tests = [str(REPO / "tests" / name) for name in ("test_device_loop.py", "test_schedulers_device.py")]
+        code = pytest.main(["-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs", "--rootdir", str(REPO),
+                            f"--junitxml={bench.out / 'gpu_tests.xml'}", *tests])  # fmt: skip
+        res["gpu_tests"] = {"exit_code": int(code), "passed": int(code) == 0}
+        print(f"  gpu tests exit code {int(code)}")
+
     def torch_compile():
         """torch.compile'd UNet inside the whole-step graph, in a child process killed at the timeout."""
         timeout = min(args.compile_timeout_s, bench.left() + 60)
@@ -602,6 +616,7 @@ def main(argv=None) -> int:
     for b in batches:
         bench.section(f"sdrt_graph_b{b}", measure_sdrt, "sdrt_graph", b, args.steps, True, need_s=10)
     bench.section("parity", parity, need_s=20)
+    bench.section("gpu_tests", gpu_tests, need_s=30)
     bench.section("channels_last", channels_last, need_s=30)
     if args.long_steps:
         bench.section("long_run", long_run, need_s=20)

@@ -381,8 +381,9 @@ def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchC
     """Export `diffusers_dir` to the cache once (`sdrt export` in a subprocess, so its memory goes back)."""
     from sdrt.model_facts import read_model_facts
 
-    step = read_model_facts(diffusers_dir).size_step
-    limits = {"min": step, "opt": size, "max": max(size, step), "batch": max(max_batch, 1)}
+    facts = read_model_facts(diffusers_dir)
+    step = facts.size_step  # one export serves every size and batch ORT runs; the limits matter to TensorRT only
+    limits = {"min": step, "opt": facts.default_size, "max": max(size, facts.default_size), "batch": max(max_batch, 4)}
     out = config.cache_dir / "exports" / f"{diffusers_dir.name}-{folder_digest(diffusers_dir, limits)}"
     if (out / "manifest.json").exists():
         return out

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from sdrt import __version__
 from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from sdrt.device_loop import draw_step_noise
 from sdrt.errors import BackendError, Cancelled, InputError
 from sdrt.images import decoded_to_uint8, image_to_array, load_image
 from sdrt.model_facts import check_size
@@ -189,20 +190,26 @@ class Pipeline:
             x = noise.astype(np.float32) * np.float32(sched.init_noise_sigma)
 
         # 3. The denoising loop: one batched UNet call per step, guidance, scheduler step.
+        #    A backend that can keeps the whole loop on its device (the same steps: sdrt.device_loop).
         t0 = time.perf_counter()
-        for i in tqdm(range(sched.num_calls), desc="denoising", disable=not progress, leave=False):
-            x_in = sched.scale_model_input(x, i)
-            unet_in = np.concatenate([x_in, x_in]) if do_guidance else x_in
-            timestep = np.full((unet_in.shape[0],), sched.timesteps[i], dtype=np.float32)
-            pred = self.backend.run(UNET, {"sample": unet_in, "timestep": timestep, "encoder_hidden_states": text_states})
-            pred = pred["out_sample"]
-            if do_guidance:
-                pred_uncond, pred_cond = pred[:batch], pred[batch:]
-                pred = pred_uncond + np.float32(guidance_scale) * (pred_cond - pred_uncond)
-            step_noise = np.concatenate([g.randn(latent_shape) for g in generators]) if sched.needs_noise else None
-            x = sched.step(pred, i, x, step_noise)
-            if callback is not None and callback(i, float(sched.timesteps[i]), x) is False:
-                raise Cancelled(f"cancelled by the step callback after step {i + 1} of {sched.num_calls}")
+        if getattr(self.backend, "use_device_loop", False):
+            step_noise = draw_step_noise(generators, sched, latent_shape)  # after the initial latents, as below
+            gs = guidance_scale if do_guidance else None
+            x = self.backend.denoise(sched, x, text_states, gs, step_noise, callback, progress)
+        else:
+            for i in tqdm(range(sched.num_calls), desc="denoising", disable=not progress, leave=False):
+                x_in = sched.scale_model_input(x, i)
+                unet_in = np.concatenate([x_in, x_in]) if do_guidance else x_in
+                timestep = np.full((unet_in.shape[0],), sched.timesteps[i], dtype=np.float32)
+                pred = self.backend.run(UNET, {"sample": unet_in, "timestep": timestep, "encoder_hidden_states": text_states})
+                pred = pred["out_sample"]
+                if do_guidance:
+                    pred_uncond, pred_cond = pred[:batch], pred[batch:]
+                    pred = pred_uncond + np.float32(guidance_scale) * (pred_cond - pred_uncond)
+                step_noise = np.concatenate([g.randn(latent_shape) for g in generators]) if sched.needs_noise else None
+                x = sched.step(pred, i, x, step_noise)
+                if callback is not None and callback(i, float(sched.timesteps[i]), x) is False:
+                    raise Cancelled(f"cancelled by the step callback after step {i + 1} of {sched.num_calls}")
         t_loop = time.perf_counter() - t0
 
         # 4. Decode with the model's own scaling factor (inside the decoder network, per the contract).

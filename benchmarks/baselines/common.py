@@ -144,6 +144,17 @@ def versions(*packages: str) -> dict:
     return found
 
 
+def converted_dir(config: dict, tool: str, *packages: str) -> "Path":
+    """Where a baseline keeps its conversion of config["model"]: keyed by the folder's files and the tool versions."""
+    import hashlib
+    from pathlib import Path
+
+    model = Path(config["model"])
+    files = [[str(p.relative_to(model)), p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(model.rglob("*")) if p.is_file()]
+    key = json.dumps([str(model), files, versions(*packages)])
+    return Path(config["cache_dir"]) / tool / f"{model.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
 def threads_of(config: dict) -> int:
     return int(config.get("threads") or os.cpu_count() or 1)
 

@@ -109,11 +109,15 @@ sdrt_status sdrt_init(const sdrt_ctx_params *params, sdrt_ctx **out) {
     if (!params->model_dir) return null_arg(nullptr, "params->model_dir (the export folder)");
     sdrt_ctx *ctx = nullptr;
     sdrt_status st = guarded(nullptr, [&] {
-        if (params->backend < SDRT_BACKEND_AUTO || params->backend > SDRT_BACKEND_TENSORRT)
-            throw sdrt::input_error("backend " + std::to_string(int(params->backend)) + " is not an sdrt_backend value");
+        // A C caller may store any int in the enum field: read it as an int (loading it as the enum would be UB).
+        int backend = 0;
+        static_assert(sizeof(params->backend) == sizeof(int), "sdrt_backend is int-sized");
+        std::memcpy(&backend, &params->backend, sizeof backend);
+        if (backend < SDRT_BACKEND_AUTO || backend > SDRT_BACKEND_TENSORRT)
+            throw sdrt::input_error("backend " + std::to_string(backend) + " is not an sdrt_backend value");
         if (params->n_threads < 0) throw sdrt::input_error("n_threads " + std::to_string(params->n_threads) + " is negative; 0 means ONNX Runtime's default");
         std::unique_ptr<sdrt_ctx> c(new sdrt_ctx);
-        sdrt::BackendOptions options{int(params->backend), params->n_threads, params->device_id};
+        sdrt::BackendOptions options{backend, params->n_threads, params->device_id};
         c->pipeline.reset(new sdrt::Pipeline(params->model_dir, options));
         c->backend_info = c->pipeline->backend().describe();
         c->progress = params->progress;

@@ -92,7 +92,11 @@ void bad_exports(const std::string &exp) {
     sdrt_status st = init_at(exp, &ctx, SDRT_BACKEND_ORT_CUDA);  // no CUDA provider in a CPU build of ONNX Runtime
     if (st == SDRT_OK) sdrt_free(ctx);
     CHECK(st == SDRT_OK || st == SDRT_ERR_UNSUPPORTED || st == SDRT_ERR_BACKEND, std::string("cuda backend: ") + sdrt_last_error(nullptr));
-    CHECK(init_at(exp, &ctx, sdrt_backend(99)) == SDRT_ERR_INVALID_ARGUMENT, "backend 99");
+    sdrt_ctx_params cp = sdrt_ctx_default_params();
+    cp.model_dir = exp.c_str();
+    const int bogus = 99;  // what a C caller can store in the enum field
+    std::memcpy(&cp.backend, &bogus, sizeof bogus);
+    CHECK(sdrt_init(&cp, &ctx) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(nullptr), "backend 99"), "backend 99");
 }
 
 void bad_generate(sdrt_ctx *ctx) {

@@ -96,9 +96,9 @@ int main(int argc, char **argv) {
         else if (a == "--threads") ok = parse_int(v, n), cp.n_threads = int(n);
         else if (a == "--backend") {
             std::string b = v;
-            cp.backend = b == "auto" ? SDRT_BACKEND_AUTO : b == "cpu" ? SDRT_BACKEND_ORT_CPU : b == "cuda" ? SDRT_BACKEND_ORT_CUDA
-                       : b == "ort-tensorrt" ? SDRT_BACKEND_ORT_TENSORRT : b == "tensorrt" ? SDRT_BACKEND_TENSORRT : sdrt_backend(-1);
-            ok = int(cp.backend) >= 0;
+            ok = b == "auto" || b == "cpu" || b == "cuda" || b == "ort-tensorrt" || b == "tensorrt";
+            cp.backend = b == "cpu" ? SDRT_BACKEND_ORT_CPU : b == "cuda" ? SDRT_BACKEND_ORT_CUDA
+                       : b == "ort-tensorrt" ? SDRT_BACKEND_ORT_TENSORRT : b == "tensorrt" ? SDRT_BACKEND_TENSORRT : SDRT_BACKEND_AUTO;
         } else {
             std::fprintf(stderr, "sdrt-host: unknown option %s\n%s", a.c_str(), kUsage);
             return 2;

@@ -1,0 +1,53 @@
+"""Baseline: optimum's ORTStableDiffusionPipeline (ONNX Runtime), from optimum-onnx.
+
+prepare: `ORTStableDiffusionPipeline.from_pretrained(model, export=True)` and save_pretrained into the cache, once
+(optimum's own export of the same diffusers folder). load: from_pretrained(that folder) on the CPU provider with
+intra-op threads set, as its docs show. The pipeline is diffusers' StableDiffusionPipeline over ORT sessions, so
+the stages are timed at the same component calls as the diffusers baseline (diffusers_worker.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from diffusers_worker import DiffusersRunner  # noqa: E402
+
+PACKAGES = ("optimum-onnx", "optimum", "onnxruntime", "diffusers", "transformers", "torch", "numpy")
+
+
+class OptimumRunner(DiffusersRunner):
+    name = "optimum"
+    packages = PACKAGES
+
+    def prepare(self, config: dict) -> dict:
+        out = common.converted_dir(config, "optimum", *PACKAGES)
+        if (out / "model_index.json").exists():
+            return {"cached": True, "folder": str(out)}
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+        t0 = time.perf_counter()
+        pipe = ORTStableDiffusionPipeline.from_pretrained(config["model"], export=True)
+        tmp = out.with_name(out.name + ".partial")
+        pipe.save_pretrained(tmp)
+        tmp.rename(out)
+        return {"cached": False, "folder": str(out), "export_s": time.perf_counter() - t0}
+
+    def create(self, config: dict):
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = common.threads_of(config)
+        provider = "CUDAExecutionProvider" if config.get("device") == "cuda" else "CPUExecutionProvider"
+        folder = common.converted_dir(config, "optimum", *PACKAGES)
+        pipe = ORTStableDiffusionPipeline.from_pretrained(folder, export=False, provider=provider, session_options=options)
+        return pipe, (f"optimum-onnx ORTStableDiffusionPipeline, onnxruntime {ort.__version__} on {provider} "
+                      f"({options.intra_op_num_threads} intra-op threads, graph optimisation {options.graph_optimization_level.name})")
+
+
+if __name__ == "__main__":
+    sys.exit(common.serve(OptimumRunner()))

@@ -240,6 +240,8 @@ def test_interrupted_export_leaves_nothing_that_loads(tiny_sd1, onnx_sd1, tmp_pa
 
     monkeypatch.setattr(onnx_export, "finish_network", interrupted)
     out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / f".out.partial-{dead}" / "unet").mkdir(parents=True)  # what a SIGKILLed export leaves: removed
     with pytest.raises(KeyboardInterrupt):
         onnx_export.export_model(tiny_sd1, out, limits=TEST_LIMITS, progress=False, check=False)
     assert list(tmp_path.iterdir()) == []

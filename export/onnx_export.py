@@ -81,12 +81,15 @@ def export_model(
     progress: bool = True,
     exporter: str = "torchscript",
     force: bool = False,
+    share_weights: bool = False,
 ) -> ExportReport:
     """Export `model_dir` (diffusers format, SD 1.x/2.x) to the sdrt export folder `out_dir`.
 
     fp16: store weights and compute in fp16; the I/O, the timestep path and KEEP_FP32_OPS (+ keep_fp32_ops)
     stay float32. check: run each network in ONNX Runtime and PyTorch on random inputs at a size and batch other
     than the export's, and fail when they differ by more than CHECK_TOLERANCE. force: replace an existing export.
+    share_weights: OUT also holds the diffusers folder, and each ONNX graph sits in its component's folder reading
+    its weights from the component's safetensors (sdrt.export.share_weights): both backends, one copy of weights.
     """
     from tqdm.auto import tqdm
 
@@ -95,6 +98,8 @@ def export_model(
     if exporter not in EXPORTERS:
         raise InputError(f"exporter {exporter!r} is not one of {', '.join(EXPORTERS)}")
     opset = opset or DEFAULT_OPSET[exporter]
+    if share_weights and fp16:
+        raise InputError("share_weights needs an fp32 export: the ONNX graphs read the checkpoint's float32 weights")
     if keep_fp32_ops and not fp16:
         raise InputError(f"keep_fp32_ops {list(keep_fp32_ops)} applies to fp16 exports only; add --fp16 or drop it")
     if not 14 <= opset <= 23:
@@ -115,13 +120,18 @@ def export_model(
     tmp.mkdir()
     reports: dict[str, NetworkReport] = {}
     try:
+        if share_weights:
+            copy_diffusers_folder(model_dir, tmp)
         bar = tqdm(NETWORKS, desc="export", unit="network", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
             t0 = time.perf_counter()
-            rel = f"{name}/model.onnx"
-            export_network(modules[name], contracts[name], tmp / rel, export_dims(limits, facts), opset, exporter)
+            rel = f"{name}/model.onnx" if not share_weights else f".staging/{name}/model.onnx"
+            export_network(modules[name], contracts[name], tmp / rel, export_dims(limits, facts), opset, exporter,
+                           constant_folding=not share_weights)
             finish_network(tmp / rel, contracts[name], fp16, keep_fp32_ops, upcast_attention and name == UNET)
+            if share_weights:
+                rel = share_network_weights(tmp, rel, name)
             report = NetworkReport(name, rel, precision, time.perf_counter() - t0, network_bytes(tmp / rel))
             if check:
                 report.check_dims = check_dims(limits, facts)
@@ -136,7 +146,8 @@ def export_model(
             reports[name] = report
         bar.close()
         del modules
-        copy_runtime_files(model_dir, tmp)
+        shutil.rmtree(tmp / ".staging", ignore_errors=True)
+        copy_runtime_files(model_dir, tmp, token_table=not share_weights)
         manifest = Manifest(
             facts=facts,
             contracts=contracts,
@@ -144,7 +155,9 @@ def export_model(
             files={},
             limits=limits.to_dict(),
             versions=library_versions(opset, exporter),
+            token_embeddings=SHARED_FILES["text_encoder"][1] if share_weights else "token_embeddings.safetensors",
             extras={
+                "shared_weights": share_weights,
                 "source": str(model_dir.resolve()),
                 "keep_fp32_ops": list(keep_fp32_ops),
                 "upcast_attention": upcast_attention,
@@ -214,7 +227,8 @@ def check_dims(limits: ShapeLimits, facts: ModelFacts) -> dict[str, int]:
     return {**limits.dims(facts, "min"), "batch": 1, "unet_batch": 3}
 
 
-def export_network(module, contract: NetworkContract, path: Path, dims: dict, opset: int, exporter: str) -> None:
+def export_network(module, contract: NetworkContract, path: Path, dims: dict, opset: int, exporter: str,
+                   constant_folding: bool = True) -> None:
     """torch -> ONNX at `path` (with the exporter's own external-data layout; finish_network tidies it)."""
     import torch
 
@@ -233,7 +247,7 @@ def export_network(module, contract: NetworkContract, path: Path, dims: dict, op
         else:
             torch.onnx.export(
                 module, args, str(path), dynamo=False, dynamic_axes=contract.dynamic_axes(), opset_version=opset,
-                input_names=contract.input_names, output_names=contract.output_names, do_constant_folding=True,
+                input_names=contract.input_names, output_names=contract.output_names, do_constant_folding=constant_folding,
             )  # fmt: skip
 
 
@@ -329,7 +343,40 @@ def compare_with_torch(path: Path, module, contract: NetworkContract, dims: dict
 # --- the rest of the folder -----------------------------------------------------------------------------------
 
 
-def copy_runtime_files(model_dir: Path, folder: Path) -> None:
+# network -> (component folder, the checkpoint file its graph reads, with share_weights)
+SHARED_FILES = {
+    "text_encoder": ("text_encoder", "text_encoder/model.safetensors"),
+    "unet": ("unet", "unet/diffusion_pytorch_model.safetensors"),
+    "vae_encoder": ("vae", "vae/diffusion_pytorch_model.safetensors"),
+    "vae_decoder": ("vae", "vae/diffusion_pytorch_model.safetensors"),
+}
+
+
+def copy_diffusers_folder(model_dir: Path, folder: Path) -> None:
+    """The diffusers weights and configs the shared graphs read (fp32 safetensors only: their bytes are shared)."""
+    for rel in SHARED_FILES.values():
+        if not (model_dir / rel[1]).exists():
+            raise ModelError(f"share_weights needs {model_dir / rel[1]} (fp32 safetensors); convert the model or export without it")
+    shutil.copy2(model_dir / "model_index.json", folder / "model_index.json")
+    for component in ("text_encoder", "unet", "vae"):
+        (folder / component).mkdir()
+        for name in ("config.json", "model.safetensors", "diffusion_pytorch_model.safetensors"):
+            if (model_dir / component / name).exists():
+                shutil.copy2(model_dir / component / name, folder / component / name)
+
+
+def share_network_weights(folder: Path, staged_rel: str, network: str) -> str:
+    """Move a staged graph into its component folder and point its initializers at the component's safetensors."""
+    from sdrt.export.share_weights import link_to_safetensors
+
+    component, weights = SHARED_FILES[network]
+    final = folder / component / ("model.onnx" if network in ("text_encoder", "unet") else network.split("_")[1] + ".onnx")
+    shutil.move(str(folder / staged_rel), str(final))
+    link_to_safetensors(final, folder / weights)
+    return str(final.relative_to(folder))
+
+
+def copy_runtime_files(model_dir: Path, folder: Path, token_table: bool = True) -> None:
     """Tokenizer, scheduler config and the token-embedding table: what the runtime needs besides the networks."""
     from safetensors.numpy import save_file
 
@@ -338,6 +385,8 @@ def copy_runtime_files(model_dir: Path, folder: Path) -> None:
     shutil.copytree(model_dir / "tokenizer", folder / "tokenizer")
     (folder / "scheduler").mkdir()
     shutil.copy2(model_dir / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
+    if not token_table:  # the runtime reads the table from the shared text-encoder checkpoint
+        return
     table = open_model(model_dir).load_token_embeddings()
     save_file({"token_embedding": np.ascontiguousarray(table, dtype=np.float32)}, str(folder / "token_embeddings.safetensors"))
 

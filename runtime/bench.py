@@ -55,10 +55,12 @@ class Baseline:
     script: str
     packages: tuple[str, ...]  # pip-installed after TORCH_PIN in the baseline's own venv; () runs in this venv
     label: str
+    remove: tuple[str, ...] = ()  # uninstalled afterwards: pulled in by a pin but breaking imports here
 
 
 # Their pins conflict with each other and with sdrt's (diffusers 0.42 needs huggingface-hub>=1.32; optimum-onnx
-# 0.1.0 needs transformers<4.58, so hub<1.0; optimum-intel 2.2.0 needs hub<1.22): exact pins spare pip's backtracking.
+# 0.1.0 needs transformers<4.58, so hub<1.0; optimum-intel 2.2.0 needs hub<1.22, and transformers 5 needs
+# diffusers >= 0.39 (0.36 imports MT5Tokenizer)): exact pins spare pip minutes of backtracking.
 BASELINES = {
     "diffusers": Baseline("diffusers", "diffusers_worker.py", (), "diffusers StableDiffusionPipeline (PyTorch)"),
     "optimum": Baseline("optimum", "optimum_worker.py",
@@ -67,8 +69,11 @@ BASELINES = {
                         "optimum ORTStableDiffusionPipeline (ONNX Runtime)"),
     "openvino": Baseline("openvino", "openvino_worker.py",
                          ("optimum-intel[openvino]==2.2.0", "optimum==2.3.0", "transformers==5.5.4",
-                          "huggingface-hub>=1.5,<1.22", "diffusers==0.36.0", "torchvision==0.28.0"),
-                         "optimum-intel OVStableDiffusionPipeline (OpenVINO)"),
+                          "huggingface-hub>=1.5,<1.22", "diffusers==0.39.0"),
+                         "optimum-intel OVStableDiffusionPipeline (OpenVINO)",
+                         # PyPI's torchvision fails against the CPU torch wheel ("operator torchvision::nms does not
+                         # exist") and transformers then refuses AutoProcessor; nothing here needs torchvision.
+                         remove=("torchvision",)),
 }  # fmt: skip
 
 
@@ -324,7 +329,7 @@ def baseline_python(baseline: Baseline, config: BenchConfig, log) -> str:
         return sys.executable
     env = config.cache_dir / "envs" / baseline.name
     ready = env / "sdrt-bench-ready.json"
-    want = [TORCH_PIN, *baseline.packages]
+    want = [TORCH_PIN, *baseline.packages, *(f"-{r}" for r in baseline.remove)]
     if ready.exists() and json.loads(ready.read_text()).get("requested") == want:
         return str(env / "bin" / "python")
     if not config.create_envs:
@@ -335,7 +340,9 @@ def baseline_python(baseline: Baseline, config: BenchConfig, log) -> str:
     with open(pip_log, "w") as out:
         steps = [[sys.executable, "-m", "venv", "--clear", str(env)],
                  [str(env / "bin" / "pip"), "install", "--disable-pip-version-check", TORCH_PIN],
-                 [str(env / "bin" / "pip"), "install", "--disable-pip-version-check", TORCH_PIN, *baseline.packages]]  # fmt: skip
+                 [str(env / "bin" / "pip"), "install", "--disable-pip-version-check", TORCH_PIN, *baseline.packages]]
+        if baseline.remove:
+            steps.append([str(env / "bin" / "pip"), "uninstall", "-y", *baseline.remove])  # fmt: skip
         for cmd in steps:
             if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
                 tail = " | ".join(pip_log.read_text(errors="replace").strip().splitlines()[-4:])

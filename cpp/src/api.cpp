@@ -130,13 +130,17 @@ sdrt_status sdrt_init(const sdrt_ctx_params *params, sdrt_ctx **out) {
 
 void sdrt_free(sdrt_ctx *ctx) {
     if (!ctx) return;
-    { std::lock_guard<std::mutex> wait_for_a_run(ctx->lock); }
-    delete ctx;
+    try {
+        { std::lock_guard<std::mutex> wait_for_a_run(ctx->lock); }
+        delete ctx;
+    } catch (...) {  // nothing may leave the C API; a failing lock leaves the context allocated rather than crash
+    }
 }
 
 sdrt_status sdrt_generate(sdrt_ctx *ctx, const sdrt_gen_params *params, uint8_t *rgb_out) {
     if (!ctx) return null_arg(nullptr, "ctx");
-    std::lock_guard<std::mutex> lock(ctx->lock);
+    std::unique_lock<std::mutex> lock(ctx->lock, std::defer_lock);
+    if (guarded(nullptr, [&] { lock.lock(); }) != SDRT_OK) return SDRT_ERR_INTERNAL;
     if (!params) return null_arg(ctx, "params");
     if (!rgb_out) return null_arg(ctx, "rgb_out (a buffer of batch_count * height * width * 3 bytes)");
     return guarded(ctx, [&] {
@@ -154,8 +158,9 @@ sdrt_status sdrt_generate_image(sdrt_ctx *ctx, const sdrt_gen_params *params, sd
     if (!ctx) return null_arg(nullptr, "ctx");
     if (!out) return null_arg(ctx, "the sdrt_image ** output pointer");
     *out = nullptr;
+    std::unique_lock<std::mutex> lock(ctx->lock, std::defer_lock);
+    if (guarded(nullptr, [&] { lock.lock(); }) != SDRT_OK) return SDRT_ERR_INTERNAL;
     if (!params) return null_arg(ctx, "params");
-    std::lock_guard<std::mutex> lock(ctx->lock);
     sdrt_image *image = nullptr;
     sdrt_status st = guarded(ctx, [&] {
         int64_t seed = -1;
@@ -190,14 +195,19 @@ int sdrt_size_step(const sdrt_ctx *ctx) { return ctx ? ctx->pipeline->facts().si
 
 sdrt_status sdrt_set_progress_callback(sdrt_ctx *ctx, sdrt_progress_fn fn, void *user) {
     if (!ctx) return null_arg(nullptr, "ctx");
-    std::lock_guard<std::mutex> lock(ctx->lock);
-    ctx->progress = fn;
-    ctx->progress_user = user;
-    return SDRT_OK;
+    return guarded(nullptr, [&] {
+        std::lock_guard<std::mutex> lock(ctx->lock);
+        ctx->progress = fn;
+        ctx->progress_user = user;
+    });
 }
 
 void sdrt_request_cancel(sdrt_ctx *ctx) {
-    if (ctx) ctx->pipeline->cancel();  // no lock: it must reach a run in progress
+    if (!ctx) return;
+    try {
+        ctx->pipeline->cancel();  // no context lock: it must reach a run in progress
+    } catch (...) {
+    }
 }
 
 int64_t sdrt_last_seed(const sdrt_ctx *ctx) { return ctx ? ctx->last_seed : -1; }

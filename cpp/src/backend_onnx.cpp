@@ -4,8 +4,14 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <fstream>
 #include <mutex>
 
 #include "backend.h"
@@ -50,7 +56,9 @@ public:
                                                   "ONNX Runtime (onnxruntime-gpu), or SDRT_BACKEND_ORT_CPU");
         for (const auto &kv : model.network_files) {
             std::string used;
-            sessions_[kv.first] = load(kv.first, kv.second, opt, want_trt, want_cuda || auto_cuda, used);
+            const auto sha = model.network_sha256.find(kv.first);
+            sessions_[kv.first] = load(kv.first, kv.second, sha == model.network_sha256.end() ? "" : sha->second,
+                                       join_path(model.path, ".ort_cache"), opt, want_trt, want_cuda || auto_cuda, used);
             providers_ = used;
         }
     }
@@ -108,54 +116,125 @@ private:
     std::atomic<bool> cancelled_{false};
     std::string providers_ = "CPUExecutionProvider";
 
-    static std::unique_ptr<Ort::Session> load(const std::string &network, const std::string &file, const BackendOptions &opt,
-                                              bool trt, bool cuda, std::string &used) {
+    // Session options with the providers appended (TensorRT, CUDA, then CPU); `used` names them.
+    static Ort::SessionOptions options(const BackendOptions &opt, bool trt, bool cuda, GraphOptimizationLevel level, std::string &used) {
+        Ort::SessionOptions so;
+        so.SetGraphOptimizationLevel(level);
+        so.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);
+        so.SetLogSeverityLevel(3);
+        if (opt.threads > 0) so.SetIntraOpNumThreads(opt.threads);
+        used = "CPUExecutionProvider";
+        if (!cuda) return so;
+        std::string dev = std::to_string(opt.device_id);
+        const char *k[] = {"device_id"}, *v[] = {dev.c_str()};
+        const OrtApi &api = Ort::GetApi();
+        if (trt) {
+            OrtTensorRTProviderOptionsV2 *t = nullptr;
+            Ort::ThrowOnError(api.CreateTensorRTProviderOptions(&t));
+            Ort::Status st(api.UpdateTensorRTProviderOptions(t, k, v, 1));
+            if (st.IsOK()) so.AppendExecutionProvider_TensorRT_V2(*t);
+            api.ReleaseTensorRTProviderOptions(t);
+            if (!st.IsOK()) throw Ort::Exception(st.GetErrorMessage(), st.GetErrorCode());
+        }
+        OrtCUDAProviderOptionsV2 *c = nullptr;
+        Ort::ThrowOnError(api.CreateCUDAProviderOptions(&c));
+        Ort::Status st(api.UpdateCUDAProviderOptions(c, k, v, 1));
+        if (st.IsOK()) so.AppendExecutionProvider_CUDA_V2(*c);
+        api.ReleaseCUDAProviderOptions(c);
+        if (!st.IsOK()) throw Ort::Exception(st.GetErrorMessage(), st.GetErrorCode());
+        used = std::string(trt ? "TensorrtExecutionProvider, " : "") + "CUDAExecutionProvider, CPUExecutionProvider";
+        return so;
+    }
+
+    static std::unique_ptr<Ort::Session> load(const std::string &network, const std::string &file, const std::string &sha,
+                                              const std::string &dir, const BackendOptions &opt, bool trt, bool cuda, std::string &used) {
         try {
-            Ort::SessionOptions so;
-            so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
-            so.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);
-            so.SetLogSeverityLevel(3);
-            if (opt.threads > 0) so.SetIntraOpNumThreads(opt.threads);
-            used = "CPUExecutionProvider";
-            if (cuda) {
-                try {
-                    std::string dev = std::to_string(opt.device_id);
-                    const OrtApi &api = Ort::GetApi();
-                    if (trt) {
-                        OrtTensorRTProviderOptionsV2 *t = nullptr;
-                        Ort::ThrowOnError(api.CreateTensorRTProviderOptions(&t));
-                        const char *k[] = {"device_id"}, *v[] = {dev.c_str()};
-                        Ort::Status st(api.UpdateTensorRTProviderOptions(t, k, v, 1));
-                        if (st.IsOK()) so.AppendExecutionProvider_TensorRT_V2(*t);
-                        api.ReleaseTensorRTProviderOptions(t);
-                        if (!st.IsOK()) throw Ort::Exception(st.GetErrorMessage(), st.GetErrorCode());
-                        used = "TensorrtExecutionProvider, ";
-                    }
-                    OrtCUDAProviderOptionsV2 *c = nullptr;
-                    Ort::ThrowOnError(api.CreateCUDAProviderOptions(&c));
-                    const char *k[] = {"device_id"}, *v[] = {dev.c_str()};
-                    Ort::Status st(api.UpdateCUDAProviderOptions(c, k, v, 1));
-                    if (st.IsOK()) so.AppendExecutionProvider_CUDA_V2(*c);
-                    api.ReleaseCUDAProviderOptions(c);
-                    if (!st.IsOK()) throw Ort::Exception(st.GetErrorMessage(), st.GetErrorCode());
-                    used = (trt ? used : "") + "CUDAExecutionProvider, CPUExecutionProvider";
-                } catch (const Ort::Exception &e) {
-                    if (opt.provider != SDRT_BACKEND_AUTO)
-                        throw Error(SDRT_ERR_BACKEND, std::string("ONNX Runtime could not start its GPU provider: ") + e.what());
-                    auto session = load(network, file, BackendOptions{SDRT_BACKEND_ORT_CPU, opt.threads, opt.device_id}, false, false, used);
-                    used = "CPUExecutionProvider (no usable GPU: " + std::string(e.what()).substr(0, 120) + ")";
-                    return session;
-                }
+            try {
+                return load_cached(network, file, sha, dir, opt, trt, cuda, used);
+            } catch (const Ort::Exception &e) {
+                if (!cuda || opt.provider != SDRT_BACKEND_AUTO) throw;
+                BackendOptions cpu{SDRT_BACKEND_ORT_CPU, opt.threads, opt.device_id};
+                auto session = load_cached(network, file, sha, dir, cpu, false, false, used);
+                used = "CPUExecutionProvider (no usable GPU: " + std::string(e.what()).substr(0, 120) + ")";
+                return session;
             }
-            auto session = std::make_unique<Ort::Session>(env(), file.c_str(), so);
-            check(*session, network, file);
-            return session;
         } catch (const Ort::Exception &e) {
             std::string first = e.what();
             first = first.substr(0, std::min(first.find('\n'), size_t(300)));
+            if (cuda && opt.provider != SDRT_BACKEND_AUTO)
+                throw Error(SDRT_ERR_BACKEND, "ONNX Runtime could not run " + file + " on its GPU provider: " + first);
             throw model_error("ONNX Runtime could not load " + file + " (" + first + "); the file is damaged or from an "
                               "incompatible export: re-export the model with `sdrt export`");
         }
+    }
+
+    // As the Python backend does: the graph optimised once at ORT_ENABLE_ALL is saved in <export>/.ort_cache/ (named
+    // cpp-<network>-<key>, apart from the Python runtime's files), keyed by the ONNX file's size, mtime and manifest
+    // sha256, the ONNX Runtime version, providers, threads and CPU; later loads skip the optimisers. A damaged cache is rebuilt; an
+    // unwritable folder only costs the cache.
+    static std::unique_ptr<Ort::Session> load_cached(const std::string &network, const std::string &file, const std::string &sha,
+                                                     const std::string &dir, const BackendOptions &opt, bool trt, bool cuda,
+                                                     std::string &used) {
+        Ort::SessionOptions so = options(opt, trt, cuda, GraphOptimizationLevel::ORT_ENABLE_ALL, used);
+        struct stat st;
+        if (stat(file.c_str(), &st) != 0) throw model_error(file + " is missing; re-export the model with `sdrt export`");
+        std::string key = file.substr(file.rfind('/') + 1) + "|" + std::to_string(st.st_size) + "|" + std::to_string(st.st_mtim.tv_sec) +
+                          "." + std::to_string(st.st_mtim.tv_nsec) + "|" + Ort::GetVersionString() + "|" + used + "|" +
+                          std::to_string(opt.threads) + "|" + cpu_name() + "|" + sha;
+        uint64_t h = 1469598103934665603ull;  // FNV-1a
+        for (unsigned char ch : key) h = (h ^ ch) * 1099511628211ull;
+        char hex[17];
+        std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+        const std::string stem = "cpp-" + network + "-" + hex, cache = dir + "/" + stem + ".onnx";
+        if (file_exists(cache)) {
+            try {
+                std::string ignored;
+                Ort::SessionOptions cached = options(opt, trt, cuda, GraphOptimizationLevel::ORT_DISABLE_ALL, ignored);
+                auto session = std::make_unique<Ort::Session>(env(), cache.c_str(), cached);
+                check(*session, network, cache);
+                return session;
+            } catch (const std::exception &) {  // stale or damaged: rebuilt below
+            }
+        }
+        std::string tmp;
+        if ((is_directory(dir) || mkdir(dir.c_str(), 0755) == 0) && access(dir.c_str(), W_OK) == 0) {
+            static std::atomic<unsigned> counter{0};  // two contexts loading at once in one process
+            std::string pid = std::to_string(getpid()) + "." + std::to_string(counter++);
+            tmp = dir + "/" + stem + "-" + pid + ".onnx.tmp";
+            so.SetOptimizedModelFilePath(tmp.c_str());
+            so.AddConfigEntry("session.optimized_model_external_initializers_file_name", (stem + "-" + pid + ".data").c_str());
+            so.AddConfigEntry("session.optimized_model_external_initializers_min_size_in_bytes", "1024");
+        }
+        auto session = std::make_unique<Ort::Session>(env(), file.c_str(), so);
+        check(*session, network, file);
+        if (!tmp.empty() && file_exists(tmp)) {
+            if (std::rename(tmp.c_str(), cache.c_str()) == 0) prune(dir, "cpp-" + network + "-", stem);
+            std::remove(tmp.c_str());
+        }
+        return session;
+    }
+
+    // Removes this network's older cache files (other keys), keeping `stem`'s model and its data file.
+    static void prune(const std::string &dir, const std::string &prefix, const std::string &stem) {
+        DIR *d = opendir(dir.c_str());
+        if (!d) return;
+        const std::string data_prefix = stem + "-";
+        std::vector<std::string> old;
+        while (dirent *e = readdir(d)) {
+            std::string n = e->d_name;
+            bool ours = n == stem + ".onnx" || (n.rfind(data_prefix, 0) == 0 && n.size() > 5 && n.substr(n.size() - 5) == ".data");
+            if (n.rfind(prefix, 0) == 0 && !ours && n.find(".tmp") == std::string::npos) old.push_back(n);
+        }
+        closedir(d);
+        for (const auto &n : old) std::remove((dir + "/" + n).c_str());
+    }
+
+    static std::string cpu_name() {
+        std::ifstream f("/proc/cpuinfo");
+        std::string line;
+        while (std::getline(f, line))
+            if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 1);
+        return "unknown";
     }
 
     static void check(Ort::Session &s, const std::string &network, const std::string &file) {

@@ -62,10 +62,6 @@ private:
                 if (pos_ < s_.size() && s_[pos_] == '}') { ++pos_; break; }
                 fail("expected ',' or '}'");
             }
-            if (v.object_.size() > 16) {
-                v.index_ = std::make_shared<std::map<std::string, size_t>>();
-                for (size_t i = 0; i < v.object_.size(); ++i) (*v.index_)[v.object_[i].first] = i;  // last wins
-            }
         } else if (c == '[') {
             v.type_ = Json::Type::Array;
             ++pos_;
@@ -234,10 +230,6 @@ const std::vector<std::pair<std::string, Json>> &Json::as_object() const {
 
 const Json *Json::find(const std::string &key) const {
     if (type_ != Type::Object) return nullptr;
-    if (index_) {
-        auto it = index_->find(key);
-        return it == index_->end() ? nullptr : &object_[it->second].second;
-    }
     const Json *found = nullptr;
     for (const auto &kv : object_)
         if (kv.first == key) found = &kv.second;  // the last duplicate wins, as in Python

@@ -2,8 +2,6 @@
 // Parses all of JSON (objects keep their key order); numbers are doubles. Throws sdrt::Error on bad input.
 #pragma once
 
-#include <map>
-#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -37,7 +35,7 @@ public:
     const std::vector<std::pair<std::string, Json>> &as_object() const;
 
     bool has(const std::string &key) const { return find(key) != nullptr; }
-    const Json *find(const std::string &key) const;  // nullptr if absent or not an object
+    const Json *find(const std::string &key) const;  // nullptr if absent or not an object (a linear search)
     const Json &at(const std::string &key) const;    // throws naming the key
     size_t size() const;
 
@@ -52,7 +50,6 @@ private:
     std::string string_;
     std::vector<Json> array_;
     std::vector<std::pair<std::string, Json>> object_;
-    std::shared_ptr<std::map<std::string, size_t>> index_;  // key -> position, for large objects
 };
 
 }  // namespace sdrt

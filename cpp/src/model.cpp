@@ -75,7 +75,10 @@ ExportFolder read_export(const std::string &path) {
         }
         for (const auto &kv : m.at("networks").as_object()) {
             if (!expected_contracts().count(kv.first)) continue;  // a network this runtime does not use
-            ex.network_files[kv.first] = join_path(path, kv.second.at("file").as_string());
+            const std::string &rel = kv.second.at("file").as_string();
+            ex.network_files[kv.first] = join_path(path, rel);
+            const Json *entry = m.at("files").find(rel), *sha = entry ? entry->find("sha256") : nullptr;
+            ex.network_sha256[kv.first] = sha && sha->is_string() ? sha->as_string() : "";
             if (!ex.contracts.count(kv.first)) throw model_error(mpath + " lists network " + kv.first + " without a contract" + kReexport);
         }
         for (const char *needed : {"text_encoder", "unet", "vae_decoder"})

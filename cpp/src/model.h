@@ -26,7 +26,8 @@ struct ExportFolder {
     std::string path;
     ModelFacts facts;
     std::map<std::string, NetworkContract> contracts;
-    std::map<std::string, std::string> network_files;  // network -> absolute path of its .onnx
+    std::map<std::string, std::string> network_files;  // network -> path of its .onnx
+    std::map<std::string, std::string> network_sha256;  // network -> the manifest's sha256 of its .onnx (may be "")
     std::string tokenizer_dir, scheduler_config, token_embeddings;
 };
 

@@ -1,5 +1,5 @@
 // The C API under bad input: NULL pointers, missing / damaged / mismatched exports, bad sizes and parameters,
-// unknown schedulers and backends, cancellation (callback and another thread) - each a status and a message,
+// unknown schedulers and backends, a damaged graph cache, cancellation (callback and another thread) - each a status and a message,
 // never a crash - plus seeds (same seed, same image; image k of a batch = seed + k) and two contexts at once.
 #include <unistd.h>
 
@@ -85,9 +85,22 @@ void bad_exports(const std::string &exp) {
         replace_in(d / "manifest.json", "\"file\": \"unet/model.onnx\"", "\"file\": \"vae_decoder/model.onnx\""); }, "mismatched");
     broken_export(exp, root, "bad_safetensors", [](const fs::path &d) { overwrite_start(d / "token_embeddings.safetensors", std::string(8, '\xff')); }, "safetensors");
     broken_export(exp, root, "no_facts", [](const fs::path &d) { replace_in(d / "manifest.json", "\"facts\"", "\"fakts\""); }, "facts");
+
+    // A damaged optimised-graph cache (.ort_cache/cpp-*) costs a rebuild, never the load.
+    sdrt_ctx *ctx = nullptr;
+    fs::path cached = fs::path(root) / "damaged_cache";
+    fs::copy(exp, cached, fs::copy_options::recursive);
+    CHECK(init_at(cached.string(), &ctx) == SDRT_OK, std::string("fresh copy: ") + sdrt_last_error(nullptr));
+    sdrt_free(ctx);
+    int damaged = 0;
+    for (const auto &e : fs::directory_iterator(cached / ".ort_cache"))
+        if (e.path().filename().string().rfind("cpp-", 0) == 0 && e.path().extension() == ".onnx")
+            overwrite_start(e.path(), std::string(32, '\x01')), ++damaged;
+    CHECK(damaged == 4, "the C++ runtime wrote its optimised graphs to .ort_cache (" + std::to_string(damaged) + " files)");
+    CHECK(init_at(cached.string(), &ctx) == SDRT_OK, std::string("damaged cache: ") + sdrt_last_error(nullptr));
+    sdrt_free(ctx);
     fs::remove_all(root);
 
-    sdrt_ctx *ctx = nullptr;
     CHECK(init_at(exp, &ctx, SDRT_BACKEND_TENSORRT) == SDRT_ERR_UNSUPPORTED && has(sdrt_last_error(nullptr), "TensorRT"), "tensorrt backend");
     sdrt_status st = init_at(exp, &ctx, SDRT_BACKEND_ORT_CUDA);  // no CUDA provider in a CPU build of ONNX Runtime
     if (st == SDRT_OK) sdrt_free(ctx);

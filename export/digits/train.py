@@ -110,6 +110,38 @@ def train_vae(vae, images, steps, batch, minutes, rng, log):
     return vae
 
 
+def train_decoder(vae, images, steps, batch, minutes, rng, log):
+    """Fine-tune the decoder alone, colour weighted up, on the frozen encoder's latents: the UNet's latent
+    space stays as it was trained, and decoded colours get better (a short VAE phase had washed them out)."""
+    for m in (vae.encoder, vae.quant_conv):
+        m.requires_grad_(False)
+    params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True)
+    timer = Timer(minutes, steps)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = timer.lr(step, 1e-3, warmup=20)
+        x = to_tensor(images[rng.integers(len(images), size=batch)])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        colour = F.mse_loss(F.avg_pool2d(rec, 4), F.avg_pool2d(x, 4))
+        chroma = F.mse_loss(rec - rec.mean(1, keepdim=True), x - x.mean(1, keepdim=True))
+        loss = mse + F.l1_loss(rec, x) + 4 * colour + 8 * chroma
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == steps - 1:
+            log(f"dec  step {step:5d} {timer} loss {loss.item():.4f} mse {mse.item():.4f} colour {colour.item():.4f} "
+                f"chroma {chroma.item():.4f}")
+        if timer.over():
+            log(f"dec  stopped by the time cap at step {step}")
+            break
+    vae.requires_grad_(True)
+    return vae
+
+
 @torch.no_grad()
 def encode_dataset(vae, images, batch=256):
     means, stds = [], []
@@ -276,7 +308,7 @@ def train_unet(unet, text_encoder, captioner, vae, lat_mean, lat_std, labels, st
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", choices=["vae", "text", "unet", "all"], default="all")
+    p.add_argument("--phase", choices=["vae", "text", "unet", "decoder", "all"], default="all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("build/digits/model"))
     p.add_argument("--smoke", action="store_true", help="a few steps of every phase (CI)")
@@ -286,7 +318,8 @@ def main(argv=None):
     p.add_argument("--text-batch", type=int, default=96)
     p.add_argument("--unet-steps", type=int, default=6000)
     p.add_argument("--unet-batch", type=int, default=32)
-    p.add_argument("--minutes", type=float, nargs=3, default=[9, 5, 55], metavar=("VAE", "TEXT", "UNET"),
+    p.add_argument("--decoder-steps", type=int, default=400)
+    p.add_argument("--minutes", type=float, nargs=4, default=[9, 3.5, 50, 8], metavar=("VAE", "TEXT", "UNET", "DECODER"),
                    help="a time cap per phase; the learning-rate schedule ends at whichever of steps or time runs out")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=2,
@@ -294,6 +327,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.smoke:
         a.images, a.vae_steps, a.text_steps, a.unet_steps, a.unet_batch, a.ckpt_every = 256, 4, 3, 3, 8, 2
+        a.decoder_steps = 3
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -318,6 +352,8 @@ def main(argv=None):
     if a.phase != "vae" and a.phase != "all":
         vae = AutoencoderKL.from_pretrained(a.out / "vae")
         text_encoder = CLIPTextModel.from_pretrained(a.out / "text_encoder")
+    if a.phase == "decoder":
+        unet = UNet2DConditionModel.from_pretrained(a.out / "unet")
     for name, m in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
         log(f"{name}: {sum(q.numel() for q in m.parameters()) / 1e6:.3f} M parameters")
 
@@ -349,6 +385,15 @@ def main(argv=None):
             f"{(lat_mean.std() * vae.config.scaling_factor).item():.3f}")
         train_unet(unet, text_encoder, captioner, vae, lat_mean, lat_std, labels, a.unet_steps, a.unet_batch,
                    a.minutes[2], rng, log, save, a.ckpt_every)
+        save()
+    if a.phase in ("decoder", "all"):
+        vae.train()
+        train_decoder(vae, images, a.decoder_steps, 32, a.minutes[3], rng, log)
+        vae.eval()
+        with torch.no_grad():
+            x = to_tensor(test_images[:256])
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+            log(f"vae held-out mse after the decoder phase {F.mse_loss(rec, x).item():.4f}")
         save()
     log(f"done in {(time.time() - t_start) / 60:.1f} min; saved to {a.out}")
 

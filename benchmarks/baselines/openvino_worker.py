@@ -1,0 +1,56 @@
+"""Baseline: OpenVINO through optimum-intel's OVStableDiffusionPipeline.
+
+prepare: `OVStableDiffusionPipeline.from_pretrained(model, export=True, load_in_8bit=False)` and save_pretrained
+into the cache, once (no weight quantisation: the comparison is fp32 compute; OpenVINO's IR may store weights as
+fp16, which the CPU plugin widens at compile time). load: from_pretrained(that folder) with f32 inference precision,
+the LATENCY hint and the thread count, dynamic shapes (as loaded by default; `pipe.reshape(...)` to static shapes is
+an extra step its docs suggest, not taken here). The pipeline is diffusers' StableDiffusionPipeline over OpenVINO
+compiled models, so the stages are timed at the same component calls as the diffusers baseline.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from diffusers_worker import DiffusersRunner  # noqa: E402
+
+PACKAGES = ("optimum-intel", "openvino", "optimum", "diffusers", "transformers", "torch", "numpy")
+
+
+class OpenVINORunner(DiffusersRunner):
+    name = "openvino"
+    packages = PACKAGES
+
+    def prepare(self, config: dict) -> dict:
+        out = common.converted_dir(config, "openvino", *PACKAGES)
+        if (out / "model_index.json").exists():
+            return {"cached": True, "folder": str(out)}
+        from optimum.intel import OVStableDiffusionPipeline
+
+        t0 = time.perf_counter()
+        pipe = OVStableDiffusionPipeline.from_pretrained(config["model"], export=True, load_in_8bit=False, compile=False)
+        tmp = out.with_name(out.name + ".partial")
+        pipe.save_pretrained(tmp)
+        tmp.rename(out)
+        return {"cached": False, "folder": str(out), "export_s": time.perf_counter() - t0}
+
+    def create(self, config: dict):
+        import openvino as ov
+        from optimum.intel import OVStableDiffusionPipeline
+
+        threads = common.threads_of(config)
+        ov_config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads)}
+        folder = common.converted_dir(config, "openvino", *PACKAGES)
+        pipe = OVStableDiffusionPipeline.from_pretrained(folder, export=False, ov_config=ov_config, compile=True)
+        weights = sorted({str(op.get_element_type()) for op in pipe.unet.model.get_ops() if op.get_type_name() == "Constant"
+                          and op.get_element_type().is_real()})  # fmt: skip
+        return pipe, (f"optimum-intel OVStableDiffusionPipeline, openvino {ov.__version__} on CPU (f32 inference, "
+                      f"{threads} threads, LATENCY hint, dynamic shapes; UNet IR constants {'/'.join(weights)})")
+
+
+if __name__ == "__main__":
+    sys.exit(common.serve(OpenVINORunner()))

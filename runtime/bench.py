@@ -582,7 +582,7 @@ def busy_snapshot(seconds: float = 1.0) -> dict:
         try:
             cpu = p.cpu_percent(None)
             if cpu > 5:
-                snap["processes"].append({"pid": p.pid, "cpu_percent": cpu, "cmd": " ".join(p.info["cmdline"] or [p.info["name"]])[:200]})
+                snap["processes"].append({"pid": p.pid, "cpu_percent": cpu, "cmd": " ".join(" ".join(p.info["cmdline"] or [p.info["name"]]).split())[:200]})
         except psutil.Error:
             pass
     snap["processes"].sort(key=lambda x: -x["cpu_percent"])
@@ -851,6 +851,32 @@ def format_table(record: dict) -> str:
                     lines.append(f"| {s} | {o} | {batch} | " + " | ".join(cells) + " |")
     errors = [f"- {n}: {e['error']}" for n, e in record["runners"].items() if e.get("error") and e.get("stats")]
     return "\n".join(lines + (["", "Errors:"] + errors if errors else []))
+
+
+def format_report(record: dict) -> str:
+    """The table with what it was measured on: machine, libraries, what else ran, the command."""
+    m, c = record["machine"], record["config"]
+    lines = [f"# sdrt bench: {c['model_arg']} at {c['size']}x{c['size']}, {c['steps']} steps", "",
+             f"- machine: {m['cpu']}, {m['physical_cores']} physical cores / {m['logical_cpus']} logical, "
+             f"{(m.get('memory_bytes') or 0) / 2**30:.0f} GiB, GPU: {m.get('gpu') or 'none'}; {m['platform']}",
+             f"- created {record['created']}, {record['seconds'] / 60:.1f} minutes",
+             "- sdrt's environment: " + ", ".join(f"{k} {v}" for k, v in record["libraries"].items())]  # fmt: skip
+    for name, entry in record["runners"].items():
+        if entry.get("describe"):
+            extra = f" ({entry.get('kind')}, {', '.join(f'{k} {v}' for k, v in (entry.get('versions') or {}).items())})"
+            lines.append(f"- {name}: {entry['describe']}" + (extra if not name.startswith("sdrt-") else f" ({entry.get('kind')})"))
+    for when in ("busy_before", "busy_after"):
+        busy = record.get(when) or {}
+        procs = busy.get("processes")
+        procs = ", ".join(f"{p['cmd'][:90]} ({p['cpu_percent']:.0f}% CPU)" for p in procs) if isinstance(procs, list) else procs
+        load = ", ".join(f"{x:.2f}" for x in busy.get("loadavg") or [])
+        lines.append(f"- else running, {when.replace('busy_', '')} the benchmark: load average {load}; {procs or 'no other process above 5% CPU'}")
+    if record.get("note"):
+        lines.append(f"- note: {record['note']}")
+    command = record.get("command") or {}
+    if isinstance(command, dict) and command.get("argv"):
+        lines.append(f"- command: `{' '.join(['sdrt'] + command['argv'][1:])}`")
+    return "\n".join(lines + ["", format_table(record)])
 
 
 def write_chart(record: dict, path) -> Path:

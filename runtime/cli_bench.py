@@ -74,14 +74,14 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="exports, venvs, models and worker logs (default: ~/.cache/sdrt/bench or $SDRT_BENCH_CACHE)")
     p.add_argument("--note", default="", help="what else ran on the machine (recorded with a process snapshot)")
     p.add_argument("--json", default=None, help="write the full record here")
-    p.add_argument("--markdown", default=None, help="write the table here")
+    p.add_argument("--markdown", default=None, help="write the table, with the machine and what else ran, here")
     p.add_argument("--chart", default=None, help="write a PNG chart of per-stage times here (needs matplotlib)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
-    from sdrt.bench import BenchConfig, default_cache_dir, format_table, run_bench, write_chart
+    from sdrt.bench import BenchConfig, default_cache_dir, format_report, format_table, run_bench, write_chart
 
     config = BenchConfig(
         model=Path(args.model) if args.model else None, sd15_random=args.sd15_random, export=args.export,
@@ -102,7 +102,7 @@ def cmd_bench(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
+        Path(args.markdown).write_text(format_report(record) + "\n")
     if args.chart:
         write_chart(record, args.chart)
     measured = any(e.get("stats") for e in record["runners"].values())

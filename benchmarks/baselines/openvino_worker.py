@@ -46,7 +46,7 @@ class OpenVINORunner(DiffusersRunner):
         ov_config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads)}
         folder = common.converted_dir(config, "openvino", *PACKAGES)
         pipe = OVStableDiffusionPipeline.from_pretrained(folder, export=False, ov_config=ov_config, compile=True)
-        weights = sorted({str(op.get_element_type()) for op in pipe.unet.model.get_ops() if op.get_type_name() == "Constant"
+        weights = sorted({op.get_element_type().get_type_name() for op in pipe.unet.model.get_ops() if op.get_type_name() == "Constant"
                           and op.get_element_type().is_real()})  # fmt: skip
         return pipe, (f"optimum-intel OVStableDiffusionPipeline, openvino {ov.__version__} on CPU (f32 inference, "
                       f"{threads} threads, LATENCY hint, dynamic shapes; UNet IR constants {'/'.join(weights)})")

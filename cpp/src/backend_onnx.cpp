@@ -56,9 +56,8 @@ public:
                                                   "ONNX Runtime (onnxruntime-gpu), or SDRT_BACKEND_ORT_CPU");
         for (const auto &kv : model.network_files) {
             std::string used;
-            const auto sha = model.network_sha256.find(kv.first);
-            sessions_[kv.first] = load(kv.first, kv.second, sha == model.network_sha256.end() ? "" : sha->second,
-                                       join_path(model.path, ".ort_cache"), opt, want_trt, want_cuda || auto_cuda, used);
+            sessions_[kv.first] = load(kv.first, kv.second, model.manifest_digest, join_path(model.path, ".ort_cache"), opt,
+                                       want_trt, want_cuda || auto_cuda, used);
             providers_ = used;
         }
     }
@@ -146,15 +145,15 @@ private:
         return so;
     }
 
-    static std::unique_ptr<Ort::Session> load(const std::string &network, const std::string &file, const std::string &sha,
+    static std::unique_ptr<Ort::Session> load(const std::string &network, const std::string &file, const std::string &digest,
                                               const std::string &dir, const BackendOptions &opt, bool trt, bool cuda, std::string &used) {
         try {
             try {
-                return load_cached(network, file, sha, dir, opt, trt, cuda, used);
+                return load_cached(network, file, digest, dir, opt, trt, cuda, used);
             } catch (const Ort::Exception &e) {
                 if (!cuda || opt.provider != SDRT_BACKEND_AUTO) throw;
                 BackendOptions cpu{SDRT_BACKEND_ORT_CPU, opt.threads, opt.device_id};
-                auto session = load_cached(network, file, sha, dir, cpu, false, false, used);
+                auto session = load_cached(network, file, digest, dir, cpu, false, false, used);
                 used = "CPUExecutionProvider (no usable GPU: " + std::string(e.what()).substr(0, 120) + ")";
                 return session;
             }
@@ -169,10 +168,11 @@ private:
     }
 
     // As the Python backend does: the graph optimised once at ORT_ENABLE_ALL is saved in <export>/.ort_cache/ (named
-    // cpp-<network>-<key>, apart from the Python runtime's files), keyed by the ONNX file's size, mtime and manifest
-    // sha256, the ONNX Runtime version, providers, threads and CPU; later loads skip the optimisers. A damaged cache is rebuilt; an
+    // cpp-<network>-<key>, apart from the Python runtime's files), keyed by the ONNX file's size and mtime, the whole
+    // manifest (every file's sha256, so shared weight files too), the ONNX Runtime version, providers, threads and
+    // CPU; later loads skip the optimisers. A damaged cache is rebuilt; an
     // unwritable folder only costs the cache.
-    static std::unique_ptr<Ort::Session> load_cached(const std::string &network, const std::string &file, const std::string &sha,
+    static std::unique_ptr<Ort::Session> load_cached(const std::string &network, const std::string &file, const std::string &digest,
                                                      const std::string &dir, const BackendOptions &opt, bool trt, bool cuda,
                                                      std::string &used) {
         Ort::SessionOptions so = options(opt, trt, cuda, GraphOptimizationLevel::ORT_ENABLE_ALL, used);
@@ -180,7 +180,7 @@ private:
         if (stat(file.c_str(), &st) != 0) throw model_error(file + " is missing; re-export the model with `sdrt export`");
         std::string key = file.substr(file.rfind('/') + 1) + "|" + std::to_string(st.st_size) + "|" + std::to_string(st.st_mtim.tv_sec) +
                           "." + std::to_string(st.st_mtim.tv_nsec) + "|" + Ort::GetVersionString() + "|" + used + "|" +
-                          std::to_string(opt.threads) + "|" + cpu_name() + "|" + sha;
+                          std::to_string(opt.threads) + "|" + cpu_name() + "|" + digest;
         uint64_t h = 1469598103934665603ull;  // FNV-1a
         for (unsigned char ch : key) h = (h ^ ch) * 1099511628211ull;
         char hex[17];

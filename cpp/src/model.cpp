@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 
 #include "util.h"
@@ -38,9 +39,15 @@ ExportFolder read_export(const std::string &path) {
                           std::string(diffusers ? " but a diffusers folder: export it first with `sdrt export " + path + " OUT`"
                                                 : " (create one with `sdrt export`)"));
     }
-    Json m = Json::parse_file(mpath);
+    const std::string text = read_file(mpath);
+    Json m = Json::parse(text, mpath);
     ExportFolder ex;
     ex.path = path;
+    uint64_t h = 1469598103934665603ull;  // FNV-1a
+    for (unsigned char ch : text) h = (h ^ ch) * 1099511628211ull;
+    char hex[17];
+    std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+    ex.manifest_digest = hex;
     try {
         const Json *fmt = m.find("format");
         if (!fmt || !fmt->is_string() || fmt->as_string() != "sdrt-export")
@@ -75,10 +82,7 @@ ExportFolder read_export(const std::string &path) {
         }
         for (const auto &kv : m.at("networks").as_object()) {
             if (!expected_contracts().count(kv.first)) continue;  // a network this runtime does not use
-            const std::string &rel = kv.second.at("file").as_string();
-            ex.network_files[kv.first] = join_path(path, rel);
-            const Json *entry = m.at("files").find(rel), *sha = entry ? entry->find("sha256") : nullptr;
-            ex.network_sha256[kv.first] = sha && sha->is_string() ? sha->as_string() : "";
+            ex.network_files[kv.first] = join_path(path, kv.second.at("file").as_string());
             if (!ex.contracts.count(kv.first)) throw model_error(mpath + " lists network " + kv.first + " without a contract" + kReexport);
         }
         for (const char *needed : {"text_encoder", "unet", "vae_decoder"})

@@ -27,7 +27,7 @@ struct ExportFolder {
     ModelFacts facts;
     std::map<std::string, NetworkContract> contracts;
     std::map<std::string, std::string> network_files;  // network -> path of its .onnx
-    std::map<std::string, std::string> network_sha256;  // network -> the manifest's sha256 of its .onnx (may be "")
+    std::string manifest_digest;  // a hash of manifest.json (every file's size and sha256): keys the graph cache
     std::string tokenizer_dir, scheduler_config, token_embeddings;
 };
 

@@ -85,9 +85,10 @@ def export_model(
 ) -> ExportReport:
     """Export `model_dir` (diffusers format, SD 1.x/2.x) to the sdrt export folder `out_dir`.
 
-    fp16: store weights and compute in fp16; the I/O, the timestep path and KEEP_FP32_OPS (+ keep_fp32_ops)
-    stay float32. check: run each network in ONNX Runtime and PyTorch on random inputs at a size and batch other
-    than the export's, and fail when they differ by more than CHECK_TOLERANCE. force: replace an existing export.
+    fp16: store weights and compute in fp16; the I/O, the UNet's timestep path, SD 2.1's attention scores
+    (upcast_attention) and the op types in keep_fp32_ops stay float32 (sdrt.export.fp16). check: run each
+    network in ONNX Runtime and PyTorch on random inputs at a size and batch other than the export's, and fail
+    when they differ by more than CHECK_TOLERANCE. force: replace an existing export.
     share_weights: OUT also holds the diffusers folder, and each ONNX graph sits in its component's folder reading
     its weights from the component's safetensors (sdrt.export.share_weights): both backends, one copy of weights.
     """

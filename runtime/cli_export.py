@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("model", help="diffusers-format model folder, or an original-layout SD 1.x/2.x .safetensors file")
     p.add_argument("out", help="export folder to create")
-    p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (I/O, timestep path and norms stay fp32)")
+    p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (the float32 I/O and the timestep path stay fp32)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17 for torchscript, 18 for dynamo)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript", help="torch.onnx exporter (default: %(default)s, 10x faster here)")
     p.add_argument("--min-size", type=int, default=None, help="smallest image side to serve (default: 64, or the size step)")
@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-check", dest="check", action="store_false", help="skip comparing each network with PyTorch")
     p.add_argument("--keep-fp32-op", action="append", default=[], metavar="OP", help="with --fp16: an ONNX op type to keep in fp32 (repeatable)")
     p.add_argument("--force", action="store_true", help="replace an existing export at OUT")
+    p.add_argument("--share-weights", action="store_true", help="OUT also holds the diffusers weights and the ONNX graphs read theirs from them (fp32; both backends, one copy of the weights)")
     # issue 4: LoRAs fused at export; single-file checkpoints (sdrt.export.lora, sdrt.export.single_file)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA (kohya or diffusers layout) into the UNet and text encoder; repeatable (scale default 1)")
     p.add_argument("--allow-pickle", action="store_true", help="let MODEL be a pickle .ckpt: unpickling can run code from the file, use only for files you trust")
@@ -76,6 +77,7 @@ def cmd_export(args) -> int:
         progress=not args.quiet,
         exporter=args.exporter,
         force=args.force,
+        share_weights=args.share_weights,
     )
     print(report.summary())
     return 0

@@ -34,7 +34,9 @@ def describe_model(model: str | Path | None, verify: bool = False) -> tuple[str,
     ]
     if source.manifest:
         for name, net in source.manifest.networks.items():
-            lines.append(f"  {name:<14} {net['file']}  ({net.get('precision', 'fp32')}, {_size(source.path / net['file'])})")
+            files = [p for p in (source.path / net["file"]).parent.glob(Path(net["file"]).name + "*")]  # + .data
+            size = sum(p.stat().st_size for p in files) / 1e6
+            lines.append(f"  {name:<14} {net['file']}  ({net.get('precision', 'fp32')}, {size:.1f} MB)")
     else:
         for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
             lines.append(f"  {name:<14} {_size(source.path / name)}")

@@ -213,8 +213,10 @@ def test_build_writes_a_self_contained_folder(fake_export, tmp_path, monkeypatch
     assert not [p.name for p in tmp_path.iterdir() if ".partial" in p.name]
     assert (tmp_path / "timing.cache").exists()  # saved for the next build
     # The folder picks TensorRT where TensorRT can be imported (and ONNX Runtime elsewhere).
-    monkeypatch.setattr("sdrt.model_source.module_available", lambda name: name == "tensorrt")
+    monkeypatch.setattr("sdrt.backends.tensorrt_backend.tensorrt_status", lambda check_gpu=True: (True, "TensorRT 10.7.0"))
     assert open_model(out).default_backend() == "tensorrt"
+    monkeypatch.setattr("sdrt.backends.tensorrt_backend.tensorrt_status", lambda check_gpu=True: (False, "a stub"))
+    assert open_model(out).default_backend() == "onnx"  # a stub or a GPU-less machine never picks TensorRT
 
 
 def test_rebuild_reuses_matching_engines_and_rebuilds_stale_ones(fake_export, tmp_path):

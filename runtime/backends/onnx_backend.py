@@ -57,7 +57,7 @@ class OnnxBackend(Backend):
         self._device_buffers: dict[tuple, ort.OrtValue] = {}
         for network in manifest.networks:
             self.sessions[network] = self._load(network, optimized_cache, fusions)
-        self.on_cuda = all("CUDAExecutionProvider" in s.get_providers() for s in self.sessions.values())
+        self.on_cuda = bool(self.sessions) and all("CUDAExecutionProvider" in s.get_providers() for s in self.sessions.values())
 
     # --- loading --------------------------------------------------------------------------------------------
 
@@ -131,8 +131,7 @@ class OnnxBackend(Backend):
         key = {
             "file": [source.name, stat.st_size, stat.st_mtime_ns, entry.get("sha256")],
             "ort": ort.__version__,
-            "providers": self.providers,
-            "threads": self.threads,
+            "providers": self.providers,  # not the thread count: it does not change the optimised graph
             "machine": [platform.machine(), _cpu_name()],
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -322,6 +322,7 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, nargs=4, default=[9, 3.5, 50, 8], metavar=("VAE", "TEXT", "UNET", "DECODER"),
                    help="a time cap per phase; the learning-rate schedule ends at whichever of steps or time runs out")
     p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="--phase unet: continue from the UNet saved in --out")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads; on a shared, busy 2-core machine 1 thread ran 2-4x faster than 2")
     a = p.parse_args(argv)
@@ -352,7 +353,7 @@ def main(argv=None):
     if a.phase != "vae" and a.phase != "all":
         vae = AutoencoderKL.from_pretrained(a.out / "vae")
         text_encoder = CLIPTextModel.from_pretrained(a.out / "text_encoder")
-    if a.phase == "decoder":
+    if a.phase == "decoder" or (a.phase == "unet" and a.resume):
         unet = UNet2DConditionModel.from_pretrained(a.out / "unet")
     for name, m in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
         log(f"{name}: {sum(q.numel() for q in m.parameters()) / 1e6:.3f} M parameters")

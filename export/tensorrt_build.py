@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from sdrt import __version__
+from sdrt.export.onnx_export import replace_folder  # the same atomic move as exports
 from sdrt.backends.tensorrt_backend import (
     ENGINE_FORMAT,
     MachineInfo,
@@ -419,12 +420,3 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
-def replace_folder(tmp: Path, out_dir: Path) -> None:
-    """Move the finished build into place; an earlier build is removed only after that."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -130,6 +130,6 @@ def caption_with_labels(digit: int, colour: int, bg: int, rng: np.random.Generat
     text = caption(digit, colour, bg, rng, p_drop)
     words = text.replace(",", " ").split()
     named_d = digit if (str(digit) in words or WORDS[digit] in words) else -1
-    named_c = colour if COLOUR_NAMES[colour] in words and not (f"{COLOUR_NAMES[colour]} background" in text and words.count(COLOUR_NAMES[colour]) == 1) else -1
+    named_c = colour if COLOUR_NAMES[colour] in words else -1  # the background never has the digit's colour
     named_b = bg if (f"on {BACKGROUND_NAMES[bg]}" in text or f"on a {BACKGROUND_NAMES[bg]}" in text) else -1
     return text, (named_d, named_c, named_b)

@@ -68,9 +68,9 @@ def evaluate(model: Path, n: int = 50, scheduler: str = "pndm", save_grid: Path 
 
     # A negative prompt naming a colour: its share among digit-only prompts, with and without.
     neg_prompts = [f"a {d}" for d in range(10)] * 4
+    base = [c for _, c in oracle.classify(generate(pipe, neg_prompts, 100, 7.5))]
     r["negative_prompt"] = {}
     for colour in ("red", "white"):
-        base = [c for _, c in oracle.classify(generate(pipe, neg_prompts, 100, 7.5))] if not r["negative_prompt"] else base
         negd = [c for _, c in oracle.classify(generate(pipe, neg_prompts, 100, 7.5, negative=colour))]
         r["negative_prompt"][colour] = {"share_without": base.count(colour) / len(base),
                                         "share_with_negative": negd.count(colour) / len(negd)}

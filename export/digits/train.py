@@ -1,10 +1,17 @@
-"""Train the built-in digits model: VAE, then text encoder (contrastive), then UNet; saves diffusers format.
+"""Train the built-in digits model: VAE, text encoder (contrastive + caption labels), UNet, then the VAE
+decoder again; saves a diffusers-format StableDiffusionPipeline.
 
-    python -m sdrt.export.digits.train --phase all --seed 0 --out build/digits/model     # ~70 min, 2 CPU cores
-    python -m sdrt.export.digits.train --smoke --out build/digits/smoke                  # a few steps of each phase
+    python -m sdrt.export.digits.train --phase all --seed 0 --out build/digits/model   # <= ~75 min on 2 CPU cores
+    python -m sdrt.export.digits.train --smoke --out build/digits/smoke                # a few steps of every phase
 
-Each phase saves the whole pipeline to --out (a phase after the first loads the earlier ones from there), and
-the UNet phase saves a checkpoint every --ckpt-every steps, so a run that is cut still leaves a usable model.
+Phases: vae (reconstruction + KL, colour weighted from the first step, 32x32 crops for the first 75%),
+text (CLIP-style contrastive loss against a small image encoder, plus heads reading the named digit/colour/
+background off the pooled state), unet (epsilon prediction on VAE latents x scaling_factor, 12% of captions
+dropped to ""), decoder (decoder-only fine-tune with the encoder frozen, so the UNet's latents stay valid).
+Each phase has a step count and a time cap (--minutes); the learning-rate schedule ends at whichever runs
+out first, so a busy machine gets a finished schedule rather than a cut one. Each phase saves the whole
+pipeline to --out (a later phase loads the earlier ones from there); the UNet phase also saves EMA
+checkpoints every --ckpt-every steps, so a run that is cut still leaves a usable model.
 """
 
 from __future__ import annotations
@@ -344,7 +351,7 @@ def main(argv=None):
 
     log(f"args {vars(a)}")
     images, labels = data.make_dataset(a.images, seed=a.seed, split="train")
-    test_images, test_labels = data.make_dataset(min(1000, a.images), seed=a.seed + 1, split="test")
+    test_images, test_labels = data.make_dataset(1000 if not a.smoke else 64, seed=a.seed + 1, split="test")
     log(f"data: {len(images)} training images ({time.time() - t_start:.0f}s)")
     tokenizer_dir = write_clip_tokenizer(a.out / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
@@ -366,7 +373,7 @@ def main(argv=None):
         train_vae(vae, images, a.vae_steps, 32, a.minutes[0], rng, log)
         vae.eval()
         with torch.no_grad():
-            x = to_tensor(test_images[:256])
+            x = to_tensor(test_images[:256 if not a.smoke else 16])
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample
             log(f"vae held-out mse {F.mse_loss(rec, x).item():.4f}")
         mean, std = encode_dataset(vae, images[:4096])
@@ -392,7 +399,7 @@ def main(argv=None):
         train_decoder(vae, images, a.decoder_steps, 32, a.minutes[3], rng, log)
         vae.eval()
         with torch.no_grad():
-            x = to_tensor(test_images[:256])
+            x = to_tensor(test_images[:256 if not a.smoke else 16])
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample
             log(f"vae held-out mse after the decoder phase {F.mse_loss(rec, x).item():.4f}")
         save()

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -755,7 +756,8 @@ def _measure_group(group: list, cfg: BenchConfig, request: dict, record: dict, l
                     record["runners"][r.name]["samples"].setdefault(str(batch), []).append(s)
     for r in group:
         r.close()
-    out["e2e_median_s"] = {n: {b: summarize(x["e2e_s"] for x in v)["median"] for b, v in d.items()} for n, d in out["samples"].items()}
+    # The group keeps its own medians (ratios come from runners measured side by side); samples live in "runners".
+    out["e2e_median_s"] = {n: {b: summarize(x["e2e_s"] for x in v)["median"] for b, v in d.items()} for n, d in out.pop("samples").items()}
     return out
 
 
@@ -828,7 +830,7 @@ def format_table(record: dict) -> str:
     lines = [f"{c['size']}x{c['size']}, {c['steps']} steps ({c['scheduler']}), guidance {c['guidance']}, {c['precision']}, "
              f"{c['threads']} threads, {c['runs']} runs after {c['warmup']} warm-up; {record['order']}", "",
              "| runner | batch | load s | text s | UNet call s (calls) | loop overhead ms/step (% of step) | VAE decode s | "
-             "VAE encode s | end to end s [min-max] | images/s | peak RSS GB |",
+             "VAE encode s | end to end s [min-max] | images/s | peak RSS GB* |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, entry in record["runners"].items():
         if entry.get("error") and not entry.get("stats"):
@@ -849,6 +851,8 @@ def format_table(record: dict) -> str:
                 for batch, r in batches.items():
                     cells = [f"{r[k]:.2f}x" if r.get(k) else "-" for k in ("e2e_s", "unet_call_s", "decode_s", "encode_s", "text_s")]
                     lines.append(f"| {s} | {o} | {batch} | " + " | ".join(cells) + " |")
+    lines += ["", "*peak resident memory of the process during a run; in-process runners share sdrt's process. "
+              "Loop overhead: loop time minus UNet calls, per call. Ratios: baseline median / sdrt median (> 1: sdrt faster)."]
     errors = [f"- {n}: {e['error']}" for n, e in record["runners"].items() if e.get("error") and e.get("stats")]
     return "\n".join(lines + (["", "Errors:"] + errors if errors else []))
 
@@ -875,7 +879,7 @@ def format_report(record: dict) -> str:
         lines.append(f"- note: {record['note']}")
     command = record.get("command") or {}
     if isinstance(command, dict) and command.get("argv"):
-        lines.append(f"- command: `{' '.join(['sdrt'] + command['argv'][1:])}`")
+        lines.append(f"- command: `{shlex.join(['sdrt'] + command['argv'][1:])}`")
     return "\n".join(lines + ["", format_table(record)])
 
 
@@ -916,6 +920,7 @@ def write_chart(record: dict, path) -> Path:
         st = record["runners"][name]["stats"]
         bs = sorted(st, key=int)
         ax2.plot([int(b) for b in bs], [st[b]["images_per_s"]["median"] for b in bs], marker="o", label=name)
+    ax2.set_xticks(sorted(int(b) for b in record["config"]["batches"]))
     ax2.set_xlabel("batch size")
     ax2.set_ylabel("images / s")
     ax2.set_title("throughput", fontsize=10)

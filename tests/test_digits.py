@@ -1,7 +1,7 @@
 """The built-in digits model, judged by what its images show (the oracle), through the light ONNX Runtime path.
 
 The issue's targets are >= 80% prompted digit and >= 85% prompted colour at guidance 7.5; this model reaches
-36% and 42% (chance: 10% and 12.5%), so these tests pin what it does reach, with margin, and that guidance
+34% and 34% (chance: 10% and 12.5%), so these tests pin what it does reach, with margin, and that guidance
 works — they are not the issue's bar (see the model card and the issue note).
 """
 
@@ -41,8 +41,8 @@ def test_builtin_model_runs_on_onnx_runtime(pipe):
 def test_prompts_steer_digit_and_colour_and_guidance_helps(pipe, oracle):
     digit, colour = accuracy(pipe, oracle, 7.5)
     digit_unguided, _ = accuracy(pipe, oracle, 1.0)
-    assert digit >= 0.25 and colour >= 0.30, (digit, colour)  # measured 0.36 / 0.42; chance 0.10 / 0.125
-    assert digit > digit_unguided, (digit, digit_unguided)  # measured 0.36 vs 0.18
+    assert digit >= 0.25 and colour >= 0.30, (digit, colour)  # measured 0.34 / 0.34; chance 0.10 / 0.125
+    assert digit > digit_unguided, (digit, digit_unguided)  # measured 0.34 vs 0.16
 
 
 def test_pytorch_backend_runs_the_same_weights(pipe):
@@ -55,9 +55,9 @@ def test_pytorch_backend_runs_the_same_weights(pipe):
 
 def test_oracle_reads_real_digits(oracle):
     # Recorded when the oracle was trained on real coloured digits (never on generated images). The issue asks
-    # >= 97% on held-out handwriting; this oracle reached 91% (colour 100%): short of it, said in the issue note.
+    # >= 97% on held-out handwriting; this oracle reached 96% (colour 100%): short of it, said in the issue note.
     held_out = oracle.meta["accuracy"]["held_out_handwritten"]
-    assert held_out["digit_accuracy"] >= 0.9 and held_out["colour_accuracy"] >= 0.99, held_out
+    assert held_out["digit_accuracy"] >= 0.95 and held_out["colour_accuracy"] >= 0.99, held_out
     pixels = np.zeros((2, 64, 64, 3), np.uint8)
     pixels[:, 16:48, 28:36] = (255, 0, 0)  # a red bar on black: a "1", in red
     assert [c for _, c in oracle.classify(pixels)] == ["red", "red"]

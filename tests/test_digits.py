@@ -1,7 +1,7 @@
 """The built-in digits model, judged by what its images show (the oracle), through the light ONNX Runtime path.
 
 The issue's targets are >= 80% prompted digit and >= 85% prompted colour at guidance 7.5; this model reaches
-34% and 34% (chance: 10% and 12.5%), so these tests pin what it does reach, with margin, and that guidance
+42% and 36% (chance: 10% and 12.5%), so these tests pin what it does reach, with margin, and that guidance
 works — they are not the issue's bar (see the model card and the issue note).
 """
 
@@ -41,8 +41,8 @@ def test_builtin_model_runs_on_onnx_runtime(pipe):
 def test_prompts_steer_digit_and_colour_and_guidance_helps(pipe, oracle):
     digit, colour = accuracy(pipe, oracle, 7.5)
     digit_unguided, _ = accuracy(pipe, oracle, 1.0)
-    assert digit >= 0.25 and colour >= 0.30, (digit, colour)  # measured 0.34 / 0.34; chance 0.10 / 0.125
-    assert digit > digit_unguided, (digit, digit_unguided)  # measured 0.34 vs 0.16
+    assert digit >= 0.25 and colour >= 0.30, (digit, colour)  # measured 0.42 / 0.36; chance 0.10 / 0.125
+    assert digit > digit_unguided, (digit, digit_unguided)  # measured 0.42 vs 0.16
 
 
 def test_pytorch_backend_runs_the_same_weights(pipe):

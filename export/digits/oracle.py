@@ -1,6 +1,6 @@
 """Train the digit oracle (a small CNN: digit and stroke colour) on real coloured digits and export it to ONNX.
 
-    python -m sdrt.export.digits.oracle            # a few minutes on 1 CPU core; writes runtime/models/digits_oracle.*
+    python -m sdrt.export.digits.oracle            # ~13 min on 1 busy CPU core; writes runtime/models/digits_oracle.*
 
 It learns only from data.py's generator (scikit-learn's real handwriting, the DejaVu fonts), never from
 generated images; the last 20% of load_digits is held out and reported. The runtime side is sdrt.oracle.
@@ -125,8 +125,8 @@ def export(model: Oracle, figures: dict, onnx_path: Path) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=10000)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--images", type=int, default=24000)
+    p.add_argument("--epochs", type=int, default=14)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=MODELS / "digits_oracle.onnx")
     p.add_argument("--threads", type=int, default=1)

@@ -46,8 +46,9 @@ BASELINES_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "baselin
 # Per-run figures, in table order; the derived ones are computed from each run's raw sample.
 STAGES = ("e2e_s", "text_s", "unet_call_s", "unet_total_s", "overhead_step_s", "overhead_pct", "decode_s", "encode_s",
           "images_per_s", "peak_rss_bytes", "gpu_peak_bytes")  # fmt: skip
-# Resident memory while running, as a multiple of the fp32 weights (measured here: see benchmarks/results).
-MEMORY_FACTOR = {"sdrt-onnx": 2.2, "sdrt-torch": 1.3, "sdrt-tensorrt": 1.0, "diffusers": 1.3, "optimum": 2.2, "openvino": 1.8}
+# Peak resident memory while running, as a multiple of the fp32 weights: measured on the SD 1.5-shape model at
+# 256x256 (benchmarks/results/sd15-random-256px-4steps.json); sdrt-torch and TensorRT (GPU) are estimates.
+MEMORY_FACTOR = {"sdrt-onnx": 1.6, "sdrt-torch": 1.2, "sdrt-tensorrt": 1.0, "diffusers": 1.2, "optimum": 1.4, "openvino": 2.3}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -703,8 +703,8 @@ def run_bench(config: BenchConfig, log=print) -> dict:
 
     groups, why = plan_groups(list(runners), cfg.order, model_weight_bytes(diffusers_dir))
     record["order"] = why
-    for group in groups:
-        record["groups"].append(_measure_group([runners[n] for n in group], cfg, request, record, log))
+    for index, group in enumerate(groups):
+        record["groups"].append(_measure_group(index, [runners[n] for n in group], cfg, request, record, log))
     for name, entry in record["runners"].items():
         entry["stats"] = {b: {k: summarize(d.get(k) for d in derived) for k in STAGES}
                           for b, derived in ((b, [derive(s, int(b)) for s in samples]) for b, samples in entry["samples"].items())}  # fmt: skip
@@ -717,7 +717,7 @@ def run_bench(config: BenchConfig, log=print) -> dict:
     return record
 
 
-def _measure_group(group: list, cfg: BenchConfig, request: dict, record: dict, log) -> dict:
+def _measure_group(index: int, group: list, cfg: BenchConfig, request: dict, record: dict, log) -> dict:
     """Load the group's runners, then warm-up and measured rounds interleaved across them and the batch sizes."""
     out = {"runners": [r.name for r in group], "samples": {r.name: {} for r in group}}
     live = []
@@ -750,7 +750,7 @@ def _measure_group(group: list, cfg: BenchConfig, request: dict, record: dict, l
                     live.remove(r)
                     r.close()
                     continue
-                s.update(round=k, warmup=k < cfg.warmup)
+                s.update(round=k, warmup=k < cfg.warmup, group=index)
                 log(f"  {'warm-up' if k < cfg.warmup else f'run {k - cfg.warmup + 1}/{cfg.runs}'} {r.name} batch {batch}: {s['e2e_s']:.3f} s")
                 if k >= cfg.warmup:
                     out["samples"][r.name].setdefault(str(batch), []).append(s)
@@ -763,23 +763,26 @@ def _measure_group(group: list, cfg: BenchConfig, request: dict, record: dict, l
 
 
 def speedups(record: dict) -> dict:
-    """{sdrt runner: {baseline: {batch: {stage: baseline median / sdrt median}}}}; e2e from a group holding both."""
+    """{sdrt runner: {baseline: {batch: {stage: baseline median / sdrt median}}}}, from the runs of a group that
+    held both (runners measured side by side; a reference measured in several groups is compared within each)."""
     out = {}
     sdrt = [n for n in record["runners"] if n.startswith("sdrt-")]
     others = [n for n in record["runners"] if n not in sdrt]
     for s in sdrt:
         for o in others:
-            for batch, stats in record["runners"][s].get("stats", {}).items():
-                theirs = record["runners"][o].get("stats", {}).get(batch)
-                if not theirs:
+            shared = [i for i, g in enumerate(record["groups"]) if s in g["runners"] and o in g["runners"]]
+            if not shared:
+                continue
+            for batch, mine in record["runners"][s]["samples"].items():
+                theirs = record["runners"][o]["samples"].get(batch)
+                mine = [derive(x, int(batch)) for x in mine if x.get("group", shared[0]) == shared[0]]
+                theirs = [derive(x, int(batch)) for x in theirs or [] if x.get("group", shared[0]) == shared[0]]
+                if not mine or not theirs:
                     continue
                 ratios = {}
                 for stage in ("e2e_s", "text_s", "unet_call_s", "decode_s", "encode_s"):
-                    a, b = (stats.get(stage) or {}).get("median"), (theirs.get(stage) or {}).get("median")
-                    ratios[stage] = b / a if a and b else None
-                same = [g for g in record["groups"] if s in g["runners"] and o in g["runners"]]
-                if same and batch in same[0]["e2e_median_s"].get(s, {}) and batch in same[0]["e2e_median_s"].get(o, {}):
-                    ratios["e2e_s"] = same[0]["e2e_median_s"][o][batch] / same[0]["e2e_median_s"][s][batch]
+                    a, b = summarize(x[stage] for x in mine), summarize(x[stage] for x in theirs)
+                    ratios[stage] = b["median"] / a["median"] if a and b and a["median"] else None
                 out.setdefault(s, {}).setdefault(o, {})[batch] = ratios
     return out
 

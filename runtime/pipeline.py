@@ -29,7 +29,6 @@ from sdrt.schedulers import make_scheduler
 from sdrt.textual_inversion import expand_prompt
 from sdrt.tokenizer import ClipTokenizer
 
-MAX_SEED = 2**63 - 1
 
 
 @dataclasses.dataclass
@@ -96,10 +95,6 @@ class Pipeline:
         from sdrt.lora import fuse_lora_into_backend
 
         self.loras.append(fuse_lora_into_backend(self.backend, path, scale))
-
-    @property
-    def default_scheduler(self) -> str | None:
-        return None  # the model's own scheduler config (PNDM for SD 1.5)
 
     # --- the steps of the algorithm --------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from sdrt.contracts import NETWORKS, UNET, NetworkContract, ShapeLimits, build_c
 from sdrt.errors import InputError, ModelError
 from sdrt.manifest import MANIFEST_NAME, Manifest, read_manifest
 from sdrt.model_facts import ModelFacts, read_json, read_model_facts
+from sdrt.export.subpixel import subpixel_upsamplers
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}  # dynamo at opset 17 produced an invalid model (ENVIRONMENT.md)
@@ -82,6 +84,7 @@ def export_model(
     exporter: str = "torchscript",
     force: bool = False,
     share_weights: bool = False,
+    subpixel_upsample: bool = True,
 ) -> ExportReport:
     """Export `model_dir` (diffusers format, SD 1.x/2.x) to the sdrt export folder `out_dir`.
 
@@ -91,6 +94,9 @@ def export_model(
     when they differ by more than CHECK_TOLERANCE. force: replace an existing export.
     share_weights: OUT also holds the diffusers folder, and each ONNX graph sits in its component's folder reading
     its weights from the component's safetensors (sdrt.export.share_weights): both backends, one copy of weights.
+    subpixel_upsample: export each "nearest 2x upsample + 3x3 conv" as four 2x2 convs of the low-resolution
+    input (sdrt.export.subpixel: the same result with 16/36 of the multiply-adds); the parity check still
+    compares with stock PyTorch.
     """
     from tqdm.auto import tqdm
 
@@ -120,6 +126,7 @@ def export_model(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     reports: dict[str, NetworkReport] = {}
+    subpixel: dict[str, int] = {}
     try:
         if share_weights:
             copy_diffusers_folder(model_dir, tmp)
@@ -128,8 +135,10 @@ def export_model(
             bar.set_postfix_str(name)
             t0 = time.perf_counter()
             rel = f"{name}/model.onnx" if not share_weights else f".staging/{name}/model.onnx"
-            export_network(modules[name], contracts[name], tmp / rel, export_dims(limits, facts), opset, exporter,
-                           constant_folding=not share_weights)
+            with subpixel_upsamplers(modules[name]) if subpixel_upsample else nullcontext(0) as rewritten:
+                export_network(modules[name], contracts[name], tmp / rel, export_dims(limits, facts), opset, exporter,
+                               constant_folding=not share_weights)
+            subpixel[name] = rewritten
             finish_network(tmp / rel, contracts[name], fp16, keep_fp32_ops, upcast_attention and name == UNET)
             if share_weights:
                 rel = share_network_weights(tmp, rel, name)
@@ -162,6 +171,7 @@ def export_model(
                 "source": str(model_dir.resolve()),
                 "keep_fp32_ops": list(keep_fp32_ops),
                 "upcast_attention": upcast_attention,
+                "subpixel_upsamplers": subpixel,
                 "parity": {n: {"dims": r.check_dims, "errors": r.errors} for n, r in reports.items() if r.errors},
             },
         )

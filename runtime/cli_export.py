@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-check", dest="check", action="store_false", help="skip comparing each network with PyTorch")
     p.add_argument("--keep-fp32-op", action="append", default=[], metavar="OP", help="with --fp16: an ONNX op type to keep in fp32 (repeatable)")
     p.add_argument("--force", action="store_true", help="replace an existing export at OUT")
+    p.add_argument("--no-subpixel-upsample", dest="subpixel_upsample", action="store_false",
+                   help="export upsampling as stock 'nearest 2x + 3x3 conv' instead of four 2x2 convs of the "
+                        "low-resolution input (same result, 2.25x fewer multiply-adds in those convs)")
     p.add_argument("--share-weights", action="store_true", help="OUT also holds the diffusers weights and the ONNX graphs read theirs from them (fp32; both backends, one copy of the weights)")
     # issue 4: LoRAs fused at export; single-file checkpoints (sdrt.export.lora, sdrt.export.single_file)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA (kohya or diffusers layout) into the UNet and text encoder; repeatable (scale default 1)")
@@ -78,6 +81,7 @@ def cmd_export(args) -> int:
         exporter=args.exporter,
         force=args.force,
         share_weights=args.share_weights,
+        subpixel_upsample=args.subpixel_upsample,
     )
     print(report.summary())
     return 0

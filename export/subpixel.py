@@ -1,0 +1,77 @@
+"""Export-time rewrite of "nearest 2x upsample, then 3x3 convolution" into its sub-pixel form.
+
+Stable Diffusion's UNet and VAE decoder upsample with `Upsample2D`: repeat every pixel 2x2, then a 3x3
+convolution. On the repeated image most of that convolution's multiply-adds read the same input pixel twice,
+so the same result is four 2x2 convolutions of the low-resolution input (one per output phase, with the 3x3
+kernel's taps summed per phase) interleaved by a pixel shuffle: 16 instead of 36 multiply-adds per output
+pixel and channel pair, and no upsampled copy of the input in memory. The weights are the checkpoint's own:
+the 2x2 kernels are sums of its 3x3 taps, computed in the graph (ONNX Runtime and TensorRT fold them into
+constants at load) so that shared-weight exports still read the diffusers safetensors. Exact up to float
+summation order (measured 1e-6 of the output's range); export_model's parity check compares the rewritten
+graph with stock PyTorch.
+
+Phase (a, b) of output pixel (2i+a, 2j+b) reads low-resolution rows i-1+a..i+a and columns j-1+b..j+b; along
+one axis, phase 0 takes taps (w0, w1+w2) and phase 1 takes (w0+w1, w2).
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+
+
+def _phase_taps(w, dim: int):
+    """The two 2-tap kernels along `dim` of a 3-tap kernel: phase 0 (w0, w1+w2), phase 1 (w0+w1, w2)."""
+    import torch
+
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
+
+
+def upsample_conv_subpixel(x, weight, bias):
+    """conv3x3(padding 1)(nearest_upsample_2x(x)) as four 2x2 convolutions of x, interleaved by pixel_shuffle."""
+    import torch
+    import torch.nn.functional as F
+
+    phases = []
+    for a, rows in enumerate(_phase_taps(weight, 2)):
+        for b, kernel in enumerate(_phase_taps(rows, 3)):
+            phases.append(F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), kernel, bias))
+    y = torch.stack(phases, 2)  # [N, C, 4, H, W]: channel c*4 + 2a + b after the flatten, pixel_shuffle's order
+    return F.pixel_shuffle(y.flatten(1, 2), 2)
+
+
+def _rewritable_conv(module):
+    """The 3x3 convolution of a diffusers Upsample2D that this rewrite covers exactly, or None."""
+    import torch
+
+    if type(module).__name__ != "Upsample2D":
+        return None
+    if not getattr(module, "use_conv", False) or getattr(module, "use_conv_transpose", True):
+        return None
+    if not getattr(module, "interpolate", False) or getattr(module, "norm", None) is not None:
+        return None
+    conv = getattr(module, "conv", None) if module.name == "conv" else getattr(module, "Conv2d_0", None)
+    ok = (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+          and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+    return conv if ok else None
+
+
+def _subpixel_forward(self, hidden_states, output_size=None, *args, **kwargs):
+    if output_size is not None:  # an explicit target size (odd sizes): the stock path
+        return type(self).forward(self, hidden_states, output_size, *args, **kwargs)
+    conv = self.conv if self.name == "conv" else self.Conv2d_0
+    return upsample_conv_subpixel(hidden_states, conv.weight, conv.bias)
+
+
+@contextmanager
+def subpixel_upsamplers(*modules):
+    """Within the block, every rewritable Upsample2D in `modules` runs the sub-pixel form; yields how many."""
+    patched = [m for module in modules for m in module.modules() if _rewritable_conv(m) is not None]
+    for m in patched:
+        m.forward = types.MethodType(_subpixel_forward, m)
+    try:
+        yield len(patched)
+    finally:
+        for m in patched:
+            del m.forward

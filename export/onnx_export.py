@@ -30,7 +30,7 @@ import numpy as np
 from sdrt import __version__
 from sdrt.contracts import NETWORKS, UNET, NetworkContract, ShapeLimits, build_contracts
 from sdrt.errors import InputError, ModelError
-from sdrt.manifest import MANIFEST_NAME, Manifest, read_manifest
+from sdrt.manifest import GRAPH_REVISION, MANIFEST_NAME, Manifest, read_manifest
 from sdrt.model_facts import ModelFacts, read_json, read_model_facts
 from sdrt.export.subpixel import subpixel_upsamplers
 
@@ -172,6 +172,7 @@ def export_model(
                 "keep_fp32_ops": list(keep_fp32_ops),
                 "upcast_attention": upcast_attention,
                 "subpixel_upsamplers": subpixel,
+                "graph_revision": GRAPH_REVISION,
                 "parity": {n: {"dims": r.check_dims, "errors": r.errors} for n, r in reports.items() if r.errors},
             },
         )

@@ -63,7 +63,9 @@ def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchC
     facts = read_model_facts(diffusers_dir)
     step = facts.size_step  # one export serves every size and batch ORT runs; the limits matter to TensorRT only
     limits = {"min": step, "opt": facts.default_size, "max": max(size, facts.default_size), "batch": max(max_batch, 4)}
-    out = config.cache_dir / "exports" / f"{diffusers_dir.name}-{folder_digest(diffusers_dir, limits)}"
+    from sdrt.manifest import GRAPH_REVISION
+
+    out = config.cache_dir / "exports" / f"{diffusers_dir.name}-{folder_digest(diffusers_dir, limits, GRAPH_REVISION)}"
     if (out / "manifest.json").exists():
         return out
     log(f"exporting {diffusers_dir} to {out} for the onnx backend (once)")

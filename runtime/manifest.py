@@ -19,6 +19,9 @@ from sdrt.model_facts import ModelFacts
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sdrt-export"
 FORMAT_VERSION = 1
+# What `sdrt export` writes into the graphs, beyond the contract (2: sub-pixel upsampling). Exports of any
+# revision run; caches of exports (sdrt bench) key on it so that a better graph is not hidden by an old one.
+GRAPH_REVISION = 2
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

@@ -301,6 +301,27 @@ def test_optimized_graph_cache(onnx_sd1, tmp_path):
     assert "rebuilt the unet cache" in again.describe()
 
 
+def test_static_shape_sessions_equal_the_dynamic_ones(onnx_sd1):
+    from sdrt.backends import onnx_backend
+
+    source = open_model(onnx_sd1)
+    static = source.create_backend("onnx", static_shapes=True)
+    dynamic = source.create_backend("onnx", static_shapes=False)
+    assert static.static_networks == set(NETWORKS) and not dynamic.static_networks
+    assert source.create_backend("onnx").static_networks == set(NETWORKS)  # auto: the tiny model is small
+    for dims in DIMS:
+        for name in NETWORKS:
+            feeds = source.contracts[name].sample_inputs(dims)
+            a, b = static.run(name, feeds), dynamic.run(name, feeds)
+            for key in a:
+                np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5 * np.abs(b[key]).max())
+    assert all(len(static._specialized[n]) == len(DIMS) for n in NETWORKS)
+    # Only the most recently used shapes are kept.
+    for batch in range(1, onnx_backend.SPECIALIZED_PER_NETWORK + 3):
+        static.run("text_encoder", source.contracts["text_encoder"].sample_inputs({**DIMS[0], "batch": batch}))
+    assert len(static._specialized["text_encoder"]) == onnx_backend.SPECIALIZED_PER_NETWORK
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SDRT_SLOW_TESTS") != "1", reason="dynamo export takes ~2 minutes here; set SDRT_SLOW_TESTS=1")
 def test_dynamo_exporter(tiny_sd1, tmp_path):

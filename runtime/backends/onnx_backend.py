@@ -7,6 +7,9 @@ One InferenceSession per network, created at load with the export's manifest as 
   size, mtime and manifest hash, the ORT version, provider and CPU, so a changed file or machine rebuilds it
   (the manifest lists only the export's own files, so the cache never trips its checks);
 - ORT's Stable Diffusion fusions (onnxruntime.transformers) on CUDA only: they emit ops ORT has no CPU kernels for;
+- small networks (weights under SPECIALIZE_MAX_BYTES, like the built-in model's) get a session per input shape
+  on CPU, built with ORT's free-dimension overrides: their shape arithmetic (hundreds of Shape/Gather/Concat
+  nodes that a dynamic-shape export carries) is folded away, which is most of a small network's run time;
 - IO binding. On CPU each input is bound where it lies and each output is written straight into a fresh
   numpy array the caller owns (no copy in or out). On CUDA, device buffers are allocated once per shape and
   reused; a call copies each input to the device and each output back, which the numpy interface requires.
@@ -30,6 +33,8 @@ from sdrt.manifest import Manifest
 CACHE_DIR = ".ort_cache"
 PROVIDER_ORDER = ("CUDAExecutionProvider", "CPUExecutionProvider")
 FUSION_MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+SPECIALIZE_MAX_BYTES = 64 * 2**20  # a second session per shape costs its weights again: small networks only
+SPECIALIZED_PER_NETWORK = 4  # shapes kept per network (least recently used goes first)
 
 
 class OnnxBackend(Backend):
@@ -44,10 +49,12 @@ class OnnxBackend(Backend):
         optimized_cache: bool = True,
         fusions: bool = True,
         device_id: int = 0,
+        static_shapes: bool | None = None,
     ):
         """providers: ORT provider names in order of preference (default: CUDA if present, then CPU).
         threads: intra-op threads (default: ORT's, one per physical core). fusions: apply ORT's SD fusions
-        when a session runs on CUDA."""
+        when a session runs on CUDA. static_shapes: a session per input shape with the shapes fixed (None: on
+        CPU, for networks whose weights are under SPECIALIZE_MAX_BYTES)."""
         super().__init__(manifest.contracts)
         self.path, self.manifest = Path(path), manifest
         self.threads, self.device_id = threads, device_id
@@ -58,6 +65,11 @@ class OnnxBackend(Backend):
         for network in manifest.networks:
             self.sessions[network] = self._load(network, optimized_cache, fusions)
         self.on_cuda = bool(self.sessions) and all("CUDAExecutionProvider" in s.get_providers() for s in self.sessions.values())
+        self.static_networks = {
+            n for n in self.sessions
+            if not self.on_cuda and (static_shapes if static_shapes is not None else self._weight_bytes(n) <= SPECIALIZE_MAX_BYTES)
+        }  # fmt: skip
+        self._specialized: dict[str, dict[tuple, ort.InferenceSession]] = {n: {} for n in self.static_networks}
 
     # --- loading --------------------------------------------------------------------------------------------
 
@@ -164,6 +176,29 @@ class OnnxBackend(Backend):
         model.save_model_to_file(str(fused), use_external_data_format=True, all_tensors_to_one_file=True)
         return fused
 
+    def _weight_bytes(self, network: str) -> int:
+        """The network's folder on disk: its graph and weights (a shared-weight export's safetensors too)."""
+        folder = (self.path / self.manifest.networks[network]["file"]).parent
+        return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+    def _session_for(self, network: str, dims: dict[str, int]) -> ort.InferenceSession:
+        """The dynamic-shape session, or for a small network one built for exactly these input shapes."""
+        if network not in self.static_networks:
+            return self.sessions[network]
+        symbols = {d for spec in self.contracts[network].inputs for d in spec.shape if isinstance(d, str)}
+        key = tuple(sorted((d, dims[d]) for d in symbols))
+        cache = self._specialized[network]
+        session = cache.pop(key, None)
+        if session is None:
+            options = self._options()
+            for symbol, value in key:
+                options.add_free_dimension_override_by_name(symbol, value)
+            session = self._session(self.path / self.manifest.networks[network]["file"], options)
+            if len(cache) >= SPECIALIZED_PER_NETWORK:
+                cache.pop(next(iter(cache)))
+        cache[key] = session  # most recently used last
+        return session
+
     def _check_session(self, session: ort.InferenceSession, network: str, file: Path) -> None:
         contract = self.contracts[network]
         got = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
@@ -180,11 +215,11 @@ class OnnxBackend(Backend):
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         contract = self.contracts[network]
         contract.check_feeds(feeds)
-        session = self.sessions.get(network)
-        if session is None:
+        if network not in self.sessions:
             raise BackendError(f"this export has no {network} network (it has {', '.join(self.sessions)})")
         arrays = {s.name: np.ascontiguousarray(feeds[s.name], dtype=np.float32) for s in contract.inputs}
         dims = self._dims(contract, arrays)
+        session = self._session_for(network, dims)
         binding = session.io_binding()
         if self.on_cuda:
             return self._run_cuda(network, session, binding, contract, arrays, dims)
@@ -242,6 +277,8 @@ class OnnxBackend(Backend):
         precisions = sorted({n.get("precision", "fp32") for n in self.manifest.networks.values()})
         threads = self.threads or "default"
         text = f"onnxruntime {ort.__version__} on {', '.join(providers)} ({'/'.join(precisions)}, {threads} threads)"
+        if self.static_networks:
+            text += f"; static shapes for {', '.join(sorted(self.static_networks))}"
         return text + (f"; {'; '.join(self.notes)}" if self.notes else "")
 
 

@@ -33,6 +33,7 @@ from sdrt.errors import InputError, ModelError
 from sdrt.manifest import GRAPH_REVISION, MANIFEST_NAME, Manifest, read_manifest
 from sdrt.model_facts import ModelFacts, read_json, read_model_facts
 from sdrt.export.subpixel import subpixel_upsamplers
+from sdrt.export.winograd import winograd_convs
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}  # dynamo at opset 17 produced an invalid model (ENVIRONMENT.md)
@@ -85,6 +86,7 @@ def export_model(
     force: bool = False,
     share_weights: bool = False,
     subpixel_upsample: bool = True,
+    winograd: bool = False,
 ) -> ExportReport:
     """Export `model_dir` (diffusers format, SD 1.x/2.x) to the sdrt export folder `out_dir`.
 
@@ -97,6 +99,8 @@ def export_model(
     subpixel_upsample: export each "nearest 2x upsample + 3x3 conv" as four 2x2 convs of the low-resolution
     input (sdrt.export.subpixel: the same result with 16/36 of the multiply-adds); the parity check still
     compares with stock PyTorch.
+    winograd: export wide 3x3 convolutions as Winograd F(2x2, 3x3) (sdrt.export.winograd): faster on ONNX
+    Runtime's CPU provider, fp32 only, more memory, and not for TensorRT (`sdrt build` refuses such exports).
     """
     from tqdm.auto import tqdm
 
@@ -107,6 +111,8 @@ def export_model(
     opset = opset or DEFAULT_OPSET[exporter]
     if share_weights and fp16:
         raise InputError("share_weights needs an fp32 export: the ONNX graphs read the checkpoint's float32 weights")
+    if winograd and fp16:
+        raise InputError("winograd is for fp32 exports run by ONNX Runtime on a CPU; drop --winograd or --fp16")
     if keep_fp32_ops and not fp16:
         raise InputError(f"keep_fp32_ops {list(keep_fp32_ops)} applies to fp16 exports only; add --fp16 or drop it")
     if not 14 <= opset <= 23:
@@ -126,7 +132,7 @@ def export_model(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     reports: dict[str, NetworkReport] = {}
-    subpixel: dict[str, int] = {}
+    rewrites: dict[str, dict[str, int]] = {"subpixel_upsamplers": {}, "winograd_convs": {}}
     try:
         if share_weights:
             copy_diffusers_folder(model_dir, tmp)
@@ -135,10 +141,11 @@ def export_model(
             bar.set_postfix_str(name)
             t0 = time.perf_counter()
             rel = f"{name}/model.onnx" if not share_weights else f".staging/{name}/model.onnx"
-            with subpixel_upsamplers(modules[name]) if subpixel_upsample else nullcontext(0) as rewritten:
+            with (subpixel_upsamplers(modules[name]) if subpixel_upsample else nullcontext(0)) as upsamplers, \
+                 (winograd_convs(modules[name]) if winograd else nullcontext(0)) as convs:  # fmt: skip
                 export_network(modules[name], contracts[name], tmp / rel, export_dims(limits, facts), opset, exporter,
                                constant_folding=not share_weights)
-            subpixel[name] = rewritten
+            rewrites["subpixel_upsamplers"][name], rewrites["winograd_convs"][name] = upsamplers, convs
             finish_network(tmp / rel, contracts[name], fp16, keep_fp32_ops, upcast_attention and name == UNET)
             if share_weights:
                 rel = share_network_weights(tmp, rel, name)
@@ -171,7 +178,7 @@ def export_model(
                 "source": str(model_dir.resolve()),
                 "keep_fp32_ops": list(keep_fp32_ops),
                 "upcast_attention": upcast_attention,
-                "subpixel_upsamplers": subpixel,
+                **rewrites,
                 "graph_revision": GRAPH_REVISION,
                 "parity": {n: {"dims": r.check_dims, "errors": r.errors} for n, r in reports.items() if r.errors},
             },

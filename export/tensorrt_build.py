@@ -135,6 +135,12 @@ def build_engines(
         require_tensorrt()  # before anything is read or written
     onnx_dir, out_dir = Path(onnx_dir).expanduser(), Path(out_dir).expanduser()
     source = read_manifest(onnx_dir)
+    winograd = sum(source.extras.get("winograd_convs", {}).values())
+    if winograd:
+        raise InputError(
+            f"{onnx_dir} was exported with --winograd ({winograd} convolutions rewritten for ONNX Runtime on a CPU); "
+            "TensorRT picks its own convolution kernels: export again without --winograd and build from that"
+        )
     limits, static = resolve_shapes(source, limits, sizes, static, max_batch)
     check_out_dir(onnx_dir, out_dir)
     machine = machine or machine_info()

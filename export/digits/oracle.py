@@ -1,6 +1,6 @@
 """Train the digit oracle (a small CNN: digit and stroke colour) on real coloured digits and export it to ONNX.
 
-    python -m sdrt.export.digits.oracle            # ~13 min on 1 busy CPU core; writes runtime/models/digits_oracle.*
+    python -m sdrt.export.digits.oracle            # ~10 min on 2 CPU cores; writes runtime/models/digits_oracle.*
 
 It learns only from data.py's generator (scikit-learn's real handwriting, the DejaVu fonts), never from
 generated images; the last 20% of load_digits is held out and reported. The runtime side is sdrt.oracle.
@@ -25,12 +25,13 @@ MODELS = Path(__file__).resolve().parents[2] / "runtime" / "models"
 class Oracle(torch.nn.Module):
     """[N,3,64,64] float in [0,1] -> (digit logits [N,10], colour logits [N,len(COLOURS)])."""
 
-    def __init__(self, n_colours: int = len(data.COLOURS)):
+    def __init__(self, n_colours: int = len(data.COLOURS), widths=(32, 64, 128)):
         super().__init__()
         def block(a, b):
             return [torch.nn.Conv2d(a, b, 3, padding=1), torch.nn.BatchNorm2d(b), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
-        self.features = torch.nn.Sequential(torch.nn.AvgPool2d(2), *block(3, 24), *block(24, 48), *block(48, 64),
-                                            torch.nn.Flatten(), torch.nn.Dropout(0.3), torch.nn.Linear(64 * 16, 128),
+        c1, c2, c3 = widths
+        self.features = torch.nn.Sequential(torch.nn.AvgPool2d(2), *block(3, c1), *block(c1, c2), *block(c2, c3),
+                                            torch.nn.Flatten(), torch.nn.Dropout(0.3), torch.nn.Linear(c3 * 16, 128),
                                             torch.nn.ReLU())
         self.digit = torch.nn.Linear(128, 10)
         self.colour = torch.nn.Linear(128, n_colours)
@@ -89,7 +90,7 @@ def train(n: int, epochs: int, seed: int, log=print) -> tuple[Oracle, dict]:
             idx = perm[i:i + 128]
             x = augment(to_input(images[idx.numpy()]), g)
             dl, cl = model(x)
-            loss = F.cross_entropy(dl, y[idx, 0]) + F.cross_entropy(cl, y[idx, 1])
+            loss = F.cross_entropy(dl, y[idx, 0], label_smoothing=0.05) + F.cross_entropy(cl, y[idx, 1])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -126,10 +127,10 @@ def export(model: Oracle, figures: dict, onnx_path: Path) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=24000)
-    p.add_argument("--epochs", type=int, default=14)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=MODELS / "digits_oracle.onnx")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     model, figures = train(a.images, a.epochs, a.seed)

@@ -1,0 +1,111 @@
+"""Export-time rewrites that compute the same function with fewer multiply-adds (sdrt.export.subpixel, winograd)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+import torch.nn.functional as F  # noqa: E402
+
+from sdrt.export.subpixel import subpixel_upsamplers, upsample_conv_subpixel  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4, 4), (2, 8, 5, 7), (1, 16, 1, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_equals_upsample_then_conv(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    w = torch.randn(6, shape[1], 3, 3, generator=g)
+    b = torch.randn(6, generator=g) if bias else None
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=1)
+    out = upsample_conv_subpixel(x, w, b)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_patches_the_upsamplers_of_unet_and_vae_and_restores_them(tiny_sd1):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd1 / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(tiny_sd1 / "vae").eval()
+    g = torch.Generator().manual_seed(1)
+    sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    latent = torch.randn(1, vae.config.latent_channels, 8, 8, generator=g)
+    with torch.no_grad():
+        ref_unet, ref_vae = unet(sample, 500, states).sample, vae.decode(latent).sample
+        with subpixel_upsamplers(unet, vae) as n:
+            out_unet, out_vae = unet(sample, 500, states).sample, vae.decode(latent).sample
+            patched = [m for m in [*unet.modules(), *vae.modules()] if "forward" in vars(m)]
+        assert n == len(patched) == len(unet.up_blocks) - 1 + len(vae.decoder.up_blocks) - 1
+        assert not [m for m in [*unet.modules(), *vae.modules()] if "forward" in vars(m)]  # restored
+    for out, ref in ((out_unet, ref_unet), (out_vae, ref_vae)):
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_export_records_the_rewrite_and_has_no_resize(onnx_sd1):
+    import onnx
+
+    from sdrt.manifest import read_manifest
+
+    manifest = read_manifest(onnx_sd1)
+    counts = manifest.extras["subpixel_upsamplers"]
+    assert counts["unet"] > 0 and counts["vae_decoder"] > 0 and counts["text_encoder"] == 0
+    ops = {n.op_type for n in onnx.load(str(onnx_sd1 / manifest.networks["vae_decoder"]["file"]), load_external_data=False).graph.node}
+    assert "DepthToSpace" in ops and "Resize" not in ops
+
+
+# --- Winograd F(2x2, 3x3) (sdrt.export.winograd) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4, 4), (2, 5, 7, 9), (1, 2, 1, 1), (2, 8, 16, 6)])
+def test_winograd_equals_conv3x3(shape):
+    from sdrt.export.winograd import winograd_conv3x3
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=g)
+    w, b = torch.randn(6, shape[1], 3, 3, generator=g), torch.randn(6, generator=g)
+    ref = F.conv2d(x, w, b, padding=1)
+    out = winograd_conv3x3(x, w, b)
+    assert out.shape == ref.shape and (out - ref).abs().max() <= 2e-6 * ref.abs().max()
+
+
+def test_winograd_export_runs_other_sizes_in_onnx_runtime(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from sdrt.export import winograd
+
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)  # the rule, on a model small enough for a test
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 3, padding=1),
+                                torch.nn.Conv2d(4, 8, 3, padding=1)).eval()
+    path = tmp_path / "w.onnx"
+    with torch.no_grad(), winograd.winograd_convs(model) as n:
+        torch.onnx.export(model, (torch.randn(2, 8, 8, 8),), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    assert n == 1  # 8->8 only: a side under MIN_CHANNELS keeps the stock convolution
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in [(1, 8, 7, 9), (3, 8, 16, 16)]:  # odd sizes and another batch than the trace's
+        x = torch.randn(shape)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = session.run(None, {"x": x.numpy()})[0]
+        assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_winograd_export_is_fp32_only_and_refused_by_tensorrt(tiny_sd1, tmp_path, monkeypatch):
+    from sdrt.contracts import ShapeLimits
+    from sdrt.errors import InputError
+    from sdrt.export import winograd
+    from sdrt.export.onnx_export import export_model
+    from sdrt.export.tensorrt_build import build_engines
+    from sdrt.manifest import read_manifest
+
+    limits = ShapeLimits(min_size=32, opt_size=64, max_size=64, max_batch=1)
+    with pytest.raises(InputError, match="fp32"):
+        export_model(tiny_sd1, tmp_path / "x", fp16=True, winograd=True, limits=limits, progress=False)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 16)  # the tiny model's convolutions are 16-64 wide
+    export_model(tiny_sd1, tmp_path / "w", winograd=True, limits=limits, progress=False)  # parity-checked against PyTorch
+    counts = read_manifest(tmp_path / "w").extras["winograd_convs"]
+    assert counts["unet"] > 0 and counts["vae_decoder"] > 0
+    with pytest.raises(InputError, match="without --winograd"):
+        build_engines(tmp_path / "w", tmp_path / "trt", dry_run=True)

@@ -63,15 +63,18 @@ def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchC
     facts = read_model_facts(diffusers_dir)
     step = facts.size_step  # one export serves every size and batch ORT runs; the limits matter to TensorRT only
     limits = {"min": step, "opt": facts.default_size, "max": max(size, facts.default_size), "batch": max(max_batch, 4)}
+    # On a CPU, the export sdrt recommends there: Winograd convolutions (sdrt.export.winograd).
+    flags = ["--winograd"] if config.device == "cpu" else []
     from sdrt.manifest import GRAPH_REVISION
 
-    out = config.cache_dir / "exports" / f"{diffusers_dir.name}-{folder_digest(diffusers_dir, limits, GRAPH_REVISION)}"
+    key = folder_digest(diffusers_dir, limits, GRAPH_REVISION, flags)
+    out = config.cache_dir / "exports" / f"{diffusers_dir.name}-{key}"
     if (out / "manifest.json").exists():
         return out
     log(f"exporting {diffusers_dir} to {out} for the onnx backend (once)")
     cmd = [sys.executable, "-m", "sdrt.cli", "export", str(diffusers_dir), str(out), "--quiet", "--force",
            "--min-size", str(limits["min"]), "--opt-size", str(limits["opt"]), "--max-size", str(limits["max"]),
-           "--max-batch", str(limits["batch"])]  # fmt: skip
+           "--max-batch", str(limits["batch"]), *flags]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SdrtError(f"`sdrt export` of {diffusers_dir} failed: {(proc.stderr or proc.stdout).strip()[-1500:]}")

@@ -2,8 +2,8 @@
 
     python -m sdrt.export.digits.evaluate runtime/models/digits [--json out.json] [--n 50]
 
-Runs diffusers' StableDiffusionPipeline (the reference) on the saved folder, 64x64, 20 steps, and judges
-every image with sdrt.oracle.DigitOracle.
+Runs diffusers' StableDiffusionPipeline (the reference) on the saved folder with its own scheduler (or
+--scheduler), 64x64, 20 steps, and judges every image with sdrt.oracle.DigitOracle.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import EulerDiscreteScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline,
+                       StableDiffusionPipeline)
 from PIL import Image
 
 from sdrt.export.digits import data
 from sdrt.oracle import DigitOracle
 
 COLOURS = data.COLOUR_NAMES
+SCHEDULERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}
 
 
 def prompt_set(n: int) -> list[tuple[int, int]]:
@@ -41,17 +43,15 @@ def generate(pipe, prompts, seed0, guidance, steps=20, negative=None, batch=25):
     return np.concatenate(images)
 
 
-def evaluate(model: Path, n: int = 50, scheduler: str = "pndm", save_grid: Path | None = None) -> dict:
+def evaluate(model: Path, n: int = 50, scheduler: str = "model", save_grid: Path | None = None) -> dict:
     oracle = DigitOracle.load()
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    if scheduler == "euler":
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    else:
-        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    if scheduler != "model":  # default: the model's own (DDIM for the built-in model)
+        pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pairs = prompt_set(n)
     prompts = [f"a {COLOURS[c]} {d}" for d, c in pairs]
-    r: dict = {"model": str(model), "scheduler": scheduler, "steps": 20, "prompts": n}
+    r: dict = {"model": str(model), "scheduler": type(pipe.scheduler).__name__, "steps": 20, "prompts": n}
     for g in (7.5, 1.0):
         t0 = time.time()
         imgs = generate(pipe, prompts, 0, g)
@@ -105,7 +105,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path)
     p.add_argument("--n", type=int, default=50)
-    p.add_argument("--scheduler", choices=["pndm", "euler"], default="pndm")
+    p.add_argument("--scheduler", choices=["model", *SCHEDULERS], default="model", help="default: the model's own")
     p.add_argument("--json", type=Path)
     p.add_argument("--grid", type=Path, help="save sample grids next to this path (name_g7.5.png, name_g1.0.png)")
     p.add_argument("--threads", type=int, default=1)

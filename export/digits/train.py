@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdrt.export.clip_vocab import write_clip_tokenizer
@@ -53,8 +53,10 @@ def build_models():
 
 
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
+    # DDIM with SD 1.5's noise schedule: PNDM's 4-step linear multistep (SD 1.5's default) is unstable on this
+    # small model at high guidance (measured at 7.5, 20 steps: PNDM digit 56% / colour 28%, DDIM 100% / 96%).
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
+                                   scheduler=DDIMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
 

@@ -7,9 +7,10 @@ One InferenceSession per network, created at load with the export's manifest as 
   size, mtime and manifest hash, the ORT version, provider and CPU, so a changed file or machine rebuilds it
   (the manifest lists only the export's own files, so the cache never trips its checks);
 - ORT's Stable Diffusion fusions (onnxruntime.transformers) on CUDA only: they emit ops ORT has no CPU kernels for;
-- small networks (weights under SPECIALIZE_MAX_BYTES, like the built-in model's) get a session per input shape
-  on CPU, built with ORT's free-dimension overrides: their shape arithmetic (hundreds of Shape/Gather/Concat
-  nodes that a dynamic-shape export carries) is folded away, which is most of a small network's run time;
+- small networks (weights under SMALL_NETWORK_BYTES, like the built-in model's) run on one intra-op thread
+  (their ops are too small to split: the built-in model's 20-step image took 135 ms on 1 thread and 190-250 ms
+  on 2 here) and get a session per input shape on CPU, built with ORT's free-dimension overrides, so that the
+  shape arithmetic a dynamic-shape export carries (hundreds of Shape/Gather/Concat nodes) is folded away;
 - IO binding. On CPU each input is bound where it lies and each output is written straight into a fresh
   numpy array the caller owns (no copy in or out). On CUDA, device buffers are allocated once per shape and
   reused; a call copies each input to the device and each output back, which the numpy interface requires.
@@ -33,7 +34,7 @@ from sdrt.manifest import Manifest
 CACHE_DIR = ".ort_cache"
 PROVIDER_ORDER = ("CUDAExecutionProvider", "CPUExecutionProvider")
 FUSION_MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
-SPECIALIZE_MAX_BYTES = 64 * 2**20  # a second session per shape costs its weights again: small networks only
+SMALL_NETWORK_BYTES = 64 * 2**20  # a second session per shape costs its weights again: small networks only
 SPECIALIZED_PER_NETWORK = 4  # shapes kept per network (least recently used goes first)
 
 
@@ -54,7 +55,7 @@ class OnnxBackend(Backend):
         """providers: ORT provider names in order of preference (default: CUDA if present, then CPU).
         threads: intra-op threads (default: ORT's, one per physical core). fusions: apply ORT's SD fusions
         when a session runs on CUDA. static_shapes: a session per input shape with the shapes fixed (None: on
-        CPU, for networks whose weights are under SPECIALIZE_MAX_BYTES)."""
+        CPU, for networks whose weights are under SMALL_NETWORK_BYTES)."""
         super().__init__(manifest.contracts)
         self.path, self.manifest = Path(path), manifest
         self.threads, self.device_id = threads, device_id
@@ -62,23 +63,25 @@ class OnnxBackend(Backend):
         self.notes: list[str] = []
         self.sessions: dict[str, ort.InferenceSession] = {}
         self._device_buffers: dict[tuple, ort.OrtValue] = {}
+        self.small_networks = {n for n in manifest.networks if self._weight_bytes(n) <= SMALL_NETWORK_BYTES}
         for network in manifest.networks:
             self.sessions[network] = self._load(network, optimized_cache, fusions)
         self.on_cuda = bool(self.sessions) and all("CUDAExecutionProvider" in s.get_providers() for s in self.sessions.values())
         self.static_networks = {
-            n for n in self.sessions
-            if not self.on_cuda and (static_shapes if static_shapes is not None else self._weight_bytes(n) <= SPECIALIZE_MAX_BYTES)
+            n for n in self.sessions if not self.on_cuda and (static_shapes if static_shapes is not None else n in self.small_networks)
         }  # fmt: skip
         self._specialized: dict[str, dict[tuple, ort.InferenceSession]] = {n: {} for n in self.static_networks}
 
     # --- loading --------------------------------------------------------------------------------------------
 
-    def _options(self, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.SessionOptions:
+    def _options(self, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, network: str | None = None) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.graph_optimization_level = level
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3  # errors only; ORT warns about every node it places on the CPU
-        if self.threads:
+        if network in self.small_networks:
+            options.intra_op_num_threads = 1
+        elif self.threads:
             options.intra_op_num_threads = self.threads
         return options
 
@@ -97,12 +100,12 @@ class OnnxBackend(Backend):
             cache = self._cache_path(network, source) if optimized_cache else None
             if cache is not None and cache.exists():
                 try:  # already optimised: loading skips the optimisers' work
-                    session = self._session(cache, self._options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL))
+                    session = self._session(cache, self._options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, network))
                     self._check_session(session, network, file)
                     return session
                 except Exception:  # a stale or damaged cache costs a rebuild, never the run
                     self.notes.append(f"rebuilt the {network} cache")
-            session = self._create_and_cache(source, cache)
+            session = self._create_and_cache(source, cache, network)
         except ModelError:
             raise
         except Exception as err:  # ORT raises its own exception types (InvalidProtobuf, Fail, NoSuchFile, ...)
@@ -114,14 +117,14 @@ class OnnxBackend(Backend):
         self._check_session(session, network, file)
         return session
 
-    def _create_and_cache(self, source: Path, cache: Path | None) -> ort.InferenceSession:
+    def _create_and_cache(self, source: Path, cache: Path | None, network: str) -> ort.InferenceSession:
         """Create the session; with a cache path, ORT also saves the optimised graph there (atomically)."""
         if cache is None or not os.access(cache.parent.parent, os.W_OK):
-            return self._session(source, self._options())
+            return self._session(source, self._options(network=network))
         cache.parent.mkdir(exist_ok=True)
         stem = f"{cache.stem}-{os.getpid()}"
         tmp = cache.with_name(stem + ".onnx.tmp")
-        options = self._options()
+        options = self._options(network=network)
         options.optimized_model_filepath = str(tmp)
         # Weights go to one side file, whatever the size (a 3.4 GB UNet cannot be one protobuf).
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", stem + ".data")
@@ -132,7 +135,7 @@ class OnnxBackend(Backend):
         except Exception:  # a full disk, or a graph ORT cannot save, costs the cache, not the run
             tmp.unlink(missing_ok=True)
             (cache.parent / (stem + ".data")).unlink(missing_ok=True)
-            return self._session(source, self._options())  # a real load error surfaces here
+            return self._session(source, self._options(network=network))  # a real load error surfaces here
         self._prune_cache(cache, keep=(cache.name, stem + ".data"))
         return session
 
@@ -190,7 +193,7 @@ class OnnxBackend(Backend):
         cache = self._specialized[network]
         session = cache.pop(key, None)
         if session is None:
-            options = self._options()
+            options = self._options(network=network)
             for symbol, value in key:
                 options.add_free_dimension_override_by_name(symbol, value)
             session = self._session(self.path / self.manifest.networks[network]["file"], options)
@@ -277,6 +280,13 @@ class OnnxBackend(Backend):
         precisions = sorted({n.get("precision", "fp32") for n in self.manifest.networks.values()})
         threads = self.threads or "default"
         text = f"onnxruntime {ort.__version__} on {', '.join(providers)} ({'/'.join(precisions)}, {threads} threads)"
+        rewrites = [f"{sum(self.manifest.extras.get(key, {}).values())} {what}"
+                    for key, what in (("subpixel_upsamplers", "sub-pixel upsamplers"), ("winograd_convs", "Winograd convs"))
+                    if sum(self.manifest.extras.get(key, {}).values())]  # fmt: skip
+        if rewrites:
+            text += f"; export: {', '.join(rewrites)}"
+        if self.small_networks:
+            text += f"; 1 thread for the small {', '.join(sorted(self.small_networks))}"
         if self.static_networks:
             text += f"; static shapes for {', '.join(sorted(self.static_networks))}"
         return text + (f"; {'; '.join(self.notes)}" if self.notes else "")

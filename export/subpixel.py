@@ -16,8 +16,7 @@ one axis, phase 0 takes taps (w0, w1+w2) and phase 1 takes (w0+w1, w2).
 
 from __future__ import annotations
 
-import types
-from contextlib import contextmanager
+from sdrt.export.patching import patched_forwards
 
 
 def _phase_taps(w, dim: int):
@@ -64,14 +63,6 @@ def _subpixel_forward(self, hidden_states, output_size=None, *args, **kwargs):
     return upsample_conv_subpixel(hidden_states, conv.weight, conv.bias)
 
 
-@contextmanager
 def subpixel_upsamplers(*modules):
     """Within the block, every rewritable Upsample2D in `modules` runs the sub-pixel form; yields how many."""
-    patched = [m for module in modules for m in module.modules() if _rewritable_conv(m) is not None]
-    for m in patched:
-        m.forward = types.MethodType(_subpixel_forward, m)
-    try:
-        yield len(patched)
-    finally:
-        for m in patched:
-            del m.forward
+    return patched_forwards(modules, lambda m: _rewritable_conv(m) is not None, _subpixel_forward)

@@ -16,8 +16,7 @@ cuDNN already pick Winograd themselves, so `sdrt build` refuses an export made w
 
 from __future__ import annotations
 
-import types
-from contextlib import contextmanager
+from sdrt.export.patching import patched_forwards
 
 MIN_CHANNELS = 256  # both input and output channels; below it the transforms cost more than they save
 
@@ -63,14 +62,6 @@ def _winograd_forward(self, x):
     return winograd_conv3x3(x, self.weight, self.bias)
 
 
-@contextmanager
 def winograd_convs(*modules):
     """Within the block, every wide 3x3 convolution in `modules` runs as Winograd F(2x2, 3x3); yields how many."""
-    patched = [m for module in modules for m in module.modules() if _rewritable(m)]
-    for m in patched:
-        m.forward = types.MethodType(_winograd_forward, m)
-    try:
-        yield len(patched)
-    finally:
-        for m in patched:
-            del m.forward
+    return patched_forwards(modules, _rewritable, _winograd_forward)

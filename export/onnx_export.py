@@ -30,7 +30,7 @@ import numpy as np
 from sdrt import __version__
 from sdrt.contracts import NETWORKS, UNET, NetworkContract, ShapeLimits, build_contracts
 from sdrt.errors import InputError, ModelError
-from sdrt.manifest import GRAPH_REVISION, MANIFEST_NAME, Manifest, read_manifest
+from sdrt.manifest import GRAPH_REVISION, GRAPH_REWRITES, MANIFEST_NAME, Manifest, read_manifest
 from sdrt.model_facts import ModelFacts, read_json, read_model_facts
 from sdrt.export.subpixel import subpixel_upsamplers
 from sdrt.export.winograd import winograd_convs
@@ -132,7 +132,7 @@ def export_model(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     reports: dict[str, NetworkReport] = {}
-    rewrites: dict[str, dict[str, int]] = {"subpixel_upsamplers": {}, "winograd_convs": {}}
+    rewrites: dict[str, dict[str, int]] = {key: {} for key in GRAPH_REWRITES}
     try:
         if share_weights:
             copy_diffusers_folder(model_dir, tmp)

@@ -135,7 +135,7 @@ def build_engines(
         require_tensorrt()  # before anything is read or written
     onnx_dir, out_dir = Path(onnx_dir).expanduser(), Path(out_dir).expanduser()
     source = read_manifest(onnx_dir)
-    winograd = sum(source.extras.get("winograd_convs", {}).values())
+    winograd = source.rewrite_counts()["winograd_convs"]
     if winograd:
         raise InputError(
             f"{onnx_dir} was exported with --winograd ({winograd} convolutions rewritten for ONNX Runtime on a CPU); "

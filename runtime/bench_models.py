@@ -58,6 +58,7 @@ def folder_digest(folder: Path, *extra) -> str:
 
 def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchConfig, log) -> Path:
     """Export `diffusers_dir` to the cache once (`sdrt export` in a subprocess, so its memory goes back)."""
+    from sdrt.manifest import GRAPH_REVISION
     from sdrt.model_facts import read_model_facts
 
     facts = read_model_facts(diffusers_dir)
@@ -65,8 +66,6 @@ def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchC
     limits = {"min": step, "opt": facts.default_size, "max": max(size, facts.default_size), "batch": max(max_batch, 4)}
     # On a CPU, the export sdrt recommends there: Winograd convolutions (sdrt.export.winograd).
     flags = ["--winograd"] if config.device == "cpu" else []
-    from sdrt.manifest import GRAPH_REVISION
-
     key = folder_digest(diffusers_dir, limits, GRAPH_REVISION, flags)
     out = config.cache_dir / "exports" / f"{diffusers_dir.name}-{key}"
     if (out / "manifest.json").exists():

@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 # What `sdrt export` writes into the graphs, beyond the contract (2: sub-pixel upsampling). Exports of any
 # revision run; caches of exports (sdrt bench) key on it so that a better graph is not hidden by an old one.
 GRAPH_REVISION = 2
+GRAPH_REWRITES = ("subpixel_upsamplers", "winograd_convs")  # extras keys: {network: modules rewritten}
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -68,6 +69,10 @@ class Manifest:
         tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False))
         tmp.replace(path)
         return path
+
+    def rewrite_counts(self) -> dict[str, int]:
+        """How many modules each export-time graph rewrite replaced, over all networks (0 for older exports)."""
+        return {key: sum(self.extras.get(key, {}).values()) for key in GRAPH_REWRITES}
 
     def record_files(self, folder: Path, relpaths) -> None:
         """Store size and sha256 of each file (relative to `folder`)."""

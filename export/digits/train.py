@@ -88,6 +88,16 @@ class Timer:
 
 
 # ---------------------------------------------------------------------------------------------------- VAE
+def reconstruction_terms(rec, x):
+    """MSE, L1, pooled-colour MSE (4x4 means) and chroma MSE (each pixel minus its grey level) of a reconstruction:
+    the VAE phase and the decoder phase weight the same terms differently."""
+    mse = F.mse_loss(rec, x)
+    l1 = F.l1_loss(rec, x)
+    colour = F.mse_loss(F.avg_pool2d(rec, 4), F.avg_pool2d(x, 4))
+    chroma = F.mse_loss(rec - rec.mean(1, keepdim=True), x - x.mean(1, keepdim=True))
+    return mse, l1, colour, chroma
+
+
 def train_vae(vae, images, steps, batch, minutes, rng, log):
     """Reconstruction + KL, with colour weighted from the first step (pooled colour and chroma terms)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0, foreach=True)
@@ -101,10 +111,7 @@ def train_vae(vae, images, steps, batch, minutes, rng, log):
             x = x[:, :, i:i + 32, j:j + 32]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        mse = F.mse_loss(rec, x)
-        l1 = F.l1_loss(rec, x)
-        colour = F.mse_loss(F.avg_pool2d(rec, 4), F.avg_pool2d(x, 4))
-        chroma = F.mse_loss(rec - rec.mean(1, keepdim=True), x - x.mean(1, keepdim=True))
+        mse, l1, colour, chroma = reconstruction_terms(rec, x)
         kl = post.kl().mean() / post.mean[0].numel()
         loss = mse + l1 + colour + 2 * chroma + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
@@ -134,10 +141,8 @@ def train_decoder(vae, images, steps, batch, minutes, rng, log):
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x)
-        colour = F.mse_loss(F.avg_pool2d(rec, 4), F.avg_pool2d(x, 4))
-        chroma = F.mse_loss(rec - rec.mean(1, keepdim=True), x - x.mean(1, keepdim=True))
-        loss = mse + F.l1_loss(rec, x) + 4 * colour + 8 * chroma
+        mse, l1, colour, chroma = reconstruction_terms(rec, x)
+        loss = mse + l1 + 4 * colour + 8 * chroma
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

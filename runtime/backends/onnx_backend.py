@@ -71,6 +71,9 @@ class OnnxBackend(Backend):
             n for n in self.sessions if not self.on_cuda and (static_shapes if static_shapes is not None else n in self.small_networks)
         }  # fmt: skip
         self._specialized: dict[str, dict[tuple, ort.InferenceSession]] = {n: {} for n in self.static_networks}
+        self._symbols = {  # the named (dynamic) input dims of each static network
+            n: sorted({d for spec in self.contracts[n].inputs for d in spec.shape if isinstance(d, str)}) for n in self.static_networks
+        }  # fmt: skip
 
     # --- loading --------------------------------------------------------------------------------------------
 
@@ -188,8 +191,7 @@ class OnnxBackend(Backend):
         """The dynamic-shape session, or for a small network one built for exactly these input shapes."""
         if network not in self.static_networks:
             return self.sessions[network]
-        symbols = {d for spec in self.contracts[network].inputs for d in spec.shape if isinstance(d, str)}
-        key = tuple(sorted((d, dims[d]) for d in symbols))
+        key = tuple((d, dims[d]) for d in self._symbols[network])
         cache = self._specialized[network]
         session = cache.pop(key, None)
         if session is None:
@@ -280,9 +282,9 @@ class OnnxBackend(Backend):
         precisions = sorted({n.get("precision", "fp32") for n in self.manifest.networks.values()})
         threads = self.threads or "default"
         text = f"onnxruntime {ort.__version__} on {', '.join(providers)} ({'/'.join(precisions)}, {threads} threads)"
-        rewrites = [f"{sum(self.manifest.extras.get(key, {}).values())} {what}"
-                    for key, what in (("subpixel_upsamplers", "sub-pixel upsamplers"), ("winograd_convs", "Winograd convs"))
-                    if sum(self.manifest.extras.get(key, {}).values())]  # fmt: skip
+        counts = self.manifest.rewrite_counts()
+        names = {"subpixel_upsamplers": "sub-pixel upsamplers", "winograd_convs": "Winograd convs"}
+        rewrites = [f"{n} {names[key]}" for key, n in counts.items() if n]
         if rewrites:
             text += f"; export: {', '.join(rewrites)}"
         if self.small_networks:

@@ -99,8 +99,9 @@ def export_model(
     subpixel_upsample: export each "nearest 2x upsample + 3x3 conv" as four 2x2 convs of the low-resolution
     input (sdrt.export.subpixel: the same result with 16/36 of the multiply-adds); the parity check still
     compares with stock PyTorch.
-    winograd: export wide 3x3 convolutions as Winograd F(2x2, 3x3) (sdrt.export.winograd): faster on ONNX
-    Runtime's CPU provider, fp32 only, more memory, and not for TensorRT (`sdrt build` refuses such exports).
+    winograd: export wide 3x3 convolutions as Winograd F(4x4, 3x3) or F(2x2, 3x3), each chosen for its input's
+    size at limits.opt_size (sdrt.export.winograd): faster on ONNX Runtime's CPU provider at any size, fastest at
+    the opt size; fp32 only, more memory, and not for TensorRT (`sdrt build` refuses such exports).
     """
     from tqdm.auto import tqdm
 
@@ -133,6 +134,8 @@ def export_model(
     tmp.mkdir()
     reports: dict[str, NetworkReport] = {}
     rewrites: dict[str, dict[str, int]] = {key: {} for key in GRAPH_REWRITES}
+    dims = export_dims(limits, facts)
+    opt_scale = limits.dims(facts, "opt")["image_height"] / dims["image_height"]  # winograd's tiles suit the opt size
     try:
         if share_weights:
             copy_diffusers_folder(model_dir, tmp)
@@ -141,10 +144,10 @@ def export_model(
             bar.set_postfix_str(name)
             t0 = time.perf_counter()
             rel = f"{name}/model.onnx" if not share_weights else f".staging/{name}/model.onnx"
+            args = example_args(contracts[name], dims)
             with (subpixel_upsamplers(modules[name]) if subpixel_upsample else nullcontext(0)) as upsamplers, \
-                 (winograd_convs(modules[name]) if winograd else nullcontext(0)) as convs:  # fmt: skip
-                export_network(modules[name], contracts[name], tmp / rel, export_dims(limits, facts), opset, exporter,
-                               constant_folding=not share_weights)
+                 (winograd_convs(modules[name], args, opt_scale) if winograd else nullcontext(0)) as convs:  # fmt: skip
+                export_network(modules[name], contracts[name], tmp / rel, args, opset, exporter, constant_folding=not share_weights)
             rewrites["subpixel_upsamplers"][name], rewrites["winograd_convs"][name] = upsamplers, convs
             finish_network(tmp / rel, contracts[name], fp16, keep_fp32_ops, upcast_attention and name == UNET)
             if share_weights:
@@ -246,13 +249,20 @@ def check_dims(limits: ShapeLimits, facts: ModelFacts) -> dict[str, int]:
     return {**limits.dims(facts, "min"), "batch": 1, "unet_batch": 3}
 
 
-def export_network(module, contract: NetworkContract, path: Path, dims: dict, opset: int, exporter: str,
-                   constant_folding: bool = True) -> None:
-    """torch -> ONNX at `path` (with the exporter's own external-data layout; finish_network tidies it)."""
+def example_args(contract: NetworkContract, dims: dict) -> tuple:
+    """The network's example inputs at `dims`, as torch tensors in the contract's order."""
     import torch
 
     feeds = contract.sample_inputs(dims)
-    args = tuple(torch.from_numpy(feeds[s.name]) for s in contract.inputs)
+    return tuple(torch.from_numpy(feeds[s.name]) for s in contract.inputs)
+
+
+def export_network(module, contract: NetworkContract, path: Path, args: tuple, opset: int, exporter: str,
+                   constant_folding: bool = True) -> None:
+    """torch -> ONNX at `path` from example inputs `args` (with the exporter's own external-data layout;
+    finish_network tidies it)."""
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings about code we do not own

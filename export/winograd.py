@@ -1,53 +1,89 @@
-"""Export-time rewrite of wide 3x3 convolutions into Winograd F(2x2, 3x3), for ONNX Runtime on CPUs.
+"""Export-time rewrite of wide 3x3 convolutions into Winograd's minimal filtering, for ONNX Runtime on CPUs.
 
-ONNX Runtime's CPU convolution (MLAS) is a direct/im2col GEMM: 36 multiply-adds per 2x2 output tile and
-channel pair. Winograd's F(2x2, 3x3) (Lavin & Gray 2015, what cuDNN and oneDNN use) gets the same tile from
-16: each 4x4 input tile is transformed (B^T d B), multiplied by the transformed kernel (G g G^T, computed in
-the graph from the checkpoint's own weights and folded into a constant at load), and transformed back
-(A^T m A). The 16 products per tile are 16 batched GEMMs, where MLAS is at its best. The transforms are
-memory passes over a 4x-expanded tensor, so the rewrite pays only where channels are wide relative to the
-image: measured here (2-core AVX2, 1 thread, ORT 1.32) 1.5x for 512-1280 channels, 1.2x for 256-320, and
-0.8x for 128 channels at 256x256 — hence MIN_CHANNELS. Error: ~5e-7 of the output's range in fp32 (the
-transforms' constants are 0, +-1 and 1/2), so fp32 exports only.
+ONNX Runtime's CPU convolution (MLAS) is a direct/im2col GEMM: 9 multiply-adds per output pixel and channel
+pair. Winograd F(m x m, 3x3) (Lavin & Gray 2015, what cuDNN and oneDNN use) computes an m x m output tile
+from an (m+2) x (m+2) input tile with (m+2)^2 products instead of 9 m^2: each input tile is transformed
+(B^T d B), multiplied by the transformed kernel (G g G^T, computed in the graph from the checkpoint's own
+weights and folded into a constant at load) and transformed back (A^T M A). The (m+2)^2 products per tile
+are that many GEMMs, where MLAS is at its best; the batch is folded into their columns, so each transformed
+kernel is read from memory once per call (the low-resolution layers are bound by weight traffic: SD 1.5's
+1280-channel kernels are 59 MB).
 
-Costs: the transformed kernels are 16/9 of the 3x3 weights they replace (more memory), and TensorRT and
-cuDNN already pick Winograd themselves, so `sdrt build` refuses an export made with it.
+Which tile, per convolution, from its channels and its input's size at the export's opt size (a probe
+forward pass measures them; sizes scale linearly with the image). Measured one conv at a time here (2-core
+AVX2, 2 threads, ORT 1.32, medians of 9; direct = 1.00x):
+- F(4x4, 3x3) (36 products for 16 outputs, 4x fewer): from 16x16 up: 1.2x (320 ch, 32x32, batch 2), 1.5x
+  (640 ch, 16x16; 256 ch, 128x128), 1.6-1.9x (512 ch, 32-128 px), 1.2x for 256->128 at 256x256, 1.0x for
+  128->128 there (hence MIN_CHANNEL_PRODUCT). Below 16x16 its tiles are too few: 1.2-1.4x at 8x8, 0.6x at 4x4.
+- F(2x2, 3x3) (16 for 4, 2.25x fewer): 1.5-1.6x at 8x8 and 1.25x at 4x4 for 1280 channels, batch 2.
+Error: F(2x2)'s transforms use 0, +-1 and 1/2 (~5e-7 of the output's range in fp32); F(4x4)'s reach 8 and
+1/24 (~6e-6, twice a direct conv's own float error here). fp32 only.
+
+Costs: the transformed kernels are (m+2)^2/9 times the 3x3 weights they replace (memory), and TensorRT and
+cuDNN pick Winograd themselves, so `sdrt build` refuses an export made with it.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from sdrt.export.patching import patched_forwards
 
-MIN_CHANNELS = 256  # both input and output channels; below it the transforms cost more than they save
+MIN_CHANNEL_PRODUCT = 256 * 128  # input x output channels; below it the transforms cost more than they save
+MIN_AREA_F4 = 16 * 16  # input pixels at the opt size from which F(4x4, 3x3) wins
+MIN_AREA_F2 = 4 * 4  # ... and F(2x2, 3x3)
 
-# F(2x2, 3x3): B^T (4x4), G (4x3), A^T (2x4)
-_BT = [[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 1.0, 0.0], [0.0, 1.0, 0.0, -1.0]]
-_G = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]]
-_AT = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]]
+# tile m -> (B^T, G, A^T) of F(m x m, 3x3) (Lavin & Gray 2015; interpolation points 0, +-1, +-2, inf for m = 4)
+TRANSFORMS = {
+    2: (
+        [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]],
+    ),
+    4: (
+        [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0],
+         [0, 4, 0, -5, 0, 1]],
+        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6],
+         [0, 0, 1]],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    ),
+}  # fmt: skip
 
 
-def winograd_conv3x3(x, weight, bias):
-    """conv2d(x, weight, bias, padding=1) for a 3x3 kernel, by Winograd F(2x2, 3x3); any height and width."""
+def winograd_conv3x3(x, weight, bias, tile: int = 2):
+    """conv2d(x, weight, bias, padding=1) for a 3x3 kernel, by Winograd F(tile x tile, 3x3); any height and width."""
     import torch
     import torch.nn.functional as F
 
-    bt, g, at = (torch.tensor(m, dtype=x.dtype) for m in (_BT, _G, _AT))
+    bt, g, at = (torch.tensor(m, dtype=torch.float64).to(x.dtype) for m in TRANSFORMS[tile])
+    a = tile + 2  # input tile side
     n, c, h, w = x.shape
     co = weight.shape[0]
-    # Transformed kernels U[xi, o, i], xi = 4*a + b over the 4x4 tile.
-    u = torch.einsum("au,oiuv,bv->aboi", g, weight, g).reshape(16, co, c)
-    # Input tiles: 4x4, stride 2, over x padded by 1 (and 1 more at the bottom/right, so odd sizes tile too).
-    tile_kernels = torch.einsum("iu,jv->ijuv", bt, bt).reshape(16, 1, 4, 4)
-    padded = F.pad(x, (1, 2, 1, 2)).reshape(n * c, 1, h + 3, w + 3)
-    v = F.conv2d(padded, tile_kernels, stride=2)  # [n*c, 16, th, tw], th = ceil(h/2)
+    # Transformed kernels U[xi, o, i], xi = a*row + col over the input tile.
+    u = torch.einsum("au,oiuv,bv->aboi", g, weight, g).reshape(a * a, co, c)
+    # Input tiles: a x a, stride `tile`, over x padded by 1 (by `tile` at the bottom/right: ceil(h / tile) tiles
+    # down for any h; constant pads and sizes read from the result keep every axis dynamic in the trace).
+    padded = F.pad(x, (1, tile, 1, tile)).reshape(n * c, 1, h + tile + 1, w + tile + 1)
+    tile_kernels = torch.einsum("iu,jv->ijuv", bt, bt).reshape(a * a, 1, a, a)
+    v = F.conv2d(padded, tile_kernels, stride=tile)  # [n*c, a*a, th, tw]
     th, tw = v.shape[-2], v.shape[-1]
-    v = v.reshape(n, c, 16, th * tw).transpose(1, 2)  # [n, 16, c, tiles]
-    m = torch.matmul(u, v)  # [n, 16, co, tiles]: the 16 batched GEMMs
-    out_transform = torch.einsum("ia,jb->ijab", at, at).reshape(4, 16)
-    y = torch.matmul(out_transform, m.flatten(2))  # [n, 4, co*tiles]: output pixel (2ti+p, 2tj+q) at p*2+q
-    y = y.reshape(n, 2, 2, co, th, tw).permute(0, 3, 4, 1, 5, 2).reshape(n, co, 2 * th, 2 * tw)
+    v = v.reshape(n, c, a * a, th * tw).permute(2, 1, 0, 3).reshape(a * a, c, n * th * tw)  # batch folded into columns
+    m = torch.matmul(u, v)  # [a*a, co, n*tiles]: the batched GEMMs, each kernel read once
+    m = m.reshape(a * a, co, n, th * tw).permute(2, 1, 0, 3).reshape(n * co, a * a, th, tw)
+    # A^T M A and the tiles laid side by side in one op: a transposed conv whose stride is its kernel size
+    # writes each tile's tile x tile outputs in place (1.3-1.5x faster here than a GEMM and a 6-D transpose).
+    out_kernels = torch.einsum("ia,jb->abij", at, at).reshape(a * a, 1, tile, tile)
+    y = F.conv_transpose2d(m, out_kernels, stride=tile).reshape(n, co, tile * th, tile * tw)
     y = y[:, :, :h, :w]
     return y if bias is None else y + bias.reshape(1, co, 1, 1)
+
+
+def choose_tile(in_channels: int, out_channels: int, height: int, width: int) -> int:
+    """The Winograd tile for a 3x3 conv whose input is height x width at the opt size; 0 keeps it direct."""
+    if in_channels * out_channels < MIN_CHANNEL_PRODUCT:
+        return 0
+    area = height * width
+    return 4 if area >= MIN_AREA_F4 else 2 if area >= MIN_AREA_F2 else 0
 
 
 def _rewritable(module) -> bool:
@@ -55,13 +91,44 @@ def _rewritable(module) -> bool:
 
     return (type(module) is torch.nn.Conv2d and module.kernel_size == (3, 3) and module.stride == (1, 1)
             and module.padding == (1, 1) and module.dilation == (1, 1) and module.groups == 1
-            and module.padding_mode == "zeros" and min(module.in_channels, module.out_channels) >= MIN_CHANNELS)
+            and module.padding_mode == "zeros")  # fmt: skip
 
 
-def _winograd_forward(self, x):
-    return winograd_conv3x3(x, self.weight, self.bias)
+def conv_input_sizes(module, example_args) -> dict:
+    """{conv: (height, width) of its input} for every rewritable conv `module(*example_args)` runs."""
+    import torch
+
+    sizes, handles = {}, []
+
+    def record(conv, args):  # returns None: a pre-hook's return value would replace the inputs
+        sizes.setdefault(conv, tuple(args[0].shape[-2:]))
+
+    for m in module.modules():
+        if _rewritable(m):
+            handles.append(m.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            module(*example_args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sizes
 
 
-def winograd_convs(*modules):
-    """Within the block, every wide 3x3 convolution in `modules` runs as Winograd F(2x2, 3x3); yields how many."""
-    return patched_forwards(modules, _rewritable, _winograd_forward)
+@contextmanager
+def winograd_convs(module, example_args, scale: float = 1.0):
+    """Within the block, the 3x3 convs of `module` run as Winograd where choose_tile says so; yields how many.
+
+    example_args: inputs for one probe forward pass; scale: the opt size over the example's (input sizes
+    scale with it)."""
+    tiles = {}
+    for conv, (h, w) in conv_input_sizes(module, example_args).items():
+        tile = choose_tile(conv.in_channels, conv.out_channels, round(h * scale), round(w * scale))
+        if tile:
+            tiles[conv] = tile
+
+    def forward(self, x):
+        return winograd_conv3x3(x, self.weight, self.bias, tiles[self])
+
+    with patched_forwards([module], lambda m: m in tiles, forward) as count:
+        yield count

@@ -44,8 +44,8 @@ def add_parser(sub) -> None:
                    help="export upsampling as stock 'nearest 2x + 3x3 conv' instead of four 2x2 convs of the "
                         "low-resolution input (same result, 2.25x fewer multiply-adds in those convs)")
     p.add_argument("--winograd", action="store_true",
-                   help="for ONNX Runtime on a CPU: wide 3x3 convolutions as Winograd F(2x2,3x3) (1.2-1.5x faster "
-                        "there, fp32 only, the UNet takes ~1.5x the memory; not for TensorRT)")
+                   help="for ONNX Runtime on a CPU: wide 3x3 convolutions as Winograd F(4x4,3x3) or F(2x2,3x3), chosen "
+                        "per conv for --opt-size (1.3-2x faster per conv there; fp32 only, more memory; not for TensorRT)")
     p.add_argument("--share-weights", action="store_true", help="OUT also holds the diffusers weights and the ONNX graphs read theirs from them (fp32; both backends, one copy of the weights)")
     # issue 4: LoRAs fused at export; single-file checkpoints (sdrt.export.lora, sdrt.export.single_file)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA (kohya or diffusers layout) into the UNet and text encoder; repeatable (scale default 1)")

@@ -55,19 +55,29 @@ def test_export_records_the_rewrite_and_has_no_resize(onnx_sd1):
     assert "DepthToSpace" in ops and "Resize" not in ops
 
 
-# --- Winograd F(2x2, 3x3) (sdrt.export.winograd) -------------------------------------------------------------
+# --- Winograd F(2x2, 3x3) and F(4x4, 3x3) (sdrt.export.winograd) ---------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 4, 4), (2, 5, 7, 9), (1, 2, 1, 1), (2, 8, 16, 6)])
-def test_winograd_equals_conv3x3(shape):
+@pytest.mark.parametrize("tile, tolerance", [(2, 2e-6), (4, 2e-5)])  # F(4x4)'s transforms reach 8 and 1/24
+@pytest.mark.parametrize("shape", [(1, 3, 4, 4), (2, 5, 7, 9), (1, 2, 1, 1), (2, 8, 16, 6), (3, 4, 13, 10)])
+def test_winograd_equals_conv3x3(shape, tile, tolerance):
     from sdrt.export.winograd import winograd_conv3x3
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(shape, generator=g)
     w, b = torch.randn(6, shape[1], 3, 3, generator=g), torch.randn(6, generator=g)
-    ref = F.conv2d(x, w, b, padding=1)
-    out = winograd_conv3x3(x, w, b)
-    assert out.shape == ref.shape and (out - ref).abs().max() <= 2e-6 * ref.abs().max()
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    out = winograd_conv3x3(x, w, b, tile)
+    assert out.shape == ref.shape and (out.double() - ref).abs().max() <= tolerance * ref.abs().max()
+
+
+def test_winograd_tile_follows_channels_and_size_at_opt():
+    from sdrt.export.winograd import choose_tile
+
+    assert choose_tile(128, 128, 256, 256) == 0  # narrow: the transforms cost more than they save
+    assert choose_tile(256, 128, 256, 256) == 4 and choose_tile(320, 320, 32, 32) == 4 and choose_tile(640, 640, 16, 16) == 4
+    assert choose_tile(1280, 1280, 8, 8) == 2 and choose_tile(1280, 1280, 4, 4) == 2  # too few F(4x4) tiles
+    assert choose_tile(1280, 1280, 2, 2) == 0
 
 
 def test_winograd_export_runs_other_sizes_in_onnx_runtime(tmp_path, monkeypatch):
@@ -75,14 +85,22 @@ def test_winograd_export_runs_other_sizes_in_onnx_runtime(tmp_path, monkeypatch)
 
     from sdrt.export import winograd
 
-    monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)  # the rule, on a model small enough for a test
+    monkeypatch.setattr(winograd, "MIN_CHANNEL_PRODUCT", 64)  # the rule, on a model small enough for a test
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 3, padding=1),
-                                torch.nn.Conv2d(4, 8, 3, padding=1)).eval()
-    path = tmp_path / "w.onnx"
-    with torch.no_grad(), winograd.winograd_convs(model) as n:
-        torch.onnx.export(model, (torch.randn(2, 8, 8, 8),), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                                torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.AvgPool2d(2), torch.nn.Conv2d(8, 8, 3, padding=1)).eval()
+    tiles, stock = [], winograd.winograd_conv3x3
+
+    def recording(x, weight, bias, tile):
+        tiles.append(tile)
+        return stock(x, weight, bias, tile)
+
+    monkeypatch.setattr(winograd, "winograd_conv3x3", recording)
+    path, example = tmp_path / "w.onnx", torch.randn(2, 8, 8, 8)
+    with torch.no_grad(), winograd.winograd_convs(model, (example,), scale=2) as n:  # opt size: twice the example's
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["x"],
                           output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
-    assert n == 1  # 8->8 only: a side under MIN_CHANNELS keeps the stock convolution
+    assert n == 2  # the 8->8 convs: 8 x 4 channels is under MIN_CHANNEL_PRODUCT, stock convolution
+    assert tiles == [4, 2]  # 16x16 at the opt size: F(4x4); after the pool, 8x8: F(2x2)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for shape in [(1, 8, 7, 9), (3, 8, 16, 16)]:  # odd sizes and another batch than the trace's
         x = torch.randn(shape)
@@ -103,7 +121,7 @@ def test_winograd_export_is_fp32_only_and_refused_by_tensorrt(tiny_sd1, tmp_path
     limits = ShapeLimits(min_size=32, opt_size=64, max_size=64, max_batch=1)
     with pytest.raises(InputError, match="fp32"):
         export_model(tiny_sd1, tmp_path / "x", fp16=True, winograd=True, limits=limits, progress=False)
-    monkeypatch.setattr(winograd, "MIN_CHANNELS", 16)  # the tiny model's convolutions are 16-64 wide
+    monkeypatch.setattr(winograd, "MIN_CHANNEL_PRODUCT", 256)  # the tiny model's convolutions are 16-64 wide
     export_model(tiny_sd1, tmp_path / "w", winograd=True, limits=limits, progress=False)  # parity-checked against PyTorch
     counts = read_manifest(tmp_path / "w").extras["winograd_convs"]
     assert counts["unet"] > 0 and counts["vae_decoder"] > 0

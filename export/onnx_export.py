@@ -22,7 +22,6 @@ import os
 import shutil
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,7 @@ from sdrt.contracts import NETWORKS, UNET, NetworkContract, ShapeLimits, build_c
 from sdrt.errors import InputError, ModelError
 from sdrt.manifest import GRAPH_REVISION, GRAPH_REWRITES, MANIFEST_NAME, Manifest, read_manifest
 from sdrt.model_facts import ModelFacts, read_json, read_model_facts
-from sdrt.export.subpixel import subpixel_upsamplers
-from sdrt.export.winograd import winograd_convs
+from sdrt.export.rewrites import graph_rewrites
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}  # dynamo at opset 17 produced an invalid model (ENVIRONMENT.md)
@@ -145,10 +143,10 @@ def export_model(
             t0 = time.perf_counter()
             rel = f"{name}/model.onnx" if not share_weights else f".staging/{name}/model.onnx"
             args = example_args(contracts[name], dims)
-            with (subpixel_upsamplers(modules[name]) if subpixel_upsample else nullcontext(0)) as upsamplers, \
-                 (winograd_convs(modules[name], args, opt_scale) if winograd else nullcontext(0)) as convs:  # fmt: skip
+            with graph_rewrites(modules[name], args, opt_scale, subpixel_upsample, winograd) as counts:
                 export_network(modules[name], contracts[name], tmp / rel, args, opset, exporter, constant_folding=not share_weights)
-            rewrites["subpixel_upsamplers"][name], rewrites["winograd_convs"][name] = upsamplers, convs
+            for key in GRAPH_REWRITES:
+                rewrites[key][name] = counts[key]
             finish_network(tmp / rel, contracts[name], fp16, keep_fp32_ops, upcast_attention and name == UNET)
             if share_weights:
                 rel = share_network_weights(tmp, rel, name)

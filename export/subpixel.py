@@ -16,10 +16,7 @@ one axis, phase 0 takes taps (w0, w1+w2) and phase 1 takes (w0+w1, w2).
 
 from __future__ import annotations
 
-from sdrt.export.patching import patched_forwards
-
-
-def _phase_taps(w, dim: int):
+def phase_taps(w, dim: int):
     """The two 2-tap kernels along `dim` of a 3-tap kernel: phase 0 (w0, w1+w2), phase 1 (w0+w1, w2)."""
     import torch
 
@@ -33,14 +30,14 @@ def upsample_conv_subpixel(x, weight, bias):
     import torch.nn.functional as F
 
     phases = []
-    for a, rows in enumerate(_phase_taps(weight, 2)):
-        for b, kernel in enumerate(_phase_taps(rows, 3)):
+    for a, rows in enumerate(phase_taps(weight, 2)):
+        for b, kernel in enumerate(phase_taps(rows, 3)):
             phases.append(F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), kernel, bias))
     y = torch.stack(phases, 2)  # [N, C, 4, H, W]: channel c*4 + 2a + b after the flatten, pixel_shuffle's order
     return F.pixel_shuffle(y.flatten(1, 2), 2)
 
 
-def _rewritable_conv(module):
+def upsampler_conv(module):
     """The 3x3 convolution of a diffusers Upsample2D that this rewrite covers exactly, or None."""
     import torch
 
@@ -56,13 +53,25 @@ def _rewritable_conv(module):
     return conv if ok else None
 
 
-def _subpixel_forward(self, hidden_states, output_size=None, *args, **kwargs):
+def phase_kernels_3x3(weight):
+    """The four phase kernels as 3x3 kernels of the low-resolution input, [4*co, ci, 3, 3], channel 4*o + 2a + b:
+    phase (a, b)'s 2x2 kernel sits at rows a..a+1, columns b..b+1 (it reads rows i-1+a..i+a). One 3x3 conv with
+    them is 36 multiply-adds per pixel against the four 2x2 convs' 16, which Winograd F(4x4, 3x3) makes 9."""
+    import torch
+    import torch.nn.functional as F
+
+    kernels = [F.pad(kernel, (b, 1 - b, a, 1 - a)) for a, rows in enumerate(phase_taps(weight, 2))
+               for b, kernel in enumerate(phase_taps(rows, 3))]  # fmt: skip
+    return torch.stack(kernels, 1).flatten(0, 1)
+
+
+def subpixel_forward(self, hidden_states, output_size=None, *args, tile: int = 0, **kwargs):
+    """Upsample2D.forward in the sub-pixel form; tile 4 (or 2) computes it by Winograd (sdrt.export.winograd)."""
     if output_size is not None:  # an explicit target size (odd sizes): the stock path
         return type(self).forward(self, hidden_states, output_size, *args, **kwargs)
-    conv = self.conv if self.name == "conv" else self.Conv2d_0
+    conv = upsampler_conv(self)
+    if tile:
+        from sdrt.export.winograd import winograd_conv3x3
+
+        return winograd_conv3x3(hidden_states, phase_kernels_3x3(conv.weight), conv.bias, tile, upsample=2)
     return upsample_conv_subpixel(hidden_states, conv.weight, conv.bias)
-
-
-def subpixel_upsamplers(*modules):
-    """Within the block, every rewritable Upsample2D in `modules` runs the sub-pixel form; yields how many."""
-    return patched_forwards(modules, lambda m: _rewritable_conv(m) is not None, _subpixel_forward)

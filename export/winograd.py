@@ -25,10 +25,6 @@ cuDNN pick Winograd themselves, so `sdrt build` refuses an export made with it.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
-from sdrt.export.patching import patched_forwards
-
 MIN_CHANNEL_PRODUCT = 256 * 128  # input x output channels; below it the transforms cost more than they save
 MIN_AREA_F4 = 16 * 16  # input pixels at the opt size from which F(4x4, 3x3) wins
 MIN_AREA_F2 = 4 * 4  # ... and F(2x2, 3x3)
@@ -50,17 +46,21 @@ TRANSFORMS = {
 }  # fmt: skip
 
 
-def winograd_conv3x3(x, weight, bias, tile: int = 2):
-    """conv2d(x, weight, bias, padding=1) for a 3x3 kernel, by Winograd F(tile x tile, 3x3); any height and width."""
+def winograd_conv3x3(x, weight, bias, tile: int = 2, upsample: int = 1):
+    """conv2d(x, weight, bias, padding=1) for a 3x3 kernel, by Winograd F(tile x tile, 3x3); any height and width.
+
+    upsample=2: `weight` holds four kernels per output channel ([4*co, ci, 3, 3], channel 4*o + 2a + b; see
+    sdrt.export.subpixel.phase_kernels_3x3) and the result interleaves them: pixel (2i+a, 2j+b) of channel o
+    is kernel (a, b)'s output at (i, j). The output transform does the interleaving for free."""
     import torch
     import torch.nn.functional as F
 
     bt, g, at = (torch.tensor(m, dtype=torch.float64).to(x.dtype) for m in TRANSFORMS[tile])
-    a = tile + 2  # input tile side
+    a, s = tile + 2, upsample  # input tile side, output pixels per input pixel
     n, c, h, w = x.shape
-    co = weight.shape[0]
+    co = weight.shape[0] // (s * s)
     # Transformed kernels U[xi, o, i], xi = a*row + col over the input tile.
-    u = torch.einsum("au,oiuv,bv->aboi", g, weight, g).reshape(a * a, co, c)
+    u = torch.einsum("au,oiuv,bv->aboi", g, weight, g).reshape(a * a, s * s * co, c)
     # Input tiles: a x a, stride `tile`, over x padded by 1 (by `tile` at the bottom/right: ceil(h / tile) tiles
     # down for any h; constant pads and sizes read from the result keep every axis dynamic in the trace).
     padded = F.pad(x, (1, tile, 1, tile)).reshape(n * c, 1, h + tile + 1, w + tile + 1)
@@ -68,13 +68,15 @@ def winograd_conv3x3(x, weight, bias, tile: int = 2):
     v = F.conv2d(padded, tile_kernels, stride=tile)  # [n*c, a*a, th, tw]
     th, tw = v.shape[-2], v.shape[-1]
     v = v.reshape(n, c, a * a, th * tw).permute(2, 1, 0, 3).reshape(a * a, c, n * th * tw)  # batch folded into columns
-    m = torch.matmul(u, v)  # [a*a, co, n*tiles]: the batched GEMMs, each kernel read once
-    m = m.reshape(a * a, co, n, th * tw).permute(2, 1, 0, 3).reshape(n * co, a * a, th, tw)
-    # A^T M A and the tiles laid side by side in one op: a transposed conv whose stride is its kernel size
-    # writes each tile's tile x tile outputs in place (1.3-1.5x faster here than a GEMM and a 6-D transpose).
-    out_kernels = torch.einsum("ia,jb->abij", at, at).reshape(a * a, 1, tile, tile)
-    y = F.conv_transpose2d(m, out_kernels, stride=tile).reshape(n, co, tile * th, tile * tw)
-    y = y[:, :, :h, :w]
+    m = torch.matmul(u, v)  # [a*a, s*s*co, n*tiles]: the batched GEMMs, each kernel read once
+    m = m.reshape(a * a, co, s * s, n, th * tw).permute(3, 1, 2, 0, 4).reshape(n * co, s * s * a * a, th, tw)
+    # A^T M A and the tiles (and phases) laid side by side in one op: a transposed conv whose stride is its
+    # kernel size writes each tile's outputs in place (1.3-1.5x faster here than a GEMM and a 6-D transpose).
+    # Its kernel [(phase a', b', xi), 1, s*tile, s*tile] puts phase (a', b')'s pixel (p, q) at (s*p + a', s*q + b').
+    eye = torch.eye(s, dtype=x.dtype)
+    out_kernels = torch.einsum("ia,jb,cp,dq->cdabipjq", at, at, eye, eye).reshape(s * s * a * a, 1, s * tile, s * tile)
+    y = F.conv_transpose2d(m, out_kernels, stride=s * tile).reshape(n, co, s * tile * th, s * tile * tw)
+    y = y[:, :, : s * h, : s * w]
     return y if bias is None else y + bias.reshape(1, co, 1, 1)
 
 
@@ -86,7 +88,8 @@ def choose_tile(in_channels: int, out_channels: int, height: int, width: int) ->
     return 4 if area >= MIN_AREA_F4 else 2 if area >= MIN_AREA_F2 else 0
 
 
-def _rewritable(module) -> bool:
+def rewritable_conv(module) -> bool:
+    """A plain 3x3, stride 1, padding 1 convolution: what winograd_conv3x3 computes."""
     import torch
 
     return (type(module) is torch.nn.Conv2d and module.kernel_size == (3, 3) and module.stride == (1, 1)
@@ -94,41 +97,6 @@ def _rewritable(module) -> bool:
             and module.padding_mode == "zeros")  # fmt: skip
 
 
-def conv_input_sizes(module, example_args) -> dict:
-    """{conv: (height, width) of its input} for every rewritable conv `module(*example_args)` runs."""
-    import torch
-
-    sizes, handles = {}, []
-
-    def record(conv, args):  # returns None: a pre-hook's return value would replace the inputs
-        sizes.setdefault(conv, tuple(args[0].shape[-2:]))
-
-    for m in module.modules():
-        if _rewritable(m):
-            handles.append(m.register_forward_pre_hook(record))
-    try:
-        with torch.no_grad():
-            module(*example_args)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sizes
-
-
-@contextmanager
-def winograd_convs(module, example_args, scale: float = 1.0):
-    """Within the block, the 3x3 convs of `module` run as Winograd where choose_tile says so; yields how many.
-
-    example_args: inputs for one probe forward pass; scale: the opt size over the example's (input sizes
-    scale with it)."""
-    tiles = {}
-    for conv, (h, w) in conv_input_sizes(module, example_args).items():
-        tile = choose_tile(conv.in_channels, conv.out_channels, round(h * scale), round(w * scale))
-        if tile:
-            tiles[conv] = tile
-
-    def forward(self, x):
-        return winograd_conv3x3(x, self.weight, self.bias, tiles[self])
-
-    with patched_forwards([module], lambda m: m in tiles, forward) as count:
-        yield count
+def winograd_forward(self, x, tile: int):
+    """Conv2d.forward by Winograd."""
+    return winograd_conv3x3(x, self.weight, self.bias, tile)

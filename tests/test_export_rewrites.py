@@ -1,4 +1,5 @@
-"""Export-time rewrites that compute the same function with fewer multiply-adds (sdrt.export.subpixel, winograd)."""
+"""Export-time rewrites that compute the same function with fewer multiply-adds (sdrt.export.subpixel, winograd,
+applied together by sdrt.export.rewrites)."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 import torch.nn.functional as F  # noqa: E402
 
-from sdrt.export.subpixel import subpixel_upsamplers, upsample_conv_subpixel  # noqa: E402
+from sdrt.export.rewrites import graph_rewrites  # noqa: E402
+from sdrt.export.subpixel import phase_kernels_3x3, upsample_conv_subpixel  # noqa: E402
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 4, 4), (2, 8, 5, 7), (1, 16, 1, 1)])
@@ -34,9 +36,11 @@ def test_patches_the_upsamplers_of_unet_and_vae_and_restores_them(tiny_sd1):
     latent = torch.randn(1, vae.config.latent_channels, 8, 8, generator=g)
     with torch.no_grad():
         ref_unet, ref_vae = unet(sample, 500, states).sample, vae.decode(latent).sample
-        with subpixel_upsamplers(unet, vae) as n:
+        with graph_rewrites(unet, None) as unet_counts, graph_rewrites(vae, None) as vae_counts:
             out_unet, out_vae = unet(sample, 500, states).sample, vae.decode(latent).sample
             patched = [m for m in [*unet.modules(), *vae.modules()] if "forward" in vars(m)]
+        n = unet_counts["subpixel_upsamplers"] + vae_counts["subpixel_upsamplers"]
+        assert unet_counts["winograd_convs"] == vae_counts["winograd_convs"] == 0
         assert n == len(patched) == len(unet.up_blocks) - 1 + len(vae.decoder.up_blocks) - 1
         assert not [m for m in [*unet.modules(), *vae.modules()] if "forward" in vars(m)]  # restored
     for out, ref in ((out_unet, ref_unet), (out_vae, ref_vae)):
@@ -71,6 +75,19 @@ def test_winograd_equals_conv3x3(shape, tile, tolerance):
     assert out.shape == ref.shape and (out.double() - ref).abs().max() <= tolerance * ref.abs().max()
 
 
+@pytest.mark.parametrize("tile, tolerance", [(2, 2e-6), (4, 2e-5)])
+@pytest.mark.parametrize("shape", [(1, 3, 4, 4), (2, 5, 7, 9), (1, 2, 1, 1)])
+def test_winograd_upsampler_equals_upsample_then_conv(shape, tile, tolerance):
+    from sdrt.export.winograd import winograd_conv3x3
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g)
+    w, b = torch.randn(6, shape[1], 3, 3, generator=g), torch.randn(6, generator=g)
+    ref = F.conv2d(F.interpolate(x.double(), scale_factor=2.0, mode="nearest"), w.double(), b.double(), padding=1)
+    out = winograd_conv3x3(x, phase_kernels_3x3(w), b, tile, upsample=2)
+    assert out.shape == ref.shape and (out.double() - ref).abs().max() <= tolerance * ref.abs().max()
+
+
 def test_winograd_tile_follows_channels_and_size_at_opt():
     from sdrt.export.winograd import choose_tile
 
@@ -96,10 +113,10 @@ def test_winograd_export_runs_other_sizes_in_onnx_runtime(tmp_path, monkeypatch)
 
     monkeypatch.setattr(winograd, "winograd_conv3x3", recording)
     path, example = tmp_path / "w.onnx", torch.randn(2, 8, 8, 8)
-    with torch.no_grad(), winograd.winograd_convs(model, (example,), scale=2) as n:  # opt size: twice the example's
+    with torch.no_grad(), graph_rewrites(model, (example,), opt_scale=2, winograd=True) as counts:  # opt: 2x the example
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["x"],
                           output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
-    assert n == 2  # the 8->8 convs: 8 x 4 channels is under MIN_CHANNEL_PRODUCT, stock convolution
+    assert counts["winograd_convs"] == 2  # the 8->8 convs: 8 x 4 channels is under MIN_CHANNEL_PRODUCT, stock convolution
     assert tiles == [4, 2]  # 16x16 at the opt size: F(4x4); after the pool, 8x8: F(2x2)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for shape in [(1, 8, 7, 9), (3, 8, 16, 16)]:  # odd sizes and another batch than the trace's
@@ -111,9 +128,11 @@ def test_winograd_export_runs_other_sizes_in_onnx_runtime(tmp_path, monkeypatch)
 
 
 def test_winograd_export_is_fp32_only_and_refused_by_tensorrt(tiny_sd1, tmp_path, monkeypatch):
+    import onnx
+
     from sdrt.contracts import ShapeLimits
     from sdrt.errors import InputError
-    from sdrt.export import winograd
+    from sdrt.export import rewrites, winograd
     from sdrt.export.onnx_export import export_model
     from sdrt.export.tensorrt_build import build_engines
     from sdrt.manifest import read_manifest
@@ -122,8 +141,15 @@ def test_winograd_export_is_fp32_only_and_refused_by_tensorrt(tiny_sd1, tmp_path
     with pytest.raises(InputError, match="fp32"):
         export_model(tiny_sd1, tmp_path / "x", fp16=True, winograd=True, limits=limits, progress=False)
     monkeypatch.setattr(winograd, "MIN_CHANNEL_PRODUCT", 256)  # the tiny model's convolutions are 16-64 wide
+    monkeypatch.setattr(winograd, "MIN_AREA_F4", 8 * 8)  # and its images small: F(4x4) (upsamplers too) and F(2x2)
+    tiles = []
+    monkeypatch.setattr(rewrites, "choose_tile", lambda *a, f=winograd.choose_tile: tiles.append(f(*a)) or tiles[-1])
     export_model(tiny_sd1, tmp_path / "w", winograd=True, limits=limits, progress=False)  # parity-checked against PyTorch
-    counts = read_manifest(tmp_path / "w").extras["winograd_convs"]
+    assert {0, 2, 4} <= set(tiles)
+    manifest = read_manifest(tmp_path / "w")
+    counts, upsamplers = manifest.extras["winograd_convs"], manifest.extras["subpixel_upsamplers"]
     assert counts["unet"] > 0 and counts["vae_decoder"] > 0
+    graph = onnx.load(str(tmp_path / "w" / manifest.networks["vae_decoder"]["file"]), load_external_data=False).graph
+    assert sum(n.op_type == "DepthToSpace" for n in graph.node) < upsamplers["vae_decoder"]  # some upsample by Winograd
     with pytest.raises(InputError, match="without --winograd"):
         build_engines(tmp_path / "w", tmp_path / "trt", dry_run=True)

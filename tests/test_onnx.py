@@ -305,7 +305,7 @@ def test_static_shape_sessions_equal_the_dynamic_ones(onnx_sd1):
     from sdrt.backends import onnx_backend
 
     source = open_model(onnx_sd1)
-    static = source.create_backend("onnx", static_shapes=True)
+    static = source.create_backend("onnx", static_shapes=True, batch_parallel=False)
     dynamic = source.create_backend("onnx", static_shapes=False)
     assert static.static_networks == set(NETWORKS) and not dynamic.static_networks
     assert source.create_backend("onnx").static_networks == set(NETWORKS)  # auto: the tiny model is small
@@ -320,6 +320,23 @@ def test_static_shape_sessions_equal_the_dynamic_ones(onnx_sd1):
     for batch in range(1, onnx_backend.SPECIALIZED_PER_NETWORK + 3):
         static.run("text_encoder", source.contracts["text_encoder"].sample_inputs({**DIMS[0], "batch": batch}))
     assert len(static._specialized["text_encoder"]) == onnx_backend.SPECIALIZED_PER_NETWORK
+
+
+def test_batch_parallel_runs_equal_whole_batch_runs(onnx_sd1):
+    source = open_model(onnx_sd1)
+    split = source.create_backend("onnx", threads=2)  # the tiny model is small: single-threaded runs, split 2 ways
+    whole = source.create_backend("onnx", threads=2, batch_parallel=False)
+    assert set(split._batch_symbol) == set(NETWORKS) and not whole._batch_symbol and "batch split 2 ways" in split.describe()
+    for batch in (1, 2, 3):  # 3: parts of 2 and 1
+        dims = {**DIMS[0], "batch": batch, "unet_batch": batch}
+        for name in NETWORKS:
+            feeds = source.contracts[name].sample_inputs(dims)
+            assert len(split._batch_parts(name, split._dims(source.contracts[name], feeds))) == min(batch, 2)
+            a, b = split.run(name, feeds), whole.run(name, feeds)
+            for key in b:
+                assert a[key].shape == b[key].shape
+                np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5 * np.abs(b[key]).max())
+    assert not source.create_backend("onnx", threads=1)._batch_symbol  # one thread: nothing to split across
 
 
 @pytest.mark.slow

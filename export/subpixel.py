@@ -12,9 +12,13 @@ graph with stock PyTorch.
 
 Phase (a, b) of output pixel (2i+a, 2j+b) reads low-resolution rows i-1+a..i+a and columns j-1+b..j+b; along
 one axis, phase 0 takes taps (w0, w1+w2) and phase 1 takes (w0+w1, w2).
+
+With `--winograd`, wide upsamplers compute the four phases as one Winograd conv instead (sdrt.export.winograd,
+phase_kernels_3x3); sdrt.export.rewrites decides which.
 """
 
 from __future__ import annotations
+
 
 def phase_taps(w, dim: int):
     """The two 2-tap kernels along `dim` of a 3-tap kernel: phase 0 (w0, w1+w2), phase 1 (w0+w1, w2)."""

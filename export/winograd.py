@@ -16,6 +16,10 @@ AVX2, 2 threads, ORT 1.32, medians of 9; direct = 1.00x):
   (640 ch, 16x16; 256 ch, 128x128), 1.6-1.9x (512 ch, 32-128 px), 1.2x for 256->128 at 256x256, 1.0x for
   128->128 there (hence MIN_CHANNEL_PRODUCT). Below 16x16 its tiles are too few: 1.2-1.4x at 8x8, 0.6x at 4x4.
 - F(2x2, 3x3) (16 for 4, 2.25x fewer): 1.5-1.6x at 8x8 and 1.25x at 4x4 for 1280 channels, batch 2.
+Sub-pixel upsamplers (sdrt.export.subpixel) run the same way at F(4x4) only: their four 2x2 phase kernels as
+one 3x3 conv with 4x the outputs (36 products per pixel against the 2x2 convs' 16; F(4x4) makes it 9), the
+output transform interleaving the phases: 1.2-1.3x over the sub-pixel form for 256-512 channels at 32-128 px,
+1.13x for 640 at 16x16, 0.74x for 1280 at 8x8 (F(2x2): 0.76-0.9x everywhere).
 Error: F(2x2)'s transforms use 0, +-1 and 1/2 (~5e-7 of the output's range in fp32); F(4x4)'s reach 8 and
 1/24 (~6e-6, twice a direct conv's own float error here). fp32 only.
 

@@ -19,6 +19,8 @@ phase_kernels_3x3); sdrt.export.rewrites decides which.
 
 from __future__ import annotations
 
+from sdrt.export.winograd import is_plain_conv3x3, winograd_conv3x3
+
 
 def phase_taps(w, dim: int):
     """The two 2-tap kernels along `dim` of a 3-tap kernel: phase 0 (w0, w1+w2), phase 1 (w0+w1, w2)."""
@@ -52,9 +54,7 @@ def upsampler_conv(module):
     if not getattr(module, "interpolate", False) or getattr(module, "norm", None) is not None:
         return None
     conv = getattr(module, "conv", None) if module.name == "conv" else getattr(module, "Conv2d_0", None)
-    ok = (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-          and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
-    return conv if ok else None
+    return conv if isinstance(conv, torch.nn.Conv2d) and is_plain_conv3x3(conv) else None
 
 
 def phase_kernels_3x3(weight):
@@ -75,7 +75,5 @@ def subpixel_forward(self, hidden_states, output_size=None, *args, tile: int = 0
         return type(self).forward(self, hidden_states, output_size, *args, **kwargs)
     conv = upsampler_conv(self)
     if tile:
-        from sdrt.export.winograd import winograd_conv3x3
-
         return winograd_conv3x3(hidden_states, phase_kernels_3x3(conv.weight), conv.bias, tile, upsample=2)
     return upsample_conv_subpixel(hidden_states, conv.weight, conv.bias)

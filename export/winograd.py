@@ -92,13 +92,18 @@ def choose_tile(in_channels: int, out_channels: int, height: int, width: int) ->
     return 4 if area >= MIN_AREA_F4 else 2 if area >= MIN_AREA_F2 else 0
 
 
+def is_plain_conv3x3(conv) -> bool:
+    """A 3x3, stride 1, zero-padding 1, ungrouped, undilated conv: what winograd_conv3x3 (and the sub-pixel
+    upsampler) computes."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
+            and conv.groups == 1 and conv.padding_mode == "zeros")  # fmt: skip
+
+
 def rewritable_conv(module) -> bool:
-    """A plain 3x3, stride 1, padding 1 convolution: what winograd_conv3x3 computes."""
+    """A plain nn.Conv2d (not a subclass, whose forward may do more) that is_plain_conv3x3."""
     import torch
 
-    return (type(module) is torch.nn.Conv2d and module.kernel_size == (3, 3) and module.stride == (1, 1)
-            and module.padding == (1, 1) and module.dilation == (1, 1) and module.groups == 1
-            and module.padding_mode == "zeros")  # fmt: skip
+    return type(module) is torch.nn.Conv2d and is_plain_conv3x3(module)
 
 
 def winograd_forward(self, x, tile: int):

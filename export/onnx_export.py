@@ -30,8 +30,8 @@ from sdrt import __version__
 from sdrt.contracts import UNET, NetworkContract, ShapeLimits, build_contracts
 from sdrt.families import family_spec
 from sdrt.errors import InputError, ModelError
-from sdrt.manifest import GRAPH_REVISION, GRAPH_REWRITES, MANIFEST_NAME, Manifest, read_manifest
-from sdrt.model_facts import ModelFacts, read_json, read_model_facts
+from sdrt.model.manifest import GRAPH_REVISION, GRAPH_REWRITES, MANIFEST_NAME, Manifest, read_manifest
+from sdrt.model.facts import ModelFacts, read_json, read_model_facts
 from sdrt.export.rewrites import graph_rewrites
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -408,7 +408,7 @@ def copy_runtime_files(model_dir: Path, folder: Path, token_table: bool = True) 
     """Tokenizer, scheduler config and the token-embedding table: what the runtime needs besides the networks."""
     from safetensors.numpy import save_file
 
-    from sdrt.model_source import open_model
+    from sdrt.model.source import open_model
 
     shutil.copytree(model_dir / "tokenizer", folder / "tokenizer")
     (folder / "scheduler").mkdir()

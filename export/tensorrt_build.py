@@ -42,8 +42,8 @@ from sdrt.backends.tensorrt_backend import (
 )
 from sdrt.contracts import NetworkContract, ShapeLimits
 from sdrt.errors import BackendError, InputError, ModelError
-from sdrt.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_of
-from sdrt.model_facts import ModelFacts
+from sdrt.model.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_of
+from sdrt.model.facts import ModelFacts
 
 ENGINES_DIR = "engines"
 WHICH = ("min", "opt", "max")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from sdrt.model_facts import ModelFacts
+    from sdrt.model.facts import ModelFacts
 
 TEXT_ENCODER = "text_encoder"
 UNET = "unet"

@@ -19,7 +19,7 @@ from sdrt.errors import ModelError
 from sdrt.schedulers import DEFAULT_SCHEDULER
 
 if TYPE_CHECKING:
-    from sdrt.model_facts import ModelFacts
+    from sdrt.model.facts import ModelFacts
 
 
 @dataclasses.dataclass(frozen=True)

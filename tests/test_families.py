@@ -9,8 +9,8 @@ from sdrt.builtin import builtin_model_dir
 from sdrt.contracts import build_contracts
 from sdrt.errors import ModelError
 from sdrt.families import FAMILIES, family_spec
-from sdrt.manifest import read_manifest
-from sdrt.model_facts import read_model_facts
+from sdrt.model.manifest import read_manifest
+from sdrt.model.facts import read_model_facts
 from sdrt.schedulers import SCHEDULER_NAMES, make_scheduler
 
 

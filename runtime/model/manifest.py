@@ -15,7 +15,7 @@ from pathlib import Path
 from sdrt.contracts import NetworkContract
 from sdrt.errors import ModelError
 from sdrt.families import family_spec
-from sdrt.model_facts import ModelFacts
+from sdrt.model.facts import ModelFacts
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sdrt-export"

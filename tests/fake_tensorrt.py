@@ -10,7 +10,7 @@ case for code that must work either way).
 Engines are JSON: {"inputs": {name: [min, opt, max]}, "outputs": [names], "memory": bytes}. An execution
 context runs a "kernel" on host memory by address (CPU torch tensors' data_ptr()): every output is
 `first_input * 2 + batch`, where the batch comes from the context's *current* shape state, read when the kernel
-runs, as a kernel reading shape data a context keeps would. `capture()` records kernels instead of running them
+runs (sizes and addresses are fixed at enqueue), as a kernel reading shape data a context keeps would. `capture()` records kernels instead of running them
 (a CUDA graph); `replay()` runs them again: a graph replayed after its context ran another shape is then wrong.
 """
 
@@ -184,14 +184,14 @@ def make(version: str, fail_context: bool = False, refuse_address: bool = False)
         def execute_async_v3(self, stream):
             first, outputs = self.engine.inputs[0], list(self.engine.outputs)
             addresses = dict(self.addresses)  # kernel arguments: baked in when enqueued (captured)
+            count = int(np.prod(self.shapes[first]))
             context = self
 
             def kernel():
-                shape = context.shapes[first]  # state the context keeps: read when the kernel runs
-                count = int(np.prod(shape))
+                batch = context.shapes[first][0]  # state the context keeps: read when the kernel runs
                 x = _view(addresses[first], count)
                 for out in outputs:
-                    _view(addresses[out], count)[:] = x * 2 + shape[0]
+                    _view(addresses[out], count)[:] = x * 2 + batch
 
             trt.calls.append(("execute", tuple(self.shapes[first])))
             if _Capture.active is not None:

@@ -47,9 +47,16 @@ def available_backends() -> dict[str, str]:
     if module_available("onnxruntime"):
         import onnxruntime as ort
 
-        found["onnx"] = "onnxruntime " + ort.__version__ + " (" + ", ".join(ort.get_available_providers()) + ")"
+        from sdrt.backends.onnx_providers import ort_distributions, ort_install_problem
+
+        dists = ort_distributions()
+        dist = "onnxruntime-gpu" if list(dists) == ["onnxruntime-gpu"] else "onnxruntime"
+        found["onnx"] = f"{dist} {ort.__version__} (" + ", ".join(ort.get_available_providers()) + ")"
+        problem = ort_install_problem(dists)
+        if problem:
+            found["onnx"] += f"; PROBLEM: {problem}"
     else:
-        found["onnx"] = "not installed: pip install onnxruntime"
+        found["onnx"] = "not installed: pip install onnxruntime (or onnxruntime-gpu for NVIDIA GPUs)"
     if module_available("torch") and module_available("diffusers") and module_available("transformers"):
         found["torch"] = "torch, diffusers and transformers installed"
     else:
@@ -57,5 +64,10 @@ def available_backends() -> dict[str, str]:
     from sdrt.backends.tensorrt_backend import tensorrt_status
 
     usable, why = tensorrt_status()
-    found["tensorrt"] = why if usable else f"not installed ({why}): pip install 'sdrt[tensorrt]' on a machine with an NVIDIA GPU"
+    if usable:
+        found["tensorrt"] = why
+    elif why.startswith("import tensorrt failed") or "stub" in why:
+        found["tensorrt"] = f"not installed ({why}): pip install 'sdrt[tensorrt]' on a machine with an NVIDIA GPU"
+    else:  # installed, but this TensorRT cannot run here: the reason (an old driver, no GPU) says what to do
+        found["tensorrt"] = f"refused: {why}"
     return found

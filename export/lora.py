@@ -7,6 +7,8 @@ that folder records the original source and each LoRA's file, sha256 and scale i
 
 from __future__ import annotations
 
+from sdrt.model.weights import prefix_text_encoder_keys
+
 import argparse
 import contextlib
 import shutil
@@ -38,6 +40,7 @@ def fuse_into_folder(model_dir, loras, out_dir) -> list[dict]:
         unet, text = unet.to(dtypes[0]), text.to(dtypes[1])
     unet.save_pretrained(out_dir / "unet")
     text.save_pretrained(out_dir / "text_encoder")
+    prefix_text_encoder_keys(out_dir)  # loadable by transformers 4.x too
     (out_dir / "vae").symlink_to((model_dir / "vae").resolve(), target_is_directory=True)
     for name in ("tokenizer", "scheduler"):
         shutil.copytree(model_dir / name, out_dir / name)

@@ -1,7 +1,12 @@
 """The TensorRT backend: runs the engines that `sdrt build` made from an sdrt ONNX export (NVIDIA GPUs).
 
-One `Engine` per network, each deserialised once (trt.Runtime.deserialize_cuda_engine) with one execution
-context. Tensors are bound by address (set_input_shape + set_tensor_address) and run with execute_async_v3
+One `Engine` per network, each deserialised once (trt.Runtime.deserialize_cuda_engine), with one execution
+context per set of input shapes, all working in one block of context memory the backend's engines share
+(user-managed: they never run at once), so a load reserves the largest engine's memory once. A context that
+TensorRT cannot create, or an address it refuses, is a BackendError saying what to do. TensorRT 10.12 to 11.x:
+11 removed weak typing (precision builder flags, calibrators, platform_has_fast_fp16, device_memory_size);
+nothing here uses them. `tensorrt_status` names the TensorRT, its CUDA build and the NVIDIA driver, and refuses
+a driver too old for the build (11.x is CUDA 13: r580+). Tensors are bound by address (set_input_shape + set_tensor_address) and run with execute_async_v3
 on the caller's current CUDA stream, so the work orders with the caller's own kernels and a CUDA-graph capture
 (torch.cuda.graph) records it. Device memory is torch CUDA tensors: torch is already what the device loop holds
 its latents in, so a tensor's data_ptr() is the binding and nothing is copied; torch's caching allocator, streams

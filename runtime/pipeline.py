@@ -248,28 +248,19 @@ class Pipeline:
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 7.5,
-        height: int | None = None,
-        width: int | None = None,
-        seed: int | None = None,
-        scheduler: str | None = None,
-        image=None,
-        strength: float = 0.8,
-        num_images_per_prompt: int = 1,
-        latents: np.ndarray | None = None,
+        *,
         callback: Callable[[int, float, np.ndarray], bool | None] | None = None,
-        output_type: str = "pil",
         progress: bool = True,
         observers=(),
+        **request,
     ) -> PipelineOutput:
-        """Make images. callback(step, timestep, latents) returning False cancels; observers see every network
-        call and step (sdrt.observers)."""
+        """Make images. `request` takes `plan`'s arguments (num_inference_steps, guidance_scale, height, width, seed,
+        scheduler, image, strength, num_images_per_prompt, latents, output_type). callback(step, timestep,
+        latents) returning False cancels; observers see every network call and step (sdrt.observers)."""
         t_start = time.perf_counter()
         observers = list(observers) + ([StepCallback(callback)] if callback is not None else [])
         # 0. Check everything before any network runs.
-        plan = self.plan(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed, scheduler,
-                         image, strength, num_images_per_prompt, latents, output_type)  # fmt: skip
+        plan = self.plan(prompt, negative_prompt, **request)
         # 1. Text: [uncond, cond] hidden states, one row per image.
         t0 = time.perf_counter()
         text_states = self.encode_text([plan], observers)

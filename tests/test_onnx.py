@@ -492,3 +492,15 @@ def test_info_names_onnxruntime_gpu_shadowed_by_onnxruntime(monkeypatch):
     monkeypatch.setattr(onnx_providers, "ort_distributions", lambda: {"onnxruntime": "1.32.0"})
     text, _ = describe_model(None)
     assert "both installed" not in text
+
+
+def test_cli_ort_provider(tmp_path, capsys, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    out = str(tmp_path / "x.png")
+    assert main(["generate", "a 7", "--backend", "onnx", "--ort-provider", "cuda", "-o", out, "-q"]) == 2
+    assert "the cuda route needs CUDAExecutionProvider" in capsys.readouterr().err
+    assert main(["generate", "a 7", "--ort-provider", "cpu", "-o", out, "-q"]) == 2
+    assert "add --backend onnx" in capsys.readouterr().err
+    assert main(["generate", "a 7", "--backend", "onnx", "--ort-provider", "cpu", "--steps", "2", "-o", out, "-q"]) == 0

@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="textual-inversion embedding to load (repeatable)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA to fuse at load, PyTorch backend only (repeatable; exports take `sdrt export --lora`)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
+    p.add_argument("--ort-provider", default=None, choices=("auto", "cuda", "tensorrt", "cpu"),
+                   help="ONNX Runtime's execution providers, with --backend onnx: cuda or tensorrt need onnxruntime-gpu and are an "
+                   "error where missing (default: auto, CUDA when there, else CPU)")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -61,6 +64,12 @@ def cmd_generate(args) -> int:
 
     t0 = time.perf_counter()
     options = {"threads": args.threads} if args.threads else {}
+    if args.ort_provider:
+        if args.backend != "onnx":
+            from sdrt.errors import InputError
+
+            raise InputError(f"--ort-provider chooses ONNX Runtime's providers: add --backend onnx (not {args.backend})")
+        options["route"] = args.ort_provider
     if args.model and Path(args.model).expanduser().is_file():  # an original-layout checkpoint: converted once, cached
         pipe = Pipeline.from_single_file(args.model, backend="torch" if args.backend == "auto" else args.backend, **options)
     else:

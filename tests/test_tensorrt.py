@@ -68,7 +68,7 @@ def make_fake_export(folder, facts=SD15, limits=ShapeLimits(), precision="fp32",
 
 
 class FakeBuilder:
-    """Stands in for polygraphy: records each call and returns bytes naming what it was asked to build."""
+    """Stands in for build_with_tensorrt: records each call and returns bytes naming what it was asked to build."""
 
     def __init__(self, fail_on=None):
         self.calls, self.fail_on = [], fail_on

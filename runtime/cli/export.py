@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from sdrt.backends.base import module_available
-from sdrt.errors import BackendError
+from sdrt.errors import BackendError, torch_install_hint
 
 EPILOG = """The export folder holds one ONNX file per network, the tokenizer, the scheduler config, the token
 embeddings and manifest.json; it runs with only onnxruntime installed: sdrt generate "a fox" -m OUT.
@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
 def cmd_export(args) -> int:
     missing = [m for m in ("torch", "diffusers", "transformers", "onnx") if not module_available(m)]
     if missing:
-        raise BackendError(f"sdrt export needs {', '.join(missing)}: pip install 'sdrt[export]'")
+        raise BackendError(f"sdrt export needs {', '.join(missing)}: {torch_install_hint('export')}")
     if args.lora or Path(args.model).expanduser().is_file():  # issue 4: export a prepared diffusers folder instead
         from sdrt.export.lora import export_command_with_customisations
 

@@ -125,7 +125,8 @@ def _schedule_ok(scheduler, steps: int, strength: float) -> bool:
 def check_steps(steps, scheduler, strength: float = 1.0) -> int:
     """Steps the scheduler can run: set its timesteps, or name the most it supports."""
     steps = check_count(steps, "num_inference_steps")
-    if steps <= scheduler.num_train_timesteps and _schedule_ok(scheduler, steps, strength):
+    if steps <= scheduler.num_train_timesteps and _schedule_ok(scheduler, steps, 1.0):
+        scheduler.set_timesteps(steps, strength)  # strength's own error (e.g. no step left to run)
         return steps
     lo, hi = 1, min(steps, scheduler.num_train_timesteps + 1)  # lo works (or nothing does), hi does not
     if not _schedule_ok(scheduler, lo, 1.0):
@@ -133,10 +134,7 @@ def check_steps(steps, scheduler, strength: float = 1.0) -> int:
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if _schedule_ok(scheduler, mid, 1.0) else (lo, mid)
-    if steps > lo:
-        raise InputError(f"num_inference_steps {steps} is more than the {scheduler.name} scheduler supports here; use at most {lo}")
-    scheduler.set_timesteps(steps, strength)  # raises strength's own error (e.g. no step left to run)
-    return steps
+    raise InputError(f"num_inference_steps {steps} is more than the {scheduler.name} scheduler supports here; use at most {lo}")
 
 
 def check_output_type(output_type) -> str:
@@ -156,11 +154,12 @@ def check_size(facts, height, width, init_size: tuple[int, int] | None = None) -
         if not _is_int(value):
             raise InputError(f"{name} {_short(value)} is not an integer; use a multiple of {step}, e.g. {facts.default_size}")
         value = int(value)
-        if value < step:
-            raise InputError(f"{name} {value} is too small: it must be a positive multiple of {step} for this model; use {step} or more")
+        if value < 1:
+            raise InputError(f"{name} {value} is not positive; use a positive multiple of {step}, e.g. {facts.default_size}")
         if value % step:
-            lower, upper = value // step * step, (value + step - 1) // step * step
-            raise InputError(f"{name} {value} is not a multiple of {step} for this model; use {lower} or {upper}")
+            lower, upper = max(step, value // step * step), (value + step - 1) // step * step
+            options = f"{lower}" if lower == upper else f"{lower} or {upper}"
+            raise InputError(f"{name} {value} is not a multiple of {step} for this model; use {options}")
         resolved.append(value)
     return resolved[0], resolved[1]
 
@@ -172,7 +171,7 @@ def check_latents(latents, shape: tuple[int, ...]):
     if not isinstance(latents, np.ndarray):
         raise InputError(f"latents of type {type(latents).__name__} are not a numpy array; pass np.ndarray of shape {shape}")
     if tuple(latents.shape) != tuple(shape):
-        raise InputError(f"latents have shape {tuple(latents.shape)}; expected {tuple(shape)} (batch, channels, height/8-ish, width/8-ish)")
+        raise InputError(f"latents have shape {tuple(latents.shape)}; expected {tuple(shape)} (images, latent channels, height and width / the VAE's scale)")
     if not np.issubdtype(latents.dtype, np.floating):
         raise InputError(f"latents have dtype {latents.dtype}; pass float32 noise, e.g. np.random.randn(*{tuple(shape)})")
     if not np.all(np.isfinite(latents)):

@@ -121,13 +121,13 @@ class Pipeline:
         return np.concatenate(samples).astype(np.float32) * np.float32(self.facts.scaling_factor)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
+        from sdrt.diagnostics import nonfinite_error
+
+        if not np.all(np.isfinite(latents)):  # the inputs were checked finite: the loop (UNet or scheduler) made it
+            raise nonfinite_error(self, UNET, "the latents after the denoising loop")
         decoded = self.backend.run(VAE_DECODER, {"latent": latents})["image"]
         if not np.all(np.isfinite(decoded)):
-            raise BackendError(
-                f"the VAE decoder on the {self.backend.name} backend produced NaN/inf"
-                + (" (the latents were already NaN: the UNet produced them)" if not np.all(np.isfinite(latents)) else "")
-                + "; with an fp16 export, re-export with more ops kept in fp32 or use fp32"
-            )
+            raise nonfinite_error(self, VAE_DECODER, "the decoded image")
         return decoded
 
     # --- the loop --------------------------------------------------------------------------------------------
@@ -237,7 +237,9 @@ class Pipeline:
         else:
             pixels = decoded_to_uint8(self.decode(x))
             if pixels.max() == 0:
-                raise BackendError(f"the {self.backend.name} backend decoded an all-black image; with an fp16 export, try fp32")
+                from sdrt.diagnostics import precision_hint
+
+                raise BackendError(f"the {self.backend.name} backend decoded an all-black image{precision_hint(self, VAE_DECODER)}")
             images = pixels if output_type == "np" else [Image.fromarray(p) for p in pixels]
         t_decode = time.perf_counter() - t0
         timings = {"text": t_text, "loop": t_loop, "decode": t_decode, "total": time.perf_counter() - t_start}

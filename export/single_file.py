@@ -55,7 +55,7 @@ def load_checkpoint(path: Path, allow_pickle: bool = False) -> tuple[dict, int |
         except Exception as err:
             raise ModelError(f"{path} is not a readable .safetensors checkpoint ({str(err).splitlines()[0]}); is it complete?") from None
     if kind != "pickle":
-        raise ModelError(f"{path} is {kind}, not a checkpoint; pass an SD 1.x/2.x .safetensors or .ckpt file")
+        raise ModelError(f"{path} is not a checkpoint: its content is {kind}; pass an SD 1.x/2.x .safetensors or .ckpt file")
     if not allow_pickle:
         raise ModelError(
             f"{path} is a pickle checkpoint; loading one unpickles it, which can run code from the file. Convert it to "
@@ -315,6 +315,9 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
     _load_strict(text, text_state, "text encoder", str(path))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    from sdrt.export.onnx_export import remove_stale_partials
+
+    remove_stale_partials(out_dir)  # what killed runs left in this folder
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -6,6 +6,7 @@ plus a `sdrt` chunk holding the same as JSON.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -62,12 +63,15 @@ def _open_path(path: Path, max_pixels: int | None) -> Image.Image:
         raise InputError(f"init image {path} does not exist") from None
     except IsADirectoryError:
         raise InputError(f"init image {path} is a folder; pass an image file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        limit = max_pixels or Image.MAX_IMAGE_PIXELS
-        size = f"{image.width}x{image.height}" if image is not None else "larger than PIL allows"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        if image is not None:
+            size, limit = f"{image.width}x{image.height}", max_pixels or Image.MAX_IMAGE_PIXELS
+        else:  # PIL refused at open: over twice its own limit, whatever the budget
+            found = re.search(r"\((\d+) pixels\)", str(err))
+            size, limit = (f"{int(found.group(1)):,} pixels" if found else "too large"), 2 * Image.MAX_IMAGE_PIXELS
         raise InputError(
             f"init image {path} is {size}, more than the {limit:,} pixels it may decode to here "
-            "(memory, or a decompression bomb); scale it down first"
+            "(the memory budget, or a decompression-bomb limit); scale it down first"
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"init image {path} cannot be read as an image ({str(err).splitlines()[0] if str(err) else type(err).__name__}); use a PNG or JPEG") from None

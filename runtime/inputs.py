@@ -85,8 +85,8 @@ def check_guidance(guidance_scale) -> float:
     if not _is_real(guidance_scale):
         raise InputError(f"guidance_scale {_short(guidance_scale)} is not a number; pass e.g. 7.5 (<= 1 turns guidance off)")
     value = float(guidance_scale)
-    if not math.isfinite(value):
-        raise InputError(f"guidance_scale {value} is not finite; pass e.g. 7.5 (<= 1 turns guidance off)")
+    if not math.isfinite(value) or abs(value) > float(np.finfo(np.float32).max):  # the loop computes in float32
+        raise InputError(f"guidance_scale {value} is not finite in float32; pass e.g. 7.5 (<= 1 turns guidance off)")
     if value < 0:
         raise InputError(f"guidance_scale {value} is negative; use 0-1 for no guidance, or e.g. 7.5")
     return value

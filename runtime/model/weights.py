@@ -33,7 +33,7 @@ def sniff(path: Path) -> str:
     for magic, what in _MAGIC:
         if head.startswith(magic):
             return what
-    return "empty" if not head else "not a weight file (neither safetensors nor a torch pickle)"
+    return "empty" if not head else "unrecognised (neither safetensors nor a torch pickle)"
 
 
 def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
@@ -136,4 +136,4 @@ def read_weights(path: str | Path, what: str) -> tuple[dict, dict[str, str]]:
         return read_safetensors(path)
     if kind == "pickle":
         return read_pickle(path, what), {}
-    raise ModelError(f"{path} is {kind}, not a .safetensors or torch pickle file; expected a {what} file")
+    raise ModelError(f"{path} is not a {what} file: its content is {kind}; pass a .safetensors (or torch pickle) {what}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 
 import numpy as np
@@ -278,3 +279,35 @@ def check_backend_options(backend: str, options: dict) -> dict:
         if not test(value):
             raise InputError(f"{backend} backend option {name}={_short(value)} is invalid; pass {takes}")
     return options
+
+
+def check_before_load(model, backend: str, height, width, image, batch: int, guidance, max_memory=None) -> None:
+    """The memory check from the model folder's files alone, before any network is loaded (the CLI calls this;
+    plan() checks again with everything resolved). Only where the backend will run on the CPU: ONNX Runtime
+    without CUDA; torch and TensorRT are checked in plan(), once their device is known."""
+    from sdrt.model.source import open_model
+
+    if model is None:
+        from sdrt.builtin import builtin_model_dir
+
+        model = builtin_model_dir()
+    source = open_model(model)
+    name = source.default_backend() if backend == "auto" else backend
+    if name != "onnx":
+        return
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return
+    init_size = None
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+
+        try:
+            with Image.open(image) as im:  # the header only
+                init_size = im.size
+        except Exception:  # noqa: BLE001 - plan() names what is wrong with the image
+            return
+    height, width = check_size(source.facts, height, width, init_size)
+    guided = check_guidance(guidance) > 1.0
+    check_memory(source, name, batch, height, width, guided, image is not None, max_memory)

@@ -57,9 +57,13 @@ def test_memory_estimate_grows_and_refuses(digits):
         digits("a 7", height=100000, width=100000, progress=False)
 
 
-def test_cli_huge_size_is_one_line_and_override(tmp_path, capsys):
+def test_cli_huge_size_is_one_line_and_override(tmp_path, capsys, monkeypatch):
+    import sdrt.pipeline
+
     out = tmp_path / "x.png"
-    assert main(["generate", "a 7", "-W", "100000", "-H", "100000", "-o", str(out)]) == 2
+    with monkeypatch.context() as m:  # refused from the folder's files, before any network loads
+        m.setattr(sdrt.pipeline.Pipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+        assert main(["generate", "a 7", "-W", "100000", "-H", "100000", "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "fits" in err and "--max-memory" in err
     assert main(["generate", "a 7", "-W", "256", "-H", "256", "--max-memory", "100M", "-o", str(out)]) == 2

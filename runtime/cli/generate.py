@@ -49,6 +49,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def check_count_or_one(n) -> int:
+    """--num-images for the early memory check; a bad count is refused by plan() with its own message."""
+    return n if isinstance(n, int) and n >= 1 else 1
+
+
 def seed_note(seeds: list[int], k: int) -> str:
     """How image k's seed came about: the user's seed for image 1, derived (seed + k) for the others."""
     return f"seed {seeds[k]}" if k == 0 else f"seed {seeds[k]}: image {k + 1} of the batch from seed {seeds[0]}"
@@ -66,6 +71,9 @@ def cmd_generate(args) -> int:
     paths = output_paths(args.output, args.num_images)
     max_memory = False if args.no_memory_check else args.max_memory
     options = {"threads": args.threads} if args.threads is not None else {}
+    if not (args.model and Path(args.model).expanduser().is_file()):
+        inputs.check_before_load(args.model, args.backend, args.height, args.width, args.image,
+                                 check_count_or_one(args.num_images), args.guidance, max_memory)
     if args.model and Path(args.model).expanduser().is_file():  # an original-layout checkpoint: converted once, cached
         pipe = Pipeline.from_single_file(args.model, backend="torch" if args.backend == "auto" else args.backend,
                                          max_memory=max_memory, **options)

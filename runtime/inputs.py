@@ -247,6 +247,7 @@ BACKEND_OPTIONS = {
         "device_id": (_device_id, "an integer >= 0"),
         "static_shapes": (_opt_bool, "True, False or None"),
         "batch_parallel": (_opt_bool, "True, False or None"),
+        "route": (lambda v: v is None or v in ("auto", "cuda", "tensorrt", "cpu"), "'auto', 'cuda', 'tensorrt' or 'cpu'"),
     },
     "torch": {
         "device": (lambda v: v is None or (isinstance(v, str) and (v in ("cpu", "cuda", "auto") or v.startswith("cuda:"))),

@@ -104,23 +104,28 @@ class _Step:
         self.x.copy_(prev)
 
     def capture(self, pool=None, stream=None) -> None:
-        """Warm up on a side stream (as torch asks), restore the buffers, capture one whole step.
-        pool: the graph memory pool to share (torch.cuda.graph_pool_handle()); stream: the capture stream, made on
-        this step's device (the caller is inside torch.cuda.device(device))."""
-        import torch
+        """Capture one whole step (see `capture_graph`); pool: the graph memory pool to share; stream: the capture
+        stream, made on this step's device (the caller is inside torch.cuda.device(device))."""
+        self.graph = capture_graph(self, (self.x, *self.history), self.device, pool, stream)
 
-        saved = [b.clone() for b in (self.x, *self.history)]
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        for buffer, value in zip((self.x, *self.history), saved):
-            buffer.copy_(value)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=stream):
-            self()
-        self.graph = graph  # only once captured: a failed capture leaves none to replay
+
+def capture_graph(step: Callable[[], None], buffers, device, pool=None, stream=None):
+    """Warm `step` up on a side stream (as torch asks), restore the `buffers` it changed, then capture one call of it
+    in a CUDA graph and return the graph (a failed capture raises, leaving nothing to replay)."""
+    import torch
+
+    saved = [b.clone() for b in buffers]
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    for buffer, value in zip(buffers, saved):
+        buffer.copy_(value)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        step()
+    return graph
 
 
 class DeviceLoop:

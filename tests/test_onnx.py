@@ -17,7 +17,8 @@ from conftest import TEST_LIMITS
 from PIL import Image
 
 import sdrt
-from sdrt.backends.onnx_backend import CACHE_DIR, OnnxBackend
+from sdrt.backends.onnx_backend import OnnxBackend
+from sdrt.backends.onnx_sessions import CACHE_DIR
 from sdrt.cli import main
 from sdrt.contracts import NETWORKS
 from sdrt.errors import InputError, ModelError
@@ -302,7 +303,7 @@ def test_optimized_graph_cache(onnx_sd1, tmp_path):
 
 
 def test_static_shape_sessions_equal_the_dynamic_ones(onnx_sd1):
-    from sdrt.backends import onnx_backend
+    from sdrt.backends import onnx_sessions
 
     source = open_model(onnx_sd1)
     static = source.create_backend("onnx", static_shapes=True, batch_parallel=False)
@@ -315,28 +316,31 @@ def test_static_shape_sessions_equal_the_dynamic_ones(onnx_sd1):
             a, b = static.run(name, feeds), dynamic.run(name, feeds)
             for key in a:
                 np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5 * np.abs(b[key]).max())
-    assert all(len(static._specialized[n]) == len(DIMS) for n in NETWORKS)
+    assert all(len(static.cached_shapes(n)) == len(DIMS) for n in NETWORKS)
     # Only the most recently used shapes are kept.
-    for batch in range(1, onnx_backend.SPECIALIZED_PER_NETWORK + 3):
+    for batch in range(1, onnx_sessions.SPECIALIZED_PER_NETWORK + 3):
         static.run("text_encoder", source.contracts["text_encoder"].sample_inputs({**DIMS[0], "batch": batch}))
-    assert len(static._specialized["text_encoder"]) == onnx_backend.SPECIALIZED_PER_NETWORK
+    kept = static.cached_shapes("text_encoder")
+    assert len(kept) == onnx_sessions.SPECIALIZED_PER_NETWORK and kept[-1]["batch"] == onnx_sessions.SPECIALIZED_PER_NETWORK + 2
 
 
 def test_batch_parallel_runs_equal_whole_batch_runs(onnx_sd1):
     source = open_model(onnx_sd1)
     split = source.create_backend("onnx", threads=2)  # the tiny model is small: single-threaded runs, split 2 ways
     whole = source.create_backend("onnx", threads=2, batch_parallel=False)
-    assert set(split._batch_symbol) == set(NETWORKS) and not whole._batch_symbol and "batch split 2 ways" in split.describe()
+    assert "batch split 2 ways" in split.describe()
     for batch in (1, 2, 3):  # 3: parts of 2 and 1
         dims = {**DIMS[0], "batch": batch, "unet_batch": batch}
         for name in NETWORKS:
             feeds = source.contracts[name].sample_inputs(dims)
-            assert len(split._batch_parts(name, split._dims(source.contracts[name], feeds))) == min(batch, 2)
+            assert split.batch_parts(name, feeds) == min(batch, 2) and whole.batch_parts(name, feeds) == 1
             a, b = split.run(name, feeds), whole.run(name, feeds)
             for key in b:
                 assert a[key].shape == b[key].shape
                 np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5 * np.abs(b[key]).max())
-    assert not source.create_backend("onnx", threads=1)._batch_symbol  # one thread: nothing to split across
+    one = source.create_backend("onnx", threads=1)  # one thread: nothing to split across
+    assert all(one.batch_parts(n, source.contracts[n].sample_inputs({**DIMS[0], "batch": 2, "unet_batch": 2})) == 1
+               for n in NETWORKS)
 
 
 @pytest.mark.slow
@@ -399,8 +403,6 @@ class _RecordingSession:
     made: list = []
 
     def __init__(self, path, options=None, providers=None):
-        import onnxruntime as ort
-
         self.real = _REAL_SESSION(path, options, providers=["CPUExecutionProvider"])
         self.providers = providers
         _RecordingSession.made.append((str(path), providers, options.optimized_model_filepath if options else ""))

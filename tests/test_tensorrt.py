@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from sdrt.backends.ort_providers import session_providers, shape_string
+from sdrt.backends.onnx_providers import session_providers, shape_string
 from sdrt.backends.tensorrt_backend import (
     MachineInfo,
     check_engine,

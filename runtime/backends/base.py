@@ -23,6 +23,9 @@ class Backend:
       True; the pipeline then hands the whole denoising loop to `denoise` (one implementation, here), which runs
       inside `device_scope()`; `cuda_graphs` replays each captured step.
     - `synchronize()`: wait for queued device work, so that observers' timings are real.
+    - `uses_host_memory`: its networks' activations live in this machine's RAM (the memory check applies).
+    - `precision(network)`: "fp16"/"fp32" as it runs, for messages; `check_shapes(...)`: refuse shapes a fixed
+      profile cannot run (TensorRT engines) before any network runs.
     """
 
     name = "base"
@@ -51,6 +54,17 @@ class Backend:
 
     def synchronize(self) -> None:
         """Wait until the device has finished queued work (a no-op where calls are synchronous)."""
+
+    @property
+    def uses_host_memory(self) -> bool:
+        return True
+
+    def precision(self, network: str) -> str | None:
+        """The precision `network` computes in ("fp16" or "fp32"), or None when the backend cannot tell."""
+        return None
+
+    def check_shapes(self, shapes: dict[str, dict[str, tuple]]) -> None:
+        """Raise InputError for {network: {input: shape}} this backend cannot run (dynamic-shape backends run all)."""
 
     def has(self, network: str) -> bool:
         return network in self.contracts

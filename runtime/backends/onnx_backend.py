@@ -23,7 +23,7 @@ import onnxruntime as ort
 from sdrt.backends.base import Backend
 from sdrt.backends.onnx_binding import BatchSplitter, CudaBinding, run_cpu
 from sdrt.backends.onnx_providers import ROUTES, check_route_available, ort_install_problem, route_for
-from sdrt.backends.onnx_sessions import CACHE_DIR, SMALL_NETWORK_BYTES, SPECIALIZED_PER_NETWORK, Sessions  # noqa: F401
+from sdrt.backends.onnx_sessions import Sessions
 from sdrt.errors import BackendError, InputError
 from sdrt.model.manifest import Manifest
 
@@ -68,7 +68,6 @@ class OnnxBackend(Backend):
         self.on_cuda = self.sessions_set.on_cuda
         self.small_networks = self.sessions_set.small_networks
         self.static_networks = self.sessions_set.static_networks
-        self._specialized = self.sessions_set.specialized
         self.providers = self.sessions_set.provider_names()
         self.parallel = max(1, self.threads or os.cpu_count() or 1)
         self._cuda = CudaBinding(device_id)
@@ -79,7 +78,24 @@ class OnnxBackend(Backend):
                 if len({spec.shape[0] for spec in specs}) == 1 and isinstance(specs[0].shape[0], str):
                     batch_symbol[n] = specs[0].shape[0]
         self._splitter = BatchSplitter(self.parallel, batch_symbol)
-        self._batch_symbol = batch_symbol
+
+    # --- what a caller may ask (the pipeline, tests, sdrt info) -------------------------------------------------
+
+    @property
+    def uses_host_memory(self) -> bool:
+        return not self.on_cuda
+
+    def precision(self, network: str) -> str | None:
+        return self.manifest.networks.get(network, {}).get("precision")
+
+    def cached_shapes(self, network: str) -> list[dict[str, int]]:
+        """The input shapes that have a session of their own for `network`, least recently used first."""
+        return [dict(key) for key in self.sessions_set.specialized.get(network, {})]
+
+    def batch_parts(self, network: str, feeds: dict[str, np.ndarray]) -> int:
+        """In how many single-threaded parts, run side by side, a call with these feeds runs (1: whole)."""
+        contract = self.contracts[network]
+        return len(self._batch_parts(network, self._dims(contract, {s.name: feeds[s.name] for s in contract.inputs})))
 
     def _session_for(self, network: str, dims: dict[str, int]) -> ort.InferenceSession:
         return self.sessions_set.for_shapes(network, dims)
@@ -134,6 +150,6 @@ class OnnxBackend(Backend):
             text += f"; 1 thread for the small {', '.join(sorted(self.small_networks))}"
         if self.static_networks:
             text += f"; static shapes for {', '.join(sorted(self.static_networks))}"
-        if self._batch_symbol:
-            text += f"; batch split {self.parallel} ways for {', '.join(sorted(self._batch_symbol))}"
+        if self._splitter.symbols:
+            text += f"; batch split {self.parallel} ways for {', '.join(sorted(self._splitter.symbols))}"
         return text + (f"; {'; '.join(self.notes)}" if self.notes else "")

@@ -572,6 +572,18 @@ class TensorRTBackend(Backend):
 
         return unet
 
+    @property
+    def uses_host_memory(self) -> bool:
+        return False
+
+    def precision(self, network: str) -> str | None:
+        return self.manifest.extras.get("engines", {}).get(network, {}).get("flags", {}).get("precision")
+
+    def check_shapes(self, shapes: dict[str, dict[str, tuple]]) -> None:
+        for network, inputs in shapes.items():
+            if network in self.engines:
+                self.engines[network].check_shapes(inputs)
+
     def device_scope(self):
         import torch
 

@@ -291,7 +291,7 @@ def _flat_index(component: str, names) -> dict[str, str]:
     return index
 
 
-def match_layers(lora: LoraFile, targets: dict[str, dict[str, tuple]], what: str = "the model"):
+def match_layers(lora: LoraFile, targets: dict[str, dict[str, tuple]], what: str = "this model"):
     """[(component, module name, layer)] of the LoRA's layers in `targets` (component -> {module name: weight shape});
     ModelError naming a layer when one is not there: the LoRA was made for another model."""
     matched = []
@@ -426,8 +426,9 @@ def fuse_lora_into_backend(backend, path, scale: float = 1.0) -> dict:
     """Fuse a LoRA into a running PyTorch backend's UNet and text encoder (the pipeline's load_lora)."""
     if getattr(backend, "name", None) != "torch":
         raise BackendError(
-            f"LoRAs are fused into the weights, which the {backend.name} backend holds compiled: export with the LoRA "
-            "fused (`sdrt export MODEL OUT --lora FILE:SCALE`), or run the diffusers folder with --backend torch"
+            f"load_lora fuses into the weights, which the {backend.name} backend holds compiled: switch LoRAs at run time "
+            "with pipe.register_lora / pipe(..., loras={FILE: SCALE}) on an export made with `--lora-slots all`, fuse at "
+            "export (`sdrt export MODEL OUT --lora FILE:SCALE`), or run the diffusers folder with --backend torch"
         )
     from sdrt.contracts import TEXT_ENCODER, UNET
 

@@ -208,12 +208,15 @@ class LoraHooks:
         def hook(module, args, output):
             down, up = self.factors[layer]
             x = args[0] if args else None
+            if x.dtype != down.dtype:  # (no Cast nodes in exports: the dtypes agree there)
+                x = x.to(down.dtype)
             if slot.conv:
                 if slot.upsample:
                     x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-                h = F.conv2d(x.to(down.dtype), down, None, slot.stride, slot.padding)
-                return output + F.conv2d(h, up).to(output.dtype)
-            return output + F.linear(F.linear(x.to(down.dtype), down), up).to(output.dtype)
+                delta = F.conv2d(F.conv2d(x, down, None, slot.stride, slot.padding), up)
+            else:
+                delta = F.linear(F.linear(x, down), up)
+            return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
 
         return hook
 

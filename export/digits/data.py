@@ -120,7 +120,7 @@ def caption(digit: int, colour: int, bg: int, rng: np.random.Generator, p_drop: 
 
 
 def negative_caption(digit: int, colour: int, bg: int, rng: np.random.Generator, p_drop: float = 0.12,
-                     p_colour: float = 0.3, colour_true: float = 0.5) -> str:
+                     p_colour: float = 0.2, colour_true: float = 0.75) -> str:
     """A caption for the `negative` fine-tune phase: the usual mix, but with `p_colour` of captions colour-only
     ("blue", "something blue", ...), and those name the image's own colour with probability `colour_true`, another
     colour otherwise. A colour-only caption then means "more likely this colour", not "certainly this colour":

@@ -1,13 +1,19 @@
 """Train the built-in digits model: VAE, text encoder (contrastive + caption labels), UNet, then the VAE
-decoder again; saves a diffusers-format StableDiffusionPipeline.
+decoder again, then a short UNet fine-tune for negative prompts; saves a diffusers-format StableDiffusionPipeline.
 
-    python -m sdrt.export.digits.train --phase all --seed 0 --out build/digits/model   # ~80 min on 2 idle CPU cores
+    python -m sdrt.export.digits.train --phase all --seed 0 --out build/digits/model   # ~75 min on 2 idle CPU cores
     python -m sdrt.export.digits.train --smoke --out build/digits/smoke                # a few steps of every phase
+    git archive b667f4b runtime/models/digits | tar -x -C build/base    # the shipped model before the last phase
+    python -m sdrt.export.digits.train --phase negative --init build/base/runtime/models/digits --out build/digits/neg
+        # the last phase alone (4 min): what made the shipped UNet from the one shipped before it
 
 Phases: vae (reconstruction + KL, colour weighted from the first step, 32x32 crops for the first 75%),
 text (CLIP-style contrastive loss against a small image encoder, plus heads reading the named digit/colour/
 background off the pooled state), unet (epsilon prediction on VAE latents x scaling_factor, Min-SNR-5 weighted,
-12% of captions dropped to ""), decoder (decoder-only fine-tune with the encoder frozen, so the UNet's latents stay valid).
+12% of captions dropped to ""), decoder (decoder-only fine-tune with the encoder frozen, so the UNet's latents stay valid),
+negative (issue #14: 400 UNet steps on captions where 20% are a colour alone, naming the image's colour 75% of the
+time and another colour otherwise: `data.negative_caption`; without it a lone colour word as the negative prompt
+destroyed the digit).
 Each phase has a step count and a time cap (--minutes); the learning-rate schedule ends at whichever runs
 out first, so a busy machine gets a finished schedule rather than a cut one. Each phase saves the whole
 pipeline to --out (a later phase loads the earlier ones from there); the UNet phase also saves EMA
@@ -331,8 +337,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phase", choices=["vae", "text", "unet", "decoder", "negative", "all"], default="all")
     p.add_argument("--init", type=Path, default=None,
-                   help="--phase negative alone: fine-tune the model in this folder (e.g. runtime/models/digits, the "
-                        "shipped weights) and save to --out; default: the model already in --out")
+                   help="--phase negative alone: fine-tune the model in this folder (a diffusers folder such as "
+                        "runtime/models/digits) and save to --out; default: the model already in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("build/digits/model"))
     p.add_argument("--smoke", action="store_true", help="a few steps of every phase (CI)")
@@ -349,6 +355,9 @@ def main(argv=None):
     p.add_argument("--negative-batch", type=int, default=64)
     p.add_argument("--negative-minutes", type=float, default=12)
     p.add_argument("--negative-images", type=int, default=6000)
+    p.add_argument("--negative-colour-only", type=float, default=0.2, help="negative phase: share of colour-only captions")
+    p.add_argument("--negative-colour-true", type=float, default=0.75,
+                   help="negative phase: how often a colour-only caption names the image's own colour")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="--phase unet: continue from the UNet saved in --out")
     p.add_argument("--threads", type=int, default=2,
@@ -432,10 +441,12 @@ def main(argv=None):
         torch.manual_seed(a.seed + 14)
         n_images, n_labels = data.make_dataset(a.negative_images, seed=a.seed + 14, split="train")
         lat_mean, lat_std = encode_dataset(vae, n_images)
-        log(f"negative: encoded {len(n_images)} images; colour-only captions 30%, naming the image's colour half the time")
+        log(f"negative: encoded {len(n_images)} images; colour-only captions {a.negative_colour_only:.0%}, naming the "
+            f"image's colour {a.negative_colour_true:.0%} of the time")
         train_unet(unet, text_encoder, captioner, vae, lat_mean, lat_std, n_labels, a.negative_steps, a.negative_batch,
                    a.negative_minutes, nrng, log, save, a.ckpt_every, lr=3e-4, warmup=20, ema_decay=0.99,
-                   caption=lambda d, c, b, r: data.negative_caption(d, c, b, r), tag="neg ")
+                   caption=lambda d, c, b, r: data.negative_caption(d, c, b, r, p_colour=a.negative_colour_only,
+                                                                    colour_true=a.negative_colour_true), tag="neg ")
         save()
     log(f"done in {(time.time() - t_start) / 60:.1f} min; saved to {a.out}")
 

@@ -6,6 +6,8 @@ ancestral one included (its noise is drawn up front in the host loop's order). O
 skipped without one) the whole-step CUDA graph must equal the uncaptured device loop to fp16 rounding.
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -43,17 +45,12 @@ def pipe(request, tiny_sd1, tiny_sd2):
 
 
 def device_run(pipe, scheduler, steps, guidance, seed, batch=1, height=64, width=64, callback=None):
-    """txt2img through backend.denoise with Pipeline.__call__'s own steps 1-2 (text states, initial latents)."""
-    sched = make_scheduler(scheduler, pipe.source.scheduler_config)
-    sched.set_timesteps(steps)
-    cond = np.repeat(pipe.encode_prompts([PROMPT]), batch, axis=0)
-    guided = guidance > 1.0
-    text = np.concatenate([np.repeat(pipe.encode_prompts([""]), batch, axis=0), cond]) if guided else cond
-    shape = (1, 4, height // 8, width // 8)
-    generators = [TorchCPUGenerator(seed + k) for k in range(batch)]
-    x = np.concatenate([g.randn(shape) for g in generators]).astype(np.float32) * np.float32(sched.init_noise_sigma)
-    noise = draw_step_noise(generators, sched, shape)
-    return pipe.backend.denoise(sched, x, text, guidance if guided else None, noise, callback)
+    """txt2img through backend.denoise, after the pipeline's own steps 0-2 (plan, text states, initial latents)."""
+    plan = pipe.plan(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, seed=seed,
+                     scheduler=scheduler, num_images_per_prompt=batch)  # fmt: skip
+    run = pipe.prepare_latents([plan], pipe.encode_text([plan]))
+    noise = draw_step_noise(run.generators, run.sched, run.latent_shape)
+    return pipe.backend.denoise(run.sched, run.x, run.text_states, run.uniform_guidance(), noise, callback)
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
@@ -104,8 +101,7 @@ def test_pipeline_hook_uses_device_loop(tiny_sd1):
     off = sdrt.Pipeline.from_pretrained(tiny_sd1, backend="torch", device_loop=False)
     kwargs = dict(num_inference_steps=4, guidance_scale=2.0, seed=5, scheduler="euler_a", output_type="latent", progress=False)
     got = on(PROMPT, **kwargs).images
-    if on.backend.loop.runs == 0:
-        pytest.skip("pipeline.py has no device-loop hook yet (see the issue 5 report)")
+    assert on.backend.loop.runs == 1 and off.backend.loop.runs == 0  # the pipeline handed the loop over, or not
     assert rel(got, off(PROMPT, **kwargs).images) <= RTOL
     image = (np.random.default_rng(0).uniform(0, 1, (64, 64, 3)) * 255).astype(np.uint8)
     i2i = dict(kwargs, strength=0.6)
@@ -176,3 +172,66 @@ def test_cuda_graph_equals_eager_device_loop(scheduler):
     assert np.array_equal(runs[1], runs[2])  # the second graph run replays the cached graph
     expected = host_loop(tiny_unet("cpu", torch.float32), sched, x, text, 3.0, noise)
     assert rel(runs[1], expected) <= 2e-2, f"{scheduler}: {rel(runs[1], expected):.2e}"  # fp16 UNet vs fp32
+
+
+def test_step_cache_is_bounded_lru():
+    """A long-running process serving many sizes keeps at most max_steps captured steps (least recently used goes)."""
+    from sdrt.export.tiny import SD15_SCHEDULER
+
+    calls = []
+
+    def unet(x, t, text):
+        calls.append(x.shape)
+        return torch.zeros_like(x)
+
+    loop = DeviceLoop(unet, "cpu", torch.float32, max_steps=2)
+    sched = make_scheduler("ddim", SD15_SCHEDULER)
+    sched.set_timesteps(1)
+    for side in (4, 8, 4, 12):
+        loop.run(sched, np.zeros((1, 4, side, side), np.float32), np.zeros((1, 77, 32), np.float32), None)
+    assert [k[2] for k in loop._steps] == [(1, 4, 4, 4), (1, 4, 12, 12)]  # 8 was least recently used
+    assert DeviceLoop(unet, "cpu", torch.float32).max_steps == 8
+
+
+def test_capture_uses_the_loops_device_streams_and_one_shared_pool(monkeypatch):
+    """On cuda:1, every stream is made on cuda:1 and torch.cuda.graph gets the loop's own capture stream (its
+    default one is made once, on whichever device came first) and one pool shared by all steps. Fakes stand in
+    for torch.cuda's stream and graph API (no GPU here); the step itself runs on CPU tensors."""
+    from sdrt.device_loop import _Step
+    from sdrt.export.tiny import SD15_SCHEDULER
+
+    made, graphs = [], []
+
+    class Stream:
+        def __init__(self, device=None):
+            made.append(str(device))
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None):
+        graphs.append((pool, stream))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(device))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", len(graphs)))
+    loop = DeviceLoop(lambda x, t, text: torch.zeros_like(x), "cpu", torch.float32)
+    loop.device = torch.device("cuda", 1)  # what the loop would hold on a two-GPU machine
+    sched = make_scheduler("ddim", SD15_SCHEDULER)
+    sched.set_timesteps(1)
+    pool, capture_stream = loop._graph_resources()
+    for side in (4, 8):
+        step = _Step(loop.unet, sched, (1, 4, side, side), (1, 77, 32), False, torch.device("cpu"), torch.float32)
+        step.device = loop.device
+        step.capture(*loop._graph_resources())
+    assert set(made) == {"cuda:1"}
+    assert graphs == [(pool, capture_stream)] * 2  # one pool, the loop's stream, for every step

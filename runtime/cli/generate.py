@@ -1,10 +1,4 @@
-"""The `sdrt` command line. argparse lives here only; every subcommand calls library functions.
-
-    sdrt generate "a red 7 on a white background"            # the built-in model, no download
-    sdrt generate "a fox" -m path/to/sd15 -o fox.png --steps 30 --seed 42
-    sdrt info path/to/sd15                                   # what a model folder holds, what can run it here
-    sdrt export path/to/sd15 out/sd15-onnx [--fp16]          # ONNX export (needs torch)
-"""
+"""`sdrt generate`: argparse, then Pipeline calls; output paths are checked and images written by sdrt.outputs."""
 
 from __future__ import annotations
 
@@ -12,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sdrt.errors import SdrtError
+from sdrt.outputs import output_paths  # noqa: F401  (re-exported: tests and scripts import it from here)
 
 EPILOG_GENERATE = """examples:
   sdrt generate "a red 7 on a white background"                 built-in digits model
@@ -23,7 +17,7 @@ Each PNG carries its prompt and every parameter in its text metadata (A1111's `p
 """
 
 
-def add_generate(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="make images from a prompt",
@@ -33,7 +27,8 @@ def add_generate(sub) -> None:
     )
     p.add_argument("prompt", help="what the image should show")
     p.add_argument("-m", "--model", help="diffusers-format folder or sdrt export (default: the built-in digits model)")
-    p.add_argument("-o", "--output", default="sdrt.png", help="PNG to write; with several images, -1, -2... is added (default: %(default)s)")
+    p.add_argument("-o", "--output", default="sdrt.png", help="image to write: .png, .jpg or .webp (parameters embedded), or a folder "
+                   "to number images in; with several images, -1, -2... is added (default: %(default)s)")
     p.add_argument("-n", "--negative-prompt", default=None, help="what to steer away from (replaces the empty prompt)")
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default: %(default)s)")
     p.add_argument("-g", "--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off (default: %(default)s)")
@@ -48,36 +43,56 @@ def add_generate(sub) -> None:
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="textual-inversion embedding to load (repeatable)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA to fuse at load, PyTorch backend only (repeatable; exports take `sdrt export --lora`)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
+    p.add_argument("--ort-provider", default=None, choices=("auto", "cuda", "tensorrt", "cpu"),
+                   help="ONNX Runtime's execution providers, with --backend onnx: cuda or tensorrt need onnxruntime-gpu and are an "
+                   "error where missing (default: auto, CUDA when there, else CPU)")  # fmt: skip
+    p.add_argument("--max-memory", default=None, metavar="SIZE", help="memory budget the request must fit, e.g. 8G (default: what is available)")
+    p.add_argument("--no-memory-check", action="store_true", help="skip the memory estimate (an oversized request may then be killed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
 
-def output_paths(output: str, count: int) -> list[Path]:
-    path = Path(output)
-    if path.suffix.lower() != ".png":
-        path = path.with_suffix(path.suffix + ".png") if path.suffix else path.with_suffix(".png")
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{k + 1}{path.suffix}") for k in range(count)]
+def check_count_or_one(n) -> int:
+    """--num-images for the early memory check; a bad count is refused by plan() with its own message."""
+    return n if isinstance(n, int) and n >= 1 else 1
+
+
+def seed_note(seeds: list[int], k: int) -> str:
+    """How image k's seed came about: the user's seed for image 1, derived (seed + k) for the others."""
+    return f"seed {seeds[k]}" if k == 0 else f"seed {seeds[k]}: image {k + 1} of the batch from seed {seeds[0]}"
 
 
 def cmd_generate(args) -> int:
     import time
 
-    from sdrt.images import save_png
+    from sdrt import inputs
+    from sdrt.outputs import output_paths, save_image
     from sdrt.pipeline import Pipeline
 
     t0 = time.perf_counter()
-    options = {"threads": args.threads} if args.threads else {}
+    inputs.check_prompts(args.prompt)  # before loading: a prompt the terminal mangled, an unwritable -o
+    paths = output_paths(args.output, args.num_images)
+    max_memory = False if args.no_memory_check else args.max_memory
+    options = {"threads": args.threads} if args.threads is not None else {}
+    if args.ort_provider:
+        if args.backend != "onnx":
+            from sdrt.errors import InputError
+
+            raise InputError(f"--ort-provider chooses ONNX Runtime's providers: add --backend onnx (not {args.backend})")
+        options["route"] = args.ort_provider
+    if not (args.model and Path(args.model).expanduser().is_file()):
+        inputs.check_before_load(args.model, args.backend, args.height, args.width, args.image,
+                                 check_count_or_one(args.num_images), args.guidance, max_memory)
     if args.model and Path(args.model).expanduser().is_file():  # an original-layout checkpoint: converted once, cached
-        pipe = Pipeline.from_single_file(args.model, backend="torch" if args.backend == "auto" else args.backend, **options)
+        pipe = Pipeline.from_single_file(args.model, backend="torch" if args.backend == "auto" else args.backend,
+                                         max_memory=max_memory, **options)
     else:
-        pipe = Pipeline.from_pretrained(args.model, backend=args.backend, **options)
+        pipe = Pipeline.from_pretrained(args.model, backend=args.backend, max_memory=max_memory, **options)
     for spec in args.embedding:
         path, _, token = spec.partition(":")
         pipe.load_textual_inversion(path, token=token or None)
     for spec in args.lora:
-        from sdrt.lora import parse_lora_spec
+        from sdrt.adapters.lora import parse_lora_spec
 
         pipe.load_lora(*parse_lora_spec(spec))
     load_s = time.perf_counter() - t0
@@ -95,9 +110,9 @@ def cmd_generate(args) -> int:
         num_images_per_prompt=args.num_images,
         progress=not args.quiet,
     )
-    for image, params, path in zip(out.images, out.parameters, output_paths(args.output, len(out.images))):
-        save_png(image, path, params)
-        print(f"{path}  (seed {params['seed']})")
+    for k, (image, params, path) in enumerate(zip(out.images, out.parameters, paths)):
+        save_image(image, path, params)
+        print(f"{path}  ({seed_note(out.seeds, k)})")
     if not args.quiet:
         t = out.timings
         print(
@@ -106,60 +121,3 @@ def cmd_generate(args) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-def add_info(sub) -> None:
-    p = sub.add_parser("info", help="what a model folder holds and which backends can run it here")
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: the built-in model)")
-    p.add_argument("--verify", action="store_true", help="check every file's sha256 against the export's manifest")
-    p.set_defaults(func=cmd_info)
-
-
-def cmd_info(args) -> int:
-    from sdrt.info import describe_model
-
-    text, ok = describe_model(args.model, verify=args.verify)
-    print(text)
-    return 0 if ok else 1
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from sdrt import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="sdrt",
-        description="sdrt: a fast Stable Diffusion runtime (ONNX Runtime, TensorRT, PyTorch).",
-        epilog='start with: sdrt generate "a red 7 on a white background"',
-    )
-    parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_generate(sub)
-    add_info(sub)
-    for name in ("export", "build", "bench"):
-        module = __import__(f"sdrt.cli_{name}", fromlist=["add_parser"]) if _has_module(f"sdrt.cli_{name}") else None
-        if module is not None:
-            module.add_parser(sub)
-    return parser
-
-
-def _has_module(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except SdrtError as err:
-        print(f"sdrt: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sdrt: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
 """Measure a digits model with the oracle: prompted digit/colour accuracy, guidance, negative prompts, img2img.
 
     python -m sdrt.export.digits.evaluate runtime/models/digits [--json out.json] [--n 50]
+    python -m sdrt.export.digits.evaluate runtime/models/digits --negative-colours [--seeds 10]   # issue #14, via sdrt
 
 Runs diffusers' StableDiffusionPipeline (the reference) on the saved folder with its own scheduler (or
 --scheduler), 64x64, 20 steps, and judges every image with sdrt.oracle.DigitOracle.

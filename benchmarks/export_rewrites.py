@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
 
-    from sdrt.model_source import open_model
+    from sdrt.model.source import open_model
 
     sources = [open_model(e) for e in a.exports]
     backends = [s.create_backend("onnx", threads=a.threads, providers=["CPUExecutionProvider"]) for s in sources]

@@ -1,7 +1,7 @@
 """LoRAs fused at export, and the export's way in for single-file checkpoints.
 
 Both prepare a diffusers folder that stands in for the model: a single file is converted (sdrt.export.single_file),
-LoRAs are fused into the UNet and text encoder (sdrt.lora, W += scale * alpha/rank * up @ down), and the export of
+LoRAs are fused into the UNet and text encoder (sdrt.adapters.lora, W += scale * alpha/rank * up @ down), and the export of
 that folder records the original source and each LoRA's file, sha256 and scale in its manifest (extras["loras"]).
 """
 
@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 from sdrt.errors import ModelError
-from sdrt.lora import fuse_into_modules, parse_lora_spec
-from sdrt.manifest import read_manifest
+from sdrt.adapters.lora import fuse_into_modules, parse_lora_spec
+from sdrt.model.manifest import read_manifest
 
 
 def fuse_into_folder(model_dir, loras, out_dir) -> list[dict]:

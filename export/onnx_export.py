@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import __version__
-from sdrt.contracts import NETWORKS, UNET, NetworkContract, ShapeLimits, build_contracts
+from sdrt.contracts import UNET, NetworkContract, ShapeLimits, build_contracts
+from sdrt.families import family_spec
 from sdrt.errors import InputError, ModelError
-from sdrt.manifest import GRAPH_REVISION, GRAPH_REWRITES, MANIFEST_NAME, Manifest, read_manifest
-from sdrt.model_facts import ModelFacts, read_json, read_model_facts
+from sdrt.model.manifest import GRAPH_REVISION, GRAPH_REWRITES, MANIFEST_NAME, Manifest, read_manifest
+from sdrt.model.facts import ModelFacts, read_json, read_model_facts
 from sdrt.export.rewrites import graph_rewrites
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -137,7 +138,7 @@ def export_model(
     try:
         if share_weights:
             copy_diffusers_folder(model_dir, tmp)
-        bar = tqdm(NETWORKS, desc="export", unit="network", disable=not progress)
+        bar = tqdm(family_spec(facts.family).networks, desc="export", unit="network", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
             t0 = time.perf_counter()
@@ -407,7 +408,7 @@ def copy_runtime_files(model_dir: Path, folder: Path, token_table: bool = True) 
     """Tokenizer, scheduler config and the token-embedding table: what the runtime needs besides the networks."""
     from safetensors.numpy import save_file
 
-    from sdrt.model_source import open_model
+    from sdrt.model.source import open_model
 
     shutil.copytree(model_dir / "tokenizer", folder / "tokenizer")
     (folder / "scheduler").mkdir()

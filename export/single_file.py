@@ -209,7 +209,7 @@ def text_config(state: dict, family: str) -> dict:
 
 
 def _read_config_folder(folder: Path) -> dict:
-    from sdrt.model_facts import read_json
+    from sdrt.model.facts import read_json
 
     return {
         "unet": read_json(folder / "unet" / "config.json"),

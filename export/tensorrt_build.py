@@ -40,10 +40,10 @@ from sdrt.backends.tensorrt_backend import (
     read_sidecar,
     require_tensorrt,
 )
-from sdrt.contracts import NETWORKS, NetworkContract, ShapeLimits
+from sdrt.contracts import NetworkContract, ShapeLimits
 from sdrt.errors import BackendError, InputError, ModelError
-from sdrt.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_of
-from sdrt.model_facts import ModelFacts
+from sdrt.model.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_of
+from sdrt.model.facts import ModelFacts
 
 ENGINES_DIR = "engines"
 WHICH = ("min", "opt", "max")
@@ -147,7 +147,7 @@ def build_engines(
     timing_cache = Path(timing_cache).expanduser() if timing_cache else default_timing_cache(machine)
     old = previous_build(out_dir)
     plans = {}
-    for network in [n for n in NETWORKS if n in source.networks]:
+    for network in [n for n in source.family_section()["networks"] if n in source.networks]:
         profile = network_profile(source.contracts[network], source.facts, limits, static)
         flags = build_flags(network, source.networks[network].get("precision", "fp32"), fp16)
         fields = engine_key_fields(network, network_onnx_files(source, network), profile, flags, machine)

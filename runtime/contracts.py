@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from sdrt.model_facts import ModelFacts
+if TYPE_CHECKING:
+    from sdrt.model.facts import ModelFacts
 
 TEXT_ENCODER = "text_encoder"
 UNET = "unet"
@@ -103,7 +106,14 @@ class NetworkContract:
 
 
 def build_contracts(facts: ModelFacts) -> dict[str, NetworkContract]:
-    """The four networks' contracts for a model with these facts."""
+    """The contracts of every network of this model's family (sdrt.families)."""
+    from sdrt.families import family_spec
+
+    return family_spec(facts.family).contracts(facts)
+
+
+def sd_contracts(facts: ModelFacts) -> dict[str, NetworkContract]:
+    """SD 1.x/2.x: text encoder, UNet with text cross-attention, VAE encoder and decoder."""
     c, seq, hidden = facts.latent_channels, facts.text_seq_len, facts.text_hidden_size
     f32 = "float32"
     return {

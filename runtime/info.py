@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdrt.backends.base import available_backends
-from sdrt.model_source import open_model
+from sdrt.model.source import open_model
 
 
 def _size(path: Path) -> str:

@@ -22,11 +22,11 @@ from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdrt.device_loop import draw_step_noise
 from sdrt.errors import BackendError, Cancelled, InputError
 from sdrt.images import decoded_to_uint8, image_to_array, load_image
-from sdrt.model_facts import check_size
-from sdrt.model_source import ModelSource, open_model
+from sdrt.model.facts import check_size
+from sdrt.model.source import ModelSource, open_model
 from sdrt.noise import TorchCPUGenerator
 from sdrt.schedulers import make_scheduler
-from sdrt.textual_inversion import expand_prompt
+from sdrt.adapters.textual_inversion import expand_prompt
 from sdrt.tokenizer import ClipTokenizer
 
 
@@ -77,7 +77,7 @@ class Pipeline:
 
     def load_textual_inversion(self, path_or_dict, token: str | None = None) -> list[str]:
         """Load a diffusers or A1111 embedding (file, folder or {token: vectors}); returns the tokens it added."""
-        from sdrt import textual_inversion as ti
+        from sdrt.adapters import textual_inversion as ti
 
         token, vectors, name = ti.read_embedding(path_or_dict, token, width=self.token_table.shape[1])
         self.token_table = ti.add_embedding(self.tokenizer, self.token_table, self.textual_inversions, token, vectors, name)
@@ -85,14 +85,14 @@ class Pipeline:
 
     def unload_textual_inversion(self, token: str | None = None) -> None:
         """Remove one loaded embedding (by its token), or all of them."""
-        from sdrt.textual_inversion import remove_embedding
+        from sdrt.adapters.textual_inversion import remove_embedding
 
         self.token_table = remove_embedding(self.tokenizer, self.token_table, self.textual_inversions, token)
 
     def load_lora(self, path, scale: float = 1.0) -> None:
         """Fuse a LoRA (kohya or diffusers layout) into the PyTorch backend's UNet and text encoder at `scale`.
         Exports fuse LoRAs when exporting: `sdrt export MODEL OUT --lora FILE:SCALE`."""
-        from sdrt.lora import fuse_lora_into_backend
+        from sdrt.adapters.lora import fuse_lora_into_backend
 
         self.loras.append(fuse_lora_into_backend(self.backend, path, scale))
 

@@ -6,7 +6,8 @@ import sys
 
 from PIL import Image
 
-from sdrt.cli import main, output_paths
+from sdrt.cli import main
+from sdrt.cli.generate import output_paths
 from sdrt.images import a1111_parameters
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import sdrt
 from sdrt.cli import main as cli_main
 from sdrt.errors import BackendError, InputError, ModelError
-from sdrt.manifest import read_manifest, sha256_of
+from sdrt.model.manifest import read_manifest, sha256_of
 
 BOUND = 1e-5  # measured here: <= 3.4e-7 on PyTorch and ONNX Runtime
 RUN = dict(num_inference_steps=4, guidance_scale=2.0, height=64, width=64)
@@ -462,7 +462,7 @@ def test_lora_per_layer_alphas_and_two_loras_by_hand(tiny_sd1):
 def test_lora_layouts_give_the_same_deltas(tiny_sd1):
     """diffusers' older key layouts (attention processors, <module>.lora.down/up, lora_linear_layer) read as the same
     layers as kohya's; layers written without an alpha scale by 1 (alpha = rank)."""
-    from sdrt.lora import lora_deltas, read_lora
+    from sdrt.adapters.lora import lora_deltas, read_lora
 
     path, layers = make_lora(tiny_sd1, "kohya", seed=4)
     state, no_alpha = {}, set()

@@ -50,7 +50,7 @@ def test_patches_the_upsamplers_of_unet_and_vae_and_restores_them(tiny_sd1):
 def test_export_records_the_rewrite_and_has_no_resize(onnx_sd1):
     import onnx
 
-    from sdrt.manifest import read_manifest
+    from sdrt.model.manifest import read_manifest
 
     manifest = read_manifest(onnx_sd1)
     counts = manifest.extras["subpixel_upsamplers"]
@@ -135,7 +135,7 @@ def test_winograd_export_is_fp32_only_and_refused_by_tensorrt(tiny_sd1, tmp_path
     from sdrt.export import rewrites, winograd
     from sdrt.export.onnx_export import export_model
     from sdrt.export.tensorrt_build import build_engines
-    from sdrt.manifest import read_manifest
+    from sdrt.model.manifest import read_manifest
 
     limits = ShapeLimits(min_size=32, opt_size=64, max_size=64, max_batch=1)
     with pytest.raises(InputError, match="fp32"):

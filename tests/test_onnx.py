@@ -21,8 +21,8 @@ from sdrt.backends.onnx_backend import CACHE_DIR, OnnxBackend
 from sdrt.cli import main
 from sdrt.contracts import NETWORKS
 from sdrt.errors import InputError, ModelError
-from sdrt.manifest import MANIFEST_NAME, read_manifest
-from sdrt.model_source import open_model
+from sdrt.model.manifest import MANIFEST_NAME, read_manifest
+from sdrt.model.source import open_model
 
 FP32_BOUND = 1e-4
 FP16_BOUND = 1e-2

@@ -10,7 +10,7 @@ import torch
 from sdrt.backends.torch_modules import TextEncoderOnEmbeddings
 from sdrt.contracts import TEXT_ENCODER, build_contracts
 from sdrt.export.share_weights import link_to_safetensors
-from sdrt.model_facts import read_model_facts
+from sdrt.model.facts import read_model_facts
 
 
 def test_text_encoder_graph_reads_checkpoint_bytes(tiny_sd1, tmp_path):

@@ -25,9 +25,9 @@ from sdrt.cli import main
 from sdrt.contracts import NETWORKS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ShapeLimits, build_contracts
 from sdrt.errors import BackendError, InputError, ModelError
 from sdrt.export.tensorrt_build import build_engines, network_profile, parse_sizes, resolve_shapes
-from sdrt.manifest import Manifest, read_manifest
-from sdrt.model_facts import ModelFacts
-from sdrt.model_source import open_model
+from sdrt.model.manifest import Manifest, read_manifest
+from sdrt.model.facts import ModelFacts
+from sdrt.model.source import open_model
 
 SD15 = ModelFacts("sd1", 4, 8, 0.18215, "epsilon", 3, 77, 768, 768, 512, 49408)
 TINY = ModelFacts("sd1", 4, 8, 0.18215, "epsilon", 2, 77, 32, 32, 64, 49408)  # export/tiny.py's sd1: size step 32

@@ -1,4 +1,4 @@
-// Reading an export folder (see model.h): the manifest checks of runtime/manifest.py and a safetensors reader.
+// Reading an export folder (see model.h): the manifest checks of runtime/model/manifest.py and a safetensors reader.
 #include "model.h"
 
 #include <algorithm>

@@ -1,4 +1,4 @@
-// An sdrt export folder, read as runtime/manifest.py reads it: manifest.json (format, facts, contracts, networks,
+// An sdrt export folder, read as runtime/model/manifest.py reads it: manifest.json (format, facts, contracts, networks,
 // files with sizes), the tokenizer folder, the scheduler config and the token-embedding table (safetensors).
 #pragma once
 
@@ -10,7 +10,7 @@
 
 namespace sdrt {
 
-struct ModelFacts {  // runtime/model_facts.py's ModelFacts
+struct ModelFacts {  // runtime/model/facts.py's ModelFacts
     std::string family, prediction_type;
     int latent_channels = 4, vae_scale_factor = 8, unet_downsamples = 3, text_seq_len = 77, text_hidden_size = 768;
     int cross_attention_dim = 768, default_size = 512, vocab_size = 49408;

@@ -36,7 +36,7 @@ import onnxruntime as ort
 
 from sdrt.backends.base import Backend, module_available
 from sdrt.errors import BackendError, ModelError
-from sdrt.manifest import Manifest
+from sdrt.model.manifest import Manifest
 
 CACHE_DIR = ".ort_cache"
 PROVIDER_ORDER = ("CUDAExecutionProvider", "CPUExecutionProvider")

@@ -17,7 +17,7 @@ import hashlib
 from pathlib import Path
 
 from sdrt.contracts import ShapeLimits
-from sdrt.manifest import Manifest
+from sdrt.model.manifest import Manifest
 
 ROUTES = ("tensorrt", "cuda", "cpu")
 CACHE_DIR = ".ort_trt_cache"

@@ -33,7 +33,7 @@ import numpy as np
 from sdrt.backends.base import Backend, module_available
 from sdrt.contracts import UNET, NetworkContract
 from sdrt.errors import BackendError, InputError, ModelError
-from sdrt.manifest import Manifest
+from sdrt.model.manifest import Manifest
 
 ENGINE_FORMAT = "sdrt-tensorrt-engine/1"
 MIN_TENSORRT_MAJOR = 10

@@ -44,6 +44,12 @@ _DIFFUSERS_CLASSES = {
 }
 
 
+def scheduler_defaults() -> dict[str, dict]:
+    """{sdrt name: its diffusers class's default config} for each class (dpmpp_2m_karras is dpmpp_2m's class); an
+    export's manifest carries this so the C/C++ host resolves configs exactly as `make_scheduler` does."""
+    return {name: dict(cls.DEFAULTS) for name, (cls, _) in _REGISTRY.items() if name != "dpmpp_2m_karras"}
+
+
 def make_scheduler(name: str | None, config: dict) -> Scheduler:
     """A scheduler from a scheduler_config.json dict, with diffusers' `from_config` semantics.
 
@@ -64,4 +70,4 @@ def make_scheduler(name: str | None, config: dict) -> Scheduler:
     return cls(config, **overrides)
 
 
-__all__ = ["make_scheduler", "SCHEDULER_NAMES", "DEFAULT_SCHEDULER", "Scheduler"]
+__all__ = ["make_scheduler", "scheduler_defaults", "SCHEDULER_NAMES", "DEFAULT_SCHEDULER", "Scheduler"]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sdrt.bench_env import _cuda_sync, library_versions, measure_memory, peak_rss_bytes
+from sdrt.bench.env import _cuda_sync, library_versions, measure_memory, peak_rss_bytes
 from sdrt.errors import SdrtError
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 def resolve_model(config: BenchConfig) -> tuple[Path, Path | None, Path | None]:
     """(model, diffusers folder or None, sdrt export or None) for the configured model."""
-    from sdrt.manifest import MANIFEST_NAME, read_manifest
+    from sdrt.model.manifest import MANIFEST_NAME, read_manifest
 
     if config.model is None:
         from sdrt.builtin import builtin_model_dir
@@ -58,8 +58,8 @@ def folder_digest(folder: Path, *extra) -> str:
 
 def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchConfig, log) -> Path:
     """Export `diffusers_dir` to the cache once (`sdrt export` in a subprocess, so its memory goes back)."""
-    from sdrt.manifest import GRAPH_REVISION
-    from sdrt.model_facts import read_model_facts
+    from sdrt.model.manifest import GRAPH_REVISION
+    from sdrt.model.facts import read_model_facts
 
     facts = read_model_facts(diffusers_dir)
     # One export serves every size and batch ORT runs. The opt size is the benchmarked one: TensorRT tunes its
@@ -124,7 +124,7 @@ def sd15_random_dir(config: BenchConfig, log) -> Path:
         return folder
     log(f"building the SD 1.5-shape random-weight model in {folder} (once, ~4.3 GB)")
     tmp = folder.with_name(folder.name + ".partial")
-    code = f"from sdrt.bench_models import build_sd15_random; build_sd15_random({str(tmp)!r})"
+    code = f"from sdrt.bench.models import build_sd15_random; build_sd15_random({str(tmp)!r})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SdrtError(f"building the SD 1.5-shape model failed: {proc.stderr.strip()[-1500:]}")

@@ -14,8 +14,8 @@ import numpy as np
 from sdrt.backends.base import Backend, module_available
 from sdrt.contracts import NetworkContract, build_contracts
 from sdrt.errors import BackendError, ModelError
-from sdrt.manifest import MANIFEST_NAME, Manifest, read_manifest
-from sdrt.model_facts import ModelFacts, read_json, read_model_facts
+from sdrt.model.manifest import MANIFEST_NAME, Manifest, read_manifest
+from sdrt.model.facts import ModelFacts, read_json, read_model_facts
 
 BACKENDS = ("auto", "onnx", "torch", "tensorrt")
 # Where checkpoints keep the token table, newest layout first.

@@ -1,18 +1,10 @@
-"""The `sdrt` command line. argparse lives here only; every subcommand calls library functions.
-
-    sdrt generate "a red 7 on a white background"            # the built-in model, no download
-    sdrt generate "a fox" -m path/to/sd15 -o fox.png --steps 30 --seed 42
-    sdrt info path/to/sd15                                   # what a model folder holds, what can run it here
-    sdrt export path/to/sd15 out/sd15-onnx [--fp16]          # ONNX export (needs torch)
-"""
+"""`sdrt generate`: argparse, then Pipeline calls; images are written by sdrt.images."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-
-from sdrt.errors import SdrtError
 
 EPILOG_GENERATE = """examples:
   sdrt generate "a red 7 on a white background"                 built-in digits model
@@ -23,7 +15,7 @@ Each PNG carries its prompt and every parameter in its text metadata (A1111's `p
 """
 
 
-def add_generate(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="make images from a prompt",
@@ -77,7 +69,7 @@ def cmd_generate(args) -> int:
         path, _, token = spec.partition(":")
         pipe.load_textual_inversion(path, token=token or None)
     for spec in args.lora:
-        from sdrt.lora import parse_lora_spec
+        from sdrt.adapters.lora import parse_lora_spec
 
         pipe.load_lora(*parse_lora_spec(spec))
     load_s = time.perf_counter() - t0
@@ -106,60 +98,3 @@ def cmd_generate(args) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-def add_info(sub) -> None:
-    p = sub.add_parser("info", help="what a model folder holds and which backends can run it here")
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: the built-in model)")
-    p.add_argument("--verify", action="store_true", help="check every file's sha256 against the export's manifest")
-    p.set_defaults(func=cmd_info)
-
-
-def cmd_info(args) -> int:
-    from sdrt.info import describe_model
-
-    text, ok = describe_model(args.model, verify=args.verify)
-    print(text)
-    return 0 if ok else 1
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from sdrt import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="sdrt",
-        description="sdrt: a fast Stable Diffusion runtime (ONNX Runtime, TensorRT, PyTorch).",
-        epilog='start with: sdrt generate "a red 7 on a white background"',
-    )
-    parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_generate(sub)
-    add_info(sub)
-    for name in ("export", "build", "bench"):
-        module = __import__(f"sdrt.cli_{name}", fromlist=["add_parser"]) if _has_module(f"sdrt.cli_{name}") else None
-        if module is not None:
-            module.add_parser(sub)
-    return parser
-
-
-def _has_module(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except SdrtError as err:
-        print(f"sdrt: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sdrt: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from sdrt.contracts import NetworkContract
 from sdrt.errors import ModelError
-from sdrt.model_facts import ModelFacts
+from sdrt.families import family_spec
+from sdrt.model.facts import ModelFacts
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sdrt-export"
@@ -46,12 +47,18 @@ class Manifest:
     scheduler: str = "scheduler/scheduler_config.json"
     token_embeddings: str = "token_embeddings.safetensors"
     extras: dict = dataclasses.field(default_factory=dict)  # loras, embeddings, engine cache keys, source
+    family: dict = dataclasses.field(default_factory=dict)  # sdrt.families' spec as written (filled in on write)
+
+    def family_section(self) -> dict:
+        """The "family" section: as read, or the spec of facts.family (exports made before it was written)."""
+        return self.family or family_spec(self.facts.family).to_manifest()
 
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "facts": self.facts.to_dict(),
+            "family": self.family_section(),
             "contracts": {k: c.to_dict() for k, c in self.contracts.items()},
             "networks": self.networks,
             "files": self.files,
@@ -132,8 +139,21 @@ def read_manifest(folder: str | Path) -> Manifest:
             scheduler=data.get("scheduler", "scheduler/scheduler_config.json"),
             token_embeddings=data.get("token_embeddings", "token_embeddings.safetensors"),
             extras=data.get("extras", {}),
+            family=data.get("family", {}),
         )
     except (KeyError, TypeError) as err:
         raise ModelError(f"{path} lacks {err}; the manifest is incomplete: re-export the model with `sdrt export`") from None
+    check_family(manifest, path)
     manifest.check_sizes(folder)
     return manifest
+
+
+def check_family(manifest: Manifest, path: Path) -> None:
+    """The family section must name a family this sdrt runs, the facts' family, and networks the contracts cover."""
+    section = manifest.family_section()
+    spec = family_spec(section.get("name", manifest.facts.family))
+    if spec.name != manifest.facts.family:
+        raise ModelError(f"{path} says family {spec.name!r} but its facts say {manifest.facts.family!r}; re-export the model")
+    missing = [n for n in section.get("networks", spec.networks) if n not in manifest.contracts]
+    if missing:
+        raise ModelError(f"{path} lists networks {missing} without contracts; re-export the model with `sdrt export`")

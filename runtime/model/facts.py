@@ -12,24 +12,8 @@ import json
 from pathlib import Path
 
 from sdrt.errors import InputError, ModelError
+from sdrt.families import check_pipeline_class, detect_family
 
-# Pipelines sdrt refuses by name: a clear message beats a shape error deep inside a network.
-UNSUPPORTED_PIPELINES = {
-    "StableDiffusionXLPipeline": "SDXL",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL",
-    "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
-    "StableDiffusion3Pipeline": "SD3",
-    "StableDiffusionInpaintPipeline": "SD inpainting",
-    "StableDiffusionUpscalePipeline": "SD x4 upscaler",
-    "StableDiffusionDepth2ImgPipeline": "SD 2 depth-to-image",
-    "StableDiffusionInstructPix2PixPipeline": "InstructPix2Pix",
-    "LatentConsistencyModelPipeline": "LCM",
-    "StableCascadeCombinedPipeline": "Stable Cascade",
-    "FluxPipeline": "FLUX",
-    "PixArtAlphaPipeline": "PixArt",
-    "KandinskyV22Pipeline": "Kandinsky",
-}
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline"}
 COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 
 
@@ -37,7 +21,7 @@ COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 class ModelFacts:
     """Facts about one Stable Diffusion 1.x/2.x model that the loop, the contracts and the exporter need."""
 
-    family: str  # "sd1" or "sd2"
+    family: str  # a key of sdrt.families.FAMILIES: "sd1" or "sd2"
     latent_channels: int
     vae_scale_factor: int  # image pixels per latent pixel (8 for SD)
     scaling_factor: float  # latents fed to the UNet = posterior sample * scaling_factor
@@ -75,19 +59,11 @@ def read_json(path: Path) -> dict:
         raise ModelError(f"{path} is not valid JSON ({err}); the model folder is damaged") from None
 
 
-def check_pipeline_class(model_dir: Path) -> str:
-    """Refuse model families sdrt does not run yet, by name, before any weights load."""
+def read_pipeline_class(model_dir: Path) -> str:
+    """The folder's diffusers pipeline class; families sdrt does not run are refused by name, before any weights load."""
     index_path = model_dir / "model_index.json"
-    if not index_path.exists():
-        return "StableDiffusionPipeline"
-    cls = read_json(index_path).get("_class_name", "StableDiffusionPipeline")
-    if cls in UNSUPPORTED_PIPELINES:
-        raise ModelError(
-            f"{model_dir} holds a {UNSUPPORTED_PIPELINES[cls]} model ({cls}); sdrt runs Stable Diffusion 1.x and 2.x "
-            "text-to-image models only, for now"
-        )
-    if cls not in SUPPORTED_PIPELINES:
-        raise ModelError(f"{model_dir} holds a {cls}, which sdrt does not know; it runs StableDiffusionPipeline models")
+    cls = read_json(index_path).get("_class_name", "StableDiffusionPipeline") if index_path.exists() else "StableDiffusionPipeline"
+    check_pipeline_class(cls, str(model_dir))
     return cls
 
 
@@ -96,7 +72,7 @@ def read_model_facts(model_dir: str | Path) -> ModelFacts:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelError(f"model folder {model_dir} does not exist; pass a diffusers-format folder or an sdrt export")
-    check_pipeline_class(model_dir)
+    read_pipeline_class(model_dir)
     missing = [c for c in COMPONENTS if not (model_dir / c).is_dir()]
     if missing:
         raise ModelError(
@@ -117,7 +93,7 @@ def read_model_facts(model_dir: str | Path) -> ModelFacts:
             "an inpainting or depth UNet, which sdrt does not run yet"
         )
     vae_scale = 2 ** (len(vae.get("block_out_channels", [64])) - 1)
-    family = "sd2" if text.get("hidden_act", "quick_gelu") == "gelu" else "sd1"
+    family = detect_family(text).name
     return ModelFacts(
         family=family,
         latent_channels=int(vae_latents),

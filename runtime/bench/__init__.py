@@ -12,14 +12,14 @@ apart from run time. Warm-up rounds first; then rounds interleave the runners (r
 so drift on the machine hits all of them alike; median, quartiles and min/max over the runs.
 
 sdrt runs in this process (as users run it); each baseline runs in a worker process from
-benchmarks/baselines/, in a venv of its own that sdrt.bench_runners creates once in the cache (their pins conflict
+benchmarks/baselines/, in a venv of its own that sdrt.bench.runners creates once in the cache (their pins conflict
 with each other and with sdrt's), speaking JSON lines (see benchmarks/baselines/common.py). When the runners do
 not fit in memory together, they are measured in groups: the first runner (the reference) with each other one
 in turn, and each ratio comes from one group.
 
 This module keeps the configuration, the statistics and the orchestration (run_bench); the runners are in
-sdrt.bench_runners, model resolution and the cache in sdrt.bench_models, machine facts and memory in
-sdrt.bench_env, and the table, report and chart in sdrt.bench_report. The names they define are importable from
+sdrt.bench.runners, model resolution and the cache in sdrt.bench.models, machine facts and memory in
+sdrt.bench.env, and the table, report and chart in sdrt.bench.report. The names they define are importable from
 here as before. Light imports: numpy and the standard library; torch, matplotlib and psutil only where used.
 """
 
@@ -34,22 +34,22 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.bench_env import (  # noqa: F401  (re-exported: sdrt.bench's names before the split)
+from sdrt.bench.env import (  # noqa: F401  (re-exported: sdrt.bench's names before the split)
     _cuda_sync, _torch_cuda, busy_snapshot, gpu_name, library_versions, machine_info, measure_memory, peak_rss_bytes,
     physical_cores, reset_peak_rss,
 )  # fmt: skip
-from sdrt.bench_models import (  # noqa: F401
+from sdrt.bench.models import (  # noqa: F401
     _scheduler_name, build_sd15_random, cached_export, folder_digest, model_weight_bytes, resolve_model, sd15_random_dir,
     warm_ort_cache,
 )  # fmt: skip
-from sdrt.bench_report import _fmt, format_report, format_table, write_chart  # noqa: F401
-from sdrt.bench_runners import (  # noqa: F401
+from sdrt.bench.report import _fmt, format_report, format_table, write_chart  # noqa: F401
+from sdrt.bench.runners import (  # noqa: F401
     BASELINES, PROMPT, TORCH_PIN, Baseline, InProcessRunner, SdrtRunner, WorkerRunner, baseline_python,
 )  # fmt: skip
 from sdrt.errors import InputError, ModelError, SdrtError
 
 SCHEMA = "sdrt-bench/1"
-BASELINES_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "baselines"  # a source checkout's
+BASELINES_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "baselines"  # a source checkout's
 # Per-run figures, in table order; the derived ones are computed from each run's raw sample.
 STAGES = ("e2e_s", "text_s", "unet_call_s", "unet_total_s", "overhead_step_s", "overhead_pct", "decode_s", "encode_s",
           "images_per_s", "peak_rss_bytes", "gpu_peak_bytes")  # fmt: skip
@@ -149,11 +149,11 @@ def run_bench(config: BenchConfig, log=print) -> dict:
     threads = config.threads or physical_cores()
     cfg = dataclasses.replace(config, model=sd15_random_dir(config, log)) if config.sd15_random else config
     model, diffusers_dir, export = resolve_model(cfg)
-    from sdrt.model_facts import read_model_facts
+    from sdrt.model.facts import read_model_facts
 
     facts = read_model_facts(diffusers_dir) if diffusers_dir else None
     if facts is None:
-        from sdrt.manifest import read_manifest
+        from sdrt.model.manifest import read_manifest
 
         facts = read_manifest(export).facts
     size = cfg.size or facts.default_size

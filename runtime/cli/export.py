@@ -64,7 +64,7 @@ def cmd_export(args) -> int:
         return export_command_with_customisations(args, cmd_export)
     from sdrt.contracts import ShapeLimits
     from sdrt.export.onnx_export import export_model
-    from sdrt.model_facts import read_model_facts
+    from sdrt.model.facts import read_model_facts
 
     facts = read_model_facts(args.model)
     step = facts.size_step

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.errors import BackendError, InputError, ModelError
-from sdrt.manifest import sha256_of
-from sdrt.textual_inversion import read_weights
+from sdrt.model.manifest import sha256_of
+from sdrt.model.weights import read_weights
 
 COMPONENTS = ("unet", "text_encoder")
 _KOHYA = re.compile(r"^lora_(unet|te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")

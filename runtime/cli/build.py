@@ -57,7 +57,7 @@ def cmd_build(args) -> int:
     limits = None
     if explicit:
         from sdrt.contracts import ShapeLimits
-        from sdrt.manifest import read_manifest
+        from sdrt.model.manifest import read_manifest
 
         saved = read_manifest(args.onnx_dir).limits
         fields = {f.name for f in dataclasses.fields(ShapeLimits)}

@@ -1,0 +1,101 @@
+"""Model families: per family, in one place, what sdrt must know beyond a model's own configs.
+
+A `FamilySpec` names the diffusers pipelines the family covers, its networks (in export order) and their I/O
+contracts, the UNet's conditioning inputs beyond the latents and the timestep, and the default scheduler. An
+export writes `spec.to_manifest()` into manifest.json ("family"), with every scheduler's default config, so the
+C/C++ host reads network names, tensor names and scheduler defaults from the export and hard-codes none.
+
+A new family (SDXL: a second text encoder, pooled embeddings, time ids; inpainting: a 9-channel UNet) is a new
+spec here and its contracts, not edits across the loader, the exporter and the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Callable
+
+from sdrt.contracts import NETWORKS, NetworkContract, sd_contracts
+from sdrt.errors import ModelError
+from sdrt.schedulers import DEFAULT_SCHEDULER
+
+if TYPE_CHECKING:
+    from sdrt.model.facts import ModelFacts
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilySpec:
+    name: str  # the key stored in ModelFacts.family and the manifest
+    title: str  # for messages and `sdrt info`
+    pipelines: tuple[str, ...]  # diffusers pipeline classes (model_index.json `_class_name`) of this family
+    networks: tuple[str, ...]  # contract names, in the order the exporter writes them
+    conditioning: tuple[str, ...]  # UNet inputs beyond the latent sample and the timestep
+    default_scheduler: str  # sdrt scheduler name used when a config names a class sdrt lacks
+    build_contracts: Callable[[ModelFacts], dict[str, NetworkContract]]
+
+    def contracts(self, facts: ModelFacts) -> dict[str, NetworkContract]:
+        return self.build_contracts(facts)
+
+    def to_manifest(self) -> dict:
+        """The manifest's "family" section: what the C/C++ host reads instead of hard-coding it."""
+        from sdrt.schedulers import scheduler_defaults
+
+        return {
+            "name": self.name,
+            "networks": list(self.networks),
+            "conditioning": list(self.conditioning),
+            "default_scheduler": self.default_scheduler,
+            "schedulers": scheduler_defaults(),
+        }
+
+
+_SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline")
+
+SD1 = FamilySpec("sd1", "Stable Diffusion 1.x", _SD_PIPELINES, NETWORKS, ("encoder_hidden_states",), DEFAULT_SCHEDULER, sd_contracts)
+SD2 = FamilySpec("sd2", "Stable Diffusion 2.x", _SD_PIPELINES, NETWORKS, ("encoder_hidden_states",), DEFAULT_SCHEDULER, sd_contracts)
+FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (SD1, SD2)}
+
+# Pipelines sdrt knows of and refuses by name: a clear message beats a shape error deep inside a network.
+NOT_YET_SUPPORTED = {
+    "StableDiffusionXLPipeline": "SDXL",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL",
+    "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
+    "StableDiffusion3Pipeline": "SD3",
+    "StableDiffusionInpaintPipeline": "SD inpainting",
+    "StableDiffusionUpscalePipeline": "SD x4 upscaler",
+    "StableDiffusionDepth2ImgPipeline": "SD 2 depth-to-image",
+    "StableDiffusionInstructPix2PixPipeline": "InstructPix2Pix",
+    "LatentConsistencyModelPipeline": "LCM",
+    "StableCascadeCombinedPipeline": "Stable Cascade",
+    "FluxPipeline": "FLUX",
+    "PixArtAlphaPipeline": "PixArt",
+    "KandinskyV22Pipeline": "Kandinsky",
+}
+
+
+def supported_pipelines() -> set[str]:
+    return {p for spec in FAMILIES.values() for p in spec.pipelines}
+
+
+def family_spec(name: str) -> FamilySpec:
+    """The spec of family `name` (from ModelFacts.family or a manifest)."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ModelError(
+            f"model family {name!r} is not one this sdrt runs ({', '.join(FAMILIES)}); a newer sdrt may: "
+            "upgrade, or re-export the model with this version"
+        ) from None
+
+
+def check_pipeline_class(cls: str, where: str) -> None:
+    """Refuse a diffusers pipeline class no family covers, naming what it is when sdrt knows it."""
+    if cls in NOT_YET_SUPPORTED:
+        titles = ", ".join(spec.title for spec in FAMILIES.values())
+        raise ModelError(f"{where} holds a {NOT_YET_SUPPORTED[cls]} model ({cls}); sdrt runs {titles} models only, for now")
+    if cls not in supported_pipelines():
+        raise ModelError(f"{where} holds a {cls}, which sdrt does not know; it runs {', '.join(sorted(supported_pipelines()))}")
+
+
+def detect_family(text_config: dict) -> FamilySpec:
+    """SD 1.x and 2.x share every network; 2.x's OpenCLIP text encoder is the one with plain GELU."""
+    return SD2 if text_config.get("hidden_act", "quick_gelu") == "gelu" else SD1

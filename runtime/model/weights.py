@@ -1,0 +1,103 @@
+"""Reading weight files: .safetensors (bfloat16 included) and torch pickles, shared by LoRA and textual inversion.
+
+Pickles load only through torch.load(weights_only=True) (tensors, no code), and only when torch is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.errors import ModelError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+
+def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_, "BF16": np.uint16}
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All tensors of a .safetensors file as numpy arrays (bfloat16 widened to float32), and its metadata.
+
+    Read directly (the format is an 8-byte header size, a JSON header, raw data) because safetensors' own numpy
+    API refuses bfloat16, the usual dtype of published LoRAs and embeddings.
+    """
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= size <= 100_000_000:
+                raise ValueError(f"header size {size} is not plausible")
+            header = json.loads(f.read(size))
+            data = f.read()
+        metadata = header.pop("__metadata__", None) or {}
+        tensors = {}
+        for name, info in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, which sdrt does not read")
+            start, end = info["data_offsets"]
+            if end > len(data):
+                raise ValueError(f"tensor {name!r} runs past the end of the file (truncated?)")
+            array = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+            tensors[name] = _bf16_to_f32(array) if info["dtype"] == "BF16" else array
+        return tensors, metadata
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        raise ModelError(f"{path} is not a readable .safetensors file ({err}); is it complete?") from None
+
+
+def to_numpy(value):
+    """torch tensors (nested in dicts and lists) -> numpy; other values as they are."""
+    if hasattr(value, "detach") and hasattr(value, "numpy"):
+        value = value.detach().cpu()
+        return value.float().numpy() if value.is_floating_point() else value.numpy()
+    if isinstance(value, dict):
+        return {k: to_numpy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_numpy(v) for v in value)
+    return value
+
+
+def read_pickle(path: Path, what: str) -> dict:
+    """A torch pickle file (.bin/.pt) read with torch.load(weights_only=True): tensors only, no code runs."""
+    from sdrt.backends.base import module_available
+
+    if not module_available("torch"):
+        raise ModelError(
+            f"{path} is a pickle file ({path.suffix}), which only torch can read: convert the {what} to .safetensors "
+            "(e.g. on a machine with torch: safetensors.torch.save_file(torch.load(FILE, weights_only=True), OUT)), "
+            "or install torch"
+        )
+    import torch
+
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise ModelError(
+            f"{path} could not be read as a {what} with torch.load(weights_only=True) ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); sdrt never unpickles arbitrary objects: convert it to "
+            ".safetensors where you trust it"
+        ) from None
+    return to_numpy(data)
+
+
+def read_weights(path: str | Path, what: str) -> tuple[dict, dict[str, str]]:
+    """A .safetensors (by its content) or torch pickle file -> (tensors and values, safetensors metadata)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelError(f"{what} file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header size, then the JSON header
+        return read_safetensors(path)
+    if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix.lower() in PICKLE_SUFFIXES:
+        return read_pickle(path, what), {}
+    raise ModelError(f"{path} is neither a .safetensors nor a torch pickle file; expected a {what} file")

@@ -145,7 +145,7 @@ private:
         return so;
     }
 
-    static std::unique_ptr<Ort::Session> load(const std::string &network, const std::string &file, const std::string &digest,
+    std::unique_ptr<Ort::Session> load(const std::string &network, const std::string &file, const std::string &digest,
                                               const std::string &dir, const BackendOptions &opt, bool trt, bool cuda, std::string &used) {
         try {
             try {
@@ -172,7 +172,7 @@ private:
     // manifest (every file's sha256, so shared weight files too), the ONNX Runtime version, providers, threads and
     // CPU; later loads skip the optimisers. A damaged cache is rebuilt; an
     // unwritable folder only costs the cache.
-    static std::unique_ptr<Ort::Session> load_cached(const std::string &network, const std::string &file, const std::string &digest,
+    std::unique_ptr<Ort::Session> load_cached(const std::string &network, const std::string &file, const std::string &digest,
                                                      const std::string &dir, const BackendOptions &opt, bool trt, bool cuda,
                                                      std::string &used) {
         Ort::SessionOptions so = options(opt, trt, cuda, GraphOptimizationLevel::ORT_ENABLE_ALL, used);
@@ -237,9 +237,10 @@ private:
         return "unknown";
     }
 
-    static void check(Ort::Session &s, const std::string &network, const std::string &file) {
+    // The ONNX file must take and give the manifest contract's tensors, in its order.
+    void check(Ort::Session &s, const std::string &network, const std::string &file) const {
         Ort::AllocatorWithDefaultOptions alloc;
-        const NetworkContract &want = expected_contracts().at(network);
+        const NetworkContract &want = contracts_.at(network);
         std::vector<std::string> ins, outs;
         bool all_float = true;
         for (size_t i = 0; i < s.GetInputCount(); ++i) {

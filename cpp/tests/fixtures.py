@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.noise import TorchCPUGenerator, torch_cpu_capability
-from sdrt.schedulers import make_scheduler
+from sdrt.schedulers import DEFAULT_SCHEDULER, make_scheduler, scheduler_defaults
 from sdrt.tokenizer import ClipTokenizer
 
 CORPUS = [
@@ -183,7 +183,9 @@ def scheduler_fixtures(out: Path) -> None:
                 except Exception as err:
                     t = {"steps": n_steps, "strength": strength, "error": error_kind(err)}
                 cases.append({**base, "trajectory": t})
-    (out / "schedulers.json").write_text(json.dumps({"configs": CONFIGS, "cases": cases}))
+    # The family section as an export's manifest carries it: C++ takes every scheduler default from there.
+    family = {"schedulers": scheduler_defaults(), "default_scheduler": DEFAULT_SCHEDULER}
+    (out / "schedulers.json").write_text(json.dumps({"configs": CONFIGS, "cases": cases, "family": family}))
 
 
 def test_image(width: int, height: int) -> np.ndarray:

@@ -328,10 +328,8 @@ def main(argv=None) -> int:
         unet = state["ref"].unet
         res["env"]["attention_processors"] = sorted({type(p).__name__ for p in unet.attn_processors.values()})
         res["env"]["unet_params_m"] = round(sum(p.numel() for p in unet.parameters()) / 1e6, 1)
-        hook = "use_device_loop" in Path(sys.modules["sdrt.pipeline"].__file__).read_text()
-        res["env"]["pipeline_hook"] = hook  # without it, sdrt's end to end is composed here from the same steps
         print(f"  built in {res['env']['build_s']} s, sdrt loaded in {res['env']['sdrt_load_s']} s; "
-              f"{res['env']['unet_params_m']} M UNet params; {res['env']['attention_processors']}; hook {hook}")
+              f"{res['env']['unet_params_m']} M UNet params; {res['env']['attention_processors']}")
 
     def unet_inputs(batch):
         """A guided UNet call's inputs at batch 2N (random, not zeros)."""
@@ -408,42 +406,21 @@ def main(argv=None) -> int:
         bench.add_run("diffusers", batch, steps, calls, loop_ms, e2e, all_ms, "loop from step-end events")
 
     def sdrt_generate(batch, steps, output_type="np", scheduler=None, seed=SEED):
-        """sdrt end to end: Pipeline.__call__ when pipeline.py hands the loop to the backend, else the same steps here."""
-        pipe = state["pipe"]
-        if res["env"].get("pipeline_hook"):
-            return pipe(PROMPT, num_images_per_prompt=batch, num_inference_steps=steps, guidance_scale=7.5, height=size,
-                        width=size, seed=seed, scheduler=scheduler, output_type=output_type, progress=False).images  # fmt: skip
-        from sdrt.device_loop import draw_step_noise
-        from sdrt.images import decoded_to_uint8
-        from sdrt.noise import TorchCPUGenerator
-        from sdrt.schedulers import make_scheduler
-
-        sched = make_scheduler(scheduler, pipe.source.scheduler_config)
-        sched.set_timesteps(steps)
-        text = np.concatenate([np.repeat(pipe.encode_prompts([s]), batch, axis=0) for s in ("", PROMPT)])
-        shape = (1, 4, size // 8, size // 8)
-        gens = [TorchCPUGenerator(seed + k) for k in range(batch)]
-        x = np.concatenate([g.randn(shape) for g in gens]).astype(np.float32) * np.float32(sched.init_noise_sigma)
-        if pipe.backend.use_device_loop:
-            x = pipe.backend.denoise(sched, x, text, 7.5, draw_step_noise(gens, sched, shape))
-        else:  # not reached in this script: the host loop needs the pipeline itself
-            raise RuntimeError("composed sdrt run needs the device loop")
-        return x if output_type == "latent" else decoded_to_uint8(pipe.decode(x))
+        """sdrt end to end: Pipeline.__call__ (which hands the loop to a backend that declares a device loop)."""
+        return state["pipe"](PROMPT, num_images_per_prompt=batch, num_inference_steps=steps, guidance_scale=7.5,
+                             height=size, width=size, seed=seed, scheduler=scheduler, output_type=output_type,
+                             progress=False).images  # fmt: skip
 
     def sdrt_loop_ms(batch, steps, scheduler=None):
         """The device loop alone between two device marks (median of runs), and its UNet call count."""
         from sdrt.device_loop import draw_step_noise
-        from sdrt.noise import TorchCPUGenerator
-        from sdrt.schedulers import make_scheduler
 
         pipe = state["pipe"]
-        sched = make_scheduler(scheduler, pipe.source.scheduler_config)
-        sched.set_timesteps(steps)
-        text = np.concatenate([np.repeat(pipe.encode_prompts([s]), batch, axis=0) for s in ("", PROMPT)])
-        shape = (1, 4, size // 8, size // 8)
-        gens = [TorchCPUGenerator(SEED + k) for k in range(batch)]
-        x = np.concatenate([g.randn(shape) for g in gens]) * np.float32(sched.init_noise_sigma)
-        noise = draw_step_noise(gens, sched, shape)
+        plan = pipe.plan(PROMPT, num_images_per_prompt=batch, num_inference_steps=steps, guidance_scale=7.5, height=size,
+                         width=size, seed=SEED, scheduler=scheduler)  # fmt: skip
+        run = pipe.prepare_latents([plan], pipe.encode_text([plan]))  # the pipeline's own steps 0-2
+        sched, x, text = run.sched, run.x, run.text_states
+        noise = draw_step_noise(run.generators, sched, run.latent_shape)
         x_dev, text_dev = torch.from_numpy(x).to(args.device), torch.from_numpy(text).to(args.device)
         noise_dev = None if noise is None else torch.from_numpy(noise).to(args.device)
         loop = pipe.backend.loop
@@ -471,7 +448,6 @@ def main(argv=None) -> int:
         pipe = state["pipe"]
         pipe.backend.use_device_loop = False
         try:
-            hook = res["env"].get("pipeline_hook")
             run = lambda: pipe(PROMPT, num_images_per_prompt=batch, num_inference_steps=steps, guidance_scale=7.5,  # noqa: E731
                                height=size, width=size, seed=SEED, output_type="np", progress=False)  # fmt: skip
             e2e_ms, all_ms = median_ms(run, clock, args.runs)
@@ -481,7 +457,7 @@ def main(argv=None) -> int:
             sched = make_scheduler(None, pipe.source.scheduler_config)
             sched.set_timesteps(steps)
             calls = sched.num_calls
-            bench.add_run("sdrt_host", batch, steps, calls, loop_ms, e2e_ms, all_ms, "" if hook else "(pipeline has no hook: host path anyway)")
+            bench.add_run("sdrt_host", batch, steps, calls, loop_ms, e2e_ms, all_ms, "")
         finally:
             pipe.backend.use_device_loop = True
 

@@ -1,8 +1,10 @@
 """The Stable Diffusion pipeline: prompt in, image out, with the denoising loop in plain sight.
 
-`Pipeline.__call__` is the whole algorithm, top to bottom: check inputs, encode prompts, make the
-initial latents (noise, or a noised image for img2img), run the loop (one batched UNet call for
-[uncond, cond], the guidance combine, the scheduler step), decode. Backends only run networks.
+`Pipeline.__call__` is the whole algorithm, top to bottom, as five steps that are also methods of their own:
+`plan` (check every input, resolve defaults and seeds), `encode_text`, `prepare_latents` (noise, or a noised
+image for img2img), `denoise` (one batched UNet call for [uncond, cond], the guidance combine, the scheduler
+step) and `finish` (decode). A server's batcher runs the same steps over several requests' plans at once.
+Backends only run networks (or, when they declare it, the whole loop on their device).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from tqdm.auto import tqdm
 from sdrt import __version__
 from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdrt.device_loop import draw_step_noise
-from sdrt.errors import BackendError, Cancelled, InputError
+from sdrt.errors import BackendError, InputError
+from sdrt.generation import Batch, GenerationPlan, stack_plans
 from sdrt.images import decoded_to_uint8, image_to_array, load_image
 from sdrt.model.facts import check_size
 from sdrt.model.source import ModelSource, open_model
 from sdrt.noise import TorchCPUGenerator
+from sdrt.observers import Observer, StepCallback, wants_timing
 from sdrt.schedulers import make_scheduler
 from sdrt.adapters.textual_inversion import expand_prompt
 from sdrt.tokenizer import ClipTokenizer
@@ -96,34 +100,9 @@ class Pipeline:
 
         self.loras.append(fuse_lora_into_backend(self.backend, path, scale))
 
-    # --- the steps of the algorithm --------------------------------------------------------------------------
+    # --- the steps of the algorithm (each usable alone: the server's batcher, the bench and tests call them) ---
 
-    def encode_prompts(self, prompts: list[str]) -> np.ndarray:
-        """Prompts -> text-encoder hidden states [len(prompts), seq, hidden]; the runtime looks up the embeddings."""
-        ids = self.tokenizer([expand_prompt(p, self.tokenizer, self.textual_inversions) for p in prompts])
-        embeds = self.token_table[ids]
-        return self.backend.run(TEXT_ENCODER, {"inputs_embeds": embeds})["last_hidden_state"]
-
-    def encode_image(self, pixels: np.ndarray, generators: list[TorchCPUGenerator]) -> np.ndarray:
-        """Image [1, 3, H, W] -> scaled latents per image, sampling the posterior with each image's generator."""
-        out = self.backend.run(VAE_ENCODER, {"image": pixels})
-        mean, std = out["mean"], np.exp(0.5 * out["logvar"])
-        samples = [mean + std * g.randn(mean.shape) for g in generators]  # diffusers samples, never takes the mean
-        return np.concatenate(samples).astype(np.float32) * np.float32(self.facts.scaling_factor)
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        decoded = self.backend.run(VAE_DECODER, {"latent": latents})["image"]
-        if not np.all(np.isfinite(decoded)):
-            raise BackendError(
-                f"the VAE decoder on the {self.backend.name} backend produced NaN/inf"
-                + (" (the latents were already NaN: the UNet produced them)" if not np.all(np.isfinite(latents)) else "")
-                + "; with an fp16 export, re-export with more ops kept in fp32 or use fp32"
-            )
-        return decoded
-
-    # --- the loop --------------------------------------------------------------------------------------------
-
-    def __call__(
+    def plan(
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
@@ -137,92 +116,212 @@ class Pipeline:
         strength: float = 0.8,
         num_images_per_prompt: int = 1,
         latents: np.ndarray | None = None,
-        callback: Callable[[int, float, np.ndarray], bool | None] | None = None,
         output_type: str = "pil",
-        progress: bool = True,
-    ) -> PipelineOutput:
-        t_start = time.perf_counter()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = self._negative_prompts(negative_prompt, len(prompts))
+    ) -> GenerationPlan:
+        """0. Check every argument and resolve every default (size, seeds, scheduler); no network runs."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else prompt
+        negatives = self._negative_prompts(negative_prompt, len(prompts) if isinstance(prompts, list) else 1)
         init_image = load_image(image) if image is not None else None
         height, width = self._size(height, width, init_image)
         self._check(prompts, num_inference_steps, guidance_scale, strength, num_images_per_prompt, output_type, height, width)
+        make_scheduler(scheduler, self.source.scheduler_config)  # an unknown name fails here, not after the text
         batch = len(prompts) * num_images_per_prompt
-        c = self.facts.latent_channels
-        latent_shape = (1, c, height // self.facts.vae_scale_factor, width // self.facts.vae_scale_factor)
-        if latents is not None and tuple(latents.shape) != (batch,) + latent_shape[1:]:
-            raise InputError(f"latents have shape {tuple(latents.shape)}; expected {(batch,) + latent_shape[1:]}")
-
+        if latents is not None and tuple(latents.shape) != (batch,) + self._latent_shape(height, width)[1:]:
+            raise InputError(f"latents have shape {tuple(latents.shape)}; expected {(batch,) + self._latent_shape(height, width)[1:]}")
         # One generator per image, seeded seed+k: image k alone is reproduced by its own seed
         # (diffusers' equivalent is generator=[torch.Generator().manual_seed(seed + k) for k in range(batch)]).
-        if seed is None:
-            seed = random.randrange(2**31)
-        seeds = [seed + k for k in range(batch)]
-        generators = [TorchCPUGenerator(s) for s in seeds]
+        user_seed = seed
+        seed = random.randrange(2**31) if seed is None else seed
+        per_image = list(self._per_image(prompts, negatives, num_images_per_prompt))
+        return GenerationPlan(
+            prompts=[p for p, _ in per_image], negatives=[n for _, n in per_image], seeds=[seed + k for k in range(batch)],
+            steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler,
+            init_image=init_image, strength=strength, latents=latents, output_type=output_type, user_seed=user_seed,
+        )  # fmt: skip
 
-        sched = make_scheduler(scheduler, self.source.scheduler_config)
-        sched.set_timesteps(num_inference_steps, strength if init_image is not None else 1.0)
-        do_guidance = guidance_scale > 1.0
+    def encode_text(self, plans: list[GenerationPlan], observers=()) -> np.ndarray:
+        """1. Text-encoder states for every row of `plans`: [uncond rows; cond rows] when guided, else the cond rows.
+        Each distinct text is encoded once (a prompt's images and a batch's empty negatives share it)."""
+        stack_plans(plans)
+        cond = [p for plan in plans for p in plan.prompts]
+        texts = cond + ([n for plan in plans for n in plan.negatives] if plans[0].guided else [])
+        unique = list(dict.fromkeys(texts))
+        states = self.encode_prompts(unique, observers)
+        index = {text: k for k, text in enumerate(unique)}
+        rows = [index[t] for t in texts]
+        if plans[0].guided:  # the negatives' rows first, as diffusers batches them
+            rows = rows[len(cond):] + rows[: len(cond)]
+        return states[rows]
 
-        # 1. Text: [uncond, cond] hidden states, each prompt repeated for its images.
+    def prepare_latents(self, plans: list[GenerationPlan], text_states: np.ndarray, observers=()) -> Batch:
+        """2. The scheduler and the initial latents: pure noise, or the encoded image noised to the first timestep
+        of the truncated schedule (img2img). Draws from each row's generator in diffusers' order."""
+        stack_plans(plans)
+        first = plans[0]
+        img2img = first.init_image is not None
+        sched = make_scheduler(first.scheduler, self.source.scheduler_config)
+        sched.set_timesteps(first.steps, first.strength if img2img else 1.0)
+        latent_shape = self._latent_shape(first.height, first.width)
+        generators = [TorchCPUGenerator(s) for plan in plans for s in plan.seeds]
+        noise, image_latents = [], []
+        row = 0
+        for plan in plans:
+            gens = generators[row : row + plan.batch]
+            row += plan.batch
+            if img2img:  # diffusers samples the posterior with the generator before it draws the noise
+                pixels = image_to_array(plan.init_image, plan.width, plan.height)
+                image_latents.append(self.encode_image(pixels, gens, observers))
+            noise.append(plan.latents if plan.latents is not None else np.concatenate([g.randn(latent_shape) for g in gens]))
+        noise = np.concatenate(noise).astype(np.float32)
+        if img2img:
+            x = sched.add_noise(np.concatenate(image_latents), noise, 0)
+        else:
+            x = noise * np.float32(sched.init_noise_sigma)
+        guidance = None
+        if first.guided:
+            guidance = np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32).reshape(-1, 1, 1, 1)
+        return Batch(plans, sched, generators, latent_shape, text_states, guidance, x)
+
+    def denoise(self, batch: Batch, observers=(), progress: bool = False) -> np.ndarray:
+        """3. The denoising loop: one batched UNet call per step ([uncond; cond] rows when guided), the guidance
+        combine per row, the scheduler step. A backend that declares a device loop runs these same steps on its
+        device (sdrt.device_loop) when every row has the same guidance scale."""
+        sched = batch.sched
+        if self.backend.use_device_loop and batch.step == 0 and (not batch.guided or batch.uniform_guidance() is not None):
+            return self._denoise_on_device(batch, observers, progress)
+        for i in tqdm(range(batch.step, sched.num_calls), desc="denoising", disable=not progress, leave=False):
+            x_in = sched.scale_model_input(batch.x, i)
+            unet_in = np.concatenate([x_in, x_in]) if batch.guided else x_in
+            timestep = np.full((unet_in.shape[0],), sched.timesteps[i], dtype=np.float32)
+            feeds = {"sample": unet_in, "timestep": timestep, "encoder_hidden_states": batch.text_states}
+            pred = self._run(UNET, feeds, observers)["out_sample"]
+            if batch.guided:
+                pred_uncond, pred_cond = pred[: batch.rows], pred[batch.rows :]
+                pred = pred_uncond + batch.guidance * (pred_cond - pred_uncond)
+            step_noise = np.concatenate([g.randn(batch.latent_shape) for g in batch.generators]) if sched.needs_noise else None
+            batch.x = sched.step(pred, i, batch.x, step_noise)
+            batch.step = i + 1
+            for observer in observers:
+                observer.on_step(batch, i)
+            if batch.rows == 0:
+                break
+        return batch.x
+
+    def decode(self, latents: np.ndarray, observers=()) -> np.ndarray:
+        """4. Latents -> images in about [-1, 1], with the model's own scaling factor (inside the decoder network)."""
+        decoded = self._run(VAE_DECODER, {"latent": latents}, observers)["image"]
+        if not np.all(np.isfinite(decoded)):
+            raise BackendError(
+                f"the VAE decoder on the {self.backend.name} backend produced NaN/inf"
+                + (" (the latents were already NaN: the UNet produced them)" if not np.all(np.isfinite(latents)) else "")
+                + "; with an fp16 export, re-export with more ops kept in fp32 or use fp32"
+            )
+        return decoded
+
+    def finish(self, batch: Batch, observers=()) -> list[PipelineOutput]:
+        """4. Decode the batch and split it into one PipelineOutput per plan still in it."""
         t0 = time.perf_counter()
-        cond = np.repeat(self.encode_prompts(prompts), num_images_per_prompt, axis=0)
-        if do_guidance:
-            uncond = np.repeat(self.encode_prompts(negatives), num_images_per_prompt, axis=0)
-            text_states = np.concatenate([uncond, cond])
-        else:
-            text_states = cond
-        t_text = time.perf_counter() - t0
-
-        # 2. Initial latents: pure noise, or the encoded image noised to the first timestep of the truncated schedule.
-        if init_image is not None:
-            pixels = image_to_array(init_image, width, height)
-            image_latents = self.encode_image(pixels, generators)
-            noise = latents if latents is not None else np.concatenate([g.randn(latent_shape) for g in generators])
-            x = sched.add_noise(image_latents, noise.astype(np.float32), 0)
-        else:
-            noise = latents if latents is not None else np.concatenate([g.randn(latent_shape) for g in generators])
-            x = noise.astype(np.float32) * np.float32(sched.init_noise_sigma)
-
-        # 3. The denoising loop: one batched UNet call per step, guidance, scheduler step.
-        #    A backend that can keeps the whole loop on its device (the same steps: sdrt.device_loop).
-        t0 = time.perf_counter()
-        if getattr(self.backend, "use_device_loop", False):
-            step_noise = draw_step_noise(generators, sched, latent_shape)  # after the initial latents, as below
-            gs = guidance_scale if do_guidance else None
-            x = self.backend.denoise(sched, x, text_states, gs, step_noise, callback, progress)
-        else:
-            for i in tqdm(range(sched.num_calls), desc="denoising", disable=not progress, leave=False):
-                x_in = sched.scale_model_input(x, i)
-                unet_in = np.concatenate([x_in, x_in]) if do_guidance else x_in
-                timestep = np.full((unet_in.shape[0],), sched.timesteps[i], dtype=np.float32)
-                pred = self.backend.run(UNET, {"sample": unet_in, "timestep": timestep, "encoder_hidden_states": text_states})
-                pred = pred["out_sample"]
-                if do_guidance:
-                    pred_uncond, pred_cond = pred[:batch], pred[batch:]
-                    pred = pred_uncond + np.float32(guidance_scale) * (pred_cond - pred_uncond)
-                step_noise = np.concatenate([g.randn(latent_shape) for g in generators]) if sched.needs_noise else None
-                x = sched.step(pred, i, x, step_noise)
-                if callback is not None and callback(i, float(sched.timesteps[i]), x) is False:
-                    raise Cancelled(f"cancelled by the step callback after step {i + 1} of {sched.num_calls}")
-        t_loop = time.perf_counter() - t0
-
-        # 4. Decode with the model's own scaling factor (inside the decoder network, per the contract).
-        t0 = time.perf_counter()
-        params = [
-            self._parameters(p, n, seeds[k], num_inference_steps, guidance_scale, height, width, sched, init_image, strength)
-            for k, (p, n) in enumerate(self._per_image(prompts, negatives, num_images_per_prompt))
-        ]
-        if output_type == "latent":
-            images = x
-        else:
-            pixels = decoded_to_uint8(self.decode(x))
+        outputs, row = [], 0
+        decoded = None
+        if any(p.output_type != "latent" for p in batch.plans) and batch.rows:
+            pixels = decoded_to_uint8(self.decode(batch.x, observers))
             if pixels.max() == 0:
                 raise BackendError(f"the {self.backend.name} backend decoded an all-black image; with an fp16 export, try fp32")
-            images = pixels if output_type == "np" else [Image.fromarray(p) for p in pixels]
+            decoded = pixels
+        for plan in batch.plans:
+            rows = slice(row, row + plan.batch)
+            row += plan.batch
+            if plan.output_type == "latent":
+                images = batch.x[rows]
+            else:
+                images = decoded[rows] if plan.output_type == "np" else [Image.fromarray(p) for p in decoded[rows]]
+            params = [self._parameters(plan, k, batch.sched) for k in range(plan.batch)]
+            outputs.append(PipelineOutput(images, list(plan.seeds), params, dict(batch.timings)))
         t_decode = time.perf_counter() - t0
-        timings = {"text": t_text, "loop": t_loop, "decode": t_decode, "total": time.perf_counter() - t_start}
-        return PipelineOutput(images, seeds, params, timings)
+        for out in outputs:
+            out.timings["decode"] = t_decode
+        return outputs
+
+    # --- the loop, top to bottom -----------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        *,
+        callback: Callable[[int, float, np.ndarray], bool | None] | None = None,
+        progress: bool = True,
+        observers=(),
+        **request,
+    ) -> PipelineOutput:
+        """Make images. `request` takes `plan`'s arguments (num_inference_steps, guidance_scale, height, width, seed,
+        scheduler, image, strength, num_images_per_prompt, latents, output_type). callback(step, timestep,
+        latents) returning False cancels; observers see every network call and step (sdrt.observers)."""
+        t_start = time.perf_counter()
+        observers = list(observers) + ([StepCallback(callback)] if callback is not None else [])
+        # 0. Check everything before any network runs.
+        plan = self.plan(prompt, negative_prompt, **request)
+        # 1. Text: [uncond, cond] hidden states, one row per image.
+        t0 = time.perf_counter()
+        text_states = self.encode_text([plan], observers)
+        t_text = time.perf_counter() - t0
+        # 2. Initial latents: noise, or the encoded image noised to the schedule's first timestep.
+        batch = self.prepare_latents([plan], text_states, observers)
+        # 3. The denoising loop.
+        t0 = time.perf_counter()
+        self.denoise(batch, observers, progress)
+        batch.timings.update(text=t_text, loop=time.perf_counter() - t0)
+        # 4. Decode.
+        out = self.finish(batch, observers)[0]
+        out.timings["total"] = time.perf_counter() - t_start
+        return out
+
+    # --- running networks ------------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str], observers=()) -> np.ndarray:
+        """Prompts -> text-encoder hidden states [len(prompts), seq, hidden]; the runtime looks up the embeddings."""
+        ids = self.tokenizer([expand_prompt(p, self.tokenizer, self.textual_inversions) for p in prompts])
+        embeds = self.token_table[ids]
+        return self._run(TEXT_ENCODER, {"inputs_embeds": embeds}, observers)["last_hidden_state"]
+
+    def encode_image(self, pixels: np.ndarray, generators: list[TorchCPUGenerator], observers=()) -> np.ndarray:
+        """Image [1, 3, H, W] -> scaled latents per image, sampling the posterior with each image's generator."""
+        out = self._run(VAE_ENCODER, {"image": pixels}, observers)
+        mean, std = out["mean"], np.exp(0.5 * out["logvar"])
+        samples = [mean + std * g.randn(mean.shape) for g in generators]  # diffusers samples, never takes the mean
+        return np.concatenate(samples).astype(np.float32) * np.float32(self.facts.scaling_factor)
+
+    def _run(self, network: str, feeds: dict, observers=()) -> dict:
+        """backend.run, timed for the observers that read times (synchronising the device around the call)."""
+        if not wants_timing(observers):
+            return self.backend.run(network, feeds)
+        self.backend.synchronize()
+        t0 = time.perf_counter()
+        out = self.backend.run(network, feeds)
+        self.backend.synchronize()
+        for observer in observers:
+            observer.on_network(network, time.perf_counter() - t0)
+        return out
+
+    def _denoise_on_device(self, batch: Batch, observers, progress: bool) -> np.ndarray:
+        """The same loop on the backend's device (sdrt.device_loop): step noise drawn up front, in the same order."""
+        sched = batch.sched
+        step_noise = draw_step_noise(batch.generators, sched, batch.latent_shape)
+
+        def on_step(i, timestep, x):
+            batch.x, batch.step = x, i + 1
+            for observer in observers:
+                observer.on_step(batch, i)
+
+        callback = on_step if any(type(o).on_step is not Observer.on_step for o in observers) else None
+        timed = wants_timing(observers)
+        t0 = time.perf_counter()
+        x = self.backend.denoise(sched, batch.x, batch.text_states, batch.uniform_guidance(), step_noise, callback, progress)
+        if timed:
+            for observer in observers:
+                observer.on_network(UNET, time.perf_counter() - t0, sched.num_calls)
+        batch.x, batch.step = x, sched.num_calls
+        return x
 
     # --- input handling --------------------------------------------------------------------------------------
 
@@ -268,18 +367,23 @@ class Pipeline:
             raise InputError(f"output_type {output_type!r} is not one of 'pil', 'np', 'latent'")
         check_size(self.facts, height, width)
 
-    def _parameters(self, prompt, negative, seed, steps, guidance, height, width, sched, init_image, strength) -> dict:
+    def _latent_shape(self, height: int, width: int) -> tuple:
+        f = self.facts
+        return (1, f.latent_channels, height // f.vae_scale_factor, width // f.vae_scale_factor)
+
+    def _parameters(self, plan: GenerationPlan, k: int, sched) -> dict:
+        img2img = plan.init_image is not None
         return {
-            "prompt": prompt,
-            "negative_prompt": negative,
-            "steps": steps,
-            "guidance_scale": guidance,
-            "seed": seed,
-            "width": width,
-            "height": height,
+            "prompt": plan.prompts[k],
+            "negative_prompt": plan.negatives[k],
+            "steps": plan.steps,
+            "guidance_scale": plan.guidance_scale,
+            "seed": plan.seeds[k],
+            "width": plan.width,
+            "height": plan.height,
             "scheduler": sched.name,
-            "img2img": init_image is not None,
-            "strength": strength if init_image is not None else None,
+            "img2img": img2img,
+            "strength": plan.strength if img2img else None,
             "model": self.source.path.name,
             "backend": self.backend.name,
             "sdrt_version": __version__,

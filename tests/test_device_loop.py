@@ -43,17 +43,12 @@ def pipe(request, tiny_sd1, tiny_sd2):
 
 
 def device_run(pipe, scheduler, steps, guidance, seed, batch=1, height=64, width=64, callback=None):
-    """txt2img through backend.denoise with Pipeline.__call__'s own steps 1-2 (text states, initial latents)."""
-    sched = make_scheduler(scheduler, pipe.source.scheduler_config)
-    sched.set_timesteps(steps)
-    cond = np.repeat(pipe.encode_prompts([PROMPT]), batch, axis=0)
-    guided = guidance > 1.0
-    text = np.concatenate([np.repeat(pipe.encode_prompts([""]), batch, axis=0), cond]) if guided else cond
-    shape = (1, 4, height // 8, width // 8)
-    generators = [TorchCPUGenerator(seed + k) for k in range(batch)]
-    x = np.concatenate([g.randn(shape) for g in generators]).astype(np.float32) * np.float32(sched.init_noise_sigma)
-    noise = draw_step_noise(generators, sched, shape)
-    return pipe.backend.denoise(sched, x, text, guidance if guided else None, noise, callback)
+    """txt2img through backend.denoise, after the pipeline's own steps 0-2 (plan, text states, initial latents)."""
+    plan = pipe.plan(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, seed=seed,
+                     scheduler=scheduler, num_images_per_prompt=batch)  # fmt: skip
+    run = pipe.prepare_latents([plan], pipe.encode_text([plan]))
+    noise = draw_step_noise(run.generators, run.sched, run.latent_shape)
+    return pipe.backend.denoise(run.sched, run.x, run.text_states, run.uniform_guidance(), noise, callback)
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
@@ -104,8 +99,7 @@ def test_pipeline_hook_uses_device_loop(tiny_sd1):
     off = sdrt.Pipeline.from_pretrained(tiny_sd1, backend="torch", device_loop=False)
     kwargs = dict(num_inference_steps=4, guidance_scale=2.0, seed=5, scheduler="euler_a", output_type="latent", progress=False)
     got = on(PROMPT, **kwargs).images
-    if on.backend.loop.runs == 0:
-        pytest.skip("pipeline.py has no device-loop hook yet (see the issue 5 report)")
+    assert on.backend.loop.runs == 1 and off.backend.loop.runs == 0  # the pipeline handed the loop over, or not
     assert rel(got, off(PROMPT, **kwargs).images) <= RTOL
     image = (np.random.default_rng(0).uniform(0, 1, (64, 64, 3)) * 255).astype(np.uint8)
     i2i = dict(kwargs, strength=0.6)

@@ -6,6 +6,7 @@ interface this small is what lets ONNX Runtime, TensorRT and PyTorch be swapped 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import numpy as np
@@ -14,9 +15,19 @@ from sdrt.contracts import NetworkContract
 
 
 class Backend:
-    """Runs networks named by the contracts (text_encoder, unet, vae_encoder, vae_decoder)."""
+    """Runs networks named by the contracts (text_encoder, unet, vae_encoder, vae_decoder).
+
+    Capabilities a backend may declare (the pipeline reads these, never probes with getattr):
+    - the device loop: `loop` is an sdrt.device_loop.DeviceLoop over the backend's UNet and `use_device_loop` is
+      True; the pipeline then hands the whole denoising loop to `denoise` (one implementation, here), which runs
+      inside `device_scope()`; `cuda_graphs` replays each captured step.
+    - `synchronize()`: wait for queued device work, so that observers' timings are real.
+    """
 
     name = "base"
+    loop = None  # a DeviceLoop, for backends that can keep the loop on their device
+    use_device_loop = False  # the pipeline hands the loop to `denoise` (a switch: benchmarks compare both)
+    cuda_graphs = False  # the device loop replays each whole step from a CUDA graph
 
     def __init__(self, contracts: dict[str, NetworkContract]):
         self.contracts = contracts
@@ -24,6 +35,21 @@ class Backend:
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run `network` on float32 host arrays; return its outputs by the contract's names."""
         raise NotImplementedError
+
+    def denoise(self, sched, latents, text_states, guidance_scale, step_noise=None, callback=None, progress=False) -> np.ndarray:
+        """The whole denoising loop on the device (sdrt.device_loop.DeviceLoop.run); returns float32 host latents."""
+        if self.loop is None:
+            raise NotImplementedError(f"the {self.name} backend has no device loop; the pipeline runs the host loop")
+        with self.device_scope():
+            x = self.loop.run(sched, latents, text_states, guidance_scale, step_noise, self.cuda_graphs, callback, progress)
+        return x.cpu().numpy()
+
+    def device_scope(self):
+        """A context in which this backend's device is the current one (CUDA backends enter their device)."""
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished queued work (a no-op where calls are synchronous)."""
 
     def has(self, network: str) -> bool:
         return network in self.contracts

@@ -392,13 +392,16 @@ class TensorRTBackend(Backend):
 
         return unet
 
-    def denoise(self, sched, latents, text_states, guidance_scale, step_noise=None, callback=None, progress=False) -> np.ndarray:
-        """The whole denoising loop on the device (sdrt.device_loop.DeviceLoop.run); returns float32 latents."""
+    def device_scope(self):
         import torch
 
-        with torch.cuda.device(self.device):
-            x = self.loop.run(sched, latents, text_states, guidance_scale, step_noise, self.cuda_graphs, callback, progress)
-        return x.cpu().numpy()
+        return torch.cuda.device(self.device)
+
+    def synchronize(self) -> None:
+        import torch
+
+        self.stream.synchronize()
+        torch.cuda.current_stream(self.device).synchronize()
 
     def describe(self) -> str:
         precisions = sorted({e.get("flags", {}).get("precision", "?") for e in self.manifest.extras.get("engines", {}).values()})

@@ -76,10 +76,12 @@ class TorchBackend(Backend):
         outs = out if isinstance(out, tuple) else (out,)
         return {spec.name: o.float().cpu().numpy() for spec, o in zip(contract.outputs, outs)}
 
-    def denoise(self, sched, latents, text_states, guidance_scale, step_noise=None, callback=None, progress=False) -> np.ndarray:
-        """The whole denoising loop on the device (see sdrt.device_loop.DeviceLoop.run); returns float32 latents."""
-        x = self.loop.run(sched, latents, text_states, guidance_scale, step_noise, self.cuda_graphs, callback, progress)
-        return x.cpu().numpy()
+    def device_scope(self):
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else super().device_scope()
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def describe(self) -> str:
         precision = "fp16" if self.dtype == torch.float16 else "fp32"

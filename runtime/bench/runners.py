@@ -62,7 +62,8 @@ BASELINES = {
 
 
 class SdrtRunner:
-    """One sdrt backend through sdrt's own Pipeline; backend.run is wrapped to time each network call."""
+    """One sdrt backend through sdrt's own Pipeline; a NetworkTimer observer times each network call (and a device
+    loop as a whole, spread over its UNet calls)."""
 
     kind = "in-process"
 
@@ -86,34 +87,25 @@ class SdrtRunner:
         self.pipe = Pipeline.from_pretrained(self.folder, backend=self.backend, **options)
         _cuda_sync()
         load_s = time.perf_counter() - t0
-        self.calls: list[tuple[str, float]] = []
-        run = self.pipe.backend.run
-
-        def timed_run(network, feeds):
-            _cuda_sync()
-            t = time.perf_counter()
-            out = run(network, feeds)
-            _cuda_sync()
-            self.calls.append((network, time.perf_counter() - t))
-            return out
-
-        self.pipe.backend.run = timed_run
         return {"load_s": load_s, "peak_rss_bytes": peak_rss_bytes(), "versions": library_versions(),
                 "describe": self.pipe.backend.describe(), "folder": str(self.folder)}  # fmt: skip
 
     def run(self, batch: int, seed: int) -> dict:
+        from sdrt.observers import NetworkTimer
+
         c = self.config
-        self.calls.clear()
+        timer = NetworkTimer()
 
         def call():
             t0 = time.perf_counter()
             out = self.pipe(PROMPT, num_inference_steps=c["steps"], guidance_scale=c["guidance"], height=c["size"],
-                            width=c["size"], seed=seed, num_images_per_prompt=batch, progress=False)  # fmt: skip
+                            width=c["size"], seed=seed, num_images_per_prompt=batch, progress=False,
+                            observers=[timer])  # fmt: skip
             _cuda_sync()
             return time.perf_counter() - t0, out
 
         (e2e_s, out), memory = measure_memory(call)
-        by = {n: [s for name, s in self.calls if name == n] for n in ("text_encoder", "unet", "vae_decoder")}
+        by = {n: timer.seconds(n) for n in ("text_encoder", "unet", "vae_decoder")}
         return {"e2e_s": e2e_s, "text_s": sum(by["text_encoder"]), "text_calls": len(by["text_encoder"]),
                 "unet_s": by["unet"], "unet_calls": len(by["unet"]), "loop_s": out.timings["loop"],
                 "decode_s": sum(by["vae_decoder"]), **memory}  # fmt: skip
@@ -125,9 +117,11 @@ class SdrtRunner:
             return None
         size = self.config["size"]
         image = np.random.default_rng(seed).uniform(-1, 1, (batch, 3, size, size)).astype(np.float32)
-        self.calls.clear()
+        self.pipe.backend.synchronize()
+        t0 = time.perf_counter()
         self.pipe.backend.run(VAE_ENCODER, {"image": image})
-        return self.calls[-1][1]
+        self.pipe.backend.synchronize()
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         self.pipe = None

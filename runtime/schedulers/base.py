@@ -220,6 +220,11 @@ class Scheduler:
         self._history = None
         self._next = 0
 
+    def select_rows(self, rows) -> None:
+        """Keep only these rows of the step history (a batch lost some rows between steps)."""
+        if self._history is not None:
+            self._history = tuple(h[rows] for h in self._history)
+
     def init_history(self, like) -> tuple:
         """The zero history `update` starts from: `history_size` arrays shaped and typed like `like`."""
         if hasattr(like, "new_zeros"):  # torch

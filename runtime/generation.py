@@ -1,0 +1,110 @@
+"""What the pipeline's steps pass along: one checked request (`GenerationPlan`) and the rows in flight (`Batch`).
+
+A plan is a request with every argument checked and every default resolved (size, seeds, scheduler), made
+before any network runs. A batch is one or more plans that can share each UNet call (same `batch_key`):
+their rows are stacked in plan order, each row keeps its own prompt, negative prompt, seed and guidance scale,
+and a plan's rows can leave the batch between steps (a cancelled request) without touching the other rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from sdrt.errors import InputError
+from sdrt.noise import TorchCPUGenerator
+
+
+@dataclasses.dataclass
+class GenerationPlan:
+    """One request, checked: an image per entry of `prompts` (a prompt repeated for its images)."""
+
+    prompts: list[str]  # per image
+    negatives: list[str]  # per image
+    seeds: list[int]  # per image: image k alone is reproduced by seeds[k]
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    scheduler: str | None  # an sdrt scheduler name, or None for the model's own
+    init_image: object | None  # a PIL image for img2img
+    strength: float
+    latents: np.ndarray | None  # the caller's initial noise [batch, C, h, w]
+    output_type: str  # "pil", "np" or "latent"
+    user_seed: int | None = None  # the seed as given (None: drawn at random)
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def batch_key(self) -> tuple:
+        """Plans with equal keys share UNet calls: same shapes, schedule and guidance on/off."""
+        img2img = self.init_image is not None
+        return (self.height, self.width, self.steps, self.scheduler, img2img, self.strength if img2img else None, self.guided)
+
+
+@dataclasses.dataclass
+class Batch:
+    """The rows in flight: latents, text states and per-row guidance for every plan still in the batch."""
+
+    plans: list[GenerationPlan]
+    sched: object  # an sdrt scheduler after set_timesteps
+    generators: list[TorchCPUGenerator]  # per row
+    latent_shape: tuple  # one row's latents: (1, C, h, w)
+    text_states: np.ndarray  # [uncond rows; cond rows] when guided, else the cond rows
+    guidance: np.ndarray | None  # float32 [rows, 1, 1, 1], None when guidance is off
+    x: np.ndarray  # the current latents [rows, C, h, w]
+    step: int = 0  # the next scheduler call
+    timings: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance is not None
+
+    def uniform_guidance(self) -> float | None:
+        """The one guidance scale of every row (None when guidance is off, or when rows differ)."""
+        if self.guidance is None or not np.all(self.guidance == self.guidance.flat[0]):
+            return None
+        return float(self.guidance.flat[0])
+
+    def rows_of(self, plan: GenerationPlan) -> slice:
+        start = 0
+        for p in self.plans:
+            if p is plan:
+                return slice(start, start + p.batch)
+            start += p.batch
+        raise InputError("that plan is not in this batch")
+
+    def drop(self, plan: GenerationPlan) -> None:
+        """Take a plan's rows out between steps (a cancelled request); the other rows go on unchanged."""
+        rows = self.rows_of(plan)
+        keep = np.r_[0 : rows.start, rows.stop : self.rows]
+        self.plans = [p for p in self.plans if p is not plan]
+        self.x = self.x[keep]
+        self.generators = [self.generators[k] for k in keep]
+        if self.guided:
+            n = len(self.text_states) // 2
+            self.text_states = np.concatenate([self.text_states[:n][keep], self.text_states[n:][keep]])
+            self.guidance = self.guidance[keep]
+        else:
+            self.text_states = self.text_states[keep]
+        self.sched.select_rows(keep)
+
+
+def stack_plans(plans: list[GenerationPlan]) -> None:
+    """Refuse plans that cannot share UNet calls (the batcher groups by `batch_key`)."""
+    if not plans:
+        raise InputError("no plans to run")
+    keys = {p.batch_key for p in plans}
+    if len(keys) > 1:
+        raise InputError(f"plans with different sizes, schedules or guidance cannot share a batch: {sorted(map(str, keys))}")

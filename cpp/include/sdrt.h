@@ -48,8 +48,9 @@
  *   2. zero must mean "as before" (what a host that does not know the field gets), and the default the
  *      *_default_params() function sets must give the previous behaviour too;
  *   3. keep the struct free of tail padding (add an explicit `reserved` field), so each version's size is exact;
- *   4. bump SDRT_ABI_VERSION, add the new size to the library's table (api.cpp, kGenSizes / kCtxSizes), and copy
- *      this header to cpp/tests/abi/sdrt_v<old>.h so ctest keeps building a host against the old layout.
+ *   4. bump SDRT_ABI_VERSION, append the new size to the library's table (api.cpp: kCtxSizes, kGenSizes,
+ *      kTimingsSizes), copy the previous header to cpp/tests/abi/sdrt_v<old>.h and build a test host against it
+ *      (as cpp/tests/abi/test_abi_v1.c does for ABI 1), so ctest keeps running the old layout on the new library.
  * Hosts built against ABI 1 (sdrt 0.1's header, structs without struct_size) still run: the library keeps ABI
  * 1's entry points under their old symbol names; this header's functions that take or fill a struct are the
  * *_v2 symbols (the macros below), so a host never needs to know.

@@ -5,6 +5,7 @@
 // With --num-images N, image k (seed + k) goes to out-<k+1>.png, as the Python CLI names them.
 // Exit status: 0 done, 1 a failure while running (model, image file, backend), 2 a bad command line. Every error
 // is one line naming the bad value and the fix; nothing aborts (main catches whatever is left).
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>

@@ -326,6 +326,9 @@ def write_build(source: Manifest, onnx_dir: Path, out_dir: Path, report: BuildRe
     from tqdm.auto import tqdm
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    from sdrt.export.onnx_export import remove_stale_partials
+
+    remove_stale_partials(out_dir)  # what killed runs left in this folder
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     work_cache = tmp / ".timing.cache"

@@ -12,6 +12,7 @@ import importlib.util
 import numpy as np
 
 from sdrt.contracts import NetworkContract
+from sdrt.errors import torch_install_hint
 
 
 class Backend:
@@ -79,7 +80,7 @@ def available_backends() -> dict[str, str]:
     if module_available("torch") and module_available("diffusers") and module_available("transformers"):
         found["torch"] = "torch, diffusers and transformers installed"
     else:
-        found["torch"] = "not installed: pip install 'sdrt[torch]' (bring the torch build that fits your CUDA)"
+        found["torch"] = f"not installed: {torch_install_hint()}"
     from sdrt.backends.tensorrt_backend import tensorrt_status
 
     usable, why = tensorrt_status()

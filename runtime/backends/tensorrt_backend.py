@@ -320,7 +320,8 @@ class TensorRTBackend(Backend):
         super().__init__(manifest.contracts)
         version = require_tensorrt()
         if not module_available("torch"):
-            raise BackendError("the TensorRT backend keeps its buffers in torch CUDA tensors: pip install torch (a CUDA build)")
+            raise BackendError("the TensorRT backend keeps its buffers in torch CUDA tensors: pip install torch (a CUDA build: "
+                               "pytorch.org lists the index URL per CUDA version), then pip install 'sdrt[tensorrt]'")
         import tensorrt as trt
         import torch
 

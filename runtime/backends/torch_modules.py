@@ -85,13 +85,26 @@ def load_contract_modules(model_dir, facts, device="cpu", dtype=torch.float32) -
 
     from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 
+    from pathlib import Path
+
+    from sdrt.errors import ModelError
+    from sdrt.model.weights import check_safetensors_complete
+
+    for sub in ("text_encoder", "unet", "vae"):  # name a truncated file before the libraries fail without naming it
+        for file in sorted((Path(model_dir) / sub).glob("*.safetensors")):
+            check_safetensors_complete(file)
+
     # sdrt prints its own progress; the libraries' per-file loading bars only clutter stderr.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
 
-    text = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype)
+    try:
+        text = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as err:  # a damaged pickle or config the check above cannot see
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{model_dir} could not be loaded by diffusers/transformers ({first}); re-download the model folder") from None
     modules = {
         TEXT_ENCODER: TextEncoderOnEmbeddings(text),
         UNET: UNetContract(unet),

@@ -78,8 +78,8 @@ extern "C" {
 #define SDRT_VERSION "0.2.0"
 #define SDRT_ABI_VERSION 2
 
-/* sdrt_gen_params.seed: pick a random seed (the default); any other value is the seed itself. */
-#define SDRT_SEED_RANDOM INT64_MIN
+/* sdrt_gen_params.seed: pick a random seed (the default). Other negative seeds are refused, as Python's sdrt does. */
+#define SDRT_SEED_RANDOM (-1)
 
 typedef enum sdrt_status {
     SDRT_OK = 0,
@@ -123,9 +123,9 @@ typedef struct sdrt_gen_params {
     int steps;                   /* default 30 */
     double guidance_scale;       /* default 7.5; <= 1 turns guidance off (one UNet batch instead of two) */
     int width, height;           /* pixels, multiples of the model's size step; 0 (default): the model's size */
-    int64_t seed;                /* image k uses seed + k (mod 2^64); any value, negative ones too, is a seed, as in
-                                    Python's sdrt (the same seed gives the same image); SDRT_SEED_RANDOM (default):
-                                    a random seed in [0, 2^31), see sdrt_last_seed */
+    int64_t seed;                /* >= 0: image k uses seed + k, the same image as Python's sdrt for that seed;
+                                    SDRT_SEED_RANDOM (-1, default): a random seed in [0, 2^31), see sdrt_last_seed;
+                                    other negative values: SDRT_ERR_INVALID_ARGUMENT */
     const char *scheduler;       /* NULL (default): the export's own; or ddim, pndm, euler, euler_a, dpmpp_2m,
                                     dpmpp_2m_karras, or a diffusers class name (EulerDiscreteScheduler, ...) */
     int batch_count;             /* images to make, default 1 */
@@ -189,7 +189,7 @@ SDRT_API sdrt_status sdrt_set_progress_callback(sdrt_ctx *ctx, sdrt_progress_fn 
  * SDRT_ERR_CANCELLED. Safe from any thread; a request made while nothing runs is dropped. */
 SDRT_API void sdrt_request_cancel(sdrt_ctx *ctx);
 
-/* The seed of image 0 of the last successful generate; SDRT_SEED_RANDOM if none (or ctx is NULL). */
+/* The seed of image 0 of the last successful generate; -1 if none (or ctx is NULL). */
 SDRT_API int64_t sdrt_last_seed(const sdrt_ctx *ctx);
 /* out->struct_size must be set (sizeof(sdrt_timings)); the library writes the fields that fit. */
 SDRT_API sdrt_status sdrt_last_timings(const sdrt_ctx *ctx, sdrt_timings *out);

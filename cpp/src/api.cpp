@@ -123,8 +123,10 @@ sdrt::Request to_request(const sdrt_gen_params &p, int64_t &seed_used) {
     if (p.seed == SDRT_SEED_RANDOM) {
         std::random_device rd;
         seed_used = int64_t(rd() & 0x7FFFFFFFu);  // as the Python runtime: random.randrange(2**31)
+    } else if (p.seed < 0) {  // Python's sdrt refuses them too (sdrt.inputs.check_seed)
+        throw sdrt::input_error("seed " + std::to_string(p.seed) + " is negative; use 0 or more, or SDRT_SEED_RANDOM (-1) for a random seed");
     } else {
-        seed_used = p.seed;  // negative too: torch (and Python's sdrt) seed with it modulo 2^64
+        seed_used = p.seed;  // seed + k stays below 2^64, inside Python's 0..2**64-batch
     }
     r.seed = uint64_t(seed_used);
     return r;

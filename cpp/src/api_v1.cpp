@@ -118,9 +118,6 @@ sdrt_status sdrt_v1_last_timings(const sdrt_ctx *ctx, TimingsV1 *out) {
     return st;
 }
 
-int64_t sdrt_v1_last_seed(const sdrt_ctx *ctx) {
-    int64_t s = sdrt_last_seed(ctx);
-    return s == SDRT_SEED_RANDOM ? -1 : s;  // ABI 1: -1 when there is none
-}
+int64_t sdrt_v1_last_seed(const sdrt_ctx *ctx) { return sdrt_last_seed(ctx); }  // -1 when there is none, as in ABI 1
 
 }  // extern "C"

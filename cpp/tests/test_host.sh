@@ -38,9 +38,9 @@ expect 2 "--steps 1e3 is not an integer" x -m /x --steps 1e3
 expect 2 "--width 4294967360 is out of range; use 1-65536" x -m /x --width 4294967360
 expect 2 "-H -64 is out of range" x -m /x -H -64
 expect 2 "--seed 18446744073709551616 is out of range" x -m /x --seed 18446744073709551616
-expect 2 "--seed -9223372036854775809 is out of range" x -m /x --seed -9223372036854775809
+expect 2 "--seed -5 is out of range; use 0-18446744073709551615" x -m /x --seed -5
 expect 2 "--seed 99999999999999999999999999999999999999999999 is not an integer" x -m /x --seed 99999999999999999999999999999999999999999999
-expect 2 "runs past 2^64 - 1" x -m /x --seed 18446744073709551615 --num-images 2
+expect 2 "runs past 2^64 - 1 (image k uses seed + k); use at most 18446744073709551614" x -m /x --seed 18446744073709551615 --num-images 2
 expect 2 "--num-images 65 is out of range; use 1-64" x -m /x --num-images 65
 expect 2 "--batch 0 is out of range" x -m /x --batch 0
 expect 2 "--threads -1 is out of range" x -m /x --threads -1
@@ -55,6 +55,9 @@ expect 2 "unknown option --bogus" x -m /x --bogus 1
 expect 2 "--seed needs a value" x -m /x --seed
 expect 2 "a second prompt" x y -m /x
 expect 2 "-o is empty" x -m /x -o ""
+expect 2 "sdrt-host writes PNG only" x -m /x -o out.jpg
+expect 2 "has suffix .gif, not an image type sdrt writes" x -m /x -o out.gif
+expect 2 "--max-memory is not supported" x -m /x --max-memory 2G
 expect 0 "usage:" --help
 # --- files: the init image is read before the model loads ---
 expect 1 "--image $TMP is a folder" x -m /x --image "$TMP"
@@ -81,16 +84,21 @@ if [ -z "$EXPORT" ]; then
 fi
 # --- with a model: the Python CLI's flag spellings, seeds as Python has them, and run-time errors ---
 M=(-m "$EXPORT" --steps 2 -q --backend cpu)
-expect 0 "out.png  (seed -5)" "a barn" "${M[@]}" --seed -5 -o out.png
-expect 0 "b-2.png  (seed 18446744073709551615)" --prompt "a barn" "${M[@]}" --seed 18446744073709551614 --num-images 2 -o b.png
-expect 0 "c.jpg.png  (seed -9223372036854775808)" "a barn" "${M[@]}" --seed=-9223372036854775808 -o c.jpg --negative-prompt "fog"
+expect 0 "out.png  (seed 5)" "a barn" "${M[@]}" --seed 5 -o out.png --no-memory-check
+expect 0 "b-2.png  (seed 18446744073709551615: image 2 of the batch from seed 18446744073709551614)" \
+  --prompt "a barn" "${M[@]}" --seed 18446744073709551614 --num-images 2 -o b.png
+expect 0 "c.1.png  (seed 0)" "a barn" "${M[@]}" --seed=0 -o c.1 --negative-prompt "fog"
 expect 0 "d-1.png" "a barn" "${M[@]}" --batch 2 --negative fog -o d --backend onnx --scheduler euler_a -g 1
 expect 0 "sdrt.png" "a barn" "${M[@]}" -W 64 -H 64
-[ -f "$TMP/b-1.png" ] && [ -f "$TMP/b-2.png" ] && [ -f "$TMP/c.jpg.png" ] && [ -f "$TMP/sdrt.png" ] || { echo "FAIL: output files missing"; fails=$((fails + 1)); }
+expect 0 "new/folder/00001-sdrt.png" "a barn" "${M[@]}" -o new/folder/
+expect 0 "new/folder/00003-sdrt.png" "a barn" "${M[@]}" -o new/folder --num-images 2
+[ -f "$TMP/b-1.png" ] && [ -f "$TMP/b-2.png" ] && [ -f "$TMP/c.1.png" ] && [ -f "$TMP/sdrt.png" ] && [ -f "$TMP/new/folder/00002-sdrt.png" ] ||
+  { echo "FAIL: output files missing"; fails=$((fails + 1)); }
 expect 1 "width 65 is not a multiple of" x "${M[@]}" --width 65
 expect 1 "unknown scheduler \"nope\"" x "${M[@]}" --scheduler nope
 expect 1 "is 64x64 but the output is 128x64" x "${M[@]}" --image "$TMP/sdrt.png" --width 128
-expect 1 "cannot write" x "${M[@]}" -o "$TMP/no/such/folder/x.png"
+expect 1 "is a file, not a folder" x "${M[@]}" -o "$TMP/sdrt.png/x.png"
+expect 1 "is a file, not a folder" x -m /x -o "$TMP/sdrt.png/x.png"  # before the model loads
 expect 0 "img.png" x "${M[@]}" --image "$TMP/sdrt.png" --strength 0.5 -o img.png
 echo "test_host: $runs cases, $fails failures"
 [ "$fails" = 0 ]

@@ -16,6 +16,12 @@
 #include <string>
 #include <vector>
 
+#include <dirent.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+
 #include "image_io.h"
 #include "sdrt.h"
 
@@ -25,11 +31,12 @@ const char *kUsage =
     "usage: sdrt-host [PROMPT] --model DIR [options]       (the flags of `sdrt generate`)\n"
     "  PROMPT, -p, --prompt TEXT  what the image should show (required)\n"
     "  -m, --model DIR            an sdrt export folder (required)\n"
-    "  -o, --output FILE          PNG to write; with several images, -1, -2... is added (default sdrt.png)\n"
+    "  -o, --output FILE|DIR/     PNG to write; with several images, -1, -2... is added; a folder gets numbered\n"
+    "                             files NNNNN-sdrt.png (default sdrt.png)\n"
     "  -n, --negative-prompt TEXT what to steer away from (default: the empty prompt; also --negative)\n"
     "  --steps N                  denoising steps, 1-1000 (default 30)\n"
     "  -g, --guidance G           classifier-free guidance scale; <= 1 turns it off (default 7.5)\n"
-    "  -s, --seed S               random seed, any integer in [-2^63, 2^64); image k uses S+k (default: random)\n"
+    "  -s, --seed S               random seed, 0 to 2^64-1; image k uses S+k (default: random)\n"
     "  --scheduler NAME           ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras (default: the model's own)\n"
     "  -W, --width W, -H, --height H  image size, multiples of the model's size step (default: the model's size)\n"
     "  --image FILE               img2img init image (PNG or binary PPM) at the output size (sdrt does not resize)\n"
@@ -37,7 +44,7 @@ const char *kUsage =
     "  --num-images N             images to make, 1-64 (default 1; also --batch)\n"
     "  --backend NAME             auto (= onnx), cpu, cuda, ort-tensorrt, tensorrt (default auto)\n"
     "  --threads N                ONNX Runtime threads, 0-4096; 0: one per core (default)\n"
-    "  -q, --quiet                no progress\n";
+    "  -q, --quiet                no progress (--no-memory-check is accepted: sdrt-host has no memory check)\n";
 
 struct Usage : std::runtime_error {  // a bad command line: exit status 2
     using std::runtime_error::runtime_error;
@@ -82,30 +89,76 @@ double parse_double(const std::string &flag, const std::string &text, const std:
     return v;
 }
 
-// The Python CLI's naming (sdrt.cli): a suffix other than .png gets .png added; with several images, -1, -2...
-std::string output_path(std::string out, int k, int count) {
+bool is_dir(const std::string &p) {
+    struct stat st;
+    return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+// The files `count` images go to, named as the Python CLI names them (sdrt.outputs.output_paths): a folder
+// (existing, or ending in /) gets numbered files NNNNN-sdrt.png after the highest there; a file name gets -1, -2...
+// with several images; no suffix (or a numeric one) gets .png. sdrt-host writes PNG only.
+std::vector<std::string> output_paths(const std::string &out, int count) {
+    std::vector<std::string> paths;
+    if (is_dir(out) || out.back() == '/') {
+        int highest = 0;
+        if (DIR *d = opendir(out.c_str())) {
+            while (dirent *e = readdir(d)) {
+                const char *n = e->d_name;
+                bool numbered = std::strlen(n) > 5 && n[5] == '-';
+                for (int i = 0; i < 5 && numbered; ++i) numbered = std::isdigit(static_cast<unsigned char>(n[i]));
+                if (numbered) highest = std::max(highest, std::atoi(std::string(n, 5).c_str()));
+            }
+            closedir(d);
+        }
+        std::string folder = out.back() == '/' ? out : out + "/";
+        for (int k = 0; k < count; ++k) {
+            char name[32];
+            std::snprintf(name, sizeof name, "%05d-sdrt.png", highest + 1 + k);
+            paths.push_back(folder + name);
+        }
+        return paths;
+    }
     size_t slash = out.rfind('/'), name = slash == std::string::npos ? 0 : slash + 1;
     size_t dot = out.rfind('.');
     bool has_suffix = dot != std::string::npos && dot > name && dot + 1 < out.size();
-    std::string suffix = has_suffix ? out.substr(dot) : "";
-    std::string lower = suffix;
-    for (auto &c : lower) c = char(std::tolower(static_cast<unsigned char>(c)));
-    if (lower != ".png") out += ".png", dot = out.size() - 4;
-    if (count == 1) return out;
-    return out.substr(0, dot) + "-" + std::to_string(k + 1) + out.substr(dot);
+    std::string suffix = has_suffix ? out.substr(dot) : "", path = out;
+    for (auto &c : suffix) c = char(std::tolower(static_cast<unsigned char>(c)));
+    if (suffix == ".jpg" || suffix == ".jpeg" || suffix == ".webp")
+        throw Usage("-o " + out + ": sdrt-host writes PNG only; use a .png name (`sdrt generate` also writes .jpg and .webp)");
+    if (suffix != ".png") {
+        bool numeric = has_suffix && suffix.find_first_not_of("0123456789", 1) == std::string::npos;
+        if (has_suffix && !numeric) throw Usage("-o " + out + " has suffix " + suffix + ", not an image type sdrt writes; use .png");
+        path += ".png";
+    }
+    dot = path.size() - 4;
+    for (int k = 0; k < count; ++k) paths.push_back(count == 1 ? path : path.substr(0, dot) + "-" + std::to_string(k + 1) + path.substr(dot));
+    for (const auto &p : paths)
+        if (is_dir(p)) throw Usage("-o " + p + " is a folder; pass a file name, or the folder itself to number files in it");
+    return paths;
+}
+
+// Creates the folders above path (as the Python CLI does); "" on success, else the reason.
+std::string make_parents(const std::string &path) {
+    for (size_t at = path.find('/', 1); at != std::string::npos; at = path.find('/', at + 1)) {
+        std::string dir = path.substr(0, at);
+        if (::mkdir(dir.c_str(), 0777) != 0 && errno != EEXIST) return "cannot create folder " + dir + " (" + std::strerror(errno) + ")";
+        if (!is_dir(dir)) return dir + " is a file, not a folder; choose another output path";
+    }
+    return "";
 }
 
 struct Options {
     std::string model, prompt, negative, scheduler, image_path, out = "sdrt.png";
     bool have_prompt = false, quiet = false, have_seed = false;
     __int128 seed = 0;
+    std::vector<std::string> paths;  // where the images go, worked out before the model loads
     sdrt_ctx_params cp = sdrt_ctx_default_params();
     sdrt_gen_params gp = sdrt_gen_default_params();
 };
 
 // Parses argv; returns false for --help. Throws Usage for anything wrong.
 bool parse(int argc, char **argv, Options &o) {
-    const __int128 kSeedMin = -(static_cast<__int128>(1) << 63), kSeedMax = (static_cast<__int128>(1) << 64) - 1;
+    const __int128 kSeedMax = (static_cast<__int128>(1) << 64) - 1;  // Python's sdrt: 0..2**64-batch
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i], v;
         if (a == "-h" || a == "--help") return false;
@@ -113,6 +166,7 @@ bool parse(int argc, char **argv, Options &o) {
             o.quiet = true;
             continue;
         }
+        if (a == "--no-memory-check") continue;  // sdrt-host has no memory check to turn off
         if (a.empty() || a[0] != '-' || a == "-") {  // the prompt, as `sdrt generate PROMPT`
             if (o.have_prompt) throw Usage("a second prompt \"" + a + "\" was given; quote the prompt as one argument");
             o.prompt = a, o.have_prompt = true;
@@ -140,7 +194,7 @@ bool parse(int argc, char **argv, Options &o) {
             o.gp.guidance_scale = parse_double(a, v, "0-1 for no guidance, or e.g. 7.5");
             if (o.gp.guidance_scale < 0) throw Usage(a + " " + v + " is negative; use 0-1 for no guidance, or e.g. 7.5");
         } else if (a == "--seed" || a == "-s") {
-            o.seed = parse_int(a, v, kSeedMin, kSeedMax, "an integer from -9223372036854775808 to 18446744073709551615 (torch's seeds)");
+            o.seed = parse_int(a, v, 0, kSeedMax, "0-18446744073709551615 (omit --seed for a random one)");
             o.have_seed = true;
         } else if (a == "--width" || a == "-W") o.gp.width = int(parse_int(a, v, 1, 65536, "1-65536, a multiple of the model's size step"));
         else if (a == "--height" || a == "-H") o.gp.height = int(parse_int(a, v, 1, 65536, "1-65536, a multiple of the model's size step"));
@@ -157,6 +211,8 @@ bool parse(int argc, char **argv, Options &o) {
             else if (v == "tensorrt") o.cp.backend = SDRT_BACKEND_TENSORRT;
             else if (v == "torch") throw Usage("--backend torch is the Python runtime's; sdrt-host runs ONNX Runtime: use auto, cpu, cuda or ort-tensorrt");
             else throw Usage("--backend " + v + " is not a backend; use auto, onnx, cpu, cuda, ort-tensorrt or tensorrt");
+        } else if (a == "--max-memory") {
+            throw Usage("--max-memory is not supported by sdrt-host (it has no memory budget check); use `sdrt generate`");
         } else if (a == "--embedding" || a == "--lora") {
             throw Usage(a + " is not supported by sdrt-host; use `sdrt generate`" + (a == "--lora" ? ", or bake it into the export with `sdrt export --lora`" : ""));
         } else {
@@ -164,13 +220,15 @@ bool parse(int argc, char **argv, Options &o) {
         }
     }
     if (o.model.empty()) throw Usage("--model is required: an sdrt export folder (made with `sdrt export`)");
+    o.paths = output_paths(o.out, o.gp.batch_count);
     if (!o.have_prompt) throw Usage("a prompt is required: sdrt-host \"a red fox\" --model DIR");
     if (o.have_seed && o.seed + o.gp.batch_count - 1 > kSeedMax)
-        throw Usage("--seed " + to_string(o.seed) + " with " + std::to_string(o.gp.batch_count) + " images runs past 2^64 - 1; use a smaller seed");
+        throw Usage("--seed " + to_string(o.seed) + " with " + std::to_string(o.gp.batch_count) + " images runs past 2^64 - 1 (image k "
+                    "uses seed + k); use at most " + to_string(kSeedMax - o.gp.batch_count + 1));
     if (o.have_seed) {
         // The noise depends on the seed modulo 2^32 only (torch seeds its mt19937 with the low 32 bits), so the
-        // library gets that, which any seed fits in; the images are labelled with the seed as given.
-        o.gp.seed = int64_t(((o.seed % (static_cast<__int128>(1) << 32)) + (static_cast<__int128>(1) << 32)) % (static_cast<__int128>(1) << 32));
+        // library (int64 seeds) gets that; the images are labelled with the seed as given.
+        o.gp.seed = int64_t(o.seed % (static_cast<__int128>(1) << 32));
     }
     return true;
 }
@@ -187,6 +245,13 @@ int run(int argc, char **argv) {
         return 2;
     }
 
+    for (const auto &path : o.paths) {  // the output folders, before the model loads: a bad -o fails fast
+        std::string err = make_parents(path);
+        if (!err.empty()) {
+            std::fprintf(stderr, "sdrt-host: -o %s: %s\n", o.out.c_str(), err.c_str());
+            return 1;
+        }
+    }
     sdrt_tools::Rgb init;  // read before the model loads: a bad file fails fast
     if (!o.image_path.empty()) {
         std::string err = sdrt_tools::read_image(o.image_path, init);
@@ -237,7 +302,7 @@ int run(int argc, char **argv) {
     char cfg[32];
     std::snprintf(cfg, sizeof cfg, "%g", gp.guidance_scale);
     for (int k = 0; k < img->count; ++k) {
-        std::string path = output_path(o.out, k, img->count);
+        const std::string &path = o.paths[size_t(k)];
         std::string params = o.prompt + (o.negative.empty() ? "" : "\nNegative prompt: " + o.negative) + "\nSteps: " +
                              std::to_string(gp.steps) + ", CFG scale: " + cfg + ", Seed: " + to_string(seed + k) + ", Size: " +
                              std::to_string(img->width) + "x" + std::to_string(img->height) +
@@ -246,10 +311,13 @@ int run(int argc, char **argv) {
                              sdrt_version() + " (C++)";
         std::string err = sdrt_tools::write_png(path, img->data + size_t(k) * image_bytes, img->width, img->height, {{"parameters", params}});
         if (!err.empty()) {
-            std::fprintf(stderr, "sdrt-host: %s; check that the folder exists and is writable\n", err.c_str());
+            std::fprintf(stderr, "sdrt-host: %s; check that the folder is writable\n", err.c_str());
             rc = 1;
+        } else if (k == 0) {  // as the Python CLI says it
+            std::printf("%s  (seed %s)\n", path.c_str(), to_string(seed).c_str());
         } else {
-            std::printf("%s  (seed %s)\n", path.c_str(), to_string(seed + k).c_str());
+            std::printf("%s  (seed %s: image %d of the batch from seed %s)\n", path.c_str(), to_string(seed + k).c_str(), k + 1,
+                        to_string(seed).c_str());
         }
     }
     sdrt_timings t;

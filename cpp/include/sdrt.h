@@ -125,7 +125,8 @@ typedef struct sdrt_gen_params {
     int width, height;           /* pixels, multiples of the model's size step; 0 (default): the model's size */
     int64_t seed;                /* >= 0: image k uses seed + k, the same image as Python's sdrt for that seed;
                                     SDRT_SEED_RANDOM (-1, default): a random seed in [0, 2^31), see sdrt_last_seed;
-                                    other negative values: SDRT_ERR_INVALID_ARGUMENT */
+                                    other negative values: SDRT_ERR_INVALID_ARGUMENT. (Python's seeds 2^63..2^64-1
+                                    give the image of seed % 2^32: torch seeds with the low 32 bits.) */
     const char *scheduler;       /* NULL (default): the export's own; or ddim, pndm, euler, euler_a, dpmpp_2m,
                                     dpmpp_2m_karras, or a diffusers class name (EulerDiscreteScheduler, ...) */
     int batch_count;             /* images to make, default 1 */

@@ -41,7 +41,8 @@ Pipeline::Pipeline(const std::string &model_dir, const BackendOptions &options)
     if (tokenizer_.max_length() != f.text_seq_len)
         throw model_error(model_.tokenizer_dir + " makes " + std::to_string(tokenizer_.max_length()) + " tokens per prompt but the "
                           "text encoder takes " + std::to_string(f.text_seq_len) + "; re-export the model with `sdrt export`");
-    Scheduler::create("", scheduler_config_, model_.family.schedulers);  // refuse an unsupported scheduler config now, not at the first image
+    // Refuse an unsupported scheduler config (or defaults the export lacks) now, not at the first image.
+    Scheduler::create("", scheduler_config_, model_.family.schedulers);
     if (options.provider == SDRT_BACKEND_TENSORRT)
 #ifdef SDRT_HAVE_TENSORRT
         throw Error(SDRT_ERR_UNSUPPORTED, "native TensorRT engines are not implemented in the C++ runtime yet (TensorRT was found "

@@ -220,6 +220,8 @@ def _export_folder(
                 "loras": lora_records,
                 "keep_fp32_ops": list(keep_fp32_ops),
                 "upcast_attention": upcast_attention,
+                # The UNet config's own flag, whatever the precision: `sdrt build --fp16` converts fp32 exports with it.
+                "unet_upcast_attention": bool(read_json(model_dir / "unet" / "config.json").get("upcast_attention")),
                 **rewrites,
                 "graph_revision": GRAPH_REVISION,
                 "parity": {n: {"dims": r.check_dims, "errors": r.errors} for n, r in reports.items() if r.errors},

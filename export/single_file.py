@@ -15,6 +15,8 @@ pass prediction_type= to say otherwise.
 
 from __future__ import annotations
 
+from sdrt.model.weights import prefix_text_encoder_keys
+
 import hashlib
 import json
 import pickle
@@ -339,6 +341,7 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
             feature_extractor=None, requires_safety_checker=False,
         )
         pipe.save_pretrained(tmp)
+        prefix_text_encoder_keys(tmp)  # loadable by transformers 4.x too
         (tmp / "sdrt_source.json").write_text(json.dumps({
             "converted_from": str(path.resolve()), "family": family, "prediction_type": prediction_type,
             "image_size": image_size, "config": str(config) if config else None, "sdrt_version": __version__,

@@ -11,13 +11,7 @@ from sdrt.errors import BackendError
 
 def network_precision(pipe, network: str) -> str | None:
     """'fp16'/'fp32' of `network` as the export records it, or the torch backend's dtype; None when unknown."""
-    manifest = pipe.source.manifest
-    if manifest is not None and pipe.backend.name in ("onnx", "tensorrt"):
-        return manifest.networks.get(network, {}).get("precision")
-    dtype = getattr(pipe.backend, "dtype", None)
-    if dtype is not None:
-        return "fp16" if "float16" in str(dtype) else "fp32"
-    return None
+    return pipe.backend.precision(network)
 
 
 def precision_hint(pipe, network: str) -> str:

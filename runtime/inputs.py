@@ -203,16 +203,11 @@ def check_export_limits(backend, facts, batch: int, height: int, width: int, gui
     their build profile only (each engine's check_shapes). ONNX exports have dynamic height, width and batch axes
     (sdrt.contracts), so ONNX Runtime runs past the manifest's `limits`, which then only say what the export was
     parity-checked and tuned for; there the memory check decides what fits."""
-    engines = getattr(backend, "engines", None)
-    if not engines:
-        return
     c, lh, lw = facts.latent_channels, height // facts.vae_scale_factor, width // facts.vae_scale_factor
     wanted = {"unet": {"sample": (batch * (2 if guidance else 1), c, lh, lw)}, "vae_decoder": {"latent": (batch, c, lh, lw)}}
     if img2img:
         wanted["vae_encoder"] = {"image": (1, 3, height, width)}
-    for network, shapes in wanted.items():
-        if network in engines:
-            engines[network].check_shapes(shapes)
+    backend.check_shapes(wanted)
 
 
 # --- backend options ----------------------------------------------------------------------------------------
@@ -247,6 +242,7 @@ BACKEND_OPTIONS = {
         "device_id": (_device_id, "an integer >= 0"),
         "static_shapes": (_opt_bool, "True, False or None"),
         "batch_parallel": (_opt_bool, "True, False or None"),
+        "route": (lambda v: v is None or v in ("auto", "cuda", "tensorrt", "cpu"), "'auto', 'cuda', 'tensorrt' or 'cpu'"),
     },
     "torch": {
         "device": (lambda v: v is None or (isinstance(v, str) and (v in ("cpu", "cuda", "auto") or v.startswith("cuda:"))),

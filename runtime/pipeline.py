@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from sdrt import __version__
 from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdrt.device_loop import draw_step_noise
-from sdrt.errors import BackendError, InputError
+from sdrt.errors import BackendError
 from sdrt.generation import Batch, GenerationPlan, stack_plans
 from sdrt import inputs
 from sdrt.images import decoded_to_uint8, image_to_array
@@ -147,7 +147,7 @@ class Pipeline:
         num_inference_steps = inputs.check_steps(num_inference_steps, sched, strength if init_image is not None else 1.0)
         guided, img2img = guidance_scale > 1.0, init_image is not None
         inputs.check_export_limits(self.backend, self.facts, batch, height, width, guided, img2img)
-        if not getattr(self.backend, "on_cuda", False) and getattr(getattr(self.backend, "device", None), "type", "cpu") == "cpu":
+        if self.backend.uses_host_memory:
             inputs.check_memory(self.source, self.backend.name, batch, height, width, guided, img2img, budget)
         # One generator per image, seeded seed+k: image k alone is reproduced by its own seed
         # (diffusers' equivalent is generator=[torch.Generator().manual_seed(seed + k) for k in range(batch)]).

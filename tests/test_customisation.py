@@ -303,7 +303,8 @@ def component_state(folder, name):
 
     files = list((folder / name).glob("*.safetensors"))
     assert len(files) == 1, files
-    return load_file(str(files[0]))
+    # CLIP keys with or without `text_model.` load alike (sdrt writes the prefix: transformers 4.x needs it).
+    return {k.removeprefix("text_model."): v for k, v in load_file(str(files[0])).items()}
 
 
 ARCH_KEYS = {

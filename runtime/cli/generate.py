@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="textual-inversion embedding to load (repeatable)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA to fuse at load, PyTorch backend only (repeatable; exports take `sdrt export --lora`)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
+    p.add_argument("--ort-provider", default=None, choices=("auto", "cuda", "tensorrt", "cpu"),
+                   help="ONNX Runtime's execution providers, with --backend onnx: cuda or tensorrt need onnxruntime-gpu and are an "
+                   "error where missing (default: auto, CUDA when there, else CPU)")  # fmt: skip
     p.add_argument("--max-memory", default=None, metavar="SIZE", help="memory budget the request must fit, e.g. 8G (default: what is available)")
     p.add_argument("--no-memory-check", action="store_true", help="skip the memory estimate (an oversized request may then be killed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -71,6 +74,12 @@ def cmd_generate(args) -> int:
     paths = output_paths(args.output, args.num_images)
     max_memory = False if args.no_memory_check else args.max_memory
     options = {"threads": args.threads} if args.threads is not None else {}
+    if args.ort_provider:
+        if args.backend != "onnx":
+            from sdrt.errors import InputError
+
+            raise InputError(f"--ort-provider chooses ONNX Runtime's providers: add --backend onnx (not {args.backend})")
+        options["route"] = args.ort_provider
     if not (args.model and Path(args.model).expanduser().is_file()):
         inputs.check_before_load(args.model, args.backend, args.height, args.width, args.image,
                                  check_count_or_one(args.num_images), args.guidance, max_memory)

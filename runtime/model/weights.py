@@ -137,3 +137,42 @@ def read_weights(path: str | Path, what: str) -> tuple[dict, dict[str, str]]:
     if kind == "pickle":
         return read_pickle(path, what), {}
     raise ModelError(f"{path} is not a {what} file: its content is {kind}; pass a .safetensors (or torch pickle) {what}")
+
+
+# --- CLIP text encoder keys that transformers 4.x and 5.x both load -------------------------------------------------
+
+CLIP_PREFIX = "text_model."
+
+
+def add_clip_text_prefix(path: str | Path, align: int = 64) -> int:
+    """Rename a CLIPTextModel safetensors file's keys in place to `text_model.<key>` (4.x's layout, which 5.x loads
+    too; 5.x saves them without the prefix, and 4.x then loads a freshly initialised encoder with only a log
+    warning). Only the header changes: the tensor bytes are copied as they are, shifted by a multiple of `align`
+    bytes so their alignment stays. Returns the shift in bytes (0: already prefixed, nothing written)."""
+    import json
+    import os
+    import struct
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        if all(k.startswith(CLIP_PREFIX) for k in header if k != "__metadata__"):
+            return 0
+        renamed = {k if k == "__metadata__" or k.startswith(CLIP_PREFIX) else CLIP_PREFIX + k: v for k, v in header.items()}
+        text = json.dumps(renamed, separators=(",", ":")).encode()
+        shift = -(-(8 + len(text) - 8 - size) // align) * align  # the data moves by a multiple of `align`
+        text += b" " * (size + shift - len(text))  # safetensors pads its header with spaces
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(text)) + text)
+            while chunk := f.read(1 << 20):
+                out.write(chunk)
+    tmp.replace(path)
+    return shift
+
+
+def prefix_text_encoder_keys(model_dir: str | Path) -> None:
+    """After save_pretrained: make `<model_dir>/text_encoder*/model.safetensors` loadable by transformers 4.x and 5.x."""
+    for file in sorted(Path(model_dir).glob("text_encoder*/model.safetensors")):
+        add_clip_text_prefix(file)

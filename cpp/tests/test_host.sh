@@ -49,6 +49,8 @@ expect 2 "-g -2 is negative" x -m /x -g -2
 expect 2 "--strength 1.5 is outside (0, 1]" x -m /x --strength 1.5
 expect 2 "--backend torch is the Python runtime's" x -m /x --backend torch
 expect 2 "--backend gpu is not a backend" x -m /x --backend gpu
+expect 2 "--ort-provider rocm is not a provider" x -m /x --ort-provider rocm
+expect 2 "it cannot go with --backend cpu" x -m /x --ort-provider cuda --backend cpu
 expect 2 "--lora is not supported" x -m /x --lora a.safetensors
 expect 2 "--embedding is not supported" x -m /x --embedding a.pt
 expect 2 "unknown option --bogus" x -m /x --bogus 1
@@ -89,7 +91,7 @@ expect 0 "b-2.png  (seed 18446744073709551615: image 2 of the batch from seed 18
   --prompt "a barn" "${M[@]}" --seed 18446744073709551614 --num-images 2 -o b.png
 expect 0 "c.1.png  (seed 0)" "a barn" "${M[@]}" --seed=0 -o c.1 --negative-prompt "fog"
 expect 0 "d-1.png" "a barn" "${M[@]}" --batch 2 --negative fog -o d --backend onnx --scheduler euler_a -g 1
-expect 0 "sdrt.png" "a barn" "${M[@]}" -W 64 -H 64
+expect 0 "sdrt.png" "a barn" "${M[@]}" -W 64 -H 64 --backend onnx --ort-provider cpu
 expect 0 "new/folder/00001-sdrt.png" "a barn" "${M[@]}" -o new/folder/
 expect 0 "new/folder/00003-sdrt.png" "a barn" "${M[@]}" -o new/folder --num-images 2
 [ -f "$TMP/b-1.png" ] && [ -f "$TMP/b-2.png" ] && [ -f "$TMP/c.1.png" ] && [ -f "$TMP/sdrt.png" ] && [ -f "$TMP/new/folder/00002-sdrt.png" ] ||

@@ -43,6 +43,7 @@ const char *kUsage =
     "  --strength S               img2img: how much to change the image, (0, 1] (default 0.8)\n"
     "  --num-images N             images to make, 1-64 (default 1; also --batch)\n"
     "  --backend NAME             auto (= onnx), cpu, cuda, ort-tensorrt, tensorrt (default auto)\n"
+    "  --ort-provider NAME        auto, cuda, tensorrt, cpu: ONNX Runtime's providers (as --backend onnx ... does)\n"
     "  --threads N                ONNX Runtime threads, 0-4096; 0: one per core (default)\n"
     "  -q, --quiet                no progress (--no-memory-check is accepted: sdrt-host has no memory check)\n";
 
@@ -152,6 +153,8 @@ struct Options {
     bool have_prompt = false, quiet = false, have_seed = false;
     __int128 seed = 0;
     std::vector<std::string> paths;  // where the images go, worked out before the model loads
+    std::string backend_flag;
+    int provider = -1;  // --ort-provider, when given
     sdrt_ctx_params cp = sdrt_ctx_default_params();
     sdrt_gen_params gp = sdrt_gen_default_params();
 };
@@ -203,7 +206,14 @@ bool parse(int argc, char **argv, Options &o) {
             if (!(o.gp.strength > 0 && o.gp.strength <= 1)) throw Usage(a + " " + v + " is outside (0, 1]; 0.3 keeps most of the image, 1.0 replaces it");
         } else if (a == "--num-images" || a == "--batch") o.gp.batch_count = int(parse_int(a, v, 1, 64, "1-64"));
         else if (a == "--threads") o.cp.n_threads = int(parse_int(a, v, 0, 4096, "0-4096 (0: one per core)"));
-        else if (a == "--backend") {
+        else if (a == "--ort-provider") {  // the Python CLI's spelling: ONNX Runtime's providers
+            if (v == "auto") o.provider = SDRT_BACKEND_AUTO;
+            else if (v == "cpu") o.provider = SDRT_BACKEND_ORT_CPU;
+            else if (v == "cuda") o.provider = SDRT_BACKEND_ORT_CUDA;
+            else if (v == "tensorrt") o.provider = SDRT_BACKEND_ORT_TENSORRT;
+            else throw Usage("--ort-provider " + v + " is not a provider; use auto, cuda, tensorrt or cpu");
+        } else if (a == "--backend") {
+            o.backend_flag = v;
             if (v == "auto" || v == "onnx") o.cp.backend = SDRT_BACKEND_AUTO;  // Python's onnx: ONNX Runtime, best provider
             else if (v == "cpu") o.cp.backend = SDRT_BACKEND_ORT_CPU;
             else if (v == "cuda") o.cp.backend = SDRT_BACKEND_ORT_CUDA;
@@ -221,6 +231,12 @@ bool parse(int argc, char **argv, Options &o) {
     }
     if (o.model.empty()) throw Usage("--model is required: an sdrt export folder (made with `sdrt export`)");
     o.paths = output_paths(o.out, o.gp.batch_count);
+    if (o.provider >= 0) {
+        if (!o.backend_flag.empty() && o.backend_flag != "onnx" && o.backend_flag != "auto")
+            throw Usage("--ort-provider chooses ONNX Runtime's providers; it cannot go with --backend " + o.backend_flag +
+                        " (use --backend onnx, or --backend alone)");
+        o.cp.backend = static_cast<sdrt_backend>(o.provider);
+    }
     if (!o.have_prompt) throw Usage("a prompt is required: sdrt-host \"a red fox\" --model DIR");
     if (o.have_seed && o.seed + o.gp.batch_count - 1 > kSeedMax)
         throw Usage("--seed " + to_string(o.seed) + " with " + std::to_string(o.gp.batch_count) + " images runs past 2^64 - 1 (image k "

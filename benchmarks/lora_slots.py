@@ -167,9 +167,93 @@ def measure_torch(calls: int) -> dict:
     return result
 
 
+def paired(root: Path, pairs: int, calls: int, slots: str = "all") -> dict:
+    """Plain export vs slotted export with no LoRA, alternated inside one process (one session at a time: two do
+    not fit), so that the machine's drift between separate processes (+-30% here) does not decide the ratio."""
+    import gc
+
+    import onnxruntime as ort
+
+    contract = json.loads((root / slots / "contract.json").read_text())
+    from sdrt.contracts import NetworkContract
+
+    empty = NetworkContract.from_dict(contract).empty_lora_feeds()
+    feeds = unet_feeds()
+    out = {"pairs": []}
+    for k in range(pairs):
+        pair = {}
+        for which in ("plain", slots):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = THREADS
+            session = ort.InferenceSession(str(root / which / "unet" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+            extra = empty if which == slots else {}
+            session.run(None, {**feeds, **extra})
+            times = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                session.run(None, {**feeds, **extra})
+                times.append(time.perf_counter() - t0)
+            pair[which] = times
+            del session
+            gc.collect()
+        pair["ratio"] = float(np.median(pair[slots]) / np.median(pair["plain"]))
+        print("pair", k, pair, flush=True)
+        out["pairs"].append(pair)
+    ratios = [p["ratio"] for p in out["pairs"]]
+    out["median_ratio"] = float(np.median(ratios))
+    out["slots"] = slots
+    return out
+
+
+def profile(root: Path, slots: str, calls: int) -> dict:
+    """In one slotted session with no LoRA: the share of kernel time spent in the slots' nodes (the LoRA branch:
+    its MatMul/Conv, Transposes and the Add into the layer's output), from ONNX Runtime's profiler. A within-session
+    measure: immune to the drift between sessions that the paired comparison suffers from."""
+    import onnx
+    import onnxruntime as ort
+
+    from sdrt.contracts import NetworkContract
+
+    path = root / slots / "unet" / "model.onnx"
+    graph = onnx.load(str(path), load_external_data=False).graph
+    reach = {i.name for i in graph.input if i.name.startswith("lora_")}
+    lora_nodes = set()
+    for node in graph.node:  # topological order: everything computed from the LoRA inputs, up to the Add into y
+        if any(i in reach for i in node.input):
+            lora_nodes.add(node.name)
+            if node.op_type != "Add":
+                reach.update(node.output)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.enable_profiling = True
+    options.profile_file_prefix = str(root / f"profile-{slots}")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    empty = NetworkContract.from_dict(json.loads((root / slots / "contract.json").read_text())).empty_lora_feeds()
+    feeds = {**unet_feeds(), **empty}
+    session.run(None, feeds)
+    for _ in range(calls):
+        session.run(None, feeds)
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    kernels = [e for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    runs = [e for e in trace if e.get("cat") == "Session" and e["name"] == "model_run"]
+    total = sum(e["dur"] for e in kernels)
+    base = lambda name: name[: -len("_kernel_time")]  # noqa: E731
+    in_lora = sum(e["dur"] for e in kernels if base(e["name"]) in lora_nodes or any(base(e["name"]).startswith(n + "_") for n in ()))
+    names = {base(e["name"]) for e in kernels}
+    return {"slots": slots, "graph_lora_nodes": len(lora_nodes), "profiled_lora_nodes": len(names & lora_nodes),
+            "kernel_s": total / 1e6, "lora_kernel_s": in_lora / 1e6, "lora_share_of_kernels": in_lora / total,
+            "overhead_vs_rest": in_lora / (total - in_lora), "model_run_s": [e["dur"] / 1e6 for e in runs]}
+
+
 def child(args):
     root, what, calls = Path(args[0]), args[1], int(args[2])
-    out = measure_torch(calls) if what == "torch" else measure_onnx(root, what, calls)
+    if what.startswith("profile-"):
+        out = profile(root, what[len("profile-"):], calls)
+    elif what.startswith("paired"):
+        count, _, slots = what[len("paired"):].partition("-")  # paired3 (vs "all"), paired3-attention
+        out = paired(root, int(count or 3), calls, slots or "all")
+    else:
+        out = measure_torch(calls) if what == "torch" else measure_onnx(root, what, calls)
     print("RESULT " + json.dumps(out))
 
 
@@ -183,7 +267,7 @@ def main(argv):
     runs = []
     for r in range(rounds):
         for what in parts:
-            if what == "torch" and r:
+            if (what == "torch" or what.startswith(("paired", "profile"))) and r:  # one run each
                 continue
             load = os.getloadavg()
             proc = subprocess.run([sys.executable, __file__, "--child", str(root), what, str(calls)], capture_output=True, text=True)
@@ -193,7 +277,8 @@ def main(argv):
             res = json.loads(line[0][7:])
             res.update(what=what, round=r, loadavg_before=load, loadavg_after=os.getloadavg())
             runs.append(res)
-            print(what, r, {k: round(float(np.median(v)), 3) for k, v in res["times"].items()}, "load", load, flush=True)
+            print(what, r, {k: round(float(np.median(v)), 3) for k, v in res.get("times", {}).items()}, res.get("median_ratio"),
+                  "load", load, flush=True)
     summary = summarise(runs)
     record = {"command": "python benchmarks/lora_slots.py " + " ".join(argv), "threads": os.environ.get("LORA_BENCH_THREADS", "1"),
               "machine": machine(), "runs": runs,
@@ -205,13 +290,24 @@ def main(argv):
 
 def summarise(runs):
     med = lambda xs: float(np.median(xs))  # noqa: E731
+    s0 = {}
+    for r in runs:
+        if r["what"].startswith("paired"):
+            key = r.get("slots", "all")
+            s0[f"paired_{key}_times"] = r["pairs"]
+            s0[f"paired_plain_vs_{key}_slots_empty_ratios"] = [p["ratio"] for p in r["pairs"]]
+            s0[f"paired_plain_call_overhead_of_{key}_slots"] = r["median_ratio"] - 1
+    for r in runs:
+        if r["what"].startswith("profile-"):
+            s0[f"profiled_empty_slot_overhead_{r['slots']}"] = r["overhead_vs_rest"]
+            s0[f"profile_{r['slots']}"] = {k: v for k, v in r.items() if k not in ("what", "round")}
     onnx_plain = [t for r in runs if r["what"] == "plain" for t in r["times"]["plain"]]
     slots = {}
     for r in runs:
         if r["what"] == "all":
             for k, v in r["times"].items():
                 slots.setdefault(k, []).extend(v)
-    s = {"onnx_plain_export_s": med(onnx_plain) if onnx_plain else None,
+    s = {**s0, "onnx_plain_export_s": med(onnx_plain) if onnx_plain else None,
          "onnx_plain_export_min_s": min(onnx_plain) if onnx_plain else None}
     s.update({f"onnx_slots_{k}_min_s": min(v) for k, v in slots.items()})
     if onnx_plain and "empty" in slots:

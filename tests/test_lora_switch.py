@@ -206,3 +206,13 @@ def test_cli_generate_with_loras_on_onnx(slots_export, tiny_sd1, tmp_path):
     assert cli_main(["generate", "a cat", "-m", str(slots_export), "--backend", "onnx", "--lora", f"{a}:0.8",
                      "--lora", str(b), "--steps", "2", "-W", "64", "-H", "64", "-o", str(out), "-q"]) == 0
     assert out.exists()
+
+
+def test_fp16_export_with_slots(tiny_sd1, pipes, tmp_path):
+    """An fp16 export keeps float32 slot inputs: LoRAs switch there too (fp16 tolerance) and leave no trace."""
+    out = _export(tiny_sd1, tmp_path / "fp16", lora_slots="all", fp16=True)
+    path, _ = make_lora(tiny_sd1, "kohya", seed=81)
+    pipe = sdrt.Pipeline.from_pretrained(out, backend="onnx")
+    plain = latents(pipe)
+    assert_close(latents(pipe, loras={str(path): 1.0}), latents(pipes["torch"], loras={str(path): 1.0}), 5e-3, "fp16")
+    assert np.array_equal(latents(pipe), plain)

@@ -159,7 +159,7 @@ class Service:
         if job.state == "failed":
             raise ApiError(job.error_status, job.error or "failed", kind="server_error" if job.error_status >= 500 else "invalid_request_error")
         if job.state != "done":
-            raise ApiError(499, job.error or "cancelled", kind="cancelled")
+            raise ApiError(409, job.error or "cancelled", kind="cancelled")  # interrupted, or DELETE on its job
         return job
 
     def drain(self) -> bool:

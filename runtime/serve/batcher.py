@@ -61,7 +61,7 @@ class Limits:
         from sdrt.serve.schemas import FieldError
 
         name = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "images": "n",
-                "width": "width", "height": "height", **(fields or {})}
+                "width": "width", "height": "height", "size": "width x height", **(fields or {})}
         for key, text in (("prompt", prompt), ("negative_prompt", negative_prompt or "")):
             if len(text) > self.max_prompt_chars:
                 raise FieldError(name[key], f"{name[key]} has {len(text)} characters; at most {self.max_prompt_chars} are accepted")
@@ -78,7 +78,7 @@ class Limits:
         limit = self.pixels_for(facts)
         if w * h > limit:
             side = int(math.isqrt(limit)) // facts.size_step * facts.size_step
-            raise FieldError(name["width"], f"{w}x{h} is {w * h} pixels; at most {limit} per image on this server "
+            raise FieldError(name["width"], f"{name['size']} {w}x{h} is {w * h} pixels; at most {limit} per image on this server "
                                             f"(e.g. {side}x{side})")
 
 
@@ -440,7 +440,9 @@ class Batcher:
 
     def _cancelled(self, job: Job, detail: str) -> None:
         reason = job.cancel_reason or "cancelled"
-        job._end("cancelled", error=f"{reason}: {detail}", error_status=504 if reason == "timeout" else 499)
+        if self.metrics:
+            self.metrics.cancelled(self.name, reason)
+        job._end("cancelled", error=f"{reason}: {detail}", error_status=504 if reason == "timeout" else 409)
 
     # --- figures -----------------------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ async def generate(request: Request, *, prompt: str, model: str | None, n: int, 
     batcher = service.batcher(model)
     width, height = parse_size(size)
     plan = await service.plan(
-        batcher, fields={"width": "size", "height": "size"}, prompt=prompt, negative_prompt=negative_prompt,
+        batcher, fields={"width": "size", "height": "size", "size": "size"}, prompt=prompt, negative_prompt=negative_prompt,
         num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width, seed=seed,
         scheduler=resolve_sampler(scheduler, field="scheduler"), image=image, strength=strength, num_images_per_prompt=n,
     )

@@ -26,6 +26,8 @@ class Metrics:
         self._stage = Histogram("sdrt_stage_seconds", "seconds per stage (queue, text, denoise, decode, batch, request)",
                                 ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self._images = Counter("sdrt_images", "images made", ["model"], registry=r)
+        self._cancelled = Counter("sdrt_cancelled", "requests stopped before their images were made, by reason",
+                                  ["model", "reason"], registry=r)
 
     def request(self, method: str, route: str, status: int) -> None:
         self._requests.labels(method, route, str(status)).inc()
@@ -39,6 +41,9 @@ class Metrics:
 
     def stage(self, stage: str, seconds: float) -> None:
         self._stage.labels(stage).observe(seconds)
+
+    def cancelled(self, model: str, reason: str) -> None:
+        self._cancelled.labels(model, reason).inc()
 
     def images(self, model: str, count: int) -> None:
         self._images.labels(model).inc(count)

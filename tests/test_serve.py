@@ -26,7 +26,7 @@ STEPS = 6
 def url():
     from sdrt.serve import Limits, ServeConfig
 
-    config = ServeConfig(models={"digits": None, "alt": None}, threads=1, max_batch=8, batch_wait_ms=30,
+    config = ServeConfig(models={"digits": None, "alt": None}, threads=1, warm_all_batches=False, max_batch=8, batch_wait_ms=30,
                          max_queue=16, timeout=120, preview_every=3,
                          limits=Limits(max_steps=400, max_images=4, max_prompt_chars=200, max_body_bytes=2_000_000))
     with running_server(config) as base:

@@ -24,7 +24,7 @@ def tight():
     """One request at a time, two may wait, 1.5 s per request, an API key."""
     from sdrt.serve import Limits, ServeConfig
 
-    config = ServeConfig(threads=1, max_batch=1, max_queue=2, timeout=1.5, api_key=KEY,
+    config = ServeConfig(threads=1, warm_all_batches=False, max_batch=1, max_queue=2, timeout=1.5, api_key=KEY,
                          limits=Limits(max_steps=1000))
     with running_server(config) as url:
         yield url
@@ -74,7 +74,7 @@ def test_no_route_answers_500_under_fuzzing():
 
     from sdrt.serve import Limits, ServeConfig
 
-    config = ServeConfig(threads=1, max_batch=4, timeout=10,
+    config = ServeConfig(threads=1, warm_all_batches=False, max_batch=4, timeout=10,
                          limits=Limits(max_steps=2, max_images=2, max_pixels=64 * 64, max_input_pixels=256 * 256))
     with running_server(config) as url:
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
@@ -103,7 +103,7 @@ def test_sigterm_drains_in_flight_work_then_exits_0(tmp_path):
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", "--port", str(port), "--threads", "1",
-                             "--drain-timeout", "60", "--log-level", "warning"], env=env,
+                             "--drain-timeout", "60", "--log-level", "warning", "--quick-start"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: _status(f"{url}/readyz") == 200, timeout=60, every=0.1)

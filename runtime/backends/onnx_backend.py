@@ -59,12 +59,14 @@ class OnnxBackend(Backend):
         device_id: int = 0,
         static_shapes: bool | None = None,
         batch_parallel: bool | None = None,
+        shape_sessions: int = SPECIALIZED_PER_NETWORK,
     ):
         """providers: ORT provider names in order of preference (default: CUDA if present, then CPU).
         threads: intra-op threads (default: ORT's, one per physical core). fusions: apply ORT's SD fusions
         when a session runs on CUDA. static_shapes: a session per input shape with the shapes fixed (None: on
         CPU, for networks whose weights are under SMALL_NETWORK_BYTES). batch_parallel: run a small network's
-        batch in `threads` parts at once, one single-threaded run each (None: on, on CPU)."""
+        batch in `threads` parts at once, one single-threaded run each (None: on, on CPU). shape_sessions: input
+        shapes kept per static network (a server whose batches vary in size keeps one per batch size it runs)."""
         super().__init__(manifest.contracts)
         self.path, self.manifest = Path(path), manifest
         self.threads, self.device_id = threads, device_id
@@ -80,6 +82,7 @@ class OnnxBackend(Backend):
             n for n in self.sessions if not self.on_cuda and (static_shapes if static_shapes is not None else n in self.small_networks)
         }  # fmt: skip
         self._specialized: dict[str, dict[tuple, ort.InferenceSession]] = {n: {} for n in self.static_networks}
+        self.shape_sessions = max(1, shape_sessions)
         self._symbols = {  # the named (dynamic) input dims of each static network
             n: sorted({d for spec in self.contracts[n].inputs for d in spec.shape if isinstance(d, str)}) for n in self.static_networks
         }  # fmt: skip
@@ -216,7 +219,7 @@ class OnnxBackend(Backend):
             for symbol, value in key:
                 options.add_free_dimension_override_by_name(symbol, value)
             session = self._session(self.path / self.manifest.networks[network]["file"], options)
-            if len(cache) >= SPECIALIZED_PER_NETWORK:
+            if len(cache) >= self.shape_sessions:
                 cache.pop(next(iter(cache)))
         cache[key] = session  # most recently used last
         return session

@@ -37,6 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-images", type=int, default=8, help="images per request (default: %(default)s)")
     p.add_argument("--max-prompt-chars", type=int, default=2000, help="(default: %(default)s)")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (default: %(default)s)")
+    p.add_argument("--quick-start", action="store_true", help="warm batch size 1 only: ready sooner, the first batch of each other size pays its setup")
     p.add_argument("--preview-every", type=int, default=5, help="steps between previews in job events (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
@@ -70,5 +71,5 @@ def cmd_serve(args) -> int:
     config = ServeConfig(models=model_table(args.models, args.model), backend=args.backend, threads=args.threads,
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                          timeout=args.timeout, drain_timeout=args.drain_timeout, preview_every=args.preview_every,
-                         api_key=args.api_key or None, cors=args.cors, limits=limits)
+                         warm_all_batches=not args.quick_start, api_key=args.api_key or None, cors=args.cors, limits=limits)
     return serve(config, host=args.host, port=args.port, log_level=args.log_level)

@@ -44,6 +44,7 @@ class ServeConfig:
     timeout: float = 300.0
     drain_timeout: float = 60.0
     preview_every: int = 5
+    warm_all_batches: bool = True  # warm every batch size up to max_batch at load (False: batch 1 only, faster start)
     api_key: str | None = None
     cors: list[str] = dataclasses.field(default_factory=list)
     limits: Limits = dataclasses.field(default_factory=Limits)
@@ -53,10 +54,12 @@ class ServeConfig:
         return next(iter(self.models))
 
 
-def load_pipeline(path: str | None, backend: str, threads: int | None):
+def load_pipeline(path: str | None, backend: str, threads: int | None, max_batch: int = 8):
     from sdrt.pipeline import Pipeline
 
     options = {"threads": threads} if threads else {}
+    if backend == "onnx":  # a session per batch size the batcher forms (and per text count), not ORT's default 4
+        options["shape_sessions"] = 2 * max_batch + 2
     if path is not None and Path(path).expanduser().is_file():
         return Pipeline.from_single_file(path, backend="torch" if backend == "auto" else backend, **options)
     return Pipeline.from_pretrained(path, backend=backend, **options)
@@ -72,10 +75,10 @@ class Service:
         self.a1111_model = config.default_model  # A1111's /options sd_model_checkpoint
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.batchers = {
-            name: Batcher(name, lambda path=path: load_pipeline(path, config.backend, config.threads),
+            name: Batcher(name, lambda path=path: load_pipeline(path, config.backend, config.threads, config.max_batch),
                           max_batch=config.max_batch, batch_wait_ms=config.batch_wait_ms, max_queue=config.max_queue,
                           timeout=config.timeout, preview_every=config.preview_every, limits=config.limits,
-                          metrics=metrics)
+                          metrics=metrics, warm_all_batches=config.warm_all_batches)
             for name, path in config.models.items()
         }
 

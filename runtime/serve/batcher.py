@@ -186,7 +186,7 @@ class Batcher:
 
     def __init__(self, name: str, load: Callable[[], object], *, max_batch: int = 8, batch_wait_ms: float = 10,
                  max_queue: int = 64, timeout: float = 300, preview_every: int = 5, limits: Limits | None = None,
-                 metrics=None):
+                 metrics=None, warm_all_batches: bool = True):
         self.name = name
         self._load = load
         self.max_batch = max(1, max_batch)
@@ -196,6 +196,7 @@ class Batcher:
         self.preview_every = preview_every
         self.limits = limits or Limits()
         self.metrics = metrics
+        self.warm_all_batches = warm_all_batches
         self.pipe = None
         self.previewer = None
         self.state = "loading"  # loading -> ready -> draining -> closed; or failed
@@ -330,14 +331,19 @@ class Batcher:
             self._run(group)
 
     def _warm(self) -> None:
-        """One short generation (sessions, kernels, allocator) and the preview projection's fit."""
+        """Short generations at every batch size this batcher can form (ONNX Runtime builds a session per input
+        shape for small networks: ~0.1-0.3 s each, paid here rather than by the first requests of each size),
+        the text encoder at every count of distinct texts, and the preview projection's fit."""
         from sdrt.serve.media import LatentPreview
 
         pipe = self.pipe
-        plan = pipe.plan("warm up", num_inference_steps=2, seed=0, output_type="np")
-        batch = pipe.prepare_latents([plan], pipe.encode_text([plan]))
-        pipe.denoise(batch)
-        pipe.finish(batch)
+        for rows in range(1, (self.max_batch if self.warm_all_batches else 1) + 1):
+            plan = pipe.plan("warm up", num_inference_steps=2, seed=0, output_type="np", num_images_per_prompt=rows)
+            batch = pipe.prepare_latents([plan], pipe.encode_text([plan]))
+            pipe.denoise(batch)
+            pipe.finish(batch)
+        for count in range(3, 2 * self.max_batch + 1 if self.warm_all_batches else 0):  # [negatives; prompts]: up to two distinct texts per image
+            pipe.encode_prompts([f"warm up {k}" for k in range(count)])
         self.previewer = LatentPreview.fit(pipe)
 
     def _next_group(self) -> list[Job] | None:

@@ -1,0 +1,261 @@
+"""Load benchmark of `sdrt serve` on loopback: locust (headless) against two servers side by side, batching on
+(`--max-batch 8`) and off (`--max-batch 1`), at 1, 4 and 16 concurrent clients; the in-process latency of the
+same request for the server's overhead; RSS after 100 and after 2,000 requests; time from start to /readyz with
+a cold and a warm page cache. Writes JSON and a markdown table.
+
+    python benchmarks/serve_load.py --out benchmarks/results/serve-load
+Every server listens on 127.0.0.1 and every run is bounded (--duration seconds per point, --rss-requests total).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+HERE = Path(__file__).resolve().parent
+BODY = {"prompt": "a red 7", "steps": 20, "width": 64, "height": 64, "cfg_scale": 7.5, "sampler_name": "DDIM"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(max_batch: int, extra=()) -> tuple[subprocess.Popen, str, float]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "sdrt.cli", "serve", "--port", str(port), "--max-batch", str(max_batch),
+           "--log-level", "warning", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.perf_counter() - t0 > 120:
+            raise RuntimeError(f"server did not get ready: {shlex.join(cmd)}")
+        time.sleep(0.01)
+    return proc, url, time.perf_counter() - t0
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def percentile(values, q):
+    values = sorted(values)
+    if not values:
+        return None
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def in_process(runs: int) -> dict:
+    """The same request in process: its latency alone, and 8 images as one batch vs one at a time."""
+    import sdrt
+
+    pipe = sdrt.Pipeline.from_pretrained(None, backend="onnx")
+    kw = dict(num_inference_steps=BODY["steps"], guidance_scale=BODY["cfg_scale"], scheduler="ddim", progress=False)
+    for _ in range(3):
+        pipe(BODY["prompt"], seed=0, **kw)
+    times = []
+    for k in range(runs):
+        t0 = time.perf_counter()
+        pipe(BODY["prompt"], seed=k, **kw)
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for k in range(8):
+        pipe(BODY["prompt"], seed=k, **kw)
+    one_at_a_time = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pipe(BODY["prompt"], seed=0, num_images_per_prompt=8, **kw)
+    batch8 = time.perf_counter() - t0
+    return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 95), "runs": runs,
+            "batch8_speedup": one_at_a_time / batch8}
+
+
+def run_locust(url: str, clients: int, duration: float) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        raw = f.name
+    env = {**os.environ, "LOAD_RAW": raw, "LOAD_STEPS": str(BODY["steps"]), "LOAD_SIZE": str(BODY["width"])}
+    cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless", "-u", str(clients),
+           "-r", str(clients), "-t", f"{duration:g}s", "-H", url, "--only-summary", "--loglevel", "WARNING",
+           "--stop-timeout", "60"]
+    subprocess.run(cmd, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=duration + 120)
+    records = json.loads(Path(raw).read_text())
+    os.unlink(raw)
+    ok = sorted((end, ms) for end, ms, good in records if good)
+    errors = sum(1 for _, _, good in records if not good)
+    skip = max(clients, len(ok) // 10)  # the ramp-up: measure the steady part
+    steady = ok[skip:]
+    rate = (len(steady) - 1) / (steady[-1][0] - steady[0][0]) if len(steady) > 2 else None
+    latencies = [ms for _, ms in steady]
+    return {"clients": clients, "requests": len(records), "errors": errors, "images_per_s": rate,
+            "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95), "p99_ms": percentile(latencies, 99)}
+
+
+def rss_growth(total: int, steps: int, concurrency: int = 8) -> dict:
+    proc, url, _ = start_server(8)
+    try:
+        body = {**BODY, "steps": steps}
+        server = psutil.Process(proc.pid)
+        done = 0
+
+        def one(k):
+            r = httpx.post(f"{url}/sdapi/v1/txt2img", json={**body, "seed": k}, timeout=120)
+            return r.status_code == 200
+
+        rss = {}
+        errors = 0
+        with httpx.Client(), concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            for checkpoint in (100, total):
+                results = list(pool.map(one, range(done, checkpoint)))
+                errors += results.count(False)
+                done = checkpoint
+                time.sleep(0.5)
+                rss[checkpoint] = server.memory_info().rss
+        return {"requests": total, "steps": steps, "concurrency": concurrency, "errors": errors,
+                "rss_mb_after_100": rss[100] / 2**20, f"rss_mb_after_{total}": rss[total] / 2**20,
+                "growth_pct": 100 * (rss[total] / rss[100] - 1)}
+    finally:
+        stop(proc)
+
+
+def model_files() -> list[Path]:
+    import onnxruntime
+
+    from sdrt.builtin import builtin_model_dir
+
+    files = [p for p in builtin_model_dir().rglob("*") if p.is_file()]
+    files += [p for p in Path(onnxruntime.__file__).parent.rglob("*.so*")]
+    return files
+
+
+def drop_from_page_cache(paths) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def startup(runs: int) -> dict:
+    out = {"cold_s": [], "warm_s": []}
+    files = model_files()
+    for _ in range(runs):
+        drop_from_page_cache(files)
+        proc, _, seconds = start_server(8)
+        stop(proc)
+        out["cold_s"].append(seconds)
+        proc, _, seconds = start_server(8)
+        stop(proc)
+        out["warm_s"].append(seconds)
+    out["files"] = len(files)
+    out["bytes"] = sum(p.stat().st_size for p in files)
+    return out
+
+
+def markdown(result: dict) -> str:
+    ip = result["in_process"]
+    lines = [
+        "# sdrt serve: load on loopback (built-in model, 64x64, 20 steps DDIM, guidance 7.5)", "",
+        f"- machine: {result['machine']}",
+        f"- load average before: {result['load_before']}, after: {result['load_after']} (other agents share these cores)",
+        f"- command: `{result['command']}`",
+        f"- in process: one image p50 {ip['p50_ms']:.1f} ms (p95 {ip['p95_ms']:.1f}); 8 images as one batch "
+        f"{ip['batch8_speedup']:.2f}x faster than one at a time", "",
+        "| clients | --max-batch | images/s | p50 ms | p95 ms | p99 ms | requests | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["load"]:
+        lines.append(f"| {row['clients']} | {row['max_batch']} | {row['images_per_s']:.2f} | {row['p50_ms']:.1f} | "
+                     f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['requests']} | {row['errors']} |")
+    s = result["summary"]
+    lines += ["", f"- server overhead at 1 client (p50, batching on): {s['overhead_ms_1_client']:.1f} ms "
+                  f"({s['overhead_pct_1_client']:.1f}% of in-process; target <= 5 ms or 5%)",
+              f"- batching gain at 16 clients: {s['batching_gain_16']:.2f}x images/s (target >= 1.5x)"]
+    r = result["rss"]
+    after = r["rss_mb_after_%d" % r["requests"]]
+    lines.append(f"- RSS: {r['rss_mb_after_100']:.0f} MB after 100 requests, {after:.0f} MB "
+                 f"after {r['requests']} ({r['growth_pct']:+.1f}%; target < 5%; {r['steps']} steps, {r['concurrency']} clients, "
+                 f"{r['errors']} errors)")
+    st = result["startup"]
+    lines.append(f"- start to /readyz: cold page cache {statistics.median(st['cold_s']):.2f} s, warm "
+                 f"{statistics.median(st['warm_s']):.2f} s (median of {len(st['warm_s'])}; cold = posix_fadvise "
+                 f"DONTNEED on the {st['files']} model and ONNX Runtime files, {st['bytes'] / 2**20:.0f} MB)")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--batches", default="8,1")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per point")
+    parser.add_argument("--rss-requests", type=int, default=2000)
+    parser.add_argument("--rss-steps", type=int, default=5)
+    parser.add_argument("--startup-runs", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/serve-load")
+    args = parser.parse_args()
+    result = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "load_before": os.getloadavg(),
+              "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count(logical=False)} cores, "
+                         f"{psutil.virtual_memory().total / 2**30:.0f} GiB; {platform.platform()}",
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result["in_process"] = in_process(30)
+    print("in process:", result["in_process"], flush=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    servers = {b: start_server(b) for b in batches}
+    result["load"] = []
+    try:
+        for clients in (int(c) for c in args.clients.split(",")):
+            for b in batches:  # side by side: both servers up, points interleaved
+                row = {"max_batch": b, **run_locust(servers[b][1], clients, args.duration)}
+                print(row, flush=True)
+                result["load"].append(row)
+    finally:
+        for proc, _, _ in servers.values():
+            stop(proc)
+    by = {(r["clients"], r["max_batch"]): r for r in result["load"]}
+    one = by.get((1, batches[0]))
+    result["summary"] = {
+        "overhead_ms_1_client": one["p50_ms"] - result["in_process"]["p50_ms"] if one else None,
+        "overhead_pct_1_client": 100 * (one["p50_ms"] / result["in_process"]["p50_ms"] - 1) if one else None,
+        "batching_gain_16": by[(16, 8)]["images_per_s"] / by[(16, 1)]["images_per_s"] if (16, 8) in by and (16, 1) in by else None,
+    }
+    result["rss"] = rss_growth(args.rss_requests, args.rss_steps)
+    print("rss:", result["rss"], flush=True)
+    result["startup"] = startup(args.startup_runs)
+    print("startup:", result["startup"], flush=True)
+    result["load_after"] = os.getloadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,11 +72,8 @@ def percentile(values, q):
     return values[k]
 
 
-def in_process(runs: int) -> dict:
+def in_process(runs: int, pipe) -> dict:
     """The same request in process: its latency alone, and 8 images as one batch vs one at a time."""
-    import sdrt
-
-    pipe = sdrt.Pipeline.from_pretrained(None, backend="onnx")
     kw = dict(num_inference_steps=BODY["steps"], guidance_scale=BODY["cfg_scale"], scheduler="ddim", progress=False)
     for _ in range(3):
         pipe(BODY["prompt"], seed=0, **kw)
@@ -96,7 +93,28 @@ def in_process(runs: int) -> dict:
             "batch8_speedup": one_at_a_time / batch8}
 
 
+def paired_overhead(url: str, pipe, pairs: int) -> dict:
+    """The server's overhead at one client, measured in pairs (in process, then the same request over HTTP, back
+    to back) so the other agents' load hits both sides alike; the median of the per-pair differences."""
+    kw = dict(num_inference_steps=BODY["steps"], guidance_scale=BODY["cfg_scale"], scheduler="ddim", progress=False)
+    diffs, local, remote = [], [], []
+    with httpx.Client() as client:
+        for k in range(pairs + 3):
+            t0 = time.perf_counter()
+            pipe(BODY["prompt"], seed=k, **kw)
+            t1 = time.perf_counter()
+            r = client.post(f"{url}/sdapi/v1/txt2img", json={**BODY, "seed": k}, timeout=60)
+            t2 = time.perf_counter()
+            assert r.status_code == 200
+            if k >= 3:
+                local.append(t1 - t0), remote.append(t2 - t1), diffs.append((t2 - t1) - (t1 - t0))
+    return {"pairs": pairs, "in_process_p50_ms": 1000 * statistics.median(local), "http_p50_ms": 1000 * statistics.median(remote),
+            "overhead_ms": 1000 * statistics.median(diffs),
+            "overhead_pct": 100 * statistics.median(diffs) / statistics.median(local)}
+
+
 def run_locust(url: str, clients: int, duration: float) -> dict:
+    """One locust run: every request's (end time, latency ms, ok)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         raw = f.name
     env = {**os.environ, "LOAD_RAW": raw, "LOAD_STEPS": str(BODY["steps"]), "LOAD_SIZE": str(BODY["width"])}
@@ -106,14 +124,25 @@ def run_locust(url: str, clients: int, duration: float) -> dict:
     subprocess.run(cmd, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=duration + 120)
     records = json.loads(Path(raw).read_text())
     os.unlink(raw)
-    ok = sorted((end, ms) for end, ms, good in records if good)
-    errors = sum(1 for _, _, good in records if not good)
-    skip = max(clients, len(ok) // 10)  # the ramp-up: measure the steady part
-    steady = ok[skip:]
-    rate = (len(steady) - 1) / (steady[-1][0] - steady[0][0]) if len(steady) > 2 else None
-    latencies = [ms for _, ms in steady]
-    return {"clients": clients, "requests": len(records), "errors": errors, "images_per_s": rate,
-            "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95), "p99_ms": percentile(latencies, 99)}
+    return records
+
+
+def summarise(clients: int, runs: list) -> dict:
+    """Images/s over the steady part of each run (the first `clients` completions are the ramp-up), latencies
+    pooled over the runs."""
+    images, seconds, latencies, requests, errors = 0, 0.0, [], 0, 0
+    for records in runs:
+        ok = sorted((end, ms) for end, ms, good in records if good)
+        requests += len(records)
+        errors += sum(1 for _, _, good in records if not good)
+        steady = ok[max(clients, len(ok) // 10):]
+        if len(steady) > 2:
+            images += len(steady) - 1
+            seconds += steady[-1][0] - steady[0][0]
+            latencies += [ms for _, ms in steady]
+    return {"clients": clients, "runs": len(runs), "requests": requests, "errors": errors,
+            "images_per_s": images / seconds if seconds else None, "p50_ms": percentile(latencies, 50),
+            "p95_ms": percentile(latencies, 95), "p99_ms": percentile(latencies, 99)}
 
 
 def rss_growth(total: int, steps: int, concurrency: int = 8) -> dict:
@@ -163,16 +192,17 @@ def drop_from_page_cache(paths) -> None:
 
 
 def startup(runs: int) -> dict:
-    out = {"cold_s": [], "warm_s": []}
+    out = {"cold_s": [], "warm_s": [], "cold_quick_s": [], "warm_quick_s": []}
     files = model_files()
     for _ in range(runs):
-        drop_from_page_cache(files)
-        proc, _, seconds = start_server(8)
-        stop(proc)
-        out["cold_s"].append(seconds)
-        proc, _, seconds = start_server(8)
-        stop(proc)
-        out["warm_s"].append(seconds)
+        for key, extra in (("", ()), ("_quick", ("--quick-start",))):
+            drop_from_page_cache(files)
+            proc, _, seconds = start_server(8, extra)
+            stop(proc)
+            out[f"cold{key}_s"].append(seconds)
+            proc, _, seconds = start_server(8, extra)
+            stop(proc)
+            out[f"warm{key}_s"].append(seconds)
     out["files"] = len(files)
     out["bytes"] = sum(p.stat().st_size for p in files)
     return out
@@ -187,15 +217,18 @@ def markdown(result: dict) -> str:
         f"- command: `{result['command']}`",
         f"- in process: one image p50 {ip['p50_ms']:.1f} ms (p95 {ip['p95_ms']:.1f}); 8 images as one batch "
         f"{ip['batch8_speedup']:.2f}x faster than one at a time", "",
-        "| clients | --max-batch | images/s | p50 ms | p95 ms | p99 ms | requests | errors |",
+        "| clients | --max-batch | images/s | p50 ms | p95 ms | p99 ms | requests (runs) | errors |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["load"]:
         lines.append(f"| {row['clients']} | {row['max_batch']} | {row['images_per_s']:.2f} | {row['p50_ms']:.1f} | "
-                     f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['requests']} | {row['errors']} |")
-    s = result["summary"]
-    lines += ["", f"- server overhead at 1 client (p50, batching on): {s['overhead_ms_1_client']:.1f} ms "
-                  f"({s['overhead_pct_1_client']:.1f}% of in-process; target <= 5 ms or 5%)",
+                     f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['requests']} ({row['runs']}) | {row['errors']} |")
+    s, pr = result["summary"], result["paired"]
+    lines += ["", f"- server overhead at 1 client, paired (in process then over HTTP, back to back, {pr['pairs']} pairs): "
+                  f"median difference {pr['overhead_ms']:.1f} ms ({pr['overhead_pct']:.1f}%; in process p50 "
+                  f"{pr['in_process_p50_ms']:.1f} ms, HTTP p50 {pr['http_p50_ms']:.1f} ms; target <= 5 ms or 5%)",
+              f"- the same from the locust run (1 client, batching on, p50) against the in-process p50 measured first: "
+              f"{s['overhead_ms_1_client']:+.1f} ms ({s['overhead_pct_1_client']:+.1f}%)",
               f"- batching gain at 16 clients: {s['batching_gain_16']:.2f}x images/s (target >= 1.5x)"]
     r = result["rss"]
     after = r["rss_mb_after_%d" % r["requests"]]
@@ -203,9 +236,11 @@ def markdown(result: dict) -> str:
                  f"after {r['requests']} ({r['growth_pct']:+.1f}%; target < 5%; {r['steps']} steps, {r['concurrency']} clients, "
                  f"{r['errors']} errors)")
     st = result["startup"]
-    lines.append(f"- start to /readyz: cold page cache {statistics.median(st['cold_s']):.2f} s, warm "
-                 f"{statistics.median(st['warm_s']):.2f} s (median of {len(st['warm_s'])}; cold = posix_fadvise "
-                 f"DONTNEED on the {st['files']} model and ONNX Runtime files, {st['bytes'] / 2**20:.0f} MB)")
+    med = {k: statistics.median(v) for k, v in st.items() if k.endswith("_s")}
+    lines.append(f"- start to /readyz (median of {len(st['warm_s'])}): cold page cache {med['cold_s']:.2f} s, warm "
+                 f"{med['warm_s']:.2f} s, warming every batch size 1-8; with --quick-start (batch 1 only) cold "
+                 f"{med['cold_quick_s']:.2f} s, warm {med['warm_quick_s']:.2f} s. Cold = posix_fadvise DONTNEED on the "
+                 f"{st['files']} model and ONNX Runtime files ({st['bytes'] / 2**20:.0f} MB) before the start")
     return "\n".join(lines) + "\n"
 
 
@@ -213,7 +248,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--batches", default="8,1")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per point")
+    parser.add_argument("--duration", type=float, default=12.0, help="seconds per locust run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated runs per (clients, --max-batch) point")
+    parser.add_argument("--pairs", type=int, default=40, help="in-process/HTTP pairs for the 1-client overhead")
     parser.add_argument("--rss-requests", type=int, default=2000)
     parser.add_argument("--rss-steps", type=int, default=5)
     parser.add_argument("--startup-runs", type=int, default=3)
@@ -223,15 +260,24 @@ def main() -> int:
               "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count(logical=False)} cores, "
                          f"{psutil.virtual_memory().total / 2**30:.0f} GiB; {platform.platform()}",
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    result["in_process"] = in_process(30)
+    import sdrt
+
+    pipe = sdrt.Pipeline.from_pretrained(None, backend="onnx")
+    result["in_process"] = in_process(30, pipe)
     print("in process:", result["in_process"], flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     servers = {b: start_server(b) for b in batches}
     result["load"] = []
     try:
+        result["paired"] = paired_overhead(servers[batches[0]][1], pipe, args.pairs)
+        print("paired:", result["paired"], flush=True)
         for clients in (int(c) for c in args.clients.split(",")):
-            for b in batches:  # side by side: both servers up, points interleaved
-                row = {"max_batch": b, **run_locust(servers[b][1], clients, args.duration)}
+            runs = {b: [] for b in batches}
+            for _ in range(args.rounds):  # side by side: both servers up, short runs alternated
+                for b in batches:
+                    runs[b].append(run_locust(servers[b][1], clients, args.duration))
+            for b in batches:
+                row = {"max_batch": b, **summarise(clients, runs[b])}
                 print(row, flush=True)
                 result["load"].append(row)
     finally:

@@ -212,6 +212,17 @@ def test_batched_requests_equal_each_alone(url, pipe):
     assert equal >= 1  # most are bit-equal; ORT may pick other kernels at another batch size (one level at most)
 
 
+def test_fifo_across_keys_a_lone_request_waits_one_batch(url):
+    blocker = _blocker(url)
+    job = lambda steps: post(url, "/v1/jobs", json={"prompt": "a 1", "steps": steps}).json()["id"]  # noqa: E731
+    a, lone, c = job(4), job(5), job(4)  # a and c share a key; the lone request does not
+    httpx.delete(f"{url}/v1/jobs/{blocker}")
+    done = {k: wait_for(lambda i=i: (j := httpx.get(f"{url}/v1/jobs/{i}").json())["status"] == "done" and j)
+            for k, i in (("a", a), ("lone", lone), ("c", c))}
+    assert done["a"]["batch_images"] == done["c"]["batch_images"] == 2  # c rode along with the older a
+    assert done["lone"]["batch_images"] == 1  # served next, before anything that arrived after it
+
+
 def test_one_cancelled_row_leaves_the_others_untouched(url, pipe):
     blocker = _blocker(url)
     stays = post(url, "/v1/jobs", json={"prompt": "a blue 4", "seed": 3, "steps": 60, "guidance_scale": 4.0}).json()["id"]
@@ -282,6 +293,18 @@ def test_body_limit_and_malformed_json(url):
     assert r.status_code == 422 and "Traceback" not in r.text
     r = post(url, "/v1/images/edits", files={"image": ("x.png", b"junk", "image/png")}, data={"prompt": "a"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image"]
+
+
+def test_loopback_detection_for_the_no_key_warning():
+    from sdrt.serve.server import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
+
+
+def test_cors_is_off_unless_asked(url):
+    preflight = {"Origin": "http://evil.test", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(f"{url}/v1/jobs", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
 
 
 def test_light_install_never_imports_the_server():

@@ -25,6 +25,7 @@ def tight():
     from sdrt.serve import Limits, ServeConfig
 
     config = ServeConfig(threads=1, warm_all_batches=False, max_batch=1, max_queue=2, timeout=1.5, api_key=KEY,
+                         cors=["http://app.test"],
                          limits=Limits(max_steps=1000))
     with running_server(config) as url:
         yield url
@@ -41,6 +42,15 @@ def test_api_key_on_every_route_but_the_health_checks(tight):
     assert httpx.get(f"{tight}/sdapi/v1/sd-models", headers=AUTH).status_code == 200
     r = httpx.post(f"{tight}/v1/images/generations", headers=AUTH, json={"prompt": "a 1", "steps": 2})
     assert r.status_code == 200 and len(r.json()["data"]) == 1
+
+
+def test_cors_origin_when_asked(tight):
+    preflight = {"Origin": "http://app.test", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(f"{tight}/v1/images/generations", headers=preflight)  # browsers send no key on a preflight
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.test"
+    r = httpx.options(f"{tight}/v1/images/generations", headers={**preflight, "Origin": "http://other.test"})
+    assert r.headers.get("access-control-allow-origin") != "http://other.test"
 
 
 def test_full_queue_answers_429_with_retry_after(tight):

@@ -313,9 +313,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (a1111, openai_api, jobs, ops):
         app.include_router(module.router)
-    if config.cors:
+    app.add_middleware(Guard, api_key=config.api_key, max_body=config.limits.max_body_bytes, metrics=metrics)
+    if config.cors:  # outermost: browsers' preflight requests carry no API key
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=config.cors, allow_methods=["*"], allow_headers=["*"])
-    app.add_middleware(Guard, api_key=config.api_key, max_body=config.limits.max_body_bytes, metrics=metrics)
     return app

@@ -24,13 +24,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.errors import BackendError, InputError, SdrtError
+from sdrt.schedulers import make_scheduler
 from sdrt.serve.batcher import Batcher, Job, Limits, NotAccepting, QueueFull
 from sdrt.serve.schemas import ApiError, FieldError
 
 log = logging.getLogger("sdrt.serve")
 
 OPEN_PATHS = ("/healthz", "/readyz")  # answered without the API key
-MAX_FINISHED_JOBS = 1000  # async jobs kept for GET after they finish (oldest go first)
+MAX_FINISHED_JOBS = 1000  # async jobs kept for GET after they finish (oldest go first) ...
+FINISHED_JOB_TTL = 3600.0  # ... and for at most this many seconds
 
 
 @dataclasses.dataclass
@@ -109,9 +111,12 @@ class Service:
         batcher.limits.check(batcher.pipe.facts, prompt=kw["prompt"], negative_prompt=kw.get("negative_prompt"),
                              steps=kw["num_inference_steps"], images=kw.get("num_images_per_prompt", 1),
                              width=kw.get("width"), height=kw.get("height"), fields=fields)
-        if kw.get("image") is not None:
-            return await run_in_threadpool(batcher.pipe.plan, **kw)
-        return batcher.pipe.plan(**kw)
+        pipe = batcher.pipe
+        plan = await run_in_threadpool(pipe.plan, **kw) if kw.get("image") is not None else pipe.plan(**kw)
+        # the schedule too (a step count the scheduler cannot space is this request's 422, not its batch's failure)
+        make_scheduler(plan.scheduler, pipe.source.scheduler_config).set_timesteps(
+            plan.steps, plan.strength if plan.init_image is not None else 1.0)
+        return plan
 
     def submit(self, batcher: Batcher, plan, **kw) -> Job:
         if self.draining:
@@ -125,6 +130,9 @@ class Service:
 
     def add_job(self, job: Job) -> None:
         self.jobs[job.id] = job
+        now = time.monotonic()
+        for key in [k for k, j in self.jobs.items() if j.finished and now - j.ended > FINISHED_JOB_TTL]:
+            del self.jobs[key]
         while len(self.jobs) > MAX_FINISHED_JOBS:
             oldest = next((k for k, j in self.jobs.items() if j.finished), None)
             if oldest is None:

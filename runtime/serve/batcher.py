@@ -98,6 +98,7 @@ class Job:
         self.created = time.time()
         self.enqueued = time.monotonic()
         self.started: float | None = None
+        self.ended: float | None = None
         self.deadline = self.enqueued + timeout
         self.preview_every = preview_every
         self.preview_decode = preview_decode
@@ -149,6 +150,7 @@ class Job:
         for k, v in fields.items():
             setattr(self, k, v)
         self.state = state
+        self.ended = time.monotonic()
         self.emit(state, {"status": state, "error": self.error})
         if not self.future.done():
             self.future.set_result(self)

@@ -72,7 +72,7 @@ def percentile(values, q):
     return values[k]
 
 
-def in_process(runs: int, pipe, rounds: int = 3) -> dict:
+def in_process(runs: int, pipe, rounds: int = 3, warm: bool = True) -> dict:
     """The same request in process: its latency alone, and 8 images as one batch against 8 one at a time (the
     pipeline's steps over 8 plans, as the batcher runs them), alternated over `rounds` after a warm-up of both."""
     kw = dict(num_inference_steps=BODY["steps"], guidance_scale=BODY["cfg_scale"], scheduler="ddim", output_type="np")
@@ -83,7 +83,7 @@ def in_process(runs: int, pipe, rounds: int = 3) -> dict:
         pipe.denoise(batch)
         pipe.finish(batch)
 
-    for _ in range(3):
+    for _ in range(3 if warm else 0):
         pipe(BODY["prompt"], seed=0, progress=False, **kw)
         batch_of_8()
     times = []
@@ -99,7 +99,8 @@ def in_process(runs: int, pipe, rounds: int = 3) -> dict:
         t1 = time.perf_counter()
         batch_of_8()
         gains.append((t1 - t0) / (time.perf_counter() - t1))
-    return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 95), "runs": runs,
+    return {"p50_ms": 1000 * statistics.median(times) if times else None,
+            "p95_ms": 1000 * percentile(times, 95) if times else None, "runs": runs,
             "batch8_speedup": statistics.median(gains), "batch8_speedups": gains}
 
 
@@ -227,19 +228,23 @@ def markdown(result: dict) -> str:
         f"- command: `{result['command']}`",
         f"- in process: one image p50 {ip['p50_ms']:.1f} ms (p95 {ip['p95_ms']:.1f}); 8 images as one batch vs one at "
         f"a time: {ip['batch8_speedup']:.2f}x (median of {', '.join(f'{g:.2f}' for g in ip['batch8_speedups'])})", "",
-        "| clients | --max-batch | images/s | p50 ms | p95 ms | p99 ms | requests (runs) | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| clients | --max-batch | images/s | p50 ms | p95 ms | p99 ms | requests (runs) | errors | in-process batch-8 gain, same window |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["load"]:
         lines.append(f"| {row['clients']} | {row['max_batch']} | {row['images_per_s']:.2f} | {row['p50_ms']:.1f} | "
-                     f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['requests']} ({row['runs']}) | {row['errors']} |")
+                     f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['requests']} ({row['runs']}) | {row['errors']} | "
+                     f"{row['in_process_batch8_speedup']:.2f}x |")
     s, pr = result["summary"], result["paired"]
+    by = {(r["clients"], r["max_batch"]): r for r in result["load"]}
     lines += ["", f"- server overhead at 1 client, paired (in process then over HTTP, back to back, {pr['pairs']} pairs): "
                   f"median difference {pr['overhead_ms']:.1f} ms ({pr['overhead_pct']:.1f}%; in process p50 "
                   f"{pr['in_process_p50_ms']:.1f} ms, HTTP p50 {pr['http_p50_ms']:.1f} ms; target <= 5 ms or 5%)",
               f"- the same from the locust run (1 client, batching on, p50) against the in-process p50 measured first: "
               f"{s['overhead_ms_1_client']:+.1f} ms ({s['overhead_pct_1_client']:+.1f}%)",
-              f"- batching gain at 16 clients: {s['batching_gain_16']:.2f}x images/s (target >= 1.5x)"]
+              f"- batching gain at 16 clients: {s['batching_gain_16']:.2f}x images/s (target >= 1.5x); the same machine's "
+              f"in-process gain for 8 images as one batch, measured between those runs: "
+              f"{by[(16, 8)]['in_process_batch8_speedup'] if (16, 8) in by else float('nan'):.2f}x"]
     r = result["rss"]
     after = r["rss_mb_after_%d" % r["requests"]]
     lines.append(f"- RSS: {r['rss_mb_after_100']:.0f} MB after 100 requests, {after:.0f} MB "
@@ -283,11 +288,13 @@ def main() -> int:
         print("paired:", result["paired"], flush=True)
         for clients in (int(c) for c in args.clients.split(",")):
             runs = {b: [] for b in batches}
+            gains = []
             for _ in range(args.rounds):  # side by side: both servers up, short runs alternated
+                gains.append(in_process(0, pipe, rounds=1, warm=False)["batch8_speedup"])  # the machine, right now
                 for b in batches:
                     runs[b].append(run_locust(servers[b][1], clients, args.duration))
             for b in batches:
-                row = {"max_batch": b, **summarise(clients, runs[b])}
+                row = {"max_batch": b, **summarise(clients, runs[b]), "in_process_batch8_speedup": statistics.median(gains)}
                 print(row, flush=True)
                 result["load"].append(row)
     finally:

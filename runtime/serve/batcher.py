@@ -229,7 +229,7 @@ class Batcher:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(self._retry_after())
             self._queue.append(job)
-            if self._running:
+            if any(not j.finished for j in self._running):  # (a finished batch's clients may already be back)
                 self._busy_hint = True
             self._cond.notify_all()
         self._gauge()

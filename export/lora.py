@@ -2,20 +2,21 @@
 
 Both prepare a diffusers folder that stands in for the model: a single file is converted (sdrt.export.single_file),
 LoRAs are fused into the UNet and text encoder (sdrt.adapters.lora, W += scale * alpha/rank * up @ down), and the export of
-that folder records the original source and each LoRA's file, sha256 and scale in its manifest (extras["loras"]).
+that folder (sdrt.export.onnx_export.export_model) records the original source and each LoRA's file, sha256 and
+scale in its manifest (extras["loras"]).
 """
 
 from __future__ import annotations
 
-import argparse
+from sdrt.model.weights import prefix_text_encoder_keys
+
 import contextlib
 import shutil
 import tempfile
 from pathlib import Path
 
 from sdrt.errors import ModelError
-from sdrt.adapters.lora import fuse_into_modules, parse_lora_spec
-from sdrt.model.manifest import read_manifest
+from sdrt.adapters.lora import fuse_into_modules
 
 
 def fuse_into_folder(model_dir, loras, out_dir) -> list[dict]:
@@ -38,6 +39,7 @@ def fuse_into_folder(model_dir, loras, out_dir) -> list[dict]:
         unet, text = unet.to(dtypes[0]), text.to(dtypes[1])
     unet.save_pretrained(out_dir / "unet")
     text.save_pretrained(out_dir / "text_encoder")
+    prefix_text_encoder_keys(out_dir)  # loadable by transformers 4.x too
     (out_dir / "vae").symlink_to((model_dir / "vae").resolve(), target_is_directory=True)
     for name in ("tokenizer", "scheduler"):
         shutil.copytree(model_dir / name, out_dir / name)
@@ -71,32 +73,3 @@ def prepared_model(model, loras=(), allow_pickle: bool = False, workdir=None, **
         yield folder, records
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def record_in_manifest(out_dir, source, loras: list[dict]) -> None:
-    """Record the original source and the fused LoRAs in an export's manifest."""
-    manifest = read_manifest(out_dir)
-    manifest.extras["source"] = str(Path(source).expanduser().resolve())
-    manifest.extras["loras"] = list(loras)
-    manifest.write(Path(out_dir))
-
-
-def export_customised(model, out_dir, loras=(), allow_pickle: bool = False, **export_options):
-    """sdrt.export.onnx_export.export_model for a single file and/or with LoRAs [(file, scale)] fused."""
-    from sdrt.export.onnx_export import export_model
-
-    out_dir = Path(out_dir).expanduser()
-    with prepared_model(model, loras, allow_pickle=allow_pickle, workdir=out_dir.parent) as (folder, records):
-        report = export_model(folder, out_dir, **export_options)
-    record_in_manifest(out_dir, model, records)
-    return report
-
-
-def export_command_with_customisations(args, export_command) -> int:
-    """The `sdrt export` command for a single file and/or --lora: exports the prepared folder with the same options."""
-    loras = [parse_lora_spec(spec) for spec in args.lora]
-    out_dir = Path(args.out).expanduser()
-    with prepared_model(args.model, loras, allow_pickle=args.allow_pickle, workdir=out_dir.parent) as (folder, records):
-        code = export_command(argparse.Namespace(**{**vars(args), "model": str(folder), "lora": []}))
-    record_in_manifest(out_dir, args.model, records)
-    return code

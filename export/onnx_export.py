@@ -32,6 +32,8 @@ from sdrt.families import family_spec
 from sdrt.errors import InputError, ModelError
 from sdrt.model.manifest import GRAPH_REVISION, GRAPH_REWRITES, MANIFEST_NAME, Manifest, read_manifest
 from sdrt.model.facts import ModelFacts, read_json, read_model_facts
+from sdrt.memory import model_architecture
+from sdrt.outputs import chmod_default
 from sdrt.export.rewrites import graph_rewrites
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -73,11 +75,11 @@ class ExportReport:
 
 
 def export_model(
-    model_dir,
+    model,
     out_dir,
     fp16: bool = False,
     opset: int | None = None,
-    limits: ShapeLimits = ShapeLimits(),
+    limits: ShapeLimits | None = None,
     check: bool = True,
     keep_fp32_ops=(),
     progress: bool = True,
@@ -86,9 +88,20 @@ def export_model(
     share_weights: bool = False,
     subpixel_upsample: bool = True,
     winograd: bool = False,
+    loras=(),
+    allow_pickle: bool = False,
+    min_size: int | None = None,
+    opt_size: int | None = None,
+    max_size: int | None = None,
+    max_batch: int = 4,
 ) -> ExportReport:
-    """Export `model_dir` (diffusers format, SD 1.x/2.x) to the sdrt export folder `out_dir`.
+    """Export `model` (a diffusers-format SD 1.x/2.x folder, or an original-layout single-file checkpoint) to the
+    sdrt export folder `out_dir`.
 
+    limits: the sizes and batch the export serves; None takes min/opt/max_size and max_batch, each defaulting to
+    the model's own (`default_limits`). loras: [(file, scale)] fused into the UNet and text encoder first
+    (sdrt.export.lora); a single file is converted first (sdrt.export.single_file; a pickle .ckpt only with
+    allow_pickle, since unpickling can run code). The manifest records the source and the LoRAs, written once.
     fp16: store weights and compute in fp16; the I/O, the UNet's timestep path, SD 2.1's attention scores
     (upcast_attention) and the op types in keep_fp32_ops stay float32 (sdrt.export.fp16). check: run each
     network in ONNX Runtime and PyTorch on random inputs at a size and batch other than the export's, and fail
@@ -102,6 +115,31 @@ def export_model(
     size at limits.opt_size (sdrt.export.winograd): faster on ONNX Runtime's CPU provider at any size, fastest at
     the opt size; fp32 only, more memory, and not for TensorRT (`sdrt build` refuses such exports).
     """
+    options = dict(fp16=fp16, opset=opset, limits=limits, check=check, keep_fp32_ops=keep_fp32_ops, progress=progress,
+                   exporter=exporter, force=force, share_weights=share_weights, subpixel_upsample=subpixel_upsample,
+                   winograd=winograd, min_size=min_size, opt_size=opt_size, max_size=max_size, max_batch=max_batch)
+    model, out_dir = Path(model).expanduser(), Path(out_dir).expanduser()
+    if not loras and not model.is_file():
+        return _export_folder(model, out_dir, source=model, lora_records=[], **options)
+    from sdrt.export.lora import prepared_model
+
+    with prepared_model(model, loras, allow_pickle=allow_pickle, workdir=out_dir.parent) as (folder, records):
+        return _export_folder(folder, out_dir, source=model, lora_records=records, **options)
+
+
+def default_limits(facts: ModelFacts, min_size=None, opt_size=None, max_size=None, max_batch: int = 4) -> ShapeLimits:
+    """An export's shape range: from 64 px (or the size step) through the model's own size to 1024 px by default."""
+    step = facts.size_step
+    min_size = min_size or max(step, 64 // step * step)
+    opt_size = opt_size or max(min_size, facts.default_size)
+    max_size = max_size or max(opt_size, 1024 // step * step)
+    return ShapeLimits(min_size=min_size, opt_size=opt_size, max_size=max_size, max_batch=max_batch)
+
+
+def _export_folder(
+    model_dir: Path, out_dir: Path, fp16, opset, limits, check, keep_fp32_ops, progress, exporter, force, share_weights,
+    subpixel_upsample, winograd, min_size, opt_size, max_size, max_batch, source: Path, lora_records: list[dict],
+) -> ExportReport:  # fmt: skip
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -118,6 +156,7 @@ def export_model(
     if not 14 <= opset <= 23:
         raise InputError(f"opset {opset} is outside 14-23; use {DEFAULT_OPSET[exporter]}")
     facts = read_model_facts(model_dir)
+    limits = limits or default_limits(facts, min_size, opt_size, max_size, max_batch)
     check_limits(limits, facts)
     check_out_dir(model_dir, out_dir, force)
     contracts = build_contracts(facts)
@@ -177,15 +216,22 @@ def export_model(
             token_embeddings=SHARED_FILES["text_encoder"][1] if share_weights else "token_embeddings.safetensors",
             extras={
                 "shared_weights": share_weights,
-                "source": str(model_dir.resolve()),
+                "source": str(source.resolve()),
+                "loras": lora_records,
                 "keep_fp32_ops": list(keep_fp32_ops),
                 "upcast_attention": upcast_attention,
+                # The UNet config's own flag, whatever the precision: `sdrt build --fp16` converts fp32 exports with it.
+                "unet_upcast_attention": bool(read_json(model_dir / "unet" / "config.json").get("upcast_attention")),
                 **rewrites,
                 "graph_revision": GRAPH_REVISION,
                 "parity": {n: {"dims": r.check_dims, "errors": r.errors} for n, r in reports.items() if r.errors},
+                "architecture": model_architecture(model_dir, None).to_dict(),  # what sdrt.memory estimates from
             },
         )
-        manifest.record_files(tmp, sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        for p in files:  # files made through mkstemp (safetensors' writer, ORT's caches) are 0600
+            chmod_default(p)
+        manifest.record_files(tmp, [str(p.relative_to(tmp)) for p in files])
         manifest.write(tmp)
         read_manifest(tmp)  # what the runtime will do: refuse now rather than later
         replace_folder(tmp, out_dir)
@@ -432,10 +478,11 @@ def library_versions(opset: int, exporter: str) -> dict:
 
 
 def remove_stale_partials(out_dir: Path) -> None:
-    """Remove what killed exports (SIGKILL, power loss) left beside OUT: `.OUT.partial-PID` of dead PIDs."""
-    for folder in out_dir.parent.glob(f".{out_dir.name}.*-*"):
-        kind, _, pid = folder.name[len(out_dir.name) + 2 :].rpartition("-")
-        if kind in ("partial", "old") and pid.isdigit() and not pid_alive(int(pid)):
+    """Remove what killed exports (SIGKILL, power loss) left in OUT's folder: `.NAME.partial-PID` and `.NAME.old-PID`
+    of dead PIDs, for any NAME (an export to another name in the same folder cleans up too)."""
+    for folder in out_dir.parent.glob(".*.*-*"):
+        kind, _, pid = folder.name.rpartition(".")[2].rpartition("-")
+        if folder.is_dir() and kind in ("partial", "old") and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -46,7 +46,7 @@ def test_api_key_on_every_route_but_the_health_checks(tight):
 
 def test_a_schedule_the_scheduler_cannot_space_is_a_422_at_submit(tight):
     r = httpx.post(f"{tight}/v1/jobs", headers=AUTH, json={"prompt": "a 1", "steps": 1000})
-    assert r.status_code == 422 and "timestep 1000" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "num_inference_steps 1000" in r.json()["error"]["message"]
 
 
 def test_cors_origin_when_asked(tight):

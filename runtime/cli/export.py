@@ -8,10 +8,9 @@ argparse only; the work is sdrt.export.onnx_export.export_model, imported when t
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from sdrt.backends.base import module_available
-from sdrt.errors import BackendError
+from sdrt.errors import BackendError, torch_install_hint
 
 EPILOG = """The export folder holds one ONNX file per network, the tokenizer, the scheduler config, the token
 embeddings and manifest.json; it runs with only onnxruntime installed: sdrt generate "a fox" -m OUT.
@@ -57,27 +56,19 @@ def add_parser(sub) -> None:
 def cmd_export(args) -> int:
     missing = [m for m in ("torch", "diffusers", "transformers", "onnx") if not module_available(m)]
     if missing:
-        raise BackendError(f"sdrt export needs {', '.join(missing)}: pip install 'sdrt[export]'")
-    if args.lora or Path(args.model).expanduser().is_file():  # issue 4: export a prepared diffusers folder instead
-        from sdrt.export.lora import export_command_with_customisations
-
-        return export_command_with_customisations(args, cmd_export)
-    from sdrt.contracts import ShapeLimits
+        raise BackendError(f"sdrt export needs {', '.join(missing)}: {torch_install_hint('export')}")
+    from sdrt.adapters.lora import parse_lora_spec
     from sdrt.export.onnx_export import export_model
-    from sdrt.model.facts import read_model_facts
 
-    facts = read_model_facts(args.model)
-    step = facts.size_step
-    min_size = args.min_size or max(step, 64 // step * step)
-    opt_size = args.opt_size or max(min_size, facts.default_size)
-    max_size = args.max_size or max(opt_size, 1024 // step * step)
-    limits = ShapeLimits(min_size=min_size, opt_size=opt_size, max_size=max_size, max_batch=args.max_batch)
     report = export_model(
         args.model,
         args.out,
         fp16=args.fp16,
         opset=args.opset,
-        limits=limits,
+        min_size=args.min_size,
+        opt_size=args.opt_size,
+        max_size=args.max_size,
+        max_batch=args.max_batch,
         check=args.check,
         keep_fp32_ops=tuple(args.keep_fp32_op),
         progress=not args.quiet,
@@ -86,6 +77,8 @@ def cmd_export(args) -> int:
         share_weights=args.share_weights,
         subpixel_upsample=args.subpixel_upsample,
         winograd=args.winograd,
+        loras=[parse_lora_spec(spec) for spec in args.lora],
+        allow_pickle=args.allow_pickle,
     )
     print(report.summary())
     return 0

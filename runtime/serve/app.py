@@ -24,7 +24,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.errors import BackendError, InputError, SdrtError
-from sdrt.schedulers import make_scheduler
 from sdrt.serve.batcher import Batcher, Job, Limits, NotAccepting, QueueFull
 from sdrt.serve.schemas import ApiError, FieldError
 
@@ -111,12 +110,10 @@ class Service:
         batcher.limits.check(batcher.pipe.facts, prompt=kw["prompt"], negative_prompt=kw.get("negative_prompt"),
                              steps=kw["num_inference_steps"], images=kw.get("num_images_per_prompt", 1),
                              width=kw.get("width"), height=kw.get("height"), fields=fields)
-        pipe = batcher.pipe
-        plan = await run_in_threadpool(pipe.plan, **kw) if kw.get("image") is not None else pipe.plan(**kw)
-        # the schedule too (a step count the scheduler cannot space is this request's 422, not its batch's failure)
-        make_scheduler(plan.scheduler, pipe.source.scheduler_config).set_timesteps(
-            plan.steps, plan.strength if plan.init_image is not None else 1.0)
-        return plan
+        # plan() checks the rest through sdrt.inputs (schedule, memory budget): a 422 for this request alone
+        if kw.get("image") is not None:
+            return await run_in_threadpool(batcher.pipe.plan, **kw)
+        return batcher.pipe.plan(**kw)
 
     def submit(self, batcher: Batcher, plan, **kw) -> Job:
         if self.draining:

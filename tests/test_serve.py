@@ -3,9 +3,7 @@ the webuiapi and openai clients as users call them, batched == alone, cancellati
 
 import base64
 import io
-import json
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import sdrt  # noqa: E402
-from serve_util import png_b64, png_pixels, running_server, sse_events, wait_for  # noqa: E402
+from serve_util import png_pixels, running_server, sse_events, wait_for  # noqa: E402
 
 from PIL import Image  # noqa: E402
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from sdrt.images import SAMPLER_NAMES, a1111_parameters
-from sdrt.serve.media import b64_to_bytes, decode_image, png_b64
+from sdrt.serve.media import b64_to_bytes, decode_image, output_pngs
 from sdrt.serve.schemas import (
     A1111ImagesResponse, EmbeddingItem, EmbeddingsResponse, FieldError, Img2ImgRequest, OptionsRequest,
     OptionsResponse, ProgressResponse, ProgressState, SamplerItem, SchedulerItem, ScriptsResponse, SDModelItem,
@@ -69,7 +69,7 @@ async def generate(req, request: Request, image=None, strength: float = 0.8) -> 
     job = service.submit(batcher, plan)
     await service.wait(job, request)
     out = job.output
-    images = await run_in_threadpool(lambda: [png_b64(im, p) for im, p in zip(out.images, out.parameters)]) if req.send_images else []
+    images = await output_pngs(out) if req.send_images else []
     parameters = req.model_dump()
     if image is not None and not getattr(req, "include_init_images", False):
         parameters["init_images"] = None

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sdrt.serve.a1111 import resolve_sampler
 from sdrt.serve.batcher import Job
-from sdrt.serve.media import b64_to_bytes, decode_image, png_b64
+from sdrt.serve.media import b64_to_bytes, decode_image, output_pngs
 from sdrt.serve.schemas import ErrorResponse, JobRequest, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["async jobs"])
@@ -28,7 +28,7 @@ async def status(service, job: Job, images: bool = True) -> JobStatus:
         out = job.output
         if images:
             if "images" not in job.cache:
-                job.cache["images"] = await run_in_threadpool(lambda: [png_b64(im, p) for im, p in zip(out.images, out.parameters)])
+                job.cache["images"] = await output_pngs(out)
             body.images = job.cache["images"]
         body.seeds, body.parameters, body.batch_images = out.seeds, out.parameters, job.batch_images
     return body

@@ -68,6 +68,21 @@ def png_b64(image: Image.Image, params: dict | None = None) -> str:
     return base64.b64encode(png_bytes(image, params)).decode("ascii")
 
 
+INLINE_PIXELS = 256 * 256  # below this many pixels in all, encoding costs less than a hop to a worker thread
+
+
+async def output_pngs(out) -> list[str]:
+    """A PipelineOutput's images as base64 PNGs with their parameters; big ones encoded off the event loop."""
+    from starlette.concurrency import run_in_threadpool
+
+    def encode():
+        return [png_b64(image, params) for image, params in zip(out.images, out.parameters)]
+
+    if sum(image.width * image.height for image in out.images) <= INLINE_PIXELS:
+        return encode()
+    return await run_in_threadpool(encode)
+
+
 class LatentPreview:
     """Latents -> RGB by one affine map per pixel: rgb = latent_channels @ W + b, fitted by least squares against
     the model's own VAE decoder (its output averaged over each latent pixel's patch) on a few smooth random latents.

@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from sdrt.serve.a1111 import resolve_sampler
-from sdrt.serve.media import decode_image, png_b64
+from sdrt.serve.media import decode_image, output_pngs
 from sdrt.serve.schemas import MAX_SEED, FieldError, ImageData, ImageGenerationRequest, ImagesResponse
 
 router = APIRouter(prefix="/v1/images", tags=["OpenAI images"])
@@ -42,7 +42,7 @@ async def generate(request: Request, *, prompt: str, model: str | None, n: int, 
     job = service.submit(batcher, plan)
     await service.wait(job, request)
     out = job.output
-    data = await run_in_threadpool(lambda: [ImageData(b64_json=png_b64(im, p)) for im, p in zip(out.images, out.parameters)])
+    data = [ImageData(b64_json=b64) for b64 in await output_pngs(out)]
     return ImagesResponse(created=int(time.time()), data=data)
 
 

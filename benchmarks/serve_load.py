@@ -224,7 +224,8 @@ def markdown(result: dict) -> str:
     lines = [
         "# sdrt serve: load on loopback (built-in model, 64x64, 20 steps DDIM, guidance 7.5)", "",
         f"- machine: {result['machine']}",
-        f"- load average before: {result['load_before']}, after: {result['load_after']} (other agents share these cores)",
+        f"- load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in result['load_before'])}; after: "
+        f"{', '.join(f'{x:.1f}' for x in result['load_after'])} (other jobs share these 2 cores)",
         f"- command: `{result['command']}`",
         f"- in process: one image p50 {ip['p50_ms']:.1f} ms (p95 {ip['p95_ms']:.1f}); 8 images as one batch vs one at "
         f"a time: {ip['batch8_speedup']:.2f}x (median of {', '.join(f'{g:.2f}' for g in ip['batch8_speedups'])})", "",
@@ -270,7 +271,12 @@ def main() -> int:
     parser.add_argument("--rss-steps", type=int, default=5)
     parser.add_argument("--startup-runs", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/serve-load")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite OUT.md from OUT.json")
     args = parser.parse_args()
+    if args.markdown_only:
+        out = Path(args.out)
+        out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text())))
+        return 0
     result = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "load_before": os.getloadavg(),
               "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count(logical=False)} cores, "
                          f"{psutil.virtual_memory().total / 2**30:.0f} GiB; {platform.platform()}",

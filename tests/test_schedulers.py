@@ -55,26 +55,33 @@ CONFIGS = {
 
 # sdrt name -> (diffusers class, from_config kwargs).
 KARRAS = {"use_karras_sigmas": True}
+EXPONENTIAL = {"use_exponential_sigmas": True}
 SDE = {"algorithm_type": "sde-dpmsolver++"}
 DIFFUSERS = {
     "ddim": (diffusers.DDIMScheduler, {}),
     "pndm": (diffusers.PNDMScheduler, {}),
     "euler": (diffusers.EulerDiscreteScheduler, {}),
     "euler_karras": (diffusers.EulerDiscreteScheduler, KARRAS),
+    "euler_exponential": (diffusers.EulerDiscreteScheduler, EXPONENTIAL),
     "euler_a": (diffusers.EulerAncestralDiscreteScheduler, {}),
     "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
     "dpmpp_2m_karras": (diffusers.DPMSolverMultistepScheduler, KARRAS),
+    "dpmpp_2m_exponential": (diffusers.DPMSolverMultistepScheduler, EXPONENTIAL),
     "lms": (diffusers.LMSDiscreteScheduler, {}),
     "lms_karras": (diffusers.LMSDiscreteScheduler, KARRAS),
+    "lms_exponential": (diffusers.LMSDiscreteScheduler, EXPONENTIAL),
     "heun": (diffusers.HeunDiscreteScheduler, {}),
     "heun_karras": (diffusers.HeunDiscreteScheduler, KARRAS),
+    "heun_exponential": (diffusers.HeunDiscreteScheduler, EXPONENTIAL),
     "unipc": (diffusers.UniPCMultistepScheduler, {}),
     "unipc_karras": (diffusers.UniPCMultistepScheduler, KARRAS),
+    "unipc_exponential": (diffusers.UniPCMultistepScheduler, EXPONENTIAL),
     "dpmpp_2m_sde": (diffusers.DPMSolverMultistepScheduler, SDE),
     "dpmpp_2m_sde_karras": (diffusers.DPMSolverMultistepScheduler, {**SDE, **KARRAS}),
-    "dpmpp_2m_sde_exponential": (diffusers.DPMSolverMultistepScheduler, {**SDE, "use_exponential_sigmas": True}),
+    "dpmpp_2m_sde_exponential": (diffusers.DPMSolverMultistepScheduler, {**SDE, **EXPONENTIAL}),
     "dpmpp_2s_a": (diffusers.DPMSolverSinglestepScheduler, SDE),
     "dpmpp_2s_a_karras": (diffusers.DPMSolverSinglestepScheduler, {**SDE, **KARRAS}),
+    "dpmpp_2s_a_exponential": (diffusers.DPMSolverSinglestepScheduler, {**SDE, **EXPONENTIAL}),
     "ddpm": (diffusers.DDPMScheduler, {}),
     "lcm": (diffusers.LCMScheduler, {}),
     "tcd": (diffusers.TCDScheduler, {}),
@@ -86,10 +93,10 @@ DIFFUSERS = {
 #   random |x| ~ 50, and LMS's order-4 coefficients, that is up to ~5e-6 relative.
 # - UniPC computes phi_k(h) recursively in float32 (h_phi_k / h - 1/k! cancels for small h): ~3e-6 at 50 steps.
 # - DDPM's beta_t = 1 - a/a' cancels in float32 for close timesteps: up to ~5e-6 on the cosine schedule.
-TOLERANCE = {"lms": 6e-6, "lms_karras": 6e-6, "heun": 5e-6, "heun_karras": 5e-6, "unipc": 4e-6, "unipc_karras": 4e-6,
-             "ddpm": 6e-6}  # fmt: skip
+TOLERANCE = {"lms": 6e-6, "heun": 5e-6, "unipc": 4e-6, "ddpm": 6e-6}
+TOLERANCE.update({f"{name}_{sigmas}": TOLERANCE[name] for name in ("lms", "heun", "unipc") for sigmas in ("karras", "exponential")})
 # Karras/exponential sigmas give fractional timesteps (Euler, LMS, Heun keep them): within torch's sqrt ulps.
-FRACTIONAL = {"euler_karras", "lms_karras", "heun_karras"}
+FRACTIONAL = {f"{name}_{sigmas}" for name in ("euler", "lms", "heun") for sigmas in ("karras", "exponential")}
 SHAPE = (2, 4, 8, 8)
 # Steps -> img2img strengths run (1.0 = txt2img); fewer strengths at high step counts keep the file fast.
 STRENGTHS = {1: (1.0,), 4: (1.0, 0.75, 0.6, 0.3), 10: (1.0, 0.75, 0.6, 0.3), 25: (1.0, 0.6), 50: (1.0, 0.3)}
@@ -393,6 +400,20 @@ def test_comparison_catches_small_errors(name):
         run_chain(name, SD21, 10, 1.0, tol=tol, label="perturbed ", perturb=(row, column, 1 + 10 * tol))
 
 
+def test_a1111_names_complete():
+    """Every sdrt name, and every name a scheduler reports from a config, has one distinct A1111 name."""
+    from sdrt.schedulers import A1111_NAMES
+
+    assert set(A1111_NAMES) == set(SCHEDULER_NAMES)
+    assert len(set(A1111_NAMES.values())) == len(A1111_NAMES)
+    for name in SCHEDULER_NAMES:
+        s = make_scheduler(name, SD15)
+        assert s.name == name, (name, s.name)  # what PNG metadata records, through A1111_NAMES
+    expected = {"euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M Karras", "dpmpp_2m_sde": "DPM++ 2M SDE",
+                "dpmpp_2s_a": "DPM++ 2S a", "lms": "LMS", "heun": "Heun", "unipc": "UniPC", "ddpm": "DDPM", "lcm": "LCM"}  # fmt: skip
+    assert {k: A1111_NAMES[k] for k in expected} == expected
+
+
 def test_pndm_calls_and_history():
     s = make_scheduler("pndm", SD15)
     s.set_timesteps(10)
@@ -433,7 +454,7 @@ def test_step_order_and_noise_are_checked():
 @pytest.mark.parametrize(
     "call,message",
     [
-        (lambda: make_scheduler("foo", SD15), "unknown scheduler 'foo'; choose one of ddim, pndm, euler, euler_karras, euler_a"),
+        (lambda: make_scheduler("foo", SD15), "unknown scheduler 'foo'; choose one of ddim, pndm, euler, euler_karras, euler_exponential, euler_a"),
         (lambda: make_scheduler("ddim", SD15).set_timesteps(0), "num_inference_steps 0"),
         (lambda: make_scheduler("ddim", SD15).set_timesteps(2000), "exceeds"),
         (lambda: make_scheduler("ddim", SD15).set_timesteps(10, 0.0), "strength 0.0"),

@@ -8,7 +8,10 @@
         x = s.step(out, i, x, noise=None)     # euler_a needs fresh noise here
 
 Each step is `update(coefficients[i], sample, output, history, noise)`: arithmetic on the arrays with scalars
-precomputed on the host, so the same step runs on numpy, torch, CUDA graphs and C++ (see base.py).
+precomputed on the host, so the same step runs on numpy, torch, CUDA graphs and C++ (see base.py). DDIM, PNDM,
+Euler (a) and DPM++ 2M (SDE) write their update by hand; LMS, Heun, UniPC, DPM++ 2S a, DDPM, LCM, TCD and PNDM's
+Runge-Kutta warm-up trace their rows from diffusers' step logic and share one generic update (see traced.py).
+Heun, like PNDM, makes more UNet calls than steps (2n - 1): `num_calls` rows, one UNet call each.
 """
 
 from __future__ import annotations

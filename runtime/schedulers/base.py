@@ -2,8 +2,9 @@
 
 A scheduler step is a linear combination of a few arrays with per-step scalars. `set_timesteps` computes
 those scalars on the host (float64) into `coefficients[num_calls, K]`, so one `update` function runs the step
-on numpy arrays, on torch device tensors, inside a CUDA graph (the row then lives in a device buffer) and,
-later, in C++. `update` uses only `+ - *` on the arrays (plus one optional clamp), never a numpy call.
+on numpy arrays, on torch device tensors, inside a CUDA graph (the row then lives in a device buffer) and in
+C++. `update` uses only `+ - *` on the arrays (plus one optional clamp), never a numpy call. Schedulers whose
+step is more involved build their rows by tracing diffusers' step on symbolic arrays (traced.py).
 
 The schedule tables (betas, alphas_cumprod, sigmas) are built in float32 exactly as diffusers 0.42.1 builds
 them with torch, so timesteps match bit for bit and the coefficients differ from diffusers' float32 scalars

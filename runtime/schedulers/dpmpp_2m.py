@@ -1,5 +1,6 @@
 """DPM-Solver++ 2M (Lu et al. 2022), equal to diffusers' DPMSolverMultistepScheduler (solver_order=2,
-algorithm_type="dpmsolver++"), with or without Karras sigmas.
+algorithm_type="dpmsolver++"), with Karras, exponential or the config's sigmas; `DPMPP2MSDE` below is the
+"sde-dpmsolver++" variant (DPM++ 2M SDE).
 
 Noise level sigma gives alpha = 1/sqrt(sigma^2 + 1), sigma_t = sigma * alpha, lambda = log(alpha / sigma_t),
 h = lambda_next - lambda. history = (x0_prev,), the previous call's data prediction.

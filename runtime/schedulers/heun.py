@@ -26,7 +26,6 @@ class Heun(TracedStep, Euler):
         clip_sample=False, clip_sample_range=1.0, timestep_spacing="linspace", steps_offset=0,
     )  # fmt: skip
     history_size = 2
-    calls_per_step = 2
 
     def _tables(self, n: int, start: int) -> Tables:
         timesteps, sigmas = self._sigmas(n)

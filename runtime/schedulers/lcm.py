@@ -97,6 +97,7 @@ class TCD(LCM):
         if not 0 <= eta <= 1:
             raise InputError(f"TCD's eta (gamma) {eta} must be in [0, 1]")
         self.eta = float(eta)
+        self.config["eta"] = self.eta  # not a diffusers config key (step's argument): kept so caches key on it
         self.needs_noise = self.eta > 0
 
     @property

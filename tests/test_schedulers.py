@@ -90,10 +90,11 @@ DIFFUSERS = {
 # test_closer_to_float64_diffusers shows sdrt within 1e-6 of diffusers run in float64 instead:
 # - LMS and Heun form the ODE derivative d = (x - x0) / sigma in float32: x0 = x - sigma e keeps only ulp(|x|), so d
 #   carries ulp(|x|) / sigma (sdrt folds it exactly, d = e). At the last Karras sigmas (~0.03) with these tests'
-#   random |x| ~ 50, and LMS's order-4 coefficients, that is up to ~5e-6 relative.
+#   random |x| ~ 50, and LMS's order-4 coefficients, that is up to ~6e-6 relative (measured: diffusers float32 vs
+#   float64 5.8e-6 on exponential sigmas, trailing, 50 steps; sdrt vs float64 <= 1.6e-7 on every config).
 # - UniPC computes phi_k(h) recursively in float32 (h_phi_k / h - 1/k! cancels for small h): ~3e-6 at 50 steps.
 # - DDPM's beta_t = 1 - a/a' cancels in float32 for close timesteps: up to ~5e-6 on the cosine schedule.
-TOLERANCE = {"lms": 6e-6, "heun": 5e-6, "unipc": 4e-6, "ddpm": 6e-6}
+TOLERANCE = {"lms": 1e-5, "heun": 5e-6, "unipc": 4e-6, "ddpm": 6e-6}
 TOLERANCE.update({f"{name}_{sigmas}": TOLERANCE[name] for name in ("lms", "heun", "unipc") for sigmas in ("karras", "exponential")})
 # Karras/exponential sigmas give fractional timesteps (Euler, LMS, Heun keep them): within torch's sqrt ulps.
 FRACTIONAL = {f"{name}_{sigmas}" for name in ("euler", "lms", "heun") for sigmas in ("karras", "exponential")}
@@ -272,7 +273,7 @@ def float64_reference(name, config, n, seed=0):
 
 @pytest.mark.parametrize(
     "name,config",
-    [("lms_karras", "sd15_trailing"), ("unipc", "sd21"), ("ddpm", "sd15_linspace_v"), ("ddpm", "cosine"), ("heun", "sd21")],
+    [("lms_karras", "sd15_trailing"), ("lms_exponential", "sd15_trailing"), ("unipc", "sd21"), ("ddpm", "sd15_linspace_v"), ("ddpm", "cosine"), ("heun", "sd21")],
 )
 def test_closer_to_float64_diffusers(name, config):
     """Where TOLERANCE is wider than 1e-6, the difference is diffusers' float32 rounding: sdrt stays within 1e-6

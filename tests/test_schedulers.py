@@ -401,6 +401,21 @@ def test_comparison_catches_small_errors(name):
         run_chain(name, SD21, 10, 1.0, tol=tol, label="perturbed ", perturb=(row, column, 1 + 10 * tol))
 
 
+def test_defaults_are_diffusers_init_defaults():
+    """Each class's DEFAULTS (written into every export's manifest) equals its diffusers class's __init__ defaults."""
+    import inspect
+
+    from sdrt.schedulers import scheduler_defaults
+
+    defaults = scheduler_defaults()
+    for name in defaults:
+        cls = DIFFUSERS[name][0]
+        params = inspect.signature(cls.__init__).parameters
+        expected = {k: p.default for k, p in params.items() if k != "self"}
+        assert defaults[name] == expected, name
+    assert {"lms", "heun", "unipc", "dpmpp_2s_a", "ddpm", "lcm", "tcd"} <= set(defaults)
+
+
 def test_a1111_names_complete():
     """Every sdrt name, and every name a scheduler reports from a config, has one distinct A1111 name."""
     from sdrt.schedulers import A1111_NAMES

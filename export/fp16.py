@@ -190,3 +190,22 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
         copy.CopyFrom(node)
     del graph.node[:]
     graph.node.extend(copies)
+
+
+def convert_file(src, dst, keep_ops=(), upcast_attention=False) -> None:
+    """Convert the ONNX file `src` (weights inline or external) to fp16 at `dst` (external data beside it when
+    over 2 GB), as `sdrt export --fp16` does; `sdrt build --fp16` uses it on fp32 exports."""
+    from pathlib import Path
+
+    from sdrt.export.onnx_export import EXTERNAL_DATA_BYTES, infer_shapes, model_bytes
+
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src))
+    big = model_bytes(model) > EXTERNAL_DATA_BYTES
+    model = convert_to_fp16(infer_shapes(model, dst.parent, big), keep_ops, shapes_inferred=True, upcast_attention=upcast_attention)
+    for leftover in ("infer-in.onnx", "infer-out.onnx", "infer.data"):
+        (dst.parent / leftover).unlink(missing_ok=True)
+    if model_bytes(model) > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=dst.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))

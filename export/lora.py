@@ -8,6 +8,8 @@ scale in its manifest (extras["loras"]).
 
 from __future__ import annotations
 
+from sdrt.model.weights import prefix_text_encoder_keys
+
 import contextlib
 import shutil
 import tempfile
@@ -37,6 +39,7 @@ def fuse_into_folder(model_dir, loras, out_dir) -> list[dict]:
         unet, text = unet.to(dtypes[0]), text.to(dtypes[1])
     unet.save_pretrained(out_dir / "unet")
     text.save_pretrained(out_dir / "text_encoder")
+    prefix_text_encoder_keys(out_dir)  # loadable by transformers 4.x too
     (out_dir / "vae").symlink_to((model_dir / "vae").resolve(), target_is_directory=True)
     for name in ("tokenizer", "scheduler"):
         shutil.copytree(model_dir / name, out_dir / name)

@@ -32,6 +32,8 @@ from sdrt.families import family_spec
 from sdrt.errors import InputError, ModelError
 from sdrt.model.manifest import GRAPH_REVISION, GRAPH_REWRITES, MANIFEST_NAME, Manifest, read_manifest
 from sdrt.model.facts import ModelFacts, read_json, read_model_facts
+from sdrt.memory import model_architecture
+from sdrt.outputs import chmod_default
 from sdrt.export.rewrites import graph_rewrites
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -218,12 +220,18 @@ def _export_folder(
                 "loras": lora_records,
                 "keep_fp32_ops": list(keep_fp32_ops),
                 "upcast_attention": upcast_attention,
+                # The UNet config's own flag, whatever the precision: `sdrt build --fp16` converts fp32 exports with it.
+                "unet_upcast_attention": bool(read_json(model_dir / "unet" / "config.json").get("upcast_attention")),
                 **rewrites,
                 "graph_revision": GRAPH_REVISION,
                 "parity": {n: {"dims": r.check_dims, "errors": r.errors} for n, r in reports.items() if r.errors},
+                "architecture": model_architecture(model_dir, None).to_dict(),  # what sdrt.memory estimates from
             },
         )
-        manifest.record_files(tmp, sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        for p in files:  # files made through mkstemp (safetensors' writer, ORT's caches) are 0600
+            chmod_default(p)
+        manifest.record_files(tmp, [str(p.relative_to(tmp)) for p in files])
         manifest.write(tmp)
         read_manifest(tmp)  # what the runtime will do: refuse now rather than later
         replace_folder(tmp, out_dir)
@@ -470,10 +478,11 @@ def library_versions(opset: int, exporter: str) -> dict:
 
 
 def remove_stale_partials(out_dir: Path) -> None:
-    """Remove what killed exports (SIGKILL, power loss) left beside OUT: `.OUT.partial-PID` of dead PIDs."""
-    for folder in out_dir.parent.glob(f".{out_dir.name}.*-*"):
-        kind, _, pid = folder.name[len(out_dir.name) + 2 :].rpartition("-")
-        if kind in ("partial", "old") and pid.isdigit() and not pid_alive(int(pid)):
+    """Remove what killed exports (SIGKILL, power loss) left in OUT's folder: `.NAME.partial-PID` and `.NAME.old-PID`
+    of dead PIDs, for any NAME (an export to another name in the same folder cleans up too)."""
+    for folder in out_dir.parent.glob(".*.*-*"):
+        kind, _, pid = folder.name.rpartition(".")[2].rpartition("-")
+        if folder.is_dir() and kind in ("partial", "old") and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -65,3 +65,19 @@ def link_to_safetensors(onnx_path: Path, safetensors_path: Path) -> tuple[int, i
         shared += length
     onnx.save_model(model, str(onnx_path))
     return shared, inline
+
+
+def shift_external_offsets(onnx_path: Path, location: str, shift: int) -> int:
+    """Move every external-data offset into `location` by `shift` bytes (after that file's header grew, e.g. by
+    sdrt.model.weights.add_clip_text_prefix). Returns how many tensors were moved."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    moved = 0
+    for tensor in model.graph.initializer:
+        entries = {e.key: e for e in tensor.external_data}
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and entries.get("location") and entries["location"].value == location:
+            entries["offset"].value = str(int(entries["offset"].value) + shift)
+            moved += 1
+    onnx.save_model(model, str(onnx_path))
+    return moved

@@ -15,15 +15,18 @@ pass prediction_type= to say otherwise.
 
 from __future__ import annotations
 
+from sdrt.model.weights import prefix_text_encoder_keys
+
 import hashlib
 import json
+import pickle
 import os
 import re
 import shutil
 from pathlib import Path
 
 from sdrt import __version__
-from sdrt.errors import BackendError, InputError, ModelError
+from sdrt.errors import BackendError, InputError, ModelError, torch_install_hint
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -43,24 +46,31 @@ def load_checkpoint(path: Path, allow_pickle: bool = False) -> tuple[dict, int |
     """The file's state dict (torch tensors) and its global_step when it records one."""
     import torch
 
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
+    from sdrt.model.weights import sniff
+
+    kind = sniff(path)  # by content: a PNG or garbage named .ckpt/.safetensors is neither
+    if kind == "safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path)), None
         except Exception as err:
-            raise ModelError(f"{path} is not a readable .safetensors checkpoint ({err}); is it complete?") from None
+            raise ModelError(f"{path} is not a readable .safetensors checkpoint ({str(err).splitlines()[0]}); is it complete?") from None
+    if kind != "pickle":
+        raise ModelError(f"{path} is not a checkpoint: its content is {kind}; pass an SD 1.x/2.x .safetensors or .ckpt file")
     if not allow_pickle:
         raise ModelError(
-            f"{path} is a pickle checkpoint ({path.suffix or 'no suffix'}); loading one unpickles it, which can run code "
-            "from the file. Convert it to .safetensors, or pass --allow-pickle (allow_pickle=True) if you trust its source"
+            f"{path} is a pickle checkpoint; loading one unpickles it, which can run code from the file. Convert it to "
+            ".safetensors, or, if you trust its source, convert it once with `sdrt export FILE OUT --allow-pickle` "
+            "(Python: allow_pickle=True) and use OUT"
         )
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception:  # Lightning .ckpt files hold callbacks and other objects: the full unpickler, as allowed
-        data = torch.load(str(path), map_location="cpu", weights_only=False)
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # Lightning .ckpt files hold callbacks and other objects: the full unpickler, as allowed
+            data = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, damaged pickle: torch raises many kinds
+        raise ModelError(f"{path} cannot be read as a torch checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); is it complete?") from None
     step = data.get("global_step") if isinstance(data, dict) else None
     state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict):
@@ -247,7 +257,7 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
 
     missing = [m for m in ("torch", "diffusers", "transformers") if not module_available(m)]
     if missing:
-        raise BackendError(f"converting a single-file checkpoint needs {', '.join(missing)}: pip install 'sdrt[export]', "
+        raise BackendError(f"converting a single-file checkpoint needs {', '.join(missing)}: {torch_install_hint('export')}; "
                            "or convert it once elsewhere with `sdrt export FILE OUT`")
     import diffusers
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -307,6 +317,9 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
     _load_strict(text, text_state, "text encoder", str(path))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    from sdrt.export.onnx_export import remove_stale_partials
+
+    remove_stale_partials(out_dir)  # what killed runs left in this folder
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -328,6 +341,7 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
             feature_extractor=None, requires_safety_checker=False,
         )
         pipe.save_pretrained(tmp)
+        prefix_text_encoder_keys(tmp)  # loadable by transformers 4.x too
         (tmp / "sdrt_source.json").write_text(json.dumps({
             "converted_from": str(path.resolve()), "family": family, "prediction_type": prediction_type,
             "image_size": image_size, "config": str(config) if config else None, "sdrt_version": __version__,

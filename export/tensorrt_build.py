@@ -5,10 +5,14 @@
 
 Profiles come from the contracts (ShapeLimits.profile): batch from 1 (guidance <= 1 runs a batch of one) to
 max_batch, the UNet from 1 to 2 x max_batch (guidance runs [uncond, cond] as one batch), sizes from min to max.
-Precision: an fp16 export is built as a strongly typed network (TensorRT follows the ONNX file's types, so the
-ops the export kept in fp32 stay fp32); an fp32 export with fp16=True gets TensorRT's FP16 builder flag.
-The build itself goes through polygraphy's TensorRT loaders (NetworkFromOnnxPath, CreateConfig,
-EngineBytesFromNetwork); a timing cache, keyed by GPU and TensorRT version, is loaded and saved across builds.
+Precision: every network is built strongly typed, TensorRT following the ONNX file's types. TensorRT 11 removed
+weak typing (BuilderFlag.FP16/INT8/FP8/BF16, precision constraints, calibrators) and 10.12 on deprecates it, so an
+fp16 engine comes from an fp16 graph: an fp16 export builds as it is (the ops it kept in fp32 stay fp32); an fp32
+export with fp16=True is converted first by sdrt's own fp16 conversion (sdrt.export.fp16, the same as
+`sdrt export --fp16`: I/O, the UNet's timestep path and SD 2.x's attention scores stay fp32), and the conversion
+is recorded in the engine's flags, hence its cache key and the manifest. int8/fp8 engines would need explicit
+Q/DQ graphs (not made by sdrt). The build uses TensorRT's own API (Builder, OnnxParser, one optimisation profile,
+a timing cache keyed by GPU and TensorRT version, loaded and saved across builds), on TensorRT 10 and 11.
 
 The output folder is a self-contained export: the ONNX export's files (hard links where the filesystem allows,
 else copies), `engines/<network>-<key>.plan` with a sidecar `<network>-<key>.json` holding the key's fields,
@@ -119,6 +123,7 @@ def build_engines(
     progress: bool = True,
     machine: MachineInfo | None = None,
     engine_builder=None,
+    fp16_converter=None,
 ) -> BuildReport:
     """Build (or reuse) one TensorRT engine per network of the ONNX export `onnx_dir` into `out_dir`.
 
@@ -128,7 +133,9 @@ def build_engines(
     timing_cache: file to load and save TensorRT's tactic timings (default: one per GPU and TensorRT version under
     ~/.cache/sdrt/tensorrt). dry_run: compute and report profiles, flags and keys; build and write nothing
     (works without TensorRT). machine, engine_builder: what the keys describe and what turns
-    (onnx path, profile, flags, timing cache path) into engine bytes (default: this machine, polygraphy).
+    (onnx path, profile, flags, timing cache path) into engine bytes (default: this machine, TensorRT's API).
+    fp16_converter: (fp32 ONNX path, fp16 ONNX path to write, upcast_attention) for fp16 engines from an fp32
+    export (default: sdrt.export.fp16.convert_file).
     """
     t_start = time.perf_counter()
     if not dry_run and engine_builder is None:
@@ -149,7 +156,7 @@ def build_engines(
     plans = {}
     for network in [n for n in source.family_section()["networks"] if n in source.networks]:
         profile = network_profile(source.contracts[network], source.facts, limits, static)
-        flags = build_flags(network, source.networks[network].get("precision", "fp32"), fp16)
+        flags = build_flags(network, source.networks[network].get("precision", "fp32"), fp16, source.extras)
         fields = engine_key_fields(network, network_onnx_files(source, network), profile, flags, machine)
         key = engine_key(fields)
         action, reason = reuse_or_build(out_dir, old, network, key, fields)
@@ -157,7 +164,8 @@ def build_engines(
     report = BuildReport(onnx_dir, out_dir, machine, limits, static, timing_cache, plans, dry_run)
     if dry_run:
         return report
-    write_build(source, onnx_dir, out_dir, report, engine_builder or build_with_polygraphy, progress)
+    converter = fp16_converter or _convert_fp16
+    write_build(source, onnx_dir, out_dir, report, engine_builder or build_with_tensorrt, progress, converter)
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -235,16 +243,22 @@ def network_profile(contract: NetworkContract, facts: ModelFacts, limits: ShapeL
     return {s.name: tuple(contract.resolve(s, dims[which]) for which in WHICH) for s in contract.inputs}
 
 
-def build_flags(network: str, precision: str, fp16: bool) -> dict:
-    """TensorRT flags for a network: strongly typed for fp16 exports, the FP16 builder flag for fp32 ones."""
+FP16_CONVERSION = "sdrt.export.fp16/1"  # bump when convert_to_fp16's output changes: it is in every key
+
+
+def build_flags(network: str, precision: str, fp16: bool, extras: dict | None = None) -> dict:
+    """A network's build: always strongly typed; fp16 from an fp16 graph, converted first for an fp32 export."""
     if precision == "fp16":
         if not fp16:
             raise InputError(
                 f"the {network} ONNX file is fp16, so its engine is fp16 too; for fp32 engines build from an fp32 "
                 "export (`sdrt export` without --fp16), or drop --no-fp16"
             )
-        return {"precision": "fp16", "strongly_typed": True, "fp16_flag": False, "tf32": False}
-    return {"precision": "fp16" if fp16 else "fp32", "strongly_typed": False, "fp16_flag": bool(fp16), "tf32": False}
+        return {"precision": "fp16", "strongly_typed": True, "converted": None, "tf32": False}
+    if not fp16:
+        return {"precision": "fp32", "strongly_typed": True, "converted": None, "tf32": False}
+    upcast = bool((extras or {}).get("unet_upcast_attention")) and network == "unet"
+    return {"precision": "fp16", "strongly_typed": True, "converted": FP16_CONVERSION + ("+upcast" if upcast else ""), "tf32": False}
 
 
 # --- the cache ---------------------------------------------------------------------------------------------------
@@ -304,28 +318,57 @@ def check_out_dir(onnx_dir: Path, out_dir: Path) -> None:
 # --- building and writing ----------------------------------------------------------------------------------------
 
 
-def build_with_polygraphy(onnx_path: Path, profile: dict, flags: dict, timing_cache: Path):
-    """One serialised engine (IHostMemory) via polygraphy's TensorRT loaders; the timing cache is read and updated."""
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+def _convert_fp16(src: Path, dst: Path, upcast_attention: bool) -> None:
+    from sdrt.export.fp16 import convert_file
 
-    trt_profile = Profile()
+    convert_file(src, dst, upcast_attention=upcast_attention)
+
+
+def build_with_tensorrt(onnx_path: Path, profile: dict, flags: dict, timing_cache: Path):
+    """One serialised engine (IHostMemory) through TensorRT's API, on TensorRT 10 and 11 alike: a strongly typed
+    network (the flag where it still exists; TensorRT 11 networks are always strongly typed), no precision
+    builder flags (removed in 11), TF32 cleared where asked, the timing cache read and updated."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    if not builder:
+        raise BackendError("TensorRT could not create a builder (no GPU, or the driver is too old: see `sdrt info`)")
+    network_flags = 0
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flags.get("strongly_typed", True) and strongly_typed is not None:
+        network_flags |= 1 << int(strongly_typed)
+    network = builder.create_network(network_flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # external data is read relative to the file
+        errors = [parser.get_error(i) for i in range(parser.num_errors)]
+        errors = "; ".join(str(e.desc() if hasattr(e, "desc") else e) for e in errors) or "no error reported"
+        raise BackendError(f"TensorRT could not parse {onnx_path}: {errors[:500]}")
+    config = builder.create_builder_config()
+    trt_profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.items():
-        trt_profile.add(name, min=tuple(lo), opt=tuple(opt), max=tuple(hi))
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=flags["strongly_typed"])
-    config = CreateConfig(
-        fp16=flags["fp16_flag"],
-        tf32=flags["tf32"],
-        profiles=[trt_profile],
-        load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
-    )
-    return EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))()
+        trt_profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+    config.add_optimization_profile(trt_profile)
+    tf32 = getattr(getattr(trt, "BuilderFlag", None), "TF32", None)
+    if tf32 is not None and not flags.get("tf32", False):
+        config.clear_flag(tf32)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=True)  # a foreign cache is ignored, not an error
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise BackendError(f"TensorRT built no engine from {onnx_path} (see its log above)")
+    timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    return engine
 
 
-def write_build(source: Manifest, onnx_dir: Path, out_dir: Path, report: BuildReport, engine_builder, progress: bool) -> None:
+def write_build(source: Manifest, onnx_dir: Path, out_dir: Path, report: BuildReport, engine_builder, progress: bool, converter=_convert_fp16) -> None:
     """Link the export, build or reuse each engine, write the manifest, then rename the folder into place."""
     from tqdm.auto import tqdm
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    from sdrt.export.onnx_export import remove_stale_partials
+
+    remove_stale_partials(out_dir)  # what killed runs left in this folder
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     work_cache = tmp / ".timing.cache"
@@ -343,13 +386,12 @@ def write_build(source: Manifest, onnx_dir: Path, out_dir: Path, report: BuildRe
                 link_or_copy(out_dir / plan.file, tmp / plan.file)
                 plan.action = "reused"
             else:
-                build_one(source, onnx_dir, tmp, plan, work_cache, engine_builder)
+                build_one(source, onnx_dir, tmp, plan, work_cache, engine_builder, converter)
                 plan.action = "built"
             plan.bytes = (tmp / plan.file).stat().st_size
             write_json(tmp / plan.sidecar, {"format": ENGINE_FORMAT, "key": plan.key, "key_fields": plan.fields,
                                              "built_by": f"sdrt {__version__}", "seconds": round(plan.seconds, 2)})  # fmt: skip
         bar.close()
-        work_cache.with_name(work_cache.name + ".lock").unlink(missing_ok=True)  # polygraphy's lock file
         manifest = build_manifest(source, onnx_dir, tmp, report)
         manifest.write(tmp)
         read_manifest(tmp)  # what the runtime will do: refuse now rather than later
@@ -365,19 +407,35 @@ def write_build(source: Manifest, onnx_dir: Path, out_dir: Path, report: BuildRe
         raise
 
 
-def build_one(source: Manifest, onnx_dir: Path, tmp: Path, plan: EnginePlan, work_cache: Path, engine_builder) -> None:
+def build_one(source: Manifest, onnx_dir: Path, tmp: Path, plan: EnginePlan, work_cache: Path, engine_builder, converter=_convert_fp16) -> None:
     for rel, sha in plan.fields["onnx_sha256"].items():  # the key promises these bytes: check them now
         if sha256_of(onnx_dir / rel) != sha:
             raise ModelError(f"{onnx_dir / rel} changed since the export was written (sha256 differs); re-export it with `sdrt export`")
     t0 = time.perf_counter()
+    onnx_path = onnx_dir / plan.onnx
+    converted = None
+    if plan.flags.get("converted"):  # an fp16 engine from an fp32 export: build from an fp16 graph
+        converted = tmp / ".fp16" / plan.network / Path(plan.onnx).name
+        converted.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            converter(onnx_path, converted, plan.flags["converted"].endswith("+upcast"))
+        except (BackendError, ModelError, InputError):
+            raise
+        except Exception as err:
+            raise BackendError(
+                f"could not convert {onnx_path} to fp16 for its engine ({_first(err)}); export with `sdrt export --fp16` "
+                "and build from that, or build fp32 engines with --no-fp16"
+            ) from err
+        onnx_path = converted
     try:
-        engine = engine_builder(onnx_dir / plan.onnx, plan.profile, plan.flags, work_cache)
+        engine = engine_builder(onnx_path, plan.profile, plan.flags, work_cache)
     except (BackendError, ModelError, InputError):
         raise
-    except Exception as err:  # polygraphy raises PolygraphyException; TensorRT its own errors
-        text = str(err).strip()
-        first = text.splitlines()[0][:300] if text else type(err).__name__
-        raise BackendError(f"TensorRT could not build the {plan.network} engine from {onnx_dir / plan.onnx} ({first}); nothing was written") from err
+    except Exception as err:  # TensorRT raises its own errors
+        raise BackendError(f"TensorRT could not build the {plan.network} engine from {onnx_dir / plan.onnx} ({_first(err)}); nothing was written") from err
+    finally:
+        if converted is not None:
+            shutil.rmtree(converted.parent.parent, ignore_errors=True)  # the engine is what stays
     if engine is None or memoryview(engine).nbytes == 0:
         raise BackendError(f"TensorRT built no {plan.network} engine (see its log above); nothing was written")
     with open(tmp / plan.file, "wb") as f:
@@ -412,6 +470,11 @@ def build_manifest(source: Manifest, onnx_dir: Path, tmp: Path, report: BuildRep
 def export_files(source: Manifest) -> dict:
     """The export's own files (a folder built by `sdrt build` can be built from again: its engines are left out)."""
     return {rel: info for rel, info in source.files.items() if not rel.startswith(ENGINES_DIR + "/")}
+
+
+def _first(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -8,6 +8,8 @@ counts, GELU and pads prompts with "!" (id 0), like SD 2.x.
 
 from __future__ import annotations
 
+from sdrt.model.weights import prefix_text_encoder_keys
+
 import argparse
 from pathlib import Path
 
@@ -106,6 +108,7 @@ def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0) -> Pa
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
+    prefix_text_encoder_keys(folder)  # loadable by transformers 4.x too
     return folder
 
 

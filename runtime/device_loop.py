@@ -13,6 +13,13 @@ the noise slice), so it can be captured whole (UNet + guidance + scheduler updat
 (scheduler, shapes, guidance on/off) and replayed: before each replay the loop only copies the row and the
 noise slice from device to device. Nothing in the loop waits for the device.
 
+Graph memory: every captured step shares one graph memory pool (steps never run at once, and nothing a graph
+allocates outlives its replay: its results are copied into the step's static buffers), and at most
+`max_steps` steps (MAX_CACHED_STEPS by default) are kept, least recently used dropped first: a long-running
+process serving many sizes, batches and schedulers holds a bounded amount of GPU memory. Capture runs on the
+loop's own device with streams made there (`cuda:1` works; torch.cuda.graph's default capture stream is made once
+per process on whichever device came first).
+
 Backend-neutral: `DeviceLoop` takes any callable `unet(sample, timestep, encoder_hidden_states) -> tensor` on
 device tensors (the PyTorch backend's contract module; a TensorRT engine can be wrapped the same way). Latents
 and the scheduler arithmetic are float32; the UNet sees its own dtype (fp16 on CUDA), as on the host path.
@@ -21,12 +28,16 @@ torch is imported lazily: `draw_step_noise` and `step_table` need numpy only.
 
 from __future__ import annotations
 
+import contextlib
+from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from sdrt.errors import Cancelled
+
+MAX_CACHED_STEPS = 8  # captured steps kept per loop: (scheduler, shapes, guidance) combinations in use at once
 
 
 def step_table(sched, guidance_scale: float | None) -> np.ndarray:
@@ -54,7 +65,7 @@ class _Step:
     def __init__(self, unet, sched, x_shape, text_shape, guided: bool, device, dtype):
         import torch
 
-        self.unet, self.sched, self.guided, self.dtype = unet, sched, guided, dtype
+        self.unet, self.sched, self.guided, self.dtype, self.device = unet, sched, guided, dtype, device
         k = sched.coefficients.shape[1]
         self.scale_col, self.time_col, self.guidance_col = k, k + 1, k + 2
         self.x = torch.zeros(x_shape, dtype=torch.float32, device=device)
@@ -92,39 +103,61 @@ class _Step:
             buffer.copy_(value)
         self.x.copy_(prev)
 
-    def capture(self) -> None:
-        """Warm up on a side stream (as torch asks), restore the buffers, capture one whole step."""
-        import torch
+    def capture(self, pool=None, stream=None) -> None:
+        """Capture one whole step (see `capture_graph`); pool: the graph memory pool to share; stream: the capture
+        stream, made on this step's device (the caller is inside torch.cuda.device(device))."""
+        self.graph = capture_graph(self, (self.x, *self.history), self.device, pool, stream)
 
-        saved = [b.clone() for b in (self.x, *self.history)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self()
-        torch.cuda.current_stream().wait_stream(side)
-        for buffer, value in zip((self.x, *self.history), saved):
-            buffer.copy_(value)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self()
-        self.graph = graph  # only once captured: a failed capture leaves none to replay
+
+def capture_graph(step: Callable[[], None], buffers, device, pool=None, stream=None):
+    """Warm `step` up on a side stream (as torch asks), restore the `buffers` it changed, then capture one call of it
+    in a CUDA graph and return the graph (a failed capture raises, leaving nothing to replay)."""
+    import torch
+
+    saved = [b.clone() for b in buffers]
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    for buffer, value in zip(buffers, saved):
+        buffer.copy_(value)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        step()
+    return graph
 
 
 class DeviceLoop:
     """Runs the denoising loop of one UNet on one device; CUDA graphs are captured on first use and cached."""
 
-    def __init__(self, unet: Callable, device, dtype):
+    def __init__(self, unet: Callable, device, dtype, max_steps: int = MAX_CACHED_STEPS):
         import torch
 
         self.unet = unet
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # pin "cuda" to the device it means now
         self.dtype = dtype
-        self._steps: dict = {}  # (scheduler config, shapes, guided, graph) -> _Step
+        self.max_steps = max(1, int(max_steps))
+        self._steps: OrderedDict = OrderedDict()  # (scheduler config, shapes, guided, graph) -> _Step, LRU last
+        self._pool = None  # one graph memory pool for every captured step
+        self._capture_stream = None
         self.runs = 0
 
     def clear(self) -> None:
         """Drop the cached steps and graphs (and their memory); needed after the UNet's weights move."""
         self._steps.clear()
+        self._pool = self._capture_stream = None
+
+    def _graph_resources(self):
+        """The shared graph pool and the capture stream, made on this loop's device (call inside it)."""
+        import torch
+
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._capture_stream = torch.cuda.Stream(device=self.device)
+        return self._pool, self._capture_stream
 
     def run(
         self,
@@ -151,7 +184,8 @@ class DeviceLoop:
         if sched.needs_noise and step_noise is None:
             raise ValueError(f"{sched.name} adds fresh noise each step; pass step_noise from draw_step_noise")
         guided = guidance_scale is not None
-        with torch.inference_mode():
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with on_device, torch.inference_mode():
             latents = torch.as_tensor(latents, device=self.device, dtype=torch.float32)
             text = torch.as_tensor(text_states, device=self.device).to(self.dtype)
             if text.shape[0] != latents.shape[0] * (2 if guided else 1):
@@ -163,7 +197,7 @@ class DeviceLoop:
             first_noise = None if noise is None else noise[0]
             step.load(latents, text, table[0], first_noise)
             if graph and step.graph is None:
-                step.capture()
+                step.capture(*self._graph_resources())
                 step.load(latents, text, table[0], first_noise)
             for i in tqdm(range(sched.num_calls), desc="denoising", disable=not progress, leave=False):
                 step.row.copy_(table[i])
@@ -178,6 +212,10 @@ class DeviceLoop:
     def _step(self, sched, x_shape, text_shape, guided, graph) -> _Step:
         # The captured ops depend on the scheduler's class and config (DDIM's clip_sample, for one), not its tables.
         key = (type(sched).__name__, repr(sorted(sched.config.items())), x_shape, text_shape, guided, graph)
-        if key not in self._steps:
-            self._steps[key] = _Step(self.unet, sched, x_shape, text_shape, guided, self.device, self.dtype)
-        return self._steps[key]
+        if key in self._steps:
+            self._steps.move_to_end(key)
+            return self._steps[key]
+        while len(self._steps) >= self.max_steps:
+            self._steps.popitem(last=False)  # its graph and buffers go; their pool memory serves the next capture
+        self._steps[key] = step = _Step(self.unet, sched, x_shape, text_shape, guided, self.device, self.dtype)
+        return step

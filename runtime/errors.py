@@ -23,3 +23,13 @@ class BackendError(SdrtError):
 
 class Cancelled(SdrtError):
     """A step callback asked to stop; no image was made."""
+
+
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def torch_install_hint(extra: str = "torch") -> str:
+    """How to install an extra that needs torch without pulling the multi-GB CUDA wheel by accident; every message
+    that advises installing torch ends with this."""
+    return (f"pip install torch --index-url {TORCH_CPU_INDEX} (the CPU build; pick a CUDA build at pytorch.org for a "
+            f"GPU), then pip install 'sdrt[{extra}]'")

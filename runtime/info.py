@@ -51,7 +51,11 @@ def describe_model(model: str | Path | None, verify: bool = False) -> tuple[str,
     lines.append("backends here")
     runnable = {"torch": source.is_diffusers, "onnx": source.manifest is not None, "tensorrt": bool(source.manifest and source.manifest.extras.get("engines"))}
     for name, why in available_backends().items():
-        mark = "yes" if runnable.get(name) and not why.startswith("not installed") else "no "
+        mark = "yes" if runnable.get(name) and not why.startswith(("not installed", "refused")) else "no "
         lines.append(f"  {mark} {name:<9} {why}" + ("" if runnable.get(name) else "  (this folder has nothing for it)"))
+    from sdrt.backends.tensorrt_backend import nvidia_driver_version
+
+    driver = nvidia_driver_version()
+    lines.append(f"gpu driver   {'NVIDIA ' + driver if driver else 'none loaded (no NVIDIA GPU, or its driver is not loaded)'}")
     lines.append(f"default      {source.default_backend()}")
     return "\n".join(lines), ok

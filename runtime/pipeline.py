@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 from sdrt import __version__
 from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdrt.device_loop import draw_step_noise
-from sdrt.errors import BackendError, InputError
+from sdrt.errors import BackendError
 from sdrt.generation import Batch, GenerationPlan, stack_plans
-from sdrt.images import decoded_to_uint8, image_to_array, load_image
-from sdrt.model.facts import check_size
+from sdrt import inputs
+from sdrt.images import decoded_to_uint8, image_to_array
+from sdrt.memory import image_pixel_limit
 from sdrt.model.source import ModelSource, open_model
 from sdrt.noise import TorchCPUGenerator
 from sdrt.observers import Observer, StepCallback, wants_timing
@@ -54,17 +55,25 @@ class Pipeline:
         self.token_table = token_table  # [vocab (+ textual-inversion rows), hidden], owned by the runtime
         self.textual_inversions: dict[str, list[str]] = {}
         self.loras: list[dict] = []  # LoRAs fused into the PyTorch backend's networks: {"file", "sha256", "scale"}
+        self.max_memory = None  # memory budget of every call (sdrt.memory.parse_memory); None: what is available
 
     @classmethod
-    def from_pretrained(cls, model: str | Path | None = None, backend: str = "auto", **backend_options) -> "Pipeline":
-        """Load a diffusers-format folder or an sdrt export (None: the built-in digits model)."""
+    def from_pretrained(cls, model: str | Path | None = None, backend: str = "auto", max_memory=None,
+                        **backend_options) -> "Pipeline":
+        """Load a diffusers-format folder or an sdrt export (None: the built-in digits model). max_memory: the
+        budget each call is checked against (see plan)."""
         if model is None:
             from sdrt.builtin import builtin_model_dir
 
             model = builtin_model_dir()
         source = open_model(model)
+        from sdrt.memory import parse_memory
+
+        parse_memory(max_memory)  # a bad budget fails before loading
         backend_impl = source.create_backend(backend, **backend_options)
-        return cls(source, backend_impl, ClipTokenizer.from_folder(source.tokenizer_dir), source.load_token_embeddings())
+        pipe = cls(source, backend_impl, ClipTokenizer.from_folder(source.tokenizer_dir), source.load_token_embeddings())
+        pipe.max_memory = max_memory
+        return pipe
 
     @classmethod
     def from_single_file(cls, path: str | Path, backend: str = "torch", cache_dir=None, allow_pickle: bool = False,
@@ -117,17 +126,29 @@ class Pipeline:
         num_images_per_prompt: int = 1,
         latents: np.ndarray | None = None,
         output_type: str = "pil",
+        max_memory=None,
     ) -> GenerationPlan:
-        """0. Check every argument and resolve every default (size, seeds, scheduler); no network runs."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else prompt
-        negatives = self._negative_prompts(negative_prompt, len(prompts) if isinstance(prompts, list) else 1)
-        init_image = load_image(image) if image is not None else None
-        height, width = self._size(height, width, init_image)
-        self._check(prompts, num_inference_steps, guidance_scale, strength, num_images_per_prompt, output_type, height, width)
-        make_scheduler(scheduler, self.source.scheduler_config)  # an unknown name fails here, not after the text
+        """0. Check every argument and resolve every default (size, seeds, scheduler); no network runs, nothing big is
+        allocated (sdrt.inputs). max_memory: the budget the request must fit (None: from_pretrained's, else what is
+        available; "8G" or bytes; 0/False: no check)."""
+        prompts = inputs.check_prompts(prompt)
+        negatives = self._negative_prompts(negative_prompt, len(prompts))
+        guidance_scale = inputs.check_guidance(guidance_scale)
+        strength = inputs.check_strength(strength)
+        num_images_per_prompt = inputs.check_count(num_images_per_prompt, "num_images_per_prompt")
         batch = len(prompts) * num_images_per_prompt
-        if latents is not None and tuple(latents.shape) != (batch,) + self._latent_shape(height, width)[1:]:
-            raise InputError(f"latents have shape {tuple(latents.shape)}; expected {(batch,) + self._latent_shape(height, width)[1:]}")
+        seed = inputs.check_seed(seed, batch)
+        output_type = inputs.check_output_type(output_type)
+        budget = self.max_memory if max_memory is None else max_memory
+        init_image = inputs.check_image(image, max_pixels=image_pixel_limit(budget))
+        height, width = self._size(height, width, init_image)
+        latents = inputs.check_latents(latents, (batch,) + self._latent_shape(height, width)[1:])
+        sched = make_scheduler(scheduler, self.source.scheduler_config)  # an unknown name fails here, not after the text
+        num_inference_steps = inputs.check_steps(num_inference_steps, sched, strength if init_image is not None else 1.0)
+        guided, img2img = guidance_scale > 1.0, init_image is not None
+        inputs.check_export_limits(self.backend, self.facts, batch, height, width, guided, img2img)
+        if self.backend.uses_host_memory:
+            inputs.check_memory(self.source, self.backend.name, batch, height, width, guided, img2img, budget)
         # One generator per image, seeded seed+k: image k alone is reproduced by its own seed
         # (diffusers' equivalent is generator=[torch.Generator().manual_seed(seed + k) for k in range(batch)]).
         user_seed = seed
@@ -209,13 +230,13 @@ class Pipeline:
 
     def decode(self, latents: np.ndarray, observers=()) -> np.ndarray:
         """4. Latents -> images in about [-1, 1], with the model's own scaling factor (inside the decoder network)."""
+        from sdrt.diagnostics import nonfinite_error
+
+        if not np.all(np.isfinite(latents)):  # the inputs were checked finite: the loop (UNet or scheduler) made it
+            raise nonfinite_error(self, UNET, "the latents after the denoising loop")
         decoded = self._run(VAE_DECODER, {"latent": latents}, observers)["image"]
         if not np.all(np.isfinite(decoded)):
-            raise BackendError(
-                f"the VAE decoder on the {self.backend.name} backend produced NaN/inf"
-                + (" (the latents were already NaN: the UNet produced them)" if not np.all(np.isfinite(latents)) else "")
-                + "; with an fp16 export, re-export with more ops kept in fp32 or use fp32"
-            )
+            raise nonfinite_error(self, VAE_DECODER, "the decoded image")
         return decoded
 
     def finish(self, batch: Batch, observers=()) -> list[PipelineOutput]:
@@ -226,7 +247,9 @@ class Pipeline:
         if any(p.output_type != "latent" for p in batch.plans) and batch.rows:
             pixels = decoded_to_uint8(self.decode(batch.x, observers))
             if pixels.max() == 0:
-                raise BackendError(f"the {self.backend.name} backend decoded an all-black image; with an fp16 export, try fp32")
+                from sdrt.diagnostics import precision_hint
+
+                raise BackendError(f"the {self.backend.name} backend decoded an all-black image{precision_hint(self, VAE_DECODER)}")
             decoded = pixels
         for plan in batch.plans:
             rows = slice(row, row + plan.batch)
@@ -327,14 +350,7 @@ class Pipeline:
 
     @staticmethod
     def _negative_prompts(negative_prompt, n: int) -> list[str]:
-        if negative_prompt is None:
-            return [""] * n
-        if isinstance(negative_prompt, str):
-            return [negative_prompt] * n
-        negatives = list(negative_prompt)
-        if len(negatives) != n:
-            raise InputError(f"{len(negatives)} negative prompts for {n} prompts; pass one per prompt, or one string")
-        return negatives
+        return inputs.check_negatives(negative_prompt, n)
 
     @staticmethod
     def _per_image(prompts, negatives, per_prompt):
@@ -343,29 +359,17 @@ class Pipeline:
                 yield p, n
 
     def _size(self, height, width, init_image) -> tuple[int, int]:
-        step = self.facts.size_step
-        if init_image is not None:  # default to the image's own size, rounded down to the size step
-            w, h = init_image.size
-            height = height if height is not None else max(step, h // step * step)
-            width = width if width is not None else max(step, w // step * step)
-        height = self.facts.default_size if height is None else height
-        width = self.facts.default_size if width is None else width
-        return height, width
+        return inputs.check_size(self.facts, height, width, init_image.size if init_image is not None else None)
 
     def _check(self, prompts, steps, guidance, strength, per_prompt, output_type, height, width) -> None:
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InputError(f"prompt must be a string or a non-empty list of strings, not {prompts!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise InputError(f"num_inference_steps {steps!r} must be an integer >= 1")
-        if guidance < 0:
-            raise InputError(f"guidance_scale {guidance} is negative; use 0-1 for no guidance, or e.g. 7.5")
-        if not 0.0 < strength <= 1.0:
-            raise InputError(f"strength {strength} is outside (0, 1]; 0.3 keeps most of the image, 1.0 replaces it")
-        if not isinstance(per_prompt, int) or per_prompt < 1:
-            raise InputError(f"num_images_per_prompt {per_prompt!r} must be an integer >= 1")
-        if output_type not in ("pil", "np", "latent"):
-            raise InputError(f"output_type {output_type!r} is not one of 'pil', 'np', 'latent'")
-        check_size(self.facts, height, width)
+        """All checks in one call (for callers outside plan); each lives in sdrt.inputs."""
+        inputs.check_prompts(prompts)
+        inputs.check_count(steps, "num_inference_steps")
+        inputs.check_guidance(guidance)
+        inputs.check_strength(strength)
+        inputs.check_count(per_prompt, "num_images_per_prompt")
+        inputs.check_output_type(output_type)
+        inputs.check_size(self.facts, height, width)
 
     def _latent_shape(self, height: int, width: int) -> tuple:
         f = self.facts

@@ -23,6 +23,11 @@ CLIP_CONTEXT = 77
 _SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
+
+def _clip_text(text: str, limit: int = 80) -> str:
+    """The start of a dropped text and its length: a warning must stay readable for a 10,000-character prompt."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
 class TruncationWarning(UserWarning):
     """A prompt was longer than the text encoder's context and lost its end."""
 
@@ -173,7 +178,7 @@ class ClipTokenizer:
                 warnings.warn(
                     f"The following part of your input was truncated because CLIP can only handle sequences up to "
                     f"{self.max_length} tokens ({len(ids) - keep} tokens dropped from prompt {row}): "
-                    f"{self.decode(ids[keep:])!r}", TruncationWarning, stacklevel=2)
+                    f"{_clip_text(self.decode(ids[keep:]))!r}", TruncationWarning, stacklevel=2)
                 ids = ids[:keep]
             out[row, : len(ids) + 2] = [self.bos_id, *ids, self.eos_id]
         return out

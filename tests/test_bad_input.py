@@ -32,11 +32,64 @@ def pipe(tiny_sd1):
         (dict(image="/nonexistent/x.png"), "does not exist"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt 0"),
         (dict(output_type="tensor"), "output_type 'tensor'"),
+        # issue 14: wrong types are refused at the door, naming the argument
+        (dict(prompt=None), "prompt None is not a string"),
+        (dict(prompt=7), "prompt 7 is not a string"),
+        (dict(prompt=[]), r"prompt \[\] is not a string"),
+        (dict(prompt="a red 7 \udcff\udcfe"), "not valid UTF-8"),
+        (dict(negative_prompt=3), "negative_prompt 3"),
+        (dict(seed="5"), "seed '5' is not an integer"),
+        (dict(seed=True), "seed True is not an integer"),
+        (dict(seed=2.0), "seed 2.0 is not an integer"),
+        (dict(seed=-1), "seed -1 is outside"),
+        (dict(guidance_scale="7.5"), "guidance_scale '7.5' is not a number"),
+        (dict(guidance_scale=None), "guidance_scale None is not a number"),
+        (dict(guidance_scale=float("nan")), "guidance_scale nan is not finite"),
+        (dict(guidance_scale=float("inf")), "guidance_scale inf is not finite"),
+        (dict(strength=None), "strength None is not a number"),
+        (dict(strength="0.5"), "strength '0.5' is not a number"),
+        (dict(latents=[[0.0]]), "latents of type list are not a numpy array"),
+        (dict(latents=np.zeros((1, 4, 2, 2), np.float32)), r"latents have shape \(1, 4, 2, 2\); expected \(1, 4, 8, 8\)"),
+        (dict(latents=np.full((1, 4, 8, 8), np.nan, np.float32)), "latents hold NaN"),
+        (dict(image=np.zeros((0, 0, 3), np.uint8)), "it has no pixels"),
+        (dict(width=-64), "width -64 is not positive"),
+        (dict(height="64"), "height '64' is not an integer"),
+        (dict(num_inference_steps=1000, scheduler="ddim"), "more than the ddim scheduler supports here; use at most 999"),
+        (dict(num_inference_steps=999, scheduler="dpmpp_2m"), "use at most 998"),
+        (dict(max_memory="lots"), "max_memory 'lots' is not a size"),
+        (dict(height=6400, width=6400), r"needs about .* at most \d+x\d+ fits"),
     ],
 )
 def test_bad_arguments(pipe, kwargs, match):
     with pytest.raises(InputError, match=match):
-        pipe("a cat", progress=False, **kwargs)
+        pipe(**{"prompt": "a cat", "progress": False, **kwargs})
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(threads="many"), "onnx backend option threads='many' is invalid; pass an integer >= 1"),
+    (dict(threads=-1), "threads=-1 is invalid"),
+    (dict(fp16=True), "fp16=True is not an option of the onnx backend; precision is chosen at export"),
+    (dict(dtype="fp16"), "dtype='fp16' is not an option of the onnx backend; it takes providers, threads"),
+    (dict(max_memory="x"), "max_memory 'x' is not a size"),
+])
+def test_bad_backend_options(options, match):
+    with pytest.raises(InputError, match=match):
+        sdrt.Pipeline.from_pretrained(**options)
+
+
+def test_torch_backend_options(tiny_sd1):
+    with pytest.raises(InputError, match="torch backend option dtype='bf16' is invalid; pass 'fp32' or 'fp16'"):
+        sdrt.Pipeline.from_pretrained(tiny_sd1, backend="torch", dtype="bf16")
+    with pytest.raises(InputError, match="providers=.* is not an option of the torch backend"):
+        sdrt.Pipeline.from_pretrained(tiny_sd1, backend="torch", providers=["CPUExecutionProvider"])
+
+
+def test_numpy_seed_generates_and_saves(pipe, tmp_path):
+    from sdrt.outputs import save_image
+
+    out = pipe("a cat", seed=np.int64(3), num_inference_steps=1, progress=False)
+    assert out.seeds == [3] and type(out.parameters[0]["seed"]) is int
+    save_image(out.images[0], tmp_path / "x.png", out.parameters[0])
 
 
 def test_unreadable_and_odd_images(pipe, tmp_path):

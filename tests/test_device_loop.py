@@ -6,6 +6,8 @@ ancestral one included (its noise is drawn up front in the host loop's order). O
 skipped without one) the whole-step CUDA graph must equal the uncaptured device loop to fp16 rounding.
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -170,3 +172,66 @@ def test_cuda_graph_equals_eager_device_loop(scheduler):
     assert np.array_equal(runs[1], runs[2])  # the second graph run replays the cached graph
     expected = host_loop(tiny_unet("cpu", torch.float32), sched, x, text, 3.0, noise)
     assert rel(runs[1], expected) <= 2e-2, f"{scheduler}: {rel(runs[1], expected):.2e}"  # fp16 UNet vs fp32
+
+
+def test_step_cache_is_bounded_lru():
+    """A long-running process serving many sizes keeps at most max_steps captured steps (least recently used goes)."""
+    from sdrt.export.tiny import SD15_SCHEDULER
+
+    calls = []
+
+    def unet(x, t, text):
+        calls.append(x.shape)
+        return torch.zeros_like(x)
+
+    loop = DeviceLoop(unet, "cpu", torch.float32, max_steps=2)
+    sched = make_scheduler("ddim", SD15_SCHEDULER)
+    sched.set_timesteps(1)
+    for side in (4, 8, 4, 12):
+        loop.run(sched, np.zeros((1, 4, side, side), np.float32), np.zeros((1, 77, 32), np.float32), None)
+    assert [k[2] for k in loop._steps] == [(1, 4, 4, 4), (1, 4, 12, 12)]  # 8 was least recently used
+    assert DeviceLoop(unet, "cpu", torch.float32).max_steps == 8
+
+
+def test_capture_uses_the_loops_device_streams_and_one_shared_pool(monkeypatch):
+    """On cuda:1, every stream is made on cuda:1 and torch.cuda.graph gets the loop's own capture stream (its
+    default one is made once, on whichever device came first) and one pool shared by all steps. Fakes stand in
+    for torch.cuda's stream and graph API (no GPU here); the step itself runs on CPU tensors."""
+    from sdrt.device_loop import _Step
+    from sdrt.export.tiny import SD15_SCHEDULER
+
+    made, graphs = [], []
+
+    class Stream:
+        def __init__(self, device=None):
+            made.append(str(device))
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None):
+        graphs.append((pool, stream))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(device))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", len(graphs)))
+    loop = DeviceLoop(lambda x, t, text: torch.zeros_like(x), "cpu", torch.float32)
+    loop.device = torch.device("cuda", 1)  # what the loop would hold on a two-GPU machine
+    sched = make_scheduler("ddim", SD15_SCHEDULER)
+    sched.set_timesteps(1)
+    pool, capture_stream = loop._graph_resources()
+    for side in (4, 8):
+        step = _Step(loop.unet, sched, (1, 4, side, side), (1, 77, 32), False, torch.device("cpu"), torch.float32)
+        step.device = loop.device
+        step.capture(*loop._graph_resources())
+    assert set(made) == {"cuda:1"}
+    assert graphs == [(pool, capture_stream)] * 2  # one pool, the loop's stream, for every step

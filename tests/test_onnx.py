@@ -17,7 +17,8 @@ from conftest import TEST_LIMITS
 from PIL import Image
 
 import sdrt
-from sdrt.backends.onnx_backend import CACHE_DIR, OnnxBackend
+from sdrt.backends.onnx_backend import OnnxBackend
+from sdrt.backends.onnx_sessions import CACHE_DIR
 from sdrt.cli import main
 from sdrt.contracts import NETWORKS
 from sdrt.errors import InputError, ModelError
@@ -302,7 +303,7 @@ def test_optimized_graph_cache(onnx_sd1, tmp_path):
 
 
 def test_static_shape_sessions_equal_the_dynamic_ones(onnx_sd1):
-    from sdrt.backends import onnx_backend
+    from sdrt.backends import onnx_sessions
 
     source = open_model(onnx_sd1)
     static = source.create_backend("onnx", static_shapes=True, batch_parallel=False)
@@ -315,28 +316,31 @@ def test_static_shape_sessions_equal_the_dynamic_ones(onnx_sd1):
             a, b = static.run(name, feeds), dynamic.run(name, feeds)
             for key in a:
                 np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5 * np.abs(b[key]).max())
-    assert all(len(static._specialized[n]) == len(DIMS) for n in NETWORKS)
+    assert all(len(static.cached_shapes(n)) == len(DIMS) for n in NETWORKS)
     # Only the most recently used shapes are kept.
-    for batch in range(1, onnx_backend.SPECIALIZED_PER_NETWORK + 3):
+    for batch in range(1, onnx_sessions.SPECIALIZED_PER_NETWORK + 3):
         static.run("text_encoder", source.contracts["text_encoder"].sample_inputs({**DIMS[0], "batch": batch}))
-    assert len(static._specialized["text_encoder"]) == onnx_backend.SPECIALIZED_PER_NETWORK
+    kept = static.cached_shapes("text_encoder")
+    assert len(kept) == onnx_sessions.SPECIALIZED_PER_NETWORK and kept[-1]["batch"] == onnx_sessions.SPECIALIZED_PER_NETWORK + 2
 
 
 def test_batch_parallel_runs_equal_whole_batch_runs(onnx_sd1):
     source = open_model(onnx_sd1)
     split = source.create_backend("onnx", threads=2)  # the tiny model is small: single-threaded runs, split 2 ways
     whole = source.create_backend("onnx", threads=2, batch_parallel=False)
-    assert set(split._batch_symbol) == set(NETWORKS) and not whole._batch_symbol and "batch split 2 ways" in split.describe()
+    assert "batch split 2 ways" in split.describe()
     for batch in (1, 2, 3):  # 3: parts of 2 and 1
         dims = {**DIMS[0], "batch": batch, "unet_batch": batch}
         for name in NETWORKS:
             feeds = source.contracts[name].sample_inputs(dims)
-            assert len(split._batch_parts(name, split._dims(source.contracts[name], feeds))) == min(batch, 2)
+            assert split.batch_parts(name, feeds) == min(batch, 2) and whole.batch_parts(name, feeds) == 1
             a, b = split.run(name, feeds), whole.run(name, feeds)
             for key in b:
                 assert a[key].shape == b[key].shape
                 np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5 * np.abs(b[key]).max())
-    assert not source.create_backend("onnx", threads=1)._batch_symbol  # one thread: nothing to split across
+    one = source.create_backend("onnx", threads=1)  # one thread: nothing to split across
+    assert all(one.batch_parts(n, source.contracts[n].sample_inputs({**DIMS[0], "batch": 2, "unet_batch": 2})) == 1
+               for n in NETWORKS)
 
 
 @pytest.mark.slow
@@ -350,3 +354,155 @@ def test_dynamo_exporter(tiny_sd1, tmp_path):
     errors = worst_errors(source.create_backend("onnx"), torch_modules(tiny_sd1), source.contracts)
     bad = {k: v for k, v in errors.items() if not v <= FP32_BOUND}
     assert not bad, f"dynamo ONNX vs PyTorch beyond {FP32_BOUND}: {bad}"
+
+
+# --- GPU routes, checked on the CPU ------------------------------------------------------------------------------
+
+
+def _packed_attention(model) -> list[str]:
+    """MultiHeadAttention nodes fed packed QKV (one input) or packed KV (no separate value)."""
+    return [n.name for n in model.graph.node if n.op_type == "MultiHeadAttention" and (len(n.input) < 3 or not n.input[1] or not n.input[2])]
+
+
+def test_cuda_fusions_pack_attention_only_in_fp16(onnx_sd1):
+    """ORT's CUDA MultiHeadAttention runs packed fp32 attention only for sequences >= 256 (SD's 512 px mid-block
+    has 64 tokens): an fp32 export optimised for CUDA must have no packed attention. Graph-level: no GPU needed."""
+    from sdrt.backends.onnx_sessions import fuse_for_cuda
+
+    unet = onnx_sd1 / read_manifest(onnx_sd1).networks["unet"]["file"]
+    fp32 = fuse_for_cuda(unet, "unet", "fp32").model
+    assert _packed_attention(fp32) == []
+    assert {n.op_type for n in fp32.graph.node} >= {"Attention", "MultiHeadAttention", "GroupNorm"}  # still fused
+    assert _packed_attention(fuse_for_cuda(unet, "unet", "fp16").model)  # what ORT's own SD optimiser does for fp16
+
+
+def test_a_requested_gpu_provider_that_is_missing_is_an_error(onnx_sd1, monkeypatch):
+    import onnxruntime as ort
+
+    from sdrt.backends import onnx_providers
+    from sdrt.errors import BackendError
+
+    manifest = read_manifest(onnx_sd1)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(onnx_providers, "ort_distributions", lambda: {"onnxruntime": "1.32.0"})
+    for route in ("cuda", "tensorrt"):
+        with pytest.raises(BackendError, match=f"the {route} route needs .*ExecutionProvider.*pip install onnxruntime-gpu"):
+            OnnxBackend(onnx_sd1, manifest, route=route)
+    with pytest.raises(BackendError, match="the cuda route needs CUDAExecutionProvider"):
+        OnnxBackend(onnx_sd1, manifest, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    # onnxruntime-gpu listing CUDA (it does, even without a GPU) but the session not getting it: an error too.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(BackendError, match="did not put the text_encoder network on CUDAExecutionProvider"):
+        OnnxBackend(onnx_sd1, manifest, route="cuda", fusions=False)
+    assert OnnxBackend(onnx_sd1, manifest, fusions=False).route == "auto"  # auto may run on the CPU
+
+
+class _RecordingSession:
+    """Wraps a CPU InferenceSession; records the providers and options asked for and reports them as got."""
+
+    made: list = []
+
+    def __init__(self, path, options=None, providers=None):
+        self.real = _REAL_SESSION(path, options, providers=["CPUExecutionProvider"])
+        self.providers = providers
+        _RecordingSession.made.append((str(path), providers, options.optimized_model_filepath if options else ""))
+
+    def get_providers(self):
+        return [p[0] if isinstance(p, tuple) else p for p in self.providers]
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_tensorrt_route_gives_each_network_its_profile_and_no_optimised_cache(onnx_sd1, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    global _REAL_SESSION
+    _REAL_SESSION = ort.InferenceSession
+    export = shutil.copytree(onnx_sd1, tmp_path / "export", ignore=shutil.ignore_patterns(CACHE_DIR))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", _RecordingSession)
+    _RecordingSession.made = []
+    backend = OnnxBackend(export, read_manifest(export), route="tensorrt")
+    assert backend.route == "tensorrt" and "route tensorrt" in backend.describe()
+    made = {p.split("/")[-2]: (providers, opt) for p, providers, opt in _RecordingSession.made}
+    assert set(made) == set(NETWORKS)
+    for network, (providers, optimized) in made.items():
+        name, options = providers[0]
+        assert name == "TensorrtExecutionProvider" and options["trt_fp16_enable"] and options["trt_engine_cache_enable"]
+        first_input = backend.contracts[network].inputs[0].name
+        assert options["trt_profile_max_shapes"].startswith(first_input + ":")
+        assert optimized == ""  # ORT cannot save a graph with TensorRT-compiled nodes
+    assert not (export / CACHE_DIR).exists()
+
+
+def test_cuda_binding_binds_inputs_as_cpu_memory():
+    """Inputs reach the device through ORT's own copy (ordered with its stream), not a memcpy beside it."""
+    from sdrt.backends.onnx_binding import CudaBinding
+    from sdrt.contracts import build_contracts
+    from sdrt.model.facts import ModelFacts
+
+    contract = build_contracts(ModelFacts("sd1", 4, 8, 0.18215, "epsilon", 2, 77, 32, 32, 64, 49408))["vae_decoder"]
+    calls = []
+
+    class Value:
+        def numpy(self):
+            return np.zeros((1, 3, 64, 64), np.float32)
+
+    class Binding:
+        def bind_cpu_input(self, name, array):
+            calls.append(("cpu_input", name, array.shape))
+
+        def bind_ortvalue_input(self, name, value):
+            calls.append(("device_input", name))
+
+        def bind_ortvalue_output(self, name, value):
+            calls.append(("output", name))
+
+        def bind_output(self, name, device, device_id):
+            calls.append(("output", name))
+
+        def get_outputs(self):
+            return [Value()]
+
+    class Session:
+        def io_binding(self):
+            return Binding()
+
+        def run_with_iobinding(self, binding):
+            calls.append(("run",))
+
+    binding = CudaBinding()
+    binding.buffer = lambda network, name, shape: object()  # no CUDA here
+    latent = np.ones((1, 4, 8, 8), np.float32)
+    out = binding.run("vae_decoder", Session(), contract, {"latent": latent}, {"batch": 1, "latent_height": 8, "latent_width": 8, "image_height": 64, "image_width": 64})
+    assert calls == [("cpu_input", "latent", (1, 4, 8, 8)), ("output", "image"), ("run",)]
+    assert out["image"].shape == (1, 3, 64, 64)
+
+
+def test_info_names_onnxruntime_gpu_shadowed_by_onnxruntime(monkeypatch):
+    import onnxruntime as ort
+
+    from sdrt.backends import onnx_providers
+    from sdrt.info import describe_model
+
+    monkeypatch.setattr(onnx_providers, "ort_distributions", lambda: {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"})
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    text, ok = describe_model(None)
+    assert "onnxruntime-gpu 1.31.1 and onnxruntime 1.32.0 are both installed" in text
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in text
+    monkeypatch.setattr(onnx_providers, "ort_distributions", lambda: {"onnxruntime": "1.32.0"})
+    text, _ = describe_model(None)
+    assert "both installed" not in text
+
+
+def test_cli_ort_provider(tmp_path, capsys, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    out = str(tmp_path / "x.png")
+    assert main(["generate", "a 7", "--backend", "onnx", "--ort-provider", "cuda", "-o", out, "-q"]) == 2
+    assert "the cuda route needs CUDAExecutionProvider" in capsys.readouterr().err
+    assert main(["generate", "a 7", "--ort-provider", "cpu", "-o", out, "-q"]) == 2
+    assert "add --backend onnx" in capsys.readouterr().err
+    assert main(["generate", "a 7", "--backend", "onnx", "--ort-provider", "cpu", "--steps", "2", "-o", out, "-q"]) == 0

@@ -9,6 +9,7 @@ graph test needs a GPU (skipped without one).
 import numpy as np
 import pytest
 
+from sdrt.device_loop import capture_graph
 from sdrt.schedulers import SCHEDULER_NAMES, make_scheduler
 
 torch = pytest.importorskip("torch")
@@ -52,18 +53,8 @@ def run_static(name, config, device, graph, shape, n=20, strength=1.0):
             buffer.copy_(value)
         sample.copy_(prev)
 
-    if graph:
-        saved = [sample.clone(), *(h.clone() for h in history)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()  # warm-up outside the graph, as torch asks
-        torch.cuda.current_stream().wait_stream(side)
-        for buffer, value in zip([sample, *history], saved):
-            buffer.copy_(value)
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
-            step()
+    if graph:  # the device loop's own capture (warm-up on a side stream, buffers restored)
+        cuda_graph = capture_graph(step, [sample, *history], sample.device)
     worst = 0.0
     for i in range(s.num_calls):
         row.copy_(table[i])

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from sdrt.backends.ort_providers import session_providers, shape_string
+from sdrt.backends.onnx_providers import session_providers, shape_string
 from sdrt.backends.tensorrt_backend import (
     MachineInfo,
     check_engine,
@@ -68,7 +68,7 @@ def make_fake_export(folder, facts=SD15, limits=ShapeLimits(), precision="fp32",
 
 
 class FakeBuilder:
-    """Stands in for polygraphy: records each call and returns bytes naming what it was asked to build."""
+    """Stands in for build_with_tensorrt: records each call and returns bytes naming what it was asked to build."""
 
     def __init__(self, fail_on=None):
         self.calls, self.fail_on = [], fail_on
@@ -87,9 +87,21 @@ def fake_export(tmp_path):
     return make_fake_export(tmp_path / "sd15-onnx")
 
 
-def build(onnx, out, tmp_path, machine=H100, builder=None, **options):
+class FakeConverter:
+    """Stands in for sdrt.export.fp16.convert_file on the placeholder ONNX files: copies, and records the call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, src, dst, upcast_attention):
+        self.calls.append((src.parent.name, upcast_attention))
+        dst.write_bytes(b"fp16 " + src.read_bytes())
+
+
+def build(onnx, out, tmp_path, machine=H100, builder=None, converter=None, **options):
     options.setdefault("timing_cache", tmp_path / "timing.cache")
-    return build_engines(onnx, out, machine=machine, engine_builder=builder or FakeBuilder(), progress=False, **options)
+    return build_engines(onnx, out, machine=machine, engine_builder=builder or FakeBuilder(), progress=False,
+                         fp16_converter=converter or FakeConverter(), **options)  # fmt: skip
 
 
 # --- profiles -----------------------------------------------------------------------------------------------------
@@ -164,7 +176,7 @@ def test_parse_sizes():
 
 def test_cache_key_changes_with_everything_it_depends_on():
     profile = network_profile(build_contracts(SD15)[UNET], SD15, ShapeLimits())
-    flags = {"precision": "fp16", "strongly_typed": False, "fp16_flag": True, "tf32": False}
+    flags = {"precision": "fp16", "strongly_typed": True, "converted": "sdrt.export.fp16/1", "tf32": False}
     onnx = {"unet/model.onnx": "a" * 64, "unet/model.onnx.data": "b" * 64}
     base = engine_key_fields(UNET, onnx, profile, flags, H100)
     assert engine_key(base) == engine_key(engine_key_fields(UNET, dict(reversed(onnx.items())), profile, flags, H100))
@@ -173,7 +185,7 @@ def test_cache_key_changes_with_everything_it_depends_on():
         "gpu": engine_key_fields(UNET, onnx, profile, flags, A100),
         "gpu name": engine_key_fields(UNET, onnx, profile, flags, dataclasses.replace(H100, gpu="NVIDIA H100 PCIe")),
         "tensorrt": engine_key_fields(UNET, onnx, profile, flags, dataclasses.replace(H100, tensorrt="10.8.0")),
-        "flags": engine_key_fields(UNET, onnx, profile, {**flags, "fp16_flag": False}, H100),
+        "flags": engine_key_fields(UNET, onnx, profile, {**flags, "converted": None}, H100),
         "profile": engine_key_fields(UNET, onnx, network_profile(build_contracts(SD15)[UNET], SD15, ShapeLimits(max_batch=2)), flags, H100),
         "network": engine_key_fields(VAE_DECODER, onnx, profile, flags, H100),
     }
@@ -201,7 +213,7 @@ def test_build_writes_a_self_contained_folder(fake_export, tmp_path, monkeypatch
     unet = engines[UNET]
     assert unet["file"] == f"engines/unet-{unet['key']}.plan" and (out / unet["file"]).exists()
     assert unet["profile"]["sample"] == [[1, 4, 64, 64], [2, 4, 64, 64], [4, 4, 96, 96]]
-    assert unet["flags"] == {"precision": "fp16", "strongly_typed": False, "fp16_flag": True, "tf32": False}
+    assert unet["flags"] == {"precision": "fp16", "strongly_typed": True, "converted": "sdrt.export.fp16/1", "tf32": False}
     sidecar = json.loads((out / unet["sidecar"]).read_text())
     assert sidecar["key"] == unet["key"] == engine_key(sidecar["key_fields"])
     assert sidecar["key_fields"]["gpu"] == H100.gpu and set(sidecar["key_fields"]["onnx_sha256"]) == {"unet/model.onnx", "unet/model.onnx.data"}
@@ -278,7 +290,7 @@ def test_out_dir_checks(fake_export, tmp_path):
     with pytest.raises(InputError, match="ONNX file is fp16, so its engine is fp16 too"):
         build(fp16, tmp_path / "fp16-trt", tmp_path, fp16=False)
     report = build(fp16, tmp_path / "fp16-trt", tmp_path)
-    assert report.plans[UNET].flags == {"precision": "fp16", "strongly_typed": True, "fp16_flag": False, "tf32": False}
+    assert report.plans[UNET].flags == {"precision": "fp16", "strongly_typed": True, "converted": None, "tf32": False}
 
 
 # --- loading: keys checked against this machine and the export -------------------------------------------------
@@ -372,7 +384,7 @@ def test_dry_run_prints_profiles_flags_and_keys(fake_export, tmp_path, capsys):
     assert "dry run, nothing built" in text and "would build (no engine yet)" in text
     assert "sample                 min (1, 4, 64, 64)  opt (2, 4, 64, 64)  max (4, 4, 96, 96)" in text
     assert "inputs_embeds          min (1, 77, 768)  opt (1, 77, 768)  max (2, 77, 768)" in text
-    assert "flags       precision=fp16, strongly_typed=False, fp16_flag=True, tf32=False" in text
+    assert "flags       precision=fp16, strongly_typed=True, converted=sdrt.export.fp16/1, tf32=False" in text
     assert text.count(" key ") == 4 and f"timing cache  {cache} (new)" in text
     assert not out.exists() and not cache.exists()
     report = build_engines(fake_export, out, sizes="512x512,768x768", max_batch=2, dry_run=True, machine=H100)
@@ -589,3 +601,182 @@ def test_device_path_and_shape_limits(trt_builds):
         backend.run(UNET, too_big)
     with pytest.raises(ModelError, match="does not fit here"):
         TensorRTBackend(folder, read_manifest(folder), machine=MachineInfo("Other GPU", "1.0", "10.0.0"))
+
+
+# --- TensorRT 10.x and 11.x API surfaces (fake modules: tests/fake_tensorrt.py) -----------------------------------
+
+import sys  # noqa: E402
+
+import fake_tensorrt as fake_trt_api  # noqa: E402
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """install(version, **faults) puts a fake `tensorrt` of that version into sys.modules."""
+
+    def install(version, **faults):
+        module = fake_trt_api.make(version, **faults)
+        monkeypatch.setitem(sys.modules, "tensorrt", module)
+        tensorrt_status.cache_clear()
+        return module
+
+    yield install
+    tensorrt_status.cache_clear()
+
+
+@pytest.mark.parametrize("version", ["10.13.0", "11.4.0"])
+def test_engine_build_uses_only_the_api_both_versions_have(fake_trt, tmp_path, version):
+    from sdrt.export.tensorrt_build import build_with_tensorrt
+
+    trt = fake_trt(version)
+    profile = {"sample": ((1, 4, 8, 8), (2, 4, 8, 8), (2, 4, 16, 16))}
+    cache = tmp_path / "timing.cache"
+    for flags in ({"precision": "fp16", "strongly_typed": True, "converted": "sdrt.export.fp16/1", "tf32": False},
+                  {"precision": "fp32", "strongly_typed": True, "converted": None, "tf32": False}):  # fmt: skip
+        engine = json.loads(bytes(build_with_tensorrt(tmp_path / "model.onnx", profile, flags, cache)))
+        assert engine["inputs"]["sample"] == [[1, 4, 8, 8], [2, 4, 8, 8], [2, 4, 16, 16]]
+    assert cache.read_bytes() == b"tt"  # loaded, updated, saved, twice
+    set_flags = [c for c in trt.calls if c[0] == "set_flag"]
+    assert set_flags == []  # no precision flags: TensorRT 11 has none, 10.12+ deprecates them
+    networks = [c[1] for c in trt.calls if c[0] == "create_network"]
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    assert networks == ([1 << strongly] * 2 if strongly is not None else [0, 0])  # 11: always strongly typed
+    assert ("clear_flag", trt.BuilderFlag.TF32) in trt.calls
+
+
+def test_fp16_engines_from_an_fp32_export_are_converted_first(fake_export, tmp_path):
+    converter, builder = FakeConverter(), FakeBuilder()
+    out = tmp_path / "trt"
+    report = build(fake_export, out, tmp_path, builder=builder, converter=converter)
+    assert [c[0] for c in converter.calls] == list(NETWORKS) and builder.calls == list(NETWORKS)
+    engines = read_manifest(out).extras["engines"]
+    assert {e["flags"]["converted"] for e in engines.values()} == {"sdrt.export.fp16/1"}  # recorded in the manifest
+    assert not (out / ".fp16").exists()  # the converted graphs do not stay
+    fp32 = build(fake_export, tmp_path / "trt32", tmp_path, fp16=False, converter=(c32 := FakeConverter()))
+    assert c32.calls == [] and report.plans[UNET].key != fp32.plans[UNET].key  # the conversion is in the key
+
+
+def test_fp16_conversion_of_a_real_graph(tmp_path):
+    """The converter sdrt build uses on fp32 exports: an fp16 graph with float32 I/O, close to fp32 on ORT CPU."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdrt.export.fp16 import convert_file
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["sample", "w"], ["h"]), helper.make_node("Tanh", ["h"], ["out_sample"])],
+        "g",
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("out_sample", TensorProto.FLOAT, ["batch", 16])],
+        [w],
+    )
+    src, dst = tmp_path / "fp32.onnx", tmp_path / "fp16" / "model.onnx"
+    dst.parent.mkdir()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    convert_file(src, dst)
+    model = onnx.load(str(dst))
+    assert model.graph.initializer[0].data_type == TensorProto.FLOAT16
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"sample": x})[0]  # noqa: E731
+    assert np.abs(run(dst) - run(src)).max() < 5e-3
+
+
+def test_driver_too_old_for_the_cuda_13_build_is_named(fake_trt, monkeypatch):
+    from sdrt.backends import tensorrt_backend as tb
+
+    fake_trt("11.4.0")
+    monkeypatch.setattr(tb, "nvidia_driver_version", lambda: "550.54.15")
+    ok, why = tb.tensorrt_status()
+    assert not ok and "TensorRT 11.4.0 is the CUDA 13 build and needs NVIDIA driver 580.65 or newer; this machine has 550.54.15" in why
+    assert "tensorrt-cu12" in why
+    tb.tensorrt_status.cache_clear()
+    monkeypatch.setattr(tb, "nvidia_driver_version", lambda: "580.95.05")
+    assert tb.tensorrt_status() == (True, "TensorRT 11.4.0 (CUDA 13 build), NVIDIA driver 580.95.05")
+    tb.tensorrt_status.cache_clear()
+    fake_trt("10.13.0")
+    monkeypatch.setattr(tb, "nvidia_driver_version", lambda: "550.54.15")
+    assert tb.tensorrt_status() == (True, "TensorRT 10.13.0 (CUDA 12 build), NVIDIA driver 550.54.15")
+    tb.tensorrt_status.cache_clear()
+    monkeypatch.setattr(tb, "nvidia_driver_version", lambda: None)
+    monkeypatch.setattr(sys.modules["tensorrt"], "Builder", lambda logger: None)
+    ok, why = tb.tensorrt_status()
+    assert not ok and "no NVIDIA driver is loaded" in why
+
+
+def test_driver_version_is_read_from_proc(monkeypatch, tmp_path):
+    from sdrt.backends import tensorrt_backend as tb
+
+    text = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  (dvs-builder@U16)\nGCC version:  gcc 12"
+    real = tb.Path
+
+    class FakePath(type(real())):
+        def read_text(self, *a, **k):
+            if str(self) == "/proc/driver/nvidia/version":
+                return text
+            return super().read_text(*a, **k)
+
+    monkeypatch.setattr(tb, "Path", FakePath)
+    assert tb.nvidia_driver_version() == "580.65.06"
+
+
+def _fake_engine_file(tmp_path, trt, batch=(1, 4)):
+    profile = {"sample": [[batch[0], 4, 8, 8], [batch[0], 4, 8, 8], [batch[1], 4, 8, 8]],
+               "timestep": [[batch[0]], [batch[0]], [batch[1]]],
+               "encoder_hidden_states": [[batch[0], 77, 32], [batch[0], 77, 32], [batch[1], 77, 32]]}  # fmt: skip
+    path = tmp_path / "unet.plan"
+    path.write_text(json.dumps({"inputs": profile, "outputs": ["out_sample"], "memory": 4096}))
+    return path
+
+
+@pytest.mark.parametrize("version", ["10.13.0", "11.4.0"])
+def test_graph_replay_after_another_shape_is_right(fake_trt, tmp_path, version):
+    """Capture batch 1, run batch 2, replay batch 1: the replay must compute batch 1 (one context per shape set)."""
+    import torch
+
+    from sdrt.backends.tensorrt_backend import DeviceScratch, Engine
+
+    trt = fake_trt(version)
+    contract = build_contracts(TINY)[UNET]
+    scratch = DeviceScratch("cpu")
+    engine = Engine(trt.Runtime(trt.Logger()), _fake_engine_file(tmp_path, trt), contract, "cpu", scratch)
+
+    def feeds(batch, value):
+        return {"sample": torch.full((batch, 4, 8, 8), value), "timestep": torch.zeros(batch), "encoder_hidden_states": torch.zeros(batch, 77, 32)}
+
+    one = feeds(1, 1.0)
+    engine.infer(one, 0)  # warm-up at the capture's shapes, as torch.cuda.graph wants
+    graph = fake_trt_api.capture()
+    out_one = engine.infer(one, 0)["out_sample"]
+    fake_trt_api.end_capture()
+    out_two = engine.infer(feeds(2, 5.0), 0)["out_sample"]
+    assert torch.equal(out_two, torch.full((2, 4, 8, 8), 12.0))  # 5 * 2 + batch 2
+    one["sample"].fill_(3.0)
+    out_one.zero_()
+    fake_trt_api.replay(graph)
+    assert torch.equal(out_one, torch.full((1, 4, 8, 8), 7.0))  # 3 * 2 + batch 1, not + 2
+    assert len(engine.contexts) == 2
+    strategies = {c[1] for c in trt.calls if c[0] == "create_execution_context"}
+    assert strategies == {"USER_MANAGED"}  # the contexts share the backend's scratch, not a reservation each
+    assert all(c.device_memory == (scratch.tensor.data_ptr(), 4096) for c in engine.engine.contexts)
+
+
+def test_context_and_address_failures_are_backend_errors(fake_trt, tmp_path):
+    import torch
+
+    from sdrt.backends.tensorrt_backend import DeviceScratch, Engine
+
+    contract = build_contracts(TINY)[UNET]
+    feeds = {"sample": torch.ones(1, 4, 8, 8), "timestep": torch.zeros(1), "encoder_hidden_states": torch.zeros(1, 77, 32)}
+    trt = fake_trt("11.4.0", fail_context=True)
+    engine = Engine(trt.Runtime(trt.Logger()), _fake_engine_file(tmp_path, trt), contract, "cpu", DeviceScratch("cpu"))
+    with pytest.raises(BackendError, match=r"could not create an execution context for the unet engine .*out of GPU memory.*sdrt build"):
+        engine.infer(feeds, 0)
+    trt = fake_trt("10.13.0", refuse_address=True)
+    engine = Engine(trt.Runtime(trt.Logger()), _fake_engine_file(tmp_path, trt), contract, "cpu", None)
+    with pytest.raises(BackendError, match="TensorRT refused the address of unet tensor 'sample'"):
+        engine.infer(feeds, 0)
+    assert [c[1] for c in trt.calls if c[0] == "create_execution_context"] == ["STATIC"]  # no scratch: its own memory

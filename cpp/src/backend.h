@@ -43,4 +43,22 @@ public:
 
 std::unique_ptr<Backend> make_onnx_backend(const ExportFolder &model, const BackendOptions &options);
 
+// The shapes an export serves (manifest "limits"; runtime/contracts.py's ShapeLimits).
+struct ShapeLimits {
+    int min_size = 256, opt_size = 512, max_size = 1024, max_batch = 4;
+};
+
+// How one network's ONNX Runtime session is made, decided without ONNX Runtime (tests need no GPU):
+// the execution providers' options and whether the optimised graph is cached. The TensorRT provider gets what the
+// Python runtime gives it (runtime/backends/onnx_providers.py: tensorrt_ep_options): per-network min/opt/max
+// profile shapes, fp16, an engine and a timing cache; and no optimised-model file, which ONNX Runtime refuses to
+// save for a graph with TensorRT-compiled nodes (its engine cache does that job).
+struct OrtSessionPlan {
+    bool tensorrt = false, cuda = false;
+    bool cache_optimized_model = true;
+    std::vector<std::pair<std::string, std::string>> tensorrt_options, cuda_options;
+};
+OrtSessionPlan plan_ort_session(const BackendOptions &options, bool tensorrt, bool cuda, const std::string &network,
+                                const ModelFacts &facts, const ShapeLimits &limits, const std::string &trt_cache_dir);
+
 }  // namespace sdrt

@@ -43,6 +43,39 @@ Ort::Env &env() {
     return e;
 }
 
+// "sample:1x4x8x8,timestep:1" (the TensorRT provider's shape format) for one network at one end of the profile.
+std::string profile_shapes(const std::string &network, const ModelFacts &f, int batch, int unet_batch, int size) {
+    size = std::max(f.size_step(), size / f.size_step() * f.size_step());
+    auto dims = [](std::initializer_list<int> d) {
+        std::string s;
+        for (int x : d) s += (s.empty() ? "" : "x") + std::to_string(x);
+        return s;
+    };
+    const int lat = size / f.vae_scale_factor;
+    if (network == "text_encoder") return "inputs_embeds:" + dims({batch, f.text_seq_len, f.text_hidden_size});
+    if (network == "unet")
+        return "sample:" + dims({unet_batch, f.latent_channels, lat, lat}) + ",timestep:" + dims({unet_batch}) +
+               ",encoder_hidden_states:" + dims({unet_batch, f.text_seq_len, f.cross_attention_dim});
+    if (network == "vae_encoder") return "image:" + dims({batch, 3, size, size});
+    if (network == "vae_decoder") return "latent:" + dims({batch, f.latent_channels, lat, lat});
+    return "";
+}
+
+ShapeLimits read_limits(const std::string &export_path) {
+    ShapeLimits l;
+    try {
+        Json m = Json::parse_file(join_path(export_path, "manifest.json"));
+        if (const Json *j = m.find("limits")) {
+            if (const Json *v = j->find("min_size")) l.min_size = int(v->as_int());
+            if (const Json *v = j->find("opt_size")) l.opt_size = int(v->as_int());
+            if (const Json *v = j->find("max_size")) l.max_size = int(v->as_int());
+            if (const Json *v = j->find("max_batch")) l.max_batch = int(v->as_int());
+        }
+    } catch (const std::exception &) {  // read_export already checked the manifest; defaults otherwise
+    }
+    return l;
+}
+
 class OnnxBackend : public Backend {
 public:
     OnnxBackend(const ExportFolder &model, const BackendOptions &opt) : contracts_(model.contracts) {
@@ -54,10 +87,21 @@ public:
             throw Error(SDRT_ERR_UNSUPPORTED, std::string("the loaded ONNX Runtime (") + Ort::GetVersionString() + ") has no " +
                                                   (want_trt ? "TensorRT" : "CUDA") + " execution provider; use a GPU build of "
                                                   "ONNX Runtime (onnxruntime-gpu), or SDRT_BACKEND_ORT_CPU");
+        const ShapeLimits limits = read_limits(model.path);
+        // ORT's engine cache does not notice a new ONNX Runtime or export by itself: key its folder by both.
+        uint64_t h = 1469598103934665603ull;  // FNV-1a
+        for (unsigned char ch : Ort::GetVersionString() + "|" + model.manifest_digest) h = (h ^ ch) * 1099511628211ull;
+        char hex[17];
+        std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+        const std::string trt_cache = join_path(join_path(model.path, ".ort_trt_cache"), std::string("cpp-") + hex);
+        if (want_trt) {
+            mkdir(join_path(model.path, ".ort_trt_cache").c_str(), 0755);  // a read-only export: engines are rebuilt each time
+            mkdir(trt_cache.c_str(), 0755);
+        }
         for (const auto &kv : model.network_files) {
             std::string used;
-            sessions_[kv.first] = load(kv.first, kv.second, model.manifest_digest, join_path(model.path, ".ort_cache"), opt,
-                                       want_trt, want_cuda || auto_cuda, used);
+            OrtSessionPlan plan = plan_ort_session(opt, want_trt, want_cuda || auto_cuda, kv.first, model.facts, limits, trt_cache);
+            sessions_[kv.first] = load(kv.first, kv.second, model.manifest_digest, join_path(model.path, ".ort_cache"), opt, plan, used);
             providers_ = used;
         }
     }
@@ -115,45 +159,52 @@ private:
     std::atomic<bool> cancelled_{false};
     std::string providers_ = "CPUExecutionProvider";
 
-    // Session options with the providers appended (TensorRT, CUDA, then CPU); `used` names them.
-    static Ort::SessionOptions options(const BackendOptions &opt, bool trt, bool cuda, GraphOptimizationLevel level, std::string &used) {
+    // Session options with the plan's providers appended (TensorRT, CUDA, then CPU); `used` names them.
+    static Ort::SessionOptions options(const BackendOptions &opt, const OrtSessionPlan &plan, GraphOptimizationLevel level, std::string &used) {
         Ort::SessionOptions so;
         so.SetGraphOptimizationLevel(level);
         so.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);
         so.SetLogSeverityLevel(3);
         if (opt.threads > 0) so.SetIntraOpNumThreads(opt.threads);
         used = "CPUExecutionProvider";
-        if (!cuda) return so;
-        std::string dev = std::to_string(opt.device_id);
-        const char *k[] = {"device_id"}, *v[] = {dev.c_str()};
+        if (!plan.cuda) return so;
+        auto keys_values = [](const std::vector<std::pair<std::string, std::string>> &kv, std::vector<const char *> &k,
+                              std::vector<const char *> &v) {
+            for (const auto &p : kv) k.push_back(p.first.c_str()), v.push_back(p.second.c_str());
+        };
         const OrtApi &api = Ort::GetApi();
-        if (trt) {
+        if (plan.tensorrt) {
+            std::vector<const char *> k, v;
+            keys_values(plan.tensorrt_options, k, v);
             OrtTensorRTProviderOptionsV2 *t = nullptr;
             Ort::ThrowOnError(api.CreateTensorRTProviderOptions(&t));
-            Ort::Status st(api.UpdateTensorRTProviderOptions(t, k, v, 1));
+            Ort::Status st(api.UpdateTensorRTProviderOptions(t, k.data(), v.data(), k.size()));
             if (st.IsOK()) so.AppendExecutionProvider_TensorRT_V2(*t);
             api.ReleaseTensorRTProviderOptions(t);
             if (!st.IsOK()) throw Ort::Exception(st.GetErrorMessage(), st.GetErrorCode());
         }
+        std::vector<const char *> k, v;
+        keys_values(plan.cuda_options, k, v);
         OrtCUDAProviderOptionsV2 *c = nullptr;
         Ort::ThrowOnError(api.CreateCUDAProviderOptions(&c));
-        Ort::Status st(api.UpdateCUDAProviderOptions(c, k, v, 1));
+        Ort::Status st(api.UpdateCUDAProviderOptions(c, k.data(), v.data(), k.size()));
         if (st.IsOK()) so.AppendExecutionProvider_CUDA_V2(*c);
         api.ReleaseCUDAProviderOptions(c);
         if (!st.IsOK()) throw Ort::Exception(st.GetErrorMessage(), st.GetErrorCode());
-        used = std::string(trt ? "TensorrtExecutionProvider, " : "") + "CUDAExecutionProvider, CPUExecutionProvider";
+        used = std::string(plan.tensorrt ? "TensorrtExecutionProvider, " : "") + "CUDAExecutionProvider, CPUExecutionProvider";
         return so;
     }
 
     static std::unique_ptr<Ort::Session> load(const std::string &network, const std::string &file, const std::string &digest,
-                                              const std::string &dir, const BackendOptions &opt, bool trt, bool cuda, std::string &used) {
+                                              const std::string &dir, const BackendOptions &opt, const OrtSessionPlan &plan, std::string &used) {
+        const bool cuda = plan.cuda;
         try {
             try {
-                return load_cached(network, file, digest, dir, opt, trt, cuda, used);
+                return load_cached(network, file, digest, dir, opt, plan, used);
             } catch (const Ort::Exception &e) {
                 if (!cuda || opt.provider != SDRT_BACKEND_AUTO) throw;
                 BackendOptions cpu{SDRT_BACKEND_ORT_CPU, opt.threads, opt.device_id};
-                auto session = load_cached(network, file, digest, dir, cpu, false, false, used);
+                auto session = load_cached(network, file, digest, dir, cpu, OrtSessionPlan{}, used);
                 used = "CPUExecutionProvider (no usable GPU: " + std::string(e.what()).substr(0, 120) + ")";
                 return session;
             }
@@ -173,11 +224,16 @@ private:
     // CPU; later loads skip the optimisers. A damaged cache is rebuilt; an
     // unwritable folder only costs the cache.
     static std::unique_ptr<Ort::Session> load_cached(const std::string &network, const std::string &file, const std::string &digest,
-                                                     const std::string &dir, const BackendOptions &opt, bool trt, bool cuda,
+                                                     const std::string &dir, const BackendOptions &opt, const OrtSessionPlan &plan,
                                                      std::string &used) {
-        Ort::SessionOptions so = options(opt, trt, cuda, GraphOptimizationLevel::ORT_ENABLE_ALL, used);
+        Ort::SessionOptions so = options(opt, plan, GraphOptimizationLevel::ORT_ENABLE_ALL, used);
         struct stat st;
         if (stat(file.c_str(), &st) != 0) throw model_error(file + " is missing; re-export the model with `sdrt export`");
+        if (!plan.cache_optimized_model) {  // the TensorRT provider: ORT cannot save its compiled graph
+            auto session = std::make_unique<Ort::Session>(env(), file.c_str(), so);
+            check(*session, network, file);
+            return session;
+        }
         std::string key = file.substr(file.rfind('/') + 1) + "|" + std::to_string(st.st_size) + "|" + std::to_string(st.st_mtim.tv_sec) +
                           "." + std::to_string(st.st_mtim.tv_nsec) + "|" + Ort::GetVersionString() + "|" + used + "|" +
                           std::to_string(opt.threads) + "|" + cpu_name() + "|" + digest;
@@ -189,7 +245,7 @@ private:
         if (file_exists(cache)) {
             try {
                 std::string ignored;
-                Ort::SessionOptions cached = options(opt, trt, cuda, GraphOptimizationLevel::ORT_DISABLE_ALL, ignored);
+                Ort::SessionOptions cached = options(opt, plan, GraphOptimizationLevel::ORT_DISABLE_ALL, ignored);
                 auto session = std::make_unique<Ort::Session>(env(), cache.c_str(), cached);
                 check(*session, network, cache);
                 return session;
@@ -264,6 +320,30 @@ private:
 };
 
 }  // namespace
+
+OrtSessionPlan plan_ort_session(const BackendOptions &opt, bool tensorrt, bool cuda, const std::string &network, const ModelFacts &facts,
+                                const ShapeLimits &limits, const std::string &trt_cache_dir) {
+    OrtSessionPlan plan;
+    plan.cuda = cuda || tensorrt;
+    plan.tensorrt = tensorrt;
+    const std::string dev = std::to_string(opt.device_id);
+    if (plan.cuda) plan.cuda_options = {{"device_id", dev}};
+    if (!tensorrt) return plan;
+    plan.cache_optimized_model = false;
+    const int b = std::max(1, limits.max_batch);
+    plan.tensorrt_options = {
+        {"device_id", dev},
+        {"trt_fp16_enable", "1"},
+        {"trt_engine_cache_enable", "1"},
+        {"trt_engine_cache_path", trt_cache_dir},
+        {"trt_timing_cache_enable", "1"},
+        {"trt_timing_cache_path", trt_cache_dir},
+        {"trt_profile_min_shapes", profile_shapes(network, facts, 1, 1, limits.min_size)},
+        {"trt_profile_opt_shapes", profile_shapes(network, facts, 1, 2, limits.opt_size)},
+        {"trt_profile_max_shapes", profile_shapes(network, facts, b, 2 * b, limits.max_size)},
+    };
+    return plan;
+}
 
 std::unique_ptr<Backend> make_onnx_backend(const ExportFolder &model, const BackendOptions &options) {
     return std::unique_ptr<Backend>(new OnnxBackend(model, options));

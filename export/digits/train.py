@@ -16,6 +16,8 @@ checkpoints every --ckpt-every steps, so a run that is cut still leaves a usable
 
 from __future__ import annotations
 
+from sdrt.model.weights import prefix_text_encoder_keys
+
 import argparse
 import math
 import time
@@ -59,6 +61,7 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
                                    scheduler=DDIMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
+    prefix_text_encoder_keys(out)  # loadable by transformers 4.x too
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -85,8 +85,25 @@ def read_lora(path: str | Path) -> LoraFile:
     if refusal:
         raise ModelError(f"{path} is {refusal}; sdrt fuses plain LoRAs (kohya or diffusers layout) for SD 1.x/2.x")
     if keys and all(_KOHYA.match(k) for k in keys):
-        return LoraFile(path, "kohya", _read_kohya(path, tensors))
-    return LoraFile(path, "diffusers", _read_dotted(path, tensors, metadata))
+        lora = LoraFile(path, "kohya", _read_kohya(path, tensors))
+    else:
+        lora = LoraFile(path, "diffusers", _read_dotted(path, tensors, metadata))
+    _check_shapes(lora)
+    return lora
+
+
+def _check_shapes(lora: LoraFile) -> None:
+    """down [rank, in(, kh, kw)] and up [out, rank(, 1, 1)] of one rank; a damaged file is named, not an IndexError."""
+    for layers in lora.layers.values():
+        for layer in layers:
+            down, up = np.asarray(layer.down), np.asarray(layer.up)
+            if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] or down.shape[0] < 1:
+                raise ModelError(
+                    f"{lora.path}: layer {layer.name!r} has lora_down {down.shape} and lora_up {up.shape}; a LoRA needs "
+                    "down [rank, in] and up [out, rank] (or 4-d conv kernels): the file is damaged or not a LoRA"
+                )
+            if layer.alpha is not None and not np.isfinite(layer.alpha):
+                raise ModelError(f"{lora.path}: layer {layer.name!r} has alpha {layer.alpha}; the file is damaged")
 
 
 def _refusal(keys: list[str]) -> str | None:
@@ -121,8 +138,15 @@ def _read_kohya(path: Path, tensors: dict) -> dict[str, list[LoraLayer]]:
             raise ModelError(f"{path}: {base} has lora_down but no lora_up; the LoRA file is damaged")
         alpha = tensors.get(base + ".alpha")
         component = "unet" if m.group(1) == "unet" else "text_encoder"
-        layers[component].append(LoraLayer(m.group(2), True, tensors[key], up, None if alpha is None else float(alpha)))
+        layers[component].append(LoraLayer(m.group(2), True, tensors[key], up, None if alpha is None else _scalar(path, base, alpha)))
     return layers
+
+
+def _scalar(path: Path, base: str, value) -> float:
+    array = np.asarray(value)
+    if array.size != 1 or not np.issubdtype(array.dtype, np.number):
+        raise ModelError(f"{path}: {base}.alpha has shape {array.shape}; a LoRA's alpha is one number: the file is damaged")
+    return float(array.reshape(()))
 
 
 def _adapter_config(metadata: dict[str, str], component: str) -> dict:
@@ -163,7 +187,7 @@ def _read_dotted(path: Path, tensors: dict, metadata: dict[str, str]) -> dict[st
             raise ModelError(f"{path}: LoRA layer {base!r} is for neither the UNet nor the text encoder")
         config = configs[component]
         if base + ".alpha" in tensors:  # network alphas stored as tensors, as kohya does
-            alpha = float(tensors[base + ".alpha"])
+            alpha = _scalar(path, base, tensors[base + ".alpha"])
             used.add(base + ".alpha")
         else:
             alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha"))

@@ -12,6 +12,7 @@ import importlib.util
 import numpy as np
 
 from sdrt.contracts import NetworkContract
+from sdrt.errors import torch_install_hint
 
 
 class Backend:
@@ -22,6 +23,9 @@ class Backend:
       True; the pipeline then hands the whole denoising loop to `denoise` (one implementation, here), which runs
       inside `device_scope()`; `cuda_graphs` replays each captured step.
     - `synchronize()`: wait for queued device work, so that observers' timings are real.
+    - `uses_host_memory`: its networks' activations live in this machine's RAM (the memory check applies).
+    - `precision(network)`: "fp16"/"fp32" as it runs, for messages; `check_shapes(...)`: refuse shapes a fixed
+      profile cannot run (TensorRT engines) before any network runs.
     """
 
     name = "base"
@@ -51,6 +55,17 @@ class Backend:
     def synchronize(self) -> None:
         """Wait until the device has finished queued work (a no-op where calls are synchronous)."""
 
+    @property
+    def uses_host_memory(self) -> bool:
+        return True
+
+    def precision(self, network: str) -> str | None:
+        """The precision `network` computes in ("fp16" or "fp32"), or None when the backend cannot tell."""
+        return None
+
+    def check_shapes(self, shapes: dict[str, dict[str, tuple]]) -> None:
+        """Raise InputError for {network: {input: shape}} this backend cannot run (dynamic-shape backends run all)."""
+
     def has(self, network: str) -> bool:
         return network in self.contracts
 
@@ -73,15 +88,27 @@ def available_backends() -> dict[str, str]:
     if module_available("onnxruntime"):
         import onnxruntime as ort
 
-        found["onnx"] = "onnxruntime " + ort.__version__ + " (" + ", ".join(ort.get_available_providers()) + ")"
+        from sdrt.backends.onnx_providers import ort_distributions, ort_install_problem
+
+        dists = ort_distributions()
+        dist = "onnxruntime-gpu" if list(dists) == ["onnxruntime-gpu"] else "onnxruntime"
+        found["onnx"] = f"{dist} {ort.__version__} (" + ", ".join(ort.get_available_providers()) + ")"
+        problem = ort_install_problem(dists)
+        if problem:
+            found["onnx"] += f"; PROBLEM: {problem}"
     else:
-        found["onnx"] = "not installed: pip install onnxruntime"
+        found["onnx"] = "not installed: pip install onnxruntime (or onnxruntime-gpu for NVIDIA GPUs)"
     if module_available("torch") and module_available("diffusers") and module_available("transformers"):
         found["torch"] = "torch, diffusers and transformers installed"
     else:
-        found["torch"] = "not installed: pip install 'sdrt[torch]' (bring the torch build that fits your CUDA)"
+        found["torch"] = f"not installed: {torch_install_hint()}"
     from sdrt.backends.tensorrt_backend import tensorrt_status
 
     usable, why = tensorrt_status()
-    found["tensorrt"] = why if usable else f"not installed ({why}): pip install 'sdrt[tensorrt]' on a machine with an NVIDIA GPU"
+    if usable:
+        found["tensorrt"] = why
+    elif why.startswith("import tensorrt failed") or "stub" in why:
+        found["tensorrt"] = f"not installed ({why}): pip install 'sdrt[tensorrt]' on a machine with an NVIDIA GPU"
+    else:  # installed, but this TensorRT cannot run here: the reason (an old driver, no GPU) says what to do
+        found["tensorrt"] = f"refused: {why}"
     return found

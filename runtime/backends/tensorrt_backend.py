@@ -1,7 +1,12 @@
 """The TensorRT backend: runs the engines that `sdrt build` made from an sdrt ONNX export (NVIDIA GPUs).
 
-One `Engine` per network, each deserialised once (trt.Runtime.deserialize_cuda_engine) with one execution
-context. Tensors are bound by address (set_input_shape + set_tensor_address) and run with execute_async_v3
+One `Engine` per network, each deserialised once (trt.Runtime.deserialize_cuda_engine), with one execution
+context per set of input shapes, all working in one block of context memory the backend's engines share
+(user-managed: they never run at once), so a load reserves the largest engine's memory once. A context that
+TensorRT cannot create, or an address it refuses, is a BackendError saying what to do. TensorRT 10.12 to 11.x:
+11 removed weak typing (precision builder flags, calibrators, platform_has_fast_fp16, device_memory_size);
+nothing here uses them. `tensorrt_status` names the TensorRT, its CUDA build and the NVIDIA driver, and refuses
+a driver too old for the build (11.x is CUDA 13: r580+). Tensors are bound by address (set_input_shape + set_tensor_address) and run with execute_async_v3
 on the caller's current CUDA stream, so the work orders with the caller's own kernels and a CUDA-graph capture
 (torch.cuda.graph) records it. Device memory is torch CUDA tensors: torch is already what the device loop holds
 its latents in, so a tensor's data_ptr() is the binding and nothing is copied; torch's caching allocator, streams
@@ -48,9 +53,74 @@ def _first_line(err: BaseException) -> str:
     return (text.splitlines()[0] if text else type(err).__name__)[:200]
 
 
+# TensorRT's CUDA builds and the oldest NVIDIA driver each needs (CUDA's minimum driver for its major version).
+# PyPI: `tensorrt` 11.x is the CUDA 13 build; 10.x comes as tensorrt-cu12 and (10.13 on) tensorrt-cu13.
+MIN_DRIVER_FOR_CUDA = {12: (525, 60), 13: (580, 65)}
+SUPPORTED_TENSORRT = "TensorRT 10.x (CUDA 12 or 13 builds) and 11.x (CUDA 13)"
+
+
+def nvidia_driver_version() -> str | None:
+    """The loaded NVIDIA kernel driver's version ("580.65.06"), or None when no driver is loaded."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        text = ""
+    import re
+
+    match = re.search(r"Kernel Module(?: for [^ ]+)?\s+(\d+\.\d+(?:\.\d+)?)", text) or re.search(r"\b(\d{3}\.\d+(?:\.\d+)?)\b", text)
+    if match:
+        return match.group(1)
+    try:  # nvidia-ml-py, where it is installed (a driver without /proc, e.g. WSL)
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:
+        return None
+
+
+def tensorrt_cuda_major(version: str) -> int:
+    """The CUDA major version the installed TensorRT was built for: from its distribution's name
+    (tensorrt-cu12 / tensorrt-cu13 / tensorrt_cu13_libs), else TensorRT 11's only build (13), else 12."""
+    import importlib.metadata as md
+    import re
+
+    found = set()
+    try:
+        for dist in md.distributions():
+            match = re.fullmatch(r"tensorrt[-_]cu(\d+)(?:[-_].*)?", (dist.metadata.get("Name") or "").lower())
+            if match:
+                found.add(int(match.group(1)))
+    except Exception:
+        pass
+    if len(found) == 1:
+        return found.pop()
+    return 13 if int(version.split(".")[0]) >= 11 else 12
+
+
+def driver_refusal(version: str, driver: str | None) -> str | None:
+    """Why this driver cannot run this TensorRT (None when it can, or when no driver version is known)."""
+    if driver is None:
+        return None
+    cuda = tensorrt_cuda_major(version)
+    need = MIN_DRIVER_FOR_CUDA.get(cuda)
+    try:
+        have = tuple(int(x) for x in driver.split(".")[:2])
+    except ValueError:
+        return None
+    if need is None or have >= need:
+        return None
+    fix = "update the NVIDIA driver"
+    if cuda >= 13:
+        fix += " (r580 or newer), or install the CUDA 12 build: pip install 'tensorrt-cu12>=10.12,<11'"
+    return f"TensorRT {version} is the CUDA {cuda} build and needs NVIDIA driver {need[0]}.{need[1]} or newer; this machine has {driver}: {fix}"
+
+
 @functools.lru_cache(maxsize=None)
 def tensorrt_status(check_gpu: bool = True) -> tuple[bool, str]:
-    """(usable, why): TensorRT >= 10 imports and, with check_gpu, can create a Builder (needs a GPU and driver).
+    """(usable, why): TensorRT >= 10 imports and, with check_gpu, its CUDA build suits the driver and it can
+    create a Builder (needs a GPU and driver). `why` names the TensorRT, its CUDA build and the driver found.
 
     PyPI's `tensorrt` stubs can be present without their libraries, and a CPU machine has no GPU, so a bare
     find_spec says nothing: every step runs in a try and any failure counts as "not installed"."""
@@ -62,12 +132,24 @@ def tensorrt_status(check_gpu: bool = True) -> tuple[bool, str]:
             return False, "the tensorrt package here has no version: a stub without TensorRT's libraries"
         if int(version.split(".")[0]) < MIN_TENSORRT_MAJOR:
             return False, f"TensorRT {version} is older than {MIN_TENSORRT_MAJOR}"
+        found = f"TensorRT {version} (CUDA {tensorrt_cuda_major(version)} build)"
         if check_gpu:
-            builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+            driver = nvidia_driver_version()
+            refused = driver_refusal(version, driver)
+            if refused:
+                return False, refused
+            try:
+                builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+                failed = "" if builder else "it returned None"
+            except Exception as err:  # TypeError "factory function returned nullptr" from a null builder
+                builder, failed = None, _first_line(err)
             if not builder:
-                return False, f"TensorRT {version} could not create a builder (no NVIDIA GPU or driver?)"
+                if driver is None:
+                    return False, f"{found} could not create a builder ({failed}): no NVIDIA driver is loaded (no GPU?)"
+                return False, f"{found} could not create a builder ({failed}) with NVIDIA driver {driver}: is the GPU visible to this process?"
             del builder
-        return True, f"TensorRT {version}"
+            return True, found + (f", NVIDIA driver {driver}" if driver else "")
+        return True, found
     except (Exception, SystemExit) as err:  # ImportError, OSError from missing libs, TypeError from a null builder
         return False, f"import tensorrt failed: {_first_line(err)}"
 
@@ -235,17 +317,68 @@ def check_engine(folder: Path, manifest: Manifest, network: str, machine: Machin
 # --- the engines ------------------------------------------------------------------------------------------------
 
 
-class Engine:
-    """One TensorRT engine: deserialised once, one execution context, output buffers allocated once per shape."""
+class DeviceScratch:
+    """One block of device memory every execution context of a backend works in (TensorRT's user-managed
+    context memory). The backend's engines run one after another on one stream, never at once, so they can share
+    it: a load reserves the largest engine's max-profile memory once, not once per engine and context (four
+    engines' reservations at load were what ran a 24 GB GPU out of memory)."""
 
-    def __init__(self, runtime, path: Path, contract: NetworkContract, device):
+    def __init__(self, device):
+        self.device, self.tensor, self.frozen = device, None, False
+
+    def reserve(self, size: int) -> None:
+        """Grow to `size` bytes; only before the first context points into it."""
+        if self.tensor is not None and self.tensor.numel() >= size:
+            return
+        if self.frozen:
+            raise BackendError("internal: TensorRT context memory cannot grow after contexts were created")
+        import torch
+
+        try:
+            self.tensor = torch.empty(max(int(size), 1), dtype=torch.uint8, device=self.device)
+        except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError
+            raise BackendError(
+                f"out of GPU memory reserving {size / 2**20:.0f} MiB for TensorRT's context memory ({_first_line(err)}); free GPU "
+                "memory, or rebuild the engines for smaller shapes with `sdrt build --max-size/--max-batch`"
+            ) from None
+
+    def pointer(self) -> tuple[int, int]:
+        self.frozen = True
+        return self.tensor.data_ptr(), self.tensor.numel()
+
+
+def _memory_size(engine) -> int:
+    """The engine's context memory for its largest profile: device_memory_size_v2 (TensorRT 10.1 on; the old
+    device_memory_size is gone in 11)."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    if size is None:
+        size = getattr(engine, "device_memory_size", 0)
+    return int(size)
+
+
+class Engine:
+    """One TensorRT engine: deserialised once; one execution context per set of input shapes, all in the
+    backend's shared context memory; output buffers allocated once per shape.
+
+    Why a context per shape set: a CUDA graph captured around execute_async_v3 bakes in the addresses and shapes
+    the context had then, but a context also keeps shape-dependent state of its own, which a later run at another
+    shape rewrites; replaying a graph captured at batch 1 after its context ran batch 2 would read that state. With
+    a context per shape set, a context only ever runs the shapes its graphs were captured at (tests/test_tensorrt.py
+    captures batch 1, runs batch 2 and replays batch 1 on a fake TensorRT that keeps such state). Contexts are
+    cheap: their memory is the shared scratch."""
+
+    def __init__(self, runtime, path: Path, contract: NetworkContract, device, scratch: DeviceScratch | None = None):
         import tensorrt as trt
 
         self.path, self.contract, self.device = Path(path), contract, device
         self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise ModelError(f"TensorRT could not deserialise {path} (damaged, or built by another TensorRT); rebuild it with `sdrt build`")
-        self.context = self.engine.create_execution_context()
+        self.scratch = scratch
+        self.memory_size = _memory_size(self.engine)
+        if scratch is not None:
+            scratch.reserve(self.memory_size)
+        self.contexts: dict[tuple, object] = {}  # input shapes -> execution context
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -260,6 +393,40 @@ class Engine:
         # (min, opt, max) per input, from the engine's single optimisation profile.
         self.limits = {n: tuple(tuple(d) for d in self.engine.get_tensor_profile_shape(n, 0)) for n in self.input_names}
         self.buffers: dict[tuple, object] = {}  # (tensor name, shape) -> torch tensor on self.device
+
+    def _new_context(self):
+        """An execution context in the shared scratch (or with its own memory without one); BackendError when
+        TensorRT cannot make one (it returns None, e.g. out of GPU memory)."""
+        import tensorrt as trt
+
+        strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None)
+        try:
+            if self.scratch is not None and strategy is not None:
+                context = self.engine.create_execution_context(strategy)
+                if context is not None:
+                    ptr, size = self.scratch.pointer()
+                    if hasattr(context, "set_device_memory"):  # TensorRT 10.1 on
+                        context.set_device_memory(ptr, size)
+                    else:
+                        context.device_memory = ptr
+            else:
+                context = self.engine.create_execution_context()
+        except Exception as err:
+            raise BackendError(f"TensorRT could not create an execution context for the {self.contract.name} engine ({_first_line(err)})") from None
+        if context is None:
+            mib = self.memory_size / 2**20
+            raise BackendError(
+                f"TensorRT could not create an execution context for the {self.contract.name} engine ({self.path.name}; it needs "
+                f"{mib:.0f} MiB of context memory for its largest shapes): likely out of GPU memory; free GPU memory (other "
+                "processes, other loaded models), or rebuild the engines for smaller shapes with `sdrt build --max-size/--max-batch`"
+            )
+        return context
+
+    def context_for(self, shapes: dict[str, tuple]):
+        key = tuple(sorted((n, tuple(s)) for n, s in shapes.items()))
+        if key not in self.contexts:
+            self.contexts[key] = self._new_context()
+        return self.contexts[key]
 
     def buffer(self, name: str, shape: tuple):
         """A float32 device tensor for `name` at `shape`, allocated on first use and reused after."""
@@ -279,21 +446,30 @@ class Engine:
                     "rebuild the engines with `sdrt build` and a larger --max-size or --max-batch, or use --backend onnx"
                 )
 
+    def _bind(self, context, name: str, tensor) -> None:
+        if not context.set_tensor_address(name, tensor.data_ptr()):
+            raise BackendError(
+                f"TensorRT refused the address of {self.contract.name} tensor {name!r} (shape {tuple(tensor.shape)}, "
+                f"on {tensor.device}): it must be a float32 CUDA tensor on {self.device}"
+            )
+
     def infer(self, inputs: dict, stream_handle: int) -> dict:
         """Enqueue one run on `stream_handle`. `inputs`: contiguous float32 tensors on this device, by name.
         Returns the output buffers: owned by the engine and overwritten by its next run at the same shape."""
-        self.check_shapes({n: tuple(t.shape) for n, t in inputs.items()})
+        shapes = {n: tuple(t.shape) for n, t in inputs.items()}
+        self.check_shapes(shapes)
+        context = self.context_for({n: shapes[n] for n in self.input_names})
         for name in self.input_names:
             tensor = inputs[name]
-            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+            if not context.set_input_shape(name, tuple(tensor.shape)):
                 raise BackendError(f"TensorRT refused shape {tuple(tensor.shape)} for {self.contract.name} input {name!r}")
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            self._bind(context, name, tensor)
         outputs = {}
         for name in self.output_names:
-            out = self.buffer(name, tuple(self.context.get_tensor_shape(name)))
-            self.context.set_tensor_address(name, out.data_ptr())
+            out = self.buffer(name, tuple(context.get_tensor_shape(name)))
+            self._bind(context, name, out)
             outputs[name] = out
-        if not self.context.execute_async_v3(stream_handle):
+        if not context.execute_async_v3(stream_handle):
             raise BackendError(f"TensorRT failed to run the {self.contract.name} engine ({self.path.name}); see its log above")
         return outputs
 
@@ -320,7 +496,8 @@ class TensorRTBackend(Backend):
         super().__init__(manifest.contracts)
         version = require_tensorrt()
         if not module_available("torch"):
-            raise BackendError("the TensorRT backend keeps its buffers in torch CUDA tensors: pip install torch (a CUDA build)")
+            raise BackendError("the TensorRT backend keeps its buffers in torch CUDA tensors: pip install torch (a CUDA build: "
+                               "pytorch.org lists the index URL per CUDA version), then pip install 'sdrt[tensorrt]'")
         import tensorrt as trt
         import torch
 
@@ -334,7 +511,10 @@ class TensorRTBackend(Backend):
         self.runtime = trt.Runtime(self.logger)
         with torch.cuda.device(self.device):
             self.stream = torch.cuda.Stream(self.device)  # the host path's one stream
-            self.engines = {n: Engine(self.runtime, f, self.contracts[n], self.device) for n, f in files.items()}
+            self.scratch = DeviceScratch(self.device)  # one context memory for every engine (they never run at once)
+            self.engines = {n: Engine(self.runtime, f, self.contracts[n], self.device, self.scratch) for n, f in files.items()}
+            for engine in self.engines.values():  # fail at load, with the reason, rather than at the first image
+                engine.context_for({n: engine.limits[n][1] for n in engine.input_names})
         from sdrt.device_loop import DeviceLoop
 
         self.use_device_loop = bool(device_loop) and UNET in self.engines
@@ -391,6 +571,18 @@ class TensorRTBackend(Backend):
             return self.run_device(UNET, feeds)["out_sample"]
 
         return unet
+
+    @property
+    def uses_host_memory(self) -> bool:
+        return False
+
+    def precision(self, network: str) -> str | None:
+        return self.manifest.extras.get("engines", {}).get(network, {}).get("flags", {}).get("precision")
+
+    def check_shapes(self, shapes: dict[str, dict[str, tuple]]) -> None:
+        for network, inputs in shapes.items():
+            if network in self.engines:
+                self.engines[network].check_shapes(inputs)
 
     def device_scope(self):
         import torch

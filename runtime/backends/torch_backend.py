@@ -76,6 +76,13 @@ class TorchBackend(Backend):
         outs = out if isinstance(out, tuple) else (out,)
         return {spec.name: o.float().cpu().numpy() for spec, o in zip(contract.outputs, outs)}
 
+    @property
+    def uses_host_memory(self) -> bool:
+        return self.device.type == "cpu"
+
+    def precision(self, network: str) -> str | None:
+        return "fp16" if self.dtype == torch.float16 else "fp32"
+
     def device_scope(self):
         return torch.cuda.device(self.device) if self.device.type == "cuda" else super().device_scope()
 

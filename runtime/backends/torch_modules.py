@@ -28,10 +28,12 @@ class TextEncoderOnEmbeddings(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         hidden = self.embeddings(inputs_embeds=inputs_embeds)
         seq = inputs_embeds.shape[1]
-        # An explicit additive causal mask [1, 1, seq, seq]: exports cleanly and matches CLIP's causal attention.
+        # An explicit additive causal mask [batch, 1, seq, seq]: exports cleanly and matches CLIP's causal attention.
+        # The batch axis is expanded, not broadcast: transformers 4.40-4.42's eager CLIP attention checks the mask's
+        # size against [batch, 1, seq, seq] and refused [1, 1, seq, seq] at batch 2.
         blocked = torch.ones(seq, seq, dtype=torch.bool, device=hidden.device).triu(1)
         mask = torch.zeros(seq, seq, dtype=hidden.dtype, device=hidden.device)
-        mask = mask.masked_fill(blocked, torch.finfo(hidden.dtype).min)[None, None]
+        mask = mask.masked_fill(blocked, torch.finfo(hidden.dtype).min)[None, None].expand(hidden.shape[0], 1, seq, seq)
         hidden = self.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
         return self.final_layer_norm(hidden)
 
@@ -85,13 +87,26 @@ def load_contract_modules(model_dir, facts, device="cpu", dtype=torch.float32) -
 
     from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 
+    from pathlib import Path
+
+    from sdrt.errors import ModelError
+    from sdrt.model.weights import check_safetensors_complete
+
+    for sub in ("text_encoder", "unet", "vae"):  # name a truncated file before the libraries fail without naming it
+        for file in sorted((Path(model_dir) / sub).glob("*.safetensors")):
+            check_safetensors_complete(file)
+
     # sdrt prints its own progress; the libraries' per-file loading bars only clutter stderr.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
 
-    text = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype)
+    try:
+        text = load_clip_text_model(CLIPTextModel, model_dir, dtype)
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as err:  # a damaged pickle or config the check above cannot see
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{model_dir} could not be loaded by diffusers/transformers ({first}); re-download the model folder") from None
     modules = {
         TEXT_ENCODER: TextEncoderOnEmbeddings(text),
         UNET: UNetContract(unet),
@@ -99,3 +114,32 @@ def load_contract_modules(model_dir, facts, device="cpu", dtype=torch.float32) -
         VAE_DECODER: VaeDecoderContract(vae, facts.scaling_factor),
     }
     return {name: m.to(device).eval() for name, m in modules.items()}
+
+
+def load_clip_text_model(cls, model_dir, dtype):
+    """CLIPTextModel from `<model_dir>/text_encoder`, on transformers 4.x and 5.x alike: a folder saved by
+    transformers 5 (keys without `text_model.`) loads on 4.x with its weights, not a random encoder."""
+    from pathlib import Path
+
+    text, info = cls.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=dtype, output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
+    if not missing:
+        return text
+    from safetensors.torch import load_file
+
+    files = sorted((Path(model_dir) / "text_encoder").glob("*.safetensors"))
+    state = {k: v for f in files for k, v in load_file(f).items()}
+    own = set(text.state_dict())
+    fixed = {}
+    for key, value in state.items():  # 5.x's flat keys under 4.x's text_model., or the other way round
+        for name in (key, "text_model." + key, key.removeprefix("text_model.")):
+            if name in own:
+                fixed[name] = value
+                break
+    still = [k for k in missing if k not in fixed]
+    if still:
+        from sdrt.errors import ModelError
+
+        raise ModelError(f"{model_dir}/text_encoder lacks weights for {still[:3]} ({len(still)} tensors); re-save the model")
+    text.load_state_dict(fixed, strict=False)
+    return text.to(dtype)

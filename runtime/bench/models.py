@@ -9,6 +9,8 @@ side effects on disk, not measurement.
 
 from __future__ import annotations
 
+from sdrt.model.weights import prefix_text_encoder_keys
+
 import hashlib
 import json
 import subprocess
@@ -114,6 +116,7 @@ def build_sd15_random(folder, seed: int = 0) -> Path:
                                    scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)  # fmt: skip
     pipe.save_pretrained(folder)
+    prefix_text_encoder_keys(folder)  # loadable by transformers 4.x too
     return folder
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from sdrt.backends.base import module_available
-from sdrt.errors import BackendError
+from sdrt.errors import BackendError, torch_install_hint
 
 EPILOG = """The export folder holds one ONNX file per network, the tokenizer, the scheduler config, the token
 embeddings and manifest.json; it runs with only onnxruntime installed: sdrt generate "a fox" -m OUT.
@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
 def cmd_export(args) -> int:
     missing = [m for m in ("torch", "diffusers", "transformers", "onnx") if not module_available(m)]
     if missing:
-        raise BackendError(f"sdrt export needs {', '.join(missing)}: pip install 'sdrt[export]'")
+        raise BackendError(f"sdrt export needs {', '.join(missing)}: {torch_install_hint('export')}")
     from sdrt.adapters.lora import parse_lora_spec
     from sdrt.export.onnx_export import export_model
 

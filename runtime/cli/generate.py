@@ -1,10 +1,12 @@
-"""`sdrt generate`: argparse, then Pipeline calls; images are written by sdrt.images."""
+"""`sdrt generate`: argparse, then Pipeline calls; output paths are checked and images written by sdrt.outputs."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from sdrt.outputs import output_paths  # noqa: F401  (re-exported: tests and scripts import it from here)
 
 EPILOG_GENERATE = """examples:
   sdrt generate "a red 7 on a white background"                 built-in digits model
@@ -25,7 +27,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("prompt", help="what the image should show")
     p.add_argument("-m", "--model", help="diffusers-format folder or sdrt export (default: the built-in digits model)")
-    p.add_argument("-o", "--output", default="sdrt.png", help="PNG to write; with several images, -1, -2... is added (default: %(default)s)")
+    p.add_argument("-o", "--output", default="sdrt.png", help="image to write: .png, .jpg or .webp (parameters embedded), or a folder "
+                   "to number images in; with several images, -1, -2... is added (default: %(default)s)")
     p.add_argument("-n", "--negative-prompt", default=None, help="what to steer away from (replaces the empty prompt)")
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default: %(default)s)")
     p.add_argument("-g", "--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off (default: %(default)s)")
@@ -40,31 +43,51 @@ def add_parser(sub) -> None:
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="textual-inversion embedding to load (repeatable)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA to fuse at load, PyTorch backend only (repeatable; exports take `sdrt export --lora`)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
+    p.add_argument("--ort-provider", default=None, choices=("auto", "cuda", "tensorrt", "cpu"),
+                   help="ONNX Runtime's execution providers, with --backend onnx: cuda or tensorrt need onnxruntime-gpu and are an "
+                   "error where missing (default: auto, CUDA when there, else CPU)")  # fmt: skip
+    p.add_argument("--max-memory", default=None, metavar="SIZE", help="memory budget the request must fit, e.g. 8G (default: what is available)")
+    p.add_argument("--no-memory-check", action="store_true", help="skip the memory estimate (an oversized request may then be killed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
 
-def output_paths(output: str, count: int) -> list[Path]:
-    path = Path(output)
-    if path.suffix.lower() != ".png":
-        path = path.with_suffix(path.suffix + ".png") if path.suffix else path.with_suffix(".png")
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{k + 1}{path.suffix}") for k in range(count)]
+def check_count_or_one(n) -> int:
+    """--num-images for the early memory check; a bad count is refused by plan() with its own message."""
+    return n if isinstance(n, int) and n >= 1 else 1
+
+
+def seed_note(seeds: list[int], k: int) -> str:
+    """How image k's seed came about: the user's seed for image 1, derived (seed + k) for the others."""
+    return f"seed {seeds[k]}" if k == 0 else f"seed {seeds[k]}: image {k + 1} of the batch from seed {seeds[0]}"
 
 
 def cmd_generate(args) -> int:
     import time
 
-    from sdrt.images import save_png
+    from sdrt import inputs
+    from sdrt.outputs import output_paths, save_image
     from sdrt.pipeline import Pipeline
 
     t0 = time.perf_counter()
-    options = {"threads": args.threads} if args.threads else {}
+    inputs.check_prompts(args.prompt)  # before loading: a prompt the terminal mangled, an unwritable -o
+    paths = output_paths(args.output, args.num_images)
+    max_memory = False if args.no_memory_check else args.max_memory
+    options = {"threads": args.threads} if args.threads is not None else {}
+    if args.ort_provider:
+        if args.backend != "onnx":
+            from sdrt.errors import InputError
+
+            raise InputError(f"--ort-provider chooses ONNX Runtime's providers: add --backend onnx (not {args.backend})")
+        options["route"] = args.ort_provider
+    if not (args.model and Path(args.model).expanduser().is_file()):
+        inputs.check_before_load(args.model, args.backend, args.height, args.width, args.image,
+                                 check_count_or_one(args.num_images), args.guidance, max_memory)
     if args.model and Path(args.model).expanduser().is_file():  # an original-layout checkpoint: converted once, cached
-        pipe = Pipeline.from_single_file(args.model, backend="torch" if args.backend == "auto" else args.backend, **options)
+        pipe = Pipeline.from_single_file(args.model, backend="torch" if args.backend == "auto" else args.backend,
+                                         max_memory=max_memory, **options)
     else:
-        pipe = Pipeline.from_pretrained(args.model, backend=args.backend, **options)
+        pipe = Pipeline.from_pretrained(args.model, backend=args.backend, max_memory=max_memory, **options)
     for spec in args.embedding:
         path, _, token = spec.partition(":")
         pipe.load_textual_inversion(path, token=token or None)
@@ -87,9 +110,9 @@ def cmd_generate(args) -> int:
         num_images_per_prompt=args.num_images,
         progress=not args.quiet,
     )
-    for image, params, path in zip(out.images, out.parameters, output_paths(args.output, len(out.images))):
-        save_png(image, path, params)
-        print(f"{path}  (seed {params['seed']})")
+    for k, (image, params, path) in enumerate(zip(out.images, out.parameters, paths)):
+        save_image(image, path, params)
+        print(f"{path}  ({seed_note(out.seeds, k)})")
     if not args.quiet:
         t = out.timings
         print(

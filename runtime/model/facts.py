@@ -11,7 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from sdrt.errors import InputError, ModelError
+from sdrt.errors import ModelError
 from sdrt.families import check_pipeline_class, detect_family
 
 COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
@@ -111,14 +111,7 @@ def read_model_facts(model_dir: str | Path) -> ModelFacts:
 
 
 def check_size(facts: ModelFacts, height: int, width: int) -> None:
-    """Refuse image sizes the networks cannot run, before any network runs."""
-    step = facts.size_step
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise InputError(f"{name} {value!r} is not an integer; use a multiple of {step}")
-        if value < step or value % step:
-            lower = max(step, value // step * step)
-            upper = max(step, (value + step - 1) // step * step)
-            options = f"{lower}" if lower == upper else f"{lower} or {upper}"
-            raise InputError(f"{name} {value} is not a multiple of {step} for this model; use {options}")
+    """Refuse image sizes the networks cannot run (kept for callers; the checks live in sdrt.inputs)."""
+    from sdrt.inputs import check_size as check
 
+    check(facts, height, width)

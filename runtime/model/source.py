@@ -13,7 +13,7 @@ import numpy as np
 
 from sdrt.backends.base import Backend, module_available
 from sdrt.contracts import NetworkContract, build_contracts
-from sdrt.errors import BackendError, ModelError
+from sdrt.errors import BackendError, ModelError, torch_install_hint
 from sdrt.model.manifest import MANIFEST_NAME, Manifest, read_manifest
 from sdrt.model.facts import ModelFacts, read_json, read_model_facts
 
@@ -61,7 +61,7 @@ class ModelSource:
         if not path.exists():
             raise ModelError(f"{path.parent} has no text-encoder weights (model.safetensors); the model folder is incomplete")
         if not module_available("torch"):
-            raise ModelError(f"{path} is a pickle file, which needs torch to read; convert it to .safetensors or install torch")
+            raise ModelError(f"{path} is a pickle file, which needs torch to read; convert it to .safetensors or {torch_install_hint()}")
         import torch
 
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -86,6 +86,9 @@ class ModelSource:
             raise ModelError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
         if name == "auto":
             name = self.default_backend()
+        from sdrt.inputs import check_backend_options
+
+        check_backend_options(name, options)
         if name == "torch":
             if not self.is_diffusers:
                 raise ModelError(
@@ -94,7 +97,7 @@ class ModelSource:
                 )
             if not (module_available("torch") and module_available("diffusers") and module_available("transformers")):
                 raise BackendError(
-                    f"the PyTorch backend needs torch, diffusers and transformers: pip install 'sdrt[torch]', or export "
+                    f"the PyTorch backend needs torch, diffusers and transformers: {torch_install_hint()}; or export "
                     f"the model once with `sdrt export {self.path} OUT` and run OUT on ONNX Runtime"
                 )
             from sdrt.backends.torch_backend import TorchBackend

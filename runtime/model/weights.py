@@ -11,10 +11,29 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.errors import ModelError
+from sdrt.errors import ModelError, torch_install_hint
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
+
+
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"RIFF", "a RIFF (WebP/WAV) file"),
+          (b"GIF8", "a GIF image"), (b"\x08", "an ONNX model or other protobuf"), (b"\x1f\x8b", "a gzip archive"))
+
+
+def sniff(path: Path) -> str:
+    """What a weight file is by its content, never its suffix: "safetensors", "pickle" (torch zip or legacy
+    pickle), or a description of something else ("a PNG image", "not a weight file")."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: 8-byte little-endian header size, then the JSON header
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or a protocol-2+ pickle
+        return "pickle"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    return "empty" if not head else "unrecognised (neither safetensors nor a torch pickle)"
 
 
 def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
@@ -54,6 +73,24 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
         raise ModelError(f"{path} is not a readable .safetensors file ({err}); is it complete?") from None
 
 
+def check_safetensors_complete(path: Path) -> None:
+    """Header and size only (no tensor is read): a truncated or damaged file is named before a library fails on it
+    with a message that does not say which file."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= size <= 100_000_000:
+                raise ValueError(f"header size {size} is not plausible")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as err:
+        raise ModelError(f"{path} is not a readable .safetensors file ({err}); re-download or re-save it") from None
+    actual = Path(path).stat().st_size
+    if actual < 8 + size + end:
+        raise ModelError(f"{path} is truncated: {actual} bytes, its header needs {8 + size + end}; re-download or re-save it")
+
+
 def to_numpy(value):
     """torch tensors (nested in dicts and lists) -> numpy; other values as they are."""
     if hasattr(value, "detach") and hasattr(value, "numpy"):
@@ -74,7 +111,7 @@ def read_pickle(path: Path, what: str) -> dict:
         raise ModelError(
             f"{path} is a pickle file ({path.suffix}), which only torch can read: convert the {what} to .safetensors "
             "(e.g. on a machine with torch: safetensors.torch.save_file(torch.load(FILE, weights_only=True), OUT)), "
-            "or install torch"
+            f"or {torch_install_hint()}"
         )
     import torch
 
@@ -94,10 +131,48 @@ def read_weights(path: str | Path, what: str) -> tuple[dict, dict[str, str]]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ModelError(f"{what} file {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header size, then the JSON header
+    kind = sniff(path)
+    if kind == "safetensors":
         return read_safetensors(path)
-    if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix.lower() in PICKLE_SUFFIXES:
+    if kind == "pickle":
         return read_pickle(path, what), {}
-    raise ModelError(f"{path} is neither a .safetensors nor a torch pickle file; expected a {what} file")
+    raise ModelError(f"{path} is not a {what} file: its content is {kind}; pass a .safetensors (or torch pickle) {what}")
+
+
+# --- CLIP text encoder keys that transformers 4.x and 5.x both load -------------------------------------------------
+
+CLIP_PREFIX = "text_model."
+
+
+def add_clip_text_prefix(path: str | Path, align: int = 64) -> int:
+    """Rename a CLIPTextModel safetensors file's keys in place to `text_model.<key>` (4.x's layout, which 5.x loads
+    too; 5.x saves them without the prefix, and 4.x then loads a freshly initialised encoder with only a log
+    warning). Only the header changes: the tensor bytes are copied as they are, shifted by a multiple of `align`
+    bytes so their alignment stays. Returns the shift in bytes (0: already prefixed, nothing written)."""
+    import json
+    import os
+    import struct
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        if all(k.startswith(CLIP_PREFIX) for k in header if k != "__metadata__"):
+            return 0
+        renamed = {k if k == "__metadata__" or k.startswith(CLIP_PREFIX) else CLIP_PREFIX + k: v for k, v in header.items()}
+        text = json.dumps(renamed, separators=(",", ":")).encode()
+        shift = -(-(8 + len(text) - 8 - size) // align) * align  # the data moves by a multiple of `align`
+        text += b" " * (size + shift - len(text))  # safetensors pads its header with spaces
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(text)) + text)
+            while chunk := f.read(1 << 20):
+                out.write(chunk)
+    tmp.replace(path)
+    return shift
+
+
+def prefix_text_encoder_keys(model_dir: str | Path) -> None:
+    """After save_pretrained: make `<model_dir>/text_encoder*/model.safetensors` loadable by transformers 4.x and 5.x."""
+    for file in sorted(Path(model_dir).glob("text_encoder*/model.safetensors")):
+        add_clip_text_prefix(file)

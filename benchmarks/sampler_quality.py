@@ -3,7 +3,9 @@
 For each sampler and step count, one batched pipeline call makes 50 images (10 digits x 5 colours, the prompts
 of tests/test_digits.py, seed 0, guidance 7.5); the oracle reads each image's digit and colour. Reported: the
 share of images whose digit (colour) is the prompt's, UNet calls, and wall time per image (the whole batched
-call - text, loop, decode - divided by 50) with ONNX Runtime and numpy on ONE thread.
+call - text, loop, decode - divided by 50) with ONNX Runtime and numpy on ONE thread, as CPU time of this
+process (on a shared machine the CPU time of a one-thread process is far steadier than wall time; both are
+recorded in the JSON).
 
     OMP_NUM_THREADS=1 python benchmarks/sampler_quality.py                      # all samplers, 2..30 steps
     python benchmarks/sampler_quality.py --samplers ddim,euler_a --steps 4,20 --out /tmp/q
@@ -37,16 +39,16 @@ def measure(pipe, oracle, sampler: str, steps: int, guidance: float, seed: int) 
 
     sched = make_scheduler(sampler, pipe.source.scheduler_config)
     sched.set_timesteps(steps)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = pipe(TEXTS, num_inference_steps=steps, guidance_scale=guidance, seed=seed, scheduler=sampler,
                output_type="np", progress=False)  # fmt: skip
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     read = oracle.classify(out.images)
     digit = float(np.mean([r[0] == d for r, (d, _) in zip(read, PROMPTS)]))
     colour = float(np.mean([r[1] == c for r, (_, c) in zip(read, PROMPTS)]))
     both = float(np.mean([r == (d, c) for r, (d, c) in zip(read, PROMPTS)]))
     return {"digit": digit, "colour": colour, "both": both, "unet_calls": sched.num_calls, "seconds": seconds,
-            "seconds_per_image": seconds / len(TEXTS)}  # fmt: skip
+            "cpu_seconds": cpu, "seconds_per_image": cpu / len(TEXTS), "wall_seconds_per_image": seconds / len(TEXTS)}  # fmt: skip
 
 
 def markdown(record: dict) -> str:
@@ -56,7 +58,8 @@ def markdown(record: dict) -> str:
         "",
         f"- created {record['created']}, {record['minutes']:.1f} minutes; {record['machine']}",
         f"- guidance {record['guidance']}, seed {record['seed']}, 64x64, ONNX Runtime fp32 on **one thread** "
-        f"(OMP_NUM_THREADS=1, threads=1; the machine was shared, so times are per single thread)",
+        f"(OMP_NUM_THREADS=1, threads=1): times are this process's CPU time per image on a single thread (the machine "
+        f"was shared with other jobs; wall time, in the JSON, was up to 2x higher under that load)",
         "- digit / colour: the share of the 50 images whose digit / colour the oracle reads as the prompt's",
         f"- command: `{record['command']}`",
         "",
@@ -71,7 +74,7 @@ def markdown(record: dict) -> str:
             r = per_steps.get(str(s))
             cells.append(r["error"] if r and "error" in r else f"{100 * r['digit']:.0f} / {100 * r['colour']:.0f}" if r else "")
         lines.append(f"| {name} | {record['a1111'].get(name, '')} | " + " | ".join(cells) + " |")
-    lines += ["", "## Time per image, ms (UNet calls)", "", "| sampler | " + " | ".join(f"{s} steps" for s in steps) + " |",
+    lines += ["", "## Single-thread CPU time per image, ms (UNet calls)", "", "| sampler | " + " | ".join(f"{s} steps" for s in steps) + " |",
               "|---|" + "---|" * len(steps)]  # fmt: skip
     for name, per_steps in rows.items():
         cells = []
@@ -101,7 +104,7 @@ def chart(record: dict, path: Path) -> None:
         axes[1].plot(ms, [100 * c for c in colour], **style)
     for ax, what in zip(axes, ("digit", "colour")):
         ax.set_xscale("log")
-        ax.set_xlabel("time per image, ms (one thread; points: 2, 4, 8, 12, 20, 30 steps)")
+        ax.set_xlabel("CPU time per image, ms, one thread (points: 2, 4, 8, 12, 20, 30 steps)")
         ax.set_ylabel(f"{what} accuracy, %")
         ax.set_title(f"{what} read back by the oracle")
         ax.grid(True, alpha=0.3)

@@ -455,6 +455,11 @@ def test_pndm_runge_kutta_matches_diffusers(config):
         assert run_chain("pndm", cfg, n, strength, tol=1e-6 if strength == 1.0 else 3e-6) > 1e-3
     with pytest.raises(InputError, match=">= 4 steps"):  # diffusers fails (a shape error) below 4
         make_scheduler("pndm", cfg).set_timesteps(3)
+    from sdrt.inputs import check_steps  # the pipeline's check names that minimum, not a broken config
+
+    with pytest.raises(InputError, match=">= 4 steps"):
+        check_steps(2, make_scheduler("pndm", cfg))
+    assert check_steps(4, make_scheduler("pndm", cfg)) == 4
 
 
 def test_step_order_and_noise_are_checked():

@@ -51,6 +51,28 @@ def measure(pipe, oracle, sampler: str, steps: int, guidance: float, seed: int) 
             "cpu_seconds": cpu, "seconds_per_image": cpu / len(TEXTS), "wall_seconds_per_image": seconds / len(TEXTS)}  # fmt: skip
 
 
+def fewest_steps(record: dict, digit: float = 0.95, colour: float = 0.85) -> list[tuple]:
+    """Per sampler, the fewest steps whose images reach both bars: (sampler, steps, r) or (sampler, None, None);
+    sorted by CPU time per image."""
+    out = []
+    for name, per_steps in record["results"].items():
+        ok = [(int(s), r) for s, r in per_steps.items() if "error" not in r and r["digit"] >= digit and r["colour"] >= colour]
+        out.append((name, *min(ok, key=lambda x: x[0])) if ok else (name, None, None))
+    return sorted(out, key=lambda x: (x[2] is None, x[2]["seconds_per_image"] if x[2] else 0))
+
+
+def pick_table(record: dict, digit: float = 0.95, colour: float = 0.85) -> str:
+    lines = [f"| sampler | A1111 name | fewest steps with digit >= {digit:.0%} and colour >= {colour:.0%} | "
+             "UNet calls | CPU ms per image |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, steps, r in fewest_steps(record, digit, colour):
+        a1111 = record["a1111"].get(name, "")
+        if steps is None:
+            lines.append(f"| {name} | {a1111} | not within {max(record['steps'])} steps | | |")
+        else:
+            lines.append(f"| {name} | {a1111} | {steps} | {r['unet_calls']} | {1000 * r['seconds_per_image']:.0f} |")
+    return "\n".join(lines)
+
+
 def markdown(record: dict) -> str:
     steps, rows = record["steps"], record["results"]
     lines = [
@@ -62,6 +84,10 @@ def markdown(record: dict) -> str:
         f"was shared with other jobs; wall time, in the JSON, was up to 2x higher under that load)",
         "- digit / colour: the share of the 50 images whose digit / colour the oracle reads as the prompt's",
         f"- command: `{record['command']}`",
+        "",
+        "## What to pick: the fewest steps that draw the prompt, by latency",
+        "",
+        pick_table(record),
         "",
         "## Digit / colour accuracy (%)",
         "",
@@ -126,7 +152,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/sampler-quality", help="path stem for .json, .md, .png")
+    p.add_argument("--report-only", action="store_true", help="rewrite OUT.md and OUT.png from OUT.json; run nothing")
     args = p.parse_args(argv)
+    if args.report_only:
+        out = Path(args.out)
+        record = json.loads(out.with_suffix(".json").read_text())
+        out.with_suffix(".md").write_text(markdown(record))
+        chart(record, out.with_suffix(".png"))
+        print(markdown(record))
+        return 0
     samplers = [s for s in args.samplers.split(",") if s]
     steps = [int(s) for s in args.steps.split(",") if s]
     out = Path(args.out)

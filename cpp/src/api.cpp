@@ -1,5 +1,7 @@
-// The C API (sdrt.h) over the C++ pipeline: argument checks, the status/message for every failure, and the
-// try/catch that keeps every exception inside the library.
+// The C API (sdrt.h, ABI 2) over the C++ pipeline: argument checks, the status/message for every failure, the
+// growable params structs (struct_size), and the try/catch that keeps every exception inside the library.
+// ABI 1's entry points (hosts built against sdrt 0.1's header) are in api_v1.cpp.
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -7,121 +9,186 @@
 #include <random>
 #include <string>
 
+#include "api_internal.h"
 #include "pipeline.h"
 #include "util.h"
 
 struct sdrt_ctx {
     std::unique_ptr<sdrt::Pipeline> pipeline;
     std::mutex lock;  // serialises calls on one context
-    std::string error, backend_info;
+    sdrt_api::ErrorText error;
+    std::string backend_info;
     sdrt_progress_fn progress = nullptr;
     void *progress_user = nullptr;
-    int64_t last_seed = -1;
+    std::atomic<int64_t> last_seed{SDRT_SEED_RANDOM};  // read without the lock by sdrt_last_seed
     sdrt::Timings timings;
     bool has_timings = false;
 };
 
+namespace sdrt_api {
+
+void ErrorText::set(const char *message) noexcept {
+    std::strncpy(text, message ? message : "", sizeof text - 1);
+    text[sizeof text - 1] = '\0';
+}
+
 namespace {
 
-thread_local std::string t_error;  // sdrt_last_error(NULL)
+thread_local ErrorText t_error;  // sdrt_last_error(NULL)
 
-// Runs fn, turning every exception into a status and a message for ctx (or the thread, for a NULL ctx).
+ErrorText &error_of(const sdrt_ctx *ctx) { return ctx ? const_cast<sdrt_ctx *>(ctx)->error : t_error; }
+
+// Runs fn, turning every exception into a status and a message for ctx (or the thread, for a NULL ctx). The
+// message goes into a fixed buffer, so reporting a failure cannot itself throw (out of memory included).
 template <typename Fn>
-sdrt_status guarded(sdrt_ctx *ctx, Fn &&fn) {
-    std::string &error = ctx ? ctx->error : t_error;
+sdrt_status guarded(const sdrt_ctx *ctx, Fn &&fn) noexcept {
+    ErrorText &error = error_of(ctx);
     try {
         fn();
-        error.clear();
+        error.set("");
         return SDRT_OK;
     } catch (const sdrt::Error &e) {
-        error = e.what();
+        error.set(e.what());
         return e.status();
     } catch (const std::bad_alloc &) {
-        error = "out of memory; use a smaller image size or batch_count";
+        error.set("out of memory; use a smaller image size or batch_count");
         return SDRT_ERR_OUT_OF_MEMORY;
     } catch (const std::exception &e) {
-        error = std::string("internal error: ") + e.what();
+        error.set("internal error: ");
+        std::strncat(error.text, e.what(), sizeof error.text - std::strlen(error.text) - 1);
         return SDRT_ERR_INTERNAL;
     } catch (...) {
-        error = "internal error: an unknown exception";
+        error.set("internal error: an unknown exception");
         return SDRT_ERR_INTERNAL;
     }
 }
 
-sdrt_status null_arg(sdrt_ctx *ctx, const char *what) {
-    (ctx ? ctx->error : t_error) = std::string(what) + " is NULL";
+sdrt_status null_arg(const sdrt_ctx *ctx, const char *what) noexcept {
+    ErrorText &e = error_of(ctx);
+    std::snprintf(e.text, sizeof e.text, "%s is NULL", what);
     return SDRT_ERR_INVALID_ARGUMENT;
 }
 
-sdrt::Request to_request(const sdrt_gen_params *p, int64_t &seed_used) {
-    if (!p->prompt) throw sdrt::input_error("prompt is NULL; pass a UTF-8 string (\"\" is allowed)");
+// Every size a params struct has had, by ABI version from 2 on (rule 4 in sdrt.h: append each new version's size).
+const size_t kCtxSizes[] = {sizeof(sdrt_ctx_params)};
+const size_t kGenSizes[] = {sizeof(sdrt_gen_params)};
+const size_t kTimingsSizes[] = {sizeof(sdrt_timings)};
+constexpr size_t kMaxStruct = 1 << 16;  // a struct_size past this is an unset field, not a future header
+
+template <size_t N>
+void check_size(size_t n, const size_t (&sizes)[N], const char *type, const char *how) {
+    for (size_t s : sizes)
+        if (n == s) return;
+    if (n > sizes[N - 1] && n <= kMaxStruct) return;  // a host built against a newer header: see read_params
+    throw sdrt::input_error(std::string(type) + ".struct_size " + std::to_string(n) + " is not the size of any " + type +
+                            " version (this libsdrt knows " + std::to_string(sizes[N - 1]) + " bytes, ABI " +
+                            std::to_string(SDRT_ABI_VERSION) + "); " + how);
+}
+
+// The caller's struct over the library's defaults: fields past the caller's struct_size keep their defaults, and
+// fields this library does not know (a newer host) must be zero, their "as before" value.
+template <typename T, size_t N>
+T read_params(const T *in, const size_t (&sizes)[N], void (*init)(T *, size_t), const char *type, const char *how) {
+    const size_t n = in->struct_size;
+    check_size(n, sizes, type, how);
+    const unsigned char *bytes = reinterpret_cast<const unsigned char *>(in);
+    for (size_t i = sizeof(T); i < n; ++i)
+        if (bytes[i])
+            throw sdrt::Error(SDRT_ERR_UNSUPPORTED, std::string(type) + " sets fields this libsdrt does not know (the host's struct is " +
+                                                        std::to_string(n) + " bytes, this library's ABI " + std::to_string(SDRT_ABI_VERSION) +
+                                                        " has " + std::to_string(sizeof(T)) + "); run it with a newer libsdrt, or leave "
+                                                        "the newer fields at their defaults");
+    T out;
+    init(&out, sizeof out);
+    std::memcpy(&out, in, n < sizeof(T) ? n : sizeof(T));
+    out.struct_size = sizeof(T);
+    return out;
+}
+
+sdrt::Request to_request(const sdrt_gen_params &p, int64_t &seed_used) {
+    if (!p.prompt) throw sdrt::input_error("prompt is NULL; pass a UTF-8 string (\"\" is allowed)");
     sdrt::Request r;
-    r.prompt = p->prompt;
-    r.negative = p->negative_prompt ? p->negative_prompt : "";
-    r.scheduler = p->scheduler ? p->scheduler : "";
-    r.steps = p->steps;
-    r.guidance = p->guidance_scale;
-    r.width = p->width;
-    r.height = p->height;
-    r.batch = p->batch_count;
-    r.init_image = p->init_image;
-    r.strength = p->strength;
-    if (p->width < 0 || p->height < 0)
-        throw sdrt::input_error("width " + std::to_string(p->width) + " / height " + std::to_string(p->height) + " must not be negative; 0 means the model's size");
-    if (p->seed < 0) {
+    r.prompt = p.prompt;
+    r.negative = p.negative_prompt ? p.negative_prompt : "";
+    r.scheduler = p.scheduler ? p.scheduler : "";
+    r.steps = p.steps;
+    r.guidance = p.guidance_scale;
+    r.width = p.width;
+    r.height = p.height;
+    r.batch = p.batch_count;
+    r.init_image = p.init_image;
+    r.strength = p.strength;
+    if (p.width < 0 || p.height < 0)
+        throw sdrt::input_error("width " + std::to_string(p.width) + " / height " + std::to_string(p.height) + " must not be negative; 0 means the model's size");
+    if (p.seed == SDRT_SEED_RANDOM) {
         std::random_device rd;
         seed_used = int64_t(rd() & 0x7FFFFFFFu);  // as the Python runtime: random.randrange(2**31)
+    } else if (p.seed < 0) {  // Python's sdrt refuses them too (sdrt.inputs.check_seed)
+        throw sdrt::input_error("seed " + std::to_string(p.seed) + " is negative; use 0 or more, or SDRT_SEED_RANDOM (-1) for a random seed");
     } else {
-        seed_used = p->seed;
+        seed_used = p.seed;  // seed + k stays below 2^64, inside Python's 0..2**64-batch
     }
     r.seed = uint64_t(seed_used);
     return r;
 }
 
 }  // namespace
+}  // namespace sdrt_api
+
+using namespace sdrt_api;
 
 extern "C" {
 
 const char *sdrt_version(void) { return SDRT_VERSION; }
+int sdrt_abi_version(void) { return SDRT_ABI_VERSION; }
 
-sdrt_ctx_params sdrt_ctx_default_params(void) {
-    sdrt_ctx_params p;
-    std::memset(&p, 0, sizeof p);
-    p.backend = SDRT_BACKEND_AUTO;
-    return p;
+void sdrt_ctx_params_init(sdrt_ctx_params *p, size_t struct_size) {
+    if (!p || struct_size < sizeof(size_t)) return;
+    sdrt_ctx_params d;
+    std::memset(&d, 0, sizeof d);
+    d.struct_size = struct_size < sizeof d ? struct_size : sizeof d;
+    d.backend = SDRT_BACKEND_AUTO;
+    std::memset(p, 0, struct_size);  // a newer host's fields past ours: zero, their "as before" value
+    std::memcpy(p, &d, d.struct_size);
+    p->struct_size = struct_size;
 }
 
-sdrt_gen_params sdrt_gen_default_params(void) {
-    sdrt_gen_params p;
-    std::memset(&p, 0, sizeof p);
-    p.steps = 30;
-    p.guidance_scale = 7.5;
-    p.seed = -1;
-    p.batch_count = 1;
-    p.strength = 0.8;
-    return p;
+void sdrt_gen_params_init(sdrt_gen_params *p, size_t struct_size) {
+    if (!p || struct_size < sizeof(size_t)) return;
+    sdrt_gen_params d;
+    std::memset(&d, 0, sizeof d);
+    d.steps = 30;
+    d.guidance_scale = 7.5;
+    d.seed = SDRT_SEED_RANDOM;
+    d.batch_count = 1;
+    d.strength = 0.8;
+    std::memset(p, 0, struct_size);
+    std::memcpy(p, &d, struct_size < sizeof d ? struct_size : sizeof d);
+    p->struct_size = struct_size;
 }
 
 sdrt_status sdrt_init(const sdrt_ctx_params *params, sdrt_ctx **out) {
     if (!out) return null_arg(nullptr, "the sdrt_ctx ** output pointer");
     *out = nullptr;
     if (!params) return null_arg(nullptr, "params");
-    if (!params->model_dir) return null_arg(nullptr, "params->model_dir (the export folder)");
     sdrt_ctx *ctx = nullptr;
     sdrt_status st = guarded(nullptr, [&] {
+        const sdrt_ctx_params p = read_params(params, kCtxSizes, sdrt_ctx_params_init, "sdrt_ctx_params", "start from sdrt_ctx_default_params()");
+        if (!p.model_dir) throw sdrt::input_error("params->model_dir (the export folder) is NULL");
         // A C caller may store any int in the enum field: read it as an int (loading it as the enum would be UB).
         int backend = 0;
-        static_assert(sizeof(params->backend) == sizeof(int), "sdrt_backend is int-sized");
-        std::memcpy(&backend, &params->backend, sizeof backend);
+        static_assert(sizeof(p.backend) == sizeof(int), "sdrt_backend is int-sized");
+        std::memcpy(&backend, &p.backend, sizeof backend);
         if (backend < SDRT_BACKEND_AUTO || backend > SDRT_BACKEND_TENSORRT)
-            throw sdrt::input_error("backend " + std::to_string(backend) + " is not an sdrt_backend value");
-        if (params->n_threads < 0) throw sdrt::input_error("n_threads " + std::to_string(params->n_threads) + " is negative; 0 means ONNX Runtime's default");
+            throw sdrt::input_error("backend " + std::to_string(backend) + " is not an sdrt_backend value; use 0-4 (SDRT_BACKEND_AUTO ...)");
+        if (p.n_threads < 0) throw sdrt::input_error("n_threads " + std::to_string(p.n_threads) + " is negative; 0 means ONNX Runtime's default");
+        if (p.device_id < 0) throw sdrt::input_error("device_id " + std::to_string(p.device_id) + " is negative; GPUs count from 0");
         std::unique_ptr<sdrt_ctx> c(new sdrt_ctx);
-        sdrt::BackendOptions options{backend, params->n_threads, params->device_id};
-        c->pipeline.reset(new sdrt::Pipeline(params->model_dir, options));
+        sdrt::BackendOptions options{backend, p.n_threads, p.device_id};
+        c->pipeline.reset(new sdrt::Pipeline(p.model_dir, options));
         c->backend_info = c->pipeline->backend().describe();
-        c->progress = params->progress;
-        c->progress_user = params->progress_user;
+        c->progress = p.progress;
+        c->progress_user = p.progress_user;
         ctx = c.release();
     });
     *out = ctx;
@@ -144,8 +211,9 @@ sdrt_status sdrt_generate(sdrt_ctx *ctx, const sdrt_gen_params *params, uint8_t 
     if (!params) return null_arg(ctx, "params");
     if (!rgb_out) return null_arg(ctx, "rgb_out (a buffer of batch_count * height * width * 3 bytes)");
     return guarded(ctx, [&] {
-        int64_t seed = -1;
-        sdrt::Request r = to_request(params, seed);
+        const sdrt_gen_params p = read_params(params, kGenSizes, sdrt_gen_params_init, "sdrt_gen_params", "start from sdrt_gen_default_params()");
+        int64_t seed = SDRT_SEED_RANDOM;
+        sdrt::Request r = to_request(p, seed);
         sdrt::Timings t;
         ctx->pipeline->generate(r, rgb_out, ctx->progress, ctx->progress_user, t);
         ctx->last_seed = seed;
@@ -163,8 +231,9 @@ sdrt_status sdrt_generate_image(sdrt_ctx *ctx, const sdrt_gen_params *params, sd
     if (!params) return null_arg(ctx, "params");
     sdrt_image *image = nullptr;
     sdrt_status st = guarded(ctx, [&] {
-        int64_t seed = -1;
-        sdrt::Request r = to_request(params, seed);
+        const sdrt_gen_params p = read_params(params, kGenSizes, sdrt_gen_params_init, "sdrt_gen_params", "start from sdrt_gen_default_params()");
+        int64_t seed = SDRT_SEED_RANDOM;
+        sdrt::Request r = to_request(p, seed);
         ctx->pipeline->check(r);  // fills in the default size
         std::unique_ptr<uint8_t[]> data(new uint8_t[size_t(r.batch) * size_t(r.width) * size_t(r.height) * 3]);
         sdrt::Timings t;
@@ -186,7 +255,7 @@ void sdrt_image_free(sdrt_image *image) {
 
 sdrt_status sdrt_default_size(const sdrt_ctx *ctx, int *width, int *height) {
     if (!ctx) return null_arg(nullptr, "ctx");
-    if (!width || !height) return null_arg(const_cast<sdrt_ctx *>(ctx), "width or height");
+    if (!width || !height) return null_arg(ctx, "width or height");
     *width = *height = ctx->pipeline->facts().default_size;
     return SDRT_OK;
 }
@@ -210,22 +279,24 @@ void sdrt_request_cancel(sdrt_ctx *ctx) {
     }
 }
 
-int64_t sdrt_last_seed(const sdrt_ctx *ctx) { return ctx ? ctx->last_seed : -1; }
+int64_t sdrt_last_seed(const sdrt_ctx *ctx) { return ctx ? ctx->last_seed.load() : SDRT_SEED_RANDOM; }
 
 sdrt_status sdrt_last_timings(const sdrt_ctx *ctx, sdrt_timings *out) {
     if (!ctx) return null_arg(nullptr, "ctx");
-    if (!out) return null_arg(const_cast<sdrt_ctx *>(ctx), "out");
-    if (!ctx->has_timings) {
-        const_cast<sdrt_ctx *>(ctx)->error = "no image has been generated on this context yet";
-        return SDRT_ERR_INVALID_ARGUMENT;
-    }
-    *out = sdrt_timings{ctx->timings.text, ctx->timings.loop, ctx->timings.decode, ctx->timings.total};
-    return SDRT_OK;
+    if (!out) return null_arg(ctx, "out");
+    return guarded(ctx, [&] {
+        const size_t n = out->struct_size;
+        check_size(n, kTimingsSizes, "sdrt_timings", "set out->struct_size = sizeof(sdrt_timings)");
+        if (!ctx->has_timings) throw sdrt::input_error("no image has been generated on this context yet");
+        sdrt_timings t{sizeof(sdrt_timings), ctx->timings.text, ctx->timings.loop, ctx->timings.decode, ctx->timings.total};
+        std::memcpy(out, &t, n < sizeof t ? n : sizeof t);  // a newer host's fields past ours are left as they are
+        out->struct_size = n;
+    });
 }
 
 const char *sdrt_backend_info(const sdrt_ctx *ctx) { return ctx ? ctx->backend_info.c_str() : ""; }
 
-const char *sdrt_last_error(const sdrt_ctx *ctx) { return ctx ? ctx->error.c_str() : t_error.c_str(); }
+const char *sdrt_last_error(const sdrt_ctx *ctx) { return error_of(ctx).text; }
 
 const char *sdrt_status_name(sdrt_status status) {
     switch (status) {

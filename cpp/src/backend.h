@@ -58,7 +58,9 @@ struct OrtSessionPlan {
     bool cache_optimized_model = true;
     std::vector<std::pair<std::string, std::string>> tensorrt_options, cuda_options;
 };
+// The profile shapes name the contract's input tensors (from the manifest), by position.
 OrtSessionPlan plan_ort_session(const BackendOptions &options, bool tensorrt, bool cuda, const std::string &network,
-                                const ModelFacts &facts, const ShapeLimits &limits, const std::string &trt_cache_dir);
+                                const NetworkContract &contract, const ModelFacts &facts, const ShapeLimits &limits,
+                                const std::string &trt_cache_dir);
 
 }  // namespace sdrt

@@ -43,8 +43,10 @@ Ort::Env &env() {
     return e;
 }
 
-// "sample:1x4x8x8,timestep:1" (the TensorRT provider's shape format) for one network at one end of the profile.
-std::string profile_shapes(const std::string &network, const ModelFacts &f, int batch, int unet_batch, int size) {
+// "sample:1x4x8x8,timestep:1" (the TensorRT provider's shape format) for one network at one end of the profile;
+// the tensor names are the contract's inputs, by position (read_export checked how many each network has).
+std::string profile_shapes(const std::string &network, const NetworkContract &c, const ModelFacts &f, int batch, int unet_batch,
+                           int size) {
     size = std::max(f.size_step(), size / f.size_step() * f.size_step());
     auto dims = [](std::initializer_list<int> d) {
         std::string s;
@@ -52,13 +54,15 @@ std::string profile_shapes(const std::string &network, const ModelFacts &f, int 
         return s;
     };
     const int lat = size / f.vae_scale_factor;
-    if (network == "text_encoder") return "inputs_embeds:" + dims({batch, f.text_seq_len, f.text_hidden_size});
-    if (network == "unet")
-        return "sample:" + dims({unet_batch, f.latent_channels, lat, lat}) + ",timestep:" + dims({unet_batch}) +
-               ",encoder_hidden_states:" + dims({unet_batch, f.text_seq_len, f.cross_attention_dim});
-    if (network == "vae_encoder") return "image:" + dims({batch, 3, size, size});
-    if (network == "vae_decoder") return "latent:" + dims({batch, f.latent_channels, lat, lat});
-    return "";
+    std::vector<std::string> shapes;
+    if (network == kTextEncoder) shapes = {dims({batch, f.text_seq_len, f.text_hidden_size})};
+    if (network == kUnet)
+        shapes = {dims({unet_batch, f.latent_channels, lat, lat}), dims({unet_batch}), dims({unet_batch, f.text_seq_len, f.cross_attention_dim})};
+    if (network == kVaeEncoder) shapes = {dims({batch, 3, size, size})};
+    if (network == kVaeDecoder) shapes = {dims({batch, f.latent_channels, lat, lat})};
+    std::string out;
+    for (size_t i = 0; i < shapes.size() && i < c.inputs.size(); ++i) out += (i ? "," : "") + c.inputs[i] + ":" + shapes[i];
+    return out;
 }
 
 ShapeLimits read_limits(const std::string &export_path) {
@@ -100,7 +104,8 @@ public:
         }
         for (const auto &kv : model.network_files) {
             std::string used;
-            OrtSessionPlan plan = plan_ort_session(opt, want_trt, want_cuda || auto_cuda, kv.first, model.facts, limits, trt_cache);
+            OrtSessionPlan plan = plan_ort_session(opt, want_trt, want_cuda || auto_cuda, kv.first, model.contracts.at(kv.first),
+                                                   model.facts, limits, trt_cache);
             sessions_[kv.first] = load(kv.first, kv.second, model.manifest_digest, join_path(model.path, ".ort_cache"), opt, plan, used);
             providers_ = used;
         }
@@ -195,8 +200,8 @@ private:
         return so;
     }
 
-    static std::unique_ptr<Ort::Session> load(const std::string &network, const std::string &file, const std::string &digest,
-                                              const std::string &dir, const BackendOptions &opt, const OrtSessionPlan &plan, std::string &used) {
+    std::unique_ptr<Ort::Session> load(const std::string &network, const std::string &file, const std::string &digest,
+                                       const std::string &dir, const BackendOptions &opt, const OrtSessionPlan &plan, std::string &used) {
         const bool cuda = plan.cuda;
         try {
             try {
@@ -223,8 +228,8 @@ private:
     // manifest (every file's sha256, so shared weight files too), the ONNX Runtime version, providers, threads and
     // CPU; later loads skip the optimisers. A damaged cache is rebuilt; an
     // unwritable folder only costs the cache.
-    static std::unique_ptr<Ort::Session> load_cached(const std::string &network, const std::string &file, const std::string &digest,
-                                                     const std::string &dir, const BackendOptions &opt, const OrtSessionPlan &plan,
+    std::unique_ptr<Ort::Session> load_cached(const std::string &network, const std::string &file, const std::string &digest,
+                                              const std::string &dir, const BackendOptions &opt, const OrtSessionPlan &plan,
                                                      std::string &used) {
         Ort::SessionOptions so = options(opt, plan, GraphOptimizationLevel::ORT_ENABLE_ALL, used);
         struct stat st;
@@ -293,9 +298,10 @@ private:
         return "unknown";
     }
 
-    static void check(Ort::Session &s, const std::string &network, const std::string &file) {
+    // The ONNX file must take and give the manifest contract's tensors, in its order.
+    void check(Ort::Session &s, const std::string &network, const std::string &file) const {
         Ort::AllocatorWithDefaultOptions alloc;
-        const NetworkContract &want = expected_contracts().at(network);
+        const NetworkContract &want = contracts_.at(network);
         std::vector<std::string> ins, outs;
         bool all_float = true;
         for (size_t i = 0; i < s.GetInputCount(); ++i) {
@@ -321,8 +327,9 @@ private:
 
 }  // namespace
 
-OrtSessionPlan plan_ort_session(const BackendOptions &opt, bool tensorrt, bool cuda, const std::string &network, const ModelFacts &facts,
-                                const ShapeLimits &limits, const std::string &trt_cache_dir) {
+OrtSessionPlan plan_ort_session(const BackendOptions &opt, bool tensorrt, bool cuda, const std::string &network,
+                                const NetworkContract &contract, const ModelFacts &facts, const ShapeLimits &limits,
+                                const std::string &trt_cache_dir) {
     OrtSessionPlan plan;
     plan.cuda = cuda || tensorrt;
     plan.tensorrt = tensorrt;
@@ -338,9 +345,9 @@ OrtSessionPlan plan_ort_session(const BackendOptions &opt, bool tensorrt, bool c
         {"trt_engine_cache_path", trt_cache_dir},
         {"trt_timing_cache_enable", "1"},
         {"trt_timing_cache_path", trt_cache_dir},
-        {"trt_profile_min_shapes", profile_shapes(network, facts, 1, 1, limits.min_size)},
-        {"trt_profile_opt_shapes", profile_shapes(network, facts, 1, 2, limits.opt_size)},
-        {"trt_profile_max_shapes", profile_shapes(network, facts, b, 2 * b, limits.max_size)},
+        {"trt_profile_min_shapes", profile_shapes(network, contract, facts, 1, 1, limits.min_size)},
+        {"trt_profile_opt_shapes", profile_shapes(network, contract, facts, 1, 2, limits.opt_size)},
+        {"trt_profile_max_shapes", profile_shapes(network, contract, facts, b, 2 * b, limits.max_size)},
     };
     return plan;
 }

@@ -12,15 +12,54 @@ namespace sdrt {
 
 static const char *kReexport = "; re-export the model with `sdrt export`";
 
-const std::map<std::string, NetworkContract> &expected_contracts() {
-    static const std::map<std::string, NetworkContract> c = {
-        {"text_encoder", {{"inputs_embeds"}, {"last_hidden_state"}}},
-        {"unet", {{"sample", "timestep", "encoder_hidden_states"}, {"out_sample"}}},
-        {"vae_encoder", {{"image"}, {"mean", "logvar"}}},
-        {"vae_decoder", {{"latent"}, {"image"}}},
-    };
-    return c;
+const char *const kTextEncoder = "text_encoder", *const kUnet = "unet", *const kVaeEncoder = "vae_encoder",
+                  *const kVaeDecoder = "vae_decoder";
+
+namespace {
+
+struct Role {
+    const char *network;
+    bool required;
+    size_t inputs, outputs;  // by position; the UNet's inputs are 2 + the conditioning count
+};
+const Role kRoles[] = {{kTextEncoder, true, 1, 1}, {kUnet, true, 2, 1}, {kVaeEncoder, false, 1, 2}, {kVaeDecoder, true, 1, 1}};
+
+std::vector<std::string> strings_of(const Json &list) {
+    std::vector<std::string> out;
+    for (const auto &s : list.as_array()) out.push_back(s.as_string());
+    return out;
 }
+
+// The "family" section: network names, conditioning and scheduler defaults, checked against what this runtime runs.
+FamilySpec read_family(const Json &m, const std::string &mpath, const std::string &facts_family) {
+    const Json *f = m.find("family");
+    if (!f)
+        throw model_error(mpath + " has no \"family\" section (the export predates it); re-export the model with this "
+                          "version's `sdrt export`");
+    FamilySpec fam;
+    fam.name = f->at("name").as_string();
+    if (fam.name != facts_family)
+        throw model_error(mpath + " says family " + fam.name + " but its facts say " + facts_family + kReexport);
+    fam.networks = strings_of(f->at("networks"));
+    fam.conditioning = strings_of(f->at("conditioning"));
+    for (const auto &n : fam.networks) {
+        bool known = false;
+        for (const Role &r : kRoles) known |= n == r.network;
+        if (!known)
+            throw model_error(mpath + ": family " + fam.name + " has network " + n + ", which the C++ runtime does not run " +
+                              "yet; use the Python runtime (`sdrt generate`)");
+    }
+    if (fam.conditioning.size() != 1)
+        throw model_error(mpath + ": family " + fam.name + " conditions the UNet on " + std::to_string(fam.conditioning.size()) +
+                          " inputs; the C++ runtime feeds one (the text encoder's states): use the Python runtime");
+    for (const auto &kv : f->at("schedulers").as_object()) fam.schedulers.defaults[kv.first] = kv.second;
+    fam.schedulers.default_name = f->at("default_scheduler").as_string();
+    if (!fam.schedulers.defaults.count(fam.schedulers.default_name))
+        throw model_error(mpath + ": the family's default scheduler " + fam.schedulers.default_name + " has no defaults" + kReexport);
+    return fam;
+}
+
+}  // namespace
 
 static std::vector<std::string> names_of(const Json &specs) {
     std::vector<std::string> out;
@@ -73,20 +112,29 @@ ExportFolder read_export(const std::string &path) {
             facts.text_seq_len < 2 || facts.text_hidden_size < 1 || facts.cross_attention_dim < 1 || facts.default_size < 1)
             throw model_error(mpath + " has model facts out of range" + kReexport);
 
+        ex.family = read_family(m, mpath, facts.family);
         for (const auto &kv : m.at("contracts").as_object())
             ex.contracts[kv.first] = {names_of(kv.second.at("inputs")), names_of(kv.second.at("outputs"))};
-        for (const auto &kv : expected_contracts()) {
-            auto it = ex.contracts.find(kv.first);
-            if (it != ex.contracts.end() && (it->second.inputs != kv.second.inputs || it->second.outputs != kv.second.outputs))
-                throw model_error(mpath + ": the " + kv.first + " contract's tensor names differ from the ones this sdrt runs" + kReexport);
+        const Json &networks = m.at("networks");
+        for (const Role &role : kRoles) {
+            const std::string name = role.network;
+            bool listed = std::find(ex.family.networks.begin(), ex.family.networks.end(), name) != ex.family.networks.end();
+            if (!listed || !networks.find(name)) {
+                if (role.required) throw model_error(mpath + " has no " + name + " network" + kReexport);
+                continue;
+            }
+            auto c = ex.contracts.find(name);
+            if (c == ex.contracts.end()) throw model_error(mpath + " lists network " + name + " without a contract" + kReexport);
+            size_t inputs = role.inputs + (name == kUnet ? ex.family.conditioning.size() : 0);
+            if (c->second.inputs.size() != inputs || c->second.outputs.size() != role.outputs)
+                throw model_error(mpath + ": the " + name + " contract has " + std::to_string(c->second.inputs.size()) + " inputs and " +
+                                  std::to_string(c->second.outputs.size()) + " outputs; the C++ runtime feeds " + std::to_string(inputs) +
+                                  " and reads " + std::to_string(role.outputs) + kReexport);
+            if (name == kUnet && c->second.inputs[2] != ex.family.conditioning[0])
+                throw model_error(mpath + ": the unet contract's third input is " + c->second.inputs[2] + " but the family's "
+                                  "conditioning is " + ex.family.conditioning[0] + kReexport);
+            ex.network_files[name] = join_path(path, networks.at(name).at("file").as_string());
         }
-        for (const auto &kv : m.at("networks").as_object()) {
-            if (!expected_contracts().count(kv.first)) continue;  // a network this runtime does not use
-            ex.network_files[kv.first] = join_path(path, kv.second.at("file").as_string());
-            if (!ex.contracts.count(kv.first)) throw model_error(mpath + " lists network " + kv.first + " without a contract" + kReexport);
-        }
-        for (const char *needed : {"text_encoder", "unet", "vae_decoder"})
-            if (!ex.network_files.count(needed)) throw model_error(mpath + " has no " + std::string(needed) + " network" + kReexport);
 
         auto str_or = [&](const char *key, const char *fallback) {
             const Json *v = m.find(key);

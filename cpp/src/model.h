@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "json.h"
+#include "scheduler.h"
 
 namespace sdrt {
 
@@ -22,9 +23,18 @@ struct NetworkContract {  // names only: shapes are checked where tensors are ma
     std::vector<std::string> inputs, outputs;
 };
 
+// The manifest's "family" section (sdrt.families' FamilySpec.to_manifest): which networks the model has, the UNet's
+// conditioning inputs, and each scheduler's default config - read from the export, never hard-coded here.
+struct FamilySpec {
+    std::string name;
+    std::vector<std::string> networks, conditioning;
+    SchedulerFamily schedulers;  // defaults per sdrt scheduler name, and the default scheduler
+};
+
 struct ExportFolder {
     std::string path;
     ModelFacts facts;
+    FamilySpec family;
     std::map<std::string, NetworkContract> contracts;
     std::map<std::string, std::string> network_files;  // network -> path of its .onnx
     std::string manifest_digest;  // a hash of manifest.json (every file's size and sha256): keys the graph cache
@@ -34,9 +44,11 @@ struct ExportFolder {
 // Reads and checks an export; throws Error(SDRT_ERR_MODEL) naming the problem and the fix.
 ExportFolder read_export(const std::string &path);
 
-// The contracts this runtime was written against (runtime/contracts.py); read_export refuses an export whose
-// manifest disagrees, and the backend refuses ONNX files that disagree with the manifest.
-const std::map<std::string, NetworkContract> &expected_contracts();
+// The networks the C++ pipeline runs, by the role their name gives them, and how many inputs and outputs each
+// contract has by position (the names themselves come from the manifest's contracts): the UNet's inputs are
+// [latent sample, timestep, conditioning...]. read_export refuses a family that needs another network, and the
+// backend refuses ONNX files that disagree with the manifest's contracts.
+extern const char *const kTextEncoder, *const kUnet, *const kVaeEncoder, *const kVaeDecoder;
 
 struct TokenTable {
     std::vector<float> data;  // [rows, hidden]

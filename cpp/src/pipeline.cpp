@@ -41,7 +41,8 @@ Pipeline::Pipeline(const std::string &model_dir, const BackendOptions &options)
     if (tokenizer_.max_length() != f.text_seq_len)
         throw model_error(model_.tokenizer_dir + " makes " + std::to_string(tokenizer_.max_length()) + " tokens per prompt but the "
                           "text encoder takes " + std::to_string(f.text_seq_len) + "; re-export the model with `sdrt export`");
-    Scheduler::create("", scheduler_config_);  // refuse an unsupported scheduler config now, not at the first image
+    // Refuse an unsupported scheduler config (or defaults the export lacks) now, not at the first image.
+    Scheduler::create("", scheduler_config_, model_.family.schedulers);
     if (options.provider == SDRT_BACKEND_TENSORRT)
 #ifdef SDRT_HAVE_TENSORRT
         throw Error(SDRT_ERR_UNSUPPORTED, "native TensorRT engines are not implemented in the C++ runtime yet (TensorRT was found "
@@ -67,7 +68,7 @@ void Pipeline::check(Request &r) const {
     if (r.height == 0) r.height = f.default_size;
     std::string bad = check_size(f, r.height, r.width);
     if (!bad.empty()) throw input_error(bad);
-    if (r.init_image && !backend_->has("vae_encoder"))
+    if (r.init_image && !backend_->has(kVaeEncoder))
         throw model_error(model_.path + " has no vae_encoder network, which img2img needs; re-export the model with `sdrt export`");
 }
 
@@ -82,7 +83,7 @@ std::vector<float> Pipeline::encode_prompt(const std::string &prompt) {
         std::copy_n(table_.data.begin() + long(ids[size_t(i)]) * hidden, hidden, embeds.begin() + long(i) * hidden);
     }
     std::vector<float> states(size_t(seq) * size_t(model_.facts.text_hidden_size));
-    backend_->run("text_encoder", {{embeds.data(), {1, seq, hidden}}}, {{states.data(), {1, seq, model_.facts.text_hidden_size}}});
+    backend_->run(kTextEncoder, {{embeds.data(), {1, seq, hidden}}}, {{states.data(), {1, seq, model_.facts.text_hidden_size}}});
     return states;
 }
 
@@ -100,7 +101,7 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
     std::vector<TorchCpuGenerator> gens;
     for (int64_t k = 0; k < B; ++k) gens.emplace_back(r.seed + uint64_t(k), kernel_);
 
-    std::unique_ptr<Scheduler> sched = Scheduler::create(r.scheduler, scheduler_config_);
+    std::unique_ptr<Scheduler> sched = Scheduler::create(r.scheduler, scheduler_config_, model_.family.schedulers);
     sched->set_timesteps(r.steps, r.init_image ? r.strength : 1.0);
     const bool guidance = r.guidance > 1.0;
 
@@ -124,7 +125,7 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
             for (size_t c = 0; c < 3; ++c) image[c * pixels + p] = float(r.init_image[3 * p + c]) / 255.0f * 2.0f - 1.0f;
         std::vector<float> mean(per_image), logvar(per_image);
         std::vector<int64_t> lat = {1, C, h, w};
-        backend_->run("vae_encoder", {{image.data(), {1, 3, r.height, r.width}}}, {{mean.data(), lat}, {logvar.data(), lat}});
+        backend_->run(kVaeEncoder, {{image.data(), {1, 3, r.height, r.width}}}, {{mean.data(), lat}, {logvar.data(), lat}});
         std::vector<float> latents(n);  // diffusers samples the posterior with each image's generator, never takes the mean
         const float scaling = float(f.scaling_factor);
         for (int64_t k = 0; k < B; ++k) {
@@ -152,7 +153,7 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
         sched->scale_model_input(x.data(), unet_in.data(), n, i);
         if (guidance) std::copy_n(unet_in.begin(), n, unet_in.begin() + long(n));
         std::fill(t_in.begin(), t_in.end(), sched->timestep(i));
-        backend_->run("unet",
+        backend_->run(kUnet,
                       {{unet_in.data(), {unet_batch, C, h, w}}, {t_in.data(), {unet_batch}}, {states.data(), {unet_batch, f.text_seq_len, f.text_hidden_size}}},
                       {{pred.data(), {unet_batch, C, h, w}}});
         if (guidance)
@@ -169,7 +170,7 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
     t0 = now();
     const size_t pixels = size_t(r.width) * size_t(r.height);
     std::vector<float> decoded(size_t(B) * 3 * pixels);
-    backend_->run("vae_decoder", {{x.data(), {B, C, h, w}}}, {{decoded.data(), {B, 3, r.height, r.width}}});
+    backend_->run(kVaeDecoder, {{x.data(), {B, C, h, w}}}, {{decoded.data(), {B, 3, r.height, r.width}}});
     for (float v : decoded)
         if (!std::isfinite(v)) {
             bool latents_bad = false;

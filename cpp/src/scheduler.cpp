@@ -20,10 +20,10 @@ std::string scheduler_names() {
 
 // --- the base: diffusers' from_config, the schedule, the step contract ---------------------------------------
 
-Scheduler::Scheduler(const std::string &name, const char *defaults_json, const Json &config,
+Scheduler::Scheduler(const std::string &name, const Json &defaults, const Json &config,
                      const std::map<std::string, Json> &overrides)
     : name_(name) {
-    Json defaults = Json::parse(defaults_json, "scheduler defaults");
+    if (!defaults.is_object()) throw model_error("the manifest's defaults for scheduler " + name + " are not a JSON object; re-export the model");
     std::vector<std::string> ignored;
     if (const Json *u = config.find("_use_default_values"); u && u->is_array())
         for (const auto &k : u->as_array())
@@ -123,11 +123,7 @@ void Scheduler::step(const float *model_output, int i, float *sample, const floa
 
 class DDIM : public Scheduler {
 public:
-    DDIM(const Json &config, const std::map<std::string, Json> &ov)
-        : Scheduler("ddim", R"({"num_train_timesteps":1000,"beta_start":0.0001,"beta_end":0.02,"beta_schedule":"linear",
-            "trained_betas":null,"clip_sample":true,"set_alpha_to_one":true,"steps_offset":0,"prediction_type":"epsilon",
-            "thresholding":false,"dynamic_thresholding_ratio":0.995,"clip_sample_range":1.0,"sample_max_value":1.0,
-            "timestep_spacing":"leading","rescale_betas_zero_snr":false})", config, ov) {
+    DDIM(const Json &defaults, const Json &config, const std::map<std::string, Json> &ov) : Scheduler("ddim", defaults, config, ov) {
         if (flag("thresholding")) throw model_error("DDIM's dynamic thresholding (for pixel-space models) is unsupported; turn it off");
         final_alpha_ = flag("set_alpha_to_one") ? 1.0 : double(alphas_cumprod_[0]);
     }
@@ -172,10 +168,8 @@ protected:
 
 class PNDM : public Scheduler {
 public:
-    PNDM(const Json &config, std::map<std::string, Json> ov)
-        : Scheduler("pndm", R"({"num_train_timesteps":1000,"beta_start":0.0001,"beta_end":0.02,"beta_schedule":"linear",
-            "trained_betas":null,"skip_prk_steps":false,"set_alpha_to_one":false,"prediction_type":"epsilon",
-            "timestep_spacing":"leading","steps_offset":0})", config, with_skip(ov)) {
+    PNDM(const Json &defaults, const Json &config, std::map<std::string, Json> ov)
+        : Scheduler("pndm", defaults, config, with_skip(ov)) {
         history_size_ = 4;
         final_alpha_ = flag("set_alpha_to_one") ? 1.0 : double(alphas_cumprod_[0]);
     }
@@ -241,11 +235,11 @@ protected:
     }
 };
 
-std::unique_ptr<Scheduler> detail::make_ddim(const Json &config, const std::map<std::string, Json> &ov) {
-    return std::unique_ptr<Scheduler>(new DDIM(config, ov));
+std::unique_ptr<Scheduler> detail::make_ddim(const Json &defaults, const Json &config, const std::map<std::string, Json> &ov) {
+    return std::unique_ptr<Scheduler>(new DDIM(defaults, config, ov));
 }
-std::unique_ptr<Scheduler> detail::make_pndm(const Json &config, const std::map<std::string, Json> &ov) {
-    return std::unique_ptr<Scheduler>(new PNDM(config, ov));
+std::unique_ptr<Scheduler> detail::make_pndm(const Json &defaults, const Json &config, const std::map<std::string, Json> &ov) {
+    return std::unique_ptr<Scheduler>(new PNDM(defaults, config, ov));
 }
 
 }  // namespace sdrt

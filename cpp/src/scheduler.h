@@ -1,5 +1,6 @@
 // The five schedulers of runtime/schedulers/, built from a model's scheduler_config.json with diffusers'
-// from_config semantics, equal to the Python runtime's step by step.
+// from_config semantics, equal to the Python runtime's step by step. Each class's default config comes from the
+// export's manifest (family.schedulers, written by Python from its classes' DEFAULTS), so Python owns them.
 //
 // set_timesteps computes per-call scalar tables on the host in float64 (as the Python does); each step is then
 // `update(coefficients[i], sample, model_output, history, noise)`: float32 array arithmetic with the scalars
@@ -27,12 +28,19 @@ struct SchedulerTables {
     double init_noise_sigma = 1.0;
 };
 
+// The manifest's family.schedulers (sdrt name -> its class's default config; dpmpp_2m_karras uses dpmpp_2m's) and
+// family.default_scheduler (used when a config names a class sdrt lacks).
+struct SchedulerFamily {
+    std::map<std::string, Json> defaults;
+    std::string default_name;
+};
+
 class Scheduler {
 public:
-    // name: one of kSchedulerNames, a diffusers class name, or "" for the config's own _class_name (PNDM when the
-    // class is unknown or missing). Throws Error(SDRT_ERR_INVALID_ARGUMENT) for an unknown name and
-    // Error(SDRT_ERR_MODEL) for a config setting sdrt does not support.
-    static std::unique_ptr<Scheduler> create(const std::string &name, const Json &config);
+    // name: one of kSchedulerNames, a diffusers class name, or "" for the config's own _class_name (the family's
+    // default scheduler when the class is unknown or missing). Throws Error(SDRT_ERR_INVALID_ARGUMENT) for an unknown
+    // name and Error(SDRT_ERR_MODEL) for a config setting sdrt does not support or defaults the export lacks.
+    static std::unique_ptr<Scheduler> create(const std::string &name, const Json &config, const SchedulerFamily &family);
     virtual ~Scheduler() = default;
 
     const std::string &name() const { return name_; }
@@ -52,7 +60,7 @@ public:
     void step(const float *model_output, int i, float *sample, const float *noise, size_t n);
 
 protected:
-    Scheduler(const std::string &name, const char *defaults_json, const Json &config, const std::map<std::string, Json> &overrides);
+    Scheduler(const std::string &name, const Json &defaults, const Json &config, const std::map<std::string, Json> &overrides);
     virtual SchedulerTables make_tables(int n, int start) = 0;
     virtual void update(const float *c, float *sample, const float *out, std::vector<std::vector<float>> &history,
                         const float *noise, size_t n) = 0;
@@ -76,8 +84,8 @@ protected:
 };
 
 namespace detail {  // the factories of each scheduler file, for Scheduler::create
-std::unique_ptr<Scheduler> make_ddim(const Json &config, const std::map<std::string, Json> &overrides);
-std::unique_ptr<Scheduler> make_pndm(const Json &config, const std::map<std::string, Json> &overrides);
+std::unique_ptr<Scheduler> make_ddim(const Json &defaults, const Json &config, const std::map<std::string, Json> &overrides);
+std::unique_ptr<Scheduler> make_pndm(const Json &defaults, const Json &config, const std::map<std::string, Json> &overrides);
 }  // namespace detail
 
 }  // namespace sdrt

@@ -11,27 +11,11 @@ namespace sdrt {
 
 namespace {
 
-const char *kEulerDefaults = R"({"num_train_timesteps":1000,"beta_start":0.0001,"beta_end":0.02,"beta_schedule":"linear",
-    "trained_betas":null,"prediction_type":"epsilon","interpolation_type":"linear","use_karras_sigmas":false,
-    "use_exponential_sigmas":false,"use_beta_sigmas":false,"sigma_min":null,"sigma_max":null,"timestep_spacing":"linspace",
-    "timestep_type":"discrete","steps_offset":0,"rescale_betas_zero_snr":false,"final_sigmas_type":"zero"})";
-const char *kEulerAncestralDefaults = R"({"num_train_timesteps":1000,"beta_start":0.0001,"beta_end":0.02,
-    "beta_schedule":"linear","trained_betas":null,"prediction_type":"epsilon","timestep_spacing":"linspace","steps_offset":0,
-    "rescale_betas_zero_snr":false})";
-const char *kDpmDefaults = R"({"num_train_timesteps":1000,"beta_start":0.0001,"beta_end":0.02,"beta_schedule":"linear",
-    "trained_betas":null,"solver_order":2,"prediction_type":"epsilon","thresholding":false,"dynamic_thresholding_ratio":0.995,
-    "sample_max_value":1.0,"algorithm_type":"dpmsolver++","solver_type":"midpoint","lower_order_final":true,
-    "euler_at_final":false,"use_karras_sigmas":false,"use_exponential_sigmas":false,"use_beta_sigmas":false,
-    "use_lu_lambdas":false,"use_flow_sigmas":false,"flow_shift":1.0,"final_sigmas_type":"zero","lambda_min_clipped":-Infinity,
-    "variance_type":null,"timestep_spacing":"linspace","steps_offset":0,"rescale_betas_zero_snr":false,
-    "use_dynamic_shifting":false,"time_shift_type":"exponential"})";
-
 std::string str_or(const Json &v, const char *fallback) { return v.is_string() ? v.as_string() : fallback; }
 
 class Euler : public Scheduler {
 public:
-    Euler(const Json &config, const std::map<std::string, Json> &ov, const char *name = "euler",
-          const char *defaults = kEulerDefaults)
+    Euler(const Json &defaults, const Json &config, const std::map<std::string, Json> &ov, const char *name = "euler")
         : Scheduler(name, defaults, config, ov) {
         for (const char *key : {"use_exponential_sigmas", "use_beta_sigmas"})
             if (flag(key)) throw model_error(std::string(key) + " is not supported by sdrt's " + name_ + "; set it false or use_karras_sigmas");
@@ -89,8 +73,8 @@ protected:
 
 class EulerAncestral : public Euler {
 public:
-    EulerAncestral(const Json &config, const std::map<std::string, Json> &ov)
-        : Euler(config, ov, "euler_a", kEulerAncestralDefaults) {
+    EulerAncestral(const Json &defaults, const Json &config, const std::map<std::string, Json> &ov)
+        : Euler(defaults, config, ov, "euler_a") {
         needs_noise_ = true;
     }
 
@@ -109,7 +93,8 @@ protected:
 
 class DPMPP2M : public Scheduler {
 public:
-    DPMPP2M(const Json &config, const std::map<std::string, Json> &ov) : Scheduler("dpmpp_2m", kDpmDefaults, config, ov) {
+    DPMPP2M(const Json &defaults, const Json &config, const std::map<std::string, Json> &ov)
+        : Scheduler("dpmpp_2m", defaults, config, ov) {
         history_size_ = 1;
         if (str_or(cfg("algorithm_type"), "") == "deis") cfg_["algorithm_type"] = Json::string("dpmsolver++");
         std::string st = str_or(cfg("solver_type"), "");
@@ -225,8 +210,15 @@ protected:
 
 }  // namespace
 
-std::unique_ptr<Scheduler> Scheduler::create(const std::string &name, const Json &config) {
+std::unique_ptr<Scheduler> Scheduler::create(const std::string &name, const Json &config, const SchedulerFamily &family) {
     if (!config.is_object()) throw model_error("the scheduler config is not a JSON object");
+    auto defaults = [&](const char *key) -> const Json & {
+        auto it = family.defaults.find(key);
+        if (it == family.defaults.end())
+            throw model_error(std::string("the export's family spec has no default config for scheduler ") + key +
+                              "; re-export the model with this version's `sdrt export`");
+        return it->second;
+    };
     std::map<std::string, Json> dpm = {{"solver_order", Json::number(2)}, {"algorithm_type", Json::string("dpmsolver++")}};
     std::string n = name;
     if (n.empty()) {
@@ -234,16 +226,17 @@ std::unique_ptr<Scheduler> Scheduler::create(const std::string &name, const Json
         std::string c = cls && cls->is_string() ? cls->as_string() : "";
         n = c == "DDIMScheduler" || c == "PNDMScheduler" || c == "EulerDiscreteScheduler" ||
                     c == "EulerAncestralDiscreteScheduler" || c == "DPMSolverMultistepScheduler"
-                ? c : "pndm";  // sdrt's default for unknown classes
+                ? c : family.default_name;  // a class sdrt lacks: the family's default scheduler
     }
-    if (n == "ddim" || n == "DDIMScheduler") return detail::make_ddim(config, {});
-    if (n == "pndm" || n == "PNDMScheduler") return detail::make_pndm(config, {});
-    if (n == "euler" || n == "EulerDiscreteScheduler") return std::unique_ptr<Scheduler>(new Euler(config, {}));
-    if (n == "euler_a" || n == "EulerAncestralDiscreteScheduler") return std::unique_ptr<Scheduler>(new EulerAncestral(config, {}));
-    if (n == "DPMSolverMultistepScheduler") return std::unique_ptr<Scheduler>(new DPMPP2M(config, {}));
+    if (n == "ddim" || n == "DDIMScheduler") return detail::make_ddim(defaults("ddim"), config, {});
+    if (n == "pndm" || n == "PNDMScheduler") return detail::make_pndm(defaults("pndm"), config, {});
+    if (n == "euler" || n == "EulerDiscreteScheduler") return std::unique_ptr<Scheduler>(new Euler(defaults("euler"), config, {}));
+    if (n == "euler_a" || n == "EulerAncestralDiscreteScheduler")
+        return std::unique_ptr<Scheduler>(new EulerAncestral(defaults("euler_a"), config, {}));
+    if (n == "DPMSolverMultistepScheduler") return std::unique_ptr<Scheduler>(new DPMPP2M(defaults("dpmpp_2m"), config, {}));
     if (n == "dpmpp_2m" || n == "dpmpp_2m_karras") {
         dpm["use_karras_sigmas"] = Json::boolean(n == "dpmpp_2m_karras");
-        return std::unique_ptr<Scheduler>(new DPMPP2M(config, dpm));
+        return std::unique_ptr<Scheduler>(new DPMPP2M(defaults("dpmpp_2m"), config, dpm));
     }
     throw input_error("unknown scheduler \"" + name + "\"; choose one of " + scheduler_names());
 }

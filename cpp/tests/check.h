@@ -1,8 +1,11 @@
 // A minimal test harness for the C++ tests: CHECK counts failures and prints the first few; main returns
-// finish() (0 pass, 1 fail) or kSkip (77, ctest's SKIP_RETURN_CODE) when a fixture is missing.
+// finish() (0 pass, 1 fail) or kSkip (77, ctest's SKIP_RETURN_CODE) when a fixture is missing - a failure instead
+// when SDRT_REQUIRE_FIXTURES is set (CMake's -DSDRT_REQUIRE_FIXTURES=ON, which CI uses).
 #pragma once
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 namespace check {
@@ -21,7 +24,16 @@ inline int finish(const char *name) {
     return failures ? 1 : 0;
 }
 
+inline bool fixtures_required() {
+    const char *v = std::getenv("SDRT_REQUIRE_FIXTURES");
+    return v && *v && std::strcmp(v, "0") != 0;
+}
+
 inline int skip(const std::string &why) {
+    if (fixtures_required()) {
+        std::printf("FAIL (SDRT_REQUIRE_FIXTURES is set, so this cannot skip): %s\n", why.c_str());
+        return 1;
+    }
     std::printf("SKIP: %s\n", why.c_str());
     return kSkip;
 }

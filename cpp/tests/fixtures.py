@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.noise import TorchCPUGenerator, torch_cpu_capability
-from sdrt.schedulers import make_scheduler
+from sdrt.schedulers import DEFAULT_SCHEDULER, make_scheduler, scheduler_defaults
 from sdrt.tokenizer import ClipTokenizer
 
 CORPUS = [
@@ -183,7 +183,9 @@ def scheduler_fixtures(out: Path) -> None:
                 except Exception as err:
                     t = {"steps": n_steps, "strength": strength, "error": error_kind(err)}
                 cases.append({**base, "trajectory": t})
-    (out / "schedulers.json").write_text(json.dumps({"configs": CONFIGS, "cases": cases}))
+    # The family section as an export's manifest carries it: C++ takes every scheduler default from there.
+    family = {"schedulers": scheduler_defaults(), "default_scheduler": DEFAULT_SCHEDULER}
+    (out / "schedulers.json").write_text(json.dumps({"configs": CONFIGS, "cases": cases, "family": family}))
 
 
 def test_image(width: int, height: int) -> np.ndarray:
@@ -208,6 +210,7 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
             ("ddim", "mountains at dawn", "", 5, 3.0, 5, "ddim", size, size + step, 1, 0.0, False),
             ("img2img_euler_a_batch", "a city at night", "fog", 6, 1.5, 6, "euler_a", size, size, 2, 0.5, True),
             ("dpmpp_2m", "a bowl of fruit", "", 7, 1.5, 7, "dpmpp_2m", size, size, 1, 0.0, False),
+            ("big_seed", "a red barn", "", 4, 1.5, 2**32 + 5, "euler_a", size, size, 2, 0.0, False),  # past 32 bits
         ]
         for name, prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, img2img in cases:
             init = test_image(w, h) if img2img else None

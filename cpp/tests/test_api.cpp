@@ -84,6 +84,11 @@ void bad_exports(const std::string &exp) {
     broken_export(exp, root, "swapped_network", [](const fs::path &d) {
         replace_in(d / "manifest.json", "\"file\": \"unet/model.onnx\"", "\"file\": \"vae_decoder/model.onnx\""); }, "mismatched");
     broken_export(exp, root, "bad_safetensors", [](const fs::path &d) { overwrite_start(d / "token_embeddings.safetensors", std::string(8, '\xff')); }, "safetensors");
+    broken_export(exp, root, "no_family", [](const fs::path &d) { replace_in(d / "manifest.json", "\"family\": {", "\"old_family\": {"); }, "no \"family\" section");
+    broken_export(exp, root, "sdxl_family", [](const fs::path &d) {
+        replace_in(d / "manifest.json", "\"networks\": [", "\"networks\": [\"text_encoder_2\", "); }, "network text_encoder_2");
+    broken_export(exp, root, "no_scheduler_defaults", [](const fs::path &d) {
+        replace_in(d / "manifest.json", "\"schedulers\": {", "\"schedulers\": {\"x\": {}}, \"unused\": {"); }, "default scheduler");
     broken_export(exp, root, "no_facts", [](const fs::path &d) { replace_in(d / "manifest.json", "\"facts\"", "\"fakts\""); }, "facts");
 
     // A damaged optimised-graph cache (.ort_cache/cpp-*) costs a rebuild, never the load.
@@ -176,6 +181,44 @@ void bad_generate(sdrt_ctx *ctx) {
     CHECK(sdrt_generate(ctx, &gp, rgb.data()) == SDRT_OK, "after a thread cancel");
 }
 
+// Growable structs (sdrt.h's ABI rule): a bad struct_size is refused; a host built against a newer header (a
+// bigger struct) runs when the fields this library does not know are zero, and is refused otherwise.
+void struct_sizes(sdrt_ctx *ctx) {
+    int w = 0, h = 0;
+    sdrt_default_size(ctx, &w, &h);
+    std::vector<uint8_t> rgb(size_t(w) * size_t(h) * 3);
+    sdrt_gen_params gp = sdrt_gen_default_params();
+    CHECK(gp.struct_size == sizeof gp && gp.seed == SDRT_SEED_RANDOM && gp.steps == 30, "gen defaults");
+    gp.prompt = "a tree";
+    gp.steps = 2;
+    gp.seed = 3;
+    for (size_t bad : {size_t(0), size_t(7), sizeof gp - 8, size_t(1) << 40}) {
+        sdrt_gen_params p = gp;
+        p.struct_size = bad;
+        sdrt_status st = sdrt_generate(ctx, &p, rgb.data());
+        CHECK(st == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), ("struct_size " + std::to_string(bad)).c_str()),
+              "struct_size " + std::to_string(bad) + ": " + sdrt_last_error(ctx));
+    }
+    struct Newer {  // what a future header's struct looks like to this library: ours plus a field
+        sdrt_gen_params base;
+        int64_t future_field;
+    } newer;
+    sdrt_gen_params_init(&newer.base, sizeof newer);
+    CHECK(newer.base.struct_size == sizeof newer && newer.future_field == 0, "init of a newer struct zeroes the unknown field");
+    newer.base.prompt = "a tree", newer.base.steps = 2, newer.base.seed = 3;
+    CHECK(sdrt_generate(ctx, &newer.base, rgb.data()) == SDRT_OK, std::string("newer struct, new field zero: ") + sdrt_last_error(ctx));
+    newer.future_field = 7;
+    CHECK(sdrt_generate(ctx, &newer.base, rgb.data()) == SDRT_ERR_UNSUPPORTED && has(sdrt_last_error(ctx), "does not know"),
+          std::string("newer struct, new field set: ") + sdrt_last_error(ctx));
+
+    sdrt_timings t;
+    t.struct_size = 0;
+    CHECK(sdrt_last_timings(ctx, &t) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "sizeof(sdrt_timings)"), "timings without struct_size");
+    t.struct_size = sizeof t;
+    CHECK(sdrt_last_timings(ctx, &t) == SDRT_OK && t.total > 0 && t.struct_size == sizeof t, "timings");
+    CHECK(sdrt_last_timings(ctx, nullptr) == SDRT_ERR_INVALID_ARGUMENT, "timings into NULL");
+}
+
 void seeds(sdrt_ctx *ctx, const std::string &exp) {
     int w = 0, h = 0;
     sdrt_default_size(ctx, &w, &h);
@@ -203,8 +246,18 @@ void seeds(sdrt_ctx *ctx, const std::string &exp) {
     gp.seed = 13;
     sdrt_generate(ctx, &gp, again.data());
     CHECK(single != again, "another seed, another image");
-    gp.seed = -1;
+    gp.seed = SDRT_SEED_RANDOM;
     CHECK(sdrt_generate(ctx, &gp, again.data()) == SDRT_OK && sdrt_last_seed(ctx) >= 0 && sdrt_last_seed(ctx) < (int64_t(1) << 31), "random seed");
+    // Other negative seeds are refused, as Python's sdrt refuses them.
+    gp.seed = -5;
+    CHECK(sdrt_generate(ctx, &gp, again.data()) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "seed -5 is negative"), "seed -5");
+    gp.seed = INT64_MIN;
+    CHECK(sdrt_generate(ctx, &gp, again.data()) == SDRT_ERR_INVALID_ARGUMENT, "seed INT64_MIN");
+    gp.seed = INT64_MAX, gp.batch_count = 2;  // image 1's seed is 2^63: past int64, inside Python's 0..2**64-2
+    sdrt_image *wrapped = nullptr;
+    CHECK(sdrt_generate_image(ctx, &gp, &wrapped) == SDRT_OK && sdrt_last_seed(ctx) == INT64_MAX, "seed INT64_MAX, batch 2");
+    sdrt_image_free(wrapped);
+    gp.batch_count = 1;
     sdrt_image_free(batch);
 
     // Two contexts on two threads at once give what one context gives alone.
@@ -235,13 +288,25 @@ int main(int argc, char **argv) {
     fs::remove_all(empty);
     cp.model_dir = "x";
     cp.n_threads = -2;
-    CHECK(sdrt_init(&cp, &ctx) == SDRT_ERR_INVALID_ARGUMENT, "negative threads");
+    CHECK(sdrt_init(&cp, &ctx) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(nullptr), "n_threads -2"), "negative threads");
+    cp.n_threads = 0;
+    cp.device_id = -1;
+    CHECK(sdrt_init(&cp, &ctx) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(nullptr), "device_id -1"), "negative device");
+    cp.device_id = 0;
+    cp.struct_size = 12;
+    CHECK(sdrt_init(&cp, &ctx) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(nullptr), "struct_size 12"), "ctx struct_size 12");
+    cp.struct_size = sizeof cp;
+    CHECK(sdrt_abi_version() == SDRT_ABI_VERSION && std::string(sdrt_version()) == SDRT_VERSION, "versions");
+    CHECK(sdrt_last_seed(nullptr) == SDRT_SEED_RANDOM && sdrt_size_step(nullptr) == 0 && std::string(sdrt_backend_info(nullptr)).empty(), "NULL ctx getters");
+    CHECK(sdrt_set_progress_callback(nullptr, nullptr, nullptr) == SDRT_ERR_INVALID_ARGUMENT, "callback on NULL");
+    sdrt_request_cancel(nullptr);
+    CHECK(std::string(sdrt_status_name(static_cast<sdrt_status>(42))) == "SDRT_ERR_UNKNOWN", "unknown status name");
     CHECK(std::string(sdrt_status_name(SDRT_ERR_CANCELLED)) == "SDRT_ERR_CANCELLED", "status names");
     std::thread([] { CHECK(std::string(sdrt_last_error(nullptr)).empty(), "last error is per thread"); }).join();
 
     if (argc < 3) {
-        check::finish("test_api (no export: the export checks did not run)");
-        return check::failures ? 1 : check::kSkip;
+        check::finish("test_api");
+        return check::failures ? 1 : check::skip("no export: the export checks did not run");
     }
     const std::string exp = argv[2];
     bad_exports(exp);
@@ -249,6 +314,7 @@ int main(int argc, char **argv) {
     if (ctx) {
         std::printf("backend: %s\n", sdrt_backend_info(ctx));
         bad_generate(ctx);
+        struct_sizes(ctx);
         seeds(ctx, exp);
         sdrt_free(ctx);
     }

@@ -20,6 +20,7 @@ namespace {
 std::map<std::string, double> worst;  // scheduler -> max relative coefficient difference
 size_t floats = 0, floats_exact = 0;
 double worst_step = 0;
+sdrt::SchedulerFamily family;  // the defaults an export's manifest carries (family.schedulers), from fixtures.py
 
 double rel(double a, double b) { return a == b ? 0 : std::fabs(a - b) / std::max(1.0, std::fabs(b)); }
 
@@ -53,7 +54,7 @@ void compare_floats(const std::vector<float> &got, const sdrt::Json &want, const
 }
 
 void tables(const sdrt::Json &c, const sdrt::Json &config) {
-    std::unique_ptr<sdrt::Scheduler> s = sdrt::Scheduler::create(c.at("name").as_string(), config);
+    std::unique_ptr<sdrt::Scheduler> s = sdrt::Scheduler::create(c.at("name").as_string(), config, family);
     CHECK(s->name() == c.at("resolved_name").as_string(), id(c) + ": name " + s->name());
     try {
         s->set_timesteps(int(c.at("steps").as_int()), c.at("strength").as_number());
@@ -96,7 +97,7 @@ void trajectory(const sdrt::Json &c, const sdrt::Json &config) {
     std::string what = id(c) + " trajectory " + std::to_string(tr.at("steps").as_int()) + "@" + std::to_string(tr.at("strength").as_number());
     const size_t n = 64;
     auto gen = [](uint64_t seed) { return sdrt::TorchCpuGenerator(seed).randn(n); };
-    std::unique_ptr<sdrt::Scheduler> s = sdrt::Scheduler::create(c.at("name").as_string(), config);
+    std::unique_ptr<sdrt::Scheduler> s = sdrt::Scheduler::create(c.at("name").as_string(), config, family);
     double strength = tr.at("strength").as_number();
     try {
         s->set_timesteps(int(tr.at("steps").as_int()), strength);
@@ -132,6 +133,8 @@ int main(int argc, char **argv) {
     std::string path = std::string(argv[1]) + "/schedulers.json";
     if (!sdrt::file_exists(path)) return check::skip("no " + path + " (the Python fixture step did not run)");
     sdrt::Json fx = sdrt::Json::parse_file(path);
+    for (const auto &kv : fx.at("family").at("schedulers").as_object()) family.defaults[kv.first] = kv.second;
+    family.default_name = fx.at("family").at("default_scheduler").as_string();
     size_t n_tables = 0, n_traj = 0, n_err = 0;
     for (const auto &c : fx.at("cases").as_array()) {
         const sdrt::Json &config = fx.at("configs").at(c.at("config").as_string());
@@ -141,7 +144,7 @@ int main(int argc, char **argv) {
                 ++n_traj;
             } else if (c.find("error") && !c.find("steps")) {
                 try {
-                    sdrt::Scheduler::create(c.at("name").as_string(), config);
+                    sdrt::Scheduler::create(c.at("name").as_string(), config, family);
                     CHECK(false, id(c) + ": Python refused the config (" + c.at("error").as_string() + "), C++ did not");
                 } catch (const sdrt::Error &e) {
                     CHECK(e.status() == expected_status(c.at("error").as_string()), id(c) + ": wrong status for: " + e.what());

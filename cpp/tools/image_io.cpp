@@ -1,8 +1,10 @@
 // PNG and PPM files (see image_io.h). PNG compression is zlib's; chunk CRCs are zlib's crc32.
 #include "image_io.h"
 
+#include <sys/stat.h>
 #include <zlib.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <iterator>
@@ -13,6 +15,8 @@
 namespace sdrt_tools {
 
 namespace {
+
+constexpr size_t kMaxPixels = size_t(1) << 26;  // 8192 x 8192: past any model's size, short of a memory blow-up
 
 void put32(std::string &s, uint32_t v) {
     for (int i = 3; i >= 0; --i) s += char((v >> (8 * i)) & 0xFF);
@@ -50,9 +54,11 @@ std::string read_ppm(const std::string &bytes, Rgb &out) {
     };
     next_int(w), next_int(h), next_int(maxval);
     if (magic != "P6" || !in || w < 1 || h < 1 || maxval != 255) return "not a binary PPM (P6) with maxval 255";
+    if (size_t(w) * size_t(h) > kMaxPixels) return "the image is " + std::to_string(w) + "x" + std::to_string(h) + "; at most 2^26 pixels are read";
     in.get();
-    size_t n = size_t(w) * size_t(h) * 3, at = size_t(in.tellg());
-    if (bytes.size() < at + n) return "the PPM's pixel data is truncated";
+    const std::streamoff pos = in ? std::streamoff(in.tellg()) : -1;
+    size_t n = size_t(w) * size_t(h) * 3, at = size_t(pos);
+    if (pos < 0 || bytes.size() < at || bytes.size() - at < n) return "the PPM's pixel data is truncated";
     out.width = w, out.height = h;
     out.data.assign(bytes.begin() + long(at), bytes.begin() + long(at + n));
     return "";
@@ -83,6 +89,7 @@ std::string read_png(const std::string &s, Rgb &out) {
     const int channels = ctype == 0 ? 1 : ctype == 2 ? 3 : ctype == 3 ? 1 : ctype == 4 ? 2 : ctype == 6 ? 4 : 0;
     if (w < 1 || h < 1 || w > 65536 || h > 65536 || !channels) return "not a PNG this reader knows (bad IHDR)";
     if (depth != 8 || interlace) return "only 8-bit, non-interlaced PNGs are read; convert the image first";
+    if (size_t(w) * size_t(h) > kMaxPixels) return "the image is " + std::to_string(w) + "x" + std::to_string(h) + "; at most 2^26 pixels are read";
     const size_t stride = size_t(w) * size_t(channels);
     std::vector<uint8_t> raw((stride + 1) * size_t(h));
     uLongf raw_len = uLongf(raw.size());
@@ -166,9 +173,18 @@ std::string write_png(const std::string &path, const uint8_t *rgb, int width, in
 }
 
 std::string read_image(const std::string &path, Rgb &out) {
-    std::ifstream f(path, std::ios::binary);
-    if (!f) return path + " cannot be opened";
-    std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    // stat first and C stdio after: an ifstream on a folder opens, then throws from inside its first read.
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) return path + " does not exist; pass a PNG or binary PPM file";
+    if (S_ISDIR(st.st_mode)) return path + " is a folder; pass a PNG or binary PPM file";
+    if (!S_ISREG(st.st_mode)) return path + " is not a regular file; pass a PNG or binary PPM file";
+    if (st.st_size > (off_t(1) << 30)) return path + " is over 1 GiB; pass a smaller image";
+    FILE *f = std::fopen(path.c_str(), "rb");
+    if (!f) return path + " cannot be opened (" + std::strerror(errno) + ")";
+    std::string bytes(size_t(st.st_size), '\0');
+    size_t got = bytes.empty() ? 0 : std::fread(&bytes[0], 1, bytes.size(), f);
+    std::fclose(f);
+    if (got != bytes.size()) return path + " could not be read whole";
     std::string err;
     if (bytes.compare(0, 8, "\x89PNG\r\n\x1a\n") == 0) err = read_png(bytes, out);
     else if (bytes.compare(0, 2, "P6") == 0) err = read_ppm(bytes, out);

@@ -116,6 +116,7 @@ def chart(record: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), sharex=True)
     cmap = plt.get_cmap("tab20")
@@ -130,6 +131,9 @@ def chart(record: dict, path: Path) -> None:
         axes[1].plot(ms, [100 * c for c in colour], **style)
     for ax, what in zip(axes, ("digit", "colour")):
         ax.set_xscale("log")
+        ax.set_xticks([15, 20, 30, 50, 100, 200])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("CPU time per image, ms, one thread (points: 2, 4, 8, 12, 20, 30 steps)")
         ax.set_ylabel(f"{what} accuracy, %")
         ax.set_title(f"{what} read back by the oracle")

@@ -273,7 +273,8 @@ def float64_reference(name, config, n, seed=0):
 
 @pytest.mark.parametrize(
     "name,config",
-    [("lms_karras", "sd15_trailing"), ("lms_exponential", "sd15_trailing"), ("unipc", "sd21"), ("ddpm", "sd15_linspace_v"), ("ddpm", "cosine"), ("heun", "sd21")],
+    [("lms_karras", "sd15_trailing"), ("lms_exponential", "sd15_trailing"), ("unipc", "sd21"),
+     ("ddpm", "sd15_linspace_v"), ("ddpm", "cosine"), ("heun", "sd21")],
 )
 def test_closer_to_float64_diffusers(name, config):
     """Where TOLERANCE is wider than 1e-6, the difference is diffusers' float32 rounding: sdrt stays within 1e-6

@@ -34,7 +34,9 @@ DEFAULT_SCHEDULER = "pndm"
 
 # sdrt name -> (class, config overrides). A `_karras` / `_exponential` name forces that sigma spacing (and the plain
 # name forces neither): the name decides, whatever the model's config says, as A1111's sampler names do.
-_PLAIN, _KARRAS, _EXPONENTIAL = {"use_karras_sigmas": False, "use_exponential_sigmas": False}, {"use_karras_sigmas": True, "use_exponential_sigmas": False}, {"use_karras_sigmas": False, "use_exponential_sigmas": True}
+_PLAIN = {"use_karras_sigmas": False, "use_exponential_sigmas": False}
+_KARRAS = {"use_karras_sigmas": True, "use_exponential_sigmas": False}
+_EXPONENTIAL = {"use_karras_sigmas": False, "use_exponential_sigmas": True}
 _DPM = {"solver_order": 2, "algorithm_type": "dpmsolver++"}
 _DPM_SDE = {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"}
 _REGISTRY = {

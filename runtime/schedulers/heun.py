@@ -55,4 +55,5 @@ class Heun(TracedStep, Euler):
                 d = (tr.history[0] + d) / 2
                 rows.append(tr.row(tr.history[1] + d * dt, [None, None]))
         s = sig[first_call:-1]
-        return Tables(ts[first_call:], np.array(rows), 1 / np.sqrt(s * s + 1), np.stack([np.ones_like(s), s], 1), float(init_sigma))
+        noise = np.stack([np.ones_like(s), s], 1)  # add_noise: original + sigma * noise
+        return Tables(ts[first_call:], np.array(rows), 1 / np.sqrt(s * s + 1), noise, float(init_sigma))

@@ -66,14 +66,46 @@ def test_guidance_helps(pipe, oracle, fp32_images):
     assert digit > digit_unguided, (digit, digit_unguided)
 
 
-def test_negative_prompt_halves_a_colours_share(pipe, oracle):
-    prompts = [f"a {d}" for d in range(10)] * 10  # 100 seeds, digits only: the model picks the colour
-    base = [c for _, c in oracle.classify(generate(pipe, prompts, 7.5, seed=100))]
+DIGIT_PROMPTS = [f"a {d}" for d in range(10)] * 10  # 100 seeds (100..199), digits only: the model picks the colour
+NEGATIVE_DIGIT_DROP = 0.10  # issue #14: a negative colour keeps digit accuracy within 10 points of none
+
+
+@pytest.fixture(scope="module")
+def unprompted(pipe, oracle):
+    """The oracle's reading of "a {digit}" x 10 seeds each (100 images), no negative prompt."""
+    return oracle.classify(generate(pipe, DIGIT_PROMPTS, 7.5, seed=100))
+
+
+@pytest.fixture(scope="module")
+def negative_colour(pipe, oracle):
+    """The oracle's reading of the same 100 images with each colour as the negative prompt (800 images)."""
+    return {colour: oracle.classify(generate(pipe, DIGIT_PROMPTS, 7.5, seed=100, negative_prompt=colour))
+            for colour in COLOURS}
+
+
+def test_negative_prompt_halves_a_colours_share(unprompted, negative_colour):
+    base = [c for _, c in unprompted]
     colour = max(COLOURS, key=base.count)
     share = base.count(colour) / len(base)
     assert share >= 0.15, f"no colour reaches 15% unprompted (most common: {colour} {share:.0%})"
-    steered = [c for _, c in oracle.classify(generate(pipe, prompts, 7.5, seed=100, negative_prompt=colour))]
+    steered = [c for _, c in negative_colour[colour]]
     assert steered.count(colour) / len(steered) <= share / 2, (colour, share, steered.count(colour) / len(steered))
+
+
+def test_negative_colour_keeps_the_digit(unprompted, negative_colour):
+    """Issue #14's bar, in full: for every colour as the negative prompt of "a {digit}" (the same 100 seeds),
+    digit accuracy within 10 points of no negative, and that colour's share at least halved (README: "Figures";
+    before the `negative` training phase: digit 100% -> 83-98%, and white blobs)."""
+    digits = [int(p[-1]) for p in DIGIT_PROMPTS]
+    base_digit = np.mean([d == want for (d, _), want in zip(unprompted, digits)])
+    failures = []
+    for colour, read in negative_colour.items():
+        digit = np.mean([d == want for (d, _), want in zip(read, digits)])
+        share_without = sum(c == colour for _, c in unprompted) / len(unprompted)
+        share_with = sum(c == colour for _, c in read) / len(read)
+        if digit < base_digit - NEGATIVE_DIGIT_DROP or share_with > share_without / 2:
+            failures.append(f"{colour}: digit {base_digit:.0%} -> {digit:.0%}, share {share_without:.0%} -> {share_with:.0%}")
+    assert not failures, failures
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +170,17 @@ def test_onnx_fp16_gives_the_same_accuracy_and_35db(fp32_images, oracle, tmp_pat
 
 
 def test_oracle_reads_real_digits(oracle):
-    # Recorded when the oracle was trained on real coloured digits (never on generated images).
-    held_out = oracle.meta["accuracy"]["held_out_handwritten"]
-    assert held_out["digit_accuracy"] >= 0.97 and held_out["colour_accuracy"] >= 0.99, held_out
+    """Measured, not read back from digits_oracle.json: 1,000 images of held-out real handwriting (the last 20% of
+    scikit-learn's load_digits, writers no training run saw), coloured and jittered as in training, with the seed
+    the oracle's own held-out figure used (the first half of its 2,000 images; 98.15% / 100% on all 2,000)."""
+    pytest.importorskip("sklearn")
+    from sdrt.export.digits import data
+
+    images, labels = data.make_dataset(1000, seed=101, split="test", font_fraction=0.0)
+    read = oracle.classify(images)
+    digit = np.mean([d == want for (d, _), want in zip(read, labels[:, 0])])
+    colour = np.mean([c == data.COLOUR_NAMES[want] for (_, c), want in zip(read, labels[:, 1])])
+    assert digit >= 0.97 and colour >= 0.99, (digit, colour)
     pixels = np.zeros((2, 64, 64, 3), np.uint8)
     pixels[:, 16:48, 28:36] = (255, 0, 0)  # a red bar on black: a "1", in red
     assert [c for _, c in oracle.classify(pixels)] == ["red", "red"]

@@ -1,6 +1,6 @@
 """The digits model's training command runs end to end (a few steps of every phase), so it cannot rot.
 
-The real run (`python -m sdrt.export.digits.train --phase all --seed 0`, ~80 minutes) made runtime/models/digits;
+The real run (`python -m sdrt.export.digits.train --phase all --seed 0`, ~75 minutes) made runtime/models/digits;
 this checks that the same code still builds, trains, saves a diffusers folder that loads like a checkpoint,
 and that `sdrt export` accepts it.
 """
@@ -25,7 +25,7 @@ def smoke_model(tmp_path_factory):
 
 def test_smoke_training_logs_every_phase_and_finite_losses(smoke_model):
     log = (smoke_model / "train_log.txt").read_text()
-    for phase in ("vae  step", "text step", "unet step", "dec  step", "vae scaling_factor", "done in"):
+    for phase in ("vae  step", "text step", "unet step", "dec  step", "neg  step", "vae scaling_factor", "done in"):
         assert phase in log, f"{phase!r} missing from the training log"
     losses = [float(tok) for line in log.splitlines() if " loss " in line
               for tok in [line.split(" loss ")[1].split()[0]]]

@@ -119,6 +119,27 @@ def caption(digit: int, colour: int, bg: int, rng: np.random.Generator, p_drop: 
     return t.format(d=digit, w=WORDS[digit], c=COLOUR_NAMES[colour], b=BACKGROUND_NAMES[bg])
 
 
+def negative_caption(digit: int, colour: int, bg: int, rng: np.random.Generator, p_drop: float = 0.12,
+                     p_colour: float = 0.2, colour_true: float = 0.75) -> str:
+    """A caption for the `negative` fine-tune phase: the usual mix, but with `p_colour` of captions colour-only
+    ("blue", "something blue", ...), and those name the image's own colour with probability `colour_true`, another
+    colour otherwise. A colour-only caption then means "more likely this colour", not "certainly this colour":
+    the UNet's prediction for it stays in distribution on an image of another colour, so a lone colour word as
+    the negative prompt steers the colour without extrapolating into the off-manifold blobs that destroyed the
+    digit (issue #14; full captions such as "a blue 3" stay exact)."""
+    r = rng.random()
+    if r < p_drop:
+        return ""
+    if r < p_drop + p_colour:
+        if rng.random() >= colour_true:
+            colour = int((colour + 1 + rng.integers(len(COLOURS) - 1)) % len(COLOURS))
+        t = _COLOUR[rng.integers(len(_COLOUR))]
+        bgs = [k for k, b in enumerate(BACKGROUND_NAMES) if b != COLOUR_NAMES[colour]]
+        bg = bg if bg in bgs else bgs[rng.integers(len(bgs))]
+        return t.format(c=COLOUR_NAMES[colour], b=BACKGROUND_NAMES[bg])
+    return caption(digit, colour, bg, rng, p_drop=0.0)
+
+
 def caption_matches(text_labels: np.ndarray, image_labels: np.ndarray) -> np.ndarray:
     """[T,I] bool: caption t (digit, colour, bg; -1 = not named) is true of image i."""
     t, i = text_labels[:, None, :], image_labels[None, :, :]

@@ -1,6 +1,7 @@
 """Measure a digits model with the oracle: prompted digit/colour accuracy, guidance, negative prompts, img2img.
 
     python -m sdrt.export.digits.evaluate runtime/models/digits [--json out.json] [--n 50]
+    python -m sdrt.export.digits.evaluate runtime/models/digits --negative-colours [--seeds 10]   # issue #14, via sdrt
 
 Runs diffusers' StableDiffusionPipeline (the reference) on the saved folder with its own scheduler (or
 --scheduler), 64x64, 20 steps, and judges every image with sdrt.oracle.DigitOracle.
@@ -101,9 +102,66 @@ def evaluate(model: Path, n: int = 50, scheduler: str = "model", save_grid: Path
     return r
 
 
+def negative_colours(model=None, seeds: int = 10, seed0: int = 100, guidance: float = 7.5, steps: int = 20,
+                     colours=None, threads: int = 1, backend: str = "auto", **call_kwargs) -> dict:
+    """Issue #14's measure, through sdrt (the model's scheduler): prompts "a {digit}" for every digit x `seeds`
+    seeds (seed0 + k, as tests/test_digits.py draws them), without a negative prompt and with each colour as the
+    negative. Per colour: digit accuracy and the colour's share with and without it, and per digit."""
+    import sdrt
+
+    pipe = sdrt.Pipeline.from_pretrained(model, backend=backend, threads=threads)
+    oracle = DigitOracle.load()
+    prompts = [f"a {d}" for d in range(10)] * seeds
+    digits = np.array([d for d in range(10)] * seeds)
+
+    def run(negative):
+        out = pipe(prompts, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance, seed=seed0,
+                   output_type="np", progress=False, **call_kwargs).images
+        read = oracle.classify(out)
+        return np.array([d for d, _ in read]), [c for _, c in read]
+
+    base_d, base_c = run(None)
+    r: dict = {"seeds": seeds, "guidance": guidance, "steps": steps, **{k: v for k, v in call_kwargs.items()},
+               "without": {"digit_accuracy": float(np.mean(base_d == digits)),
+                           "colour_shares": {c: base_c.count(c) / len(base_c) for c in COLOURS},
+                           "per_digit": [float(np.mean(base_d[digits == d] == d)) for d in range(10)]},
+               "negative": {}}
+    for colour in colours or COLOURS:
+        got_d, got_c = run(colour)
+        r["negative"][colour] = {
+            "digit_accuracy": float(np.mean(got_d == digits)),
+            "share_without": base_c.count(colour) / len(base_c),
+            "share_with": got_c.count(colour) / len(got_c),
+            "per_digit": [float(np.mean(got_d[digits == d] == d)) for d in range(10)],
+            "colours_with": {c: got_c.count(c) / len(got_c) for c in COLOURS if got_c.count(c)},
+        }
+    base = r["without"]["digit_accuracy"]
+    r["passes"] = all(v["digit_accuracy"] >= base - 0.10 and v["share_with"] <= v["share_without"] / 2
+                      for v in r["negative"].values())
+    r["worst_digit_drop"] = max(base - v["digit_accuracy"] for v in r["negative"].values())
+    return r
+
+
+def print_negative_table(r: dict) -> None:
+    w = r["without"]
+    print(f"without a negative: digit {w['digit_accuracy']:.0%}  per digit "
+          + " ".join(f"{a:.0%}" for a in w["per_digit"]))
+    print("negative  digit   share without -> with   per-digit accuracy 0..9            colours read")
+    for c, v in r["negative"].items():
+        print(f"{c:8s}  {v['digit_accuracy']:5.0%}   {v['share_without']:5.0%} -> {v['share_with']:4.0%}      "
+              + " ".join(f"{a:4.0%}" for a in v["per_digit"]) + "   "
+              + ", ".join(f"{k} {x:.0%}" for k, x in sorted(v["colours_with"].items(), key=lambda kv: -kv[1])))
+    print(f"passes issue #14's bar (digit within 10 points, share at least halved): {r['passes']} "
+          f"(worst digit drop {r['worst_digit_drop']:.0%})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path)
+    p.add_argument("--negative-colours", action="store_true",
+                   help="issue #14's measure only, through sdrt: every colour as the negative prompt of 'a {digit}'")
+    p.add_argument("--seeds", type=int, default=10, help="--negative-colours: seeds per digit (10 = 100 images)")
+    p.add_argument("--seed0", type=int, default=100)
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--scheduler", choices=["model", *SCHEDULERS], default="model", help="default: the model's own")
     p.add_argument("--json", type=Path)
@@ -111,6 +169,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.negative_colours:
+        r = negative_colours(a.model, a.seeds, a.seed0, threads=a.threads)
+        print_negative_table(r)
+        if a.json:
+            a.json.write_text(json.dumps(r, indent=2) + "\n")
+        return
     r = evaluate(a.model, a.n, a.scheduler, a.grid)
     print(json.dumps(r, indent=2))
     if a.json:

@@ -1,13 +1,19 @@
 """Train the built-in digits model: VAE, text encoder (contrastive + caption labels), UNet, then the VAE
-decoder again; saves a diffusers-format StableDiffusionPipeline.
+decoder again, then a short UNet fine-tune for negative prompts; saves a diffusers-format StableDiffusionPipeline.
 
-    python -m sdrt.export.digits.train --phase all --seed 0 --out build/digits/model   # ~80 min on 2 idle CPU cores
+    python -m sdrt.export.digits.train --phase all --seed 0 --out build/digits/model   # ~75 min on 2 idle CPU cores
     python -m sdrt.export.digits.train --smoke --out build/digits/smoke                # a few steps of every phase
+    git archive b667f4b runtime/models/digits | tar -x -C build/base    # the shipped model before the last phase
+    python -m sdrt.export.digits.train --phase negative --init build/base/runtime/models/digits --out build/digits/neg
+        # the last phase alone (4 min): what made the shipped UNet from the one shipped before it
 
 Phases: vae (reconstruction + KL, colour weighted from the first step, 32x32 crops for the first 75%),
 text (CLIP-style contrastive loss against a small image encoder, plus heads reading the named digit/colour/
 background off the pooled state), unet (epsilon prediction on VAE latents x scaling_factor, Min-SNR-5 weighted,
-12% of captions dropped to ""), decoder (decoder-only fine-tune with the encoder frozen, so the UNet's latents stay valid).
+12% of captions dropped to ""), decoder (decoder-only fine-tune with the encoder frozen, so the UNet's latents stay valid),
+negative (issue #14: 400 UNet steps on captions where 20% are a colour alone, naming the image's colour 75% of the
+time and another colour otherwise: `data.negative_caption`; without it a lone colour word as the negative prompt
+destroyed the digit).
 Each phase has a step count and a time cap (--minutes); the learning-rate schedule ends at whichever runs
 out first, so a busy machine gets a finished schedule rather than a cut one. Each phase saves the whole
 pipeline to --out (a later phase loads the earlier ones from there); the UNet phase also saves EMA
@@ -265,7 +271,8 @@ def retrieval_check(text_encoder, image_encoder, proj, heads, captioner, images,
 
 # ---------------------------------------------------------------------------------------------------- UNet
 def train_unet(unet, text_encoder, captioner, vae, lat_mean, lat_std, labels, steps, batch, minutes, rng, log,
-               save, ckpt_every, lr=1.5e-3, p_drop=0.12, snr_gamma=5.0):
+               save, ckpt_every, lr=1.5e-3, p_drop=0.12, snr_gamma=5.0, caption=None, warmup=200, ema_decay=0.999,
+               tag="unet"):
     noise_sched = DDPMScheduler.from_config({k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"})
     scale = vae.config.scaling_factor
     # Min-SNR-5 weighting (Hang et al. 2023, diffusers' --snr_gamma): for epsilon prediction the weight is
@@ -276,6 +283,7 @@ def train_unet(unet, text_encoder, captioner, vae, lat_mean, lat_std, labels, st
     ema = [p.detach().clone() for p in unet.parameters()]
     emb_cache: dict[str, torch.Tensor] = {}
     timer = Timer(minutes, steps)
+    caption = caption or (lambda d, c, b, rng: data.caption(d, c, b, rng, p_drop=p_drop))
 
     def embed(texts):
         new = [t for t in set(texts) if t not in emb_cache]
@@ -295,32 +303,32 @@ def train_unet(unet, text_encoder, captioner, vae, lat_mean, lat_std, labels, st
     avg = None
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = timer.lr(step, lr, warmup=200)
+            g["lr"] = timer.lr(step, lr, warmup=warmup)
         idx = torch.from_numpy(rng.integers(len(labels), size=batch))
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])) * scale
         noise = torch.randn_like(z0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,))
         zt = noise_sched.add_noise(z0, noise, t)
-        cond = embed([data.caption(*labels[i], rng, p_drop=p_drop) for i in idx.tolist()])
+        cond = embed([caption(*labels[i], rng) for i in idx.tolist()])
         per_sample = F.mse_loss(unet(zt, t, cond).sample, noise, reduction="none").mean((1, 2, 3))
         loss = (per_sample * min_snr_weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - decay)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         last = step == steps - 1 or timer.over()
         if step % 100 == 0 or last:
-            log(f"unet step {step:5d} {timer} loss {loss.item():.4f} avg {avg:.4f} lr {opt.param_groups[0]['lr']:.2e}")
+            log(f"{tag} step {step:5d} {timer} loss {loss.item():.4f} avg {avg:.4f} lr {opt.param_groups[0]['lr']:.2e}")
         if (step > 0 and step % ckpt_every == 0) or last:
             swap_ema()
             save(unet)
             swap_ema()
-            log(f"unet checkpoint (EMA weights) saved at step {step}")
+            log(f"{tag} checkpoint (EMA weights) saved at step {step}")
         if timer.over():
-            log(f"unet stopped by the time cap at step {step}")
+            log(f"{tag} stopped by the time cap at step {step}")
             break
     swap_ema()
     unet.eval()
@@ -330,7 +338,10 @@ def train_unet(unet, text_encoder, captioner, vae, lat_mean, lat_std, labels, st
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", choices=["vae", "text", "unet", "decoder", "all"], default="all")
+    p.add_argument("--phase", choices=["vae", "text", "unet", "decoder", "negative", "all"], default="all")
+    p.add_argument("--init", type=Path, default=None,
+                   help="--phase negative alone: fine-tune the model in this folder (a diffusers folder such as "
+                        "runtime/models/digits) and save to --out; default: the model already in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("build/digits/model"))
     p.add_argument("--smoke", action="store_true", help="a few steps of every phase (CI)")
@@ -343,6 +354,13 @@ def main(argv=None):
     p.add_argument("--decoder-steps", type=int, default=300)
     p.add_argument("--minutes", type=float, nargs=4, default=[12, 3.5, 48, 6], metavar=("VAE", "TEXT", "UNET", "DECODER"),
                    help="a time cap per phase; the learning-rate schedule ends at whichever of steps or time runs out")
+    p.add_argument("--negative-steps", type=int, default=400)
+    p.add_argument("--negative-batch", type=int, default=64)
+    p.add_argument("--negative-minutes", type=float, default=12)
+    p.add_argument("--negative-images", type=int, default=6000)
+    p.add_argument("--negative-colour-only", type=float, default=0.2, help="negative phase: share of colour-only captions")
+    p.add_argument("--negative-colour-true", type=float, default=0.75,
+                   help="negative phase: how often a colour-only caption names the image's own colour")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="--phase unet: continue from the UNet saved in --out")
     p.add_argument("--threads", type=int, default=2,
@@ -350,7 +368,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.smoke:
         a.images, a.vae_steps, a.text_steps, a.unet_steps, a.unet_batch, a.ckpt_every = 256, 4, 3, 3, 8, 2
-        a.decoder_steps = 3
+        a.decoder_steps, a.negative_steps, a.negative_batch, a.negative_images = 3, 3, 8, 256
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -372,11 +390,12 @@ def main(argv=None):
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     captioner = Captioner(tokenizer)
     vae, text_encoder, unet = build_models()
+    src = a.init if (a.init is not None and a.phase == "negative") else a.out
     if a.phase != "vae" and a.phase != "all":
-        vae = AutoencoderKL.from_pretrained(a.out / "vae")
-        text_encoder = CLIPTextModel.from_pretrained(a.out / "text_encoder")
-    if a.phase == "decoder" or (a.phase == "unet" and a.resume):
-        unet = UNet2DConditionModel.from_pretrained(a.out / "unet")
+        vae = AutoencoderKL.from_pretrained(src / "vae")
+        text_encoder = CLIPTextModel.from_pretrained(src / "text_encoder")
+    if a.phase in ("decoder", "negative") or (a.phase == "unet" and a.resume):
+        unet = UNet2DConditionModel.from_pretrained(src / "unet")
     for name, m in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
         log(f"{name}: {sum(q.numel() for q in m.parameters()) / 1e6:.3f} M parameters")
 
@@ -417,6 +436,20 @@ def main(argv=None):
             x = to_tensor(test_images[:256 if not a.smoke else 16])
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample
             log(f"vae held-out mse after the decoder phase {F.mse_loss(rec, x).item():.4f}")
+        save()
+    if a.phase in ("negative", "all"):
+        # Issue #14: fine-tune the UNet (text encoder and VAE frozen; the decoder phase left the encoder, so the
+        # latents, as they were) on captions where a lone colour word is not a certainty (data.negative_caption).
+        nrng = np.random.default_rng(a.seed + 14)  # its own stream: the phase alone reproduces the one in --phase all
+        torch.manual_seed(a.seed + 14)
+        n_images, n_labels = data.make_dataset(a.negative_images, seed=a.seed + 14, split="train")
+        lat_mean, lat_std = encode_dataset(vae, n_images)
+        log(f"negative: encoded {len(n_images)} images; colour-only captions {a.negative_colour_only:.0%}, naming the "
+            f"image's colour {a.negative_colour_true:.0%} of the time")
+        train_unet(unet, text_encoder, captioner, vae, lat_mean, lat_std, n_labels, a.negative_steps, a.negative_batch,
+                   a.negative_minutes, nrng, log, save, a.ckpt_every, lr=3e-4, warmup=20, ema_decay=0.99,
+                   caption=lambda d, c, b, r: data.negative_caption(d, c, b, r, p_colour=a.negative_colour_only,
+                                                                    colour_true=a.negative_colour_true), tag="neg ")
         save()
     log(f"done in {(time.time() - t_start) / 60:.1f} min; saved to {a.out}")
 

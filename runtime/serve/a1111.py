@@ -24,27 +24,33 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 A1111_SAMPLERS = {a1111: sdrt for sdrt, a1111 in SAMPLER_NAMES.items()}  # "Euler a" -> "euler_a", ...
 ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_dpmpp_2m": "dpmpp_2m", "k_dpmpp_2m_ka": "dpmpp_2m_karras",
            "plms": "pndm", "ddim": "ddim"}
-SCHEDULE_TYPES = {"automatic": None, "uniform": None, "karras": "karras"}
+SCHEDULE_TYPES = {"automatic": "", "uniform": "", "karras": "_karras", "exponential": "_exponential"}
 
 
 def resolve_sampler(sampler: str | None, schedule: str | None = None, field: str = "sampler_name") -> str | None:
-    """An A1111 sampler name (or alias, or sdrt scheduler name) and schedule type -> an sdrt scheduler name
-    (None: the model's own). Unknown names are a 422 listing what is served."""
+    """An A1111 sampler name (or alias, or sdrt scheduler name) and schedule type (A1111 1.9's separate
+    `scheduler` field: Automatic, Uniform, Karras, Exponential) -> an sdrt scheduler name (None: the model's own).
+    Unknown names are a 422 listing what is served."""
     base = None
     if sampler:
         lowered = {k.lower(): v for k, v in {**A1111_SAMPLERS, **ALIASES, **{v: v for v in SAMPLER_NAMES}}.items()}
         base = lowered.get(sampler.strip().lower())
         if base is None:
             raise FieldError(field, f"{field} {sampler!r} is not served; choose one of {', '.join(A1111_SAMPLERS)}")
-    if schedule is None or schedule.strip().lower() not in SCHEDULE_TYPES:
-        if schedule is not None:
-            raise FieldError("scheduler", f"scheduler {schedule!r} is not served; choose Automatic, Uniform or Karras")
+    if schedule is None:
         return base
-    if SCHEDULE_TYPES[schedule.strip().lower()] == "karras":
-        if base not in ("dpmpp_2m", "dpmpp_2m_karras"):
-            raise FieldError("scheduler", "the Karras schedule is served with sampler 'DPM++ 2M' only")
-        return "dpmpp_2m_karras"
-    return base
+    suffix = SCHEDULE_TYPES.get(schedule.strip().lower())
+    if suffix is None:
+        raise FieldError("scheduler", f"scheduler {schedule!r} is not served; choose Automatic, Uniform, Karras or Exponential")
+    if not suffix:
+        return base
+    if base is None:
+        raise FieldError("scheduler", f"the {schedule} schedule needs a sampler_name (e.g. 'DPM++ 2M')")
+    root = base.removesuffix("_karras").removesuffix("_exponential")
+    if root + suffix not in SAMPLER_NAMES:
+        with_it = sorted(SAMPLER_NAMES[n[: -len(suffix)]] for n in SAMPLER_NAMES if n.endswith(suffix))
+        raise FieldError("scheduler", f"the {schedule} schedule is served with {', '.join(with_it)}; not {sampler!r}")
+    return root + suffix
 
 
 def model_name(checkpoint: str) -> str:
@@ -162,7 +168,7 @@ def samplers():
 @router.get("/schedulers", response_model=list[SchedulerItem])
 def schedulers():
     return [SchedulerItem(name="automatic", label="Automatic"), SchedulerItem(name="uniform", label="Uniform"),
-            SchedulerItem(name="karras", label="Karras", default_rho=7.0)]
+            SchedulerItem(name="karras", label="Karras", default_rho=7.0), SchedulerItem(name="exponential", label="Exponential")]
 
 
 @router.get("/options", response_model=OptionsResponse)

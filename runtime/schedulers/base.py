@@ -117,6 +117,17 @@ def exponential_sigmas(in_sigmas: np.ndarray, n: int, sigma_min=None, sigma_max=
     return np.exp(np.linspace(math.log(hi), math.log(lo), n))
 
 
+def alpha_sigma_lambda(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The DPM-Solver family's alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t) from k-diffusion sigmas (float64);
+    a final sigma of 0 gives lambda = inf (and e^-h = 0 in the solvers), as intended."""
+    s = np.asarray(sigmas, np.float64)
+    alpha = 1 / np.sqrt(s * s + 1)
+    sig = s * alpha
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sig)
+    return alpha, sig, lam
+
+
 def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
     """The fractional training timestep of a sigma, interpolated in log-sigma (diffusers' _sigma_to_t)."""
     log_sigma = np.log(np.maximum(sigma, 1e-10))

@@ -17,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from sdrt.errors import InputError, ModelError
-from sdrt.schedulers.base import F32, Scheduler, Tables, exponential_sigmas, karras_sigmas, sigma_to_t, train_sigmas
+from sdrt.schedulers.base import (
+    F32, Scheduler, Tables, alpha_sigma_lambda, exponential_sigmas, karras_sigmas, sigma_to_t, train_sigmas,
+)
 
 
 # Settings that would make a different solver; sdrt refuses them rather than run something else.
@@ -94,10 +96,7 @@ class DPMPP2M(Scheduler):
         cfg = self.config
         ts, sigmas = self._sigmas(n)
         s = sigmas.astype(np.float64)
-        alpha = 1 / np.sqrt(s * s + 1)
-        sig = s * alpha
-        with np.errstate(divide="ignore"):  # the final sigma 0 gives lambda = inf and e^-h = 0, as intended
-            lam = np.log(alpha) - np.log(sig)
+        alpha, sig, lam = alpha_sigma_lambda(s)
         rows = []
         for k in range(start, len(ts)):
             if cfg["prediction_type"] == "epsilon":

@@ -15,7 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from sdrt.errors import ModelError
-from sdrt.schedulers.base import F32, Scheduler, Tables, exponential_sigmas, karras_sigmas, sigma_to_t, train_sigmas
+from sdrt.schedulers.base import (
+    F32, Scheduler, Tables, alpha_sigma_lambda, exponential_sigmas, karras_sigmas, sigma_to_t, train_sigmas,
+)
 from sdrt.schedulers.traced import TracedStep
 
 REQUIRED = dict(solver_order=2, thresholding=None, use_beta_sigmas=None, use_flow_sigmas=None, variance_type=None,
@@ -95,10 +97,7 @@ class DPMPP2SA(TracedStep, Scheduler):
         cfg = self.config
         ts, sigmas = self._sigmas(n)
         s = sigmas.astype(np.float64)
-        alpha = 1 / np.sqrt(s * s + 1)
-        sig = s * alpha
-        with np.errstate(divide="ignore"):
-            lam = np.log(alpha) - np.log(sig)
+        alpha, sig, lam = alpha_sigma_lambda(s)
         orders = self.order_list(n)
         rows, stored = [], 0
         for k in range(start, len(ts)):

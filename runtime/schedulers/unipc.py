@@ -19,7 +19,7 @@ import numpy as np
 
 from sdrt.errors import ModelError
 from sdrt.schedulers.base import (
-    F32, Scheduler, Tables, exponential_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas,
+    F32, Scheduler, Tables, alpha_sigma_lambda, exponential_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas,
 )  # fmt: skip
 from sdrt.schedulers.traced import TracedStep
 
@@ -90,10 +90,7 @@ class UniPC(TracedStep, Scheduler):
         cfg = self.config
         ts, sigmas = self._sigmas(n)
         s = sigmas.astype(np.float64)
-        alpha = 1 / np.sqrt(s * s + 1)
-        sig = s * alpha
-        with np.errstate(divide="ignore"):
-            lam = np.log(alpha) - np.log(sig)
+        alpha, sig, lam = alpha_sigma_lambda(s)
         x0_mode = bool(cfg["predict_x0"])
         bh1 = cfg["solver_type"] == "bh1"
         order_cfg = self.order

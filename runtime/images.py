@@ -14,15 +14,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sdrt.errors import InputError
+from sdrt.schedulers import A1111_NAMES
 
-SAMPLER_NAMES = {  # sdrt scheduler name -> the name A1111's metadata uses
-    "ddim": "DDIM",
-    "pndm": "PLMS",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-}
+SAMPLER_NAMES = A1111_NAMES  # sdrt scheduler name -> the name A1111's metadata uses
 
 
 def load_image(image, max_pixels: int | None = None) -> Image.Image:

@@ -129,8 +129,12 @@ def check_steps(steps, scheduler, strength: float = 1.0) -> int:
     if steps <= scheduler.num_train_timesteps and _schedule_ok(scheduler, steps, 1.0):
         scheduler.set_timesteps(steps, strength)  # strength's own error (e.g. no step left to run)
         return steps
-    lo, hi = 1, min(steps, scheduler.num_train_timesteps + 1)  # lo works (or nothing does), hi does not
-    if not _schedule_ok(scheduler, lo, 1.0):
+    # The fewest steps that work (PNDM's Runge-Kutta warm-up needs 4), then bisect: lo works, hi does not.
+    lo = next((k for k in (1, 2, 3, 4) if k <= steps and _schedule_ok(scheduler, k, 1.0)), None)
+    hi = min(steps, scheduler.num_train_timesteps + 1)
+    if lo is None or lo >= hi:
+        if steps < 4:
+            scheduler.set_timesteps(steps, strength)  # the scheduler's own error (e.g. too few steps for it)
         raise ModelError(f"the {scheduler.name} scheduler cannot build a schedule from this model's config")
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -243,6 +247,7 @@ BACKEND_OPTIONS = {
         "static_shapes": (_opt_bool, "True, False or None"),
         "batch_parallel": (_opt_bool, "True, False or None"),
         "route": (lambda v: v is None or v in ("auto", "cuda", "tensorrt", "cpu"), "'auto', 'cuda', 'tensorrt' or 'cpu'"),
+        "shape_sessions": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     },
     "torch": {
         "device": (lambda v: v is None or (isinstance(v, str) and (v in ("cpu", "cuda", "auto") or v.startswith("cuda:"))),

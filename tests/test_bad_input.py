@@ -21,7 +21,8 @@ def pipe(tiny_sd1):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(scheduler="heun"), "unknown scheduler 'heun'"),
+        (dict(scheduler="heun2"), "unknown scheduler 'heun2'"),
+        (dict(num_inference_steps=60, scheduler="lcm"), "more than the lcm scheduler supports here; use at most 50"),
         (dict(num_inference_steps=0), "num_inference_steps 0"),
         (dict(height=500), "height 500 is not a multiple of 32 for this model; use 480 or 512"),
         (dict(width=16), "width 16 is not a multiple of 32"),

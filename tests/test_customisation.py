@@ -151,7 +151,7 @@ def test_bad_embeddings_get_clear_errors(ti_pipes, embeddings, tmp_path, monkeyp
     with pytest.raises(ModelError, match=r"junk\.safetensors is not a readable \.safetensors"):
         pipe.load_textual_inversion(tmp_path / "junk.safetensors")
     (tmp_path / "junk.txt").write_text("hello")
-    with pytest.raises(ModelError, match="its content is unrecognised \(neither safetensors nor a torch pickle\)"):
+    with pytest.raises(ModelError, match=r"its content is unrecognised \(neither safetensors nor a torch pickle\)"):
         pipe.load_textual_inversion(tmp_path / "junk.txt")
     with pytest.raises(ModelError, match="does not exist"):
         pipe.load_textual_inversion(tmp_path / "missing.safetensors")

@@ -11,7 +11,7 @@ from sdrt.errors import ModelError
 from sdrt.families import FAMILIES, family_spec
 from sdrt.model.manifest import read_manifest
 from sdrt.model.facts import read_model_facts
-from sdrt.schedulers import SCHEDULER_NAMES, make_scheduler
+from sdrt.schedulers import SCHEDULER_NAMES, make_scheduler, scheduler_defaults
 
 
 def test_export_manifest_carries_the_family_spec(onnx_sd2, tiny_sd2):
@@ -21,9 +21,9 @@ def test_export_manifest_carries_the_family_spec(onnx_sd2, tiny_sd2):
     assert family["networks"] == list(data["contracts"]) == list(FAMILIES["sd2"].networks)
     assert set(family["conditioning"]) <= {t["name"] for t in data["contracts"]["unet"]["inputs"]}
     # The defaults the C/C++ host reads resolve a config exactly as make_scheduler does.
-    for name in SCHEDULER_NAMES:
-        cls_name = name if name in family["schedulers"] else "dpmpp_2m"
-        assert family["schedulers"][cls_name] == type(make_scheduler(name, {})).DEFAULTS
+    assert family["schedulers"] == json.loads(json.dumps(scheduler_defaults()))
+    for name in SCHEDULER_NAMES:  # every name's class has its defaults there (under its class's first name)
+        assert type(make_scheduler(name, {})).DEFAULTS in family["schedulers"].values()
 
 
 def test_contracts_come_from_the_family(tiny_sd1):

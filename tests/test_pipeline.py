@@ -21,7 +21,20 @@ DIFFUSERS_SCHEDULERS = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "dpmpp_2s_a": ("DPMSolverSinglestepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "ddpm": ("DDPMScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
+# sdrt's TCD uses gamma (eta) 0.3, TCDScheduler.step's default; StableDiffusionPipeline passes its own eta (0.0).
+PIPELINE_KWARGS = {"tcd": {"eta": 0.3}}
 
 
 def diffusers_scheduler(name, config):
@@ -56,6 +69,7 @@ def run_reference(ref, scheduler, **kwargs):
 
 def assert_close(got, expected, what):
     err = np.abs(got - expected).max() / np.abs(expected).max()
+    print(f"{what}: max relative diff {err:.2e}")  # pytest -s shows the measured figures
     assert err <= LATENT_RTOL, f"{what}: max relative diff {err:.2e}"
 
 
@@ -63,9 +77,22 @@ def assert_close(got, expected, what):
 def test_txt2img_equals_diffusers(pipes, scheduler):
     ref, _, ours = pipes
     kwargs = dict(prompt="a photo of a red cat", num_inference_steps=6, guidance_scale=2.0, height=64, width=64, seed=7)
-    expected = run_reference(ref, scheduler, **kwargs)
+    expected = run_reference(ref, scheduler, **kwargs, **PIPELINE_KWARGS.get(scheduler, {}))
     got = ours(**kwargs, scheduler=scheduler, output_type="latent", progress=False).images
     assert_close(got, expected, scheduler)
+
+
+def test_pndm_runge_kutta_equals_diffusers(pipes, monkeypatch):
+    """A model whose PNDM config lacks skip_prk_steps runs diffusers' Runge-Kutta warm-up (n + 9 UNet calls)."""
+    ref, _, ours = pipes
+    config = {k: v for k, v in ours.source.scheduler_config.items() if k != "skip_prk_steps"}
+    monkeypatch.setattr(type(ours.source), "scheduler_config", property(lambda self: config))
+    monkeypatch.setattr(ref, "original_scheduler", diffusers_scheduler("pndm", config))
+    kwargs = dict(prompt="a photo of a red cat", num_inference_steps=5, guidance_scale=2.0, height=64, width=64, seed=7)
+    expected = run_reference(ref, None, **kwargs)
+    assert ref.scheduler.config.skip_prk_steps is False and len(ref.scheduler.timesteps) == 14
+    got = ours(**kwargs, scheduler="pndm", output_type="latent", progress=False).images
+    assert_close(got, expected, "pndm with Runge-Kutta warm-up")
 
 
 def test_negative_prompt_and_model_default_scheduler(pipes):
@@ -76,7 +103,11 @@ def test_negative_prompt_and_model_default_scheduler(pipes):
     assert_close(got, expected, "negative prompt")
 
 
-@pytest.mark.parametrize("scheduler,strength", [("pndm", 0.6), ("euler_a", 0.75), ("dpmpp_2m", 0.5), ("ddim", 1.0)])
+@pytest.mark.parametrize(
+    "scheduler,strength",
+    [("pndm", 0.6), ("euler_a", 0.75), ("dpmpp_2m", 0.5), ("ddim", 1.0), ("heun", 0.6), ("lms", 0.75),
+     ("unipc", 0.6), ("dpmpp_2m_sde", 0.75), ("dpmpp_2s_a", 0.6), ("ddpm", 0.5), ("lcm", 0.75), ("tcd", 0.6)],
+)  # fmt: skip
 def test_img2img_equals_diffusers(pipes, scheduler, strength):
     _, ref_i2i, ours = pipes
     rng = np.random.default_rng(0)
@@ -85,7 +116,7 @@ def test_img2img_equals_diffusers(pipes, scheduler, strength):
 
     image = Image.fromarray(init)
     kwargs = dict(prompt="a dog", num_inference_steps=8, guidance_scale=2.0, strength=strength, seed=11)
-    expected = run_reference(ref_i2i, scheduler, image=image, **kwargs)
+    expected = run_reference(ref_i2i, scheduler, image=image, **kwargs, **PIPELINE_KWARGS.get(scheduler, {}))
     got = ours(**kwargs, image=image, scheduler=scheduler, output_type="latent", progress=False).images
     assert_close(got, expected, f"img2img {scheduler} {strength}")
 

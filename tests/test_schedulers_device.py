@@ -23,6 +23,7 @@ CONFIGS = {
     "sd15": SD15,
     "sd21_v": {**SD15, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"},
     "clip": {**SD15, "clip_sample": True, "clip_sample_range": 1.5},
+    "prk": {**SD15, "skip_prk_steps": False},  # PNDM's Runge-Kutta warm-up (the same as sd15 for the others)
 }
 
 

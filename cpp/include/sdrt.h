@@ -2,7 +2,8 @@
  *
  * It runs the same algorithm as the Python runtime (runtime/pipeline.py): the CLIP tokenizer, the token-embedding
  * lookup, classifier-free guidance with negative prompts, the schedulers (ddim, pndm, euler, euler_a, dpmpp_2m,
- * dpmpp_2m_karras), img2img, and torch's CPU random stream, so the same seed gives the same image as
+ * dpmpp_2m_karras, lms, heun, unipc, dpmpp_2m_sde, dpmpp_2s_a, ddpm, lcm, tcd, Karras/exponential variants), img2img,
+ * and torch's CPU random stream, so the same seed gives the same image as
  * `sdrt generate` on the same export (image k of a batch uses seed + k). Networks run on ONNX Runtime (CPU, or its
  * CUDA / TensorRT providers when the loaded ONNX Runtime has them).
  *
@@ -128,7 +129,9 @@ typedef struct sdrt_gen_params {
                                     other negative values: SDRT_ERR_INVALID_ARGUMENT. (Python's seeds 2^63..2^64-1
                                     give the image of seed % 2^32: torch seeds with the low 32 bits.) */
     const char *scheduler;       /* NULL (default): the export's own; or ddim, pndm, euler, euler_a, dpmpp_2m,
-                                    dpmpp_2m_karras, or a diffusers class name (EulerDiscreteScheduler, ...) */
+                                    dpmpp_2m_karras, lms, heun, unipc, dpmpp_2m_sde, dpmpp_2s_a, ddpm, lcm, tcd (and
+                                    the _karras / _exponential names of runtime/schedulers' SCHEDULER_NAMES), or a
+                                    diffusers class name (EulerDiscreteScheduler, ...) */
     int batch_count;             /* images to make, default 1 */
     const uint8_t *init_image;   /* img2img: RGB, width * height * 3 bytes, already at width x height (sdrt does
                                     not resize; the Python runtime resizes with Lanczos). NULL (default): txt2img */

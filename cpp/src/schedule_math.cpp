@@ -109,6 +109,14 @@ Vec karras_sigmas(const Vec &in_sigmas, int n, const Json *sigma_min, const Json
     return out;
 }
 
+Vec exponential_sigmas(const Vec &in_sigmas, int n, const Json *sigma_min, const Json *sigma_max) {
+    double lo = (sigma_min && !sigma_min->is_null()) ? sigma_min->as_number() : in_sigmas.back();
+    double hi = (sigma_max && !sigma_max->is_null()) ? sigma_max->as_number() : in_sigmas.front();
+    Vec l = np_linspace(std::log(hi), std::log(lo), n), out(l.size());
+    for (size_t i = 0; i < l.size(); ++i) out[i] = std::exp(l[i]);
+    return out;
+}
+
 double sigma_to_t(double sigma, const VecF &log_sigmas) {
     double log_sigma = std::log(std::max(sigma, 1e-10));
     long n = long(log_sigmas.size()), low = 0;

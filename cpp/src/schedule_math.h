@@ -22,6 +22,7 @@ VecF cosine_betas(int n, double max_beta = 0.999);
 VecF rescale_zero_terminal_snr(const VecF &betas);
 VecF train_sigmas(const VecF &alphas_cumprod);
 Vec karras_sigmas(const Vec &in_sigmas, int n, const Json *sigma_min, const Json *sigma_max);
+Vec exponential_sigmas(const Vec &in_sigmas, int n, const Json *sigma_min, const Json *sigma_max);  // log-spaced
 double sigma_to_t(double sigma, const VecF &log_sigmas);
 VecF log_f32(const VecF &x);  // numpy's float32 log (here: log rounded to float32)
 double round_half_even(double x);  // numpy's round / rint

@@ -1,4 +1,4 @@
-// Scheduler base (config resolution, alphas_cumprod, the step contract) and the five schedulers, each a port of
+// Scheduler base (config resolution, alphas_cumprod, the step contract), DDIM and PNDM (PLMS), each a port of
 // its runtime/schedulers/*.py file: make_tables is `_tables`, update is `update`. Read those files for the maths.
 #include "scheduler.h"
 
@@ -10,7 +10,11 @@
 
 namespace sdrt {
 
-const char *const kSchedulerNames[] = {"ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", nullptr};
+const char *const kSchedulerNames[] = {
+    "ddim", "pndm", "euler", "euler_karras", "euler_exponential", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
+    "dpmpp_2m_exponential", "lms", "lms_karras", "lms_exponential", "heun", "heun_karras", "heun_exponential", "unipc",
+    "unipc_karras", "unipc_exponential", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential", "dpmpp_2s_a",
+    "dpmpp_2s_a_karras", "dpmpp_2s_a_exponential", "ddpm", "lcm", "tcd", nullptr};
 
 std::string scheduler_names() {
     std::string s;
@@ -39,7 +43,8 @@ Scheduler::Scheduler(const std::string &name, const Json &defaults, const Json &
     if (!pt.is_string() || (pt.as_string() != "epsilon" && pt.as_string() != "v_prediction"))
         throw model_error("the scheduler config's prediction_type is not supported; sdrt's schedulers take epsilon or v_prediction");
     const Json &sp = cfg("timestep_spacing");
-    if (!sp.is_string() || (sp.as_string() != "leading" && sp.as_string() != "trailing" && sp.as_string() != "linspace"))
+    if (cfg_.count("timestep_spacing") &&  // (DPM singlestep has none)
+        (!sp.is_string() || (sp.as_string() != "leading" && sp.as_string() != "trailing" && sp.as_string() != "linspace")))
         throw model_error("the scheduler config's timestep_spacing is not supported; use one of leading, trailing, linspace");
     num_train_ = int(cfg("num_train_timesteps").as_int());
     if (num_train_ < 2) throw model_error("num_train_timesteps " + std::to_string(num_train_) + " must be at least 2");
@@ -164,22 +169,18 @@ protected:
     }
 };
 
-// --- PNDM (PLMS, skip_prk_steps) -------------------------------------------------------------------------------
+// --- PNDM (PLMS, skip_prk_steps; without it: PNDMRungeKutta in scheduler_traced.cpp) ------------------------------
 
 class PNDM : public Scheduler {
 public:
-    PNDM(const Json &defaults, const Json &config, std::map<std::string, Json> ov)
-        : Scheduler("pndm", defaults, config, with_skip(ov)) {
+    PNDM(const Json &defaults, const Json &config, const std::map<std::string, Json> &ov)
+        : Scheduler("pndm", defaults, config, ov) {
         history_size_ = 4;
         final_alpha_ = flag("set_alpha_to_one") ? 1.0 : double(alphas_cumprod_[0]);
     }
 
 protected:
     double final_alpha_;
-    static std::map<std::string, Json> with_skip(std::map<std::string, Json> ov) {
-        ov.emplace("skip_prk_steps", Json::boolean(true));
-        return ov;
-    }
     SchedulerTables make_tables(int n, int start) override {
         Vec desc = spaced_timesteps(str("timestep_spacing"), n, num_train_, int(num("steps_offset")), true);
         Vec asc(desc.rbegin(), desc.rend()), seq;  // asc[:-1], asc[-2:-1], asc[-1:], then reversed
@@ -239,6 +240,7 @@ std::unique_ptr<Scheduler> detail::make_ddim(const Json &defaults, const Json &c
     return std::unique_ptr<Scheduler>(new DDIM(defaults, config, ov));
 }
 std::unique_ptr<Scheduler> detail::make_pndm(const Json &defaults, const Json &config, const std::map<std::string, Json> &ov) {
+    if (pndm_runs_prk(defaults, config, ov)) return make_traced("pndm_rk", defaults, config, ov);
     return std::unique_ptr<Scheduler>(new PNDM(defaults, config, ov));
 }
 

@@ -1,4 +1,4 @@
-// The five schedulers of runtime/schedulers/, built from a model's scheduler_config.json with diffusers'
+// The schedulers of runtime/schedulers/, built from a model's scheduler_config.json with diffusers'
 // from_config semantics, equal to the Python runtime's step by step. Each class's default config comes from the
 // export's manifest (family.schedulers, written by Python from its classes' DEFAULTS), so Python owns them.
 //
@@ -17,7 +17,7 @@
 
 namespace sdrt {
 
-extern const char *const kSchedulerNames[];  // "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"
+extern const char *const kSchedulerNames[];  // runtime/schedulers' SCHEDULER_NAMES, in its order
 std::string scheduler_names();  // comma-separated, for messages
 
 struct SchedulerTables {
@@ -86,6 +86,11 @@ protected:
 namespace detail {  // the factories of each scheduler file, for Scheduler::create
 std::unique_ptr<Scheduler> make_ddim(const Json &defaults, const Json &config, const std::map<std::string, Json> &overrides);
 std::unique_ptr<Scheduler> make_pndm(const Json &defaults, const Json &config, const std::map<std::string, Json> &overrides);
+// scheduler_traced.cpp: "lms", "heun", "unipc", "dpmpp_2s_a", "ddpm", "lcm", "tcd", "pndm_rk" (nullptr for others)
+std::unique_ptr<Scheduler> make_traced(const std::string &cls, const Json &defaults, const Json &config,
+                                       const std::map<std::string, Json> &overrides);
+// Whether PNDM's resolved config runs the Runge-Kutta warm-up (skip_prk_steps false, diffusers' default).
+bool pndm_runs_prk(const Json &defaults, const Json &config, const std::map<std::string, Json> &overrides);
 }  // namespace detail
 
 }  // namespace sdrt

@@ -1,5 +1,5 @@
-// The sigma-parameterised schedulers (Euler, Euler ancestral, DPM-Solver++ 2M with or without Karras sigmas) and
-// Scheduler::create, the C++ make_scheduler. Ports of runtime/schedulers/{euler,euler_ancestral,dpmpp_2m}.py.
+// The sigma-parameterised schedulers (Euler, Euler ancestral, DPM-Solver++ 2M and 2M SDE, with Karras or exponential
+// sigmas) and Scheduler::create, the C++ make_scheduler. Ports of runtime/schedulers/{euler,euler_ancestral,dpmpp_2m}.py.
 #include <algorithm>
 #include <cmath>
 
@@ -17,13 +17,16 @@ class Euler : public Scheduler {
 public:
     Euler(const Json &defaults, const Json &config, const std::map<std::string, Json> &ov, const char *name = "euler")
         : Scheduler(name, defaults, config, ov) {
-        for (const char *key : {"use_exponential_sigmas", "use_beta_sigmas"})
-            if (flag(key)) throw model_error(std::string(key) + " is not supported by sdrt's " + name_ + "; set it false or use_karras_sigmas");
+        if (flag("use_beta_sigmas")) throw model_error("use_beta_sigmas is not supported by sdrt's " + name_ + "; use Karras or exponential sigmas");
+        if (flag("use_karras_sigmas") && flag("use_exponential_sigmas"))
+            throw model_error("use_karras_sigmas and use_exponential_sigmas exclude each other; set one");
         if (str_or(cfg("interpolation_type"), "linear") != "linear") throw model_error("interpolation_type is not supported; use 'linear'");
         if (str_or(cfg("timestep_type"), "discrete") == "continuous" && str("prediction_type") == "v_prediction")
             throw model_error("timestep_type 'continuous' (log-sigma timesteps) is not supported; use 'discrete'");
         std::string fst = str_or(cfg("final_sigmas_type"), "zero");
         if (fst != "zero" && fst != "sigma_min") throw model_error("final_sigmas_type " + fst + " is unsupported; use zero or sigma_min");
+        if (flag("use_karras_sigmas")) name_ += "_karras";
+        else if (flag("use_exponential_sigmas")) name_ += "_exponential";
         if (flag("rescale_betas_zero_snr")) alphas_cumprod_.back() = 0x1p-24f;
     }
 
@@ -36,6 +39,10 @@ protected:
         for (int i = 0; i < n; ++i) s[i] = np_interp(double(float(ts[i])), train);
         if (flag("use_karras_sigmas")) {
             s = karras_sigmas(s, n, &cfg("sigma_min"), &cfg("sigma_max"));
+            VecF logs = log_f32(train);
+            for (int i = 0; i < n; ++i) ts[i] = sigma_to_t(s[i], logs);
+        } else if (flag("use_exponential_sigmas")) {
+            s = exponential_sigmas(s, n, &cfg("sigma_min"), &cfg("sigma_max"));
             VecF logs = log_f32(train);
             for (int i = 0; i < n; ++i) ts[i] = sigma_to_t(s[i], logs);
         }
@@ -93,24 +100,30 @@ protected:
 
 class DPMPP2M : public Scheduler {
 public:
-    DPMPP2M(const Json &defaults, const Json &config, const std::map<std::string, Json> &ov)
-        : Scheduler("dpmpp_2m", defaults, config, ov) {
+    // sde: DPM++ 2M SDE (algorithm_type "sde-dpmsolver++"), rows gain prev_from_noise.
+    DPMPP2M(const Json &defaults, const Json &config, const std::map<std::string, Json> &ov, bool sde = false)
+        : Scheduler(sde ? "dpmpp_2m_sde" : "dpmpp_2m", defaults, config, ov), sde_(sde) {
         history_size_ = 1;
+        needs_noise_ = sde;
         if (str_or(cfg("algorithm_type"), "") == "deis") cfg_["algorithm_type"] = Json::string("dpmsolver++");
         std::string st = str_or(cfg("solver_type"), "");
         if (st == "logrho" || st == "bh1" || st == "bh2") cfg_["solver_type"] = Json::string("midpoint");
         if (!(cfg("solver_order").is_number() && num("solver_order") == 2))
             throw model_error("solver_order is not supported by sdrt's DPM-Solver++ 2M; it needs 2");
-        if (str_or(cfg("algorithm_type"), "") != "dpmsolver++")
-            throw model_error("algorithm_type is not supported by sdrt's DPM-Solver++ 2M; it needs 'dpmsolver++'");
-        for (const char *key : {"thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "variance_type"})
+        if (flag("use_karras_sigmas") && flag("use_exponential_sigmas"))
+            throw model_error("use_karras_sigmas and use_exponential_sigmas exclude each other; set one");
+        if (str_or(cfg("algorithm_type"), "") != (sde ? "sde-dpmsolver++" : "dpmsolver++"))
+            throw model_error(std::string("algorithm_type is not supported by sdrt's DPM-Solver++ 2M; it needs '") +
+                              (sde ? "sde-dpmsolver++" : "dpmsolver++") + "'");
+        for (const char *key : {"thresholding", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "variance_type"})
             if (flag(key)) throw model_error(std::string(key) + " is not supported by sdrt's DPM-Solver++ 2M; turn it off");
         st = str_or(cfg("solver_type"), "");
         if (st != "midpoint" && st != "heun") throw model_error("solver_type " + st + " is not supported; use 'midpoint' or 'heun'");
         std::string fst = str_or(cfg("final_sigmas_type"), "");
         if (fst != "zero" && fst != "sigma_min") throw model_error("final_sigmas_type " + fst + " is not supported; use 'zero' or 'sigma_min'");
         if (flag("rescale_betas_zero_snr")) alphas_cumprod_.back() = 0x1p-24f;
-        if (flag("use_karras_sigmas")) name_ = "dpmpp_2m_karras";
+        if (flag("use_karras_sigmas")) name_ += "_karras";
+        else if (flag("use_exponential_sigmas")) name_ += "_exponential";
     }
 
 protected:
@@ -148,6 +161,12 @@ protected:
                 double t = sigma_to_t(s[i], logs);
                 ts[i] = long(cosine ? t : round_half_even(t));
             }
+        } else if (flag("use_exponential_sigmas")) {  // timesteps truncated to int64, not rounded, as diffusers
+            Vec flipped(train.rbegin(), train.rend());
+            s = exponential_sigmas(flipped, n, nullptr, nullptr);
+            VecF logs = log_f32(train);
+            ts.assign(s.size(), 0);
+            for (size_t i = 0; i < s.size(); ++i) ts[i] = long(sigma_to_t(s[i], logs));
         } else {
             for (size_t i = 0; i < raw.size(); ++i) ts[i] = long(raw[i]), s[i] = np_interp(double(ts[i]), train);
         }
@@ -174,7 +193,7 @@ protected:
         for (long k = start; k < len; ++k) {
             double x0a = eps ? 1 / alpha[k] : alpha[k], x0b = eps ? -sig[k] / alpha[k] : -sig[k];
             double h = lam[k + 1] - lam[k];
-            double a = alpha[k + 1] * std::expm1(-h);
+            double a = alpha[k + 1] * std::expm1(sde_ ? -2 * h : -h);  // SDE: e^-2h where the ODE has e^-h
             bool final = k == len - 1 && (flag("euler_at_final") || (flag("lower_order_final") && len < 15) ||
                                           str("final_sigmas_type") == "zero");
             double c0, c1;
@@ -185,11 +204,14 @@ protected:
                 if (midpoint) {
                     c0 = -a - 0.5 * a / r, c1 = 0.5 * a / r;
                 } else {
-                    double b = alpha[k + 1] * (std::expm1(-h) / h + 1);
+                    double b = alpha[k + 1] * (sde_ ? std::expm1(-2 * h) / (2 * h) + 1 : std::expm1(-h) / h + 1);
                     c0 = -a + b / r, c1 = -b / r;
                 }
             }
-            t.coefficients.push_back({x0a, x0b, sig[k + 1] / sig[k], c0, c1});
+            if (sde_)
+                t.coefficients.push_back({x0a, x0b, sig[k + 1] / sig[k] * std::exp(-h), c0, c1, sig[k + 1] * std::sqrt(-std::expm1(-2 * h))});
+            else
+                t.coefficients.push_back({x0a, x0b, sig[k + 1] / sig[k], c0, c1});
             float s32 = sigmas32[k];
             float a32 = 1.0f / std::sqrt(s32 * s32 + 1.0f);
             t.noise_coefficients.push_back({double(a32), double(s32 * a32)});
@@ -198,14 +220,16 @@ protected:
         }
         return t;
     }
-    void update(const float *c, float *s, const float *o, std::vector<std::vector<float>> &h, const float *, size_t n) override {
+    void update(const float *c, float *s, const float *o, std::vector<std::vector<float>> &h, const float *noise, size_t n) override {
         float *x0_prev = h[0].data();
         for (size_t k = 0; k < n; ++k) {
             float x0 = s[k] * c[0] + o[k] * c[1];
-            s[k] = s[k] * c[2] + x0 * c[3] + x0_prev[k] * c[4];
+            float prev = s[k] * c[2] + x0 * c[3] + x0_prev[k] * c[4];
+            s[k] = sde_ ? prev + noise[k] * c[5] : prev;
             x0_prev[k] = x0;
         }
     }
+    bool sde_;
 };
 
 }  // namespace
@@ -219,25 +243,52 @@ std::unique_ptr<Scheduler> Scheduler::create(const std::string &name, const Json
                               "; re-export the model with this version's `sdrt export`");
         return it->second;
     };
-    std::map<std::string, Json> dpm = {{"solver_order", Json::number(2)}, {"algorithm_type", Json::string("dpmsolver++")}};
+    // diffusers class name -> the sdrt name whose class (and manifest defaults) it is; as runtime/schedulers' registry.
+    static const std::map<std::string, std::string> classes = {
+        {"DDIMScheduler", "ddim"}, {"PNDMScheduler", "pndm"}, {"EulerDiscreteScheduler", "euler"},
+        {"EulerAncestralDiscreteScheduler", "euler_a"}, {"DPMSolverMultistepScheduler", "dpmpp_2m"},
+        {"DPMSolverSinglestepScheduler", "dpmpp_2s_a"}, {"LMSDiscreteScheduler", "lms"}, {"HeunDiscreteScheduler", "heun"},
+        {"UniPCMultistepScheduler", "unipc"}, {"DDPMScheduler", "ddpm"}, {"LCMScheduler", "lcm"}, {"TCDScheduler", "tcd"}};
     std::string n = name;
+    bool own_class = false;  // a class name keeps all of the config's settings; an sdrt name forces its sigmas
     if (n.empty()) {
         const Json *cls = config.find("_class_name");
-        std::string c = cls && cls->is_string() ? cls->as_string() : "";
-        n = c == "DDIMScheduler" || c == "PNDMScheduler" || c == "EulerDiscreteScheduler" ||
-                    c == "EulerAncestralDiscreteScheduler" || c == "DPMSolverMultistepScheduler"
-                ? c : family.default_name;  // a class sdrt lacks: the family's default scheduler
+        n = cls && cls->is_string() ? cls->as_string() : "";
+        if (!classes.count(n)) n = family.default_name;  // a class sdrt lacks: the family's default scheduler
     }
-    if (n == "ddim" || n == "DDIMScheduler") return detail::make_ddim(defaults("ddim"), config, {});
-    if (n == "pndm" || n == "PNDMScheduler") return detail::make_pndm(defaults("pndm"), config, {});
-    if (n == "euler" || n == "EulerDiscreteScheduler") return std::unique_ptr<Scheduler>(new Euler(defaults("euler"), config, {}));
-    if (n == "euler_a" || n == "EulerAncestralDiscreteScheduler")
-        return std::unique_ptr<Scheduler>(new EulerAncestral(defaults("euler_a"), config, {}));
-    if (n == "DPMSolverMultistepScheduler") return std::unique_ptr<Scheduler>(new DPMPP2M(defaults("dpmpp_2m"), config, {}));
-    if (n == "dpmpp_2m" || n == "dpmpp_2m_karras") {
-        dpm["use_karras_sigmas"] = Json::boolean(n == "dpmpp_2m_karras");
-        return std::unique_ptr<Scheduler>(new DPMPP2M(defaults("dpmpp_2m"), config, dpm));
+    if (auto it = classes.find(n); it != classes.end()) n = it->second, own_class = true;
+    // sdrt name = base + "" / "_karras" / "_exponential"
+    std::string base = n, sigmas;
+    for (const char *suffix : {"_karras", "_exponential"}) {
+        size_t len = std::char_traits<char>::length(suffix);
+        if (base.size() > len && base.compare(base.size() - len, len, suffix) == 0) base.resize(base.size() - len), sigmas = suffix + 1;
     }
+    std::map<std::string, Json> ov;
+    if (!own_class && base != "ddim" && base != "pndm" && base != "euler_a" && base != "ddpm" && base != "lcm" && base != "tcd") {
+        ov["use_karras_sigmas"] = Json::boolean(sigmas == "karras");
+        ov["use_exponential_sigmas"] = Json::boolean(sigmas == "exponential");
+    }
+    bool known = false;
+    for (int i = 0; kSchedulerNames[i]; ++i) known = known || n == kSchedulerNames[i];
+    if (!known) throw input_error("unknown scheduler \"" + name + "\"; choose one of " + scheduler_names());
+    if (base == "ddim") return detail::make_ddim(defaults("ddim"), config, ov);
+    if (base == "pndm") return detail::make_pndm(defaults("pndm"), config, ov);
+    if (base == "euler") return std::unique_ptr<Scheduler>(new Euler(defaults("euler"), config, ov));
+    if (base == "euler_a") return std::unique_ptr<Scheduler>(new EulerAncestral(defaults("euler_a"), config, ov));
+    if (base == "dpmpp_2m" || base == "dpmpp_2m_sde") {
+        bool sde = base == "dpmpp_2m_sde";
+        if (own_class) {  // DPMSolverMultistepScheduler: the config's algorithm decides ODE or SDE
+            const Json *alg = config.find("algorithm_type");
+            sde = alg && alg->is_string() && alg->as_string() == "sde-dpmsolver++";
+        } else {
+            ov["solver_order"] = Json::number(2);
+            ov["algorithm_type"] = Json::string(sde ? "sde-dpmsolver++" : "dpmsolver++");
+        }
+        return std::unique_ptr<Scheduler>(new DPMPP2M(defaults("dpmpp_2m"), config, ov, sde));
+    }
+    if (base == "dpmpp_2s_a" && !own_class) ov["solver_order"] = Json::number(2), ov["algorithm_type"] = Json::string("sde-dpmsolver++");
+    if (base == "unipc" && !own_class) ov["solver_type"] = Json::string("bh2"), ov["predict_x0"] = Json::boolean(true);
+    if (auto s = detail::make_traced(base, defaults(base.c_str()), config, ov)) return s;
     throw input_error("unknown scheduler \"" + name + "\"; choose one of " + scheduler_names());
 }
 

@@ -71,10 +71,28 @@ CONFIGS = {
                            "final_sigmas_type": "sigma_min", "lower_order_final": False, "timestep_spacing": "trailing"},
     "dpm_leading_defaults": {**SD15, "_class_name": "DPMSolverMultistepScheduler", "timestep_spacing": "leading",
                              "_use_default_values": ["steps_offset"]},
-    "lms_fallback": {**SD15, "_class_name": "LMSDiscreteScheduler"},
-    "unsupported": {**SD15, "_class_name": "EulerDiscreteScheduler", "use_exponential_sigmas": True},
+    "kdpm2_fallback": {**SD15, "_class_name": "KDPM2DiscreteScheduler"},
+    "unsupported": {**SD15, "_class_name": "EulerDiscreteScheduler", "use_beta_sigmas": True},
+    # The samplers of issue #20 from their own classes' configs, and PNDM's Runge-Kutta warm-up.
+    "pndm_prk": {k: v for k, v in SD15.items() if k != "skip_prk_steps"},
+    "lms_karras_v": {**SD21V, "_class_name": "LMSDiscreteScheduler", "use_karras_sigmas": True},
+    "heun_clip_exponential": {**SD15, "_class_name": "HeunDiscreteScheduler", "clip_sample": True,
+                              "use_exponential_sigmas": True, "timestep_spacing": "trailing"},
+    "unipc_order3_bh1": {**SD15, "_class_name": "UniPCMultistepScheduler", "solver_order": 3, "solver_type": "bh1",
+                         "disable_corrector": [1], "timestep_spacing": "leading"},
+    "unipc_noise_karras_v": {**SD21V, "_class_name": "UniPCMultistepScheduler", "predict_x0": False,
+                             "use_karras_sigmas": True, "final_sigmas_type": "sigma_min"},
+    "dpm_sde": {**SD15, "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"},
+    "dpm_singlestep_heun": {**SD21V, "_class_name": "DPMSolverSinglestepScheduler", "solver_type": "heun",
+                            "algorithm_type": "sde-dpmsolver++", "final_sigmas_type": "sigma_min"},
+    "ddpm_clip_large": {**SD15, "_class_name": "DDPMScheduler", "clip_sample": True, "variance_type": "fixed_large"},
+    "lcm_clip_v": {**SD21V, "_class_name": "LCMScheduler", "clip_sample": True, "original_inference_steps": 40},
+    "tcd": {**SD15, "_class_name": "TCDScheduler"},
 }
-NAMES = [None, "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"]
+NAMES = [None, "ddim", "pndm", "euler", "euler_karras", "euler_exponential", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
+         "dpmpp_2m_exponential", "lms", "lms_karras", "lms_exponential", "heun", "heun_karras", "heun_exponential",
+         "unipc", "unipc_karras", "unipc_exponential", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential",
+         "dpmpp_2s_a", "dpmpp_2s_a_karras", "dpmpp_2s_a_exponential", "ddpm", "lcm", "tcd"]
 STEPS = [1, 2, 4, 7, 20, 50]
 TRAJECTORIES = [(4, 1.0), (20, 1.0), (20, 0.6), (7, 0.5)]
 N = 64  # trajectory sample size
@@ -211,6 +229,15 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
             ("img2img_euler_a_batch", "a city at night", "fog", 6, 1.5, 6, "euler_a", size, size, 2, 0.5, True),
             ("dpmpp_2m", "a bowl of fruit", "", 7, 1.5, 7, "dpmpp_2m", size, size, 1, 0.0, False),
             ("big_seed", "a red barn", "", 4, 1.5, 2**32 + 5, "euler_a", size, size, 2, 0.0, False),  # past 32 bits
+            # issue #20's samplers: Heun's 2n - 1 UNet calls, per-step noise (SDE, ancestral, DDPM, LCM, TCD), UniPC
+            ("heun", "a cat on a sofa", "", 4, 1.5, 8, "heun", size, size, 1, 0.0, False),
+            ("dpmpp_2m_sde_batch", "a forest", "dark", 5, 1.5, 9, "dpmpp_2m_sde_karras", size, size, 2, 0.0, False),
+            ("img2img_dpmpp_2s_a", "a harbour", "", 6, 1.5, 10, "dpmpp_2s_a", size, size, 1, 0.6, True),
+            ("unipc", "a desert road", "", 5, 2.0, 11, "unipc", size, size, 1, 0.0, False),
+            ("lms", "a red apple", "", 4, 1.5, 12, "lms", size, size, 1, 0.0, False),
+            ("ddpm_batch", "a blue car", "", 5, 1.5, 13, "ddpm", size, size, 2, 0.0, False),
+            ("lcm", "a green bird", "", 4, 1.0, 14, "lcm", size, size, 1, 0.0, False),
+            ("tcd_batch", "a yellow flower", "", 4, 1.5, 15, "tcd", size, size, 2, 0.0, False),
         ]
         for name, prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, img2img in cases:
             init = test_image(w, h) if img2img else None

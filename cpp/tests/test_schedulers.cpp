@@ -1,5 +1,7 @@
-// Every C++ scheduler against the Python runtime's, for many configs (SD 1.5, SD 2.1 v, zero-SNR, cosine,
-// Karras, DPM heun/sigma_min, from_config defaults, unknown classes, unsupported settings), names, step counts and
+// Every C++ scheduler against the Python runtime's, for many configs (SD 1.5, SD 2.1 v, zero-SNR, cosine, Karras and
+// exponential sigmas, DPM heun/sigma_min, from_config defaults, unknown classes, unsupported settings, and the
+// configs of issue #20's samplers: LMS, Heun, UniPC, DPM++ 2M SDE / 2S a, DDPM, LCM, TCD, PNDM's Runge-Kutta
+// warm-up), names, step counts and
 // img2img strengths: the same errors, the same tables (timesteps, coefficients, input scales, add_noise
 // coefficients, init_noise_sigma), and the same samples after every step of a trajectory.
 #include <algorithm>

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from sdrt.backends.base import Backend
 from sdrt.backends.onnx_binding import BatchSplitter, CudaBinding, run_cpu
 from sdrt.backends.onnx_providers import ROUTES, check_route_available, ort_install_problem, route_for
-from sdrt.backends.onnx_sessions import Sessions
+from sdrt.backends.onnx_sessions import SPECIALIZED_PER_NETWORK, Sessions
 from sdrt.errors import BackendError, InputError
 from sdrt.model.manifest import Manifest
 
@@ -43,13 +43,15 @@ class OnnxBackend(Backend):
         static_shapes: bool | None = None,
         batch_parallel: bool | None = None,
         route: str | None = None,
+        shape_sessions: int = SPECIALIZED_PER_NETWORK,
     ):
         """route: "auto", "cuda", "tensorrt" or "cpu" (sdrt.backends.onnx_providers); a GPU route whose provider is
         missing is a BackendError. providers: ORT provider names, the older way to say a route.
         threads: intra-op threads (default: ORT's, one per physical core). fusions: apply ORT's SD fusions
         when a session runs on CUDA. static_shapes: a session per input shape with the shapes fixed (None: on
         CPU, for networks whose weights are under SMALL_NETWORK_BYTES). batch_parallel: run a small network's
-        batch in `threads` parts at once, one single-threaded run each (None: on, on CPU)."""
+        batch in `threads` parts at once, one single-threaded run each (None: on, on CPU). shape_sessions: input
+        shapes kept per static network (a server whose batches vary in size keeps one per batch size it runs)."""
         super().__init__(manifest.contracts)
         if route is not None and providers:
             raise InputError("pass route or providers, not both")
@@ -59,7 +61,8 @@ class OnnxBackend(Backend):
         check_route_available(route)
         self.path, self.manifest, self.route = Path(path), manifest, route
         self.threads, self.device_id = threads, device_id
-        self.sessions_set = Sessions(self.path, manifest, route, device_id, threads, optimized_cache, fusions, static_shapes)
+        self.sessions_set = Sessions(self.path, manifest, route, device_id, threads, optimized_cache, fusions, static_shapes,
+                                     shape_sessions)
         self.sessions = self.sessions_set.sessions
         self.notes = self.sessions_set.notes
         problem = ort_install_problem() if route == "auto" else None

@@ -96,7 +96,8 @@ class Sessions:
     """The sessions of one export on one route: `sessions[network]`, and `for_shapes(network, dims)`."""
 
     def __init__(self, path: Path, manifest: Manifest, route: str, device_id: int = 0, threads: int | None = None,
-                 optimized_cache: bool = True, fusions: bool = True, static_shapes: bool | None = None):  # fmt: skip
+                 optimized_cache: bool = True, fusions: bool = True, static_shapes: bool | None = None,
+                 shape_sessions: int = SPECIALIZED_PER_NETWORK):  # fmt: skip
         self.path, self.manifest, self.route = Path(path), manifest, route
         self.contracts = manifest.contracts
         self.device_id, self.threads = device_id, threads
@@ -114,6 +115,7 @@ class Sessions:
             and not self.contracts[n].lora_slots  # a session per LoRA rank would make every switch a session load
         }  # fmt: skip
         self.specialized: dict[str, dict[tuple, ort.InferenceSession]] = {n: {} for n in self.static_networks}
+        self.shape_sessions = max(1, shape_sessions)  # shapes kept per static network
         self.symbols = {  # the named (dynamic) input dims of each static network
             n: sorted({d for spec in self.contracts[n].inputs for d in spec.shape if isinstance(d, str)}) for n in self.static_networks
         }  # fmt: skip
@@ -252,7 +254,7 @@ class Sessions:
             for symbol, value in key:
                 options.add_free_dimension_override_by_name(symbol, value)
             session = self.session(self.path / self.manifest.networks[network]["file"], options, network)
-            if len(cache) >= SPECIALIZED_PER_NETWORK:
+            if len(cache) >= self.shape_sessions:
                 cache.pop(next(iter(cache)))
         cache[key] = session  # most recently used last
         return session

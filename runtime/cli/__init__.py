@@ -4,6 +4,7 @@
     sdrt generate "a fox" -m path/to/sd15 -o fox.png --steps 30 --seed 42
     sdrt info path/to/sd15                                   # what a model folder holds, what can run it here
     sdrt export path/to/sd15 out/sd15-onnx [--fp16]          # ONNX export (needs torch)
+    sdrt serve [MODEL ...] [--port 7860]                     # HTTP: A1111 + OpenAI images APIs, async jobs
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sdrt.cli import bench, build, export, generate, info
+from sdrt.cli import bench, build, export, generate, info, serve
 from sdrt.errors import SdrtError
 
 
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (generate, info, export, build, bench):
+    for command in (generate, info, export, build, bench, serve):
         command.add_parser(sub)
     return parser
 

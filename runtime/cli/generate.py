@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed; the same seed gives diffusers' image (default: random)")
     p.add_argument("-W", "--width", type=int, default=None, help="image width, a multiple of the model's size step (default: the model's)")
     p.add_argument("-H", "--height", type=int, default=None, help="image height (default: the model's)")
-    p.add_argument("--scheduler", default=None, help="ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras (default: the model's own)")
+    p.add_argument("--scheduler", default=None, help="one of sdrt.schedulers.SCHEDULER_NAMES: ddim, pndm, euler(_karras), euler_a, dpmpp_2m(_karras), lms, heun, unipc, dpmpp_2m_sde(_karras), dpmpp_2s_a, ddpm, lcm, tcd, ... (default: the model's own)")
     p.add_argument("--image", default=None, help="init image for img2img")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image, (0, 1] (default: %(default)s)")
     p.add_argument("--backend", default="auto", choices=("auto", "onnx", "torch", "tensorrt"), help="which runtime runs the networks (default: the fastest the model folder allows)")

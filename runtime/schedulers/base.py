@@ -2,8 +2,9 @@
 
 A scheduler step is a linear combination of a few arrays with per-step scalars. `set_timesteps` computes
 those scalars on the host (float64) into `coefficients[num_calls, K]`, so one `update` function runs the step
-on numpy arrays, on torch device tensors, inside a CUDA graph (the row then lives in a device buffer) and,
-later, in C++. `update` uses only `+ - *` on the arrays (plus one optional clamp), never a numpy call.
+on numpy arrays, on torch device tensors, inside a CUDA graph (the row then lives in a device buffer) and in
+C++. `update` uses only `+ - *` on the arrays (plus one optional clamp), never a numpy call. Schedulers whose
+step is more involved build their rows by tracing diffusers' step on symbolic arrays (traced.py).
 
 The schedule tables (betas, alphas_cumprod, sigmas) are built in float32 exactly as diffusers 0.42.1 builds
 them with torch, so timesteps match bit for bit and the coefficients differ from diffusers' float32 scalars
@@ -109,6 +110,24 @@ def karras_sigmas(in_sigmas: np.ndarray, n: int, sigma_min=None, sigma_max=None)
     return (hi ** (1 / 7.0) + ramp * (lo ** (1 / 7.0) - hi ** (1 / 7.0))) ** 7.0
 
 
+def exponential_sigmas(in_sigmas: np.ndarray, n: int, sigma_min=None, sigma_max=None) -> np.ndarray:
+    """Sigmas evenly spaced in log between the schedule's ends, as diffusers' _convert_to_exponential."""
+    lo = sigma_min if sigma_min is not None else in_sigmas[-1].item()
+    hi = sigma_max if sigma_max is not None else in_sigmas[0].item()
+    return np.exp(np.linspace(math.log(hi), math.log(lo), n))
+
+
+def alpha_sigma_lambda(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The DPM-Solver family's alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t) from k-diffusion sigmas (float64);
+    a final sigma of 0 gives lambda = inf (and e^-h = 0 in the solvers), as intended."""
+    s = np.asarray(sigmas, np.float64)
+    alpha = 1 / np.sqrt(s * s + 1)
+    sig = s * alpha
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sig)
+    return alpha, sig, lam
+
+
 def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
     """The fractional training timestep of a sigma, interpolated in log-sigma (diffusers' _sigma_to_t)."""
     log_sigma = np.log(np.maximum(sigma, 1e-10))
@@ -175,7 +194,7 @@ class Scheduler:
                 f"prediction_type {cfg.get('prediction_type')!r} is not supported; sdrt's schedulers take "
                 f"{' or '.join(PREDICTION_TYPES)}"
             )
-        if cfg.get("timestep_spacing") not in SPACINGS:
+        if "timestep_spacing" in cfg and cfg["timestep_spacing"] not in SPACINGS:  # (DPM singlestep has none)
             raise ModelError(
                 f"timestep_spacing {cfg.get('timestep_spacing')!r} is not supported; use one of {', '.join(SPACINGS)}"
             )

@@ -1,5 +1,6 @@
 """DPM-Solver++ 2M (Lu et al. 2022), equal to diffusers' DPMSolverMultistepScheduler (solver_order=2,
-algorithm_type="dpmsolver++"), with or without Karras sigmas.
+algorithm_type="dpmsolver++"), with Karras, exponential or the config's sigmas; `DPMPP2MSDE` below is the
+"sde-dpmsolver++" variant (DPM++ 2M SDE).
 
 Noise level sigma gives alpha = 1/sqrt(sigma^2 + 1), sigma_t = sigma * alpha, lambda = log(alpha / sigma_t),
 h = lambda_next - lambda. history = (x0_prev,), the previous call's data prediction.
@@ -15,13 +16,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdrt.errors import ModelError
-from sdrt.schedulers.base import F32, Scheduler, Tables, karras_sigmas, sigma_to_t, train_sigmas
+from sdrt.errors import InputError, ModelError
+from sdrt.schedulers.base import (
+    F32, Scheduler, Tables, alpha_sigma_lambda, exponential_sigmas, karras_sigmas, sigma_to_t, train_sigmas,
+)
 
 
 # Settings that would make a different solver; sdrt refuses them rather than run something else.
-REQUIRED = dict(solver_order=2, algorithm_type="dpmsolver++", thresholding=None, use_exponential_sigmas=None,
-                use_beta_sigmas=None, use_lu_lambdas=None, use_flow_sigmas=None, variance_type=None)  # fmt: skip
+REQUIRED = dict(solver_order=2, algorithm_type="dpmsolver++", thresholding=None, use_beta_sigmas=None,
+                use_lu_lambdas=None, use_flow_sigmas=None, variance_type=None)  # fmt: skip
 
 
 class DPMPP2M(Scheduler):
@@ -37,6 +40,8 @@ class DPMPP2M(Scheduler):
     )  # fmt: skip
     coefficient_names = ("x0_from_sample", "x0_from_output", "prev_from_sample", "prev_from_x0", "prev_from_x0_prev")
     history_size = 1
+    required = REQUIRED
+    sde = False
 
     def __init__(self, config: dict, **overrides):
         super().__init__(config, **overrides)
@@ -45,7 +50,9 @@ class DPMPP2M(Scheduler):
             cfg["algorithm_type"] = "dpmsolver++"
         if cfg["solver_type"] in ("logrho", "bh1", "bh2"):  # and these to midpoint
             cfg["solver_type"] = "midpoint"
-        for key, needed in REQUIRED.items():
+        if cfg["use_karras_sigmas"] and cfg["use_exponential_sigmas"]:
+            raise ModelError("use_karras_sigmas and use_exponential_sigmas exclude each other; set one")
+        for key, needed in self.required.items():
             if (cfg[key] or None) != needed:  # False and None both mean "off"
                 fix = "turn it off" if needed is None else f"it needs {needed!r}"
                 raise ModelError(f"{key}={cfg[key]!r} is not supported by sdrt's DPM-Solver++ 2M; {fix}")
@@ -55,7 +62,9 @@ class DPMPP2M(Scheduler):
         if cfg["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2**-24
         if cfg["use_karras_sigmas"]:
-            self.name = "dpmpp_2m_karras"
+            self.name = f"{self.name}_karras"
+        elif cfg["use_exponential_sigmas"]:
+            self.name = f"{self.name}_exponential"
 
     def _sigmas(self, n: int):
         """Integer timesteps [n] and float32 sigmas [n + 1], as diffusers' set_timesteps."""
@@ -75,6 +84,9 @@ class DPMPP2M(Scheduler):
             sigmas = karras_sigmas(np.flip(train).copy(), n)
             ts = np.array([sigma_to_t(s, np.log(train)) for s in sigmas])
             ts = (ts if cfg["beta_schedule"] == "squaredcos_cap_v2" else ts.round()).astype(np.int64)
+        elif cfg["use_exponential_sigmas"]:  # timesteps truncated to int64, not rounded, as diffusers
+            sigmas = exponential_sigmas(np.flip(train).copy(), n)
+            ts = np.array([sigma_to_t(s, np.log(train)) for s in sigmas]).astype(np.int64)
         else:
             sigmas = np.interp(ts, np.arange(len(train)), train)
         final = train[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
@@ -84,10 +96,7 @@ class DPMPP2M(Scheduler):
         cfg = self.config
         ts, sigmas = self._sigmas(n)
         s = sigmas.astype(np.float64)
-        alpha = 1 / np.sqrt(s * s + 1)
-        sig = s * alpha
-        with np.errstate(divide="ignore"):  # the final sigma 0 gives lambda = inf and e^-h = 0, as intended
-            lam = np.log(alpha) - np.log(sig)
+        alpha, sig, lam = alpha_sigma_lambda(s)
         rows = []
         for k in range(start, len(ts)):
             if cfg["prediction_type"] == "epsilon":
@@ -95,7 +104,8 @@ class DPMPP2M(Scheduler):
             else:
                 x0_coefs = (alpha[k], -sig[k])
             h = lam[k + 1] - lam[k]
-            a = alpha[k + 1] * np.expm1(-h)  # alpha_next (e^-h - 1)
+            # ODE: alpha_next (e^-h - 1); SDE (sde-dpmsolver++): alpha_next (e^-2h - 1), the same formulas after
+            a = alpha[k + 1] * np.expm1(-2 * h if self.sde else -h)
             final = k == len(ts) - 1 and (
                 cfg["euler_at_final"]
                 or (cfg["lower_order_final"] and len(ts) < 15)
@@ -108,9 +118,12 @@ class DPMPP2M(Scheduler):
                 if cfg["solver_type"] == "midpoint":
                     c0, c1 = -a - 0.5 * a / r, 0.5 * a / r
                 else:  # heun
-                    b = alpha[k + 1] * (np.expm1(-h) / h + 1)
+                    b = alpha[k + 1] * (np.expm1(-2 * h) / (2 * h) + 1 if self.sde else np.expm1(-h) / h + 1)
                     c0, c1 = -a + b / r, -b / r
-            rows.append((*x0_coefs, sig[k + 1] / sig[k], c0, c1))
+            if self.sde:  # sigma_next/sigma e^-h x + ... + sigma_next sqrt(1 - e^-2h) noise
+                rows.append((*x0_coefs, sig[k + 1] / sig[k] * np.exp(-h), c0, c1, sig[k + 1] * np.sqrt(-np.expm1(-2 * h))))
+            else:
+                rows.append((*x0_coefs, sig[k + 1] / sig[k], c0, c1))
         # add_noise in float32, as diffusers: alpha * original + sigma_t * noise.
         s32 = sigmas[start:-1]
         a32 = F32(1) / np.sqrt(s32 * s32 + F32(1))
@@ -118,7 +131,27 @@ class DPMPP2M(Scheduler):
         return Tables(ts[start:].astype(F32), np.array(rows, np.float64), np.ones(len(s32)), noise, 1.0)
 
     def update(self, coefs, sample, model_output, history, noise=None, clip=None):
-        """(prev_sample, (x0,)) from one row of `coefficients`; arithmetic only."""
+        """(prev_sample, (x0,)) from one row of `coefficients` (and this step's noise for the SDE); arithmetic only."""
         (x0_prev,) = history
         x0 = sample * coefs[0] + model_output * coefs[1]
-        return sample * coefs[2] + x0 * coefs[3] + x0_prev * coefs[4], (x0,)
+        prev = sample * coefs[2] + x0 * coefs[3] + x0_prev * coefs[4]
+        if self.sde:
+            if noise is None:
+                raise InputError(f"{self.name} adds fresh noise each step; pass noise shaped like the sample")
+            prev = prev + noise * coefs[5]
+        return prev, (x0,)
+
+
+class DPMPP2MSDE(DPMPP2M):
+    """DPM-Solver++ 2M SDE: DPMSolverMultistepScheduler with algorithm_type "sde-dpmsolver++", given the same noise.
+
+    diffusers draws plain randn noise each step with the pipeline's generator (k-diffusion's version uses a
+    Brownian tree; sdrt matches diffusers). Rows gain prev_from_noise = sigma_next sqrt(1 - e^-2h); the sample
+    coefficient is sigma_next/sigma e^-h and e^-h becomes e^-2h in the x0 terms.
+    """
+
+    name = "dpmpp_2m_sde"
+    coefficient_names = DPMPP2M.coefficient_names + ("prev_from_noise",)
+    required = {**REQUIRED, "algorithm_type": "sde-dpmsolver++"}
+    sde = True
+    needs_noise = True

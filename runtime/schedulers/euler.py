@@ -15,7 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from sdrt.errors import ModelError
-from sdrt.schedulers.base import F32, Scheduler, Tables, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
+from sdrt.schedulers.base import (
+    F32, Scheduler, Tables, exponential_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas,
+)  # fmt: skip
 
 
 class Euler(Scheduler):
@@ -31,15 +33,20 @@ class Euler(Scheduler):
     def __init__(self, config: dict, **overrides):
         super().__init__(config, **overrides)
         cfg = self.config
-        for key in ("use_exponential_sigmas", "use_beta_sigmas"):
-            if cfg.get(key):
-                raise ModelError(f"{key} is not supported by sdrt's {self.name}; set it false or use_karras_sigmas")
+        if cfg.get("use_beta_sigmas"):
+            raise ModelError(f"use_beta_sigmas is not supported by sdrt's {self.name}; use Karras or exponential sigmas")
+        if cfg.get("use_karras_sigmas") and cfg.get("use_exponential_sigmas"):
+            raise ModelError("use_karras_sigmas and use_exponential_sigmas exclude each other; set one")
         if cfg.get("interpolation_type", "linear") != "linear":
             raise ModelError(f"interpolation_type {cfg['interpolation_type']!r} is not supported; use 'linear'")
         if cfg.get("timestep_type") == "continuous" and cfg["prediction_type"] == "v_prediction":
             raise ModelError("timestep_type 'continuous' (log-sigma timesteps) is not supported; use 'discrete'")
         if cfg.get("final_sigmas_type", "zero") not in ("zero", "sigma_min"):
             raise ModelError(f"final_sigmas_type {cfg['final_sigmas_type']!r} is unsupported; use zero or sigma_min")
+        if cfg.get("use_karras_sigmas"):
+            self.name = f"{self.name}_karras"
+        elif cfg.get("use_exponential_sigmas"):
+            self.name = f"{self.name}_exponential"
         if cfg.get("rescale_betas_zero_snr"):
             self.alphas_cumprod[-1] = 2**-24  # as diffusers: a tiny alpha instead of zero, so sigma stays finite
 
@@ -53,6 +60,9 @@ class Euler(Scheduler):
         sigmas = np.interp(timesteps, np.arange(len(train)), train)
         if cfg.get("use_karras_sigmas"):
             sigmas = karras_sigmas(sigmas, n, cfg.get("sigma_min"), cfg.get("sigma_max"))
+            timesteps = np.array([sigma_to_t(s, np.log(train)) for s in sigmas])
+        elif cfg.get("use_exponential_sigmas"):
+            sigmas = exponential_sigmas(sigmas, n, cfg.get("sigma_min"), cfg.get("sigma_max"))
             timesteps = np.array([sigma_to_t(s, np.log(train)) for s in sigmas])
         last = train[0] if cfg.get("final_sigmas_type") == "sigma_min" else 0.0
         return timesteps.astype(F32), np.concatenate([sigmas, [last]]).astype(F32)

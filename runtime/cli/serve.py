@@ -1,0 +1,75 @@
+"""`sdrt serve`: argparse only; sdrt.serve (FastAPI, uvicorn) is imported when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+EPILOG_SERVE = """examples:
+  sdrt serve                                        the built-in digits model on 127.0.0.1:7860
+  sdrt serve ~/models/sd15 --max-batch 4            one model (named after its folder)
+  sdrt serve --model sd15=~/models/sd15 --model dreamshaper=~/models/ds8 --api-key $KEY
+APIs: AUTOMATIC1111 (/sdapi/v1/txt2img, ...), OpenAI images (/v1/images/generations, /edits), async jobs
+(/v1/jobs, with Server-Sent Events); /healthz, /readyz, /metrics, /docs.
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve models over HTTP (A1111 and OpenAI APIs, async jobs)",
+                       description="Serve Stable Diffusion over HTTP with requests batched across clients.",
+                       epilog=EPILOG_SERVE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="*", metavar="MODEL", help="model folders or sdrt exports (default: the built-in digits model)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="a model under a name of your choosing (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; others warn without --api-key)")
+    p.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    p.add_argument("--backend", default="onnx", choices=("auto", "onnx", "torch", "tensorrt"), help="(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
+    p.add_argument("--max-batch", type=int, default=8, help="most images in one batched UNet call; 1 turns batching off (default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="longest wait for company when busy (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting per model before 429 (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request before 504 (default: %(default)s)")
+    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to finish work after SIGTERM (default: %(default)s)")
+    p.add_argument("--api-key", default=os.environ.get("SDRT_API_KEY"), help="require `Authorization: Bearer KEY` (default: $SDRT_API_KEY)")
+    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="allow browser calls from ORIGIN (repeatable; default: none)")
+    p.add_argument("--max-pixels", type=int, default=None, help="pixels per image (default: 4x the model's default area)")
+    p.add_argument("--max-steps", type=int, default=150, help="(default: %(default)s)")
+    p.add_argument("--max-images", type=int, default=8, help="images per request (default: %(default)s)")
+    p.add_argument("--max-prompt-chars", type=int, default=2000, help="(default: %(default)s)")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (default: %(default)s)")
+    p.add_argument("--quick-start", action="store_true", help="warm batch size 1 only: ready sooner, the first batch of each other size pays its setup")
+    p.add_argument("--preview-every", type=int, default=5, help="steps between previews in job events (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_serve)
+
+
+def model_table(paths: list[str], named: list[str]) -> dict:
+    """{name: path}; names from --model NAME=PATH, else from the folder; no models: the built-in one."""
+    from sdrt.errors import InputError
+
+    models: dict = {}
+    for path in paths:
+        models[Path(path).expanduser().resolve().name.removesuffix(".safetensors")] = str(Path(path).expanduser())
+    for spec in named:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--model {spec!r} is not NAME=PATH")
+        models[name] = str(Path(path).expanduser())
+    return models or {"digits": None}
+
+
+def cmd_serve(args) -> int:
+    try:
+        from sdrt.serve.batcher import Limits
+        from sdrt.serve.server import ServeConfig, serve
+    except ImportError as err:
+        from sdrt.errors import SdrtError
+
+        raise SdrtError(f"sdrt serve needs the serve extra ({err.name} is missing): pip install 'sdrt[serve]'") from None
+    limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images,
+                    max_prompt_chars=args.max_prompt_chars, max_body_bytes=int(args.max_body_mb * 2**20))
+    config = ServeConfig(models=model_table(args.models, args.model), backend=args.backend, threads=args.threads,
+                         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                         timeout=args.timeout, drain_timeout=args.drain_timeout, preview_every=args.preview_every,
+                         warm_all_batches=not args.quick_start, api_key=args.api_key or None, cors=args.cors, limits=limits)
+    return serve(config, host=args.host, port=args.port, log_level=args.log_level)

@@ -25,14 +25,16 @@ import sdrt  # noqa: E402
 from serve_util import free_port, png_pixels, wait_for  # noqa: E402
 
 RAY = str(Path(sys.executable).with_name("ray"))
-# A test cluster on 127.0.0.1 only: no token (Ray 2.60's `ray start --head` otherwise wants one on every node).
+# A test cluster on 127.0.0.1 only (Ray's single-machine mode keeps 127.0.0.1 as the node address), without a
+# token (Ray 2.60's `ray start --head` otherwise wants one on every node).
 os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 STEPS = 6
 RAY_PROCESSES = "raylet|gcs_server|ServeReplica|ServeController"
 
 
 def ray_cli(*args, check=True, timeout=120):
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     return subprocess.run([RAY, *args], env=env, check=check, timeout=timeout, capture_output=True, text=True)
 
 
@@ -175,6 +177,17 @@ def test_replicas_on_both_nodes_serve(url):
     assert all(a.status_code == 200 for a in answers)
     served = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith("sdrt_replica_requests_total")]
     assert len({line.split('node="')[1][:12] for line in served}) == 2, served  # both nodes answered requests
+
+
+def test_everything_listens_on_loopback(url):
+    import psutil
+
+    def is_ray(cmd: str) -> bool:
+        return cmd.startswith("ray::") or "site-packages/ray/" in cmd
+
+    ray_pids = {p.pid for p in psutil.process_iter(["cmdline"]) if is_ray(" ".join(p.info["cmdline"] or []))}
+    listening = [(c.pid, c.laddr) for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in ray_pids]
+    assert listening and all(addr.ip == "127.0.0.1" for _, addr in listening), listening
 
 
 # --- a replica dies under load ----------------------------------------------------------------------------------

@@ -83,6 +83,27 @@ class RayOptions:
         return self.autoscale[0] if self.autoscale else self.replicas
 
 
+def bind_loopback() -> None:
+    """On a loopback-only cluster (see loopback_only), the replica's inter-deployment gRPC server listens on
+    127.0.0.1 too: Ray Serve 2.60 binds it to [::] unconditionally (replica.py, `_on_initialized`, which runs after
+    this constructor). Elsewhere nothing changes."""
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        return
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "_sdrt_loopback", False):
+        return
+
+    def add_port(server, address):
+        return original(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    add_port._sdrt_loopback = True
+    replica.add_port_to_grpc_server = add_port
+
+
 # --- the model replica ---------------------------------------------------------------------------------------------
 
 class ModelReplica:
@@ -91,6 +112,7 @@ class ModelReplica:
     def __init__(self, name: str, path: str | None, config: ServeConfig):
         import ray
 
+        bind_loopback()
         self.name = name
         self.batcher = Batcher(name, lambda: load_pipeline(path, config.backend, config.threads, config.max_batch),
                                max_batch=config.max_batch, batch_wait_ms=config.batch_wait_ms, max_queue=config.max_queue,
@@ -218,7 +240,7 @@ class RemoteBatcher:
                 self.running_replicas = int(dep.replica_states.get("RUNNING", 0)) if dep else 0
             except Exception as err:  # noqa: BLE001 - a cluster hiccup: try again
                 log.debug("watching %s: %s", self.name, err)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
 
     @property
     def facts(self):
@@ -342,6 +364,7 @@ class Ingress:
     """The FastAPI app (create_app) over RemoteBatchers; built on the replica (`__serve_build_asgi_app__`)."""
 
     def __init__(self, config: ServeConfig, handles: dict):
+        bind_loopback()
         self.config, self.handles = config, handles
 
     def __serve_build_asgi_app__(self):
@@ -417,9 +440,23 @@ def connect(options: RayOptions):
         check_reachable(options.address)
         ray.init(address=options.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     else:
+        loopback_only()
+        # Ray nices its workers (15) by default; the replicas here are the workload, at the priority `sdrt serve` has
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=options.num_cpus, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
     return ray
+
+
+def loopback_only() -> None:
+    """A local cluster started here listens on 127.0.0.1 only: Ray resolves "127.0.0.1" to the machine's routable
+    address unless it runs in single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read by Ray's processes
+    and, once imported, by this one). Token authentication is off for that loopback-only cluster."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def check_placement(config: ServeConfig, options: RayOptions, nodes: list[dict] | None = None) -> None:

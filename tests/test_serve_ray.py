@@ -6,6 +6,7 @@ same images, 2 replicas again; clear errors before anything is deployed; nothing
 Everything binds to 127.0.0.1; one cluster for the module (~1 minute in all here)."""
 
 import concurrent.futures
+import ipaddress
 import json
 import os
 import signal
@@ -17,6 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# A test cluster on 127.0.0.1 only (Ray's single-machine mode keeps 127.0.0.1 as the node address, for the head and
+# this driver: set before ray is imported), without a token (Ray 2.60's `ray start --head` otherwise wants one).
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("ray.serve")
@@ -25,17 +31,25 @@ import sdrt  # noqa: E402
 from serve_util import free_port, png_pixels, wait_for  # noqa: E402
 
 RAY = str(Path(sys.executable).with_name("ray"))
-# A test cluster on 127.0.0.1 only (Ray's single-machine mode keeps 127.0.0.1 as the node address), without a
-# token (Ray 2.60's `ray start --head` otherwise wants one on every node).
-os.environ["RAY_AUTH_MODE"] = "disabled"
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 STEPS = 6
 RAY_PROCESSES = "raylet|gcs_server|ServeReplica|ServeController"
 
 
-def ray_cli(*args, check=True, timeout=120):
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return subprocess.run([RAY, *args], env=env, check=check, timeout=timeout, capture_output=True, text=True)
+# `ray start --address` refuses single-machine mode; the second node keeps 127.0.0.1 through this wrapper instead
+# (Ray otherwise resolves 127.0.0.1 to the machine's routable address).
+JOIN = ("import sys, ray._private.services as s; s.resolve_ip_for_localhost = lambda host: host; "
+        "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())")
+
+
+def ray_cli(*args, check=True, timeout=120, join=False):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    if join:
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    command = [sys.executable, "-c", JOIN, *args] if join else [RAY, *args]
+    done = subprocess.run(command, env=env, timeout=timeout, capture_output=True, text=True)
+    if check and done.returncode:
+        raise RuntimeError(f"ray {' '.join(args)} failed: {done.stderr[-2000:]}")
+    return done
 
 
 def node_args(resource: str) -> list[str]:
@@ -63,11 +77,14 @@ def cluster():
     """A two-node cluster: head (CPU 1, node_a) + worker (CPU 1, node_b); yields the head's address."""
     import ray
 
+    from sdrt.serve.ray_app import loopback_only
+
+    loopback_only()  # (in case ray was imported before this module)
     port = free_port()
     address = f"127.0.0.1:{port}"
     try:
         ray_cli("start", "--head", f"--port={port}", "--include-dashboard=false", *node_args("node_a"))
-        ray_cli("start", f"--address={address}", *node_args("node_b"))
+        ray_cli("start", f"--address={address}", *node_args("node_b"), join=True)
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         wait_for(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, timeout=60, every=0.2)
         yield address
@@ -187,7 +204,11 @@ def test_everything_listens_on_loopback(url):
 
     ray_pids = {p.pid for p in psutil.process_iter(["cmdline"]) if is_ray(" ".join(p.info["cmdline"] or []))}
     listening = [(c.pid, c.laddr) for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in ray_pids]
-    assert listening and all(addr.ip == "127.0.0.1" for _, addr in listening), listening
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+    assert listening and all(loopback(addr.ip) for _, addr in listening), [x for x in listening if not loopback(x[1].ip)]
 
 
 # --- a replica dies under load ----------------------------------------------------------------------------------

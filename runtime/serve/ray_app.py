@@ -84,14 +84,15 @@ class RayOptions:
 
 
 def bind_loopback() -> None:
-    """On a loopback-only cluster (see loopback_only), the replica's inter-deployment gRPC server listens on
+    """On a node whose address is 127.0.0.1 (see loopback_only), the replica's inter-deployment gRPC server listens on
     127.0.0.1 too: Ray Serve 2.60 binds it to [::] unconditionally (replica.py, `_on_initialized`, which runs after
     this constructor). Elsewhere nothing changes."""
-    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
-        return
     try:
+        import ray
         from ray.serve._private import replica
     except ImportError:
+        return
+    if ray.util.get_node_ip_address() != "127.0.0.1":
         return
     original = getattr(replica, "add_port_to_grpc_server", None)
     if original is None or getattr(original, "_sdrt_loopback", False):

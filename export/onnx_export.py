@@ -94,12 +94,15 @@ def export_model(
     opt_size: int | None = None,
     max_size: int | None = None,
     max_batch: int = 4,
+    lora_slots: str = "none",
 ) -> ExportReport:
     """Export `model` (a diffusers-format SD 1.x/2.x folder, or an original-layout single-file checkpoint) to the
     sdrt export folder `out_dir`.
 
     limits: the sizes and batch the export serves; None takes min/opt/max_size and max_batch, each defaulting to
-    the model's own (`default_limits`). loras: [(file, scale)] fused into the UNet and text encoder first
+    the model's own (`default_limits`). lora_slots: "attention" or "all" exports the UNet and text encoder with
+    run-time LoRA inputs on those layers (sdrt.contracts.LoraSlot; sdrt.backends.torch_modules.SLOT_SETS), so any
+    LoRA can be switched per call without re-exporting; "none" (default) exports plain graphs. loras: [(file, scale)] fused into the UNet and text encoder first
     (sdrt.export.lora); a single file is converted first (sdrt.export.single_file; a pickle .ckpt only with
     allow_pickle, since unpickling can run code). The manifest records the source and the LoRAs, written once.
     fp16: store weights and compute in fp16; the I/O, the UNet's timestep path, SD 2.1's attention scores
@@ -117,7 +120,8 @@ def export_model(
     """
     options = dict(fp16=fp16, opset=opset, limits=limits, check=check, keep_fp32_ops=keep_fp32_ops, progress=progress,
                    exporter=exporter, force=force, share_weights=share_weights, subpixel_upsample=subpixel_upsample,
-                   winograd=winograd, min_size=min_size, opt_size=opt_size, max_size=max_size, max_batch=max_batch)
+                   winograd=winograd, min_size=min_size, opt_size=opt_size, max_size=max_size, max_batch=max_batch,
+                   lora_slots=lora_slots)
     model, out_dir = Path(model).expanduser(), Path(out_dir).expanduser()
     if not loras and not model.is_file():
         return _export_folder(model, out_dir, source=model, lora_records=[], **options)
@@ -139,6 +143,7 @@ def default_limits(facts: ModelFacts, min_size=None, opt_size=None, max_size=Non
 def _export_folder(
     model_dir: Path, out_dir: Path, fp16, opset, limits, check, keep_fp32_ops, progress, exporter, force, share_weights,
     subpixel_upsample, winograd, min_size, opt_size, max_size, max_batch, source: Path, lora_records: list[dict],
+    lora_slots: str = "none",
 ) -> ExportReport:  # fmt: skip
     from tqdm.auto import tqdm
 
@@ -163,6 +168,7 @@ def _export_folder(
     # SD 2.1 sets this: its attention scores overflow fp16, so diffusers computes them in fp32.
     upcast_attention = bool(read_json(model_dir / "unet" / "config.json").get("upcast_attention")) and fp16
     modules = load_modules(model_dir, facts)
+    slot_counts = add_lora_slots(modules, contracts, lora_slots)
     precision = "fp16" if fp16 else "fp32"
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +224,7 @@ def _export_folder(
                 "shared_weights": share_weights,
                 "source": str(source.resolve()),
                 "loras": lora_records,
+                "lora_slots": {"set": lora_slots, "layers": slot_counts},
                 "keep_fp32_ops": list(keep_fp32_ops),
                 "upcast_attention": upcast_attention,
                 # The UNet config's own flag, whatever the precision: `sdrt build --fp16` converts fp32 exports with it.
@@ -242,6 +249,27 @@ def _export_folder(
 
 
 # --- checks before anything is written ------------------------------------------------------------------------
+
+
+def add_lora_slots(modules: dict, contracts: dict, which: str) -> dict[str, int]:
+    """Give the UNet and text encoder LoRA slot inputs (`which`: a SLOT_SETS name): wraps their modules and extends
+    their contracts in place; returns {network: slot count}."""
+    from sdrt.backends.torch_modules import SLOT_SETS, WithLoraSlots, lora_slot_layers, slot_root
+    from sdrt.contracts import TEXT_ENCODER
+
+    if which not in SLOT_SETS:
+        raise InputError(f"lora_slots {which!r} is not one of {', '.join(SLOT_SETS)}")
+    counts = {}
+    for name in (TEXT_ENCODER, UNET):
+        if which == "none" or name not in modules:
+            continue
+        root = slot_root(modules[name])
+        slots = lora_slot_layers(root, which)
+        n_inputs = len(contracts[name].inputs)
+        contracts[name] = contracts[name].with_lora_slots(slots)
+        modules[name] = WithLoraSlots(modules[name], root, slots, n_inputs)
+        counts[name] = len(slots)
+    return counts
 
 
 def check_limits(limits: ShapeLimits, facts: ModelFacts) -> None:
@@ -291,7 +319,7 @@ def export_dims(limits: ShapeLimits, facts: ModelFacts) -> dict[str, int]:
 
 def check_dims(limits: ShapeLimits, facts: ModelFacts) -> dict[str, int]:
     """Shapes for the parity check: the 'min' size (cheap) and batches other than the export's 2."""
-    return {**limits.dims(facts, "min"), "batch": 1, "unet_batch": 3}
+    return {**limits.dims(facts, "min"), "batch": 1, "unet_batch": 3, "lora_rank": 2}  # torch convs refuse rank 0
 
 
 def example_args(contract: NetworkContract, dims: dict) -> tuple:

@@ -38,11 +38,77 @@ class TensorSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSlot:
+    """One layer that takes run-time LoRA factors: y = layer(x) + up(down(x)).
+
+    Linear: inputs `lora_down:<layer>` [r, in] and `lora_up:<layer>` [out, r]; Conv2d: [r, in, kh, kw] (the layer's
+    stride and padding) and [out, r, 1, 1]. r is the input's own symbol `lora_rank:<layer>`, 0 (empty tensors) when
+    no LoRA adapts the layer; several LoRAs are concatenated along r with their scales folded into `up`.
+    `upsample`: the layer is an Upsample2D's conv, applied to the 2x nearest-upsampled input.
+    """
+
+    layer: str  # module path in the component (UNet2DConditionModel / the CLIP text model's core)
+    weight: tuple  # the layer's weight shape: (out, in) or (out, in, kh, kw)
+    stride: int = 1
+    padding: int = 0
+    upsample: bool = False
+
+    @property
+    def conv(self) -> bool:
+        return len(self.weight) == 4
+
+    @property
+    def rank_symbol(self) -> str:
+        return f"lora_rank:{self.layer}"
+
+    def specs(self) -> tuple[TensorSpec, TensorSpec]:
+        r, out, inp = self.rank_symbol, self.weight[0], self.weight[1]
+        if self.conv:
+            kh, kw = self.weight[2:]
+            return (TensorSpec(f"lora_down:{self.layer}", "float32", (r, inp, kh, kw)),
+                    TensorSpec(f"lora_up:{self.layer}", "float32", (out, r, 1, 1)))
+        return (TensorSpec(f"lora_down:{self.layer}", "float32", (r, inp)),
+                TensorSpec(f"lora_up:{self.layer}", "float32", (out, r)))
+
+    def empty(self) -> dict[str, np.ndarray]:
+        """The feeds of an unused slot: rank 0."""
+        return {spec.name: np.zeros(tuple(0 if d == self.rank_symbol else d for d in spec.shape), np.float32)
+                for spec in self.specs()}
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "weight": list(self.weight), "stride": self.stride, "padding": self.padding,
+                "upsample": self.upsample}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoraSlot":
+        return cls(data["layer"], tuple(data["weight"]), data.get("stride", 1), data.get("padding", 0),
+                   data.get("upsample", False))
+
+
+LORA_RANK = "lora_rank"  # the ShapeLimits symbol every slot's rank resolves to
+
+
+@dataclasses.dataclass(frozen=True)
 class NetworkContract:
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     doc: str
+    lora_slots: tuple[LoraSlot, ...] = ()  # layers taking run-time LoRA factors; their inputs follow the others
+
+    def with_lora_slots(self, slots) -> "NetworkContract":
+        """This contract with LoRA slot inputs (two per slot, after the network's own inputs)."""
+        slots = tuple(slots)
+        extra = tuple(spec for slot in slots for spec in slot.specs())
+        return dataclasses.replace(self, inputs=self.inputs + extra, lora_slots=slots)
+
+    @property
+    def plain_inputs(self) -> tuple[TensorSpec, ...]:
+        """The inputs that are not LoRA slots."""
+        return self.inputs[: len(self.inputs) - 2 * len(self.lora_slots)]
+
+    def empty_lora_feeds(self) -> dict[str, np.ndarray]:
+        return {name: value for slot in self.lora_slots for name, value in slot.empty().items()}
 
     @property
     def input_names(self) -> list[str]:
@@ -62,7 +128,8 @@ class NetworkContract:
         return axes
 
     def resolve(self, spec: TensorSpec, dims: dict[str, int]) -> tuple[int, ...]:
-        return tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
+        return tuple(d if isinstance(d, int) else dims[d] if d in dims or not d.startswith(LORA_RANK) else dims[LORA_RANK]
+                     for d in spec.shape)
 
     def sample_inputs(self, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
         """Random inputs of the contract's shapes at `dims`, for exports and parity checks."""
@@ -72,6 +139,8 @@ class NetworkContract:
             shape = self.resolve(spec, dims)
             if spec.name == "timestep":
                 feeds[spec.name] = rng.uniform(0, 999, size=shape).astype(spec.dtype)
+            elif spec.name.startswith("lora_"):  # small LoRA factors: a plausible delta, not one that swamps W
+                feeds[spec.name] = (0.05 * rng.standard_normal(shape)).astype(spec.dtype)
             else:
                 feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         return feeds
@@ -88,12 +157,15 @@ class NetworkContract:
                 raise ValueError(f"{self.name} input {spec.name!r} has shape {shape}; the contract says {spec.shape}")
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "name": self.name,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "doc": self.doc,
         }
+        if self.lora_slots:
+            data["lora_slots"] = [s.to_dict() for s in self.lora_slots]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "NetworkContract":
@@ -102,6 +174,7 @@ class NetworkContract:
             tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
             tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
             data.get("doc", ""),
+            tuple(LoraSlot.from_dict(s) for s in data.get("lora_slots", ())),
         )
 
 
@@ -162,6 +235,7 @@ class ShapeLimits:
     opt_size: int = 512
     max_size: int = 1024
     max_batch: int = 4  # images per call; the UNet sees twice this with guidance
+    max_lora_rank: int = 128  # LoRA slots: the largest summed rank of the LoRAs active at once (engine profiles)
 
     def dims(self, facts: ModelFacts, which: str) -> dict[str, int]:
         """Concrete values of every symbol at `which` in ("min", "opt", "max")."""
@@ -176,6 +250,7 @@ class ShapeLimits:
             "image_width": size,
             "latent_height": size // facts.vae_scale_factor,
             "latent_width": size // facts.vae_scale_factor,
+            LORA_RANK: {"min": 0, "opt": 16, "max": self.max_lora_rank}[which],
         }
 
     def profile(self, contract: NetworkContract, facts: ModelFacts) -> dict[str, tuple[tuple, tuple, tuple]]:

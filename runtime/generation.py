@@ -33,6 +33,7 @@ class GenerationPlan:
     latents: np.ndarray | None  # the caller's initial noise [batch, C, h, w]
     output_type: str  # "pil", "np" or "latent"
     user_seed: int | None = None  # the seed as given (None: drawn at random)
+    loras: tuple = ()  # ((registered name, scale), ...) sorted by name, scales != 0: run-time LoRAs (Pipeline.register_lora)
 
     @property
     def batch(self) -> int:
@@ -44,9 +45,10 @@ class GenerationPlan:
 
     @property
     def batch_key(self) -> tuple:
-        """Plans with equal keys share UNet calls: same shapes, schedule and guidance on/off."""
+        """Plans with equal keys share UNet calls: same shapes, schedule, guidance on/off and LoRA set."""
         img2img = self.init_image is not None
-        return (self.height, self.width, self.steps, self.scheduler, img2img, self.strength if img2img else None, self.guided)
+        return (self.height, self.width, self.steps, self.scheduler, img2img, self.strength if img2img else None, self.guided,
+                self.loras)
 
 
 @dataclasses.dataclass
@@ -107,4 +109,4 @@ def stack_plans(plans: list[GenerationPlan]) -> None:
         raise InputError("no plans to run")
     keys = {p.batch_key for p in plans}
     if len(keys) > 1:
-        raise InputError(f"plans with different sizes, schedules or guidance cannot share a batch: {sorted(map(str, keys))}")
+        raise InputError(f"plans with different sizes, schedules, guidance or LoRAs cannot share a batch: {sorted(map(str, keys))}")

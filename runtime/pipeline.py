@@ -55,6 +55,8 @@ class Pipeline:
         self.token_table = token_table  # [vocab (+ textual-inversion rows), hidden], owned by the runtime
         self.textual_inversions: dict[str, list[str]] = {}
         self.loras: list[dict] = []  # LoRAs fused into the PyTorch backend's networks: {"file", "sha256", "scale"}
+        self.registered_loras: dict = {}  # name -> sdrt.adapters.lora_switch.RegisteredLora (run-time, any backend)
+        self.active_loras: tuple = ()  # ((name, scale), ...) whose factors the backend holds now
         self.max_memory = None  # memory budget of every call (sdrt.memory.parse_memory); None: what is available
 
     @classmethod
@@ -109,6 +111,21 @@ class Pipeline:
 
         self.loras.append(fuse_lora_into_backend(self.backend, path, scale))
 
+    def register_lora(self, path, name: str | None = None, max_rank: int | None = None) -> str:
+        """Read a LoRA file (kohya incl. LoCon, diffusers/PEFT, older diffusers, LyCORIS LoHa/LoKr) once and keep its
+        low-rank factors for run-time use: `pipe(prompt, loras={name: scale})` on any backend whose UNet and text
+        encoder have LoRA slots (the PyTorch backend always; exports made with `--lora-slots`). The weights are
+        never changed, so switching LoRAs or dropping them leaves no trace. Returns the name (default: the file's
+        stem). A LoRA for another model is refused here, naming a layer."""
+        from sdrt.adapters.lora_switch import register
+
+        return register(self, path, name, max_rank)
+
+    def unregister_lora(self, name: str) -> None:
+        from sdrt.adapters.lora_switch import unregister
+
+        unregister(self, name)
+
     # --- the steps of the algorithm (each usable alone: the server's batcher, the bench and tests call them) ---
 
     def plan(
@@ -127,10 +144,15 @@ class Pipeline:
         latents: np.ndarray | None = None,
         output_type: str = "pil",
         max_memory=None,
+        loras=None,
     ) -> GenerationPlan:
         """0. Check every argument and resolve every default (size, seeds, scheduler); no network runs, nothing big is
         allocated (sdrt.inputs). max_memory: the budget the request must fit (None: from_pretrained's, else what is
-        available; "8G" or bytes; 0/False: no check)."""
+        available; "8G" or bytes; 0/False: no check). loras: {name or file: scale} (or [(name, scale)]) run-time
+        LoRAs for this request: registered names, or files (registered on first use); part of the batch key."""
+        from sdrt.adapters.lora_switch import resolve_loras
+
+        loras = resolve_loras(self, loras)
         prompts = inputs.check_prompts(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
         guidance_scale = inputs.check_guidance(guidance_scale)
@@ -158,12 +180,14 @@ class Pipeline:
             prompts=[p for p, _ in per_image], negatives=[n for _, n in per_image], seeds=[seed + k for k in range(batch)],
             steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler,
             init_image=init_image, strength=strength, latents=latents, output_type=output_type, user_seed=user_seed,
+            loras=loras,
         )  # fmt: skip
 
     def encode_text(self, plans: list[GenerationPlan], observers=()) -> np.ndarray:
         """1. Text-encoder states for every row of `plans`: [uncond rows; cond rows] when guided, else the cond rows.
         Each distinct text is encoded once (a prompt's images and a batch's empty negatives share it)."""
         stack_plans(plans)
+        self.activate_loras(plans[0].loras)
         cond = [p for plan in plans for p in plan.prompts]
         texts = cond + ([n for plan in plans for n in plan.negatives] if plans[0].guided else [])
         unique = list(dict.fromkeys(texts))
@@ -208,6 +232,7 @@ class Pipeline:
         combine per row, the scheduler step. A backend that declares a device loop runs these same steps on its
         device (sdrt.device_loop) when every row has the same guidance scale."""
         sched = batch.sched
+        self.activate_loras(batch.plans[0].loras if batch.plans else ())
         if self.backend.use_device_loop and batch.step == 0 and (not batch.guided or batch.uniform_guidance() is not None):
             return self._denoise_on_device(batch, observers, progress)
         for i in tqdm(range(batch.step, sched.num_calls), desc="denoising", disable=not progress, leave=False):
@@ -278,7 +303,7 @@ class Pipeline:
         **request,
     ) -> PipelineOutput:
         """Make images. `request` takes `plan`'s arguments (num_inference_steps, guidance_scale, height, width, seed,
-        scheduler, image, strength, num_images_per_prompt, latents, output_type). callback(step, timestep,
+        scheduler, image, strength, num_images_per_prompt, latents, output_type, loras). callback(step, timestep,
         latents) returning False cancels; observers see every network call and step (sdrt.observers)."""
         t_start = time.perf_counter()
         observers = list(observers) + ([StepCallback(callback)] if callback is not None else [])
@@ -298,6 +323,13 @@ class Pipeline:
         out = self.finish(batch, observers)[0]
         out.timings["total"] = time.perf_counter() - t_start
         return out
+
+    def activate_loras(self, loras: tuple) -> None:
+        """Give the backend the factors of `loras` ((name, scale), ...): a no-op when they are already active."""
+        if tuple(loras) != self.active_loras:
+            from sdrt.adapters.lora_switch import activate
+
+            activate(self, tuple(loras))
 
     # --- running networks ------------------------------------------------------------------------------------
 
@@ -391,4 +423,5 @@ class Pipeline:
             "model": self.source.path.name,
             "backend": self.backend.name,
             "sdrt_version": __version__,
+            **({"loras": ", ".join(f"{name}:{scale:g}" for name, scale in plan.loras)} if plan.loras else {}),
         }

@@ -151,7 +151,7 @@ def test_bad_embeddings_get_clear_errors(ti_pipes, embeddings, tmp_path, monkeyp
     with pytest.raises(ModelError, match=r"junk\.safetensors is not a readable \.safetensors"):
         pipe.load_textual_inversion(tmp_path / "junk.safetensors")
     (tmp_path / "junk.txt").write_text("hello")
-    with pytest.raises(ModelError, match="its content is unrecognised \(neither safetensors nor a torch pickle\)"):
+    with pytest.raises(ModelError, match=r"its content is unrecognised \(neither safetensors nor a torch pickle\)"):
         pipe.load_textual_inversion(tmp_path / "junk.txt")
     with pytest.raises(ModelError, match="does not exist"):
         pipe.load_textual_inversion(tmp_path / "missing.safetensors")
@@ -500,7 +500,8 @@ def test_lora_mismatch_and_unsupported_errors(tiny_sd1, tmp_path, onnx_sd1):
                            "lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)},
                           "does not match this model: 1 of its 1 unet layers"),
         "sdxl": ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)}, "an SDXL LoRA"),
-        "loha": ({"lora_unet_x.hada_w1_a": torch.zeros(4, 32)}, "LoHa/LoKr"),
+        "loha": ({"lora_unet_x.hada_w1_a": torch.zeros(4, 32)}, "LoHa layer .* it needs"),  # LoHa/LoKr read since issue 18
+        "tucker": ({"lora_unet_x.hada_t1": torch.zeros(4, 4, 3, 3)}, "Tucker"),
     }
     for name, (state, message) in cases.items():
         save_file(state, str(tmp_path / f"{name}.safetensors"))

@@ -160,6 +160,16 @@ def test_openai_client_generations_and_edits(url, pipe):
 # --- async jobs ---------------------------------------------------------------------------------------------------
 
 
+def test_events_of_a_finished_job_replay_progress_and_the_latest_preview(url):
+    """A client that opens /events after the job is done still sees every step and the latest preview."""
+    r = post(url, "/v1/jobs", json={"prompt": "a blue 5", "steps": 6, "seed": 1, "preview_every": 2, "scheduler": "ddim"})
+    job_id = r.json()["id"]
+    wait_for(lambda: httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] == "done", timeout=60)
+    events = sse_events(f"{url}/v1/jobs/{job_id}/events")
+    assert [d["step"] for e, d in events if e == "progress"] == [1, 2, 3, 4, 5, 6]
+    assert [d["step"] for e, d in events if e == "preview"] == [4] and events[-1][0] == "done"
+
+
 def test_job_lifecycle_with_events(url, pipe):
     r = post(url, "/v1/jobs", json={"prompt": "a red 2", "steps": 9, "seed": 4, "preview_every": 3, "scheduler": "ddim"})
     assert r.status_code == 202 and r.json()["status"] in ("queued", "running")

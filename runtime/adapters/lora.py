@@ -5,7 +5,10 @@ torch lazily. Layouts read, for the UNet and the CLIP text encoder of SD 1.x/2.x
 - kohya (sd-scripts, A1111): lora_unet_<module path with _>.lora_down/.lora_up/.alpha, lora_te_... (LoCon convs too);
 - diffusers/PEFT: unet.<module>.lora_A/.lora_B (alphas from the file's lora_adapter_metadata, else alpha = rank),
   and the older unet.<...>.processor.to_q_lora.down/.up, <module>.lora.down/.up, lora_linear_layer.down/.up.
-Unsupported kinds are refused by name: SDXL LoRAs (lora_te1_/lora_te2_), LoHa/LoKr (LyCORIS), DoRA, LoRAs with biases.
+- LyCORIS LoHa (hada_w1_a/b, hada_w2_a/b) and LoKr (lokr_w1[_a/_b], lokr_w2[_a/_b]) in kohya naming: their deltas
+  are exact when fused; run-time LoRA slots take a truncated-SVD factorisation (`slot_factors`, error recorded).
+Unsupported kinds are refused by name: SDXL LoRAs (lora_te1_/lora_te2_), Tucker-decomposed LyCORIS (hada_t1, lokr_t2),
+DoRA, LoRAs with biases.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from sdrt.model.manifest import sha256_of
 from sdrt.model.weights import read_weights
 
 COMPONENTS = ("unet", "text_encoder")
-_KOHYA = re.compile(r"^lora_(unet|te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA = re.compile(r"^lora_(unet|te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha|hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)$")
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+_LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+SVD_MAX_RANK = 64  # LoHa/LoKr deltas on run-time slots: truncated to at most this rank (their exact rank if lower)
 # (suffix of the down key, suffix of the up key) of the dotted layouts, newest first.
 _DOTTED = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
            (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"), (".down.weight", ".up.weight"))
@@ -40,15 +46,44 @@ class LoraLayer:
     up: np.ndarray  # [out, rank, (1, 1)]
     alpha: float | None  # None: alpha = rank (scale 1)
     rslora: bool = False  # PEFT's rank-stabilised scaling alpha / sqrt(rank)
+    kind: str = "lora"  # "lora", "loha" or "lokr" (then down/up are None and `parts` holds the LyCORIS tensors)
+    parts: dict | None = None
 
     @property
     def rank(self) -> int:
+        if self.kind == "loha":
+            return int(self.parts["hada_w1_b"].shape[0])
+        if self.kind == "lokr":
+            for key in ("lokr_w1_b", "lokr_w2_b"):
+                if key in self.parts:
+                    return int(self.parts[key].shape[0])
+            return 0
         return int(self.down.shape[0])
 
     @property
     def scaling(self) -> float:
+        if self.kind == "lokr" and (self.rank == 0 or self.alpha is None):  # LyCORIS: full w1 and w2 ignore alpha
+            return 1.0
         alpha = float(self.rank if self.alpha is None else self.alpha)
         return alpha / (self.rank**0.5 if self.rslora else self.rank)
+
+    def full_delta(self, shape: tuple) -> np.ndarray:
+        """The LyCORIS delta (before alpha scaling) shaped like the weight: LoHa (w1a w1b) * (w2a w2b), LoKr kron(w1, w2)."""
+        f = {k: np.asarray(v, np.float32) for k, v in self.parts.items()}
+        if self.kind == "loha":
+            w1 = f["hada_w1_a"].reshape(f["hada_w1_a"].shape[0], -1) @ f["hada_w1_b"].reshape(f["hada_w1_b"].shape[0], -1)
+            w2 = f["hada_w2_a"].reshape(f["hada_w2_a"].shape[0], -1) @ f["hada_w2_b"].reshape(f["hada_w2_b"].shape[0], -1)
+            if w1.shape != w2.shape or w1.size != int(np.prod(shape)):
+                raise ValueError(f"LoHa products {w1.shape} and {w2.shape}")
+            return (w1 * w2).reshape(shape)
+        w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"].reshape(f["lokr_w2_b"].shape[0], -1)
+        w1 = w1.reshape(w1.shape[0], -1)
+        if w1.ndim != 2 or shape[0] % w1.shape[0] or shape[1] % w1.shape[1]:
+            raise ValueError(f"LoKr w1 {w1.shape}")
+        w2 = w2.reshape((shape[0] // w1.shape[0], shape[1] // w1.shape[1]) + tuple(shape[2:]))
+        w1 = w1.reshape(w1.shape + (1,) * (len(shape) - 2))
+        return np.kron(w1, w2).reshape(shape)
 
 
 @dataclasses.dataclass
@@ -96,6 +131,10 @@ def _check_shapes(lora: LoraFile) -> None:
     """down [rank, in(, kh, kw)] and up [out, rank(, 1, 1)] of one rank; a damaged file is named, not an IndexError."""
     for layers in lora.layers.values():
         for layer in layers:
+            if layer.kind != "lora":
+                if any(not np.all(np.isfinite(np.asarray(v, np.float32))) for v in layer.parts.values()):
+                    raise ModelError(f"{lora.path}: layer {layer.name!r} holds non-finite values; the file is damaged")
+                continue
             down, up = np.asarray(layer.down), np.asarray(layer.up)
             if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] or down.shape[0] < 1:
                 raise ModelError(
@@ -113,23 +152,28 @@ def _refusal(keys: list[str]) -> str | None:
         return "an SDXL LoRA (two text encoders)"
     if any(k.startswith("lora_unet_") and ("input_blocks" in k or "output_blocks" in k) for k in keys):
         return "a LoRA in the original (LDM) UNet layout (SDXL trainers write it)"
-    if any(".hada_" in k or ".lokr_" in k for k in keys):
-        return "a LyCORIS LoHa/LoKr, not a LoRA"
+    if any(k.endswith((".hada_t1", ".hada_t2", ".lokr_t2")) for k in keys):
+        return "a LyCORIS LoHa/LoKr with Tucker-decomposed conv kernels (hada_t1/lokr_t2)"
+    if any((".hada_" in k or ".lokr_" in k) and not k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+        return "a LyCORIS LoHa/LoKr in a layout other than kohya's lora_unet_/lora_te_"
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys):
         return "a DoRA"
     if any(k.endswith(".lora_mid.weight") for k in keys):
         return "a LoCon with a CP-decomposed middle layer (lora_mid)"
     if any(k.endswith(("lora_B.bias", "lora_up.bias", ".up.bias")) for k in keys):
         return "a LoRA with bias terms"
-    if not any(("lora" in k) for k in keys):
+    if not any(("lora" in k or ".hada_" in k or ".lokr_" in k) for k in keys):
         return "not a LoRA (no lora keys)"
     return None
 
 
 def _read_kohya(path: Path, tensors: dict) -> dict[str, list[LoraLayer]]:
     layers: dict[str, list[LoraLayer]] = {c: [] for c in COMPONENTS}
+    lycoris: dict[str, dict] = {}
     for key in tensors:
         m = _KOHYA.match(key)
+        if m.group(3).startswith(("hada_", "lokr_")):
+            lycoris.setdefault(key[: -len(m.group(3)) - 1], {})[m.group(3)] = tensors[key]
         if m.group(3) != "lora_down.weight":
             continue
         base = key[: -len(".lora_down.weight")]
@@ -139,6 +183,19 @@ def _read_kohya(path: Path, tensors: dict) -> dict[str, list[LoraLayer]]:
         alpha = tensors.get(base + ".alpha")
         component = "unet" if m.group(1) == "unet" else "text_encoder"
         layers[component].append(LoraLayer(m.group(2), True, tensors[key], up, None if alpha is None else _scalar(path, base, alpha)))
+    for base, parts in lycoris.items():
+        m = _KOHYA.match(base + ".alpha")
+        kind = "loha" if any(k.startswith("hada_") for k in parts) else "lokr"
+        if kind == "loha" and set(parts) != set(_LOHA):
+            raise ModelError(f"{path}: LoHa layer {base} has {sorted(parts)}; it needs {list(_LOHA)}: the file is damaged")
+        if kind == "lokr" and not (("lokr_w1" in parts) != ({"lokr_w1_a", "lokr_w1_b"} <= set(parts))
+                                   and ("lokr_w2" in parts) != ({"lokr_w2_a", "lokr_w2_b"} <= set(parts))):
+            raise ModelError(f"{path}: LoKr layer {base} has {sorted(parts)}; it needs lokr_w1 (or _a/_b) and lokr_w2 "
+                             "(or _a/_b): the file is damaged")
+        alpha = tensors.get(base + ".alpha")
+        component = "unet" if m.group(1) == "unet" else "text_encoder"
+        layers[component].append(LoraLayer(m.group(2), True, None, None, None if alpha is None else _scalar(path, base, alpha),
+                                           kind=kind, parts=parts))
     return layers
 
 
@@ -234,6 +291,32 @@ def _flat_index(component: str, names) -> dict[str, str]:
     return index
 
 
+def match_layers(lora: LoraFile, targets: dict[str, dict[str, tuple]], what: str = "this model"):
+    """[(component, module name, layer)] of the LoRA's layers in `targets` (component -> {module name: weight shape});
+    ModelError naming a layer when one is not there: the LoRA was made for another model."""
+    matched = []
+    for component, layers in lora.layers.items():
+        if not layers:
+            continue
+        shapes = targets.get(component, {})
+        index = _flat_index(component, shapes)
+        missing = []
+        for layer in layers:
+            name = index.get(layer.name) if layer.flat else (layer.name if layer.name in shapes else None)
+            if name is None:
+                missing.append(layer.name)
+            else:
+                matched.append((component, name, layer))
+        if missing:
+            raise ModelError(
+                f"{lora.path} does not match {what}: {len(missing)} of its {len(layers)} {component} layers are "
+                f"not in it (e.g. {missing[0]!r}); it was made for another model or architecture"
+            )
+    if not matched:
+        raise ModelError(f"{lora.path} holds no UNet or text-encoder layers to fuse")
+    return matched
+
+
 def lora_deltas(lora: LoraFile, targets: dict[str, dict[str, tuple]], scale: float) -> dict[str, dict[str, np.ndarray]]:
     """Per component, {module name: float32 delta shaped like its weight} = scale * alpha/rank * up @ down.
 
@@ -241,42 +324,73 @@ def lora_deltas(lora: LoraFile, targets: dict[str, dict[str, tuple]], scale: flo
     layer of the LoRA is not in the model or has another shape: the LoRA was made for another model.
     """
     deltas: dict[str, dict[str, np.ndarray]] = {}
-    for component, layers in lora.layers.items():
-        if not layers:
-            continue
-        shapes = targets.get(component, {})
-        index = _flat_index(component, shapes)
-        missing = []
+    for component, name, layer in match_layers(lora, targets):
         out = deltas.setdefault(component, {})
-        for layer in layers:
-            name = index.get(layer.name) if layer.flat else (layer.name if layer.name in shapes else None)
-            if name is None:
-                missing.append(layer.name)
-                continue
-            delta = _delta(lora.path, name, layer, tuple(shapes[name]), scale)
-            out[name] = out[name] + delta if name in out else delta
-        if missing:
-            raise ModelError(
-                f"{lora.path} does not match this model: {len(missing)} of its {len(layers)} {component} layers are "
-                f"not in the model (e.g. {missing[0]!r}); it was made for another model or architecture"
-            )
-    if not any(deltas.values()):
-        raise ModelError(f"{lora.path} holds no UNet or text-encoder layers to fuse")
+        delta = _delta(lora.path, name, layer, tuple(targets[component][name]), scale)
+        out[name] = out[name] + delta if name in out else delta
     return deltas
 
 
-def _delta(path: Path, name: str, layer: LoraLayer, shape: tuple, scale: float) -> np.ndarray:
+def slot_factors(lora: LoraFile, targets: dict[str, dict[str, tuple]], max_rank: int = SVD_MAX_RANK):
+    """Per component, {module name: (down, up)} at scale 1 (alpha/rank folded into up), in the slot's layout: Linear
+    down [r, in], up [out, r]; Conv2d down [r, in, kh, kw], up [out, r, 1, 1]. LoHa/LoKr deltas become a truncated
+    SVD of rank <= max_rank; returns (factors, worst relative Frobenius error of those, 0.0 when exact)."""
+    factors: dict[str, dict[str, tuple]] = {}
+    worst = 0.0
+    for component, name, layer in match_layers(lora, targets, "this model's LoRA slots"):
+        shape = tuple(targets[component][name])
+        if layer.kind == "lora":
+            _delta(lora.path, name, layer, shape, 1.0, product=False)  # the shape checks, naming the layer
+            r = layer.rank
+            down = layer.down.astype(np.float32).reshape((r,) + shape[1:] if len(shape) == 4 else (r, -1))
+            if len(shape) == 2 and down.shape[1] != shape[1]:
+                raise ModelError(f"{lora.path}: layer {name}: down {layer.down.shape} does not fit the weight {list(shape)}")
+            up = layer.up.astype(np.float32).reshape(shape[0], r) * np.float32(layer.scaling)
+        else:
+            delta = _delta(lora.path, name, layer, shape, 1.0).reshape(shape[0], -1).astype(np.float64)
+            u, sv, vt = np.linalg.svd(delta, full_matrices=False)
+            keep = int(min(max_rank, np.sum(sv > sv[0] * 1e-6))) if sv.size and sv[0] > 0 else 0
+            keep = max(keep, 1)
+            root = np.sqrt(sv[:keep])
+            up, down = (u[:, :keep] * root).astype(np.float32), (root[:, None] * vt[:keep]).astype(np.float32)
+            norm = np.linalg.norm(sv)
+            worst = max(worst, float(np.linalg.norm(sv[keep:]) / norm) if norm > 0 else 0.0)
+            down = down.reshape((keep,) + shape[1:]) if len(shape) == 4 else down
+        if len(shape) == 4:
+            up = up.reshape(shape[0], -1, 1, 1)
+        prev = factors.setdefault(component, {}).get(name)
+        if prev is not None:
+            down, up = np.concatenate([prev[0], down]), np.concatenate([prev[1], up], axis=1)
+        factors[component][name] = (down, up)
+    return factors, worst
+
+
+def _delta(path: Path, name: str, layer: LoraLayer, shape: tuple, scale: float, product: bool = True) -> np.ndarray | None:
+    if layer.kind != "lora":
+        try:
+            delta = layer.full_delta(shape)
+        except ValueError as err:
+            raise ModelError(
+                f"{path} does not match this model: layer {name} has a weight of shape {list(shape)} but the "
+                f"{'LoHa' if layer.kind == 'loha' else 'LoKr'} makes another ({err}); it was trained for another base model"
+            ) from None
+        return delta * np.float32(scale * layer.scaling)
     down, up = layer.down.astype(np.float32), layer.up.astype(np.float32)
     rank = layer.rank
     if up.ndim not in (2, 4) or up.shape[1] != rank or (up.ndim == 4 and up.shape[2:] != (1, 1)):
         raise ModelError(f"{path}: layer {name}: up {tuple(up.shape)} does not fit down {tuple(down.shape)}; "
                          "not a plain LoRA")
-    product = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
-    if product.shape[0] != shape[0] or product.size != int(np.prod(shape)):
+    rows, cols = up.shape[0], down.size // rank
+    kernel_differs = len(shape) == 4 and down.ndim == 4 and down.shape[1:] != tuple(shape[1:])
+    if rows != shape[0] or rows * cols != int(np.prod(shape)) or kernel_differs:
         raise ModelError(
             f"{path} does not match this model: layer {name} has a weight of shape {list(shape)} but the LoRA makes "
-            f"{list(product.shape)}; it was trained for another base model (SD 1.x and 2.x differ)"
+            f"{[rows, cols] if not kernel_differs else [rows, *down.shape[1:]]}; it was trained for another base model "
+            "(SD 1.x and 2.x differ)"
         )
+    if not product:
+        return None
+    product = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
     return (product * np.float32(scale * layer.scaling)).reshape(shape)
 
 
@@ -312,8 +426,9 @@ def fuse_lora_into_backend(backend, path, scale: float = 1.0) -> dict:
     """Fuse a LoRA into a running PyTorch backend's UNet and text encoder (the pipeline's load_lora)."""
     if getattr(backend, "name", None) != "torch":
         raise BackendError(
-            f"LoRAs are fused into the weights, which the {backend.name} backend holds compiled: export with the LoRA "
-            "fused (`sdrt export MODEL OUT --lora FILE:SCALE`), or run the diffusers folder with --backend torch"
+            f"load_lora fuses into the weights, which the {backend.name} backend holds compiled: switch LoRAs at run time "
+            "with pipe.register_lora / pipe(..., loras={FILE: SCALE}) on an export made with `--lora-slots all`, fuse at "
+            "export (`sdrt export MODEL OUT --lora FILE:SCALE`), or run the diffusers folder with --backend torch"
         )
     from sdrt.contracts import TEXT_ENCODER, UNET
 

@@ -69,6 +69,33 @@ class Backend:
     def has(self, network: str) -> bool:
         return network in self.contracts
 
+    # --- run-time LoRAs (sdrt.contracts.LoraSlot): the pipeline sets each network's active low-rank factors ---------
+
+    def lora_slots(self, network: str) -> tuple:
+        """The LoraSlots of `network` (empty: it takes no run-time LoRA)."""
+        contract = self.contracts.get(network)
+        return contract.lora_slots if contract is not None else ()
+
+    def set_lora_factors(self, network: str, factors: dict) -> None:
+        """Make {layer: (down, up)} (float32 numpy, scales folded into up) the active LoRA factors of `network`,
+        replacing all earlier ones; {} runs the network as exported."""
+        if factors:
+            from sdrt.errors import BackendError
+
+            raise BackendError(f"the {self.name} backend's {network} has no LoRA slots; export with `--lora-slots all`")
+
+    def _lora_feeds(self, network: str, factors: dict) -> dict[str, np.ndarray]:
+        """The slot inputs of `network` for `factors`: theirs where given, rank 0 elsewhere."""
+        contract = self.contracts[network]
+        feeds = contract.empty_lora_feeds()
+        slots = {s.layer: s for s in contract.lora_slots}
+        for layer, (down, up) in factors.items():
+            slot = slots[layer]
+            d_spec, u_spec = slot.specs()
+            feeds[d_spec.name] = np.ascontiguousarray(down, np.float32)
+            feeds[u_spec.name] = np.ascontiguousarray(up, np.float32)
+        return feeds
+
     def describe(self) -> str:
         """One line for `sdrt info` and benchmark records: device, precision, providers."""
         return self.name

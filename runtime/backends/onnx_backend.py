@@ -81,6 +81,13 @@ class OnnxBackend(Backend):
                 if len({spec.shape[0] for spec in specs}) == 1 and isinstance(specs[0].shape[0], str):
                     batch_symbol[n] = specs[0].shape[0]
         self._splitter = BatchSplitter(self.parallel, batch_symbol)
+        # Run-time LoRA inputs per network with slots: rank 0 (empty) until the pipeline sets factors.
+        self.lora_feeds = {n: c.empty_lora_feeds() for n, c in self.contracts.items() if c.lora_slots}
+
+    def set_lora_factors(self, network: str, factors: dict) -> None:
+        if network not in self.lora_feeds:
+            return super().set_lora_factors(network, factors)
+        self.lora_feeds[network] = self._lora_feeds(network, factors)
 
     # --- what a caller may ask (the pipeline, tests, sdrt info) -------------------------------------------------
 
@@ -110,6 +117,8 @@ class OnnxBackend(Backend):
 
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         contract = self.contracts[network]
+        if network in self.lora_feeds:
+            feeds = {**self.lora_feeds[network], **feeds}
         contract.check_feeds(feeds)
         if network not in self.sessions:
             raise BackendError(f"this export has no {network} network (it has {', '.join(self.sessions)})")

@@ -112,6 +112,7 @@ class Sessions:
         self.on_cuda = bool(self.sessions) and all("CUDAExecutionProvider" in s.get_providers() for s in self.sessions.values())
         self.static_networks = {
             n for n in self.sessions if not self.on_cuda and (static_shapes if static_shapes is not None else n in self.small_networks)
+            and not self.contracts[n].lora_slots  # a session per LoRA rank would make every switch a session load
         }  # fmt: skip
         self.specialized: dict[str, dict[tuple, ort.InferenceSession]] = {n: {} for n in self.static_networks}
         self.shape_sessions = max(1, shape_sessions)  # shapes kept per static network

@@ -529,17 +529,41 @@ class TensorRTBackend(Backend):
             raise BackendError(f"this build has no {network} engine (it has {', '.join(self.engines)}); rebuild with `sdrt build`")
         return self.engines[network]
 
+    def set_lora_factors(self, network: str, factors: dict) -> None:
+        """Engines built from an export with LoRA slots take the factors as inputs (profiles: rank 0 to
+        ShapeLimits.max_lora_rank); they are uploaded once here, not per call. Untested: no TensorRT on the CPU
+        machines this was written on."""
+        if not self.contracts[network].lora_slots:
+            return super().set_lora_factors(network, factors)
+        import torch
+
+        if not hasattr(self, "lora_device"):
+            self.lora_device = {}
+        feeds = self._lora_feeds(network, factors)
+        self.lora_device[network] = {n: torch.from_numpy(a).to(self.device) for n, a in feeds.items()}
+        if getattr(self, "loop", None) is not None and hasattr(self.loop, "clear"):
+            self.loop.clear()  # captured CUDA graphs hold the previous factors' addresses
+
+    def _lora_inputs(self, network: str) -> dict:
+        if not self.contracts[network].lora_slots:
+            return {}
+        if network not in getattr(self, "lora_device", {}):
+            self.set_lora_factors(network, {})
+        return self.lora_device[network]
+
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Host arrays in, host arrays out: inputs copied into reused device buffers, one run, outputs copied back."""
         import torch
 
         contract = self.contracts[network]
-        contract.check_feeds(feeds)
+        lora = self._lora_inputs(network)
+        feeds = {**{n: None for n in lora}, **feeds}
+        contract.check_feeds({n: (v if v is not None else lora[n]) for n, v in feeds.items()})
         engine = self._engine(network)
         # inference_mode: the buffers may be inference tensors made inside the device loop's inference_mode.
         with torch.inference_mode(), torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            inputs = {}
-            for spec in contract.inputs:
+            inputs = dict(lora)
+            for spec in contract.plain_inputs:
                 host = torch.from_numpy(np.ascontiguousarray(feeds[spec.name], dtype=np.float32))
                 inputs[spec.name] = engine.buffer("in:" + spec.name, tuple(host.shape)).copy_(host)
             outputs = engine.infer(inputs, self.stream.cuda_stream)
@@ -552,8 +576,8 @@ class TensorRTBackend(Backend):
 
         engine = self._engine(network)
         with torch.inference_mode():
-            inputs = {}
-            for spec in self.contracts[network].inputs:
+            inputs = dict(self._lora_inputs(network))
+            for spec in self.contracts[network].plain_inputs:
                 t = tensors[spec.name]
                 if t.device != self.device or t.dtype != torch.float32 or not t.is_contiguous():
                     t = engine.buffer("in:" + spec.name, tuple(t.shape)).copy_(t)

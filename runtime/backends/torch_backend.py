@@ -13,7 +13,7 @@ import torch
 
 from sdrt.backends.base import Backend
 from sdrt.backends.torch_modules import load_contract_modules
-from sdrt.contracts import UNET
+from sdrt.contracts import TEXT_ENCODER, UNET
 from sdrt.device_loop import DeviceLoop
 
 
@@ -55,6 +55,35 @@ class TorchBackend(Backend):
         self.loop = DeviceLoop(self.modules[UNET], self.device, self.dtype)
         self.channels_last = False
         self.set_channels_last(channels_last)
+        self._lora_hooks: dict = {}  # network -> LoraHooks, made on first use
+
+    # --- run-time LoRAs: forward hooks adding up(down(x)) on the slot layers; nothing touches the weights ----------
+
+    def _hooks(self, network: str):
+        from sdrt.backends.torch_modules import LoraHooks, lora_slot_layers, slot_root
+
+        if network not in self._lora_hooks:
+            if network not in (UNET, TEXT_ENCODER):
+                return None
+            root = slot_root(self.modules[network])
+            self._lora_hooks[network] = LoraHooks(root, lora_slot_layers(root, "all"))
+        return self._lora_hooks[network]
+
+    def lora_slots(self, network: str) -> tuple:
+        hooks = self._hooks(network)
+        return tuple(hooks.slots.values()) if hooks is not None else ()
+
+    def set_lora_factors(self, network: str, factors: dict) -> None:
+        hooks = self._hooks(network)
+        if hooks is None:
+            return super().set_lora_factors(network, factors)
+        if not factors and not hooks.factors:
+            return
+        to = dict(device=self.device, dtype=self.dtype)
+        hooks.set({layer: (torch.from_numpy(np.ascontiguousarray(d)).to(**to), torch.from_numpy(np.ascontiguousarray(u)).to(**to))
+                   for layer, (d, u) in factors.items()})
+        if network == UNET:
+            self.loop.clear()  # captured CUDA graphs ran the previous hooks
 
     def set_channels_last(self, on: bool) -> None:
         """Store the UNet's conv weights NHWC (cuDNN's fast layout on tensor cores) or NCHW; drops captured graphs."""

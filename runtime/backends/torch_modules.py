@@ -143,3 +143,103 @@ def load_clip_text_model(cls, model_dir, dtype):
         raise ModelError(f"{model_dir}/text_encoder lacks weights for {still[:3]} ({len(still)} tensors); re-save the model")
     text.load_state_dict(fixed, strict=False)
     return text.to(dtype)
+
+
+# --- LoRA slots: run-time low-rank factors added to chosen layers (sdrt.contracts.LoraSlot) -------------------------
+
+# The layers that get slots: every Linear and Conv2d of the blocks LoRA trainers adapt. "attention": the UNet's
+# transformer blocks (attention, feed-forward, proj_in/out) and the text encoder's attention and MLP, what kohya's
+# LoRA and diffusers/PEFT LoRAs touch; "all" adds the UNet's resnets, down/upsamplers and time-embedding
+# projections (kohya LoCon, LyCORIS conv layers).
+SLOT_SETS = ("none", "attention", "all")
+_ATTENTION_PARENTS = ("Transformer2DModel", "CLIPAttention", "CLIPMLP")
+_ALL_PARENTS = _ATTENTION_PARENTS + ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+
+
+def lora_slot_layers(root: nn.Module, which: str = "all"):
+    """The LoraSlots of `root` (a UNet2DConditionModel or the CLIP text model's core) for slot set `which`."""
+    from sdrt.contracts import LoraSlot
+
+    if which == "none":
+        return ()
+    parents = _ATTENTION_PARENTS if which == "attention" else _ALL_PARENTS
+    slots, seen = [], set()
+    for pname, parent in root.named_modules():
+        if type(parent).__name__ not in parents:
+            continue
+        for cname, child in parent.named_modules():
+            name = f"{pname}.{cname}" if cname else pname
+            if name in seen or not isinstance(child, (nn.Linear, nn.Conv2d)):
+                continue
+            seen.add(name)
+            if isinstance(child, nn.Conv2d):
+                if child.groups != 1 or child.dilation != (1, 1) or child.padding_mode != "zeros" or isinstance(child.padding, str):
+                    continue
+                upsample = type(parent).__name__ == "Upsample2D"
+                slots.append(LoraSlot(name, tuple(child.weight.shape), child.stride[0], child.padding[0], upsample))
+            else:
+                slots.append(LoraSlot(name, tuple(child.weight.shape)))
+    return tuple(slots)
+
+
+class LoraHooks:
+    """Forward hooks adding up(down(x)) to slot layers of one module tree; `set({layer: (down, up)})` replaces the
+    active factors (removing every earlier hook: nothing of a previous LoRA stays). An Upsample2D's conv is hooked on
+    the Upsample2D (export rewrites replace its conv's call), applied to the upsampled input."""
+
+    def __init__(self, root: nn.Module, slots):
+        self.root, self.slots = root, {s.layer: s for s in slots}
+        self.modules = dict(root.named_modules())
+        self.handles = []
+        self.factors: dict = {}
+
+    def set(self, factors: dict) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.factors = [], dict(factors)
+        for layer in self.factors:
+            slot = self.slots[layer]
+            target = self.modules[layer.rpartition(".")[0]] if slot.upsample else self.modules[layer]
+            self.handles.append(target.register_forward_hook(self._hook(layer, slot)))
+
+    def _hook(self, layer, slot):
+        import torch.nn.functional as F
+
+        def hook(module, args, output):
+            down, up = self.factors[layer]
+            x = args[0] if args else None
+            if x.dtype != down.dtype:  # (no Cast nodes in exports: the dtypes agree there)
+                x = x.to(down.dtype)
+            if slot.conv:
+                if slot.upsample:
+                    x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+                delta = F.conv2d(F.conv2d(x, down, None, slot.stride, slot.padding), up)
+            else:
+                delta = F.linear(F.linear(x, down), up)
+            return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
+
+        return hook
+
+
+class WithLoraSlots(nn.Module):
+    """A contract module whose extra inputs are its LoRA slots' factors (what the exporter traces): forward(*inputs,
+    *[down, up per slot])."""
+
+    def __init__(self, module: nn.Module, root: nn.Module, slots, n_inputs: int):
+        super().__init__()
+        self.module, self.n_inputs = module, n_inputs
+        self.slots = tuple(slots)
+        self.hooks = LoraHooks(root, slots)
+
+    def forward(self, *args):
+        plain, lora = args[: self.n_inputs], args[self.n_inputs:]
+        self.hooks.set({s.layer: (lora[2 * k], lora[2 * k + 1]) for k, s in enumerate(self.slots)})
+        try:
+            return self.module(*plain)
+        finally:
+            self.hooks.set({})
+
+
+def slot_root(module: nn.Module) -> nn.Module:
+    """The module tree LoRA layer names are relative to: the UNet2DConditionModel, or the text encoder wrapper."""
+    return module.unet if isinstance(module, UNetContract) else module

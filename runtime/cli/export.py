@@ -47,6 +47,10 @@ def add_parser(sub) -> None:
                         "per conv for --opt-size (1.3-2x faster per conv there; fp32 only, more memory; not for TensorRT)")
     p.add_argument("--share-weights", action="store_true", help="OUT also holds the diffusers weights and the ONNX graphs read theirs from them (fp32; both backends, one copy of the weights)")
     # issue 4: LoRAs fused at export; single-file checkpoints (sdrt.export.lora, sdrt.export.single_file)
+    p.add_argument("--lora-slots", choices=("none", "attention", "all"), default="none",
+                   help="export the UNet and text encoder with run-time LoRA inputs (`sdrt generate --lora`, "
+                   "pipe(loras=...)): 'attention' for LoRAs of the attention/MLP layers, 'all' adds the conv layers "
+                   "LoCon/LyCORIS adapt (default none: plain graphs)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA (kohya or diffusers layout) into the UNet and text encoder; repeatable (scale default 1)")
     p.add_argument("--allow-pickle", action="store_true", help="let MODEL be a pickle .ckpt: unpickling can run code from the file, use only for files you trust")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -78,6 +82,7 @@ def cmd_export(args) -> int:
         subpixel_upsample=args.subpixel_upsample,
         winograd=args.winograd,
         loras=[parse_lora_spec(spec) for spec in args.lora],
+        lora_slots=args.lora_slots,
         allow_pickle=args.allow_pickle,
     )
     print(report.summary())

@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "onnx", "torch", "tensorrt"), help="which runtime runs the networks (default: the fastest the model folder allows)")
     p.add_argument("--num-images", type=int, default=1, help="images to make; image k uses seed+k (default: %(default)s)")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="textual-inversion embedding to load (repeatable)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA to fuse at load, PyTorch backend only (repeatable; exports take `sdrt export --lora`)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA applied at run time (repeatable; scale default 1): any backend on the PyTorch backend or an export made with `--lora-slots`; kohya/LoCon, diffusers/PEFT, LoHa, LoKr")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
     p.add_argument("--ort-provider", default=None, choices=("auto", "cuda", "tensorrt", "cpu"),
                    help="ONNX Runtime's execution providers, with --backend onnx: cuda or tensorrt need onnxruntime-gpu and are an "
@@ -91,10 +91,12 @@ def cmd_generate(args) -> int:
     for spec in args.embedding:
         path, _, token = spec.partition(":")
         pipe.load_textual_inversion(path, token=token or None)
+    loras = []
     for spec in args.lora:
         from sdrt.adapters.lora import parse_lora_spec
 
-        pipe.load_lora(*parse_lora_spec(spec))
+        path, scale = parse_lora_spec(spec)
+        loras.append((pipe.register_lora(path, name=f"{len(loras)}-{Path(path).stem}"), scale))
     load_s = time.perf_counter() - t0
     out = pipe(
         args.prompt,
@@ -108,6 +110,7 @@ def cmd_generate(args) -> int:
         image=args.image,
         strength=args.strength,
         num_images_per_prompt=args.num_images,
+        loras=loras or None,
         progress=not args.quiet,
     )
     for k, (image, params, path) in enumerate(zip(out.images, out.parameters, paths)):

@@ -110,6 +110,7 @@ class Job:
         self.batch_images = 0
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self._listeners: list[Callable[[str, dict], None]] = []
+        self._history: list[tuple[str, dict]] = []  # progress events and the latest preview, for late listeners
         self._lock = threading.Lock()
         self.cache: dict = {}  # encoded outputs, filled by the routes
 
@@ -122,8 +123,11 @@ class Job:
         return self.cancel_reason == "timeout"
 
     def listen(self, callback: Callable[[str, dict], None]) -> Callable[[], None]:
-        """callback(event, data) from the worker thread for each event; returns the unsubscribe function."""
+        """callback(event, data) from the worker thread for each event, after the events so far (every progress
+        event and the latest preview) are replayed to it; returns the unsubscribe function."""
         with self._lock:
+            for event, data in self._history:
+                callback(event, data)
             self._listeners.append(callback)
 
         def unsubscribe():
@@ -139,6 +143,10 @@ class Job:
 
     def emit(self, event: str, data: dict) -> None:
         with self._lock:
+            if event == "preview":
+                self._history = [(e, d) for e, d in self._history if e != "preview"]
+            if event in ("progress", "preview"):
+                self._history.append((event, data))
             listeners = list(self._listeners)
         for callback in listeners:
             try:
@@ -175,8 +183,8 @@ class _Watch(Observer):
                 continue
             job.step, job.total = step + 1, total
             job.latents = batch.x[batch.rows_of(plan)]
-            if job.listened:
-                job.emit("progress", {"step": job.step, "total": total})
+            job.emit("progress", {"step": job.step, "total": total})
+            if job.listened or job.preview_every:  # previews cost a projection: made when asked for or watched
                 every = job.preview_every or self.batcher.preview_every
                 if every and (job.step % every == 0) and job.step < total:
                     job.emit("preview", {"step": job.step, "total": total, "images": self.batcher.preview(job)})

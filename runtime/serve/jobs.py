@@ -83,7 +83,11 @@ async def events(job_id: str, request: Request):
     async def stream():
         try:
             yield {"event": "status", "data": (await status(service, job, images=False)).model_dump_json()}
-            while not job.finished:
+            while True:
+                if job.finished:  # a late listener still gets the replayed progress and latest preview
+                    await asyncio.sleep(0)  # let the replay's call_soon_threadsafe puts land
+                    if queue.empty():
+                        break
                 event, data = await queue.get()
                 if event in ("done", "failed", "cancelled"):
                     break

@@ -301,6 +301,36 @@ def test_serve_config_file_builds():
     assert type(built).__name__ == "Application"
 
 
+def test_cli_serves_on_the_cluster_and_stops_on_sigint(cluster):
+    """`sdrt serve --ray --address ADDR` (last but one: Serve's HTTP proxy keeps the port it started with, so the
+    module's Serve instance goes first)."""
+    from ray import serve
+
+    serve.shutdown()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from sdrt.cli import main; sys.exit(main())", "serve", "--ray",
+                             "--address", cluster, "--replicas", "1", "--cpus-per-replica", "0.5", "--quick-start",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _ready(url) or proc.poll() is not None, timeout=120, every=0.25)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        r = post(url, "/v1/images/generations", json={"prompt": "a red 7", "size": "64x64", "steps": 4, "seed": 1})
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _ready(url) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 # --- last: shutdown leaves nothing behind -----------------------------------------------------------------------
 
 

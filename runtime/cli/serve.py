@@ -10,6 +10,8 @@ EPILOG_SERVE = """examples:
   sdrt serve                                        the built-in digits model on 127.0.0.1:7860
   sdrt serve ~/models/sd15 --max-batch 4            one model (named after its folder)
   sdrt serve --model sd15=~/models/sd15 --model dreamshaper=~/models/ds8 --api-key $KEY
+  sdrt serve --ray --replicas 2 --cpus-per-replica 1    on a local Ray cluster (pip install 'sdrt[ray]')
+  sdrt serve --ray --address HEAD:6379 --autoscale 1:8 --gpus-per-replica 1 ~/models/sd15
 APIs: AUTOMATIC1111 (/sdapi/v1/txt2img, ...), OpenAI images (/v1/images/generations, /edits), async jobs
 (/v1/jobs, with Server-Sent Events); /healthz, /readyz, /metrics, /docs.
 """
@@ -40,6 +42,15 @@ def add_parser(sub) -> None:
     p.add_argument("--quick-start", action="store_true", help="warm batch size 1 only: ready sooner, the first batch of each other size pays its setup")
     p.add_argument("--preview-every", type=int, default=5, help="steps between previews in job events (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    r = p.add_argument_group("Ray Serve (pip install 'sdrt[ray]')")
+    r.add_argument("--ray", action="store_true", help="serve through Ray Serve: one deployment per model, replicas batch as above")
+    r.add_argument("--address", default=None, metavar="ADDR", help="join the Ray cluster at ADDR (HOST:PORT; default: start a local one)")
+    r.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas per model (default: %(default)s)")
+    r.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="autoscale replicas on ongoing requests, MIN..MAX")
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C", help="(default: %(default)s)")
+    r.add_argument("--gpus-per-replica", type=float, default=0.0, metavar="G", help="(default: %(default)s)")
+    r.add_argument("--max-replicas-per-node", type=int, default=None, metavar="K", help="spread replicas (1: one per node)")
+    r.add_argument("--ray-cpus", type=int, default=None, metavar="N", help="CPUs of a local cluster started here (default: all)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -72,4 +83,20 @@ def cmd_serve(args) -> int:
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                          timeout=args.timeout, drain_timeout=args.drain_timeout, preview_every=args.preview_every,
                          warm_all_batches=not args.quick_start, api_key=args.api_key or None, cors=args.cors, limits=limits)
+    if args.ray:
+        return cmd_serve_ray(args, config)
     return serve(config, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def cmd_serve_ray(args, config) -> int:
+    from sdrt.errors import InputError
+    from sdrt.serve.ray_app import RayOptions, parse_autoscale, require_ray, run
+
+    require_ray()  # one line naming the extra, before anything else
+    if args.replicas < 1:
+        raise InputError(f"--replicas {args.replicas} must be at least 1")
+    options = RayOptions(address=args.address, replicas=args.replicas, autoscale=parse_autoscale(args.autoscale),
+                         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+                         max_replicas_per_node=args.max_replicas_per_node, num_cpus=args.ray_cpus,
+                         host=args.host, port=args.port)
+    return run(config, options)

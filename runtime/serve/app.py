@@ -1,6 +1,7 @@
 """The FastAPI app factory: `create_app(ServeConfig(...))` gives an ASGI app serving A1111's API, OpenAI's images
 API and async jobs over one batcher per model. uvicorn runs it (`sdrt serve`); a Ray Serve deployment can
-mount the same app (`@serve.ingress(create_app(config))`) or wrap `Batcher` alone.
+mount the same app with `create_app(config, batchers=...)`, where each model's entry is anything with Batcher's
+caller-side interface (sdrt.serve.ray_app.RemoteBatcher forwards to a Ray Serve deployment handle).
 
 Shared here: the config, the `Service` the routes reach through `request.app.state.service` (models, jobs,
 metrics, draining), the error handlers (every error is JSON; no traceback text in any response), and one pure
@@ -69,13 +70,13 @@ def load_pipeline(path: str | None, backend: str, threads: int | None, max_batch
 class Service:
     """What the routes share: one Batcher per model, the async jobs, the metrics and the drain state."""
 
-    def __init__(self, config: ServeConfig, metrics):
+    def __init__(self, config: ServeConfig, metrics, batchers: dict | None = None):
         self.config = config
         self.metrics = metrics
         self.draining = False
         self.a1111_model = config.default_model  # A1111's /options sd_model_checkpoint
         self.jobs: OrderedDict[str, Job] = OrderedDict()
-        self.batchers = {
+        self.batchers = batchers if batchers is not None else {
             name: Batcher(name, lambda path=path: load_pipeline(path, config.backend, config.threads, config.max_batch),
                           max_batch=config.max_batch, batch_wait_ms=config.batch_wait_ms, max_queue=config.max_queue,
                           timeout=config.timeout, preview_every=config.preview_every, limits=config.limits,
@@ -85,8 +86,7 @@ class Service:
 
     def start(self) -> None:
         for batcher in self.batchers.values():
-            if not batcher._thread.is_alive() and batcher.state == "loading":
-                batcher.start()
+            batcher.start()
 
     @property
     def ready(self) -> bool:
@@ -107,10 +107,12 @@ class Service:
 
     async def plan(self, batcher: Batcher, *, fields: dict | None = None, **kw):
         """Limits first (422 naming the request's field), then the pipeline's own checks (InputError -> 422)."""
-        batcher.limits.check(batcher.pipe.facts, prompt=kw["prompt"], negative_prompt=kw.get("negative_prompt"),
+        batcher.limits.check(batcher.facts, prompt=kw["prompt"], negative_prompt=kw.get("negative_prompt"),
                              steps=kw["num_inference_steps"], images=kw.get("num_images_per_prompt", 1),
                              width=kw.get("width"), height=kw.get("height"), fields=fields)
         # plan() checks the rest through sdrt.inputs (schedule, memory budget): a 422 for this request alone
+        if getattr(batcher, "remote", False):  # a Ray deployment plans on its replica (its InputError: 422 there)
+            return batcher.plan(**kw)
         if kw.get("image") is not None:
             return await run_in_threadpool(batcher.pipe.plan, **kw)
         return batcher.pipe.plan(**kw)
@@ -165,7 +167,12 @@ class Service:
             raise ApiError(504, f"the request took longer than the server's timeout ({self.config.timeout:g} s) and was stopped",
                            kind="server_error")
         if job.state == "failed":
-            raise ApiError(job.error_status, job.error or "failed", kind="server_error" if job.error_status >= 500 else "invalid_request_error")
+            status = job.error_status
+            if status == 429:  # a Ray replica's queue was full
+                raise ApiError(429, job.error or "the queue is full", headers={"Retry-After": str(getattr(job, "retry_after", 1))},
+                               kind="rate_limit_error")
+            raise ApiError(status, job.error or "failed", ("body",) if status == 422 else None,
+                           kind="server_error" if status >= 500 else "invalid_request_error")
         if job.state != "done":
             raise ApiError(409, job.error or "cancelled", kind="cancelled")  # interrupted, or DELETE on its job
         return job
@@ -293,16 +300,17 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(config: ServeConfig | None = None) -> FastAPI:
-    """The ASGI app. Models load in their worker threads after startup; /readyz answers 503 until all are warm."""
+def create_app(config: ServeConfig | None = None, batchers: dict | None = None, metrics=None) -> FastAPI:
+    """The ASGI app. Models load in their worker threads after startup; /readyz answers 503 until all are warm.
+    `batchers` (name -> an object with Batcher's caller-side interface) replaces the local batchers."""
     from contextlib import asynccontextmanager
 
     from sdrt import __version__
     from sdrt.serve import a1111, jobs, openai_api, ops
 
     config = config or ServeConfig()
-    metrics = ops.Metrics()
-    service = Service(config, metrics)
+    metrics = metrics or ops.Metrics()
+    service = Service(config, metrics, batchers)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -222,8 +222,14 @@ class Batcher:
     # --- the caller's side -------------------------------------------------------------------------------------
 
     def start(self) -> "Batcher":
-        self._thread.start()
+        if not self._thread.is_alive() and self.state == "loading":  # once
+            self._thread.start()
         return self
+
+    @property
+    def facts(self):
+        """The model's facts (default size, size step, ...) for the limits; valid once ready."""
+        return self.pipe.facts
 
     @property
     def ready(self) -> bool:

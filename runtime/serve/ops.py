@@ -28,6 +28,22 @@ class Metrics:
         self._images = Counter("sdrt_images", "images made", ["model"], registry=r)
         self._cancelled = Counter("sdrt_cancelled", "requests stopped before their images were made, by reason",
                                   ["model", "reason"], registry=r)
+        self._replica = None  # under Ray Serve: requests answered per replica, and retries after a replica died
+
+    def _ray_counters(self) -> None:
+        if self._replica is None:
+            self._replica = Counter("sdrt_replica_requests", "requests answered per Ray Serve replica",
+                                    ["model", "node", "pid"], registry=self.registry)
+            self._retries = Counter("sdrt_replica_retries", "requests sent again after their replica died", ["model"],
+                                    registry=self.registry)
+
+    def replica_request(self, model: str, node: str, pid: str) -> None:
+        self._ray_counters()
+        self._replica.labels(model, node, pid).inc()
+
+    def retry(self, model: str) -> None:
+        self._ray_counters()
+        self._retries.labels(model).inc()
 
     def request(self, method: str, route: str, status: int) -> None:
         self._requests.labels(method, route, str(status)).inc()

@@ -16,6 +16,15 @@ import numpy as np
 from PIL import Image
 
 
+def post(url: str, path: str, timeout: float = 60, **kw):
+    return httpx.post(url + path, timeout=timeout, **kw)
+
+
+def alone(pipe, prompt, **kw):
+    """The same request in process: what a served image must equal."""
+    return pipe(prompt, progress=False, output_type="np", **kw).images
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

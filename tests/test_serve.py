@@ -13,7 +13,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import sdrt  # noqa: E402
-from serve_util import png_pixels, running_server, sse_events, wait_for  # noqa: E402
+from serve_util import alone, png_pixels, post, running_server, sse_events, wait_for  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
@@ -34,14 +34,6 @@ def url():
 @pytest.fixture(scope="module")
 def pipe():
     return sdrt.Pipeline.from_pretrained(None, backend="onnx", threads=1)
-
-
-def alone(pipe, prompt, **kw):
-    return pipe(prompt, progress=False, output_type="np", **kw).images
-
-
-def post(url, path, **kw):
-    return httpx.post(url + path, timeout=60, **kw)
 
 
 # --- operations -------------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("ray.serve")
 
 import sdrt  # noqa: E402
-from serve_util import free_port, png_pixels, wait_for  # noqa: E402
+import serve_util  # noqa: E402
+from serve_util import alone, free_port, png_pixels, wait_for  # noqa: E402
 
 RAY = str(Path(sys.executable).with_name("ray"))
 STEPS = 6
@@ -109,12 +110,8 @@ def pipe():
     return sdrt.Pipeline.from_pretrained(None, backend="onnx", threads=1)
 
 
-def alone(pipe, prompt, **kw):
-    return pipe(prompt, progress=False, output_type="np", **kw).images
-
-
 def post(url, path, **kw):
-    return httpx.post(url + path, timeout=120, **kw)
+    return serve_util.post(url, path, timeout=120, **kw)
 
 
 def replicas(pipe_name="model-digits"):

@@ -44,6 +44,14 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, 
                        "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_, "BF16": np.uint16}
 
 
+def _read_header(f) -> dict:
+    """A .safetensors file's JSON header (8-byte little-endian size, then the JSON); leaves f at the tensor data."""
+    (size,) = struct.unpack("<Q", f.read(8))
+    if not 2 <= size <= 100_000_000:
+        raise ValueError(f"header size {size} is not plausible")
+    return json.loads(f.read(size))
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """All tensors of a .safetensors file as numpy arrays (bfloat16 widened to float32), and its metadata.
 
@@ -52,10 +60,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
     """
     try:
         with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if not 2 <= size <= 100_000_000:
-                raise ValueError(f"header size {size} is not plausible")
-            header = json.loads(f.read(size))
+            header = _read_header(f)
             data = f.read()
         metadata = header.pop("__metadata__", None) or {}
         tensors = {}
@@ -78,17 +83,15 @@ def check_safetensors_complete(path: Path) -> None:
     with a message that does not say which file."""
     try:
         with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if not 2 <= size <= 100_000_000:
-                raise ValueError(f"header size {size} is not plausible")
-            header = json.loads(f.read(size))
+            header = _read_header(f)
+            data_start = f.tell()
         header.pop("__metadata__", None)
         end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
     except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as err:
         raise ModelError(f"{path} is not a readable .safetensors file ({err}); re-download or re-save it") from None
     actual = Path(path).stat().st_size
-    if actual < 8 + size + end:
-        raise ModelError(f"{path} is truncated: {actual} bytes, its header needs {8 + size + end}; re-download or re-save it")
+    if actual < data_start + end:
+        raise ModelError(f"{path} is truncated: {actual} bytes, its header needs {data_start + end}; re-download or re-save it")
 
 
 def to_numpy(value):

@@ -74,8 +74,9 @@ def test_full_queue_answers_429_with_retry_after(tight):
 
 def test_timeout_answers_504_and_drops_the_work(tight):
     t0 = time.monotonic()
+    # ~10 s of work on an idle machine (900 steps at 128 px), so it cannot finish inside the 1.5 s timeout
     r = httpx.post(f"{tight}/sdapi/v1/txt2img", headers=AUTH, timeout=30,
-                   json={"prompt": "a 4", "steps": 500, "width": 64, "height": 64})
+                   json={"prompt": "a 4", "steps": 900, "width": 128, "height": 128})
     assert r.status_code == 504 and "timeout" in r.json()["error"]["message"]
     assert time.monotonic() - t0 < 5
     wait_for(lambda: httpx.get(f"{tight}/sdapi/v1/progress", headers=AUTH).json()["state"]["job_count"] == 0, timeout=5)

@@ -32,7 +32,6 @@ class GenerationPlan:
     strength: float
     latents: np.ndarray | None  # the caller's initial noise [batch, C, h, w]
     output_type: str  # "pil", "np" or "latent"
-    user_seed: int | None = None  # the seed as given (None: drawn at random)
     loras: tuple = ()  # ((registered name, scale), ...) sorted by name, scales != 0: run-time LoRAs (Pipeline.register_lora)
 
     @property

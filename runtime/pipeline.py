@@ -173,13 +173,12 @@ class Pipeline:
             inputs.check_memory(self.source, self.backend.name, batch, height, width, guided, img2img, budget)
         # One generator per image, seeded seed+k: image k alone is reproduced by its own seed
         # (diffusers' equivalent is generator=[torch.Generator().manual_seed(seed + k) for k in range(batch)]).
-        user_seed = seed
         seed = random.randrange(2**31) if seed is None else seed
         per_image = list(self._per_image(prompts, negatives, num_images_per_prompt))
         return GenerationPlan(
             prompts=[p for p, _ in per_image], negatives=[n for _, n in per_image], seeds=[seed + k for k in range(batch)],
             steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler,
-            init_image=init_image, strength=strength, latents=latents, output_type=output_type, user_seed=user_seed,
+            init_image=init_image, strength=strength, latents=latents, output_type=output_type,
             loras=loras,
         )  # fmt: skip
 

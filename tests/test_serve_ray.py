@@ -216,10 +216,16 @@ def test_replica_killed_under_16_requests(url, pipe):
                "seed": 100 + k, "scheduler": "euler"} for k in range(16)]
     before = who()
     assert len(before) == 2
-    jobs = [post(url, "/v1/jobs", json={"prompt": "a white 9", "steps": 120, "seed": s}).json()["id"] for s in (7, 8)]
+    # Two long jobs (400 steps at 64x64: several seconds each on an idle machine) go first: Serve's router sends them to
+    # different replicas (the less loaded of the two), so whichever replica is killed is busy with one at that time.
+    # (With 120-step jobs at the default size an idle machine had finished everything before the kill: no retry.)
+    jobs = [post(url, "/v1/jobs", json={"prompt": "a white 9", "steps": 400, "width": 64, "height": 64, "seed": s}).json()["id"]
+            for s in (7, 8)]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(post, url, "/v1/images/generations", json=b) for b in bodies]
         time.sleep(1.0)  # all 16 reached the replicas
+        states = [httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] for job_id in jobs]
+        assert states == ["running", "running"], states  # else the kill below would not hit work in flight
         victim = next(iter(before))
         os.kill(victim, signal.SIGKILL)
         answers = [f.result() for f in futures]

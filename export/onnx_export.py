@@ -95,6 +95,7 @@ def export_model(
     max_size: int | None = None,
     max_batch: int = 4,
     lora_slots: str = "none",
+    no_winograd=(),
 ) -> ExportReport:
     """Export `model` (a diffusers-format SD 1.x/2.x folder, or an original-layout single-file checkpoint) to the
     sdrt export folder `out_dir`.
@@ -116,12 +117,13 @@ def export_model(
     compares with stock PyTorch.
     winograd: export wide 3x3 convolutions as Winograd F(4x4, 3x3) or F(2x2, 3x3), each chosen for its input's
     size at limits.opt_size (sdrt.export.winograd): faster on ONNX Runtime's CPU provider at any size, fastest at
-    the opt size; fp32 only, more memory, and not for TensorRT (`sdrt build` refuses such exports).
+    the opt size; fp32 only, more memory, and not for TensorRT (`sdrt build` refuses such exports). no_winograd:
+    networks left without it (an int8 export quantises those: sdrt.export.int8_export).
     """
     options = dict(fp16=fp16, opset=opset, limits=limits, check=check, keep_fp32_ops=keep_fp32_ops, progress=progress,
                    exporter=exporter, force=force, share_weights=share_weights, subpixel_upsample=subpixel_upsample,
                    winograd=winograd, min_size=min_size, opt_size=opt_size, max_size=max_size, max_batch=max_batch,
-                   lora_slots=lora_slots)
+                   lora_slots=lora_slots, no_winograd=tuple(no_winograd))
     model, out_dir = Path(model).expanduser(), Path(out_dir).expanduser()
     if not loras and not model.is_file():
         return _export_folder(model, out_dir, source=model, lora_records=[], **options)
@@ -143,7 +145,7 @@ def default_limits(facts: ModelFacts, min_size=None, opt_size=None, max_size=Non
 def _export_folder(
     model_dir: Path, out_dir: Path, fp16, opset, limits, check, keep_fp32_ops, progress, exporter, force, share_weights,
     subpixel_upsample, winograd, min_size, opt_size, max_size, max_batch, source: Path, lora_records: list[dict],
-    lora_slots: str = "none",
+    lora_slots: str = "none", no_winograd=(),
 ) -> ExportReport:  # fmt: skip
     from tqdm.auto import tqdm
 
@@ -189,7 +191,7 @@ def _export_folder(
             t0 = time.perf_counter()
             rel = f"{name}/model.onnx" if not share_weights else f".staging/{name}/model.onnx"
             args = example_args(contracts[name], dims)
-            with graph_rewrites(modules[name], args, opt_scale, subpixel_upsample, winograd) as counts:
+            with graph_rewrites(modules[name], args, opt_scale, subpixel_upsample, winograd and name not in no_winograd) as counts:
                 export_network(modules[name], contracts[name], tmp / rel, args, opset, exporter, constant_folding=not share_weights)
             for key in GRAPH_REWRITES:
                 rewrites[key][name] = counts[key]

@@ -37,6 +37,7 @@ def describe_model(model: str | Path | None, verify: bool = False) -> tuple[str,
             files = [p for p in (source.path / net["file"]).parent.glob(Path(net["file"]).name + "*")]  # + .data
             size = sum(p.stat().st_size for p in files) / 1e6
             lines.append(f"  {name:<14} {net['file']}  ({net.get('precision', 'fp32')}, {size:.1f} MB)")
+        lines += _int8_lines(source.manifest.extras.get("int8"))
     else:
         for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
             lines.append(f"  {name:<14} {_size(source.path / name)}")
@@ -59,3 +60,20 @@ def describe_model(model: str | Path | None, verify: bool = False) -> tuple[str,
     lines.append(f"gpu driver   {'NVIDIA ' + driver if driver else 'none loaded (no NVIDIA GPU, or its driver is not loaded)'}")
     lines.append(f"default      {source.default_backend()}")
     return "\n".join(lines), ok
+
+
+def _int8_lines(record: dict | None) -> list[str]:
+    """What `sdrt export --int8` did and measured (extras["int8"]), in two or three lines."""
+    if not record:
+        return []
+    nets = ", ".join(record.get("networks", {}))
+    lines = [f"int8         {record.get('scheme')} scheme on {nets} (onnxruntime {record.get('onnxruntime', '?')})"]
+    q = record.get("quality")
+    if q:
+        lines.append(f"  quality    PSNR {q['psnr_db']:.1f} dB vs the fp32 export ({q['prompts']} prompts, {q['size']} px, "
+                     f"{q['steps']} steps, seed {q['seed']})")
+        o = q.get("oracle")
+        if o:
+            lines.append(f"  oracle     digit {o['int8']['digit']:.0%} / colour {o['int8']['colour']:.0%} "
+                         f"(fp32 {o['fp32']['digit']:.0%} / {o['fp32']['colour']:.0%}; 50 prompts, guidance 7.5, 20 steps)")
+    return lines

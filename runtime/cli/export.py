@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from sdrt.backends.base import module_available
-from sdrt.errors import BackendError, torch_install_hint
+from sdrt.errors import BackendError, InputError, torch_install_hint
 
 EPILOG = """The export folder holds one ONNX file per network, the tokenizer, the scheduler config, the token
 embeddings and manifest.json; it runs with only onnxruntime installed: sdrt generate "a fox" -m OUT.
@@ -53,6 +53,13 @@ def add_parser(sub) -> None:
                    "LoCon/LyCORIS adapt (default none: plain graphs)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA (kohya or diffusers layout) into the UNet and text encoder; repeatable (scale default 1)")
     p.add_argument("--allow-pickle", action="store_true", help="let MODEL be a pickle .ckpt: unpickling can run code from the file, use only for files you trust")
+    # issue 22: int8 for ONNX Runtime on CPUs (sdrt.export.int8_export)
+    p.add_argument("--int8", action="store_true", help="quantise the UNet to int8 for ONNX Runtime on a CPU, calibrated on "
+                   "prompts run through the model; reports PSNR against fp32 (and the oracle's accuracy on the built-in model)")
+    p.add_argument("--int8-scheme", default=None, metavar="SCHEME", help="with --int8: static (default), static-s8, mixed, "
+                   "dynamic, dynamic-matmul or weight-only (see benchmarks/results/int8-schemes.md)")
+    p.add_argument("--calibration-prompts", default=None, metavar="FILE", help="with --int8: calibration prompts, one a line (default: a built-in spread)")
+    p.add_argument("--no-quality", dest="quality", action="store_false", help="with --int8: skip the quality report against fp32")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
 
@@ -64,9 +71,9 @@ def cmd_export(args) -> int:
     from sdrt.adapters.lora import parse_lora_spec
     from sdrt.export.onnx_export import export_model
 
-    report = export_model(
-        args.model,
-        args.out,
+    if not args.int8 and (args.int8_scheme or args.calibration_prompts or not args.quality):
+        raise InputError("--int8-scheme, --calibration-prompts and --no-quality go with --int8; add --int8")
+    options = dict(
         fp16=args.fp16,
         opset=args.opset,
         min_size=args.min_size,
@@ -85,5 +92,19 @@ def cmd_export(args) -> int:
         lora_slots=args.lora_slots,
         allow_pickle=args.allow_pickle,
     )
+    if args.int8:
+        from sdrt.export.int8_export import export_int8, summary
+        from sdrt.export.int8_quality import read_prompts
+
+        prompts = read_prompts(args.calibration_prompts) if args.calibration_prompts else None
+        for key in ("check", "force", "progress", "winograd"):
+            options.pop(key)
+        report, record = export_int8(args.model, args.out, scheme=args.int8_scheme, calibration_prompts=prompts,
+                                     quality=args.quality, force=args.force, progress=not args.quiet, check=args.check,
+                                     winograd=args.winograd, **options)
+        print(report.summary().replace("exported to", "fp32 reference exported to", 1))
+        print(summary(args.out, record))
+        return 0
+    report = export_model(args.model, args.out, **options)
     print(report.summary())
     return 0

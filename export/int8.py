@@ -1,0 +1,231 @@
+"""int8 quantisation of exported ONNX networks for ONNX Runtime on CPUs (`sdrt export --int8`).
+
+    stats = quantize_network(src, dst, scheme="dynamic", calibration=None)
+
+Schemes (ONNX Runtime's quantisation tools; see benchmarks/results/int8-schemes.md for what each cost in quality
+and time on the built-in model):
+- "dynamic": weights int8 per output channel, activations quantised per call from their own range
+  (MatMulInteger / DynamicQuantizeMatMul, ConvInteger). No calibration; ranges always fit the input.
+- "dynamic-matmul": the same for MatMuls only (attention projections and feed-forwards); convs stay fp32.
+- "static": QDQ with activation ranges calibrated on UNet inputs recorded from the model's own sampling loop
+  (sdrt.export.int8_calibrate), weights per channel; ORT fuses the Q/DQ pairs into QLinearConv / QLinearMatMul.
+- "weight-only": MatMul weights stored as 8-bit blocks (MatMulNBits, bits=8), dequantised in the kernel; convs fp32.
+
+What stays fp32 whatever the scheme (`fp32_nodes`): the first and last conv (the latent <-> feature maps, where an
+error lands directly in the output), every Gemm (the time embedding and the per-resnet time projections: 2-D, tiny,
+and they set each block's scale), every norm, softmax and elementwise op (only Conv/MatMul are quantised), the
+attention score MatMuls whose two inputs are both activations (Q.K^T and P.V: their ranges swing per step), and convs
+whose weight is computed in the graph rather than stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SCHEMES = ("mixed", "dynamic", "dynamic-matmul", "static", "static-s8", "weight-only")
+DEFAULT_SCHEME = "static"
+
+
+@dataclasses.dataclass
+class QuantStats:
+    scheme: str
+    quantized: dict  # op type -> nodes quantised
+    kept_fp32: list  # Conv/MatMul nodes left in fp32, by name
+    bytes_before: int
+    bytes_after: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def fp32_nodes(model) -> tuple[list[str], list[str]]:
+    """(Conv/MatMul nodes to quantise, Conv/MatMul nodes kept fp32) by the rules in the module docstring."""
+    graph = model.graph
+    stored = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    first_last = set()
+    if convs:
+        first_last = {convs[0].name, convs[-1].name}
+        first_last |= {n.name for n in convs if n.input[0] in inputs or set(n.output) & outputs}
+    quantize, keep = [], []
+    for n in graph.node:
+        if n.op_type not in ("Conv", "MatMul"):
+            continue
+        weight_stored = len(n.input) > 1 and n.input[1] in stored
+        (keep if n.name in first_last or not weight_stored else quantize).append(n.name)
+    return quantize, keep
+
+
+def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibration=None, keep=(), options=None) -> QuantStats:
+    """Quantise the ONNX graph at `src` into `dst` (one file, or file + `.data` when over 2 GB).
+
+    calibration: for "static", a list of feed dicts (the network's inputs, recorded from real sampling).
+    """
+    import onnx
+
+    if scheme not in SCHEMES:
+        from sdrt.errors import InputError
+
+        raise InputError(f"int8 scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
+    src, dst = Path(src), Path(dst)
+    bytes_before = _bytes(src)
+    big = bytes_before > 1_800_000_000
+    model = onnx.load(str(src), load_external_data=False)
+    _name_unnamed(model)
+    quantize, kept = fp32_nodes(model)
+    extra = [n for n in quantize if any(k in n for k in keep)]
+    keep = kept + extra
+    quantize = [n for n in quantize if n not in extra]
+    if scheme in ("dynamic-matmul", "weight-only"):
+        conv = {n.name for n in model.graph.node if n.op_type == "Conv"}
+        keep += [n for n in quantize if n in conv]
+        quantize = [n for n in quantize if n not in conv]
+    del model
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".q-") as work:
+        named = Path(work) / "named.onnx"
+        _write_named(src, named, big)
+        out = Path(work) / "quant.onnx"
+        if scheme.startswith("dynamic"):
+            _dynamic(named, out, quantize, big)
+        elif scheme == "mixed":
+            conv = {n.name for n in onnx.load(str(named), load_external_data=False).graph.node if n.op_type == "Conv"}
+            mid = Path(work) / "convs.onnx"
+            _static(named, mid, [n for n in quantize if n in conv], calibration, big, **(options or {}))
+            _dynamic(mid, out, [n for n in quantize if n not in conv], big)
+        elif scheme.startswith("static"):
+            _static(named, out, quantize, calibration, big, symmetric=scheme == "static-s8", **(options or {}))
+        else:
+            _weight_only(named, out, quantize, big)
+        result = onnx.load(str(out))
+        for leftover in [dst, dst.with_name(dst.name + ".data")]:
+            leftover.unlink(missing_ok=True)
+        big_after = sum(len(t.raw_data) for t in result.graph.initializer) > 1_800_000_000
+        if big_after:
+            onnx.save_model(result, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=dst.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(result, str(dst))
+    counts: dict[str, int] = {}
+    for n in result.graph.node:
+        if n.op_type in QUANT_OPS:
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return QuantStats(scheme, counts, keep, bytes_before, _bytes(dst))
+
+
+QUANT_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv", "QLinearMatMul",
+             "QuantizeLinear", "DequantizeLinear", "MatMulNBits", "DynamicQuantizeLinear")
+
+
+def _bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).parent.iterdir() if p.name.startswith(Path(path).name))
+
+
+def _name_unnamed(model) -> None:
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+
+
+def _write_named(src: Path, dst: Path, big: bool) -> None:
+    """A copy of `src` with every node named (the quantisers select nodes by name) and weights beside it."""
+    import onnx
+
+    model = onnx.load(str(src))
+    _name_unnamed(model)
+    if big:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location="named.data")
+    else:
+        onnx.save_model(model, str(dst))
+
+
+def _dynamic(src: Path, dst: Path, nodes: list[str], big: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["Conv", "MatMul"], per_channel=True,
+                     weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=big,
+                     extra_options={"MatMulConstBOnly": True})
+
+
+def _static(src: Path, dst: Path, nodes: list[str], calibration, big: bool, symmetric: bool = False,
+            method: str = "MinMax") -> None:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not calibration:
+        from sdrt.errors import InputError
+
+        raise InputError("the static int8 scheme needs calibration feeds (recorded UNet inputs); none were given")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(calibration)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul"],
+                    per_channel=True, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=big,
+                    calibrate_method=getattr(CalibrationMethod, method),
+                    extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": symmetric, "WeightSymmetric": True})
+
+
+def _weight_only(src: Path, dst: Path, nodes: list[str], big: bool) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    q = MatMulNBitsQuantizer(model, bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
+                             nodes_to_include=nodes, op_types_to_quantize=("MatMul",))
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=big)
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
+    """PSNR in dB of images `a` against `b` (same shape, values in [0, peak]); inf when identical."""
+    err = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float("inf") if err == 0 else float(10 * np.log10(peak * peak / err))
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def quantize_export(fp32_dir: Path, out_dir: Path, scheme: str, networks=("unet",), calibration=None) -> dict:
+    """Copy the fp32 export at `fp32_dir` to `out_dir` with `networks` quantised by `scheme`; rewrites the manifest
+    (each quantised network's precision "int8" and its stats; extras["int8"]) and the file records. Returns
+    {network: QuantStats dict}. `calibration`: {network: [feeds]} for the static scheme."""
+    from sdrt.model.manifest import read_manifest
+
+    fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
+    manifest = read_manifest(fp32_dir)
+    shutil.copytree(fp32_dir, out_dir, ignore=shutil.ignore_patterns(".ort_cache"))
+    stats = {}
+    for name in networks:
+        rel = manifest.networks[name]["file"]
+        src = fp32_dir / rel
+        dst = out_dir / rel
+        for p in dst.parent.iterdir():
+            if p.name.startswith(dst.name):
+                p.unlink()
+        stats[name] = quantize_network(src, dst, scheme, (calibration or {}).get(name)).to_dict()
+        manifest.networks[name] = {**manifest.networks[name], "precision": "int8", "int8_scheme": scheme}
+    manifest.extras["int8"] = {"scheme": scheme, "networks": stats, "onnxruntime": _ort_version()}
+    manifest.files = {}
+    files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest.record_files(out_dir, [str(p.relative_to(out_dir)) for p in files])
+    manifest.write(out_dir)
+    return stats
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -1,0 +1,122 @@
+"""`sdrt export --int8`: an fp32 export, calibrated and quantised, with its quality measured against the fp32 one.
+
+    report = export_int8("models/sd15", "exports/sd15-int8", calibration_prompts=["a fox", ...])
+
+Steps: export fp32 into a hidden folder beside OUT (the networks that get quantised without Winograd rewrites, which
+would turn their convs into transforms int8 cannot follow); record the UNet's inputs while that export samples the
+calibration prompts (sdrt.export.int8_quality); quantise (sdrt.export.int8) into a second hidden folder; sample the
+quality prompts with both and compare (PSNR; on the built-in model the oracle's digit and colour accuracy too);
+write the report into the manifest (extras["int8"]["quality"]) and as int8_quality.json; rename into place. The fp32
+folder is removed at the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from sdrt.errors import InputError
+
+QUANTIZED_NETWORKS = ("unet",)  # the UNet is called 2 x steps times; the VAE decoder lost PSNR for no time here
+CALIBRATION_STEPS = 4  # steps per calibration prompt (PNDM: one more UNet call): early, middle and late timesteps
+CALIBRATION_SAMPLES = 16  # UNet calls kept, spread over all prompts and steps
+QUALITY_STEPS = 20
+
+
+def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=None, quality: bool = True,
+                quality_prompts: int = 4, threads: int | None = None, force: bool = False, progress: bool = True,
+                winograd: bool = False, **export_options):
+    """Export `model` with its UNet quantised to int8 by `scheme` (default sdrt.export.int8.DEFAULT_SCHEME).
+
+    calibration_prompts: prompts sampled by the fp32 export to calibrate activation ranges (default: a built-in
+    spread; for the built-in model, digit prompts). quality: compare with fp32 on `quality_prompts` of them at the
+    export's min size, QUALITY_STEPS steps, guidance 7.5, seed 0 (and, for the built-in model, the oracle's 50 prompts).
+    Other options go to export_model for the fp32 export. Returns (ExportReport of the fp32 export, int8 record).
+    """
+    from sdrt.export.int8 import DEFAULT_SCHEME, SCHEMES, quantize_export
+    from sdrt.export.int8_quality import default_prompts, quality_report, record_unet_feeds
+    from sdrt.export.onnx_export import check_out_dir, export_model, replace_folder
+    from sdrt.model.manifest import read_manifest
+
+    scheme = scheme or DEFAULT_SCHEME
+    if scheme not in SCHEMES:
+        raise InputError(f"int8 scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
+    if export_options.get("fp16"):
+        raise InputError("--int8 starts from an fp32 export; drop --fp16")
+    if export_options.get("share_weights"):
+        raise InputError("--int8 stores its own int8 weights; drop --share-weights")
+    if quality_prompts < 1:
+        raise InputError(f"quality prompts {quality_prompts} must be at least 1")
+    model, out_dir = Path(model).expanduser(), Path(out_dir).expanduser()
+    check_out_dir(model, out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    fp32 = out_dir.parent / f".{out_dir.name}.fp32-{os.getpid()}"
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    t0 = time.perf_counter()
+    try:
+        report = export_model(model, fp32, progress=progress, force=True, winograd=winograd,
+                              no_winograd=QUANTIZED_NETWORKS, **export_options)
+        manifest = read_manifest(fp32)
+        is_digits = _is_builtin(manifest)
+        prompts = list(calibration_prompts) if calibration_prompts else default_prompts(is_digits)
+        limits = manifest.limits
+        calib_size = min(limits["opt_size"], max(limits["min_size"], 256 // manifest.facts.size_step * manifest.facts.size_step))
+        t1 = time.perf_counter()
+        feeds = record_unet_feeds(fp32, prompts, calib_size, CALIBRATION_STEPS, 7.5, limit=CALIBRATION_SAMPLES,
+                                  threads=threads) if scheme in ("static", "static-s8", "mixed") else []
+        calibration = {"prompts": len(prompts), "size": calib_size, "steps": CALIBRATION_STEPS, "unet_calls": len(feeds),
+                       "seconds": time.perf_counter() - t1}
+        shutil.rmtree(tmp, ignore_errors=True)
+        t2 = time.perf_counter()
+        stats = quantize_export(fp32, tmp, scheme, QUANTIZED_NETWORKS, {"unet": feeds})
+        record = {"scheme": scheme, "networks": stats, "calibration": calibration,
+                  "quantize_seconds": time.perf_counter() - t2}
+        if quality:
+            record["quality"] = quality_report(fp32, tmp, prompts[:quality_prompts], limits["min_size"], QUALITY_STEPS,
+                                               7.5, is_digits, threads)
+        manifest = read_manifest(tmp)
+        manifest.extras["int8"].update(record)
+        (tmp / "int8_quality.json").write_text(json.dumps(record, indent=1))
+        manifest.record_files(tmp, ["int8_quality.json"])
+        manifest.write(tmp)
+        read_manifest(tmp)
+        replace_folder(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(fp32, ignore_errors=True)
+    record["seconds"] = time.perf_counter() - t0
+    return report, record
+
+
+def _is_builtin(manifest) -> bool:
+    from sdrt.builtin import builtin_model_dir
+
+    source = manifest.extras.get("source")
+    try:
+        return source is not None and Path(source).resolve() == builtin_model_dir().resolve()
+    except Exception:
+        return False
+
+
+def summary(out_dir, record: dict) -> str:
+    """Lines for the CLI: what was quantised and what it cost."""
+    lines = [f"int8 ({record['scheme']}) export at {out_dir} in {record.get('seconds', 0):.1f} s"]
+    for name, st in record["networks"].items():
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(st["quantized"].items()))
+        lines.append(f"  {name}: {st['bytes_before'] / 1e6:.1f} -> {st['bytes_after'] / 1e6:.1f} MB; "
+                     f"{len(st['kept_fp32'])} Conv/MatMul kept fp32; {ops}")
+    q = record.get("quality")
+    if q:
+        lines.append(f"  quality vs fp32: PSNR {q['psnr_db']:.1f} dB (worst image {q['psnr_min_db']:.1f}) on {q['prompts']} "
+                     f"prompts at {q['size']} px, {q['steps']} steps")
+        o = q.get("oracle")
+        if o:
+            lines.append(f"  oracle (50 prompts, guidance 7.5, 20 steps): digit {o['int8']['digit']:.0%} / colour "
+                         f"{o['int8']['colour']:.0%} (fp32 {o['fp32']['digit']:.0%} / {o['fp32']['colour']:.0%}); "
+                         f"PSNR {o['psnr_db']:.1f} dB")
+    return "\n".join(lines)

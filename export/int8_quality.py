@@ -1,0 +1,139 @@
+"""Calibration data and the quality report for int8 exports (`sdrt export --int8`).
+
+Calibration: the UNet's real inputs, recorded while the fp32 export samples the given prompts (latents at every
+timestep of the schedule, with the prompts' text states), so activation ranges are those the model meets in use.
+Quality: the int8 export against the fp32 export on the same prompts and seeds (PSNR of the final images), and, on
+the built-in digits model, the oracle's digit and colour accuracy for both (the 50 prompts of tests/test_digits.py,
+guidance 7.5, 20 steps).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.contracts import UNET
+
+# A spread of everyday prompts for models other than the built-in one (no file given).
+DEFAULT_PROMPTS = (
+    "a photo of a cat sitting on a windowsill",
+    "a watercolor landscape with mountains and a lake",
+    "a portrait of an old man, studio lighting",
+    "a red sports car on a city street at night",
+    "a bowl of fruit on a wooden table",
+    "an astronaut riding a horse, digital art",
+    "a cozy living room with a fireplace",
+    "a lighthouse on a cliff during a storm",
+)
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+ORACLE_PAIRS = [(d, COLOURS[(d * 3 + k) % 8]) for k in range(5) for d in range(10)]  # as tests/test_digits.py
+ORACLE_STEPS, ORACLE_GUIDANCE = 20, 7.5
+
+
+def read_prompts(path) -> list[str]:
+    """One prompt per non-empty line of `path` (UTF-8)."""
+    from sdrt.errors import InputError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"calibration prompts file {path} cannot be read ({err}); give a UTF-8 text file, one prompt a line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"calibration prompts file {path} has no prompts; write one prompt a line")
+    return prompts
+
+
+def default_prompts(is_digits: bool) -> list[str]:
+    if is_digits:
+        return [f"a {c} {d}" for d, c in ORACLE_PAIRS[::5]]  # 10 prompts, every digit, several colours
+    return list(DEFAULT_PROMPTS)
+
+
+class Recorder:
+    """Wraps a backend's run: keeps the UNet's feeds (copies), at most `limit` calls, spread over the schedule."""
+
+    def __init__(self, backend, limit: int):
+        self.backend, self.limit, self.feeds = backend, limit, []
+        self._run = backend.run
+
+    def __call__(self, network, feeds):
+        if network == UNET:
+            self.feeds.append({k: np.array(v) for k, v in feeds.items()})
+        return self._run(network, feeds)
+
+
+def record_unet_feeds(export_dir: Path, prompts, size: int, steps: int, guidance: float, seed: int = 0,
+                      limit: int = 64, threads: int | None = None) -> list[dict]:
+    """Sample `prompts` with the fp32 export at `export_dir` and return up to `limit` UNet feed dicts, spread evenly
+    over the recorded calls (so early, middle and late timesteps are all there)."""
+    import sdrt
+
+    pipe = sdrt.Pipeline.from_pretrained(export_dir, backend="onnx", threads=threads)
+    recorder = Recorder(pipe.backend, limit)
+    pipe.backend.run = recorder
+    for i, prompt in enumerate(prompts):  # one prompt per call: batch-1 feeds, as calibration tools expect
+        pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, seed=seed + i,
+             output_type="np", progress=False)
+    feeds = recorder.feeds
+    if len(feeds) > limit:
+        feeds = [feeds[int(j)] for j in np.linspace(0, len(feeds) - 1, limit).round()]
+    return feeds
+
+
+def generate(export_dir: Path, prompts, size: int, steps: int, guidance: float, seed: int, threads=None):
+    import sdrt
+
+    pipe = sdrt.Pipeline.from_pretrained(export_dir, backend="onnx", threads=threads)
+    t0 = time.perf_counter()
+    images = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                  seed=seed, output_type="np", progress=False).images
+    return images, time.perf_counter() - t0
+
+
+def to_uint8(images) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    return images
+
+
+def quality_report(fp32_dir: Path, int8_dir: Path, prompts, size: int, steps: int, guidance: float,
+                   is_digits: bool, threads=None) -> dict:
+    """PSNR of the int8 export's images against the fp32 export's (same prompts, seeds), and for the built-in
+    model the oracle's digit/colour accuracy for both."""
+    from sdrt.export.int8 import psnr
+
+    report: dict = {"prompts": len(prompts), "size": size, "steps": steps, "guidance": guidance, "seed": 0}
+    ref, t_ref = generate(fp32_dir, prompts, size, steps, guidance, 0, threads)
+    got, t_got = generate(int8_dir, prompts, size, steps, guidance, 0, threads)
+    ref, got = to_uint8(ref), to_uint8(got)
+    per_image = [psnr(a, b) for a, b in zip(got, ref)]
+    report.update(psnr_db=psnr(got, ref), psnr_min_db=min(per_image), seconds_fp32=t_ref, seconds_int8=t_got)
+    if is_digits:
+        report["oracle"] = oracle_accuracy(fp32_dir, int8_dir, threads)
+    return report
+
+
+def oracle_accuracy(fp32_dir: Path, int8_dir: Path, threads=None) -> dict:
+    """Digit and colour accuracy read by the oracle (50 prompts, guidance 7.5, 20 steps, seed 0), fp32 and int8,
+    and the PSNR between the two sets."""
+    from sdrt.export.int8 import psnr
+    from sdrt.oracle import DigitOracle
+
+    oracle = DigitOracle.load()
+    texts = [f"a {c} {d}" for d, c in ORACLE_PAIRS]
+    out = {}
+    images = {}
+    for name, folder in (("fp32", fp32_dir), ("int8", int8_dir)):
+        images[name] = to_uint8(generate(folder, texts, 64, ORACLE_STEPS, ORACLE_GUIDANCE, 0, threads)[0])
+        read = oracle.classify(images[name])
+        out[name] = {
+            "digit": float(np.mean([r[0] == d for r, (d, _) in zip(read, ORACLE_PAIRS)])),
+            "colour": float(np.mean([r[1] == c for r, (_, c) in zip(read, ORACLE_PAIRS)])),
+        }
+    out["psnr_db"] = psnr(images["int8"], images["fp32"])
+    out.update(prompts=len(texts), steps=ORACLE_STEPS, guidance=ORACLE_GUIDANCE, size=64, seed=0)
+    return out

@@ -77,21 +77,20 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
     src, dst = Path(src), Path(dst)
     bytes_before = _bytes(src)
     big = bytes_before > 1_800_000_000
-    model = onnx.load(str(src), load_external_data=False)
-    _name_unnamed(model)
-    quantize, kept = fp32_nodes(model)
-    extra = [n for n in quantize if any(k in n for k in keep)]
-    keep = kept + extra
-    quantize = [n for n in quantize if n not in extra]
-    if scheme in ("dynamic-matmul", "weight-only"):
-        conv = {n.name for n in model.graph.node if n.op_type == "Conv"}
-        keep += [n for n in quantize if n in conv]
-        quantize = [n for n in quantize if n not in conv]
-    del model
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".q-") as work:
         named = Path(work) / "named.onnx"
         _write_named(src, named, big)
+        model = onnx.load(str(named), load_external_data=False)
+        quantize, kept = fp32_nodes(model)
+        extra = [n for n in quantize if any(k in n for k in keep)]
+        keep = kept + extra
+        quantize = [n for n in quantize if n not in extra]
+        if scheme in ("dynamic-matmul", "weight-only"):
+            conv = {n.name for n in model.graph.node if n.op_type == "Conv"}
+            keep += [n for n in quantize if n in conv]
+            quantize = [n for n in quantize if n not in conv]
+        del model
         out = Path(work) / "quant.onnx"
         if scheme.startswith("dynamic"):
             _dynamic(named, out, quantize, big)
@@ -135,10 +134,32 @@ def _name_unnamed(model) -> None:
 
 
 def _write_named(src: Path, dst: Path, big: bool) -> None:
-    """A copy of `src` with every node named (the quantisers select nodes by name) and weights beside it."""
+    """A copy of `src`, constant-folded by ONNX Runtime's basic (standard-op) level so that weights computed in the
+    graph (sdrt's sub-pixel upsamplers) become stored weights the quantisers see, with every node named (they select
+    nodes by name) and its weights beside it."""
     import onnx
+    import onnxruntime as ort
 
-    model = onnx.load(str(src))
+    folded = dst.with_name("folded.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(folded)
+    options.log_severity_level = 3
+    if big:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "folded.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    model = onnx.load(str(folded), load_external_data=False)
+    # ORT writes the weights it left alone as they were: those read from a file beside `src` (a shared-weights
+    # export's safetensors) still name it, relative to src's folder; the rest are in folded.data or inline.
+    for t in model.graph.initializer:
+        if uses_external_data(t):
+            ours = any(e.key == "location" and e.value == "folded.data" for e in t.external_data)
+            load_external_data_for_tensor(t, str(folded.parent if ours else src.parent))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
     _name_unnamed(model)
     if big:
         onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location="named.data")

@@ -124,6 +124,9 @@ def build_engines(
     machine: MachineInfo | None = None,
     engine_builder=None,
     fp16_converter=None,
+    quantize: str | None = None,
+    calibration_prompts=None,
+    quantizer=None,
 ) -> BuildReport:
     """Build (or reuse) one TensorRT engine per network of the ONNX export `onnx_dir` into `out_dir`.
 
@@ -136,10 +139,17 @@ def build_engines(
     (onnx path, profile, flags, timing cache path) into engine bytes (default: this machine, TensorRT's API).
     fp16_converter: (fp32 ONNX path, fp16 ONNX path to write, upcast_attention) for fp16 engines from an fp32
     export (default: sdrt.export.fp16.convert_file).
+    quantize: "int8" or "fp8": the UNet gets Model Optimizer's Q/DQ nodes first (sdrt.export.tensorrt_quant),
+    calibrated on its inputs recorded while the export samples `calibration_prompts` on the CPU; the rest fp16.
+    quantizer: Model Optimizer's quantize, or a fake with its signature (tests).
     """
     t_start = time.perf_counter()
     if not dry_run and engine_builder is None:
         require_tensorrt()  # before anything is read or written
+    if quantize and not dry_run and quantizer is None:
+        from sdrt.export.tensorrt_quant import require_modelopt
+
+        require_modelopt()
     onnx_dir, out_dir = Path(onnx_dir).expanduser(), Path(out_dir).expanduser()
     source = read_manifest(onnx_dir)
     winograd = source.rewrite_counts()["winograd_convs"]
@@ -148,6 +158,9 @@ def build_engines(
             f"{onnx_dir} was exported with --winograd ({winograd} convolutions rewritten for ONNX Runtime on a CPU); "
             "TensorRT picks its own convolution kernels: export again without --winograd and build from that"
         )
+    from sdrt.export.tensorrt_quant import QUANTIZED, check_mode
+
+    check_mode(quantize, source.networks.get(QUANTIZED, {}).get("precision", "fp32"))
     limits, static = resolve_shapes(source, limits, sizes, static, max_batch)
     check_out_dir(onnx_dir, out_dir)
     machine = machine or machine_info()
@@ -156,7 +169,8 @@ def build_engines(
     plans = {}
     for network in [n for n in source.family_section()["networks"] if n in source.networks]:
         profile = network_profile(source.contracts[network], source.facts, limits, static)
-        flags = build_flags(network, source.networks[network].get("precision", "fp32"), fp16, source.extras)
+        flags = build_flags(network, source.networks[network].get("precision", "fp32"), fp16, source.extras,
+                            quantize if network == QUANTIZED else None)
         fields = engine_key_fields(network, network_onnx_files(source, network), profile, flags, machine)
         key = engine_key(fields)
         action, reason = reuse_or_build(out_dir, old, network, key, fields)
@@ -165,6 +179,8 @@ def build_engines(
     if dry_run:
         return report
     converter = fp16_converter or _convert_fp16
+    if quantize:
+        converter = _QuantConverter(converter, onnx_dir, source, limits, calibration_prompts, quantizer)
     write_build(source, onnx_dir, out_dir, report, engine_builder or build_with_tensorrt, progress, converter)
     report.seconds = time.perf_counter() - t_start
     return report
@@ -244,10 +260,14 @@ def network_profile(contract: NetworkContract, facts: ModelFacts, limits: ShapeL
 
 
 FP16_CONVERSION = "sdrt.export.fp16/1"  # bump when convert_to_fp16's output changes: it is in every key
+MODELOPT_CONVERSION = "modelopt.onnx.quantization/1"  # sdrt.export.tensorrt_quant's call; bump when it changes
 
 
-def build_flags(network: str, precision: str, fp16: bool, extras: dict | None = None) -> dict:
-    """A network's build: always strongly typed; fp16 from an fp16 graph, converted first for an fp32 export."""
+def build_flags(network: str, precision: str, fp16: bool, extras: dict | None = None, quantize: str | None = None) -> dict:
+    """A network's build: always strongly typed; fp16 from an fp16 graph, converted first for an fp32 export;
+    quantize ("int8"/"fp8"): Model Optimizer's Q/DQ nodes (and fp16 for the rest) written first."""
+    if quantize:
+        return {"precision": f"{quantize}+fp16", "strongly_typed": True, "converted": f"{MODELOPT_CONVERSION}:{quantize}", "tf32": False}
     if precision == "fp16":
         if not fp16:
             raise InputError(
@@ -418,7 +438,10 @@ def build_one(source: Manifest, onnx_dir: Path, tmp: Path, plan: EnginePlan, wor
         converted = tmp / ".fp16" / plan.network / Path(plan.onnx).name
         converted.parent.mkdir(parents=True, exist_ok=True)
         try:
-            converter(onnx_path, converted, plan.flags["converted"].endswith("+upcast"))
+            if isinstance(converter, _QuantConverter) and plan.flags["converted"].startswith(MODELOPT_CONVERSION):
+                converter.quantize(onnx_path, converted, plan.flags["converted"].rsplit(":", 1)[1])
+            else:
+                converter(onnx_path, converted, plan.flags["converted"].endswith("+upcast"))
         except (BackendError, ModelError, InputError):
             raise
         except Exception as err:
@@ -489,3 +512,24 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
+
+
+class _QuantConverter:
+    """The fp16 converter, plus Model Optimizer's Q/DQ pass for the quantised network (its calibration recorded once,
+    when first needed: a rebuild that reuses the UNet engine samples nothing)."""
+
+    def __init__(self, fp16_converter, onnx_dir: Path, source: Manifest, limits: ShapeLimits, prompts, quantizer):
+        self.fp16_converter, self.onnx_dir, self.source, self.limits = fp16_converter, onnx_dir, source, limits
+        self.prompts, self.quantizer = prompts, quantizer
+
+    def __call__(self, src, dst, upcast):
+        return self.fp16_converter(src, dst, upcast)
+
+    def quantize(self, src: Path, dst: Path, mode: str) -> None:
+        from sdrt.export.int8_quality import default_prompts
+        from sdrt.export.tensorrt_quant import quantize_onnx, record_calibration
+
+        prompts = list(self.prompts) if self.prompts else default_prompts(False)
+        step = self.source.facts.size_step
+        size = min(self.limits.opt_size, max(step, 256 // step * step))  # calibration runs on the CPU: keep it small
+        quantize_onnx(src, dst, mode, record_calibration(self.onnx_dir, prompts, size), self.quantizer)

@@ -55,7 +55,7 @@ STAGES = ("e2e_s", "text_s", "unet_call_s", "unet_total_s", "overhead_step_s", "
           "images_per_s", "peak_rss_bytes", "gpu_peak_bytes")  # fmt: skip
 # Peak resident memory while running, as a multiple of the fp32 weights: measured on the SD 1.5-shape model at
 # 256x256 (benchmarks/results/sd15-random-256px-4steps.json); sdrt-torch and TensorRT (GPU) are estimates.
-MEMORY_FACTOR = {"sdrt-onnx": 1.6, "sdrt-torch": 1.2, "sdrt-tensorrt": 1.0, "diffusers": 1.2, "optimum": 1.4, "openvino": 2.3}
+MEMORY_FACTOR = {"sdrt-onnx-int8": 1.0, "openvino-int8": 1.5, "openvino-hybrid": 1.5, "sdrt-onnx": 1.6, "sdrt-torch": 1.2, "sdrt-tensorrt": 1.0, "diffusers": 1.2, "optimum": 1.4, "openvino": 2.3}
 
 
 def default_cache_dir() -> Path:
@@ -187,10 +187,20 @@ def run_bench(config: BenchConfig, log=print) -> dict:
                     t0 = time.perf_counter()
                     export = cached_export(diffusers_dir, size, max(cfg.batches), cfg, log)
                     entry["export_s"] = time.perf_counter() - t0
-                entry["export"] = str(export)
-                if backend == "onnx":
-                    entry["first_load_s"] = warm_ort_cache(export, threads, cfg.device)
-                runners[name] = SdrtRunner(backend, export)
+                folder = export
+                if backend == "onnx-int8":  # issue 22: `sdrt export --int8` of the same model, made once
+                    if diffusers_dir is None:
+                        raise ModelError("the onnx-int8 backend needs the diffusers folder to export; pass it as MODEL")
+                    t0 = time.perf_counter()
+                    folder = cached_export(diffusers_dir, size, max(cfg.batches), cfg, log, int8=True)
+                    entry["export_s"] = time.perf_counter() - t0
+                    from sdrt.model.manifest import read_manifest
+
+                    entry["int8"] = {k: v for k, v in read_manifest(folder).extras.get("int8", {}).items() if k != "networks"}
+                entry["export"] = str(folder)
+                if backend in ("onnx", "onnx-int8"):
+                    entry["first_load_s"] = warm_ort_cache(folder, threads, cfg.device)
+                runners[name] = SdrtRunner(backend.split("-")[0], folder, name)
         except Exception as err:  # recorded; the other runners go on
             entry["error"] = _why(err)
             log(f"{name}: skipped ({entry['error']})")
@@ -313,8 +323,8 @@ def _check(config: BenchConfig) -> None:
         if b not in BASELINES:
             raise InputError(f"baseline {b!r} is not one of {', '.join(BASELINES)}")
     for b in config.backends:
-        if b not in ("onnx", "torch", "tensorrt"):
-            raise InputError(f"backend {b!r} is not one of onnx, torch, tensorrt")
+        if b not in ("onnx", "onnx-int8", "torch", "tensorrt"):
+            raise InputError(f"backend {b!r} is not one of onnx, onnx-int8, torch, tensorrt")
     if not config.backends and not config.baselines:
         raise InputError("nothing to measure: name at least one backend or baseline")
     if config.runs < 1 or config.warmup < 0:

@@ -58,8 +58,9 @@ def folder_digest(folder: Path, *extra) -> str:
     return hashlib.sha256(json.dumps([str(folder), items, __version__, *extra]).encode()).hexdigest()[:16]
 
 
-def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchConfig, log) -> Path:
-    """Export `diffusers_dir` to the cache once (`sdrt export` in a subprocess, so its memory goes back)."""
+def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchConfig, log, int8: bool = False) -> Path:
+    """Export `diffusers_dir` to the cache once (`sdrt export` in a subprocess, so its memory goes back); int8: with
+    `--int8` (the UNet quantised, calibrated on sdrt's default prompts; the other networks as the fp32 export)."""
     from sdrt.model.manifest import GRAPH_REVISION
     from sdrt.model.facts import read_model_facts
 
@@ -70,11 +71,13 @@ def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchC
     limits = {"min": step, "opt": size, "max": max(size, facts.default_size), "batch": max(max_batch, 4)}
     # On a CPU, the export sdrt recommends there: Winograd convolutions.
     flags = ["--winograd"] if config.device == "cpu" else []
+    if int8:
+        flags.append("--int8")
     key = folder_digest(diffusers_dir, limits, GRAPH_REVISION, flags)
     out = config.cache_dir / "exports" / f"{diffusers_dir.name}-{key}"
     if (out / "manifest.json").exists():
         return out
-    log(f"exporting {diffusers_dir} to {out} for the onnx backend (once)")
+    log(f"exporting {diffusers_dir} to {out} for the onnx backend (once{', int8' if int8 else ''})")
     cmd = [sys.executable, "-m", "sdrt.cli", "export", str(diffusers_dir), str(out), "--quiet", "--force",
            "--min-size", str(limits["min"]), "--opt-size", str(limits["opt"]), "--max-size", str(limits["max"]),
            "--max-batch", str(limits["batch"]), *flags]  # fmt: skip

@@ -37,6 +37,7 @@ class Baseline:
     packages: tuple[str, ...]  # pip-installed after TORCH_PIN in the baseline's own venv; () runs in this venv
     label: str
     remove: tuple[str, ...] = ()  # uninstalled afterwards: pulled in by a pin but breaking imports here
+    env: str = ""  # the venv it shares with another baseline (default: its own, by name)
 
 
 # Their pins conflict with each other and with sdrt's (diffusers 0.42 needs huggingface-hub>=1.32; optimum-onnx
@@ -56,6 +57,12 @@ BASELINES = {
                          # exist") and transformers then refuses AutoProcessor; nothing here needs torchvision.
                          remove=("torchvision",)),
 }  # fmt: skip
+# issue 22: OpenVINO's int8 pipelines, in the same venv as the fp32 one (same pins).
+for _name, _script, _label in (("openvino-int8", "openvino_int8_worker.py", "8-bit weight compression"),
+                               ("openvino-hybrid", "openvino_hybrid_worker.py", "hybrid int8 quantisation")):
+    BASELINES[_name] = dataclasses.replace(BASELINES["openvino"], name=_name, script=_script, env="openvino",
+                                           label=f"optimum-intel OVStableDiffusionPipeline (OpenVINO, {_label})")
+
 
 
 # --- the sdrt runner (in this process) ------------------------------------------------------------------------
@@ -67,8 +74,8 @@ class SdrtRunner:
 
     kind = "in-process"
 
-    def __init__(self, backend: str, folder: Path):
-        self.backend, self.folder, self.name = backend, Path(folder), f"sdrt-{backend}"
+    def __init__(self, backend: str, folder: Path, name: str | None = None):
+        self.backend, self.folder, self.name = backend, Path(folder), name or f"sdrt-{backend}"
         self.pipe = None
 
     def prepare(self, config: dict) -> dict:
@@ -237,7 +244,7 @@ class InProcessRunner:
 
 def baseline_python(baseline: Baseline, config: BenchConfig, log) -> str:
     """The interpreter that runs `baseline`: a venv given to us, this one, or a venv made once in the cache."""
-    given = config.baseline_envs.get(baseline.name)
+    given = config.baseline_envs.get(baseline.name) or config.baseline_envs.get(baseline.env)
     if given:
         python = Path(given).expanduser() / "bin" / "python"
         if not python.exists():
@@ -245,7 +252,7 @@ def baseline_python(baseline: Baseline, config: BenchConfig, log) -> str:
         return str(python)
     if not baseline.packages:
         return sys.executable
-    env = config.cache_dir / "envs" / baseline.name
+    env = config.cache_dir / "envs" / (baseline.env or baseline.name)
     ready = env / "sdrt-bench-ready.json"
     want = [TORCH_PIN, *baseline.packages, *(f"-{r}" for r in baseline.remove)]
     if ready.exists() and json.loads(ready.read_text()).get("requested") == want:

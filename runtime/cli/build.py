@@ -38,6 +38,10 @@ def add_parser(sub) -> None:
     p.add_argument("--static", default=None, metavar="WxH", help="one fixed size, e.g. 512x768 (the batch stays dynamic)")
     p.add_argument("--max-batch", type=int, default=None, help="most images per call; the UNet serves twice this (default: the export's)")
     p.add_argument("--timing-cache", default=None, metavar="FILE", help="TensorRT timing cache to load and update (default: one per GPU and TensorRT version in ~/.cache/sdrt)")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--int8", dest="quantize", action="store_const", const="int8", help="int8 UNet through NVIDIA Model Optimizer's Q/DQ (needs nvidia-modelopt); the rest fp16")
+    quant.add_argument("--fp8", dest="quantize", action="store_const", const="fp8", help="fp8 UNet likewise (Hopper/Ada and newer GPUs)")
+    p.add_argument("--calibration-prompts", default=None, metavar="FILE", help="with --int8/--fp8: prompts sampled on the CPU to calibrate the UNet (one a line)")
     p.add_argument("--dry-run", action="store_true", help="print the profiles, flags and cache keys; build nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_build)
@@ -46,8 +50,15 @@ def add_parser(sub) -> None:
 def cmd_build(args) -> int:
     from sdrt.backends.tensorrt_backend import require_tensorrt
 
+    if args.calibration_prompts and not args.quantize:
+        raise InputError("--calibration-prompts goes with --int8 or --fp8; add one")
     if not args.dry_run:
         require_tensorrt()  # one line and no files when TensorRT cannot run here
+        if args.quantize:
+            from sdrt.export.tensorrt_quant import require_modelopt
+
+            require_modelopt()
+    from sdrt.export.int8_quality import read_prompts
     from sdrt.export.tensorrt_build import build_engines
 
     explicit = {k: getattr(args, k) for k in ("min_size", "opt_size", "max_size") if getattr(args, k) is not None}
@@ -73,6 +84,8 @@ def cmd_build(args) -> int:
         timing_cache=args.timing_cache,
         dry_run=args.dry_run,
         progress=not args.quiet,
+        quantize=args.quantize,
+        calibration_prompts=read_prompts(args.calibration_prompts) if args.calibration_prompts else None,
     )
     print(report.summary())
     if not args.dry_run:

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from sdrt import __version__
 from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdrt.device_loop import draw_step_noise
-from sdrt.errors import BackendError
-from sdrt.generation import Batch, GenerationPlan, stack_plans
+from sdrt.errors import BackendError, InputError
+from sdrt.generation import Batch, GenerationPlan, guidance_scale_embedding, stack_plans
 from sdrt import inputs
 from sdrt.images import decoded_to_uint8, image_to_array
 from sdrt.memory import image_pixel_limit
@@ -167,7 +167,11 @@ class Pipeline:
         latents = inputs.check_latents(latents, (batch,) + self._latent_shape(height, width)[1:])
         sched = make_scheduler(scheduler, self.source.scheduler_config)  # an unknown name fails here, not after the text
         num_inference_steps = inputs.check_steps(num_inference_steps, sched, strength if init_image is not None else 1.0)
-        guided, img2img = guidance_scale > 1.0, init_image is not None
+        cfg = not self.facts.time_cond_proj_dim  # an LCM-distilled UNet takes guidance as an embedding, not a batch
+        if not cfg and any(negatives):
+            raise InputError("negative_prompt: this LCM-distilled UNet takes the guidance scale as an embedding and "
+                                    "runs no unconditional pass, so a negative prompt has no effect; leave it empty")
+        guided, img2img = cfg and guidance_scale > 1.0, init_image is not None
         inputs.check_export_limits(self.backend, self.facts, batch, height, width, guided, img2img)
         if self.backend.uses_host_memory:
             inputs.check_memory(self.source, self.backend.name, batch, height, width, guided, img2img, budget)
@@ -179,7 +183,7 @@ class Pipeline:
             prompts=[p for p, _ in per_image], negatives=[n for _, n in per_image], seeds=[seed + k for k in range(batch)],
             steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler,
             init_image=init_image, strength=strength, latents=latents, output_type=output_type,
-            loras=loras,
+            loras=loras, cfg=cfg,
         )  # fmt: skip
 
     def encode_text(self, plans: list[GenerationPlan], observers=()) -> np.ndarray:
@@ -221,10 +225,13 @@ class Pipeline:
             x = sched.add_noise(np.concatenate(image_latents), noise, 0)
         else:
             x = noise * np.float32(sched.init_noise_sigma)
-        guidance = None
+        guidance = timestep_cond = None
+        scales = np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32)
         if first.guided:
-            guidance = np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32).reshape(-1, 1, 1, 1)
-        return Batch(plans, sched, generators, latent_shape, text_states, guidance, x)
+            guidance = scales.reshape(-1, 1, 1, 1)
+        if self.facts.time_cond_proj_dim:  # LCM-distilled UNet: guidance goes in through its embedding
+            timestep_cond = guidance_scale_embedding(scales, self.facts.time_cond_proj_dim)
+        return Batch(plans, sched, generators, latent_shape, text_states, guidance, x, timestep_cond=timestep_cond)
 
     def denoise(self, batch: Batch, observers=(), progress: bool = False) -> np.ndarray:
         """3. The denoising loop: one batched UNet call per step ([uncond; cond] rows when guided), the guidance
@@ -232,13 +239,16 @@ class Pipeline:
         device (sdrt.device_loop) when every row has the same guidance scale."""
         sched = batch.sched
         self.activate_loras(batch.plans[0].loras if batch.plans else ())
-        if self.backend.use_device_loop and batch.step == 0 and (not batch.guided or batch.uniform_guidance() is not None):
+        if (self.backend.use_device_loop and batch.step == 0 and batch.timestep_cond is None
+                and (not batch.guided or batch.uniform_guidance() is not None)):
             return self._denoise_on_device(batch, observers, progress)
         for i in tqdm(range(batch.step, sched.num_calls), desc="denoising", disable=not progress, leave=False):
             x_in = sched.scale_model_input(batch.x, i)
             unet_in = np.concatenate([x_in, x_in]) if batch.guided else x_in
             timestep = np.full((unet_in.shape[0],), sched.timesteps[i], dtype=np.float32)
             feeds = {"sample": unet_in, "timestep": timestep, "encoder_hidden_states": batch.text_states}
+            if batch.timestep_cond is not None:
+                feeds["timestep_cond"] = batch.timestep_cond
             pred = self._run(UNET, feeds, observers)["out_sample"]
             if batch.guided:
                 pred_uncond, pred_cond = pred[: batch.rows], pred[batch.rows :]

@@ -32,6 +32,9 @@ class ModelFacts:
     cross_attention_dim: int  # width of the UNet's encoder_hidden_states
     default_size: int  # the image size the model was trained at (unet sample_size * vae scale)
     vocab_size: int
+    # LCM-distilled UNets (time_cond_proj_dim in the UNet config): the width of the guidance embedding `timestep_cond`
+    # the UNet takes instead of a classifier-free-guidance batch; 0 for every other model (and exports before it).
+    time_cond_proj_dim: int = 0
 
     @property
     def size_step(self) -> int:
@@ -44,10 +47,11 @@ class ModelFacts:
     @classmethod
     def from_dict(cls, data: dict) -> "ModelFacts":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data)
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = required - set(data)
         if missing:
             raise ModelError(f"the manifest's model facts lack {sorted(missing)}; re-export the model with `sdrt export`")
-        return cls(**{k: data[k] for k in names})
+        return cls(**{k: data[k] for k in names if k in data})
 
 
 def read_json(path: Path) -> dict:
@@ -107,6 +111,7 @@ def read_model_facts(model_dir: str | Path) -> ModelFacts:
         cross_attention_dim=int(unet.get("cross_attention_dim", text["hidden_size"])),
         default_size=int(unet.get("sample_size", 64)) * vae_scale,
         vocab_size=int(text.get("vocab_size", 49408)),
+        time_cond_proj_dim=int(unet.get("time_cond_proj_dim") or 0),
     )
 
 

@@ -33,6 +33,7 @@ class GenerationPlan:
     latents: np.ndarray | None  # the caller's initial noise [batch, C, h, w]
     output_type: str  # "pil", "np" or "latent"
     loras: tuple = ()  # ((registered name, scale), ...) sorted by name, scales != 0: run-time LoRAs (Pipeline.register_lora)
+    timestep_spacing: str | None = None  # "leading"/"linspace"/"trailing" instead of the scheduler config's (None: its own)
     cfg: bool = True  # guidance by an [uncond, cond] batch; False for LCM-distilled UNets (guidance embedding)
 
     @property
@@ -50,7 +51,7 @@ class GenerationPlan:
         """Plans with equal keys share UNet calls: same shapes, schedule, guidance on/off and LoRA set."""
         img2img = self.init_image is not None
         return (self.height, self.width, self.steps, self.scheduler, img2img, self.strength if img2img else None, self.guided,
-                self.loras)
+                self.loras, self.timestep_spacing)
 
 
 @dataclasses.dataclass

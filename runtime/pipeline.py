@@ -145,11 +145,14 @@ class Pipeline:
         output_type: str = "pil",
         max_memory=None,
         loras=None,
+        timestep_spacing: str | None = None,
     ) -> GenerationPlan:
         """0. Check every argument and resolve every default (size, seeds, scheduler); no network runs, nothing big is
         allocated (sdrt.inputs). max_memory: the budget the request must fit (None: from_pretrained's, else what is
         available; "8G" or bytes; 0/False: no check). loras: {name or file: scale} (or [(name, scale)]) run-time
-        LoRAs for this request: registered names, or files (registered on first use); part of the batch key."""
+        LoRAs for this request: registered names, or files (registered on first use); part of the batch key.
+        timestep_spacing: "leading", "linspace" or "trailing" instead of the model's scheduler config's (None: the
+        config's); "trailing" is what few-step models (SD-Turbo, LCM) want at 1-4 steps."""
         from sdrt.adapters.lora_switch import resolve_loras
 
         loras = resolve_loras(self, loras)
@@ -165,7 +168,8 @@ class Pipeline:
         init_image = inputs.check_image(image, max_pixels=image_pixel_limit(budget))
         height, width = self._size(height, width, init_image)
         latents = inputs.check_latents(latents, (batch,) + self._latent_shape(height, width)[1:])
-        sched = make_scheduler(scheduler, self.source.scheduler_config)  # an unknown name fails here, not after the text
+        # an unknown name or spacing fails here, not after the text
+        sched = make_scheduler(scheduler, self.source.scheduler_config, timestep_spacing)
         num_inference_steps = inputs.check_steps(num_inference_steps, sched, strength if init_image is not None else 1.0)
         cfg = not self.facts.time_cond_proj_dim  # an LCM-distilled UNet takes guidance as an embedding, not a batch
         if not cfg and any(negatives):
@@ -183,7 +187,7 @@ class Pipeline:
             prompts=[p for p, _ in per_image], negatives=[n for _, n in per_image], seeds=[seed + k for k in range(batch)],
             steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler,
             init_image=init_image, strength=strength, latents=latents, output_type=output_type,
-            loras=loras, cfg=cfg,
+            loras=loras, cfg=cfg, timestep_spacing=timestep_spacing,
         )  # fmt: skip
 
     def encode_text(self, plans: list[GenerationPlan], observers=()) -> np.ndarray:
@@ -207,7 +211,7 @@ class Pipeline:
         stack_plans(plans)
         first = plans[0]
         img2img = first.init_image is not None
-        sched = make_scheduler(first.scheduler, self.source.scheduler_config)
+        sched = make_scheduler(first.scheduler, self.source.scheduler_config, first.timestep_spacing)
         sched.set_timesteps(first.steps, first.strength if img2img else 1.0)
         latent_shape = self._latent_shape(first.height, first.width)
         generators = [TorchCPUGenerator(s) for plan in plans for s in plan.seeds]
@@ -312,8 +316,8 @@ class Pipeline:
         **request,
     ) -> PipelineOutput:
         """Make images. `request` takes `plan`'s arguments (num_inference_steps, guidance_scale, height, width, seed,
-        scheduler, image, strength, num_images_per_prompt, latents, output_type, loras). callback(step, timestep,
-        latents) returning False cancels; observers see every network call and step (sdrt.observers)."""
+        scheduler, image, strength, num_images_per_prompt, latents, output_type, loras, timestep_spacing).
+        callback(step, timestep, latents) returning False cancels; observers see every network call and step (sdrt.observers)."""
         t_start = time.perf_counter()
         observers = list(observers) + ([StepCallback(callback)] if callback is not None else [])
         # 0. Check everything before any network runs.
@@ -433,4 +437,5 @@ class Pipeline:
             "backend": self.backend.name,
             "sdrt_version": __version__,
             **({"loras": ", ".join(f"{name}:{scale:g}" for name, scale in plan.loras)} if plan.loras else {}),
+            **({"timestep_spacing": plan.timestep_spacing} if plan.timestep_spacing else {}),
         }

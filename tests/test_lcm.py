@@ -99,3 +99,54 @@ def test_no_cfg_batch_and_negative_prompt_refused(tiny_lcm):
     assert seen == [(2, (2, 32))] * 3  # guidance through the embedding: one row per image, not [uncond; cond]
     with pytest.raises(InputError, match="negative_prompt"):
         ours("a cat", negative_prompt="blurry", num_inference_steps=2, progress=False)
+
+
+# --- LCM-LoRA: a LoRA on every attention, feed-forward, resnet/sampler conv and time projection of an ordinary UNet --
+
+
+def make_lcm_lora(folder, path, layout: str, rank: int = 4, seed: int = 0):
+    """An LCM-LoRA-shaped file for the model in `folder`: the layers diffusers' LCM-LoRA script targets
+    (sdrt.export.digits.lcm.TARGETS), random factors; layout "peft" (unet.X.lora_A/lora_B, as the digits LCM-LoRA
+    ships) or "diffusers" (unet.X.lora.down/lora.up, what diffusers' save_lora_weights writes)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from sdrt.export.digits.lcm import add_lora, lora_state
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    torch.manual_seed(seed)
+    wraps = add_lora(unet, rank)
+    for w in wraps.values():
+        torch.nn.init.normal_(w.up.weight, std=0.1)
+    state = lora_state(wraps, torch.float32)
+    if layout == "diffusers":
+        state = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in state.items()}
+    save_file(state, str(path))
+    assert any(".conv1." in k for k in state) and any("downsamplers.0.conv" in k for k in state)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["peft", "diffusers"])
+def test_lcm_lora_fused_and_at_run_time_equal_diffusers(tiny_sd1, tmp_path, layout):
+    """The LCM-LoRA recipe (diffusers' docs): load the LoRA, LCMScheduler, few steps, guidance 1 (no CFG batch)."""
+    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft")
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    path = make_lcm_lora(tiny_sd1, tmp_path / f"lcm-{layout}.safetensors", layout)
+    ref = StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = LCMScheduler.from_config(ref.scheduler.config)
+    ref.load_lora_weights(str(path))
+    ref.fuse_lora(lora_scale=1.0)
+    run = dict(num_inference_steps=4, guidance_scale=1.0, height=64, width=64)
+    with torch.no_grad():
+        expected = ref("a red cat", generator=torch.Generator().manual_seed(2), output_type="latent", **run).images.numpy()
+
+    ours = sdrt.Pipeline.from_pretrained(tiny_sd1, backend="torch")
+    runtime = ours("a red cat", seed=2, scheduler="lcm", loras={str(path): 1.0}, output_type="latent", progress=False, **run)
+    plain = ours("a red cat", seed=2, scheduler="lcm", output_type="latent", progress=False, **run).images
+    ours.load_lora(path, 1.0)
+    fused = ours("a red cat", seed=2, scheduler="lcm", output_type="latent", progress=False, **run).images
+    assert close(plain, expected) > 1e-2  # the LoRA changes the result: the comparisons below can fail
+    assert close(fused, expected) <= RTOL, close(fused, expected)
+    assert close(runtime.images, expected) <= RTOL, close(runtime.images, expected)

@@ -51,7 +51,7 @@ class FamilySpec:
 
 
 _SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline",
-                 "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
+                 "LatentConsistencyModelPipeline")
 
 SD1 = FamilySpec("sd1", "Stable Diffusion 1.x", _SD_PIPELINES, NETWORKS, ("encoder_hidden_states",), DEFAULT_SCHEDULER, sd_contracts)
 SD2 = FamilySpec("sd2", "Stable Diffusion 2.x", _SD_PIPELINES, NETWORKS, ("encoder_hidden_states",), DEFAULT_SCHEDULER, sd_contracts)

@@ -254,15 +254,14 @@ class Pipeline:
         guidance scale and nothing is inpainted."""
         sched = batch.sched
         self.activate_loras(batch.plans[0].loras if batch.plans else ())
-        inpaint = batch.inpaint
-        if (self.backend.use_device_loop and batch.step == 0 and inpaint is None
+        if (self.backend.use_device_loop and batch.step == 0 and batch.inpaint is None
                 and (not batch.guided or batch.uniform_guidance() is not None)):
             return self._denoise_on_device(batch, observers, progress)
         for i in tqdm(range(batch.step, sched.num_calls), desc="denoising", disable=not progress, leave=False):
             x_in = sched.scale_model_input(batch.x, i)
             unet_in = np.concatenate([x_in, x_in]) if batch.guided else x_in
-            if inpaint is not None:
-                unet_in = inpaint.unet_input(unet_in, batch.guided)
+            if batch.inpaint is not None:  # read each step: rows may leave the batch (Batch.drop)
+                unet_in = batch.inpaint.unet_input(unet_in, batch.guided)
             timestep = np.full((unet_in.shape[0],), sched.timesteps[i], dtype=np.float32)
             feeds = {"sample": unet_in, "timestep": timestep, "encoder_hidden_states": batch.text_states}
             pred = self._run(UNET, feeds, observers)["out_sample"]

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from sdrt.errors import InputError
 
@@ -86,6 +86,11 @@ def to_grey(mask: Image.Image) -> Image.Image:
     from sdrt.images import to_rgb  # 1, P, I;16, F, CMYK...: as the init image is read
 
     return to_rgb(mask).convert("L")
+
+
+def invert_mask(mask, max_pixels: int | None = None) -> Image.Image:
+    """The mask with repaint and keep swapped (A1111's inpainting_mask_invert), read as load_mask reads it."""
+    return ImageOps.invert(to_grey(_mask_image(mask, max_pixels)).convert("L"))
 
 
 def load_mask(mask, image_size: tuple[int, int], width: int, height: int, blur=0, keep_unmasked=False,

@@ -195,3 +195,29 @@ def test_onnx_export_of_an_inpainting_unet(models, tiny_sd1_inpaint, tmp_path_fa
     kw = dict(image=INIT, mask_image=MASK, num_inference_steps=4, guidance_scale=2.0, strength=0.9, seed=2,
               output_type="latent", progress=False)
     assert relative(onnx("a cat", **kw).images, ours("a cat", **kw).images) <= 1e-4
+
+
+def test_cli_inpaints_with_mask_and_records_it(tiny_sd1, tmp_path, capsys):
+    """`sdrt generate --image X --mask M --keep-unmasked --mask-blur N --invert-mask`: the black of M is repainted,
+    the rest of X comes back exactly, and the PNG's metadata carries the inpainting parameters."""
+    import json
+
+    from sdrt.cli import main
+
+    INIT.save(tmp_path / "in.png")
+    Image.fromarray(255 - MASK).save(tmp_path / "mask.png")  # inverted on the command line
+    out = tmp_path / "out.png"
+    code = main(["generate", "a red cat", "-m", str(tiny_sd1), "--backend", "torch", "-o", str(out), "--steps", "2",
+                 "--seed", "5", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--keep-unmasked", "--mask-blur", "2", "--invert-mask", "--strength", "0.9", "-q"])
+    assert code == 0
+    image = Image.open(out)
+    far = np.ones((64, 64), bool)
+    far[8:56, 0:48] = False  # more than 8 px (4 sigma) from the repainted box [16:48, 8:40]
+    assert np.array_equal(np.asarray(image)[far], np.asarray(INIT)[far])
+    assert not np.array_equal(np.asarray(image)[MASK > 0], np.asarray(INIT)[MASK > 0])
+    assert "Mask blur: 2" in image.text["parameters"] and "Denoising strength: 0.9" in image.text["parameters"]
+    params = json.loads(image.text["sdrt"])
+    assert params["inpaint"] and params["keep_unmasked"] and params["mask_blur"] == 2 and params["mask_coverage"] > 0.2
+    assert main(["generate", "x", "-m", str(tiny_sd1), "--backend", "torch", "--invert-mask", "-o", str(tmp_path / "y.png")]) != 0
+    assert "--invert-mask inverts --mask" in capsys.readouterr().err

@@ -167,13 +167,19 @@ class InpaintRows:
         return ((1 - self.mask) * kept + self.mask * x).astype(x.dtype, copy=False)
 
 
+def composite(generated: np.ndarray, base: np.ndarray, soft: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, 3] generated images over uint8 [1, H, W, 3] `base` through `soft` [H, W] in [0, 1]
+    (1 = generated): where it is 0 the base's pixels come back exactly."""
+    m = soft[None, :, :, None].astype(np.float32)
+    base = base.astype(np.float32)
+    out = base * (1 - m) + generated.astype(np.float32) * m
+    out = np.where(m == 0, base, out)  # exact, whatever the float rounding
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def paste_back(generated: np.ndarray, init_image: Image.Image, mask: Mask) -> np.ndarray:
     """uint8 [B, H, W, 3] generated images composited over the init image (resized to H x W) through the soft
     mask: where it is 0 the init image's pixels come back exactly."""
     h, w = generated.shape[1:3]
     base = init_image if init_image.size == (w, h) else init_image.resize((w, h), resample=Image.LANCZOS)
-    base = np.asarray(base, dtype=np.float32)[None]
-    m = mask.soft[None, :, :, None]
-    out = base * (1 - m) + generated.astype(np.float32) * m
-    out = np.where(m == 0, base, out)  # exact, whatever the float rounding
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return composite(generated, np.asarray(base)[None], mask.soft)

@@ -124,3 +124,21 @@ def test_bad_masks_answer_422(url, fields, field, words):
     assert response.status_code == 422, response.text
     detail = response.json()["detail"][0]
     assert words in detail["msg"] and (field is None or field in detail["loc"])
+
+
+def test_openai_edits_with_a_transparent_mask(url, pipe):
+    """/v1/images/edits with OpenAI's mask (fully transparent = edit): the pipeline's inpainting with paste-back."""
+    rgba = np.zeros((128, 128, 4), np.uint8)
+    rgba[..., 3] = 255 - MASK  # transparent where MASK is white
+    files = {"image": ("in.png", base64.b64decode(png_b64(INIT)), "image/png"),
+             "mask": ("mask.png", base64.b64decode(png_b64(Image.fromarray(rgba))), "image/png")}
+    form = {"prompt": "a 2", "size": "64x64", "steps": str(STEPS), "seed": "6", "scheduler": "euler_a", "strength": "0.9"}
+    response = post(url, "/v1/images/edits", files=files, data=form)
+    assert response.status_code == 200, response.text
+    got = pixels(Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))))
+    want = pipe("a 2", image=INIT, mask_image=MASK, keep_unmasked=True, width=64, height=64, num_inference_steps=STEPS,
+                seed=6, scheduler="euler_a", strength=0.9, output_type="np", progress=False).images[0]
+    assert np.abs(got - want.astype(int)).max() <= 1
+    files["mask"] = ("mask.png", base64.b64decode(png_b64(Image.fromarray(MASK))), "image/png")
+    response = post(url, "/v1/images/edits", files=files, data=form)
+    assert response.status_code == 422 and "no alpha channel" in response.text

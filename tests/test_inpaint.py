@@ -221,3 +221,30 @@ def test_cli_inpaints_with_mask_and_records_it(tiny_sd1, tmp_path, capsys):
     assert params["inpaint"] and params["keep_unmasked"] and params["mask_blur"] == 2 and params["mask_coverage"] > 0.2
     assert main(["generate", "x", "-m", str(tiny_sd1), "--backend", "torch", "--invert-mask", "-o", str(tmp_path / "y.png")]) != 0
     assert "--invert-mask inverts --mask" in capsys.readouterr().err
+
+
+def test_contracts_profiles_and_manifest_facts_carry_the_unet_channels():
+    """TensorRT profiles and the shapes a fixed-profile backend is asked for take the UNet's 9 input channels from the
+    facts (no TensorRT here: the profile is what the engine build reads); old manifests without the key read as 4."""
+    import dataclasses
+
+    from sdrt import inputs
+    from sdrt.contracts import ShapeLimits, build_contracts
+    from sdrt.model.facts import ModelFacts
+
+    plain = ModelFacts("sd1", 4, 8, 0.18215, "epsilon", 3, 77, 768, 768, 512, 49408)
+    facts = dataclasses.replace(plain, unet_in_channels=9)
+    unet = build_contracts(facts)["unet"]
+    lo, opt, hi = ShapeLimits(max_batch=2).profile(unet, facts)["sample"]
+    assert lo == (1, 9, 8, 8) and opt == (2, 9, 64, 64) and hi == (4, 9, 128, 128)
+    assert unet.outputs[0].shape[1] == 4 and build_contracts(plain)["unet"].inputs[0].shape[1] == 4
+    assert ModelFacts.from_dict(facts.to_dict()) == facts and "unet_in_channels" not in plain.to_dict()
+    assert ModelFacts.from_dict(plain.to_dict()).unet_input_channels == 4 and not plain.inpainting_unet
+
+    class FixedProfiles:
+        def check_shapes(self, wanted):
+            self.wanted = wanted
+
+    backend = FixedProfiles()
+    inputs.check_export_limits(backend, facts, 1, 512, 512, True, True)
+    assert backend.wanted["unet"]["sample"] == (2, 9, 64, 64) and backend.wanted["vae_encoder"]["image"] == (1, 3, 512, 512)

@@ -89,6 +89,8 @@ void bad_exports(const std::string &exp) {
         replace_in(d / "manifest.json", "\"networks\": [", "\"networks\": [\"text_encoder_2\", "); }, "network text_encoder_2");
     broken_export(exp, root, "no_scheduler_defaults", [](const fs::path &d) {
         replace_in(d / "manifest.json", "\"schedulers\": {", "\"schedulers\": {\"x\": {}}, \"unused\": {"); }, "default scheduler");
+    broken_export(exp, root, "inpainting_export", [](const fs::path &d) {
+        replace_in(d / "manifest.json", "\"vocab_size\":", "\"unet_in_channels\": 9, \"vocab_size\":"); }, "inpainting export");
     broken_export(exp, root, "no_facts", [](const fs::path &d) { replace_in(d / "manifest.json", "\"facts\"", "\"fakts\""); }, "facts");
 
     // A damaged optimised-graph cache (.ort_cache/cpp-*) costs a rebuild, never the load.

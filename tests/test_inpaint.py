@@ -248,3 +248,22 @@ def test_contracts_profiles_and_manifest_facts_carry_the_unet_channels():
     backend = FixedProfiles()
     inputs.check_export_limits(backend, facts, 1, 512, 512, True, True)
     assert backend.wanted["unet"]["sample"] == (2, 9, 64, 64) and backend.wanted["vae_encoder"]["image"] == (1, 3, 512, 512)
+
+
+def test_single_file_inpainting_checkpoint_converts_and_runs(tmp_path):
+    """An original-layout checkpoint whose UNet takes 9 channels converts to a StableDiffusionInpaintPipeline folder
+    with the same weights, and inpaints as that folder does."""
+    import json
+
+    from test_customisation import build_ldm_tiny, component_state
+
+    original, single = build_ldm_tiny(tmp_path / "tiny-inpaint", "sd1", inpainting=True)
+    pipe = sdrt.Pipeline.from_single_file(single, cache_dir=tmp_path / "cache", image_size=64)
+    folder = pipe.source.path
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
+    assert pipe.facts.inpainting_unet and pipe.facts == sdrt.Pipeline.from_pretrained(original, backend="torch").facts
+    a, b = component_state(original, "unet"), component_state(folder, "unet")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    kw = dict(image=INIT, mask_image=MASK, num_inference_steps=2, guidance_scale=2.0, seed=1, output_type="latent", progress=False)
+    want = sdrt.Pipeline.from_pretrained(original, backend="torch")("a cat", **kw).images
+    assert np.array_equal(pipe("a cat", **kw).images, want)

@@ -30,7 +30,7 @@ def url():
     from sdrt.serve import Limits, ServeConfig
 
     config = ServeConfig(models={"digits": None}, threads=1, warm_all_batches=False, max_batch=4, batch_wait_ms=10,
-                         max_queue=8, timeout=120, limits=Limits(max_steps=50, max_images=2))
+                         max_queue=8, timeout=120, limits=Limits(max_steps=400, max_images=4))
     with running_server(config) as base:
         yield base
 
@@ -142,3 +142,33 @@ def test_openai_edits_with_a_transparent_mask(url, pipe):
     files["mask"] = ("mask.png", base64.b64decode(png_b64(Image.fromarray(MASK))), "image/png")
     response = post(url, "/v1/images/edits", files=files, data=form)
     assert response.status_code == 422 and "no alpha channel" in response.text
+
+
+def test_inpainting_jobs_with_different_masks_share_a_batch(url, pipe):
+    """Two /v1/jobs inpainting requests (different masks, images and seeds) queued behind a long job run as one
+    UNet batch, and each equals the pipeline run alone: the mask data are per row."""
+    from serve_util import png_pixels, wait_for
+
+    blocker = post(url, "/v1/jobs", json={"prompt": "a 0", "steps": 300, "guidance_scale": 1.0}).json()["id"]
+    wait_for(lambda: httpx.get(f"{url}/v1/jobs/{blocker}").json()["status"] == "running")
+    other = np.zeros((128, 128), np.uint8)
+    other[10:60, 60:120] = 255
+    flipped = INIT.transpose(Image.FLIP_LEFT_RIGHT)
+    requests = [dict(prompt="a red 3", seed=1, mask=MASK, image=INIT, n=2), dict(prompt="a blue 8", seed=7, mask=other, image=flipped)]
+    ids = []
+    for r in requests:
+        body = {"prompt": r["prompt"], "seed": r["seed"], "n": r.get("n", 1), "steps": STEPS, "scheduler": "euler_a",
+                "width": 64, "height": 64, "init_image": png_b64(r["image"]), "mask": png_b64(Image.fromarray(r["mask"])),
+                "strength": 0.9, "keep_unmasked": True, "guidance_scale": 3.0}
+        response = post(url, "/v1/jobs", json=body)
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    httpx.delete(f"{url}/v1/jobs/{blocker}")
+    done = [wait_for(lambda i=i: (j := httpx.get(f"{url}/v1/jobs/{i}").json())["status"] == "done" and j) for i in ids]
+    assert [d["batch_images"] for d in done] == [3, 3]
+    for r, d in zip(requests, done):
+        want = pipe(r["prompt"], image=r["image"], mask_image=r["mask"], keep_unmasked=True, seed=r["seed"],
+                    num_images_per_prompt=r.get("n", 1), width=64, height=64, strength=0.9, guidance_scale=3.0,
+                    num_inference_steps=STEPS, scheduler="euler_a", output_type="np", progress=False).images
+        for b64, ref in zip(d["images"], want):
+            assert np.abs(png_pixels(b64) - ref.astype(int)).max() <= 1

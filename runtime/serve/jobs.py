@@ -42,11 +42,16 @@ async def submit(req: JobRequest, request: Request):
     if req.init_image is not None:
         data = b64_to_bytes(req.init_image, "init_image")
         image = await run_in_threadpool(decode_image, data, "init_image", service.config.limits.max_input_pixels)
+    inpaint = {}
+    if req.mask is not None:  # the pipeline's own inpainting (its checks answer 422: no init_image, an empty mask...)
+        raw = b64_to_bytes(req.mask, "mask")
+        mask = await run_in_threadpool(decode_image, raw, "mask", service.config.limits.max_input_pixels, False)
+        inpaint = {"mask_image": mask, "mask_blur": req.mask_blur, "keep_unmasked": req.keep_unmasked}
     plan = await service.plan(
         batcher, prompt=req.prompt, negative_prompt=req.negative_prompt, num_inference_steps=req.steps,
         guidance_scale=req.guidance_scale, height=req.height, width=req.width, seed=req.seed,
         scheduler=resolve_sampler(req.scheduler, field="scheduler"), image=image, strength=req.strength,
-        num_images_per_prompt=req.n,
+        num_images_per_prompt=req.n, **inpaint,
     )
     job = service.submit(batcher, plan, preview_every=req.preview_every, preview_decode=req.preview_decode)
     service.add_job(job)

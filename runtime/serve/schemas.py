@@ -221,6 +221,9 @@ class JobRequest(SdrtExtras):
     height: int | None = Field(None, ge=1, le=16384)
     init_image: str | None = Field(None, description="base64 PNG/JPEG for img2img")
     strength: float = Field(0.8, gt=0.0, le=1.0)
+    mask: str | None = Field(None, description="base64 PNG inpainting mask for init_image: white = repaint (sdrt.inpaint)")
+    mask_blur: int = Field(0, ge=0, le=256, description="pixels of Gaussian blur on the mask (soft paste-back edge)")
+    keep_unmasked: bool = Field(False, description="paste the result back: pixels outside the mask keep their values")
     preview_every: int = Field(0, ge=0, le=1000, description="send a preview event every N steps (0: server default)")
     preview_decode: bool = Field(False, description="previews by the VAE decoder (exact, slower) instead of the linear projection")
 

@@ -267,3 +267,10 @@ def test_single_file_inpainting_checkpoint_converts_and_runs(tmp_path):
     kw = dict(image=INIT, mask_image=MASK, num_inference_steps=2, guidance_scale=2.0, seed=1, output_type="latent", progress=False)
     want = sdrt.Pipeline.from_pretrained(original, backend="torch")("a cat", **kw).images
     assert np.array_equal(pipe("a cat", **kw).images, want)
+
+
+def test_info_names_an_inpainting_unet(tiny_sd1_inpaint, capsys):
+    from sdrt.cli import main
+
+    assert main(["info", str(tiny_sd1_inpaint)]) == 0
+    assert "dedicated inpainting UNet (9 input channels" in capsys.readouterr().out

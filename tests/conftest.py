@@ -40,13 +40,6 @@ def tiny_sd1_inpaint(tmp_path_factory):
     return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd1-inpaint", "sd1", inpainting=True)
 
 
-@pytest.fixture(scope="session")
-def tiny_sd2_inpaint(tmp_path_factory):
-    from sdrt.export.tiny import build_tiny_sd
-
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd2-inpaint", "sd2", inpainting=True)
-
-
 def _export(model_dir, out_dir, **options):
     from sdrt.export.onnx_export import export_model
 

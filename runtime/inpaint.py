@@ -149,7 +149,8 @@ class InpaintRows:
         return self.masked is not None
 
     def select(self, keep) -> "InpaintRows":
-        return InpaintRows(*(None if a is None else a[keep] for a in dataclasses.astuple(self)))
+        fields = (getattr(self, f.name) for f in dataclasses.fields(self))  # (astuple would deep-copy every array)
+        return InpaintRows(*(None if a is None else a[keep] for a in fields))
 
     def unet_input(self, unet_in: np.ndarray, guided: bool) -> np.ndarray:
         """[latents, mask, masked-image latents] on the channel axis (the uncond and cond halves share them)."""

@@ -48,7 +48,8 @@ async def submit(req: JobRequest, request: Request):
         scheduler=resolve_sampler(req.scheduler, field="scheduler"), image=image, strength=req.strength,
         num_images_per_prompt=req.n,
     )
-    job = service.submit(batcher, plan, preview_every=req.preview_every, preview_decode=req.preview_decode)
+    job = service.submit(batcher, plan, preview_every=req.preview_every, preview_decode=req.preview_decode,
+                         watchable=True)
     service.add_job(job)
     return await status(service, job, images=False)
 

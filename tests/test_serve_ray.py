@@ -29,7 +29,7 @@ pytest.importorskip("ray.serve")
 
 import sdrt  # noqa: E402
 import serve_util  # noqa: E402
-from serve_util import alone, free_port, png_pixels, wait_for  # noqa: E402
+from serve_util import alone, free_port, png_pixels, running_server, sse_events, wait_for  # noqa: E402
 
 RAY = str(Path(sys.executable).with_name("ray"))
 STEPS = 6
@@ -93,13 +93,18 @@ def cluster():
         stop_cluster()
 
 
+def serve_config():
+    from sdrt.serve import Limits, ServeConfig
+
+    return ServeConfig(threads=1, warm_all_batches=False, max_batch=8, batch_wait_ms=30, max_queue=32, timeout=120,
+                       limits=Limits(max_steps=400, max_images=4))
+
+
 @pytest.fixture(scope="module")
 def url(cluster):
-    from sdrt.serve import Limits, ServeConfig
     from sdrt.serve.ray_app import RayOptions, deploy
 
-    config = ServeConfig(threads=1, warm_all_batches=False, max_batch=8, batch_wait_ms=30, max_queue=32, timeout=120,
-                         limits=Limits(max_steps=400, max_images=4))
+    config = serve_config()
     options = RayOptions(address=cluster, replicas=2, cpus_per_replica=0.5, max_replicas_per_node=1, port=free_port(),
                          health_check_period_s=2.0)
     return deploy(config, options, ready_timeout=180)
@@ -176,6 +181,83 @@ def test_same_api_same_images(url, pipe):
     assert done["seeds"] == [4] and done["step"] == done["total"] == 9
     ref = alone(pipe, "a red 2", seed=4, num_inference_steps=9, scheduler="ddim")[0]
     assert np.abs(png_pixels(done["images"][0]) - ref.astype(int)).max() <= 1
+
+
+def test_bad_input_refused_at_post_as_on_one_machine(url):
+    """The ingress plans as one machine does (the pipeline's planning copy): a bad size, a step count the scheduler
+    cannot run from an init image, an unknown scheduler -> 422 from the POST itself, body for body as `sdrt serve`."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    bad = [
+        ("/v1/jobs", {"prompt": "x", "width": 65, "height": 64, "steps": 4}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "width": 64, "height": 70, "steps": 4}),
+        ("/v1/jobs", {"prompt": "x", "init_image": image, "strength": 0.01, "steps": 2, "scheduler": "dpmpp_2m"}),
+        ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [image], "denoising_strength": 0.01, "steps": 2}),
+        ("/v1/jobs", {"prompt": "x", "scheduler": "nope"}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "nope"}),
+    ]
+    served = [post(url, path, json=body) for path, body in bad]
+    with running_server(serve_config()) as alone_url:
+        want = [post(alone_url, path, json=body) for path, body in bad]
+    for (path, _), got, ref in zip(bad, served, want):
+        assert ref.status_code == 422, (path, ref.text)
+        assert (got.status_code, got.json()) == (422, ref.json()), path
+
+
+def loads() -> list[dict]:
+    """Each replica's batcher: {pid, queued, running}, asked through the deployment handle."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("model-digits", app_name="sdrt")
+    seen = {}
+    for _ in range(24):
+        info = handle.whoami.remote().result(timeout_s=30)
+        seen[info["pid"]] = info
+    return list(seen.values())
+
+
+def test_job_progress_previews_and_queue_position(url, pipe):
+    """Each step's progress and the previews stream from the replica to the ingress's job and its events; a job
+    queued on a replica shows its place; DELETE stops the replica's work."""
+    r = post(url, "/v1/jobs", json={"prompt": "a red 2", "steps": 12, "seed": 4, "preview_every": 4, "scheduler": "ddim"})
+    assert r.status_code == 202
+    events = sse_events(f"{url}/v1/jobs/{r.json()['id']}/events", timeout=120)
+    assert [d["step"] for e, d in events if e == "progress"] == list(range(1, 13))
+    assert all(d["total"] == 12 for e, d in events if e == "progress")
+    previews = [d for e, d in events if e == "preview"]
+    assert previews and all(d["step"] in (4, 8) for d in previews)
+    assert png_size(previews[-1]["images"][0]) == (64, 64)
+    final = events[-1][1]
+    assert events[-1][0] == "done" and final["step"] == final["total"] == 12
+    ref = alone(pipe, "a red 2", seed=4, num_inference_steps=12, scheduler="ddim")[0]
+    assert np.abs(png_pixels(final["images"][0]) - ref.astype(int)).max() <= 1
+
+    # four long jobs that cannot share a batch (different step counts) on two replicas: some wait in a replica's queue
+    ids = [post(url, "/v1/jobs", json={"prompt": "a 1", "steps": 390 + k, "width": 64, "height": 64, "seed": k}).json()["id"]
+           for k in range(4)]
+    try:
+        def seen():
+            states = [httpx.get(f"{url}/v1/jobs/{job_id}").json() for job_id in ids]
+            queued = [s["position"] for s in states if s["status"] == "queued"]
+            running = [s for s in states if s["status"] == "running" and s["step"] > 0]
+            return queued and all(isinstance(p, int) for p in queued) and running and (queued, running)
+        queued, running = wait_for(seen, timeout=60, every=0.2)
+        assert min(queued) == 0 and all(s["total"] == 390 + ids.index(s["id"]) for s in running)
+    finally:
+        for job_id in ids:
+            httpx.delete(f"{url}/v1/jobs/{job_id}", timeout=30)
+    assert {httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] for job_id in ids} == {"cancelled"}
+    wait_for(lambda: all(x["queued"] == 0 and x["running"] == 0 for x in loads()), timeout=30, every=0.5)
+
+
+def png_size(b64: str) -> tuple:
+    return tuple(png_pixels(b64).shape[1::-1])
 
 
 def test_replicas_on_both_nodes_serve(url):

@@ -67,7 +67,7 @@ class ModelReplica:
         return planning_copy(self.batcher.pipe)
 
     def whoami(self) -> dict:
-        return {"node": self.node, "pid": self.pid}
+        return {"node": self.node, "pid": self.pid, "queued": self.batcher.queued, "running": len(self.batcher.running())}
 
     async def stream(self, kwargs: dict, preview_every: int = 0, preview_decode: bool = False, watched: bool = False):
         """Plan, queue and yield the request's events: {"event": "queued", "position": k} when its place changes,

@@ -1,7 +1,8 @@
 """`sdrt serve --ray`: the same HTTP app on Ray Serve, on a two-node Ray cluster made on this machine (`ray start
 --head` plus a second `ray start --address`, each with its own custom resource), 2 replicas of the built-in model,
-one per node. Requests served as by `sdrt serve`; a replica SIGKILLed under 16 requests and 2 jobs -> all answer,
-same images, 2 replicas again; clear errors before anything is deployed; nothing of Ray left behind.
+one per node. Requests served as by `sdrt serve` (bad input refused at POST, job progress, previews and queue
+position); a replica SIGKILLed under 16 requests and 2 jobs -> all answer, same images, 2 replicas again; autoscaling
+1:2 up under load and down; clear errors before anything is deployed; nothing of Ray left behind.
 
 Everything binds to 127.0.0.1; one cluster for the module (~1 minute in all here)."""
 
@@ -30,6 +31,9 @@ pytest.importorskip("ray.serve")
 import sdrt  # noqa: E402
 import serve_util  # noqa: E402
 from serve_util import alone, free_port, png_pixels, running_server, sse_events, wait_for  # noqa: E402
+
+# the autoscaling test's short metrics interval (Serve 2.60 reads it still; its replacement is an environment variable)
+pytestmark = pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
 
 RAY = str(Path(sys.executable).with_name("ray"))
 STEPS = 6
@@ -325,6 +329,37 @@ def test_replica_killed_under_16_requests(url, pipe):
     wait_for(lambda: replicas() == 2, timeout=120, every=0.5)  # Ray Serve restarted the replica
     after = who()
     assert len(after) == 2 and victim not in after
+    assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+# --- autoscaling ----------------------------------------------------------------------------------------------------
+
+
+def test_autoscale_up_under_load_and_back_down(url):
+    """--autoscale 1:2 (the same app updated in place; short delays and look-back): idle -> 1 replica, six jobs in
+    flight (target 2 per replica) -> 2, the jobs cancelled -> 1 again."""
+    from sdrt.serve.ray_app import RayOptions, deploy
+
+    fast = {"target_ongoing_requests": 2, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0, "look_back_period_s": 2.0,
+            "metrics_interval_s": 0.5}
+    options = RayOptions(address="auto", autoscale=(1, 2), autoscaling_config=fast, cpus_per_replica=0.5,
+                         max_replicas_per_node=1, port=int(url.rsplit(":", 1)[1]), health_check_period_s=2.0)
+    assert deploy(serve_config(), options, ready_timeout=120) == url
+    t0 = time.monotonic()
+    wait_for(lambda: replicas() == 1, timeout=60, every=0.25)
+    down = time.monotonic() - t0
+    ids = [post(url, "/v1/jobs", json={"prompt": "a 3", "steps": 400, "width": 64, "height": 64, "seed": k}).json()["id"]
+           for k in range(6)]
+    try:
+        t0 = time.monotonic()
+        wait_for(lambda: replicas() == 2, timeout=90, every=0.25)
+        up = time.monotonic() - t0
+    finally:
+        for job_id in ids:
+            httpx.delete(f"{url}/v1/jobs/{job_id}", timeout=30)
+    t0 = time.monotonic()
+    wait_for(lambda: replicas() == 1, timeout=60, every=0.25)
+    print(f"autoscale: idle 2->1 in {down:.1f} s, under load 1->2 in {up:.1f} s, idle 2->1 in {time.monotonic() - t0:.1f} s")
     assert httpx.get(f"{url}/readyz").status_code == 200
 
 

@@ -53,6 +53,7 @@ class RayOptions:
     port: int = 8000
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 30.0
+    autoscaling_config: dict = dataclasses.field(default_factory=dict)  # Serve's own keys over sdrt's (with --autoscale)
 
     def deployment_options(self, config: ServeConfig) -> dict:
         options = {
@@ -70,7 +71,8 @@ class RayOptions:
             low, high = self.autoscale
             options["autoscaling_config"] = {"min_replicas": low, "initial_replicas": low, "max_replicas": high,
                                              "target_ongoing_requests": max(1, config.max_batch),
-                                             "upscale_delay_s": 3.0, "downscale_delay_s": 60.0}
+                                             "upscale_delay_s": 3.0, "downscale_delay_s": 60.0,
+                                             **self.autoscaling_config}
         else:
             options["num_replicas"] = self.replicas
         return options
@@ -110,12 +112,13 @@ def build(config: ServeConfig, options: RayOptions):
 
 def app_builder(args: dict):
     """For Serve config files (`serve deploy ray_config.yaml`): args {models: {name: path|null}, replicas,
-    autoscale: "MIN:MAX", cpus_per_replica, gpus_per_replica, max_batch, backend, ...}."""
+    autoscale: "MIN:MAX", autoscaling_config: {Serve's keys}, cpus_per_replica, gpus_per_replica, max_batch, backend, ...}."""
     args = dict(args or {})
     options = RayOptions(replicas=int(args.pop("replicas", 1)), autoscale=parse_autoscale(args.pop("autoscale", None)),
                          cpus_per_replica=float(args.pop("cpus_per_replica", 1.0)),
                          gpus_per_replica=float(args.pop("gpus_per_replica", 0.0)),
-                         max_replicas_per_node=args.pop("max_replicas_per_node", None))
+                         max_replicas_per_node=args.pop("max_replicas_per_node", None),
+                         autoscaling_config=dict(args.pop("autoscaling_config", None) or {}))
     models = args.pop("models", None) or {"digits": None}
     config = ServeConfig(models=dict(models), **args)
     return build(config, options)

@@ -70,9 +70,9 @@ class ModelReplica:
         return {"node": self.node, "pid": self.pid, "queued": self.batcher.queued, "running": len(self.batcher.running())}
 
     async def stream(self, kwargs: dict, preview_every: int = 0, preview_decode: bool = False, watched: bool = False):
-        """Plan, queue and yield the request's events: {"event": "queued", "position": k} when its place changes,
-        "running", "progress" {step, total} (each step when `watched`, an async job, else at most every 0.25 s),
-        "preview" {step, total, images} (a watched job: every preview_every steps, or the server's default), and last
+        """Plan, queue and yield the request's events: "queued" {position} when its place changes (`watched`: an
+        async job), "running", "progress" {step, total} (each step when watched, else at most every 0.25 s),
+        "preview" {step, total, images} (watched: every preview_every steps, or the server's default), and last
         {"event": "result", ...}: every outcome, errors included, never a traceback. Ending the stream early (the
         ingress cancelled: client gone, timeout, DELETE) drops the request's rows from its batch."""
         where = {"node": self.node, "pid": self.pid}
@@ -100,13 +100,13 @@ class ModelReplica:
         try:
             position, last_progress = None, 0.0
             while True:
-                if job.state == "queued":
+                if watched and job.state == "queued":  # (only async jobs report their place)
                     now = self.batcher.position(job)
                     if now is not None and now != position:
                         position = now
                         yield {"event": "queued", "position": position}
                 getter = getter or asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({getter}, timeout=POSITION_EVERY_S if job.state == "queued" else None)
+                done, _ = await asyncio.wait({getter}, timeout=POSITION_EVERY_S if watched and job.state == "queued" else None)
                 if not done:
                     continue
                 event, data = getter.result()

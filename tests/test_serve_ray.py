@@ -363,6 +363,34 @@ def test_autoscale_up_under_load_and_back_down(url):
     assert httpx.get(f"{url}/readyz").status_code == 200
 
 
+# --- the ingress dies -----------------------------------------------------------------------------------------------
+
+
+def test_jobs_outlive_the_ingress(url):
+    """The ingress killed: Ray Serve restarts it, and the job store answers for the jobs it drove: a finished job
+    as it was (images included), one that was running as failed, naming the seed that makes the same image."""
+    import ray
+
+    done = post(url, "/v1/jobs", json={"prompt": "a red 1", "steps": 4, "seed": 5}).json()["id"]
+    before = wait_for(lambda: (s := httpx.get(f"{url}/v1/jobs/{done}").json())["status"] == "done" and s, timeout=60)
+    lost = post(url, "/v1/jobs", json={"prompt": "a 3", "steps": 200, "width": 64, "height": 64, "seed": 9}).json()["id"]
+    wait_for(lambda: httpx.get(f"{url}/v1/jobs/{lost}").json()["status"] == "running", timeout=60)
+    time.sleep(0.5)  # (the job store has its submitted status)
+    # this cluster's ingress replica (by its actor name: other Ray clusters may run on the machine), killed by Ray
+    (ingress,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#ingress#" in a["name"]]
+    ray.kill(ray.get_actor(ingress["name"], namespace=ingress["namespace"]), no_restart=True)
+    wait_for(lambda: _ready(url) and ingress["name"] not in str(ray.util.list_named_actors(all_namespaces=True)),
+             timeout=90, every=0.25)
+    after = httpx.get(f"{url}/v1/jobs/{done}").json()
+    assert after == before
+    gone = httpx.get(f"{url}/v1/jobs/{lost}").json()
+    assert gone["status"] == "failed" and "with seed 9" in gone["error"], gone
+    events = sse_events(f"{url}/v1/jobs/{done}/events")
+    assert [e for e, _ in events] == ["status", "done"] and events[-1][1]["images"] == before["images"]
+    assert httpx.delete(f"{url}/v1/jobs/{done}").json()["status"] == "done"
+    assert httpx.get(f"{url}/v1/jobs/nope").status_code == 404
+
+
 # --- errors before anything is deployed, and no ray unless asked ------------------------------------------------
 
 

@@ -76,6 +76,7 @@ class Service:
         self.draining = False
         self.a1111_model = config.default_model  # A1111's /options sd_model_checkpoint
         self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.job_store = None  # a Ray ingress's copy of job states (sdrt.serve.ray_jobs.RemoteJobStore)
         self.batchers = batchers if batchers is not None else {
             name: Batcher(name, lambda path=path: load_pipeline(path, config.backend, config.threads, config.max_batch),
                           max_batch=config.max_batch, batch_wait_ms=config.batch_wait_ms, max_queue=config.max_queue,

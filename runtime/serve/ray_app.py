@@ -4,6 +4,7 @@
                  limit, the API key, /metrics and the async jobs' state live here (jobs survive a replica's death)
     model-NAME   one deployment per model; each replica holds a warm Pipeline and its own Batcher, so requests
                  that reach one replica batch together as on one machine
+    jobs         one replica keeping the async jobs' last states, for an ingress that restarts (ray_jobs)
 
 The ingress checks every request as one machine does (the limits, then the pipeline's own plan() on its planning
 copy: a bad request is a 422 at POST time), fixes its seed (so a retry reproduces it) and streams it from the model's
@@ -24,6 +25,7 @@ import time
 
 from sdrt.errors import InputError, SdrtError
 from sdrt.serve.app import ServeConfig, create_app
+from sdrt.serve.ray_jobs import JobStore, RemoteJobStore
 from sdrt.serve.ray_remote import APP_NAME, RemoteBatcher, deployment_name
 from sdrt.serve.ray_replica import ModelReplica, bind_loopback
 
@@ -85,29 +87,34 @@ class RayOptions:
 class Ingress:
     """The FastAPI app (create_app) over RemoteBatchers; built on the replica (`__serve_build_asgi_app__`)."""
 
-    def __init__(self, config: ServeConfig, handles: dict):
+    def __init__(self, config: ServeConfig, handles: dict, jobs=None):
         bind_loopback()
-        self.config, self.handles = config, handles
+        self.config, self.handles, self.jobs = config, handles, jobs
 
     def __serve_build_asgi_app__(self):
         from sdrt.serve.ops import Metrics
 
         metrics = Metrics()
         batchers = {name: RemoteBatcher(name, handle, self.config, metrics) for name, handle in self.handles.items()}
-        return create_app(self.config, batchers=batchers, metrics=metrics)
+        app = create_app(self.config, batchers=batchers, metrics=metrics)
+        if self.jobs is not None:
+            app.state.service.job_store = RemoteJobStore(self.jobs)
+        return app
 
 
 def build(config: ServeConfig, options: RayOptions):
-    """The Serve application: one deployment per model and the ingress bound to their handles."""
+    """The Serve application: one deployment per model, the job store, and the ingress bound to their handles."""
     _, serve = require_ray()
     handles = {}
     for name, path in config.models.items():
         model = serve.deployment(ModelReplica, name=deployment_name(name))
         handles[name] = model.options(**options.deployment_options(config)).bind(name, path, config)
+    jobs = serve.deployment(JobStore, name="jobs", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                            max_ongoing_requests=10_000).bind()
     ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", num_replicas=1,
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
                                graceful_shutdown_timeout_s=min(config.drain_timeout, 20.0))
-    return ingress.bind(config, handles)
+    return ingress.bind(config, handles, jobs)
 
 
 def app_builder(args: dict):

@@ -110,7 +110,6 @@ class Job:
         self.batch_images = 0
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self._listeners: list[Callable[[str, dict], None]] = []
-        self._watching = 0  # listeners that want previews
         self._history: list[tuple[str, dict]] = []  # progress events and the latest preview, for late listeners
         self._lock = threading.Lock()
         self.cache: dict = {}  # encoded outputs, filled by the routes
@@ -123,27 +122,24 @@ class Job:
     def timed_out(self) -> bool:
         return self.cancel_reason == "timeout"
 
-    def listen(self, callback: Callable[[str, dict], None], previews: bool = True) -> Callable[[], None]:
+    def listen(self, callback: Callable[[str, dict], None]) -> Callable[[], None]:
         """callback(event, data) from the worker thread for each event, after the events so far (every progress
-        event and the latest preview) are replayed to it; returns the unsubscribe function. previews=False: the
-        listener does not ask for previews (they are made for a job that asks, or has a listener that does)."""
+        event and the latest preview) are replayed to it; returns the unsubscribe function."""
         with self._lock:
             for event, data in self._history:
                 callback(event, data)
             self._listeners.append(callback)
-            self._watching += previews
 
         def unsubscribe():
             with self._lock:
                 if callback in self._listeners:
                     self._listeners.remove(callback)
-                    self._watching -= previews
 
         return unsubscribe
 
     @property
     def listened(self) -> bool:
-        return self._watching > 0
+        return bool(self._listeners)
 
     def emit(self, event: str, data: dict) -> None:
         with self._lock:

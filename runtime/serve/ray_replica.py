@@ -5,6 +5,7 @@ so jobs followed at the ingress look as they do on one machine (sdrt.serve.ray_r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 
@@ -12,7 +13,7 @@ from sdrt.errors import InputError
 from sdrt.serve.app import ServeConfig, load_pipeline
 from sdrt.serve.batcher import Batcher, NotAccepting, QueueFull
 
-PROGRESS_EVERY_S = 0.25  # progress events of a request nobody watches (a synchronous one): at most this often
+PROGRESS_EVERY_S = 0.25  # a synchronous request's state is sampled this often (a shorter one sends only its result)
 POSITION_EVERY_S = 0.25  # how often a queued request's place is looked at
 
 
@@ -71,7 +72,7 @@ class ModelReplica:
 
     async def stream(self, kwargs: dict, preview_every: int = 0, preview_decode: bool = False, watched: bool = False):
         """Plan, queue and yield the request's events: "queued" {position} when its place changes (`watched`: an
-        async job), "running", "progress" {step, total} (each step when watched, else at most every 0.25 s),
+        async job), "running", "progress" {step, total} (each step when watched, else sampled every 0.25 s),
         "preview" {step, total, images} (watched: every preview_every steps, or the server's default), and last
         {"event": "result", ...}: every outcome, errors included, never a traceback. Ending the stream early (the
         ingress cancelled: client gone, timeout, DELETE) drops the request's rows from its batch."""
@@ -92,41 +93,59 @@ class ModelReplica:
         except NotAccepting as err:
             yield {"event": "result", "state": "failed", "error": str(err), "status": 503, **where}
             return
+        try:
+            async with contextlib.aclosing(self._every_event(job) if watched else self._sampled(job)) as events:
+                async for event in events:
+                    yield event
+            yield {"event": "result", "state": job.state, "output": job.output, "error": job.error,
+                   "status": job.error_status, "batch_images": job.batch_images, "step": job.step, "total": job.total,
+                   "timed_out": job.timed_out, **where}
+        finally:
+            if not job.finished:  # the ingress went away mid-stream: free the batch row
+                self.batcher.cancel(job, "cancelled")
+
+    async def _every_event(self, job):
+        """An async job's events as they happen (its queue place looked at every 0.25 s), until it ends."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        unsubscribe = job.listen(lambda event, data: loop.call_soon_threadsafe(events.put_nowait, (event, data)),
-                                 previews=watched)
-        getter = None
+        unsubscribe = job.listen(lambda event, data: loop.call_soon_threadsafe(events.put_nowait, (event, data)))
+        getter, position = None, None
         try:
-            position, last_progress = None, 0.0
             while True:
-                if watched and job.state == "queued":  # (only async jobs report their place)
+                if job.state == "queued":
                     now = self.batcher.position(job)
                     if now is not None and now != position:
                         position = now
                         yield {"event": "queued", "position": position}
                 getter = getter or asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({getter}, timeout=POSITION_EVERY_S if watched and job.state == "queued" else None)
+                done, _ = await asyncio.wait({getter}, timeout=POSITION_EVERY_S if job.state == "queued" else None)
                 if not done:
                     continue
                 event, data = getter.result()
                 getter = None
                 if event in ("done", "failed", "cancelled"):
-                    break
-                if event == "progress" and not watched and data["step"] < data["total"]:
-                    if time.monotonic() - last_progress < PROGRESS_EVERY_S:
-                        continue
-                    last_progress = time.monotonic()
+                    return
                 yield {"event": event, **data}
-            yield {"event": "result", "state": job.state, "output": job.output, "error": job.error,
-                   "status": job.error_status, "batch_images": job.batch_images, "step": job.step, "total": job.total,
-                   "timed_out": job.timed_out, **where}
         finally:
             unsubscribe()
             if getter is not None:
                 getter.cancel()
-            if not job.finished:  # the ingress went away mid-stream: free the batch row
-                self.batcher.cancel(job, "cancelled")
+
+    async def _sampled(self, job):
+        """A synchronous request's state every 0.25 s ("running" once, then "progress" when it moved): a request
+        that ends sooner sends its result alone, as a plain call would."""
+        ended = asyncio.wrap_future(job.future)
+        running, step = False, 0
+        while True:
+            await asyncio.wait({ended}, timeout=PROGRESS_EVERY_S)
+            if ended.done():
+                return
+            if job.state == "running" and not running:
+                running = True
+                yield {"event": "running", "status": "running", "batch_images": job.batch_images}
+            if job.step != step:
+                step = job.step
+                yield {"event": "progress", "step": job.step, "total": job.total}
 
     def check_health(self) -> None:
         """A tiny generation through the batcher (1 step, 1 image): a wedged worker fails the check."""

@@ -228,7 +228,8 @@ def loads() -> list[dict]:
 
 def test_job_progress_previews_and_queue_position(url, pipe):
     """Each step's progress and the previews stream from the replica to the ingress's job and its events; a job
-    queued on a replica shows its place; DELETE stops the replica's work."""
+    queued on a replica shows its place; DELETE stops the replica's work; a synchronous request shows its progress
+    in A1111's /progress and /interrupt stops it."""
     r = post(url, "/v1/jobs", json={"prompt": "a red 2", "steps": 12, "seed": 4, "preview_every": 4, "scheduler": "ddim"})
     assert r.status_code == 202
     events = sse_events(f"{url}/v1/jobs/{r.json()['id']}/events", timeout=120)
@@ -257,6 +258,15 @@ def test_job_progress_previews_and_queue_position(url, pipe):
         for job_id in ids:
             httpx.delete(f"{url}/v1/jobs/{job_id}", timeout=30)
     assert {httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] for job_id in ids} == {"cancelled"}
+
+    # a synchronous request's progress (sampled by its replica) in A1111's /progress, and /interrupt stops it
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, url, "/sdapi/v1/txt2img", json={"prompt": "a 5", "steps": 400, "width": 64, "height": 64})
+        progress = wait_for(lambda: (p := httpx.get(f"{url}/sdapi/v1/progress").json())["state"]["sampling_step"] > 0 and p,
+                            timeout=60, every=0.1)
+        assert progress["state"]["sampling_steps"] == 400 and 0 < progress["progress"] < 1
+        assert httpx.post(f"{url}/sdapi/v1/interrupt").json() == {"interrupted": 1}
+        assert answer.result().status_code == 409
     wait_for(lambda: all(x["queued"] == 0 and x["running"] == 0 for x in loads()), timeout=30, every=0.5)
 
 

@@ -16,6 +16,7 @@ from sdrt.serve.app import FINISHED_JOB_TTL, MAX_FINISHED_JOBS
 log = logging.getLogger("sdrt.serve")
 
 FINAL = ("done", "failed", "cancelled")
+GET_TIMEOUT_S = 5.0  # a store that does not answer in this time is treated as having no such job
 
 
 class JobStore:
@@ -72,7 +73,11 @@ class RemoteJobStore:
 
     async def get(self, job_id: str) -> dict | None:
         """The stored status (JobStatus fields); a job stored unfinished was lost with the ingress that drove it."""
-        stored = await self.handle.get.remote(job_id)
+        try:
+            stored = await asyncio.wait_for(self.handle.get.remote(job_id), timeout=GET_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - the store is down or restarting: as if it had no such job
+            log.warning("job store unavailable for job %s (%s)", job_id, type(err).__name__)
+            return None
         if stored is None:
             return None
         seed = stored.pop("seed", None)

@@ -143,7 +143,7 @@ def progress(request: Request, skip_current_image: bool = False):
     elapsed = time.monotonic() - (job.started or time.monotonic())
     eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
     image = None
-    if not skip_current_image and job.latents is not None:
+    if not skip_current_image:  # (none before the first step; under --ray, the latest preview its replica sent)
         previews = batcher.preview(job)
         image = previews[0] if previews else None
     state = ProgressState(job=job.id, job_count=queued + len(running), job_timestamp=time.strftime("%Y%m%d%H%M%S"),

@@ -43,11 +43,14 @@ SD21_SCHEDULER = {
 }
 
 
-def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0) -> Path:
-    """Build and save a tiny random-weight model in diffusers format; returns the folder. variant "lcm": SD 1.x with
-    an LCM-distilled UNet's guidance embedding (time_cond_proj_dim) and LCMScheduler, a LatentConsistencyModelPipeline."""
+def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0, inpainting: bool = False) -> Path:
+    """Build and save a tiny random-weight model in diffusers format; returns the folder. inpainting: a dedicated
+    inpainting UNet (in_channels = 4 latent + 1 mask + 4 masked-image latent) saved as a StableDiffusionInpaintPipeline.
+    variant "lcm": SD 1.x with an LCM-distilled UNet's guidance embedding (time_cond_proj_dim) and LCMScheduler, a
+    LatentConsistencyModelPipeline."""
     import torch
     from diffusers import (AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, PNDMScheduler,
+                           StableDiffusionInpaintPipeline,
                            StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -60,7 +63,7 @@ def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0) -> Pa
     text_hidden = 32
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         block_out_channels=(32, 32, 64),
         layers_per_block=1,
@@ -101,7 +104,8 @@ def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0) -> Pa
     tok_dir = write_clip_tokenizer(folder / "tokenizer", pad_token="!" if sd2 else "<|endoftext|>")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     scheduler = (DDIMScheduler if sd2 else LCMScheduler if lcm else PNDMScheduler).from_config(SD21_SCHEDULER if sd2 else SD15_SCHEDULER)
-    pipe = (LatentConsistencyModelPipeline if lcm else StableDiffusionPipeline)(
+    pipe_cls = LatentConsistencyModelPipeline if lcm else StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = pipe_cls(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -121,8 +125,9 @@ def main(argv=None) -> None:
     parser.add_argument("folder", help="where to write it")
     parser.add_argument("--variant", choices=("sd1", "sd2", "lcm"), default="sd1")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet")
     args = parser.parse_args(argv)
-    print(build_tiny_sd(args.folder, args.variant, args.seed))
+    print(build_tiny_sd(args.folder, args.variant, args.seed, args.inpainting))
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def sd_contracts(facts: ModelFacts) -> dict[str, NetworkContract]:
         UNET: NetworkContract(
             UNET,
             inputs=(
-                TensorSpec("sample", f32, ("unet_batch", c, "latent_height", "latent_width")),
+                TensorSpec("sample", f32, ("unet_batch", facts.unet_input_channels, "latent_height", "latent_width")),
                 TensorSpec("timestep", f32, ("unet_batch",)),
                 TensorSpec("encoder_hidden_states", f32, ("unet_batch", seq, facts.cross_attention_dim)),
                 *w_cond,
@@ -211,7 +211,9 @@ def sd_contracts(facts: ModelFacts) -> dict[str, NetworkContract]:
             outputs=(TensorSpec("out_sample", f32, ("unet_batch", c, "latent_height", "latent_width")),),
             doc="Scaled latents, a float timestep per item (fractional allowed), text states -> the model's "
             "prediction (epsilon or v, per prediction_type). Guidance runs [uncond, cond] as one batch, except in "
-            "LCM-distilled UNets, which take the guidance scale's embedding as timestep_cond.",
+            "LCM-distilled UNets, which take the guidance scale's embedding as timestep_cond. An "
+            "inpainting UNet's sample is [latents, mask, masked-image latents] on the channel axis (its config's "
+            "in_channels); its output has the latent channels.",
         ),
         VAE_ENCODER: NetworkContract(
             VAE_ENCODER,

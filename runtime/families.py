@@ -50,8 +50,11 @@ class FamilySpec:
         }
 
 
+# Inpainting is a capability of these families, not a family: a dedicated inpainting UNet differs only in its input
+# channels (ModelFacts.unet_in_channels, read from its config; the UNet contract's `sample` takes them). So is an
+# LCM-distilled UNet: it takes the guidance embedding `timestep_cond` (ModelFacts.time_cond_proj_dim).
 _SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline",
-                 "LatentConsistencyModelPipeline")
+                 "StableDiffusionInpaintPipeline", "OnnxStableDiffusionInpaintPipeline", "LatentConsistencyModelPipeline")
 
 SD1 = FamilySpec("sd1", "Stable Diffusion 1.x", _SD_PIPELINES, NETWORKS, ("encoder_hidden_states",), DEFAULT_SCHEDULER, sd_contracts)
 SD2 = FamilySpec("sd2", "Stable Diffusion 2.x", _SD_PIPELINES, NETWORKS, ("encoder_hidden_states",), DEFAULT_SCHEDULER, sd_contracts)
@@ -63,7 +66,6 @@ NOT_YET_SUPPORTED = {
     "StableDiffusionXLImg2ImgPipeline": "SDXL",
     "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
     "StableDiffusion3Pipeline": "SD3",
-    "StableDiffusionInpaintPipeline": "SD inpainting",
     "StableDiffusionUpscalePipeline": "SD x4 upscaler",
     "StableDiffusionDepth2ImgPipeline": "SD 2 depth-to-image",
     "StableDiffusionInstructPix2PixPipeline": "InstructPix2Pix",

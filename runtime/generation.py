@@ -35,6 +35,7 @@ class GenerationPlan:
     loras: tuple = ()  # ((registered name, scale), ...) sorted by name, scales != 0: run-time LoRAs (Pipeline.register_lora)
     timestep_spacing: str | None = None  # "leading"/"linspace"/"trailing" instead of the scheduler config's (None: its own)
     cfg: bool = True  # guidance by an [uncond, cond] batch; False for LCM-distilled UNets (guidance embedding)
+    mask: object | None = None  # sdrt.inpaint.Mask: inpaint the init image (None: img2img or text-to-image)
 
     @property
     def batch(self) -> int:
@@ -51,7 +52,7 @@ class GenerationPlan:
         """Plans with equal keys share UNet calls: same shapes, schedule, guidance on/off and LoRA set."""
         img2img = self.init_image is not None
         return (self.height, self.width, self.steps, self.scheduler, img2img, self.strength if img2img else None, self.guided,
-                self.loras, self.timestep_spacing)
+                self.loras, self.mask is not None, self.timestep_spacing)
 
 
 @dataclasses.dataclass
@@ -68,6 +69,7 @@ class Batch:
     step: int = 0  # the next scheduler call
     timings: dict = dataclasses.field(default_factory=dict)
     timestep_cond: np.ndarray | None = None  # LCM-distilled UNets: float32 [rows, time_cond_proj_dim] guidance embedding
+    inpaint: object | None = None  # sdrt.inpaint.InpaintRows: per-row mask and image latents when inpainting
 
     @property
     def rows(self) -> int:
@@ -106,6 +108,8 @@ class Batch:
             self.text_states = self.text_states[keep]
         if self.timestep_cond is not None:
             self.timestep_cond = self.timestep_cond[keep]
+        if self.inpaint is not None:
+            self.inpaint = self.inpaint.select(keep)
         self.sched.select_rows(keep)
 
 

@@ -223,10 +223,6 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
     return float("inf") if err == 0 else float(10 * np.log10(peak * peak / err))
 
 
-def copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-
-
 def quantize_export(fp32_dir: Path, out_dir: Path, scheme: str, networks=("unet",), calibration=None) -> dict:
     """Copy the fp32 export at `fp32_dir` to `out_dir` with `networks` quantised by `scheme`; rewrites the manifest
     (each quantised network's precision "int8" and its stats; extras["int8"]) and the file records. Returns

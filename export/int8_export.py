@@ -57,16 +57,18 @@ def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=N
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     t0 = time.perf_counter()
     try:
-        report = export_model(model, fp32, progress=progress, force=True, winograd=winograd,
-                              no_winograd=QUANTIZED_NETWORKS, **export_options)
+        # The fp32 export and the calibration sampling each run in a child process: their memory (torch's model,
+        # ONNX Runtime's sessions) goes back before ORT's quantiser loads the UNet again (SD 1.5 in one process: >16 GB).
+        report = in_child(export_model, model, fp32, progress=progress, force=True, winograd=winograd,
+                          no_winograd=QUANTIZED_NETWORKS, **export_options)
         manifest = read_manifest(fp32)
         is_digits = _is_builtin(manifest)
         prompts = list(calibration_prompts) if calibration_prompts else default_prompts(is_digits)
         limits = manifest.limits
         calib_size = min(limits["opt_size"], max(limits["min_size"], 256 // manifest.facts.size_step * manifest.facts.size_step))
         t1 = time.perf_counter()
-        feeds = record_unet_feeds(fp32, prompts, calib_size, CALIBRATION_STEPS, 7.5, limit=CALIBRATION_SAMPLES,
-                                  threads=threads) if scheme in ("static", "static-s8", "mixed") else []
+        feeds = in_child(record_unet_feeds, fp32, prompts, calib_size, CALIBRATION_STEPS, 7.5, limit=CALIBRATION_SAMPLES,
+                         threads=threads) if scheme in ("static", "static-s8", "mixed") else []
         calibration = {"prompts": len(prompts), "size": calib_size, "steps": CALIBRATION_STEPS, "unet_calls": len(feeds),
                        "seconds": time.perf_counter() - t1}
         shutil.rmtree(tmp, ignore_errors=True)
@@ -91,6 +93,15 @@ def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=N
         shutil.rmtree(fp32, ignore_errors=True)
     record["seconds"] = time.perf_counter() - t0
     return report, record
+
+
+def in_child(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a fresh (spawned) process; its result or exception comes back, its memory does not."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def _is_builtin(manifest) -> bool:

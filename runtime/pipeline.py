@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from sdrt import __version__
 from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdrt.device_loop import draw_step_noise
-from sdrt.errors import BackendError
+from sdrt.errors import BackendError, InputError
 from sdrt.generation import Batch, GenerationPlan, stack_plans
 from sdrt import inputs
 from sdrt.images import decoded_to_uint8, image_to_array
@@ -45,7 +45,7 @@ class PipelineOutput:
 
 
 class Pipeline:
-    """Stable Diffusion 1.x/2.x text-to-image and image-to-image over any sdrt backend."""
+    """Stable Diffusion 1.x/2.x and SDXL (base and refiner) text-to-image and image-to-image over any sdrt backend."""
 
     def __init__(self, source: ModelSource, backend, tokenizer: ClipTokenizer, token_table: np.ndarray):
         self.source = source
@@ -53,6 +53,7 @@ class Pipeline:
         self.backend = backend
         self.tokenizer = tokenizer
         self.token_table = token_table  # [vocab (+ textual-inversion rows), hidden], owned by the runtime
+        self.more_text_encoders: list = []  # SDXL's second encoder: [(network, ClipTokenizer, token table)]
         self.textual_inversions: dict[str, list[str]] = {}
         self.loras: list[dict] = []  # LoRAs fused into the PyTorch backend's networks: {"file", "sha256", "scale"}
         self.registered_loras: dict = {}  # name -> sdrt.adapters.lora_switch.RegisteredLora (run-time, any backend)
@@ -73,9 +74,23 @@ class Pipeline:
 
         parse_memory(max_memory)  # a bad budget fails before loading
         backend_impl = source.create_backend(backend, **backend_options)
-        pipe = cls(source, backend_impl, ClipTokenizer.from_folder(source.tokenizer_dir), source.load_token_embeddings())
+        (network, tokenizer, table), *more = source.text_encoders()
+        pipe = cls(source, backend_impl, ClipTokenizer.from_folder(tokenizer), source.load_token_embeddings(table))
+        pipe.text_network = network
+        pipe.more_text_encoders = [(n, ClipTokenizer.from_folder(t), source.load_token_embeddings(f)) for n, t, f in more]
         pipe.max_memory = max_memory
         return pipe
+
+    text_network = TEXT_ENCODER  # the network of `tokenizer` and `token_table` (SDXL's refiner: text_encoder_2)
+
+    @property
+    def text_encoders(self) -> list:
+        """(network, tokenizer, token table) of every text encoder, in the order their states are concatenated."""
+        return [(self.text_network, self.tokenizer, self.token_table)] + list(self.more_text_encoders)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return bool(self.facts.time_ids_dim)
 
     @classmethod
     def from_single_file(cls, path: str | Path, backend: str = "torch", cache_dir=None, allow_pickle: bool = False,
@@ -94,6 +109,8 @@ class Pipeline:
         """Load a diffusers or A1111 embedding (file, folder or {token: vectors}); returns the tokens it added."""
         from sdrt.adapters import textual_inversion as ti
 
+        if self.is_sdxl:
+            raise InputError("textual inversion for SDXL (clip_l / clip_g embeddings) is not supported yet; use an SD 1.x/2.x model")
         token, vectors, name = ti.read_embedding(path_or_dict, token, width=self.token_table.shape[1])
         self.token_table = ti.add_embedding(self.tokenizer, self.token_table, self.textual_inversions, token, vectors, name)
         return self.textual_inversions[token]
@@ -109,6 +126,8 @@ class Pipeline:
         Exports fuse LoRAs when exporting: `sdrt export MODEL OUT --lora FILE:SCALE`."""
         from sdrt.adapters.lora import fuse_lora_into_backend
 
+        if self.is_sdxl:
+            raise InputError("LoRA for SDXL (lora_te1_/lora_te2_/lora_unet_) is not supported yet; use an SD 1.x/2.x model")
         self.loras.append(fuse_lora_into_backend(self.backend, path, scale))
 
     def register_lora(self, path, name: str | None = None, max_rank: int | None = None) -> str:
@@ -145,13 +164,23 @@ class Pipeline:
         output_type: str = "pil",
         max_memory=None,
         loras=None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        **micro,
     ) -> GenerationPlan:
         """0. Check every argument and resolve every default (size, seeds, scheduler); no network runs, nothing big is
         allocated (sdrt.inputs). max_memory: the budget the request must fit (None: from_pretrained's, else what is
         available; "8G" or bytes; 0/False: no check). loras: {name or file: scale} (or [(name, scale)]) run-time
-        LoRAs for this request: registered names, or files (registered on first use); part of the batch key."""
+        LoRAs for this request: registered names, or files (registered on first use); part of the batch key.
+        SDXL: denoising_end stops at that fraction of the schedule (a base handing over to a refiner, with
+        output_type="latent"); denoising_start starts there from `image` given as those latents (the refiner's
+        part; strength is then unused); `micro` takes SDXL's micro-conditioning (sdrt.sdxl.MICRO_ARGS)."""
         from sdrt.adapters.lora_switch import resolve_loras
+        from sdrt import sdxl
 
+        micro = sdxl.check_micro(self.facts, micro)
+        if loras and self.is_sdxl:
+            raise InputError("LoRA for SDXL is not supported yet; drop loras=")
         loras = resolve_loras(self, loras)
         prompts = inputs.check_prompts(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
@@ -162,11 +191,23 @@ class Pipeline:
         seed = inputs.check_seed(seed, batch)
         output_type = inputs.check_output_type(output_type)
         budget = self.max_memory if max_memory is None else max_memory
+        init_latents = None
+        if denoising_start is not None:  # the hand-over: `image` holds the base's latents
+            init_latents, image = self._handed_over(image, batch, denoising_start), None
+            height = height or init_latents.shape[2] * self.facts.vae_scale_factor
+            width = width or init_latents.shape[3] * self.facts.vae_scale_factor
         init_image = inputs.check_image(image, max_pixels=image_pixel_limit(budget))
         height, width = self._size(height, width, init_image)
+        if init_latents is not None and init_latents.shape[2:] != self._latent_shape(height, width)[2:]:
+            raise InputError(f"the handed-over latents {init_latents.shape} do not match height {height} and width {width}")
         latents = inputs.check_latents(latents, (batch,) + self._latent_shape(height, width)[1:])
         sched = make_scheduler(scheduler, self.source.scheduler_config)  # an unknown name fails here, not after the text
         num_inference_steps = inputs.check_steps(num_inference_steps, sched, strength if init_image is not None else 1.0)
+        if denoising_start is not None or denoising_end is not None:
+            if not self.is_sdxl:
+                raise InputError("denoising_start/denoising_end hand latents between SDXL base and refiner; this is a "
+                                 f"{self.facts.family} model")
+            sched.set_timesteps(num_inference_steps, 1.0, denoising_start, denoising_end)  # a window with no step fails here
         guided, img2img = guidance_scale > 1.0, init_image is not None
         inputs.check_export_limits(self.backend, self.facts, batch, height, width, guided, img2img)
         if self.backend.uses_host_memory:
@@ -175,17 +216,27 @@ class Pipeline:
         # (diffusers' equivalent is generator=[torch.Generator().manual_seed(seed + k) for k in range(batch)]).
         seed = random.randrange(2**31) if seed is None else seed
         per_image = list(self._per_image(prompts, negatives, num_images_per_prompt))
+        time_ids, negative_time_ids = ((), ())
+        if self.is_sdxl:
+            time_ids, negative_time_ids = sdxl.time_ids(self.facts, height, width, img2img or init_latents is not None, micro)
         return GenerationPlan(
             prompts=[p for p, _ in per_image], negatives=[n for _, n in per_image], seeds=[seed + k for k in range(batch)],
             steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler,
             init_image=init_image, strength=strength, latents=latents, output_type=output_type,
-            loras=loras,
+            loras=loras, time_ids=time_ids, negative_time_ids=negative_time_ids,
+            zero_negatives=negative_prompt is None and self.facts.force_zeros_for_empty_prompt,
+            denoising_start=denoising_start, denoising_end=denoising_end, init_latents=init_latents,
         )  # fmt: skip
 
-    def encode_text(self, plans: list[GenerationPlan], observers=()) -> np.ndarray:
+    def encode_text(self, plans: list[GenerationPlan], observers=()) -> np.ndarray | dict:
         """1. Text-encoder states for every row of `plans`: [uncond rows; cond rows] when guided, else the cond rows.
-        Each distinct text is encoded once (a prompt's images and a batch's empty negatives share it)."""
+        Each distinct text is encoded once (a prompt's images and a batch's empty negatives share it). SDXL: a dict
+        of the UNet's text inputs, encoder_hidden_states and text_embeds, in the same rows (sdrt.sdxl)."""
         stack_plans(plans)
+        if self.is_sdxl:
+            from sdrt.sdxl import conditioning_rows
+
+            return conditioning_rows(self, plans, observers)
         self.activate_loras(plans[0].loras)
         cond = [p for plan in plans for p in plan.prompts]
         texts = cond + ([n for plan in plans for n in plan.negatives] if plans[0].guided else [])
@@ -197,18 +248,29 @@ class Pipeline:
             rows = rows[len(cond):] + rows[: len(cond)]
         return states[rows]
 
-    def prepare_latents(self, plans: list[GenerationPlan], text_states: np.ndarray, observers=()) -> Batch:
+    def prepare_latents(self, plans: list[GenerationPlan], text_states: np.ndarray | dict, observers=()) -> Batch:
         """2. The scheduler and the initial latents: pure noise, or the encoded image noised to the first timestep
-        of the truncated schedule (img2img). Draws from each row's generator in diffusers' order."""
+        of the truncated schedule (img2img), or (SDXL's refiner after a base) the handed-over latents as they are.
+        Draws from each row's generator in diffusers' order."""
         stack_plans(plans)
         first = plans[0]
         img2img = first.init_image is not None
+        added = {}
+        if isinstance(text_states, dict):  # SDXL: the pooled embeddings, plus the time ids of each row
+            from sdrt.sdxl import time_id_rows
+
+            added = {k: v for k, v in text_states.items() if k != "encoder_hidden_states"}
+            added["time_ids"] = time_id_rows(plans)
+            text_states = text_states["encoder_hidden_states"]
         sched = make_scheduler(first.scheduler, self.source.scheduler_config)
-        sched.set_timesteps(first.steps, first.strength if img2img else 1.0)
+        sched.set_timesteps(first.steps, first.strength if img2img else 1.0, first.denoising_start, first.denoising_end)
         latent_shape = self._latent_shape(first.height, first.width)
         generators = [TorchCPUGenerator(s) for plan in plans for s in plan.seeds]
         noise, image_latents = [], []
         row = 0
+        if first.init_latents is not None:  # diffusers adds no noise at a hand-over (and draws none)
+            x = np.concatenate([plan.init_latents for plan in plans]).astype(np.float32)
+            return Batch(plans, sched, generators, latent_shape, text_states, self._guidance(plans), x, added=added)
         for plan in plans:
             gens = generators[row : row + plan.batch]
             row += plan.batch
@@ -221,10 +283,13 @@ class Pipeline:
             x = sched.add_noise(np.concatenate(image_latents), noise, 0)
         else:
             x = noise * np.float32(sched.init_noise_sigma)
-        guidance = None
-        if first.guided:
-            guidance = np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32).reshape(-1, 1, 1, 1)
-        return Batch(plans, sched, generators, latent_shape, text_states, guidance, x)
+        return Batch(plans, sched, generators, latent_shape, text_states, self._guidance(plans), x, added=added)
+
+    @staticmethod
+    def _guidance(plans) -> np.ndarray | None:
+        if not plans[0].guided:
+            return None
+        return np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32).reshape(-1, 1, 1, 1)
 
     def denoise(self, batch: Batch, observers=(), progress: bool = False) -> np.ndarray:
         """3. The denoising loop: one batched UNet call per step ([uncond; cond] rows when guided), the guidance
@@ -232,13 +297,15 @@ class Pipeline:
         device (sdrt.device_loop) when every row has the same guidance scale."""
         sched = batch.sched
         self.activate_loras(batch.plans[0].loras if batch.plans else ())
-        if self.backend.use_device_loop and batch.step == 0 and (not batch.guided or batch.uniform_guidance() is not None):
+        # (The device loop feeds the UNet its text states only: SDXL's added inputs run on the host loop.)
+        if (self.backend.use_device_loop and batch.step == 0 and not batch.added
+                and (not batch.guided or batch.uniform_guidance() is not None)):
             return self._denoise_on_device(batch, observers, progress)
         for i in tqdm(range(batch.step, sched.num_calls), desc="denoising", disable=not progress, leave=False):
             x_in = sched.scale_model_input(batch.x, i)
             unet_in = np.concatenate([x_in, x_in]) if batch.guided else x_in
             timestep = np.full((unet_in.shape[0],), sched.timesteps[i], dtype=np.float32)
-            feeds = {"sample": unet_in, "timestep": timestep, "encoder_hidden_states": batch.text_states}
+            feeds = {"sample": unet_in, "timestep": timestep, "encoder_hidden_states": batch.text_states, **batch.added}
             pred = self._run(UNET, feeds, observers)["out_sample"]
             if batch.guided:
                 pred_uncond, pred_cond = pred[: batch.rows], pred[batch.rows :]
@@ -333,7 +400,12 @@ class Pipeline:
     # --- running networks ------------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: list[str], observers=()) -> np.ndarray:
-        """Prompts -> text-encoder hidden states [len(prompts), seq, hidden]; the runtime looks up the embeddings."""
+        """Prompts -> text-encoder hidden states [len(prompts), seq, hidden]; the runtime looks up the embeddings.
+        (SDXL: the concatenated states of both encoders; sdrt.sdxl.encode gives the pooled embeddings too.)"""
+        if self.is_sdxl:
+            from sdrt.sdxl import encode
+
+            return encode(self, prompts, observers)["encoder_hidden_states"]
         ids = self.tokenizer([expand_prompt(p, self.tokenizer, self.textual_inversions) for p in prompts])
         embeds = self.token_table[ids]
         return self._run(TEXT_ENCODER, {"inputs_embeds": embeds}, observers)["last_hidden_state"]
@@ -389,6 +461,18 @@ class Pipeline:
             for _ in range(per_prompt):
                 yield p, n
 
+    def _handed_over(self, image, batch: int, denoising_start) -> np.ndarray:
+        """The latents a base hands to a refiner (`image` with denoising_start), one per image of the request."""
+        c = self.facts.latent_channels
+        if not isinstance(image, np.ndarray) or image.ndim != 4 or image.shape[1] != c:
+            raise InputError(f"denoising_start {denoising_start} continues from latents: pass image= the base's output_type="
+                             f"'latent' array [images, {c}, h, w], not {type(image).__name__}")
+        if image.shape[0] not in (1, batch):
+            raise InputError(f"image holds {image.shape[0]} latents for {batch} images; pass one or one per image")
+        if not np.all(np.isfinite(image)):
+            raise InputError("the handed-over latents hold NaN or inf")
+        return np.repeat(image, batch // image.shape[0], axis=0).astype(np.float32)
+
     def _size(self, height, width, init_image) -> tuple[int, int]:
         return inputs.check_size(self.facts, height, width, init_image.size if init_image is not None else None)
 
@@ -419,6 +503,8 @@ class Pipeline:
             "scheduler": sched.name,
             "img2img": img2img,
             "strength": plan.strength if img2img else None,
+            **({"denoising_start": plan.denoising_start} if plan.denoising_start is not None else {}),
+            **({"denoising_end": plan.denoising_end} if plan.denoising_end is not None else {}),
             "model": self.source.path.name,
             "backend": self.backend.name,
             "sdrt_version": __version__,

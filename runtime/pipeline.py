@@ -366,11 +366,19 @@ class Pipeline:
         callback: Callable[[int, float, np.ndarray], bool | None] | None = None,
         progress: bool = True,
         observers=(),
+        refiner: "Pipeline | None" = None,
+        refiner_start: float = 0.8,
         **request,
     ) -> PipelineOutput:
         """Make images. `request` takes `plan`'s arguments (num_inference_steps, guidance_scale, height, width, seed,
-        scheduler, image, strength, num_images_per_prompt, latents, output_type, loras). callback(step, timestep,
-        latents) returning False cancels; observers see every network call and step (sdrt.observers)."""
+        scheduler, image, strength, num_images_per_prompt, latents, output_type, loras; SDXL: denoising_start/end and
+        the micro-conditioning). callback(step, timestep, latents) returning False cancels; observers see every
+        network call and step (sdrt.observers). refiner: an SDXL refiner pipeline that takes over the latents at
+        `refiner_start` of the schedule (diffusers' ensemble of experts: this pipeline runs with
+        denoising_end=refiner_start, the refiner with denoising_start=refiner_start, same prompts, steps and seeds)."""
+        if refiner is not None:
+            return self._with_refiner(refiner, refiner_start, prompt, negative_prompt, callback=callback,
+                                      progress=progress, observers=observers, **request)
         t_start = time.perf_counter()
         observers = list(observers) + ([StepCallback(callback)] if callback is not None else [])
         # 0. Check everything before any network runs.
@@ -388,6 +396,22 @@ class Pipeline:
         # 4. Decode.
         out = self.finish(batch, observers)[0]
         out.timings["total"] = time.perf_counter() - t_start
+        return out
+
+    def _with_refiner(self, refiner: "Pipeline", start: float, prompt, negative_prompt, **request) -> PipelineOutput:
+        """Base then refiner: the base's latents at `start` of the schedule, finished by the refiner."""
+        if not (self.is_sdxl and refiner.is_sdxl and self.facts.latent_channels == refiner.facts.latent_channels):
+            raise InputError(f"refiner= hands SDXL latents to an SDXL refiner; got a {self.facts.family} model and a "
+                             f"{refiner.facts.family} refiner")
+        if any(request.get(k) is not None for k in ("denoising_start", "denoising_end", "image")):
+            raise InputError("refiner= sets denoising_end/denoising_start itself and runs txt2img; drop those arguments")
+        output_type = request.pop("output_type", "pil")
+        for key in ("denoising_start", "denoising_end", "image", "strength"):
+            request.pop(key, None)
+        base = self(prompt, negative_prompt, denoising_end=start, output_type="latent", **request)
+        request.pop("latents", None)
+        out = refiner(prompt, negative_prompt, image=base.images, denoising_start=start, output_type=output_type, **request)
+        out.timings = {k: base.timings.get(k, 0.0) + v for k, v in out.timings.items()}
         return out
 
     def activate_loras(self, loras: tuple) -> None:

@@ -1,0 +1,203 @@
+"""SDXL base and refiner against diffusers' StableDiffusionXLPipeline and StableDiffusionXLImg2ImgPipeline.
+
+Tiny random-weight models built from configs (sdrt.export.tiny.build_tiny_sdxl): two CLIP encoders (the second
+with a projection, "!" padding and CLIP's legacy eos_token_id 2), a "text_time" UNet with 2 transformer layers in
+its deepest block, SDXL's VAE scaling factor and force_upcast; the refiner has the second encoder only and takes
+aesthetic scores. Compared on the final latents: max|diff| <= 1e-5 * max|ref| (measured 2e-7 .. 7e-7 here, float32
+rounding in another order), at guidance 2 (random weights amplify float noise at high guidance).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sdrt
+from sdrt.errors import InputError
+from sdrt.families import family_spec
+from sdrt.model.facts import read_model_facts
+
+LATENT_RTOL = 1e-5
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_sdxl, tiny_sdxl_refiner):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    ref = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    ref_i2i = StableDiffusionXLImg2ImgPipeline(**ref.components)
+    ref_refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_sdxl_refiner)
+    for p in (ref, ref_i2i, ref_refiner):
+        p.set_progress_bar_config(disable=True)
+    ours = sdrt.Pipeline.from_pretrained(tiny_sdxl, backend="torch")
+    refiner = sdrt.Pipeline.from_pretrained(tiny_sdxl_refiner, backend="torch")
+    return ref, ref_i2i, ref_refiner, ours, refiner
+
+
+def generator(seed):
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def reference(pipe, scheduler_cls=None, **kwargs):
+    """diffusers' latents, with the model's own scheduler or `scheduler_cls` built from its config."""
+    from diffusers import EulerDiscreteScheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = (scheduler_cls or EulerDiscreteScheduler).from_config(original.config)
+    try:
+        with torch.no_grad():
+            return pipe(generator=generator(kwargs.pop("seed")), output_type="latent", **kwargs).images
+    finally:
+        pipe.scheduler = original
+
+
+def assert_close(got, expected, what):
+    expected = expected.numpy() if hasattr(expected, "numpy") else expected
+    err = np.abs(got - expected).max() / np.abs(expected).max()
+    print(f"{what}: max relative diff {err:.2e}")
+    assert err <= LATENT_RTOL, f"{what}: max relative diff {err:.2e}"
+
+
+def test_facts_and_contracts_come_from_the_configs(tiny_sdxl, tiny_sdxl_refiner):
+    base, refiner = read_model_facts(tiny_sdxl), read_model_facts(tiny_sdxl_refiner)
+    assert (base.family, refiner.family) == ("sdxl", "sdxl_refiner")
+    assert (base.text_hidden_size, base.text_hidden_size_2, base.cross_attention_dim) == (32, 48, 80)
+    assert (base.pooled_dim, base.time_ids_dim, refiner.time_ids_dim) == (24, 6, 5)
+    assert base.scaling_factor == 0.13025 and base.force_upcast and base.pool_at_argmax
+    assert base.force_zeros_for_empty_prompt and not refiner.force_zeros_for_empty_prompt
+    assert refiner.requires_aesthetics_score and not base.requires_aesthetics_score
+    unet = family_spec("sdxl").contracts(base)["unet"]
+    assert unet.input_names == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert unet.inputs[3].shape == ("unet_batch", 24) and unet.inputs[4].shape == ("unet_batch", 6)
+    assert list(family_spec("sdxl_refiner").contracts(refiner)) == ["text_encoder_2", "unet", "vae_encoder", "vae_decoder"]
+
+
+def test_inconsistent_configs_are_refused(tiny_sdxl, tmp_path):
+    import shutil
+
+    from sdrt.errors import ModelError
+
+    folder = tmp_path / "bad"
+    shutil.copytree(tiny_sdxl, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["requires_aesthetics_score"] = True  # the UNet takes 6 time ids: a base, not a refiner
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="6 time ids.*requires_aesthetics_score"):
+        read_model_facts(folder)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m", "euler_a"])
+def test_txt2img_equals_diffusers(pipes, scheduler):
+    import diffusers
+
+    ref, _, _, ours, _ = pipes
+    cls = {"euler": None, "dpmpp_2m": diffusers.DPMSolverMultistepScheduler, "euler_a": diffusers.EulerAncestralDiscreteScheduler}
+    kwargs = dict(prompt="a photo of a red cat", negative_prompt="blurry", num_inference_steps=STEPS, guidance_scale=2.0,
+                  height=64, width=64, seed=7)
+    expected = reference(ref, cls[scheduler], **kwargs)
+    got = ours(**kwargs, scheduler=None if scheduler == "euler" else scheduler, output_type="latent", progress=False).images
+    assert_close(got, expected, f"sdxl txt2img {scheduler}")
+
+
+def test_no_negative_prompt_is_zeros_and_guidance_off_is_one_pass(pipes):
+    ref, _, _, ours, _ = pipes
+    kwargs = dict(prompt="a cat", num_inference_steps=STEPS, height=64, width=64, seed=3)
+    zeroed = ours(**kwargs, guidance_scale=2.0, output_type="latent", progress=False).images
+    empty = ours(**kwargs, guidance_scale=2.0, negative_prompt="", output_type="latent", progress=False).images
+    assert_close(zeroed, reference(ref, **kwargs, guidance_scale=2.0), "no negative (zeros)")
+    assert_close(empty, reference(ref, **kwargs, guidance_scale=2.0, negative_prompt=""), "negative ''")
+    assert np.abs(zeroed - empty).max() > 1e-3  # the zeroed negative is not the encoded empty string
+
+    calls = []
+
+    class Count(sdrt.observers.Observer):
+        def on_network(self, network, seconds, calls_=1):
+            calls.append(network)
+
+    got = ours(**kwargs, guidance_scale=0.0, output_type="latent", progress=False, observers=[Count()]).images
+    assert_close(got, reference(ref, **kwargs, guidance_scale=0.0), "guidance 0")
+    assert calls.count("unet") == STEPS and calls.count("text_encoder_2") == 1
+
+
+def test_micro_conditioning_reaches_the_unet(pipes):
+    ref, _, _, ours, _ = pipes
+    micro = dict(original_size=(512, 384), crops_coords_top_left=(16, 8), target_size=(64, 64),
+                 negative_original_size=(256, 256), negative_target_size=(32, 32))
+    kwargs = dict(prompt="a cat", negative_prompt="a dog", num_inference_steps=4, guidance_scale=2.0, height=64, width=64, seed=2)
+    got = ours(**kwargs, **micro, output_type="latent", progress=False).images
+    assert_close(got, reference(ref, **kwargs, **micro), "micro-conditioning")
+    plain = ours(**kwargs, output_type="latent", progress=False).images
+    assert np.abs(got - plain).max() > 1e-3
+    with pytest.raises(InputError, match="original_size"):
+        ours.plan("a cat", original_size=(1, 2, 3))
+    with pytest.raises(InputError, match="unknown argument"):
+        ours.plan("a cat", original_sizes=(64, 64))
+
+
+def test_img2img_base_and_refiner_equal_diffusers(pipes):
+    _, ref_i2i, ref_refiner, ours, refiner = pipes
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    kwargs = dict(prompt="a cat", image=image, strength=0.6, num_inference_steps=STEPS, guidance_scale=2.0, seed=5)
+    assert_close(ours(**kwargs, output_type="latent", progress=False).images, reference(ref_i2i, **kwargs), "base img2img")
+    kwargs.update(aesthetic_score=7.0, negative_aesthetic_score=2.0)
+    assert_close(refiner(**kwargs, output_type="latent", progress=False).images, reference(ref_refiner, **kwargs),
+                 "refiner img2img")
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "heun"])
+def test_base_hands_over_to_refiner_as_diffusers(pipes, scheduler):
+    import diffusers
+
+    ref, _, ref_refiner, ours, refiner = pipes
+    cls = {"euler": None, "heun": diffusers.HeunDiscreteScheduler}[scheduler]
+    sched = None if scheduler == "euler" else scheduler
+    kwargs = dict(prompt="a cat", negative_prompt="blue", num_inference_steps=8, guidance_scale=2.0, seed=5)
+    handed = reference(ref, cls, **kwargs, height=64, width=64, denoising_end=0.7)
+    expected = reference(ref_refiner, cls, **kwargs, image=handed, denoising_start=0.7)
+    base = ours(**kwargs, height=64, width=64, denoising_end=0.7, scheduler=sched, output_type="latent", progress=False).images
+    assert_close(base, handed, f"base up to 0.7 ({scheduler})")
+    got = refiner(**kwargs, image=base, denoising_start=0.7, scheduler=sched, output_type="latent", progress=False).images
+    assert_close(got, expected, f"refiner from 0.7 ({scheduler})")
+    both = ours(**kwargs, height=64, width=64, refiner=refiner, refiner_start=0.7, scheduler=sched, output_type="latent",
+                progress=False).images
+    assert np.array_equal(both, got)
+
+
+def test_sd_models_refuse_sdxl_arguments(tiny_sd1):
+    pipe = sdrt.Pipeline.from_pretrained(tiny_sd1, backend="torch")
+    with pytest.raises(InputError, match="SDXL models only"):
+        pipe.plan("a cat", original_size=(64, 64))
+    with pytest.raises(InputError, match="denoising_end"):
+        pipe.plan("a cat", denoising_end=0.5)
+
+
+def test_onnx_export_equals_pytorch(pipes, onnx_sdxl):
+    _, _, _, ours, _ = pipes
+    data = json.loads((onnx_sdxl / "manifest.json").read_text())
+    assert data["family"]["name"] == "sdxl" and list(data["contracts"]) == list(family_spec("sdxl").networks)
+    assert data["family"]["conditioning"] == ["encoder_hidden_states", "text_embeds", "time_ids"]
+    assert data["extras"]["text_encoders"]["text_encoder_2"]["tokenizer"] == "tokenizer_2"
+    onnx = sdrt.Pipeline.from_pretrained(onnx_sdxl)
+    assert onnx.backend.name == "onnx"
+    for kwargs in (dict(guidance_scale=2.0), dict(guidance_scale=2.0, negative_prompt="blue"), dict(guidance_scale=1.0)):
+        args = dict(prompt="a red cat", num_inference_steps=4, height=64, width=64, seed=1, output_type="latent", progress=False)
+        want = ours(**args, **kwargs).images
+        got = onnx(**args, **kwargs).images
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= 1e-4, f"onnx vs torch {kwargs}: {err:.2e}"  # per-network parity is ~1e-6 (export check)
+
+
+def test_cli_generate_and_info_with_an_sdxl_export(onnx_sdxl, tiny_sdxl_refiner, tmp_path, capsys):
+    from sdrt.cli import main
+
+    assert main(["info", str(onnx_sdxl)]) == 0
+    assert "Stable Diffusion XL" in capsys.readouterr().out
+    out = tmp_path / "cat.png"
+    assert main(["generate", "a red cat", "-m", str(onnx_sdxl), "-o", str(out), "--steps", "4", "-g", "2", "--seed", "1",
+                 "-q", "--refiner", str(tiny_sdxl_refiner), "--refiner-start", "0.75"]) == 0
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert json.loads(image.text["sdrt"])["denoising_start"] == 0.75

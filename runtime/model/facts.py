@@ -81,11 +81,17 @@ def read_model_facts(model_dir: str | Path) -> ModelFacts:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelError(f"model folder {model_dir} does not exist; pass a diffusers-format folder or an sdrt export")
-    read_pipeline_class(model_dir)
+    cls = read_pipeline_class(model_dir)
     index = read_json(model_dir / "model_index.json") if (model_dir / "model_index.json").exists() else {}
     unet = read_json(model_dir / "unet" / "config.json") if (model_dir / "unet" / "config.json").exists() else {}
     spec = detect_family({}, unet, index)
-    if spec.name.startswith("sdxl"):
+    xl = spec.name.startswith("sdxl")
+    if xl != ("XL" in cls):
+        raise ModelError(
+            f"{model_dir} holds a {cls}, but its UNet {'has' if xl else 'lacks'} SDXL's text_time added embedding; "
+            "fix _class_name in model_index.json (or the unet config)"
+        )
+    if xl:
         return _read_sdxl_facts(model_dir, spec, index)
     missing = [c for c in COMPONENTS if not (model_dir / c).is_dir()]
     if missing:

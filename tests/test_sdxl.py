@@ -201,3 +201,40 @@ def test_cli_generate_and_info_with_an_sdxl_export(onnx_sdxl, tiny_sdxl_refiner,
     image = Image.open(out)
     assert image.size == (64, 64)
     assert json.loads(image.text["sdrt"])["denoising_start"] == 0.75
+
+
+def test_serve_an_sdxl_export(onnx_sdxl):
+    """The server's batcher runs SDXL's steps: A1111's and OpenAI's APIs each give the image the pipeline gives alone."""
+    pytest.importorskip("fastapi")
+    from serve_util import alone, png_pixels, post, running_server
+
+    from sdrt.serve import ServeConfig
+
+    pipe = sdrt.Pipeline.from_pretrained(onnx_sdxl, backend="onnx", threads=1)
+    config = ServeConfig(models={"xl": str(onnx_sdxl)}, threads=1, warm_all_batches=False, max_batch=2, timeout=60)
+    with running_server(config) as url:
+        a1111 = post(url, "/sdapi/v1/txt2img", json={"prompt": "a red cat", "negative_prompt": "blue", "steps": 4,
+                                                     "cfg_scale": 2.0, "width": 64, "height": 64, "seed": 3})
+        openai = post(url, "/v1/images/generations", json={"model": "xl", "prompt": "a cat", "size": "64x64",
+                                                            "response_format": "b64_json", "steps": 4, "seed": 4,
+                                                            "guidance_scale": 2.0})
+    assert a1111.status_code == 200 and openai.status_code == 200, (a1111.text, openai.text)
+    want = alone(pipe, "a red cat", negative_prompt="blue", num_inference_steps=4, guidance_scale=2.0, seed=3)[0]
+    assert np.abs(png_pixels(a1111.json()["images"][0]) - want.astype(int)).max() <= 1
+    want = alone(pipe, "a cat", num_inference_steps=4, guidance_scale=2.0, seed=4)[0]  # no negative: zeros
+    assert np.abs(png_pixels(openai.json()["data"][0]["b64_json"]) - want.astype(int)).max() <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("os").environ.get("SDRT_SLOW_TESTS") != "1", reason="an fp16 export takes ~1 minute here; set SDRT_SLOW_TESTS=1")
+def test_fp16_export_keeps_the_force_upcast_vae_in_fp32(tiny_sdxl, onnx_sdxl, tmp_path):
+    from conftest import _export
+
+    folder = _export(tiny_sdxl, tmp_path / "fp16", fp16=True)
+    networks = json.loads((folder / "manifest.json").read_text())["networks"]
+    assert {k: v["precision"] for k, v in networks.items()} == {
+        "text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_encoder": "fp32", "vae_decoder": "fp32"}
+    args = dict(prompt="a cat", num_inference_steps=4, guidance_scale=2.0, seed=1, output_type="np", progress=False)
+    fp32 = sdrt.Pipeline.from_pretrained(onnx_sdxl)(**args).images
+    fp16 = sdrt.Pipeline.from_pretrained(folder)(**args).images
+    assert np.abs(fp32.astype(int) - fp16.astype(int)).max() <= 3  # measured 1 level here (fp16 UNet, 1.6e-3 rel)

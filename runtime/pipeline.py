@@ -106,19 +106,25 @@ class Pipeline:
     # --- customisation: textual inversion (any backend), LoRA (fused; PyTorch backend) --------------------------
 
     def load_textual_inversion(self, path_or_dict, token: str | None = None) -> list[str]:
-        """Load a diffusers or A1111 embedding (file, folder or {token: vectors}); returns the tokens it added."""
+        """Load a diffusers or A1111 embedding (file, folder or {token: vectors}); SDXL: clip_l/clip_g embeddings
+        (token default: the file's stem). Returns the tokens it added."""
         from sdrt.adapters import textual_inversion as ti
 
         if self.is_sdxl:
-            raise InputError("textual inversion for SDXL (clip_l / clip_g embeddings) is not supported yet; use an SD 1.x/2.x model")
+            widths = {network: table.shape[1] for network, _, table in self.text_encoders}
+            token, vectors, name = ti.read_sdxl_embedding(path_or_dict, token, widths)
+            ti.add_to_encoders(self, token, vectors, name)
+            return self.textual_inversions[token]
         token, vectors, name = ti.read_embedding(path_or_dict, token, width=self.token_table.shape[1])
         self.token_table = ti.add_embedding(self.tokenizer, self.token_table, self.textual_inversions, token, vectors, name)
         return self.textual_inversions[token]
 
     def unload_textual_inversion(self, token: str | None = None) -> None:
         """Remove one loaded embedding (by its token), or all of them."""
-        from sdrt.adapters.textual_inversion import remove_embedding
+        from sdrt.adapters.textual_inversion import remove_embedding, remove_from_encoders
 
+        if self.more_text_encoders:
+            return remove_from_encoders(self, token)
         self.token_table = remove_embedding(self.tokenizer, self.token_table, self.textual_inversions, token)
 
     def load_lora(self, path, scale: float = 1.0) -> None:

@@ -82,8 +82,7 @@ def encode(pipe, texts: list[str], observers=()) -> dict[str, np.ndarray]:
 
     states, pooled = [], None
     for network, tokenizer, table in pipe.text_encoders:
-        ids = tokenizer([expand_prompt(t, tokenizer, pipe.textual_inversions) if tokenizer is pipe.tokenizer else t
-                         for t in texts])
+        ids = tokenizer([expand_prompt(t, tokenizer, pipe.textual_inversions) for t in texts])
         feeds = {"inputs_embeds": table[ids]}
         contract = pipe.backend.contracts[network]
         if "pool_weights" in contract.input_names:

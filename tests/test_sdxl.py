@@ -238,3 +238,30 @@ def test_fp16_export_keeps_the_force_upcast_vae_in_fp32(tiny_sdxl, onnx_sdxl, tm
     fp32 = sdrt.Pipeline.from_pretrained(onnx_sdxl)(**args).images
     fp16 = sdrt.Pipeline.from_pretrained(folder)(**args).images
     assert np.abs(fp32.astype(int) - fp16.astype(int)).max() <= 3  # measured 1 level here (fp16 UNet, 1.6e-3 rel)
+
+
+def test_textual_inversion_clip_l_clip_g_equals_diffusers(tiny_sdxl, tmp_path):
+    """An SDXL embedding adds its clip_l rows to the first encoder and its clip_g rows to the second, as diffusers'
+    load_textual_inversion into (tokenizer, text_encoder) and (tokenizer_2, text_encoder_2)."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    rng = torch.Generator().manual_seed(0)
+    state = {"clip_l": torch.randn(2, 32, generator=rng) * 0.5, "clip_g": torch.randn(2, 48, generator=rng) * 0.5}
+    save_file(state, str(tmp_path / "cat-style.safetensors"))
+    ref = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_textual_inversion(state["clip_l"], token="<cat>", text_encoder=ref.text_encoder, tokenizer=ref.tokenizer)
+    ref.load_textual_inversion(state["clip_g"], token="<cat>", text_encoder=ref.text_encoder_2, tokenizer=ref.tokenizer_2)
+    ours = sdrt.Pipeline.from_pretrained(tiny_sdxl, backend="torch")
+    baseline = ours.encode_prompts(["a photo of a cat"])
+    assert ours.load_textual_inversion(tmp_path / "cat-style.safetensors", token="<cat>") == ["<cat>", "<cat>_1"]
+    kwargs = dict(prompt="a photo of <cat>", negative_prompt="blue", num_inference_steps=4, guidance_scale=2.0,
+                  height=64, width=64, seed=1)
+    assert_close(ours(**kwargs, output_type="latent", progress=False).images, reference(ref, **kwargs), "SDXL embedding")
+    with pytest.raises(InputError, match="already in the vocabulary"):
+        ours.load_textual_inversion(tmp_path / "cat-style.safetensors", token="<cat>")
+    ours.unload_textual_inversion("<cat>")
+    assert ours.textual_inversions == {} and all(t.vocab_size == 49408 for _, t, _ in ours.text_encoders)
+    assert np.array_equal(ours.encode_prompts(["a photo of a cat"]), baseline)
+    assert ours.load_textual_inversion(tmp_path / "cat-style.safetensors") == ["cat-style", "cat-style_1"]  # the stem

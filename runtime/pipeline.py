@@ -128,12 +128,11 @@ class Pipeline:
         self.token_table = remove_embedding(self.tokenizer, self.token_table, self.textual_inversions, token)
 
     def load_lora(self, path, scale: float = 1.0) -> None:
-        """Fuse a LoRA (kohya or diffusers layout) into the PyTorch backend's UNet and text encoder at `scale`.
+        """Fuse a LoRA (kohya or diffusers layout; SDXL: kohya's lora_te1_/lora_te2_/lora_unet_ in the original UNet
+        layout too) into the PyTorch backend's UNet and text encoder(s) at `scale`.
         Exports fuse LoRAs when exporting: `sdrt export MODEL OUT --lora FILE:SCALE`."""
         from sdrt.adapters.lora import fuse_lora_into_backend
 
-        if self.is_sdxl:
-            raise InputError("LoRA for SDXL (lora_te1_/lora_te2_/lora_unet_) is not supported yet; use an SD 1.x/2.x model")
         self.loras.append(fuse_lora_into_backend(self.backend, path, scale))
 
     def register_lora(self, path, name: str | None = None, max_rank: int | None = None) -> str:
@@ -186,7 +185,8 @@ class Pipeline:
 
         micro = sdxl.check_micro(self.facts, micro)
         if loras and self.is_sdxl:
-            raise InputError("LoRA for SDXL is not supported yet; drop loras=")
+            raise InputError("run-time LoRAs (loras=) for SDXL are not supported yet; fuse one with pipe.load_lora(FILE, "
+                             "SCALE) on the PyTorch backend, or at export with `sdrt export --lora FILE:SCALE`")
         loras = resolve_loras(self, loras)
         prompts = inputs.check_prompts(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts))

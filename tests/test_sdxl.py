@@ -265,3 +265,95 @@ def test_textual_inversion_clip_l_clip_g_equals_diffusers(tiny_sdxl, tmp_path):
     assert ours.textual_inversions == {} and all(t.vocab_size == 49408 for _, t, _ in ours.text_encoders)
     assert np.array_equal(ours.encode_prompts(["a photo of a cat"]), baseline)
     assert ours.load_textual_inversion(tmp_path / "cat-style.safetensors") == ["cat-style", "cat-style_1"]  # the stem
+
+
+def make_sdxl_kohya_lora(pipe, path, unet_layers, te_layers, seed=0):
+    """A kohya SDXL LoRA as sd-scripts writes it: lora_unet_ in the original (LDM) UNet layout, lora_te1_/lora_te2_."""
+    from safetensors.torch import save_file
+
+    from sdrt.adapters.lora import ldm_unet_names, weight_shapes
+
+    unet = pipe.backend.modules["unet"].unet
+    shapes = weight_shapes(unet)
+    ldm = {name: key for key, name in ldm_unet_names(shapes).items()}
+    layers = {"lora_unet_" + ldm[n].replace(".", "_"): shapes[n] for n in unet_layers}
+    for prefix, network, name in te_layers:
+        layers[f"{prefix}_text_model_" + name.replace(".", "_")] = weight_shapes(pipe.backend.modules[network])[name]
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in layers.items():
+        kernel = tuple(shape[2:])
+        state[key + ".lora_down.weight"] = torch.randn(4, shape[1], *kernel, generator=g) * 0.3
+        state[key + ".lora_up.weight"] = torch.randn(shape[0], 4, *((1, 1) if kernel else ()), generator=g) * 0.3
+        state[key + ".alpha"] = torch.tensor(2.0)
+    save_file(state, str(path))
+    return state
+
+
+def test_sdxl_kohya_lora_fused_equals_diffusers(pipes, tiny_sdxl, tmp_path):
+    """UNet layers in the original layout (resnet convs, shortcut, time projection, attention, feed-forward, down- and
+    upsamplers, mid block) fused by load_lora equal diffusers' load_lora_weights; the text encoders' lora_te1_/lora_te2_
+    layers get exactly W + scale * alpha/rank * up @ down (diffusers 0.42 with transformers 5 refuses SDXL text-encoder
+    LoRA keys here: "Could not automatically infer state dict type", so it cannot be their reference)."""
+    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft")
+    from diffusers import StableDiffusionXLPipeline
+
+    ours = sdrt.Pipeline.from_pretrained(tiny_sdxl, backend="torch")
+    unet_layers = ["down_blocks.0.resnets.0.conv1", "down_blocks.0.downsamplers.0.conv", "up_blocks.1.resnets.1.conv_shortcut",
+                   "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "mid_block.attentions.0.proj_in",
+                   "mid_block.resnets.1.time_emb_proj", "up_blocks.0.attentions.1.transformer_blocks.0.ff.net.2",
+                   "up_blocks.0.upsamplers.0.conv"]
+    make_sdxl_kohya_lora(ours, tmp_path / "unet.safetensors", unet_layers, [])
+    ref = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(tmp_path / "unet.safetensors"))
+    ours.load_lora(tmp_path / "unet.safetensors", 1.0)
+    kwargs = dict(prompt="a cat", negative_prompt="blue", num_inference_steps=4, guidance_scale=2.0, height=64, width=64, seed=1)
+    got = ours(**kwargs, output_type="latent", progress=False).images
+    assert_close(got, reference(ref, **kwargs), "SDXL kohya LoRA (LDM UNet layout)")
+    _, _, _, plain, _ = pipes
+    assert np.abs(got - plain(**kwargs, output_type="latent", progress=False).images).max() > 1e-2  # it did something
+
+    te = [("lora_te1", "text_encoder", "encoder.layers.0.self_attn.q_proj"), ("lora_te2", "text_encoder_2", "encoder.layers.1.mlp.fc1")]
+    state = make_sdxl_kohya_lora(ours, tmp_path / "te.safetensors", [], te, seed=1)
+    before = {n: {k: v.clone() for k, v in ours.backend.modules[n].state_dict().items()} for n in ("text_encoder", "text_encoder_2")}
+    ours.load_lora(tmp_path / "te.safetensors", 0.5)
+    for prefix, network, name in te:
+        key = f"{prefix}_text_model_" + name.replace(".", "_")
+        delta = 0.5 * 2.0 / 4 * state[key + ".lora_up.weight"] @ state[key + ".lora_down.weight"]
+        after = ours.backend.modules[network].state_dict()
+        torch.testing.assert_close(after[name + ".weight"], before[network][name + ".weight"] + delta, rtol=0, atol=1e-6)
+        changed = [k for k in after if not torch.equal(after[k], before[network][k])]
+        assert changed == [name + ".weight"], changed
+
+
+def test_sdxl_loras_elsewhere_are_refused(pipes, tiny_sd1, tmp_path):
+    from sdrt.errors import ModelError
+
+    _, _, _, ours, refiner = pipes
+    make_sdxl_kohya_lora(ours, tmp_path / "te1.safetensors", [], [("lora_te1", "text_encoder", "encoder.layers.0.self_attn.q_proj")])
+    sd1 = sdrt.Pipeline.from_pretrained(tiny_sd1, backend="torch")
+    with pytest.raises(ModelError, match="an SDXL LoRA"):
+        sd1.load_lora(tmp_path / "te1.safetensors")
+    with pytest.raises(ModelError, match="does not match this model"):  # the refiner has no first text encoder
+        refiner.load_lora(tmp_path / "te1.safetensors")
+    with pytest.raises(InputError, match="run-time LoRAs"):
+        ours.plan("a cat", loras={str(tmp_path / "te1.safetensors"): 1.0})
+
+
+def test_sdxl_lora_fused_at_export_equals_load_lora(pipes, tiny_sdxl, tmp_path):
+    """What `sdrt export --lora` exports (sdrt.export.lora.fuse_into_folder: both text encoders and the UNet fused,
+    saved) runs as load_lora on the original folder does."""
+    from sdrt.export.lora import fuse_into_folder
+
+    _, _, _, ours, _ = pipes
+    make_sdxl_kohya_lora(ours, tmp_path / "lora.safetensors", ["down_blocks.1.attentions.0.proj_in"],
+                         [("lora_te1", "text_encoder", "encoder.layers.0.self_attn.q_proj"),
+                          ("lora_te2", "text_encoder_2", "encoder.layers.1.self_attn.v_proj")], seed=2)
+    records = fuse_into_folder(tiny_sdxl, [(tmp_path / "lora.safetensors", 0.7)], tmp_path / "fused")
+    assert records[0]["scale"] == 0.7
+    fused = sdrt.Pipeline.from_pretrained(tmp_path / "fused", backend="torch")
+    loaded = sdrt.Pipeline.from_pretrained(tiny_sdxl, backend="torch")
+    loaded.load_lora(tmp_path / "lora.safetensors", 0.7)
+    kwargs = dict(prompt="a cat", num_inference_steps=3, guidance_scale=2.0, height=64, width=64, seed=1, output_type="latent", progress=False)
+    assert_close(fused(**kwargs).images, loaded(**kwargs).images, "fused folder vs load_lora")

@@ -357,3 +357,18 @@ def test_sdxl_lora_fused_at_export_equals_load_lora(pipes, tiny_sdxl, tmp_path):
     loaded.load_lora(tmp_path / "lora.safetensors", 0.7)
     kwargs = dict(prompt="a cat", num_inference_steps=3, guidance_scale=2.0, height=64, width=64, seed=1, output_type="latent", progress=False)
     assert_close(fused(**kwargs).images, loaded(**kwargs).images, "fused folder vs load_lora")
+
+
+def test_tensorrt_build_plan_of_an_sdxl_export(onnx_sdxl, tmp_path):
+    """`sdrt build` (dry run: TensorRT cannot run here) plans every SDXL network with profiles from its contract, the
+    UNet's text_embeds/time_ids and the second encoder's pool_weights included; fp16 engines but an fp32 VAE."""
+    from sdrt.export.tensorrt_build import build_engines
+
+    report = build_engines(onnx_sdxl, tmp_path / "trt", dry_run=True, max_batch=2, progress=False)
+    plans = report.plans
+    assert list(plans) == list(family_spec("sdxl").networks)
+    unet = plans["unet"].profile
+    assert unet["text_embeds"] == ((1, 24), (2, 24), (4, 24)) and unet["time_ids"] == ((1, 6), (2, 6), (4, 6))
+    assert plans["text_encoder_2"].profile["pool_weights"][2] == (2, 77)
+    precisions = {n: p.flags["precision"] for n, p in plans.items()}
+    assert precisions == {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_encoder": "fp32", "vae_decoder": "fp32"}

@@ -199,7 +199,7 @@ class Pipeline:
         budget = self.max_memory if max_memory is None else max_memory
         init_latents = None
         if denoising_start is not None:  # the hand-over: `image` holds the base's latents
-            init_latents, image = self._handed_over(image, batch, denoising_start), None
+            init_latents, image = sdxl.handed_over_latents(self.facts, image, batch, denoising_start), None
             height = height or init_latents.shape[2] * self.facts.vae_scale_factor
             width = width or init_latents.shape[3] * self.facts.vae_scale_factor
         init_image = inputs.check_image(image, max_pixels=image_pixel_limit(budget))
@@ -383,8 +383,10 @@ class Pipeline:
         `refiner_start` of the schedule (diffusers' ensemble of experts: this pipeline runs with
         denoising_end=refiner_start, the refiner with denoising_start=refiner_start, same prompts, steps and seeds)."""
         if refiner is not None:
-            return self._with_refiner(refiner, refiner_start, prompt, negative_prompt, callback=callback,
-                                      progress=progress, observers=observers, **request)
+            from sdrt.sdxl import with_refiner
+
+            return with_refiner(self, refiner, refiner_start, prompt, negative_prompt, callback=callback,
+                                progress=progress, observers=observers, **request)
         t_start = time.perf_counter()
         observers = list(observers) + ([StepCallback(callback)] if callback is not None else [])
         # 0. Check everything before any network runs.
@@ -402,22 +404,6 @@ class Pipeline:
         # 4. Decode.
         out = self.finish(batch, observers)[0]
         out.timings["total"] = time.perf_counter() - t_start
-        return out
-
-    def _with_refiner(self, refiner: "Pipeline", start: float, prompt, negative_prompt, **request) -> PipelineOutput:
-        """Base then refiner: the base's latents at `start` of the schedule, finished by the refiner."""
-        if not (self.is_sdxl and refiner.is_sdxl and self.facts.latent_channels == refiner.facts.latent_channels):
-            raise InputError(f"refiner= hands SDXL latents to an SDXL refiner; got a {self.facts.family} model and a "
-                             f"{refiner.facts.family} refiner")
-        if any(request.get(k) is not None for k in ("denoising_start", "denoising_end", "image")):
-            raise InputError("refiner= sets denoising_end/denoising_start itself and runs txt2img; drop those arguments")
-        output_type = request.pop("output_type", "pil")
-        for key in ("denoising_start", "denoising_end", "image", "strength"):
-            request.pop(key, None)
-        base = self(prompt, negative_prompt, denoising_end=start, output_type="latent", **request)
-        request.pop("latents", None)
-        out = refiner(prompt, negative_prompt, image=base.images, denoising_start=start, output_type=output_type, **request)
-        out.timings = {k: base.timings.get(k, 0.0) + v for k, v in out.timings.items()}
         return out
 
     def activate_loras(self, loras: tuple) -> None:
@@ -490,18 +476,6 @@ class Pipeline:
         for p, n in zip(prompts, negatives):
             for _ in range(per_prompt):
                 yield p, n
-
-    def _handed_over(self, image, batch: int, denoising_start) -> np.ndarray:
-        """The latents a base hands to a refiner (`image` with denoising_start), one per image of the request."""
-        c = self.facts.latent_channels
-        if not isinstance(image, np.ndarray) or image.ndim != 4 or image.shape[1] != c:
-            raise InputError(f"denoising_start {denoising_start} continues from latents: pass image= the base's output_type="
-                             f"'latent' array [images, {c}, h, w], not {type(image).__name__}")
-        if image.shape[0] not in (1, batch):
-            raise InputError(f"image holds {image.shape[0]} latents for {batch} images; pass one or one per image")
-        if not np.all(np.isfinite(image)):
-            raise InputError("the handed-over latents hold NaN or inf")
-        return np.repeat(image, batch // image.shape[0], axis=0).astype(np.float32)
 
     def _size(self, height, width, init_image) -> tuple[int, int]:
         return inputs.check_size(self.facts, height, width, init_image.size if init_image is not None else None)

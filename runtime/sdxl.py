@@ -115,3 +115,35 @@ def time_id_rows(plans) -> np.ndarray:
     positive = [p.time_ids for p in plans for _ in range(p.batch)]
     negative = [p.negative_time_ids for p in plans for _ in range(p.batch)] if plans[0].guided else []
     return np.array(negative + positive, np.float32)
+
+
+def handed_over_latents(facts, image, batch: int, denoising_start) -> np.ndarray:
+    """The latents a base hands to a refiner (`image` with denoising_start), one per image of the request."""
+    c = facts.latent_channels
+    if not isinstance(image, np.ndarray) or image.ndim != 4 or image.shape[1] != c:
+        raise InputError(f"denoising_start {denoising_start} continues from latents: pass image= the base's output_type="
+                         f"'latent' array [images, {c}, h, w], not {type(image).__name__}")
+    if image.shape[0] not in (1, batch):
+        raise InputError(f"image holds {image.shape[0]} latents for {batch} images; pass one or one per image")
+    if not np.all(np.isfinite(image)):
+        raise InputError("the handed-over latents hold NaN or inf")
+    return np.repeat(image, batch // image.shape[0], axis=0).astype(np.float32)
+
+
+def with_refiner(base, refiner, start: float, prompt, negative_prompt, **request):
+    """Base then refiner (diffusers' ensemble of experts): the base runs to `start` of the schedule
+    (denoising_end) and hands its latents to the refiner, which runs from there (denoising_start) with the same
+    prompts, steps and seeds."""
+    if not (base.is_sdxl and refiner.is_sdxl and base.facts.latent_channels == refiner.facts.latent_channels):
+        raise InputError(f"refiner= hands SDXL latents to an SDXL refiner; got a {base.facts.family} model and a "
+                         f"{refiner.facts.family} refiner")
+    if any(request.get(k) is not None for k in ("denoising_start", "denoising_end", "image")):
+        raise InputError("refiner= sets denoising_end/denoising_start itself and runs txt2img; drop those arguments")
+    output_type = request.pop("output_type", "pil")
+    for key in ("denoising_start", "denoising_end", "image", "strength"):
+        request.pop(key, None)
+    first = base(prompt, negative_prompt, denoising_end=start, output_type="latent", **request)
+    request.pop("latents", None)
+    out = refiner(prompt, negative_prompt, image=first.images, denoising_start=start, output_type=output_type, **request)
+    out.timings = {k: first.timings.get(k, 0.0) + v for k, v in out.timings.items()}
+    return out

@@ -120,7 +120,9 @@ typedef struct sdrt_ctx_params {
 typedef struct sdrt_gen_params {
     size_t struct_size;          /* sizeof(sdrt_gen_params) as the host was built: set by sdrt_gen_default_params() */
     const char *prompt;          /* required; "" is allowed */
-    const char *negative_prompt; /* NULL or "": the empty prompt (used only when guidance_scale > 1) */
+    const char *negative_prompt; /* NULL or "": none - the empty prompt, or zeros for an SDXL model whose config sets
+                                    force_zeros_for_empty_prompt (Python's negative_prompt=None); used only when
+                                    guidance_scale > 1 */
     int steps;                   /* default 30 */
     double guidance_scale;       /* default 7.5; <= 1 turns guidance off (one UNet batch instead of two) */
     int width, height;           /* pixels, multiples of the model's size step; 0 (default): the model's size */

@@ -12,8 +12,8 @@ namespace sdrt {
 
 static const char *kReexport = "; re-export the model with `sdrt export`";
 
-const char *const kTextEncoder = "text_encoder", *const kUnet = "unet", *const kVaeEncoder = "vae_encoder",
-                  *const kVaeDecoder = "vae_decoder";
+const char *const kTextEncoder = "text_encoder", *const kTextEncoder2 = "text_encoder_2", *const kUnet = "unet",
+                  *const kVaeEncoder = "vae_encoder", *const kVaeDecoder = "vae_decoder";
 
 namespace {
 
@@ -22,7 +22,11 @@ struct Role {
     bool required;
     size_t inputs, outputs;  // by position; the UNet's inputs are 2 + the conditioning count
 };
-const Role kRoles[] = {{kTextEncoder, true, 1, 1}, {kUnet, true, 2, 1}, {kVaeEncoder, false, 1, 2}, {kVaeDecoder, true, 1, 1}};
+// SDXL's text_encoder_2 takes (embeddings, pool_weights) and gives (hidden_states, text_embeds); a family needs one
+// text encoder at least (SDXL's refiner has only the second).
+const Role kRoles[] = {{kTextEncoder, false, 1, 1}, {kTextEncoder2, false, 2, 2}, {kUnet, true, 2, 1}, {kVaeEncoder, false, 1, 2},
+                       {kVaeDecoder, true, 1, 1}};
+const std::vector<std::string> kSdxlConditioning = {"encoder_hidden_states", "text_embeds", "time_ids"};
 
 std::vector<std::string> strings_of(const Json &list) {
     std::vector<std::string> out;
@@ -49,9 +53,10 @@ FamilySpec read_family(const Json &m, const std::string &mpath, const std::strin
             throw model_error(mpath + ": family " + fam.name + " has network " + n + ", which the C++ runtime does not run " +
                               "yet; use the Python runtime (`sdrt generate`)");
     }
-    if (fam.conditioning.size() != 1)
+    if (fam.conditioning.size() != 1 && fam.conditioning != kSdxlConditioning)
         throw model_error(mpath + ": family " + fam.name + " conditions the UNet on " + std::to_string(fam.conditioning.size()) +
-                          " inputs; the C++ runtime feeds one (the text encoder's states): use the Python runtime");
+                          " inputs; the C++ runtime feeds the text encoder's states (and SDXL's text_embeds and time_ids): "
+                          "use the Python runtime");
     for (const auto &kv : f->at("schedulers").as_object()) fam.schedulers.defaults[kv.first] = kv.second;
     fam.schedulers.default_name = f->at("default_scheduler").as_string();
     if (!fam.schedulers.defaults.count(fam.schedulers.default_name))
@@ -108,8 +113,18 @@ ExportFolder read_export(const std::string &path) {
         facts.cross_attention_dim = int(f.at("cross_attention_dim").as_int());
         facts.default_size = int(f.at("default_size").as_int());
         facts.vocab_size = int(f.at("vocab_size").as_int());
+        auto int_or = [&](const char *key) { const Json *v = f.find(key); return v ? int(v->as_int()) : 0; };
+        auto bool_or = [&](const char *key) { const Json *v = f.find(key); return v && v->as_bool(); };
+        facts.text_hidden_size_2 = int_or("text_hidden_size_2");
+        facts.pooled_dim = int_or("pooled_dim");
+        facts.time_ids_dim = int_or("time_ids_dim");
+        facts.pool_at_argmax = bool_or("pool_at_argmax");
+        facts.requires_aesthetics_score = bool_or("requires_aesthetics_score");
+        facts.force_zeros_for_empty_prompt = bool_or("force_zeros_for_empty_prompt");
         if (facts.latent_channels < 1 || facts.vae_scale_factor < 1 || facts.unet_downsamples < 0 || facts.unet_downsamples > 8 ||
-            facts.text_seq_len < 2 || facts.text_hidden_size < 1 || facts.cross_attention_dim < 1 || facts.default_size < 1)
+            facts.text_seq_len < 2 || (facts.text_hidden_size < 1 && facts.text_hidden_size_2 < 1) ||
+            facts.cross_attention_dim < 1 || facts.default_size < 1 || facts.time_ids_dim < 0 || facts.time_ids_dim > 16 ||
+            (facts.time_ids_dim && facts.pooled_dim < 1))
             throw model_error(mpath + " has model facts out of range" + kReexport);
 
         ex.family = read_family(m, mpath, facts.family);
@@ -135,6 +150,10 @@ ExportFolder read_export(const std::string &path) {
                                   "conditioning is " + ex.family.conditioning[0] + kReexport);
             ex.network_files[name] = join_path(path, networks.at(name).at("file").as_string());
         }
+        if (!ex.network_files.count(kTextEncoder) && !ex.network_files.count(kTextEncoder2))
+            throw model_error(mpath + " has no text encoder network" + kReexport);
+        if ((ex.family.conditioning.size() == 3) != (facts.time_ids_dim > 0))
+            throw model_error(mpath + ": the family's UNet conditioning and the facts' time ids disagree" + kReexport);
 
         auto str_or = [&](const char *key, const char *fallback) {
             const Json *v = m.find(key);
@@ -143,6 +162,21 @@ ExportFolder read_export(const std::string &path) {
         ex.tokenizer_dir = join_path(path, str_or("tokenizer", "tokenizer"));
         ex.scheduler_config = join_path(path, str_or("scheduler", "scheduler/scheduler_config.json"));
         ex.token_embeddings = join_path(path, str_or("token_embeddings", "token_embeddings.safetensors"));
+        // SDXL: every text encoder's tokenizer and table (extras.text_encoders); SD: the manifest's own pair.
+        const Json *extras = m.find("extras");
+        const Json *saved = extras ? extras->find("text_encoders") : nullptr;
+        for (const auto &n : ex.family.networks) {
+            if (n != kTextEncoder && n != kTextEncoder2) continue;
+            if (saved && saved->find(n)) {
+                const Json &t = saved->at(n);
+                ex.text_encoders.push_back({n, join_path(path, t.at("tokenizer").as_string()),
+                                            join_path(path, t.at("token_embeddings").as_string())});
+            } else if (ex.text_encoders.empty()) {
+                ex.text_encoders.push_back({n, ex.tokenizer_dir, ex.token_embeddings});
+            } else {
+                throw model_error(mpath + " lacks extras.text_encoders for " + n + kReexport);
+            }
+        }
 
         // The cheap load-time check: every file is there at its recorded size.
         for (const auto &kv : m.at("files").as_object()) {

@@ -16,6 +16,10 @@ struct ModelFacts {  // runtime/model/facts.py's ModelFacts
     int latent_channels = 4, vae_scale_factor = 8, unet_downsamples = 3, text_seq_len = 77, text_hidden_size = 768;
     int cross_attention_dim = 768, default_size = 512, vocab_size = 49408;
     double scaling_factor = 0.18215;
+    // SDXL (0/false for SD 1.x/2.x; see runtime/model/facts.py): the second encoder's width, the pooled width, the
+    // micro-conditioning time ids per image, and how CLIP pools and what an empty negative prompt is.
+    int text_hidden_size_2 = 0, pooled_dim = 0, time_ids_dim = 0;
+    bool pool_at_argmax = false, requires_aesthetics_score = false, force_zeros_for_empty_prompt = false;
     int size_step() const { return vae_scale_factor << unet_downsamples; }
 };
 
@@ -31,6 +35,10 @@ struct FamilySpec {
     SchedulerFamily schedulers;  // defaults per sdrt scheduler name, and the default scheduler
 };
 
+struct TextEncoderFiles {  // one text encoder: its network, tokenizer folder and token table (SDXL has two)
+    std::string network, tokenizer_dir, token_embeddings;
+};
+
 struct ExportFolder {
     std::string path;
     ModelFacts facts;
@@ -38,7 +46,8 @@ struct ExportFolder {
     std::map<std::string, NetworkContract> contracts;
     std::map<std::string, std::string> network_files;  // network -> path of its .onnx
     std::string manifest_digest;  // a hash of manifest.json (every file's size and sha256): keys the graph cache
-    std::string tokenizer_dir, scheduler_config, token_embeddings;
+    std::string tokenizer_dir, scheduler_config, token_embeddings;  // the first text encoder's (SD: the only one)
+    std::vector<TextEncoderFiles> text_encoders;  // in the order their states are concatenated
 };
 
 // Reads and checks an export; throws Error(SDRT_ERR_MODEL) naming the problem and the fix.
@@ -48,7 +57,7 @@ ExportFolder read_export(const std::string &path);
 // contract has by position (the names themselves come from the manifest's contracts): the UNet's inputs are
 // [latent sample, timestep, conditioning...]. read_export refuses a family that needs another network, and the
 // backend refuses ONNX files that disagree with the manifest's contracts.
-extern const char *const kTextEncoder, *const kUnet, *const kVaeEncoder, *const kVaeDecoder;
+extern const char *const kTextEncoder, *const kTextEncoder2, *const kUnet, *const kVaeEncoder, *const kVaeDecoder;
 
 struct TokenTable {
     std::vector<float> data;  // [rows, hidden]

@@ -30,17 +30,24 @@ std::vector<float> draw(std::vector<TorchCpuGenerator> &gens, size_t per_image) 
 
 Pipeline::Pipeline(const std::string &model_dir, const BackendOptions &options)
     : model_(read_export(model_dir)),
-      tokenizer_(ClipTokenizer::from_folder(model_.tokenizer_dir)),
-      table_(read_token_table(model_.token_embeddings)),
       scheduler_config_(Json::parse_file(model_.scheduler_config)),
       kernel_(torch_cpu_kernel()) {
     const ModelFacts &f = model_.facts;
-    if (table_.hidden != f.text_hidden_size)
-        throw model_error(model_.token_embeddings + " has rows of " + std::to_string(table_.hidden) + " but the text encoder takes " +
-                          std::to_string(f.text_hidden_size) + "; the export is mismatched: re-export it with `sdrt export`");
-    if (tokenizer_.max_length() != f.text_seq_len)
-        throw model_error(model_.tokenizer_dir + " makes " + std::to_string(tokenizer_.max_length()) + " tokens per prompt but the "
-                          "text encoder takes " + std::to_string(f.text_seq_len) + "; re-export the model with `sdrt export`");
+    for (const TextEncoderFiles &t : model_.text_encoders) {
+        TextEncoder e{t.network, ClipTokenizer::from_folder(t.tokenizer_dir), read_token_table(t.token_embeddings),
+                      t.network == kTextEncoder2 ? f.text_hidden_size_2 : f.text_hidden_size};
+        if (e.table.hidden != e.width)
+            throw model_error(t.token_embeddings + " has rows of " + std::to_string(e.table.hidden) + " but the " + t.network +
+                              " takes " + std::to_string(e.width) + "; the export is mismatched: re-export it with `sdrt export`");
+        if (e.tokenizer.max_length() != f.text_seq_len)
+            throw model_error(t.tokenizer_dir + " makes " + std::to_string(e.tokenizer.max_length()) + " tokens per prompt but the "
+                              "text encoder takes " + std::to_string(f.text_seq_len) + "; re-export the model with `sdrt export`");
+        states_width_ += e.width;
+        encoders_.push_back(std::move(e));
+    }
+    if (f.time_ids_dim && f.time_ids_dim != (f.requires_aesthetics_score ? 5 : 6))
+        throw model_error(model_.path + ": " + std::to_string(f.time_ids_dim) + " time ids per image is neither SDXL's base (6) nor "
+                          "its refiner (5); re-export the model with `sdrt export`");
     // Refuse an unsupported scheduler config (or defaults the export lacks) now, not at the first image.
     Scheduler::create("", scheduler_config_, model_.family.schedulers);
     if (options.provider == SDRT_BACKEND_TENSORRT)
@@ -72,19 +79,51 @@ void Pipeline::check(Request &r) const {
         throw model_error(model_.path + " has no vae_encoder network, which img2img needs; re-export the model with `sdrt export`");
 }
 
-std::vector<float> Pipeline::encode_prompt(const std::string &prompt) {
-    const int seq = model_.facts.text_seq_len, hidden = table_.hidden;
-    std::vector<int64_t> ids = tokenizer_(prompt);
-    std::vector<float> embeds(size_t(seq) * size_t(hidden));
-    for (int i = 0; i < seq; ++i) {
-        if (ids[size_t(i)] < 0 || ids[size_t(i)] >= table_.rows)
-            throw model_error("token id " + std::to_string(ids[size_t(i)]) + " is past the token table's " + std::to_string(table_.rows) +
-                              " rows; the tokenizer and table do not belong together: re-export the model");
-        std::copy_n(table_.data.begin() + long(ids[size_t(i)]) * hidden, hidden, embeds.begin() + long(i) * hidden);
+// Each text encoder's states, concatenated along the channels per token (SDXL: penultimate states of both, and the
+// second's pooled projection; runtime/sdxl.py), for one prompt.
+Pipeline::TextStates Pipeline::encode_prompt(const std::string &prompt) {
+    const ModelFacts &f = model_.facts;
+    const int seq = f.text_seq_len;
+    TextStates out;
+    out.states.resize(size_t(seq) * size_t(states_width_));
+    int offset = 0;
+    for (TextEncoder &e : encoders_) {
+        const int hidden = e.table.hidden;
+        std::vector<int64_t> ids = e.tokenizer(prompt);
+        std::vector<float> embeds(size_t(seq) * size_t(hidden));
+        for (int i = 0; i < seq; ++i) {
+            if (ids[size_t(i)] < 0 || ids[size_t(i)] >= e.table.rows)
+                throw model_error("token id " + std::to_string(ids[size_t(i)]) + " is past the token table's " + std::to_string(e.table.rows) +
+                                  " rows; the tokenizer and table do not belong together: re-export the model");
+            std::copy_n(e.table.data.begin() + long(ids[size_t(i)]) * hidden, hidden, embeds.begin() + long(i) * hidden);
+        }
+        std::vector<float> states(size_t(seq) * size_t(e.width));
+        if (e.network == kTextEncoder2) {
+            // CLIP pools at argmax(ids) (configs with the legacy eos_token_id 2, SDXL's own) or at the first eos.
+            size_t at = 0;
+            for (size_t i = 0; i < ids.size(); ++i)
+                if (f.pool_at_argmax ? ids[i] > ids[at] : (ids[i] == e.tokenizer.eos_id() && ids[at] != e.tokenizer.eos_id())) at = i;
+            std::vector<float> pool(size_t(seq), 0.0f);
+            pool[at] = 1.0f;
+            out.pooled.resize(size_t(f.pooled_dim));
+            backend_->run(e.network, {{embeds.data(), {1, seq, hidden}}, {pool.data(), {1, seq}}},
+                          {{states.data(), {1, seq, e.width}}, {out.pooled.data(), {1, f.pooled_dim}}});
+        } else {
+            backend_->run(e.network, {{embeds.data(), {1, seq, hidden}}}, {{states.data(), {1, seq, e.width}}});
+        }
+        for (int t = 0; t < seq; ++t)
+            std::copy_n(states.begin() + long(t) * e.width, e.width, out.states.begin() + long(t) * states_width_ + offset);
+        offset += e.width;
     }
-    std::vector<float> states(size_t(seq) * size_t(model_.facts.text_hidden_size));
-    backend_->run(kTextEncoder, {{embeds.data(), {1, seq, hidden}}}, {{states.data(), {1, seq, model_.facts.text_hidden_size}}});
-    return states;
+    return out;
+}
+
+// SDXL's time ids with diffusers' defaults: original size = target size = the image's, crop corner (0, 0); the
+// refiner's aesthetic score 6.0 (negative 2.5) in place of the target size.
+std::vector<float> Pipeline::time_ids(const Request &r, bool negative) const {
+    const float hh = float(r.height), ww = float(r.width);
+    if (model_.facts.requires_aesthetics_score) return {hh, ww, 0.0f, 0.0f, negative ? 2.5f : 6.0f};
+    return {hh, ww, 0.0f, 0.0f, hh, ww};
 }
 
 void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progress, void *user, Timings &timings) {
@@ -105,15 +144,31 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
     sched->set_timesteps(r.steps, r.init_image ? r.strength : 1.0);
     const bool guidance = r.guidance > 1.0;
 
-    // 1. Text: [uncond, cond] hidden states, the prompt repeated for each image.
+    // 1. Text: [uncond, cond] hidden states, the prompt repeated for each image (SDXL: pooled embeddings and time
+    // ids in the same rows; with force_zeros_for_empty_prompt, no negative prompt is zeros, not the encoded "").
     double t0 = now();
-    std::vector<float> states;
-    std::vector<float> cond = encode_prompt(r.prompt);
+    const bool xl = f.time_ids_dim > 0;
+    std::vector<float> states, pooled, ids;
+    TextStates cond = encode_prompt(r.prompt);
     if (guidance) {
-        std::vector<float> uncond = encode_prompt(r.negative);
-        for (int64_t k = 0; k < B; ++k) states.insert(states.end(), uncond.begin(), uncond.end());
+        TextStates uncond;
+        if (xl && f.force_zeros_for_empty_prompt && r.negative.empty())
+            uncond = {std::vector<float>(cond.states.size(), 0.0f), std::vector<float>(cond.pooled.size(), 0.0f)};
+        else
+            uncond = encode_prompt(r.negative);
+        std::vector<float> neg_ids = xl ? time_ids(r, true) : std::vector<float>();
+        for (int64_t k = 0; k < B; ++k) {
+            states.insert(states.end(), uncond.states.begin(), uncond.states.end());
+            pooled.insert(pooled.end(), uncond.pooled.begin(), uncond.pooled.end());
+            ids.insert(ids.end(), neg_ids.begin(), neg_ids.end());
+        }
     }
-    for (int64_t k = 0; k < B; ++k) states.insert(states.end(), cond.begin(), cond.end());
+    std::vector<float> pos_ids = xl ? time_ids(r, false) : std::vector<float>();
+    for (int64_t k = 0; k < B; ++k) {
+        states.insert(states.end(), cond.states.begin(), cond.states.end());
+        pooled.insert(pooled.end(), cond.pooled.begin(), cond.pooled.end());
+        ids.insert(ids.end(), pos_ids.begin(), pos_ids.end());
+    }
     timings.text = now() - t0;
 
     // 2. Initial latents: pure noise, or the encoded image noised to the first timestep of the truncated schedule.
@@ -153,9 +208,13 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
         sched->scale_model_input(x.data(), unet_in.data(), n, i);
         if (guidance) std::copy_n(unet_in.begin(), n, unet_in.begin() + long(n));
         std::fill(t_in.begin(), t_in.end(), sched->timestep(i));
-        backend_->run(kUnet,
-                      {{unet_in.data(), {unet_batch, C, h, w}}, {t_in.data(), {unet_batch}}, {states.data(), {unet_batch, f.text_seq_len, f.text_hidden_size}}},
-                      {{pred.data(), {unet_batch, C, h, w}}});
+        std::vector<TensorIn> unet_inputs = {{unet_in.data(), {unet_batch, C, h, w}}, {t_in.data(), {unet_batch}},
+                                             {states.data(), {unet_batch, f.text_seq_len, states_width_}}};
+        if (xl) {
+            unet_inputs.push_back({pooled.data(), {unet_batch, f.pooled_dim}});
+            unet_inputs.push_back({ids.data(), {unet_batch, f.time_ids_dim}});
+        }
+        backend_->run(kUnet, unet_inputs, {{pred.data(), {unet_batch, C, h, w}}});
         if (guidance)
             for (size_t k = 0; k < n; ++k) pred[k] = pred[k] + g * (pred[n + k] - pred[k]);
         std::vector<float> step_noise;

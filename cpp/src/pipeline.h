@@ -41,15 +41,26 @@ public:
     void cancel() { cancel_ = true, backend_->cancel(); }
 
 private:
+    struct TextEncoder {  // one CLIP text encoder: SD has one, SDXL two (its refiner the second only)
+        std::string network;
+        ClipTokenizer tokenizer;
+        TokenTable table;
+        int width;  // its hidden states' channels
+    };
+    struct TextStates {
+        std::vector<float> states, pooled;  // [seq, sum of widths], SDXL's [pooled_dim] (else empty)
+    };
+
     ExportFolder model_;
-    ClipTokenizer tokenizer_;
-    TokenTable table_;
+    std::vector<TextEncoder> encoders_;
+    int states_width_ = 0;
     Json scheduler_config_;
     std::unique_ptr<Backend> backend_;
     CpuKernel kernel_;
     std::atomic<bool> cancel_{false};
 
-    std::vector<float> encode_prompt(const std::string &prompt);  // [seq, hidden]
+    TextStates encode_prompt(const std::string &prompt);
+    std::vector<float> time_ids(const Request &r, bool negative) const;  // SDXL's micro-conditioning of one image
 };
 
 }  // namespace sdrt

@@ -85,8 +85,8 @@ void bad_exports(const std::string &exp) {
         replace_in(d / "manifest.json", "\"file\": \"unet/model.onnx\"", "\"file\": \"vae_decoder/model.onnx\""); }, "mismatched");
     broken_export(exp, root, "bad_safetensors", [](const fs::path &d) { overwrite_start(d / "token_embeddings.safetensors", std::string(8, '\xff')); }, "safetensors");
     broken_export(exp, root, "no_family", [](const fs::path &d) { replace_in(d / "manifest.json", "\"family\": {", "\"old_family\": {"); }, "no \"family\" section");
-    broken_export(exp, root, "sdxl_family", [](const fs::path &d) {
-        replace_in(d / "manifest.json", "\"networks\": [", "\"networks\": [\"text_encoder_2\", "); }, "network text_encoder_2");
+    broken_export(exp, root, "unknown_network", [](const fs::path &d) {
+        replace_in(d / "manifest.json", "\"networks\": [", "\"networks\": [\"text_encoder_3\", "); }, "network text_encoder_3");
     broken_export(exp, root, "no_scheduler_defaults", [](const fs::path &d) {
         replace_in(d / "manifest.json", "\"schedulers\": {", "\"schedulers\": {\"x\": {}}, \"unused\": {"); }, "default scheduler");
     broken_export(exp, root, "no_facts", [](const fs::path &d) { replace_in(d / "manifest.json", "\"facts\"", "\"fakts\""); }, "facts");

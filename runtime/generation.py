@@ -33,6 +33,7 @@ class GenerationPlan:
     latents: np.ndarray | None  # the caller's initial noise [batch, C, h, w]
     output_type: str  # "pil", "np" or "latent"
     loras: tuple = ()  # ((registered name, scale), ...) sorted by name, scales != 0: run-time LoRAs (Pipeline.register_lora)
+    mask: object | None = None  # sdrt.inpaint.Mask: inpaint the init image (None: img2img or text-to-image)
     # SDXL (empty/None/False for SD 1.x/2.x): micro-conditioning per image, the zeroed negative, the hand-over.
     time_ids: tuple = ()  # original size, crop corner, target size (or aesthetic score), as the UNet takes them
     negative_time_ids: tuple = ()
@@ -54,7 +55,7 @@ class GenerationPlan:
         """Plans with equal keys share UNet calls: same shapes, schedule, guidance on/off and LoRA set."""
         img2img = self.init_image is not None
         return (self.height, self.width, self.steps, self.scheduler, img2img, self.strength if img2img else None, self.guided,
-                self.loras, self.denoising_start, self.denoising_end)
+                self.loras, self.mask is not None, self.denoising_start, self.denoising_end)
 
 
 @dataclasses.dataclass
@@ -70,6 +71,7 @@ class Batch:
     x: np.ndarray  # the current latents [rows, C, h, w]
     step: int = 0  # the next scheduler call
     timings: dict = dataclasses.field(default_factory=dict)
+    inpaint: object | None = None  # sdrt.inpaint.InpaintRows: per-row mask and image latents when inpainting
     # UNet inputs beyond the text states (SDXL's text_embeds and time_ids), rows laid out as text_states'.
     added: dict = dataclasses.field(default_factory=dict)
 
@@ -112,6 +114,8 @@ class Batch:
         self.added = {name: rows_kept(value) for name, value in self.added.items()}
         if self.guided:
             self.guidance = self.guidance[keep]
+        if self.inpaint is not None:
+            self.inpaint = self.inpaint.select(keep)
         self.sched.select_rows(keep)
 
 

@@ -26,6 +26,7 @@ from sdrt.errors import BackendError, InputError
 from sdrt.generation import Batch, GenerationPlan, stack_plans
 from sdrt import inputs
 from sdrt.images import decoded_to_uint8, image_to_array
+from sdrt.inpaint import InpaintRows, latent_mask, load_mask, masked_pixels, paste_back
 from sdrt.memory import image_pixel_limit
 from sdrt.model.source import ModelSource, open_model
 from sdrt.noise import TorchCPUGenerator
@@ -169,6 +170,9 @@ class Pipeline:
         output_type: str = "pil",
         max_memory=None,
         loras=None,
+        mask_image=None,
+        mask_blur: int = 0,
+        keep_unmasked: bool = False,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
         **micro,
@@ -177,6 +181,8 @@ class Pipeline:
         allocated (sdrt.inputs). max_memory: the budget the request must fit (None: from_pretrained's, else what is
         available; "8G" or bytes; 0/False: no check). loras: {name or file: scale} (or [(name, scale)]) run-time
         LoRAs for this request: registered names, or files (registered on first use); part of the batch key.
+        mask_image: inpaint `image` (white = repaint; see sdrt.inpaint for how masks are read); mask_blur: pixels of
+        Gaussian blur on the mask (soft paste-back edge); keep_unmasked: paste the result back into the image.
         SDXL: denoising_end stops at that fraction of the schedule (a base handing over to a refiner, with
         output_type="latent"); denoising_start starts there from `image` given as those latents (the refiner's
         part; strength is then unused); `micro` takes SDXL's micro-conditioning (sdrt.sdxl.MICRO_ARGS)."""
@@ -184,6 +190,8 @@ class Pipeline:
         from sdrt import sdxl
 
         micro = sdxl.check_micro(self.facts, micro)
+        if mask_image is not None and self.is_sdxl:
+            raise InputError("inpainting with SDXL models is not supported yet; drop mask_image")
         if loras and self.is_sdxl:
             raise InputError("run-time LoRAs (loras=) for SDXL are not supported yet; fuse one with pipe.load_lora(FILE, "
                              "SCALE) on the PyTorch backend, or at export with `sdrt export --lora FILE:SCALE`")
@@ -206,6 +214,7 @@ class Pipeline:
         height, width = self._size(height, width, init_image)
         if init_latents is not None and init_latents.shape[2:] != self._latent_shape(height, width)[2:]:
             raise InputError(f"the handed-over latents {init_latents.shape} do not match height {height} and width {width}")
+        mask = self._mask(init_image, mask_image, mask_blur, keep_unmasked, width, height, budget)
         latents = inputs.check_latents(latents, (batch,) + self._latent_shape(height, width)[1:])
         sched = make_scheduler(scheduler, self.source.scheduler_config)  # an unknown name fails here, not after the text
         num_inference_steps = inputs.check_steps(num_inference_steps, sched, strength if init_image is not None else 1.0)
@@ -229,7 +238,7 @@ class Pipeline:
             prompts=[p for p, _ in per_image], negatives=[n for _, n in per_image], seeds=[seed + k for k in range(batch)],
             steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler,
             init_image=init_image, strength=strength, latents=latents, output_type=output_type,
-            loras=loras, time_ids=time_ids, negative_time_ids=negative_time_ids,
+            loras=loras, mask=mask, time_ids=time_ids, negative_time_ids=negative_time_ids,
             zero_negatives=negative_prompt is None and self.facts.force_zeros_for_empty_prompt,
             denoising_start=denoising_start, denoising_end=denoising_end, init_latents=init_latents,
         )  # fmt: skip
@@ -260,7 +269,7 @@ class Pipeline:
         Draws from each row's generator in diffusers' order."""
         stack_plans(plans)
         first = plans[0]
-        img2img = first.init_image is not None
+        img2img, inpaint = first.init_image is not None, first.mask is not None
         added = {}
         if isinstance(text_states, dict):  # SDXL: the pooled embeddings, plus the time ids of each row
             from sdrt.sdxl import time_id_rows
@@ -272,7 +281,9 @@ class Pipeline:
         sched.set_timesteps(first.steps, first.strength if img2img else 1.0, first.denoising_start, first.denoising_end)
         latent_shape = self._latent_shape(first.height, first.width)
         generators = [TorchCPUGenerator(s) for plan in plans for s in plan.seeds]
-        noise, image_latents = [], []
+        conditioned = inpaint and self.facts.inpainting_unet  # the UNet takes the mask and the masked image
+        pure_noise = inpaint and first.strength == 1.0  # diffusers' inpainting starts from noise alone at strength 1
+        noise, image_latents, masked_latents, masks = [], [], [], []
         row = 0
         if first.init_latents is not None:  # diffusers adds no noise at a hand-over (and draws none)
             x = np.concatenate([plan.init_latents for plan in plans]).astype(np.float32)
@@ -280,16 +291,27 @@ class Pipeline:
         for plan in plans:
             gens = generators[row : row + plan.batch]
             row += plan.batch
-            if img2img:  # diffusers samples the posterior with the generator before it draws the noise
-                pixels = image_to_array(plan.init_image, plan.width, plan.height)
+            pixels = image_to_array(plan.init_image, plan.width, plan.height) if img2img else None
+            if img2img and not (conditioned and pure_noise):  # the posterior is sampled before the noise is drawn
                 image_latents.append(self.encode_image(pixels, gens, observers))
             noise.append(plan.latents if plan.latents is not None else np.concatenate([g.randn(latent_shape) for g in gens]))
+            if inpaint:  # then the masked image's posterior: diffusers draws it for either kind of UNet
+                masks.append(np.repeat(latent_mask(plan.mask.binary, *latent_shape[2:]), plan.batch, axis=0))
+                if conditioned:
+                    masked_latents.append(self.encode_image(masked_pixels(pixels, plan.mask.binary), gens, observers))
+                else:  # unused by an ordinary UNet: only the draws, to keep each generator's stream in step
+                    for g in gens:
+                        g.randn(latent_shape)
         noise = np.concatenate(noise).astype(np.float32)
-        if img2img:
-            x = sched.add_noise(np.concatenate(image_latents), noise, 0)
-        else:
+        if pure_noise or not img2img:
             x = noise * np.float32(sched.init_noise_sigma)
-        return Batch(plans, sched, generators, latent_shape, text_states, self._guidance(plans), x, added=added)
+        else:
+            x = sched.add_noise(np.concatenate(image_latents), noise, 0)
+        rows = None
+        if inpaint:
+            rows = InpaintRows(np.concatenate(masks), np.concatenate(masked_latents) if conditioned else None,
+                               None if conditioned else np.concatenate(image_latents), None if conditioned else noise)
+        return Batch(plans, sched, generators, latent_shape, text_states, self._guidance(plans), x, inpaint=rows, added=added)
 
     @staticmethod
     def _guidance(plans) -> np.ndarray | None:
@@ -299,17 +321,21 @@ class Pipeline:
 
     def denoise(self, batch: Batch, observers=(), progress: bool = False) -> np.ndarray:
         """3. The denoising loop: one batched UNet call per step ([uncond; cond] rows when guided), the guidance
-        combine per row, the scheduler step. A backend that declares a device loop runs these same steps on its
-        device (sdrt.device_loop) when every row has the same guidance scale."""
+        combine per row, the scheduler step. Inpainting adds the mask and masked-image latents to the UNet's input
+        (inpainting UNets) or puts the kept region back after each step (ordinary UNets; sdrt.inpaint). A backend that
+        declares a device loop runs these same steps on its device (sdrt.device_loop) when every row has the same
+        guidance scale and nothing is inpainted."""
         sched = batch.sched
         self.activate_loras(batch.plans[0].loras if batch.plans else ())
         # (The device loop feeds the UNet its text states only: SDXL's added inputs run on the host loop.)
-        if (self.backend.use_device_loop and batch.step == 0 and not batch.added
+        if (self.backend.use_device_loop and batch.step == 0 and batch.inpaint is None and not batch.added
                 and (not batch.guided or batch.uniform_guidance() is not None)):
             return self._denoise_on_device(batch, observers, progress)
         for i in tqdm(range(batch.step, sched.num_calls), desc="denoising", disable=not progress, leave=False):
             x_in = sched.scale_model_input(batch.x, i)
             unet_in = np.concatenate([x_in, x_in]) if batch.guided else x_in
+            if batch.inpaint is not None:  # read each step: rows may leave the batch (Batch.drop)
+                unet_in = batch.inpaint.unet_input(unet_in, batch.guided)
             timestep = np.full((unet_in.shape[0],), sched.timesteps[i], dtype=np.float32)
             feeds = {"sample": unet_in, "timestep": timestep, "encoder_hidden_states": batch.text_states, **batch.added}
             pred = self._run(UNET, feeds, observers)["out_sample"]
@@ -318,6 +344,8 @@ class Pipeline:
                 pred = pred_uncond + batch.guidance * (pred_cond - pred_uncond)
             step_noise = np.concatenate([g.randn(batch.latent_shape) for g in batch.generators]) if sched.needs_noise else None
             batch.x = sched.step(pred, i, batch.x, step_noise)
+            if batch.inpaint is not None:
+                batch.x = batch.inpaint.blend(batch.x, sched, i)
             batch.step = i + 1
             for observer in observers:
                 observer.on_step(batch, i)
@@ -354,7 +382,10 @@ class Pipeline:
             if plan.output_type == "latent":
                 images = batch.x[rows]
             else:
-                images = decoded[rows] if plan.output_type == "np" else [Image.fromarray(p) for p in decoded[rows]]
+                pixels = decoded[rows]
+                if plan.mask is not None and plan.mask.keep_unmasked:
+                    pixels = paste_back(pixels, plan.init_image, plan.mask)
+                images = pixels if plan.output_type == "np" else [Image.fromarray(p) for p in pixels]
             params = [self._parameters(plan, k, batch.sched) for k in range(plan.batch)]
             outputs.append(PipelineOutput(images, list(plan.seeds), params, dict(batch.timings)))
         t_decode = time.perf_counter() - t0
@@ -377,11 +408,12 @@ class Pipeline:
         **request,
     ) -> PipelineOutput:
         """Make images. `request` takes `plan`'s arguments (num_inference_steps, guidance_scale, height, width, seed,
-        scheduler, image, strength, num_images_per_prompt, latents, output_type, loras; SDXL: denoising_start/end and
-        the micro-conditioning). callback(step, timestep, latents) returning False cancels; observers see every
-        network call and step (sdrt.observers). refiner: an SDXL refiner pipeline that takes over the latents at
-        `refiner_start` of the schedule (diffusers' ensemble of experts: this pipeline runs with
-        denoising_end=refiner_start, the refiner with denoising_start=refiner_start, same prompts, steps and seeds)."""
+        scheduler, image, strength, num_images_per_prompt, latents, output_type, loras, mask_image, mask_blur,
+        keep_unmasked; SDXL: denoising_start/end and the micro-conditioning). callback(step, timestep, latents)
+        returning False cancels; observers see every network call and step (sdrt.observers). refiner: an SDXL
+        refiner pipeline that takes over the latents at `refiner_start` of the schedule (diffusers' ensemble of
+        experts: this pipeline runs with denoising_end=refiner_start, the refiner with denoising_start=refiner_start,
+        same prompts, steps and seeds)."""
         if refiner is not None:
             from sdrt.sdxl import with_refiner
 
@@ -477,6 +509,19 @@ class Pipeline:
             for _ in range(per_prompt):
                 yield p, n
 
+    def _mask(self, init_image, mask_image, mask_blur, keep_unmasked, width, height, budget):
+        """The checked mask (sdrt.inpaint.load_mask), or None; an inpainting UNet cannot run without one."""
+        if mask_image is None:
+            if self.facts.inpainting_unet:
+                raise InputError(f"{self.source.path.name} is an inpainting model (its UNet takes the mask and the masked "
+                                 "image): pass image= and mask_image= (white = repaint)")
+            if mask_blur or keep_unmasked:
+                raise InputError("mask_blur and keep_unmasked apply to inpainting; pass mask_image= too")
+            return None
+        if init_image is None:
+            raise InputError("mask_image needs the image it masks: pass image= too")
+        return load_mask(mask_image, init_image.size, width, height, mask_blur, keep_unmasked, image_pixel_limit(budget))
+
     def _size(self, height, width, init_image) -> tuple[int, int]:
         return inputs.check_size(self.facts, height, width, init_image.size if init_image is not None else None)
 
@@ -513,4 +558,6 @@ class Pipeline:
             "backend": self.backend.name,
             "sdrt_version": __version__,
             **({"loras": ", ".join(f"{name}:{scale:g}" for name, scale in plan.loras)} if plan.loras else {}),
+            **({"inpaint": True, "mask_blur": plan.mask.blur, "keep_unmasked": plan.mask.keep_unmasked,
+                "mask_coverage": round(plan.mask.coverage, 4)} if plan.mask is not None else {}),
         }

@@ -3,7 +3,7 @@
  * It runs the same algorithm as the Python runtime (runtime/pipeline.py): the CLIP tokenizer, the token-embedding
  * lookup, classifier-free guidance with negative prompts, the schedulers (ddim, pndm, euler, euler_a, dpmpp_2m,
  * dpmpp_2m_karras, lms, heun, unipc, dpmpp_2m_sde, dpmpp_2s_a, ddpm, lcm, tcd, Karras/exponential variants), img2img,
- * and torch's CPU random stream, so the same seed gives the same image as
+ * inpainting (ABI 3), and torch's CPU random stream, so the same seed gives the same image as
  * `sdrt generate` on the same export (image k of a batch uses seed + k). Networks run on ONNX Runtime (CPU, or its
  * CUDA / TensorRT providers when the loaded ONNX Runtime has them).
  *
@@ -77,7 +77,7 @@ extern "C" {
 #endif
 
 #define SDRT_VERSION "0.2.0"
-#define SDRT_ABI_VERSION 2
+#define SDRT_ABI_VERSION 3
 
 /* sdrt_gen_params.seed: pick a random seed (the default). Other negative seeds are refused, as Python's sdrt does. */
 #define SDRT_SEED_RANDOM (-1)
@@ -138,6 +138,12 @@ typedef struct sdrt_gen_params {
     const uint8_t *init_image;   /* img2img: RGB, width * height * 3 bytes, already at width x height (sdrt does
                                     not resize; the Python runtime resizes with Lanczos). NULL (default): txt2img */
     double strength;             /* img2img: how much to change the image, (0, 1]; default 0.8 */
+    /* ABI 3: inpainting (as Python's mask_image; the export may be an ordinary or a dedicated inpainting model) */
+    const uint8_t *mask_image;   /* with init_image: grey, width * height bytes, already at width x height; values
+                                    >= 128 (50% grey) are repainted, the rest kept. NULL (default): no mask */
+    int keep_unmasked;           /* nonzero: paste the result back, so pixels where the mask is < 128 are
+                                    init_image's exactly (Python's keep_unmasked, without mask blur); default 0 */
+    int reserved;                /* keep zero */
 } sdrt_gen_params;
 
 typedef struct sdrt_image {      /* allocated by sdrt_generate_image, freed by sdrt_image_free; fields may be appended */

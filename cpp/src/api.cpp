@@ -2,6 +2,7 @@
 // growable params structs (struct_size), and the try/catch that keeps every exception inside the library.
 // ABI 1's entry points (hosts built against sdrt 0.1's header) are in api_v1.cpp.
 #include <atomic>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -71,7 +72,7 @@ sdrt_status null_arg(const sdrt_ctx *ctx, const char *what) noexcept {
 
 // Every size a params struct has had, by ABI version from 2 on (rule 4 in sdrt.h: append each new version's size).
 const size_t kCtxSizes[] = {sizeof(sdrt_ctx_params)};
-const size_t kGenSizes[] = {sizeof(sdrt_gen_params)};
+const size_t kGenSizes[] = {offsetof(sdrt_gen_params, mask_image), sizeof(sdrt_gen_params)};  // ABI 2, 3
 const size_t kTimingsSizes[] = {sizeof(sdrt_timings)};
 constexpr size_t kMaxStruct = 1 << 16;  // a struct_size past this is an unset field, not a future header
 
@@ -118,6 +119,8 @@ sdrt::Request to_request(const sdrt_gen_params &p, int64_t &seed_used) {
     r.batch = p.batch_count;
     r.init_image = p.init_image;
     r.strength = p.strength;
+    r.mask = p.mask_image;
+    r.keep_unmasked = p.keep_unmasked != 0;
     if (p.width < 0 || p.height < 0)
         throw sdrt::input_error("width " + std::to_string(p.width) + " / height " + std::to_string(p.height) + " must not be negative; 0 means the model's size");
     if (p.seed == SDRT_SEED_RANDOM) {

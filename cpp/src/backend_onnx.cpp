@@ -58,7 +58,7 @@ std::string profile_shapes(const std::string &network, const NetworkContract &c,
     if (network == kTextEncoder) shapes = {dims({batch, f.text_seq_len, f.text_hidden_size})};
     if (network == kTextEncoder2) shapes = {dims({batch, f.text_seq_len, f.text_hidden_size_2}), dims({batch, f.text_seq_len})};
     if (network == kUnet) {
-        shapes = {dims({unet_batch, f.latent_channels, lat, lat}), dims({unet_batch}), dims({unet_batch, f.text_seq_len, f.cross_attention_dim})};
+        shapes = {dims({unet_batch, f.unet_in_channels, lat, lat}), dims({unet_batch}), dims({unet_batch, f.text_seq_len, f.cross_attention_dim})};
         if (f.time_ids_dim) shapes.insert(shapes.end(), {dims({unet_batch, f.pooled_dim}), dims({unet_batch, f.time_ids_dim})});
     }
     if (network == kVaeEncoder) shapes = {dims({batch, 3, size, size})};

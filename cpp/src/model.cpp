@@ -113,6 +113,12 @@ ExportFolder read_export(const std::string &path) {
         facts.cross_attention_dim = int(f.at("cross_attention_dim").as_int());
         facts.default_size = int(f.at("default_size").as_int());
         facts.vocab_size = int(f.at("vocab_size").as_int());
+        // An inpainting UNet takes [latents, mask, masked-image latents]; older manifests lack the key (= latents).
+        const Json *uin = f.find("unet_in_channels");
+        facts.unet_in_channels = uin && uin->is_number() ? int(uin->as_int()) : facts.latent_channels;
+        if (facts.unet_in_channels != facts.latent_channels && facts.unet_in_channels != 2 * facts.latent_channels + 1)
+            throw model_error(mpath + "'s UNet takes " + std::to_string(facts.unet_in_channels) + " input channels: neither a "
+                              "text-to-image nor an inpainting UNet; re-export the model with `sdrt export`");
         auto int_or = [&](const char *key) { const Json *v = f.find(key); return v ? int(v->as_int()) : 0; };
         auto bool_or = [&](const char *key) { const Json *v = f.find(key); return v && v->as_bool(); };
         facts.text_hidden_size_2 = int_or("text_hidden_size_2");

@@ -16,6 +16,8 @@ struct ModelFacts {  // runtime/model/facts.py's ModelFacts
     int latent_channels = 4, vae_scale_factor = 8, unet_downsamples = 3, text_seq_len = 77, text_hidden_size = 768;
     int cross_attention_dim = 768, default_size = 512, vocab_size = 49408;
     double scaling_factor = 0.18215;
+    int unet_in_channels = 4;  // latent_channels, or 2 * latent_channels + 1 for an inpainting UNet
+    bool inpainting_unet() const { return unet_in_channels == 2 * latent_channels + 1; }
     // SDXL (0/false for SD 1.x/2.x; see runtime/model/facts.py): the second encoder's width, the pooled width, the
     // micro-conditioning time ids per image, and how CLIP pools and what an empty negative prompt is.
     int text_hidden_size_2 = 0, pooled_dim = 0, time_ids_dim = 0;

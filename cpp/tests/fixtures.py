@@ -211,6 +211,20 @@ def test_image(width: int, height: int) -> np.ndarray:
     return np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x * y) % 256], -1).astype(np.uint8)
 
 
+def test_mask(width: int, height: int) -> np.ndarray:
+    """Grey levels on both sides of 128 (the C API's 50% threshold) in a box, 0 around it."""
+    mask = np.zeros((height, width), np.uint8)
+    y, x = np.mgrid[0 : height // 2, 0 : width // 2]
+    mask[height // 4 : height // 4 + height // 2, width // 8 : width // 8 + width // 2] = 120 + (x + y) % 20
+    return mask
+
+
+# Inpainting cases (issue #20), the only ones an inpainting export runs: name, prompt, steps, guidance, seed,
+# scheduler, batch, strength, keep_unmasked.
+INPAINT_CASES = [("inpaint", "a red hat", 6, 1.5, 16, "", 1, 1.0, False),
+                 ("inpaint_euler_a_keep_batch", "a blue door", 5, 1.5, 17, "euler_a", 2, 0.75, True)]
+
+
 def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
     from sdrt.pipeline import Pipeline
 
@@ -239,10 +253,17 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
             ("lcm", "a green bird", "", 4, 1.0, 14, "lcm", size, size, 1, 0.0, False),
             ("tcd_batch", "a yellow flower", "", 4, 1.5, 15, "tcd", size, size, 2, 0.0, False),
         ]
-        for name, prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, img2img in cases:
+        inpaint = [(name, prompt, "", steps, guidance, seed, sched, size, size, batch, strength, True, keep)
+                   for name, prompt, steps, guidance, seed, sched, batch, strength, keep in INPAINT_CASES]
+        cases = inpaint if pipe.facts.inpainting_unet else [c + (None,) for c in cases] + inpaint
+        for name, prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, img2img, keep in cases:
             init = test_image(w, h) if img2img else None
+            mask = test_mask(w, h) if keep is not None else None
             kwargs = dict(strength=strength, image=init) if img2img else {}
-            pipe(prompt, num_inference_steps=1, height=h, width=w, seed=0, output_type="np", progress=False)  # warm-up
+            if mask is not None:
+                kwargs.update(mask_image=mask, keep_unmasked=keep)
+            warm = dict(image=init, mask_image=mask, strength=1.0) if pipe.facts.inpainting_unet else {}
+            pipe(prompt, num_inference_steps=1, height=h, width=w, seed=0, output_type="np", progress=False, **warm)
             t0 = time.perf_counter()
             result = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
                           height=h, width=w, seed=seed, scheduler=sched or None, num_images_per_prompt=batch,
@@ -254,8 +275,12 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
             if init is not None:
                 init_file = f"{stem}.init.rgb"
                 (out / init_file).write_bytes(init.tobytes())
+            mask_file = ""
+            if mask is not None:
+                mask_file = f"{stem}.mask.grey"
+                (out / mask_file).write_bytes(mask.tobytes())
             rows.append([name, str(e), prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, init_file,
-                         f"{stem}.rgb", f"{seconds:.4f}"])
+                         f"{stem}.rgb", f"{seconds:.4f}", mask_file, int(bool(keep))])
     (out / "pipeline.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
 
 

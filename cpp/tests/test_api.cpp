@@ -89,6 +89,8 @@ void bad_exports(const std::string &exp) {
         replace_in(d / "manifest.json", "\"networks\": [", "\"networks\": [\"text_encoder_3\", "); }, "network text_encoder_3");
     broken_export(exp, root, "no_scheduler_defaults", [](const fs::path &d) {
         replace_in(d / "manifest.json", "\"schedulers\": {", "\"schedulers\": {\"x\": {}}, \"unused\": {"); }, "default scheduler");
+    broken_export(exp, root, "depth_unet", [](const fs::path &d) {
+        replace_in(d / "manifest.json", "\"vocab_size\":", "\"unet_in_channels\": 5, \"vocab_size\":"); }, "5 input channels");
     broken_export(exp, root, "no_facts", [](const fs::path &d) { replace_in(d / "manifest.json", "\"facts\"", "\"fakts\""); }, "facts");
 
     // A damaged optimised-graph cache (.ort_cache/cpp-*) costs a rebuild, never the load.
@@ -146,6 +148,11 @@ void bad_generate(sdrt_ctx *ctx) {
     p = gp, p.init_image = rgb.data(), p.strength = 0, expect(p, SDRT_ERR_INVALID_ARGUMENT, "strength", "strength 0");
     p = gp, p.init_image = rgb.data(), p.strength = 1.5, expect(p, SDRT_ERR_INVALID_ARGUMENT, "strength", "strength 1.5");
     p = gp, p.init_image = rgb.data(), p.strength = 0.1, expect(p, SDRT_ERR_INVALID_ARGUMENT, "runs no step", "strength too small");
+    std::vector<uint8_t> black(size_t(w) * size_t(h), 0), white(size_t(w) * size_t(h), 255);
+    p = gp, p.mask_image = white.data(), expect(p, SDRT_ERR_INVALID_ARGUMENT, "needs init_image", "mask without image");
+    p = gp, p.keep_unmasked = 1, expect(p, SDRT_ERR_INVALID_ARGUMENT, "pass mask_image", "keep_unmasked without mask");
+    p = gp, p.init_image = rgb.data(), p.mask_image = black.data(), expect(p, SDRT_ERR_INVALID_ARGUMENT, "all black", "empty mask");
+    p = gp, p.init_image = rgb.data(), p.mask_image = white.data(), p.keep_unmasked = 1, expect(p, SDRT_OK, "", "full mask");
     p = gp, p.prompt = "\xff\xfe broken utf-8 \xc3", expect(p, SDRT_OK, "", "invalid UTF-8 prompt");
     std::string long_prompt;
     for (int i = 0; i < 500; ++i) long_prompt += "word ";

@@ -71,10 +71,18 @@ int main(int argc, char **argv) {
             gp.init_image = init.data();
             gp.strength = std::strtod(f[11].c_str(), nullptr);
         }
+        std::vector<uint8_t> mask;  // inpainting (columns 15, 16: mask file, keep_unmasked)
+        if (f.size() > 16 && !f[15].empty()) {
+            mask = read_bytes(dir + "/" + f[15]);
+            gp.mask_image = mask.data();
+            gp.keep_unmasked = std::atoi(f[16].c_str());
+        }
         std::vector<uint8_t> want = read_bytes(dir + "/" + f[13]);
         std::vector<uint8_t> got(size_t(gp.batch_count) * size_t(gp.width) * size_t(gp.height) * 3);
         sdrt_gen_params warm = gp;  // the same warm-up as the Python side: one step
         warm.steps = 1, warm.batch_count = 1, warm.init_image = nullptr, warm.scheduler = nullptr, warm.seed = 0;
+        warm.mask_image = nullptr, warm.keep_unmasked = 0;
+        if (!mask.empty()) warm.init_image = gp.init_image, warm.mask_image = gp.mask_image, warm.strength = 1.0;
         sdrt_generate(ctx, &warm, got.data());
         auto t0 = std::chrono::steady_clock::now();
         sdrt_status st = sdrt_generate(ctx, &gp, got.data());

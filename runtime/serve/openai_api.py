@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 import time
 
+import numpy as np
+from PIL import Image
+
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
@@ -28,7 +31,8 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 
 async def generate(request: Request, *, prompt: str, model: str | None, n: int, size: str | None,
                    response_format: str | None, negative_prompt: str | None, steps: int, guidance_scale: float,
-                   seed: int | None, scheduler: str | None, image=None, strength: float = 0.8) -> ImagesResponse:
+                   seed: int | None, scheduler: str | None, image=None, strength: float = 0.8,
+                   mask_image=None) -> ImagesResponse:
     service = request.app.state.service
     if response_format not in (None, "b64_json"):
         raise FieldError("response_format", f"response_format {response_format!r} is not served; use 'b64_json'")
@@ -38,6 +42,7 @@ async def generate(request: Request, *, prompt: str, model: str | None, n: int, 
         batcher, fields={"width": "size", "height": "size", "size": "size"}, prompt=prompt, negative_prompt=negative_prompt,
         num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width, seed=seed,
         scheduler=resolve_sampler(scheduler, field="scheduler"), image=image, strength=strength, num_images_per_prompt=n,
+        **({"mask_image": mask_image, "keep_unmasked": True} if mask_image is not None else {}),
     )
     job = service.submit(batcher, plan)
     await service.wait(job, request)
@@ -53,6 +58,18 @@ async def generations(req: ImageGenerationRequest, request: Request):
                           guidance_scale=req.guidance_scale, seed=req.seed, scheduler=req.scheduler)
 
 
+def transparent_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """OpenAI's edit mask (fully transparent = edit) as sdrt's (white = repaint)."""
+    if "A" not in mask.getbands() and not (mask.mode == "P" and "transparency" in mask.info):
+        raise FieldError("mask", f"mask has no alpha channel (mode {mask.mode}); send a PNG whose fully transparent "
+                         "pixels mark what to edit")
+    if mask.size != size:
+        raise FieldError("mask", f"mask is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}; "
+                         "send a mask of the image's size")
+    alpha = np.asarray(mask.convert("RGBA").getchannel("A"))
+    return Image.fromarray(((alpha == 0) * 255).astype(np.uint8))
+
+
 @router.post("/edits", response_model=ImagesResponse)
 async def edits(
     request: Request,
@@ -62,7 +79,8 @@ async def edits(
     n: int = Form(1, ge=1, le=64),
     size: str | None = Form(None),
     response_format: str | None = Form(None),
-    mask: UploadFile | None = File(None, description="inpainting masks are not supported"),
+    mask: UploadFile | None = File(None, description="inpainting: a PNG of the image's size whose fully transparent "
+                                   "pixels are repainted; the rest of the image is kept exactly"),
     negative_prompt: str | None = Form(None),
     steps: int = Form(20, ge=1, le=1000),
     guidance_scale: float = Form(7.5, ge=0.0, le=100.0),
@@ -70,12 +88,15 @@ async def edits(
     scheduler: str | None = Form(None),
     strength: float = Form(0.8, gt=0.0, le=1.0),
 ):
-    """img2img: the image is noised to `strength` of the schedule and denoised toward the prompt."""
-    if mask is not None:
-        raise FieldError("mask", "mask (inpainting) is not supported; send the image alone")
+    """img2img: the image is noised to `strength` of the schedule and denoised toward the prompt; with a mask, only
+    its transparent part is (OpenAI's rule), and the rest comes back unchanged."""
     limits = request.app.state.service.config.limits
     data = await image.read()
     picture = await run_in_threadpool(decode_image, data, "image", limits.max_input_pixels)
+    mask_image = None
+    if mask is not None:
+        raw = await run_in_threadpool(decode_image, await mask.read(), "mask", limits.max_input_pixels, False)
+        mask_image = transparent_mask(raw, picture.size)
     return await generate(request, prompt=prompt, model=model, n=n, size=size, response_format=response_format,
                           negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                          scheduler=scheduler, image=picture, strength=strength)
+                          scheduler=scheduler, image=picture, strength=strength, mask_image=mask_image)

@@ -118,9 +118,12 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
 
 
 def read_lora(path: str | Path, components=COMPONENTS) -> LoraFile:
-    """Read a LoRA file and sort its layers by component; refuses what sdrt cannot fuse, by name. components: the
-    model's (SDXL_COMPONENTS for SDXL): an SDXL LoRA elsewhere is refused."""
-    path = Path(path).expanduser()
+    """Read a LoRA file (or a built-in LoRA's name, sdrt.builtin.BUILTIN_LORAS) and sort its layers by component;
+    refuses what sdrt cannot fuse, by name. components: the model's (SDXL_COMPONENTS for SDXL): an SDXL LoRA elsewhere
+    is refused."""
+    from sdrt.builtin import builtin_lora
+
+    path = builtin_lora(path) or Path(path).expanduser()
     tensors, metadata = read_weights(path, "LoRA")
     keys = list(tensors)
     refusal = _refusal(keys, sdxl="text_encoder_2" in components)

@@ -34,6 +34,9 @@ class ModelFacts:
     default_size: int  # the image size the model was trained at (unet sample_size * vae scale)
     vocab_size: int
     unet_in_channels: int | None = None  # None: latent_channels; 2 * latent + 1 for an inpainting UNet
+    # LCM-distilled UNets (time_cond_proj_dim in the UNet config): the width of the guidance embedding `timestep_cond`
+    # the UNet takes instead of a classifier-free-guidance batch; 0 for every other model (and exports before it).
+    time_cond_proj_dim: int = 0
     text_hidden_size_2: int = 0  # SDXL: width of text_encoder_2 (OpenCLIP bigG: 1280)
     pooled_dim: int = 0  # SDXL: text_encoder_2's projection_dim, the UNet's `text_embeds` width
     time_ids_dim: int = 0  # SDXL: micro-conditioning values per image (6 base, 5 refiner), from the UNet's config
@@ -61,6 +64,8 @@ class ModelFacts:
         data = dataclasses.asdict(self)
         if data["unet_in_channels"] is None:  # ordinary models' manifests stay as they were
             del data["unet_in_channels"]
+        if not data["time_cond_proj_dim"]:
+            del data["time_cond_proj_dim"]
         return data
 
     @classmethod
@@ -141,6 +146,7 @@ def read_model_facts(model_dir: str | Path) -> ModelFacts:
         default_size=int(unet.get("sample_size", 64)) * vae_scale,
         vocab_size=int(text.get("vocab_size", 49408)),
         unet_in_channels=unet_in if unet_in != vae_latents else None,
+        time_cond_proj_dim=int(unet.get("time_cond_proj_dim") or 0),
     )
 
 
@@ -179,6 +185,9 @@ def _read_sdxl_facts(model_dir: Path, spec, index: dict) -> ModelFacts:
     if unet.get("in_channels", 4) != vae_latents:
         raise ModelError(f"{model_dir}'s UNet takes {unet.get('in_channels')} input channels but the VAE makes {vae_latents}: "
                          "an inpainting UNet, which sdrt does not run yet")
+    if unet.get("time_cond_proj_dim"):
+        raise ModelError(f"{model_dir}'s SDXL UNet is LCM-distilled (time_cond_proj_dim), which sdrt runs for SD 1.x/2.x "
+                         "only, for now; use the SDXL base with an LCM-LoRA fused (load_lora), or an SD 1.x/2.x LCM")
     if vae.get("latents_mean") is not None:
         raise ModelError(f"{model_dir}'s VAE normalises latents with latents_mean/latents_std, which sdrt does not run yet")
     vae_scale = 2 ** (len(vae.get("block_out_channels", [64])) - 1)

@@ -185,6 +185,8 @@ class SdrtExtras(BaseModel):
     guidance_scale: float = Field(7.5, ge=0.0, le=100.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     scheduler: str | None = Field(None, description="an sdrt name (ddim, euler_a, dpmpp_2m_karras, ...) or A1111 sampler name")
+    timestep_spacing: Literal["leading", "linspace", "trailing"] | None = Field(
+        None, description="instead of the model's scheduler config's; 'trailing' for few-step models (SD-Turbo, LCM)")
 
 
 class ImageGenerationRequest(SdrtExtras):

@@ -5,7 +5,10 @@
 OUT/tokenizer_<name>.json  ids of the Python ClipTokenizer on a corpus of tricky prompts, per tokenizer folder
 OUT/noise.json             TorchCPUGenerator streams (both kernels) and, when torch imports, torch.randn itself
 OUT/schedulers.json        each scheduler's tables and a step-by-step trajectory, for many configs and step counts
-OUT/pipeline.tsv + *.rgb   whole images of the Python pipeline on ONNX Runtime, per export (only with EXPORTs)
+OUT/pipeline.tsv + *.rgb   whole images of the Python pipeline on ONNX Runtime, per export (only with EXPORTs); on an
+                           export with LoRA slots also with run-time LoRAs (OUT/lora_*.safetensors, written from the
+                           manifest's slot table: kohya fp16 with LoCon convs, diffusers/PEFT with metadata alphas)
+OUT/lora_errors.tsv        LoRA requests the C++ host must refuse, and a word its message must hold
 
 ctest runs this first (fixture "py"); the C++ tests skip when their file is missing. Light imports only: the
 runtime (numpy, tokenizers, onnxruntime), the CLIP vocabulary from the openai-clip package, torch if present.
@@ -211,43 +214,112 @@ def test_image(width: int, height: int) -> np.ndarray:
     return np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x * y) % 256], -1).astype(np.uint8)
 
 
+def lora_slots(export: Path) -> dict:
+    contracts = json.loads((export / "manifest.json").read_text())["contracts"]
+    return {network: c.get("lora_slots", []) for network, c in contracts.items()}
+
+
+def lora_fixtures(out: Path, export: Path) -> dict[str, Path]:
+    """Random LoRAs for an export's slots (none without slots): kohya fp16 on every other slot (LoCon convs, an alpha
+    on some layers, alpha = rank on the rest), diffusers/PEFT fp32 on the others (alphas from the adapter metadata,
+    one by pattern, rsLoRA on the text encoder), a LoRA of another model (a wrong shape) and a LoHa."""
+    from safetensors.numpy import save_file
+
+    slots = lora_slots(export)
+    if not any(slots.values()):
+        return {}
+    rng = np.random.default_rng(18)
+    rnd = lambda *shape: (rng.standard_normal(shape) * 0.3).astype(np.float32)  # noqa: E731
+    kohya, peft, meta = {}, {}, {"unet.r": 2, "unet.lora_alpha": 4.0, "text_encoder.r": 2, "text_encoder.lora_alpha": 2.0,
+                                 "text_encoder.use_rslora": True}
+    for network, prefix, dotted in (("unet", "lora_unet_", "unet."), ("text_encoder", "lora_te_text_model_", "text_encoder.text_model.")):
+        for k, slot in enumerate(slots.get(network, [])):
+            out_ch, in_ch, kernel = slot["weight"][0], slot["weight"][1], slot["weight"][2:]
+            ones = [1, 1] if kernel else []
+            if k % 2 == 0:
+                key = prefix + slot["layer"].replace(".", "_")
+                kohya[key + ".lora_down.weight"] = rnd(3, in_ch, *kernel).astype(np.float16)
+                kohya[key + ".lora_up.weight"] = rnd(out_ch, 3, *ones).astype(np.float16)
+                if k % 4 == 0:
+                    kohya[key + ".alpha"] = np.array(1.5, np.float16)
+            else:
+                peft[dotted + slot["layer"] + ".lora_A.weight"] = rnd(2, in_ch, *kernel)
+                peft[dotted + slot["layer"] + ".lora_B.weight"] = rnd(out_ch, 2, *ones)
+                if network == "unet" and "unet.alpha_pattern" not in meta:
+                    meta["unet.alpha_pattern"] = {slot["layer"].split(".", 1)[1]: 1.0}  # matched by its suffix
+    files = {"kohya": out / "lora_kohya.safetensors", "peft": out / "lora_peft.safetensors",
+             "wrong": out / "lora_wrong.safetensors", "loha": out / "lora_loha.safetensors"}
+    save_file(kohya, str(files["kohya"]))
+    save_file(peft, str(files["peft"]), metadata={"lora_adapter_metadata": json.dumps(meta), "format": "pt"})
+    slot = slots["unet"][0]
+    key = "lora_unet_" + slot["layer"].replace(".", "_")
+    save_file({key + ".lora_down.weight": rnd(2, slot["weight"][1] * 2, *slot["weight"][2:]),
+               key + ".lora_up.weight": rnd(slot["weight"][0], 2, *([1, 1] if slot["weight"][2:] else []))}, str(files["wrong"]))
+    save_file({key + ".hada_w1_a": rnd(4, 2), key + ".hada_w1_b": rnd(2, 4), key + ".hada_w2_a": rnd(4, 2),
+               key + ".hada_w2_b": rnd(2, 4)}, str(files["loha"]))
+    return files
+
+
 def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
     from sdrt.pipeline import Pipeline
 
-    rows = []
+    rows, errors = [], []
     for e in exports:
         pipe = Pipeline.from_pretrained(e, backend="onnx")
         step = pipe.facts.size_step
         size = max(step, 64 // step * step)
-        cases = [  # name, prompt, negative, steps, guidance, seed, scheduler, width, height, batch, strength, img2img
-            ("txt2img", "a photo of a cat", "", 8, 1.5, 0, "", size, size, 1, 0.0, False),
-            ("negative", "a red fox in the snow!", "blurry, low quality", 6, 2.0, 1, "euler", size, size, 1, 0.0, False),
-            ("img2img", "a watercolour painting", "", 10, 1.5, 2, "", size, size, 1, 0.6, True),
-            ("euler_a_batch", "two dogs", "cats", 5, 1.5, 3, "euler_a", size + step, size, 2, 0.0, False),
-            ("dpm_karras_noguide", "a lighthouse", "", 6, 1.0, 4, "dpmpp_2m_karras", size, size, 1, 0.0, False),
-            ("ddim", "mountains at dawn", "", 5, 3.0, 5, "ddim", size, size + step, 1, 0.0, False),
-            ("img2img_euler_a_batch", "a city at night", "fog", 6, 1.5, 6, "euler_a", size, size, 2, 0.5, True),
-            ("dpmpp_2m", "a bowl of fruit", "", 7, 1.5, 7, "dpmpp_2m", size, size, 1, 0.0, False),
-            ("big_seed", "a red barn", "", 4, 1.5, 2**32 + 5, "euler_a", size, size, 2, 0.0, False),  # past 32 bits
-            # issue #20's samplers: Heun's 2n - 1 UNet calls, per-step noise (SDE, ancestral, DDPM, LCM, TCD), UniPC
-            ("heun", "a cat on a sofa", "", 4, 1.5, 8, "heun", size, size, 1, 0.0, False),
-            ("dpmpp_2m_sde_batch", "a forest", "dark", 5, 1.5, 9, "dpmpp_2m_sde_karras", size, size, 2, 0.0, False),
-            ("img2img_dpmpp_2s_a", "a harbour", "", 6, 1.5, 10, "dpmpp_2s_a", size, size, 1, 0.6, True),
-            ("unipc", "a desert road", "", 5, 2.0, 11, "unipc", size, size, 1, 0.0, False),
-            ("lms", "a red apple", "", 4, 1.5, 12, "lms", size, size, 1, 0.0, False),
-            ("ddpm_batch", "a blue car", "", 5, 1.5, 13, "ddpm", size, size, 2, 0.0, False),
-            ("lcm", "a green bird", "", 4, 1.0, 14, "lcm", size, size, 1, 0.0, False),
-            ("tcd_batch", "a yellow flower", "", 4, 1.5, 15, "tcd", size, size, 2, 0.0, False),
-        ]
-        for name, prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, img2img in cases:
+        loras = lora_fixtures(out, e)
+        if loras:  # run-time LoRAs: one, two stacked (a batch), a negative scale on img2img, then none again
+            k, p = loras["kohya"].name, loras["peft"].name
+            cases = [  # ..., loras: "FILE:SCALE;..." in OUT
+                ("lora_plain", "a photo of a cat", "", 6, 2.0, 0, "", size, size, 1, 0.0, False, ""),
+                ("lora_kohya", "a photo of a cat", "", 6, 2.0, 0, "euler", size, size, 1, 0.0, False, f"{k}:0.8"),
+                ("lora_stacked_batch", "two dogs", "cats", 5, 2.0, 3, "", size, size, 2, 0.0, False, f"{p}:0.5;{k}:1.5"),
+                ("lora_img2img", "a watercolour painting", "", 8, 1.5, 2, "", size, size, 1, 0.6, True, f"{p}:-0.7"),
+                ("lora_none_after", "a photo of a cat", "", 6, 2.0, 0, "", size, size, 1, 0.0, False, ""),
+            ]
+            errors += [(e, loras["wrong"].name, "does not match this model"), (e, loras["loha"].name, "LoHa"),
+                       (e, "lora_missing.safetensors", "does not exist")]
+        else:
+            errors.append((e, "lora_kohya.safetensors", "--lora-slots"))
+            cases = [  # name, prompt, negative, steps, guidance, seed, scheduler, width, height, batch, strength, img2img
+                ("txt2img", "a photo of a cat", "", 8, 1.5, 0, "", size, size, 1, 0.0, False),
+                ("negative", "a red fox in the snow!", "blurry, low quality", 6, 2.0, 1, "euler", size, size, 1, 0.0, False),
+                ("img2img", "a watercolour painting", "", 10, 1.5, 2, "", size, size, 1, 0.6, True),
+                ("euler_a_batch", "two dogs", "cats", 5, 1.5, 3, "euler_a", size + step, size, 2, 0.0, False),
+                ("dpm_karras_noguide", "a lighthouse", "", 6, 1.0, 4, "dpmpp_2m_karras", size, size, 1, 0.0, False),
+                ("ddim", "mountains at dawn", "", 5, 3.0, 5, "ddim", size, size + step, 1, 0.0, False),
+                ("img2img_euler_a_batch", "a city at night", "fog", 6, 1.5, 6, "euler_a", size, size, 2, 0.5, True),
+                ("dpmpp_2m", "a bowl of fruit", "", 7, 1.5, 7, "dpmpp_2m", size, size, 1, 0.0, False),
+                ("big_seed", "a red barn", "", 4, 1.5, 2**32 + 5, "euler_a", size, size, 2, 0.0, False),  # past 32 bits
+                # issue #20's samplers: Heun's 2n - 1 UNet calls, per-step noise (SDE, ancestral, DDPM, LCM, TCD), UniPC
+                ("heun", "a cat on a sofa", "", 4, 1.5, 8, "heun", size, size, 1, 0.0, False),
+                ("dpmpp_2m_sde_batch", "a forest", "dark", 5, 1.5, 9, "dpmpp_2m_sde_karras", size, size, 2, 0.0, False),
+                ("img2img_dpmpp_2s_a", "a harbour", "", 6, 1.5, 10, "dpmpp_2s_a", size, size, 1, 0.6, True),
+                ("unipc", "a desert road", "", 5, 2.0, 11, "unipc", size, size, 1, 0.0, False),
+                ("lms", "a red apple", "", 4, 1.5, 12, "lms", size, size, 1, 0.0, False),
+                ("ddpm_batch", "a blue car", "", 5, 1.5, 13, "ddpm", size, size, 2, 0.0, False),
+                ("lcm", "a green bird", "", 4, 1.0, 14, "lcm", size, size, 1, 0.0, False),
+                ("tcd_batch", "a yellow flower", "", 4, 1.5, 15, "tcd", size, size, 2, 0.0, False),
+            ]
+            cases = [c + ("",) for c in cases]
+        for name, prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, img2img, lora_spec in cases:
             init = test_image(w, h) if img2img else None
             kwargs = dict(strength=strength, image=init) if img2img else {}
+            if lora_spec:
+                kwargs["loras"] = [(str(out / f), float(scale)) for f, scale in (x.rsplit(":", 1) for x in lora_spec.split(";"))]
             pipe(prompt, num_inference_steps=1, height=h, width=w, seed=0, output_type="np", progress=False)  # warm-up
             t0 = time.perf_counter()
             result = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
                           height=h, width=w, seed=seed, scheduler=sched or None, num_images_per_prompt=batch,
                           output_type="np", progress=False, **kwargs)
             seconds = time.perf_counter() - t0
+            if lora_spec:  # the LoRA must change the image, or the C++ comparison could pass with LoRAs ignored
+                plain = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
+                             height=h, width=w, seed=seed, scheduler=sched or None, num_images_per_prompt=batch,
+                             output_type="np", progress=False, **{k: v for k, v in kwargs.items() if k != "loras"})
+                change = int(np.abs(plain.images.astype(int) - result.images.astype(int)).max())
+                assert change > 8, f"{name}: the LoRA changes the image by {change}/255 only"
             stem = f"pipe_{e.name}_{name}"
             (out / f"{stem}.rgb").write_bytes(np.ascontiguousarray(result.images).tobytes())
             init_file = ""
@@ -255,8 +327,9 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
                 init_file = f"{stem}.init.rgb"
                 (out / init_file).write_bytes(init.tobytes())
             rows.append([name, str(e), prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, init_file,
-                         f"{stem}.rgb", f"{seconds:.4f}"])
+                         f"{stem}.rgb", f"{seconds:.4f}", lora_spec])
     (out / "pipeline.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    (out / "lora_errors.tsv").write_text("".join(f"{e}\t{f}\t{words}\n" for e, f, words in errors))
 
 
 def main(argv: list[str]) -> int:

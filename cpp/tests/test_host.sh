@@ -51,7 +51,8 @@ expect 2 "--backend torch is the Python runtime's" x -m /x --backend torch
 expect 2 "--backend gpu is not a backend" x -m /x --backend gpu
 expect 2 "--ort-provider rocm is not a provider" x -m /x --ort-provider rocm
 expect 2 "it cannot go with --backend cpu" x -m /x --ort-provider cuda --backend cpu
-expect 2 "--lora is not supported" x -m /x --lora a.safetensors
+expect 2 "--lora :0.5 names no file" x -m /x --lora :0.5
+expect 2 "the scale nan is not a finite number" x -m /x --lora a.safetensors:nan
 expect 2 "--embedding is not supported" x -m /x --embedding a.pt
 expect 2 "unknown option --bogus" x -m /x --bogus 1
 expect 2 "--seed needs a value" x -m /x --seed
@@ -102,5 +103,6 @@ expect 1 "is 64x64 but the output is 128x64" x "${M[@]}" --image "$TMP/sdrt.png"
 expect 1 "is a file, not a folder" x "${M[@]}" -o "$TMP/sdrt.png/x.png"
 expect 1 "is a file, not a folder" x -m /x -o "$TMP/sdrt.png/x.png"  # before the model loads
 expect 0 "img.png" x "${M[@]}" --image "$TMP/sdrt.png" --strength 0.5 -o img.png
+expect 1 "--lora-slots" x "${M[@]}" --lora "$TMP/none.safetensors:0.5"  # the first export has no LoRA slots
 echo "test_host: $runs cases, $fails failures"
 [ "$fails" = 0 ]

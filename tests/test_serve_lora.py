@@ -182,3 +182,19 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (120, 30, 200)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_ray_replicas_refuse_loras_at_the_ingress(tmp_path):
+    """Under --ray the pipeline lives on a replica: a request with LoRAs is a 422 before anything is sent there."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from sdrt.serve import Limits, ServeConfig
+    from sdrt.serve.app import Service
+    from sdrt.serve.schemas import FieldError
+
+    remote = SimpleNamespace(remote=True, limits=Limits(), facts=SimpleNamespace(default_size=64, size_step=8),
+                             plan=lambda **kw: pytest.fail("planned on the replica"))
+    service = Service(ServeConfig(models={"m": None}, lora_dir=str(tmp_path)), metrics=None, batchers={"m": remote})
+    with pytest.raises(FieldError, match="--ray"):
+        asyncio.run(service.plan(remote, loras={"style": 1.0}, prompt="a cat", num_inference_steps=2))

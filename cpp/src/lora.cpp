@@ -310,7 +310,7 @@ LoraFactors read_lora(const std::string &path, const std::map<std::string, Netwo
             double alpha = l.has_alpha ? l.alpha : double(r);
             const float scaling = float(alpha / (l.rslora ? std::sqrt(double(r)) : double(r)));
             SlotFactors &f = out[network][slot.layer];  // a layer twice in one file: concatenated, as slot_factors does
-            const int64_t old = f.rank, in = product(shape, 1);
+            const int64_t old = f.rank;
             f.down.insert(f.down.end(), down.data.begin(), down.data.end());
             std::vector<float> up_all(size_t(rows * (old + r)));
             for (int64_t o = 0; o < rows; ++o) {
@@ -319,7 +319,6 @@ LoraFactors read_lora(const std::string &path, const std::map<std::string, Netwo
             }
             f.up = std::move(up_all);
             f.rank = old + r;
-            (void)in;
             ++matched;
         }
         if (missing)

@@ -105,11 +105,10 @@ def detect_family(state: dict, name: str) -> str:
         what = "a VAE alone" if vae_only else "not an original-layout Stable Diffusion checkpoint"
         raise ModelError(f"{name} is {what} (no {UNET}input_blocks); sdrt converts SD 1.x/2.x single-file checkpoints")
     in_channels = state[UNET + "input_blocks.0.0.weight"].shape[1]
-    special = {9: "an SD inpainting checkpoint", 8: "an InstructPix2Pix checkpoint", 5: "an SD 2 depth-to-image checkpoint",
-               7: "an SD x4 upscaler"}
-    if in_channels in special:
+    special = {8: "an InstructPix2Pix checkpoint", 5: "an SD 2 depth-to-image checkpoint", 7: "an SD x4 upscaler"}
+    if in_channels in special:  # 9 (an inpainting UNet) converts to a StableDiffusionInpaintPipeline folder
         raise ModelError(f"{name} is {special[in_channels]} (its UNet takes {in_channels} channels); sdrt runs "
-                         "text-to-image models only, for now")
+                         "text-to-image and inpainting models only, for now")
     if not _has(keys, VAE):
         raise ModelError(f"{name} has no VAE ({VAE}*); it is not a complete Stable Diffusion checkpoint")
     if OPEN_CLIP + "token_embedding.weight" in state:
@@ -260,7 +259,7 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
         raise BackendError(f"converting a single-file checkpoint needs {', '.join(missing)}: {torch_install_hint('export')}; "
                            "or convert it once elsewhere with `sdrt export FILE OUT`")
     import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
@@ -335,7 +334,8 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
         sched_cls = getattr(diffusers, scheduler_class, None) or getattr(diffusers, default_scheduler)
         if dtype != next(unet.parameters()).dtype:  # keep the file's precision: fp16 files stay fp16
             unet, vae, text = unet.to(dtype), vae.to(dtype), text.to(dtype)
-        pipe = StableDiffusionPipeline(
+        inpainting = configs["unet"].get("in_channels", 4) == 2 * configs["vae"].get("latent_channels", 4) + 1
+        pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
             vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
             unet=unet, scheduler=sched_cls.from_config(configs["scheduler"]), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False,

@@ -43,10 +43,12 @@ SD21_SCHEDULER = {
 }
 
 
-def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0) -> Path:
-    """Build and save a tiny random-weight model in diffusers format; returns the folder."""
+def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0, inpainting: bool = False) -> Path:
+    """Build and save a tiny random-weight model in diffusers format; returns the folder. inpainting: a dedicated
+    inpainting UNet (in_channels = 4 latent + 1 mask + 4 masked-image latent) saved as a StableDiffusionInpaintPipeline."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline,
+                           StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if variant not in ("sd1", "sd2"):
@@ -57,7 +59,7 @@ def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0) -> Pa
     text_hidden = 32
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         block_out_channels=(32, 32, 64),
         layers_per_block=1,
@@ -97,7 +99,7 @@ def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0) -> Pa
     tok_dir = write_clip_tokenizer(folder / "tokenizer", pad_token="!" if sd2 else "<|endoftext|>")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     scheduler = (DDIMScheduler if sd2 else PNDMScheduler).from_config(SD21_SCHEDULER if sd2 else SD15_SCHEDULER)
-    pipe = StableDiffusionPipeline(
+    pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -117,8 +119,9 @@ def main(argv=None) -> None:
     parser.add_argument("folder", help="where to write it")
     parser.add_argument("--variant", choices=("sd1", "sd2"), default="sd1")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet")
     args = parser.parse_args(argv)
-    print(build_tiny_sd(args.folder, args.variant, args.seed))
+    print(build_tiny_sd(args.folder, args.variant, args.seed, args.inpainting))
 
 
 if __name__ == "__main__":

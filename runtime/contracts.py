@@ -200,13 +200,15 @@ def sd_contracts(facts: ModelFacts) -> dict[str, NetworkContract]:
         UNET: NetworkContract(
             UNET,
             inputs=(
-                TensorSpec("sample", f32, ("unet_batch", c, "latent_height", "latent_width")),
+                TensorSpec("sample", f32, ("unet_batch", facts.unet_input_channels, "latent_height", "latent_width")),
                 TensorSpec("timestep", f32, ("unet_batch",)),
                 TensorSpec("encoder_hidden_states", f32, ("unet_batch", seq, facts.cross_attention_dim)),
             ),
             outputs=(TensorSpec("out_sample", f32, ("unet_batch", c, "latent_height", "latent_width")),),
             doc="Scaled latents, a float timestep per item (fractional allowed), text states -> the model's "
-            "prediction (epsilon or v, per prediction_type). Guidance runs [uncond, cond] as one batch.",
+            "prediction (epsilon or v, per prediction_type). Guidance runs [uncond, cond] as one batch. An "
+            "inpainting UNet's sample is [latents, mask, masked-image latents] on the channel axis (its config's "
+            "in_channels); its output has the latent channels.",
         ),
         VAE_ENCODER: NetworkContract(
             VAE_ENCODER,

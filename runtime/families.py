@@ -48,7 +48,10 @@ class FamilySpec:
         }
 
 
-_SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline")
+# Inpainting is a capability of these families, not a family: a dedicated inpainting UNet differs only in its input
+# channels (ModelFacts.unet_in_channels, read from its config; the UNet contract's `sample` takes them).
+_SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline",
+                 "StableDiffusionInpaintPipeline", "OnnxStableDiffusionInpaintPipeline")
 
 SD1 = FamilySpec("sd1", "Stable Diffusion 1.x", _SD_PIPELINES, NETWORKS, ("encoder_hidden_states",), DEFAULT_SCHEDULER, sd_contracts)
 SD2 = FamilySpec("sd2", "Stable Diffusion 2.x", _SD_PIPELINES, NETWORKS, ("encoder_hidden_states",), DEFAULT_SCHEDULER, sd_contracts)
@@ -60,7 +63,6 @@ NOT_YET_SUPPORTED = {
     "StableDiffusionXLImg2ImgPipeline": "SDXL",
     "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
     "StableDiffusion3Pipeline": "SD3",
-    "StableDiffusionInpaintPipeline": "SD inpainting",
     "StableDiffusionUpscalePipeline": "SD x4 upscaler",
     "StableDiffusionDepth2ImgPipeline": "SD 2 depth-to-image",
     "StableDiffusionInstructPix2PixPipeline": "InstructPix2Pix",

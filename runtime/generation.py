@@ -33,6 +33,7 @@ class GenerationPlan:
     latents: np.ndarray | None  # the caller's initial noise [batch, C, h, w]
     output_type: str  # "pil", "np" or "latent"
     loras: tuple = ()  # ((registered name, scale), ...) sorted by name, scales != 0: run-time LoRAs (Pipeline.register_lora)
+    mask: object | None = None  # sdrt.inpaint.Mask: inpaint the init image (None: img2img or text-to-image)
 
     @property
     def batch(self) -> int:
@@ -47,7 +48,7 @@ class GenerationPlan:
         """Plans with equal keys share UNet calls: same shapes, schedule, guidance on/off and LoRA set."""
         img2img = self.init_image is not None
         return (self.height, self.width, self.steps, self.scheduler, img2img, self.strength if img2img else None, self.guided,
-                self.loras)
+                self.loras, self.mask is not None)
 
 
 @dataclasses.dataclass
@@ -63,6 +64,7 @@ class Batch:
     x: np.ndarray  # the current latents [rows, C, h, w]
     step: int = 0  # the next scheduler call
     timings: dict = dataclasses.field(default_factory=dict)
+    inpaint: object | None = None  # sdrt.inpaint.InpaintRows: per-row mask and image latents when inpainting
 
     @property
     def rows(self) -> int:
@@ -99,6 +101,8 @@ class Batch:
             self.guidance = self.guidance[keep]
         else:
             self.text_states = self.text_states[keep]
+        if self.inpaint is not None:
+            self.inpaint = self.inpaint.select(keep)
         self.sched.select_rows(keep)
 
 

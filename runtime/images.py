@@ -120,6 +120,9 @@ def a1111_parameters(params: dict) -> str:
         ("Size", f"{params.get('width')}x{params.get('height')}"),
         ("Model", params.get("model")),
         ("Denoising strength", params.get("strength") if params.get("img2img") else None),
+        ("Mask blur", params.get("mask_blur") if params.get("inpaint") else None),
+        ("Inpaint area", "Only masked" if params.get("inpaint_full_res") else None),
+        ("Masked area padding", params.get("inpaint_full_res_padding") if params.get("inpaint_full_res") else None),
         ("Backend", params.get("backend")),
         ("Version", f"sdrt {params.get('sdrt_version')}"),
     ]

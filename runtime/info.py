@@ -28,6 +28,8 @@ def describe_model(model: str | Path | None, verify: bool = False) -> tuple[str,
         f"family       {f.family}  (prediction: {f.prediction_type})",
         f"scheduler    {sched.get('_class_name', '?')}  ({sched.get('beta_schedule', '?')}, {sched.get('num_train_timesteps', '?')} train steps)",
         f"latents      {f.latent_channels} channels, VAE /{f.vae_scale_factor}, scaling factor {f.scaling_factor}",
+        "inpainting   " + (f"dedicated inpainting UNet ({f.unet_input_channels} input channels: latents, mask, masked image); "
+                             "needs --image and --mask" if f.inpainting_unet else "by masking the latents each step (--image, --mask)"),
         f"size         default {f.default_size}x{f.default_size}; height and width must be multiples of {f.size_step}",
         f"text         {f.text_seq_len} tokens x {f.text_hidden_size}, vocabulary {f.vocab_size}",
         "components",

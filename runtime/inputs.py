@@ -208,7 +208,8 @@ def check_export_limits(backend, facts, batch: int, height: int, width: int, gui
     (sdrt.contracts), so ONNX Runtime runs past the manifest's `limits`, which then only say what the export was
     parity-checked and tuned for; there the memory check decides what fits."""
     c, lh, lw = facts.latent_channels, height // facts.vae_scale_factor, width // facts.vae_scale_factor
-    wanted = {"unet": {"sample": (batch * (2 if guidance else 1), c, lh, lw)}, "vae_decoder": {"latent": (batch, c, lh, lw)}}
+    unet_c = facts.unet_input_channels  # an inpainting UNet also takes the mask and the masked-image latents
+    wanted = {"unet": {"sample": (batch * (2 if guidance else 1), unet_c, lh, lw)}, "vae_decoder": {"latent": (batch, c, lh, lw)}}
     if img2img:
         wanted["vae_encoder"] = {"image": (1, 3, height, width)}
     backend.check_shapes(wanted)

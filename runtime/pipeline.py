@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 from sdrt import __version__
 from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdrt.device_loop import draw_step_noise
-from sdrt.errors import BackendError
+from sdrt.errors import BackendError, InputError
 from sdrt.generation import Batch, GenerationPlan, stack_plans
 from sdrt import inputs
 from sdrt.images import decoded_to_uint8, image_to_array
+from sdrt.inpaint import InpaintRows, latent_mask, load_mask, masked_pixels, paste_back
 from sdrt.memory import image_pixel_limit
 from sdrt.model.source import ModelSource, open_model
 from sdrt.noise import TorchCPUGenerator
@@ -145,11 +146,16 @@ class Pipeline:
         output_type: str = "pil",
         max_memory=None,
         loras=None,
+        mask_image=None,
+        mask_blur: int = 0,
+        keep_unmasked: bool = False,
     ) -> GenerationPlan:
         """0. Check every argument and resolve every default (size, seeds, scheduler); no network runs, nothing big is
         allocated (sdrt.inputs). max_memory: the budget the request must fit (None: from_pretrained's, else what is
         available; "8G" or bytes; 0/False: no check). loras: {name or file: scale} (or [(name, scale)]) run-time
-        LoRAs for this request: registered names, or files (registered on first use); part of the batch key."""
+        LoRAs for this request: registered names, or files (registered on first use); part of the batch key.
+        mask_image: inpaint `image` (white = repaint; see sdrt.inpaint for how masks are read); mask_blur: pixels of
+        Gaussian blur on the mask (soft paste-back edge); keep_unmasked: paste the result back into the image."""
         from sdrt.adapters.lora_switch import resolve_loras
 
         loras = resolve_loras(self, loras)
@@ -164,6 +170,7 @@ class Pipeline:
         budget = self.max_memory if max_memory is None else max_memory
         init_image = inputs.check_image(image, max_pixels=image_pixel_limit(budget))
         height, width = self._size(height, width, init_image)
+        mask = self._mask(init_image, mask_image, mask_blur, keep_unmasked, width, height, budget)
         latents = inputs.check_latents(latents, (batch,) + self._latent_shape(height, width)[1:])
         sched = make_scheduler(scheduler, self.source.scheduler_config)  # an unknown name fails here, not after the text
         num_inference_steps = inputs.check_steps(num_inference_steps, sched, strength if init_image is not None else 1.0)
@@ -179,7 +186,7 @@ class Pipeline:
             prompts=[p for p, _ in per_image], negatives=[n for _, n in per_image], seeds=[seed + k for k in range(batch)],
             steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler,
             init_image=init_image, strength=strength, latents=latents, output_type=output_type,
-            loras=loras,
+            loras=loras, mask=mask,
         )  # fmt: skip
 
     def encode_text(self, plans: list[GenerationPlan], observers=()) -> np.ndarray:
@@ -202,41 +209,59 @@ class Pipeline:
         of the truncated schedule (img2img). Draws from each row's generator in diffusers' order."""
         stack_plans(plans)
         first = plans[0]
-        img2img = first.init_image is not None
+        img2img, inpaint = first.init_image is not None, first.mask is not None
         sched = make_scheduler(first.scheduler, self.source.scheduler_config)
         sched.set_timesteps(first.steps, first.strength if img2img else 1.0)
         latent_shape = self._latent_shape(first.height, first.width)
         generators = [TorchCPUGenerator(s) for plan in plans for s in plan.seeds]
-        noise, image_latents = [], []
+        conditioned = inpaint and self.facts.inpainting_unet  # the UNet takes the mask and the masked image
+        pure_noise = inpaint and first.strength == 1.0  # diffusers' inpainting starts from noise alone at strength 1
+        noise, image_latents, masked_latents, masks = [], [], [], []
         row = 0
         for plan in plans:
             gens = generators[row : row + plan.batch]
             row += plan.batch
-            if img2img:  # diffusers samples the posterior with the generator before it draws the noise
-                pixels = image_to_array(plan.init_image, plan.width, plan.height)
+            pixels = image_to_array(plan.init_image, plan.width, plan.height) if img2img else None
+            if img2img and not (conditioned and pure_noise):  # the posterior is sampled before the noise is drawn
                 image_latents.append(self.encode_image(pixels, gens, observers))
             noise.append(plan.latents if plan.latents is not None else np.concatenate([g.randn(latent_shape) for g in gens]))
+            if inpaint:  # then the masked image's posterior: diffusers draws it for either kind of UNet
+                masks.append(np.repeat(latent_mask(plan.mask.binary, *latent_shape[2:]), plan.batch, axis=0))
+                if conditioned:
+                    masked_latents.append(self.encode_image(masked_pixels(pixels, plan.mask.binary), gens, observers))
+                else:  # unused by an ordinary UNet: only the draws, to keep each generator's stream in step
+                    for g in gens:
+                        g.randn(latent_shape)
         noise = np.concatenate(noise).astype(np.float32)
-        if img2img:
-            x = sched.add_noise(np.concatenate(image_latents), noise, 0)
-        else:
+        if pure_noise or not img2img:
             x = noise * np.float32(sched.init_noise_sigma)
+        else:
+            x = sched.add_noise(np.concatenate(image_latents), noise, 0)
         guidance = None
         if first.guided:
             guidance = np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32).reshape(-1, 1, 1, 1)
-        return Batch(plans, sched, generators, latent_shape, text_states, guidance, x)
+        rows = None
+        if inpaint:
+            rows = InpaintRows(np.concatenate(masks), np.concatenate(masked_latents) if conditioned else None,
+                               None if conditioned else np.concatenate(image_latents), None if conditioned else noise)
+        return Batch(plans, sched, generators, latent_shape, text_states, guidance, x, inpaint=rows)
 
     def denoise(self, batch: Batch, observers=(), progress: bool = False) -> np.ndarray:
         """3. The denoising loop: one batched UNet call per step ([uncond; cond] rows when guided), the guidance
-        combine per row, the scheduler step. A backend that declares a device loop runs these same steps on its
-        device (sdrt.device_loop) when every row has the same guidance scale."""
+        combine per row, the scheduler step. Inpainting adds the mask and masked-image latents to the UNet's input
+        (inpainting UNets) or puts the kept region back after each step (ordinary UNets; sdrt.inpaint). A backend that
+        declares a device loop runs these same steps on its device (sdrt.device_loop) when every row has the same
+        guidance scale and nothing is inpainted."""
         sched = batch.sched
         self.activate_loras(batch.plans[0].loras if batch.plans else ())
-        if self.backend.use_device_loop and batch.step == 0 and (not batch.guided or batch.uniform_guidance() is not None):
+        if (self.backend.use_device_loop and batch.step == 0 and batch.inpaint is None
+                and (not batch.guided or batch.uniform_guidance() is not None)):
             return self._denoise_on_device(batch, observers, progress)
         for i in tqdm(range(batch.step, sched.num_calls), desc="denoising", disable=not progress, leave=False):
             x_in = sched.scale_model_input(batch.x, i)
             unet_in = np.concatenate([x_in, x_in]) if batch.guided else x_in
+            if batch.inpaint is not None:  # read each step: rows may leave the batch (Batch.drop)
+                unet_in = batch.inpaint.unet_input(unet_in, batch.guided)
             timestep = np.full((unet_in.shape[0],), sched.timesteps[i], dtype=np.float32)
             feeds = {"sample": unet_in, "timestep": timestep, "encoder_hidden_states": batch.text_states}
             pred = self._run(UNET, feeds, observers)["out_sample"]
@@ -245,6 +270,8 @@ class Pipeline:
                 pred = pred_uncond + batch.guidance * (pred_cond - pred_uncond)
             step_noise = np.concatenate([g.randn(batch.latent_shape) for g in batch.generators]) if sched.needs_noise else None
             batch.x = sched.step(pred, i, batch.x, step_noise)
+            if batch.inpaint is not None:
+                batch.x = batch.inpaint.blend(batch.x, sched, i)
             batch.step = i + 1
             for observer in observers:
                 observer.on_step(batch, i)
@@ -281,7 +308,10 @@ class Pipeline:
             if plan.output_type == "latent":
                 images = batch.x[rows]
             else:
-                images = decoded[rows] if plan.output_type == "np" else [Image.fromarray(p) for p in decoded[rows]]
+                pixels = decoded[rows]
+                if plan.mask is not None and plan.mask.keep_unmasked:
+                    pixels = paste_back(pixels, plan.init_image, plan.mask)
+                images = pixels if plan.output_type == "np" else [Image.fromarray(p) for p in pixels]
             params = [self._parameters(plan, k, batch.sched) for k in range(plan.batch)]
             outputs.append(PipelineOutput(images, list(plan.seeds), params, dict(batch.timings)))
         t_decode = time.perf_counter() - t0
@@ -302,7 +332,8 @@ class Pipeline:
         **request,
     ) -> PipelineOutput:
         """Make images. `request` takes `plan`'s arguments (num_inference_steps, guidance_scale, height, width, seed,
-        scheduler, image, strength, num_images_per_prompt, latents, output_type, loras). callback(step, timestep,
+        scheduler, image, strength, num_images_per_prompt, latents, output_type, loras, mask_image, mask_blur,
+        keep_unmasked). callback(step, timestep,
         latents) returning False cancels; observers see every network call and step (sdrt.observers)."""
         t_start = time.perf_counter()
         observers = list(observers) + ([StepCallback(callback)] if callback is not None else [])
@@ -389,6 +420,19 @@ class Pipeline:
             for _ in range(per_prompt):
                 yield p, n
 
+    def _mask(self, init_image, mask_image, mask_blur, keep_unmasked, width, height, budget):
+        """The checked mask (sdrt.inpaint.load_mask), or None; an inpainting UNet cannot run without one."""
+        if mask_image is None:
+            if self.facts.inpainting_unet:
+                raise InputError(f"{self.source.path.name} is an inpainting model (its UNet takes the mask and the masked "
+                                 "image): pass image= and mask_image= (white = repaint)")
+            if mask_blur or keep_unmasked:
+                raise InputError("mask_blur and keep_unmasked apply to inpainting; pass mask_image= too")
+            return None
+        if init_image is None:
+            raise InputError("mask_image needs the image it masks: pass image= too")
+        return load_mask(mask_image, init_image.size, width, height, mask_blur, keep_unmasked, image_pixel_limit(budget))
+
     def _size(self, height, width, init_image) -> tuple[int, int]:
         return inputs.check_size(self.facts, height, width, init_image.size if init_image is not None else None)
 
@@ -423,4 +467,6 @@ class Pipeline:
             "backend": self.backend.name,
             "sdrt_version": __version__,
             **({"loras": ", ".join(f"{name}:{scale:g}" for name, scale in plan.loras)} if plan.loras else {}),
+            **({"inpaint": True, "mask_blur": plan.mask.blur, "keep_unmasked": plan.mask.keep_unmasked,
+                "mask_coverage": round(plan.mask.coverage, 4)} if plan.mask is not None else {}),
         }

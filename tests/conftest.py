@@ -32,6 +32,14 @@ def tiny_sd2(tmp_path_factory):
     return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd2", "sd2")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd1_inpaint(tmp_path_factory):
+    """tiny_sd1's shape with a 9-channel inpainting UNet (a StableDiffusionInpaintPipeline folder)."""
+    from sdrt.export.tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd1-inpaint", "sd1", inpainting=True)
+
+
 def _export(model_dir, out_dir, **options):
     from sdrt.export.onnx_export import export_model
 

@@ -114,7 +114,7 @@ def test_bad_model_folders(tiny_sd1, tmp_path):
     shutil.copytree(tiny_sd1, partial, ignore=shutil.ignore_patterns("unet"))
     with pytest.raises(ModelError, match="lacks unet"):
         sdrt.Pipeline.from_pretrained(partial)
-    for cls, family in [("StableDiffusionXLPipeline", "SDXL"), ("StableDiffusion3Pipeline", "SD3"), ("StableDiffusionInpaintPipeline", "inpainting")]:
+    for cls, family in [("StableDiffusionXLPipeline", "SDXL"), ("StableDiffusion3Pipeline", "SD3"), ("StableDiffusionDepth2ImgPipeline", "depth")]:
         other = tmp_path / cls
         shutil.copytree(tiny_sd1, other)
         index = json.loads((other / "model_index.json").read_text())
@@ -122,13 +122,13 @@ def test_bad_model_folders(tiny_sd1, tmp_path):
         (other / "model_index.json").write_text(json.dumps(index))
         with pytest.raises(ModelError, match=family):
             sdrt.Pipeline.from_pretrained(other)
-    inpaint = tmp_path / "inpaint-unet"
-    shutil.copytree(tiny_sd1, inpaint)
-    config = json.loads((inpaint / "unet" / "config.json").read_text())
-    config["in_channels"] = 9
-    (inpaint / "unet" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match="inpainting"):
-        sdrt.Pipeline.from_pretrained(inpaint)
+    depth = tmp_path / "depth-unet"  # 9 input channels is an inpainting UNet (tests/test_inpaint.py); 5 is not
+    shutil.copytree(tiny_sd1, depth)
+    config = json.loads((depth / "unet" / "config.json").read_text())
+    config["in_channels"] = 5
+    (depth / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="takes 5 input channels.*depth"):
+        sdrt.Pipeline.from_pretrained(depth)
 
 
 def test_cli_error_is_one_line_and_leaves_no_png(tiny_sd1, tmp_path):

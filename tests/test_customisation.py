@@ -255,10 +255,11 @@ def text_to_original(sd, family, generator):
     return out
 
 
-def build_ldm_tiny(folder, family):
+def build_ldm_tiny(folder, family, inpainting=False):
     """A tiny model of the original architecture's conventions: 32 norm groups, 64-wide text heads, SD 1.x's 8 UNet
     heads or SD 2.x's 64-wide ones, so that a single file of it says everything about it, as a real one does."""
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline,
+                           StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from sdrt.export.clip_vocab import write_clip_tokenizer
@@ -267,7 +268,7 @@ def build_ldm_tiny(folder, family):
     sd2 = family == "sd2"
     torch.manual_seed(1)
     unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(64, 64, 128) if sd2 else (32, 32, 64), layers_per_block=1,
+        sample_size=8, in_channels=9 if inpainting else 4, block_out_channels=(64, 64, 128) if sd2 else (32, 32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
         attention_head_dim=[1, 1, 2] if sd2 else 8, use_linear_projection=sd2, upcast_attention=sd2, norm_num_groups=32)
@@ -283,7 +284,7 @@ def build_ldm_tiny(folder, family):
     tok_dir = write_clip_tokenizer(folder / "tokenizer", pad_token="!" if sd2 else "<|endoftext|>")
     tok = CLIPTokenizer.from_pretrained(tok_dir)
     scheduler = (DDIMScheduler if sd2 else PNDMScheduler).from_config(SD21_SCHEDULER if sd2 else SD15_SCHEDULER)
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler, safety_checker=None,
+    (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler, safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
     g = torch.Generator().manual_seed(2)
     state = {**unet_to_original(unet.state_dict(), unet.config), **vae_to_original(vae.state_dict(), vae.config),
@@ -348,8 +349,8 @@ def test_single_files_refused_by_name(tmp_path):
         "sdxl": ({"model.diffusion_model.input_blocks.0.0.weight": conv,
                   "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(3, 1)},
                  "SDXL base"),
-        "inpaint": ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3),
-                     "cond_stage_model.transformer.text_model.x": torch.zeros(1)}, "SD inpainting"),
+        "depth": ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 5, 3, 3),
+                   "cond_stage_model.transformer.text_model.x": torch.zeros(1)}, "depth-to-image"),
         "sd3": ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": torch.zeros(1)}, "SD3"),
         "lora": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(1, 1)},
                  "a LoRA, not a model"),

@@ -1,7 +1,8 @@
 """`sdrt serve --ray`: the same HTTP app on Ray Serve, on a two-node Ray cluster made on this machine (`ray start
 --head` plus a second `ray start --address`, each with its own custom resource), 2 replicas of the built-in model,
-one per node. Requests served as by `sdrt serve`; a replica SIGKILLed under 16 requests and 2 jobs -> all answer,
-same images, 2 replicas again; clear errors before anything is deployed; nothing of Ray left behind.
+one per node. Requests served as by `sdrt serve` (bad input refused at POST, job progress, previews and queue
+position); a replica SIGKILLed under 16 requests and 2 jobs -> all answer, same images, 2 replicas again; autoscaling
+1:2 up under load and down; clear errors before anything is deployed; nothing of Ray left behind.
 
 Everything binds to 127.0.0.1; one cluster for the module (~1 minute in all here)."""
 
@@ -29,7 +30,10 @@ pytest.importorskip("ray.serve")
 
 import sdrt  # noqa: E402
 import serve_util  # noqa: E402
-from serve_util import alone, free_port, png_pixels, wait_for  # noqa: E402
+from serve_util import alone, free_port, png_pixels, running_server, sse_events, wait_for  # noqa: E402
+
+# the autoscaling test's short metrics interval (Serve 2.60 reads it still; its replacement is an environment variable)
+pytestmark = pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
 
 RAY = str(Path(sys.executable).with_name("ray"))
 STEPS = 6
@@ -93,13 +97,18 @@ def cluster():
         stop_cluster()
 
 
+def serve_config():
+    from sdrt.serve import Limits, ServeConfig
+
+    return ServeConfig(threads=1, warm_all_batches=False, max_batch=8, batch_wait_ms=30, max_queue=32, timeout=120,
+                       limits=Limits(max_steps=400, max_images=4))
+
+
 @pytest.fixture(scope="module")
 def url(cluster):
-    from sdrt.serve import Limits, ServeConfig
     from sdrt.serve.ray_app import RayOptions, deploy
 
-    config = ServeConfig(threads=1, warm_all_batches=False, max_batch=8, batch_wait_ms=30, max_queue=32, timeout=120,
-                         limits=Limits(max_steps=400, max_images=4))
+    config = serve_config()
     options = RayOptions(address=cluster, replicas=2, cpus_per_replica=0.5, max_replicas_per_node=1, port=free_port(),
                          health_check_period_s=2.0)
     return deploy(config, options, ready_timeout=180)
@@ -178,6 +187,93 @@ def test_same_api_same_images(url, pipe):
     assert np.abs(png_pixels(done["images"][0]) - ref.astype(int)).max() <= 1
 
 
+def test_bad_input_refused_at_post_as_on_one_machine(url):
+    """The ingress plans as one machine does (the pipeline's planning copy): a bad size, a step count the scheduler
+    cannot run from an init image, an unknown scheduler -> 422 from the POST itself, body for body as `sdrt serve`."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    bad = [
+        ("/v1/jobs", {"prompt": "x", "width": 65, "height": 64, "steps": 4}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "width": 64, "height": 70, "steps": 4}),
+        ("/v1/jobs", {"prompt": "x", "init_image": image, "strength": 0.01, "steps": 2, "scheduler": "dpmpp_2m"}),
+        ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [image], "denoising_strength": 0.01, "steps": 2}),
+        ("/v1/jobs", {"prompt": "x", "scheduler": "nope"}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "nope"}),
+    ]
+    served = [post(url, path, json=body) for path, body in bad]
+    with running_server(serve_config()) as alone_url:
+        want = [post(alone_url, path, json=body) for path, body in bad]
+    for (path, _), got, ref in zip(bad, served, want):
+        assert ref.status_code == 422, (path, ref.text)
+        assert (got.status_code, got.json()) == (422, ref.json()), path
+
+
+def loads() -> list[dict]:
+    """Each replica's batcher: {pid, queued, running}, asked through the deployment handle."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("model-digits", app_name="sdrt")
+    seen = {}
+    for _ in range(24):
+        info = handle.whoami.remote().result(timeout_s=30)
+        seen[info["pid"]] = info
+    return list(seen.values())
+
+
+def test_job_progress_previews_and_queue_position(url, pipe):
+    """Each step's progress and the previews stream from the replica to the ingress's job and its events; a job
+    queued on a replica shows its place; DELETE stops the replica's work; a synchronous request shows its progress
+    in A1111's /progress and /interrupt stops it."""
+    r = post(url, "/v1/jobs", json={"prompt": "a red 2", "steps": 12, "seed": 4, "preview_every": 4, "scheduler": "ddim"})
+    assert r.status_code == 202
+    events = sse_events(f"{url}/v1/jobs/{r.json()['id']}/events", timeout=120)
+    assert [d["step"] for e, d in events if e == "progress"] == list(range(1, 13))
+    assert all(d["total"] == 12 for e, d in events if e == "progress")
+    previews = [d for e, d in events if e == "preview"]
+    assert previews and all(d["step"] in (4, 8) for d in previews)
+    assert png_size(previews[-1]["images"][0]) == (64, 64)
+    final = events[-1][1]
+    assert events[-1][0] == "done" and final["step"] == final["total"] == 12
+    ref = alone(pipe, "a red 2", seed=4, num_inference_steps=12, scheduler="ddim")[0]
+    assert np.abs(png_pixels(final["images"][0]) - ref.astype(int)).max() <= 1
+
+    # four long jobs that cannot share a batch (different step counts) on two replicas: some wait in a replica's queue
+    ids = [post(url, "/v1/jobs", json={"prompt": "a 1", "steps": 390 + k, "width": 64, "height": 64, "seed": k}).json()["id"]
+           for k in range(4)]
+    try:
+        def seen():
+            states = [httpx.get(f"{url}/v1/jobs/{job_id}").json() for job_id in ids]
+            queued = [s["position"] for s in states if s["status"] == "queued"]
+            running = [s for s in states if s["status"] == "running" and s["step"] > 0]
+            return queued and all(isinstance(p, int) for p in queued) and running and (queued, running)
+        queued, running = wait_for(seen, timeout=60, every=0.2)
+        assert min(queued) == 0 and all(s["total"] == 390 + ids.index(s["id"]) for s in running)
+    finally:
+        for job_id in ids:
+            httpx.delete(f"{url}/v1/jobs/{job_id}", timeout=30)
+    assert {httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] for job_id in ids} == {"cancelled"}
+
+    # a synchronous request's progress (sampled by its replica) in A1111's /progress, and /interrupt stops it
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, url, "/sdapi/v1/txt2img", json={"prompt": "a 5", "steps": 400, "width": 64, "height": 64})
+        progress = wait_for(lambda: (p := httpx.get(f"{url}/sdapi/v1/progress").json())["state"]["sampling_step"] > 0 and p,
+                            timeout=60, every=0.1)
+        assert progress["state"]["sampling_steps"] == 400 and 0 < progress["progress"] < 1
+        assert httpx.post(f"{url}/sdapi/v1/interrupt").json() == {"interrupted": 1}
+        assert answer.result().status_code == 409
+    wait_for(lambda: all(x["queued"] == 0 and x["running"] == 0 for x in loads()), timeout=30, every=0.5)
+
+
+def png_size(b64: str) -> tuple:
+    return tuple(png_pixels(b64).shape[1::-1])
+
+
 def test_replicas_on_both_nodes_serve(url):
     import ray
 
@@ -244,6 +340,65 @@ def test_replica_killed_under_16_requests(url, pipe):
     after = who()
     assert len(after) == 2 and victim not in after
     assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+# --- autoscaling ----------------------------------------------------------------------------------------------------
+
+
+def test_autoscale_up_under_load_and_back_down(url):
+    """--autoscale 1:2 (the same app updated in place; short delays and look-back): idle -> 1 replica, six jobs in
+    flight (target 2 per replica) -> 2, the jobs cancelled -> 1 again."""
+    from sdrt.serve.ray_app import RayOptions, deploy
+
+    fast = {"target_ongoing_requests": 2, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0, "look_back_period_s": 2.0,
+            "metrics_interval_s": 0.5}
+    options = RayOptions(address="auto", autoscale=(1, 2), autoscaling_config=fast, cpus_per_replica=0.5,
+                         max_replicas_per_node=1, port=int(url.rsplit(":", 1)[1]), health_check_period_s=2.0)
+    assert deploy(serve_config(), options, ready_timeout=120) == url
+    t0 = time.monotonic()
+    wait_for(lambda: replicas() == 1, timeout=60, every=0.25)
+    down = time.monotonic() - t0
+    ids = [post(url, "/v1/jobs", json={"prompt": "a 3", "steps": 400, "width": 64, "height": 64, "seed": k}).json()["id"]
+           for k in range(6)]
+    try:
+        t0 = time.monotonic()
+        wait_for(lambda: replicas() == 2, timeout=90, every=0.25)
+        up = time.monotonic() - t0
+    finally:
+        for job_id in ids:
+            httpx.delete(f"{url}/v1/jobs/{job_id}", timeout=30)
+    t0 = time.monotonic()
+    wait_for(lambda: replicas() == 1, timeout=60, every=0.25)
+    print(f"autoscale: idle 2->1 in {down:.1f} s, under load 1->2 in {up:.1f} s, idle 2->1 in {time.monotonic() - t0:.1f} s")
+    assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+# --- the ingress dies -----------------------------------------------------------------------------------------------
+
+
+def test_jobs_outlive_the_ingress(url):
+    """The ingress killed: Ray Serve restarts it, and the job store answers for the jobs it drove: a finished job
+    as it was (images included), one that was running as failed, naming the seed that makes the same image."""
+    import ray
+
+    done = post(url, "/v1/jobs", json={"prompt": "a red 1", "steps": 4, "seed": 5}).json()["id"]
+    before = wait_for(lambda: (s := httpx.get(f"{url}/v1/jobs/{done}").json())["status"] == "done" and s, timeout=60)
+    lost = post(url, "/v1/jobs", json={"prompt": "a 3", "steps": 200, "width": 64, "height": 64, "seed": 9}).json()["id"]
+    wait_for(lambda: httpx.get(f"{url}/v1/jobs/{lost}").json()["status"] == "running", timeout=60)
+    time.sleep(0.5)  # (the job store has its submitted status)
+    # this cluster's ingress replica (by its actor name: other Ray clusters may run on the machine), killed by Ray
+    (ingress,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#ingress#" in a["name"]]
+    ray.kill(ray.get_actor(ingress["name"], namespace=ingress["namespace"]), no_restart=True)
+    wait_for(lambda: _ready(url) and ingress["name"] not in str(ray.util.list_named_actors(all_namespaces=True)),
+             timeout=90, every=0.25)
+    after = httpx.get(f"{url}/v1/jobs/{done}").json()
+    assert after == before
+    gone = httpx.get(f"{url}/v1/jobs/{lost}").json()
+    assert gone["status"] == "failed" and "with seed 9" in gone["error"], gone
+    events = sse_events(f"{url}/v1/jobs/{done}/events")
+    assert [e for e, _ in events] == ["status", "done"] and events[-1][1]["images"] == before["images"]
+    assert httpx.delete(f"{url}/v1/jobs/{done}").json()["status"] == "done"
+    assert httpx.get(f"{url}/v1/jobs/nope").status_code == 404
 
 
 # --- errors before anything is deployed, and no ray unless asked ------------------------------------------------

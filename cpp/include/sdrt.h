@@ -1,9 +1,9 @@
-/* sdrt.h - the C API of sdrt (ABI 3), an inference runtime for Stable Diffusion 1.x/2.x over `sdrt export` folders.
+/* sdrt.h - the C API of sdrt (ABI 4), an inference runtime for Stable Diffusion 1.x/2.x over `sdrt export` folders.
  *
  * It runs the same algorithm as the Python runtime (runtime/pipeline.py): the CLIP tokenizer, the token-embedding
  * lookup, classifier-free guidance with negative prompts, the schedulers (ddim, pndm, euler, euler_a, dpmpp_2m,
  * dpmpp_2m_karras, lms, heun, unipc, dpmpp_2m_sde, dpmpp_2s_a, ddpm, lcm, tcd, Karras/exponential variants), img2img,
- * and torch's CPU random stream, so the same seed gives the same image as
+ * inpainting (ABI 3), and torch's CPU random stream, so the same seed gives the same image as
  * `sdrt generate` on the same export (image k of a batch uses seed + k). Networks run on ONNX Runtime (CPU, or its
  * CUDA / TensorRT providers when the loaded ONNX Runtime has them).
  *
@@ -52,7 +52,7 @@
  *   4. bump SDRT_ABI_VERSION, append the new size to the library's table (api.cpp: kCtxSizes, kGenSizes,
  *      kTimingsSizes), copy the previous header to cpp/tests/abi/sdrt_v<old>.h and build a test host against it
  *      (as cpp/tests/abi/test_abi_v1.c does for ABI 1), so ctest keeps running the old layout on the new library.
- * ABI 3 appended sdrt_gen_params.loras / lora_count (run-time LoRAs); ABI 2 hosts run unchanged (test_abi_v2).
+ * ABI 4 appended sdrt_gen_params.loras / lora_count (run-time LoRAs); ABI 2 and 3 hosts run unchanged.
  * Hosts built against ABI 1 (sdrt 0.1's header, structs without struct_size) still run: the library keeps ABI
  * 1's entry points under their old symbol names; this header's functions that take or fill a struct are the
  * *_v2 symbols (the macros below), so a host never needs to know.
@@ -78,7 +78,7 @@ extern "C" {
 #endif
 
 #define SDRT_VERSION "0.2.0"
-#define SDRT_ABI_VERSION 3
+#define SDRT_ABI_VERSION 4
 
 /* sdrt_gen_params.seed: pick a random seed (the default). Other negative seeds are refused, as Python's sdrt does. */
 #define SDRT_SEED_RANDOM (-1)
@@ -148,7 +148,13 @@ typedef struct sdrt_gen_params {
     const uint8_t *init_image;   /* img2img: RGB, width * height * 3 bytes, already at width x height (sdrt does
                                     not resize; the Python runtime resizes with Lanczos). NULL (default): txt2img */
     double strength;             /* img2img: how much to change the image, (0, 1]; default 0.8 */
-    /* ABI 3 */
+    /* ABI 3: inpainting (as Python's mask_image; the export may be an ordinary or a dedicated inpainting model) */
+    const uint8_t *mask_image;   /* with init_image: grey, width * height bytes, already at width x height; values
+                                    >= 128 (50% grey) are repainted, the rest kept. NULL (default): no mask */
+    int keep_unmasked;           /* nonzero: paste the result back, so pixels where the mask is < 128 are
+                                    init_image's exactly (Python's keep_unmasked, without mask blur); default 0 */
+    int reserved;                /* keep zero */
+    /* ABI 4: run-time LoRAs */
     const sdrt_lora *loras;      /* lora_count run-time LoRAs (see sdrt_lora); NULL (default): none. An export without
                                     LoRA slots refuses them (SDRT_ERR_MODEL). A file for another model, or a damaged
                                     one, is refused with a message naming the file and the layer. */

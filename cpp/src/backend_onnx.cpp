@@ -57,7 +57,7 @@ std::string profile_shapes(const std::string &network, const NetworkContract &c,
     std::vector<std::string> shapes;
     if (network == kTextEncoder) shapes = {dims({batch, f.text_seq_len, f.text_hidden_size})};
     if (network == kUnet)
-        shapes = {dims({unet_batch, f.latent_channels, lat, lat}), dims({unet_batch}), dims({unet_batch, f.text_seq_len, f.cross_attention_dim})};
+        shapes = {dims({unet_batch, f.unet_in_channels, lat, lat}), dims({unet_batch}), dims({unet_batch, f.text_seq_len, f.cross_attention_dim})};
     if (network == kVaeEncoder) shapes = {dims({batch, 3, size, size})};
     if (network == kVaeDecoder) shapes = {dims({batch, f.latent_channels, lat, lat})};
     std::string out;

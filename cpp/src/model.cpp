@@ -133,6 +133,12 @@ ExportFolder read_export(const std::string &path) {
         facts.cross_attention_dim = int(f.at("cross_attention_dim").as_int());
         facts.default_size = int(f.at("default_size").as_int());
         facts.vocab_size = int(f.at("vocab_size").as_int());
+        // An inpainting UNet takes [latents, mask, masked-image latents]; older manifests lack the key (= latents).
+        const Json *uin = f.find("unet_in_channels");
+        facts.unet_in_channels = uin && uin->is_number() ? int(uin->as_int()) : facts.latent_channels;
+        if (facts.unet_in_channels != facts.latent_channels && facts.unet_in_channels != 2 * facts.latent_channels + 1)
+            throw model_error(mpath + "'s UNet takes " + std::to_string(facts.unet_in_channels) + " input channels: neither a "
+                              "text-to-image nor an inpainting UNet; re-export the model with `sdrt export`");
         if (facts.latent_channels < 1 || facts.vae_scale_factor < 1 || facts.unet_downsamples < 0 || facts.unet_downsamples > 8 ||
             facts.text_seq_len < 2 || facts.text_hidden_size < 1 || facts.cross_attention_dim < 1 || facts.default_size < 1)
             throw model_error(mpath + " has model facts out of range" + kReexport);

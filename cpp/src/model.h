@@ -16,6 +16,8 @@ struct ModelFacts {  // runtime/model/facts.py's ModelFacts
     int latent_channels = 4, vae_scale_factor = 8, unet_downsamples = 3, text_seq_len = 77, text_hidden_size = 768;
     int cross_attention_dim = 768, default_size = 512, vocab_size = 49408;
     double scaling_factor = 0.18215;
+    int unet_in_channels = 4;  // latent_channels, or 2 * latent_channels + 1 for an inpainting UNet
+    bool inpainting_unet() const { return unet_in_channels == 2 * latent_channels + 1; }
     int size_step() const { return vae_scale_factor << unet_downsamples; }
 };
 

@@ -1,6 +1,8 @@
 // The pipeline's algorithm, top to bottom, as runtime/pipeline.py runs it: check inputs, encode the prompts,
 // make the initial latents (noise, or the encoded image noised to the first timestep), the denoising loop (one
-// batched UNet call for [uncond, cond], the guidance combine, the scheduler step), decode.
+// batched UNet call for [uncond, cond], the guidance combine, the scheduler step), decode. Inpainting as
+// runtime/inpaint.py: a dedicated inpainting UNet also takes [mask, masked-image latents]; an ordinary one gets the
+// kept region's latents put back after each step.
 //
 // Every array operation is float32 in numpy's order, so the latents equal the Python runtime's bit for bit given
 // equal network outputs.
@@ -123,6 +125,16 @@ void Pipeline::check(Request &r) const {
                           "`sdrt export MODEL OUT --lora-slots all`, or fuse the LoRA at export (`--lora FILE:SCALE`)");
     if (r.init_image && !backend_->has(kVaeEncoder))
         throw model_error(model_.path + " has no vae_encoder network, which img2img needs; re-export the model with `sdrt export`");
+    if (r.mask && !r.init_image) throw input_error("mask_image needs init_image, the image it masks");
+    if (r.keep_unmasked && !r.mask) throw input_error("keep_unmasked applies to inpainting: pass mask_image too");
+    if (f.inpainting_unet() && !r.mask)
+        throw input_error(model_.path + " is an inpainting model (its UNet takes the mask and the masked image): pass init_image "
+                                        "and mask_image (>= 128 = repaint)");
+    if (r.mask) {
+        const size_t pixels = size_t(r.width) * size_t(r.height);
+        if (std::none_of(r.mask, r.mask + pixels, [](uint8_t v) { return v >= 128; }))
+            throw input_error("mask_image is all black (no value >= 128, 50% grey): nothing to repaint; mark the region to repaint white");
+    }
 }
 
 std::vector<float> Pipeline::encode_prompt(const std::string &prompt) {
@@ -150,7 +162,9 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
     activate_loras(r.loras);  // before any work: a bad file fails the call here
     const ModelFacts &f = model_.facts;
     const int64_t B = r.batch, C = f.latent_channels, h = r.height / f.vae_scale_factor, w = r.width / f.vae_scale_factor;
-    const size_t per_image = size_t(C * h * w), n = size_t(B) * per_image;
+    const size_t per_image = size_t(C * h * w), n = size_t(B) * per_image, hw = size_t(h * w);
+    const bool inpaint = r.mask != nullptr, conditioned = inpaint && f.inpainting_unet();
+    const bool pure_noise = inpaint && r.strength == 1.0;  // diffusers' inpainting starts from noise alone at strength 1
 
     // One generator per image, seeded seed+k: image k alone is reproduced by its own seed.
     std::vector<TorchCpuGenerator> gens;
@@ -172,26 +186,54 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
     timings.text = now() - t0;
 
     // 2. Initial latents: pure noise, or the encoded image noised to the first timestep of the truncated schedule.
-    std::vector<float> x(n);
+    //    Per image, as diffusers draws: the image's posterior, the noise, then (inpainting) the masked image's.
+    std::vector<float> x(n), noise, image_latents, masked_latents, mask_lat;
     if (r.init_image) {
         const size_t pixels = size_t(r.width) * size_t(r.height);
         std::vector<float> image(3 * pixels);
         for (size_t p = 0; p < pixels; ++p)
             for (size_t c = 0; c < 3; ++c) image[c * pixels + p] = float(r.init_image[3 * p + c]) / 255.0f * 2.0f - 1.0f;
-        std::vector<float> mean(per_image), logvar(per_image);
-        std::vector<int64_t> lat = {1, C, h, w};
-        backend_->run(kVaeEncoder, {{image.data(), {1, 3, r.height, r.width}}}, {{mean.data(), lat}, {logvar.data(), lat}});
-        std::vector<float> latents(n);  // diffusers samples the posterior with each image's generator, never takes the mean
-        const float scaling = float(f.scaling_factor);
-        for (int64_t k = 0; k < B; ++k) {
-            std::vector<float> eps = gens[size_t(k)].randn(per_image);
-            for (size_t i = 0; i < per_image; ++i)
-                latents[size_t(k) * per_image + i] = (mean[i] + std::exp(0.5f * logvar[i]) * eps[i]) * scaling;
+        auto encode = [&](const std::vector<float> &pixels_in) {  // the posterior sampled with each image's generator
+            std::vector<float> mean(per_image), logvar(per_image), latents(n);
+            std::vector<int64_t> lat = {1, C, h, w};
+            backend_->run(kVaeEncoder, {{pixels_in.data(), {1, 3, r.height, r.width}}}, {{mean.data(), lat}, {logvar.data(), lat}});
+            const float scaling = float(f.scaling_factor);
+            for (int64_t k = 0; k < B; ++k) {
+                std::vector<float> eps = gens[size_t(k)].randn(per_image);
+                for (size_t i = 0; i < per_image; ++i)
+                    latents[size_t(k) * per_image + i] = (mean[i] + std::exp(0.5f * logvar[i]) * eps[i]) * scaling;
+            }
+            return latents;
+        };
+        if (!(conditioned && pure_noise)) image_latents = encode(image);
+        noise = draw(gens, per_image);
+        if (inpaint) {
+            // The latent-size mask by nearest neighbour (torch's interpolate), from the mask thresholded at 50% grey.
+            mask_lat.resize(hw);
+            const double sy = double(float(double(r.height) / double(h))), sx = double(float(double(r.width) / double(w)));
+            for (int64_t y = 0; y < h; ++y)
+                for (int64_t xx = 0; xx < w; ++xx) {
+                    const int64_t py = std::min<int64_t>(int64_t(std::floor(double(y) * sy)), r.height - 1);
+                    const int64_t px = std::min<int64_t>(int64_t(std::floor(double(xx) * sx)), r.width - 1);
+                    mask_lat[size_t(y * w + xx)] = r.mask[size_t(py) * size_t(r.width) + size_t(px)] >= 128 ? 1.0f : 0.0f;
+                }
+            if (conditioned) {  // the image with the region to repaint set to 0 (grey)
+                std::vector<float> masked(image);
+                for (size_t c = 0; c < 3; ++c)
+                    for (size_t p = 0; p < pixels; ++p) masked[c * pixels + p] *= r.mask[p] >= 128 ? 0.0f : 1.0f;
+                masked_latents = encode(masked);
+            } else {  // unused by an ordinary UNet: only the draws, to keep each generator's stream in step
+                for (auto &gen : gens) gen.randn(per_image);
+            }
         }
-        std::vector<float> noise = draw(gens, per_image);
-        sched->add_noise(latents.data(), noise.data(), x.data(), n, 0);
+        if (pure_noise) {
+            const float sigma = sched->init_noise_sigma();
+            for (size_t i = 0; i < n; ++i) x[i] = noise[i] * sigma;
+        } else {
+            sched->add_noise(image_latents.data(), noise.data(), x.data(), n, 0);
+        }
     } else {
-        std::vector<float> noise = draw(gens, per_image);
+        noise = draw(gens, per_image);
         const float sigma = sched->init_noise_sigma();
         for (size_t i = 0; i < n; ++i) x[i] = noise[i] * sigma;
     }
@@ -199,17 +241,30 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
     // 3. The denoising loop: one batched UNet call per step, guidance, scheduler step.
     t0 = now();
     const int64_t unet_batch = guidance ? 2 * B : B;
-    std::vector<float> unet_in(size_t(unet_batch) * per_image), pred(unet_in.size());
+    const int64_t Cin = f.unet_in_channels;  // an inpainting UNet: [latents, mask, masked-image latents]
+    std::vector<float> unet_in(size_t(unet_batch * Cin) * hw), pred(size_t(unet_batch) * per_image), scaled;
+    if (conditioned) scaled.resize(n);
     std::vector<float> t_in(static_cast<size_t>(unet_batch));
     const float g = float(r.guidance);
     const int calls = sched->num_calls();
     for (int i = 0; i < calls; ++i) {
         if (cancel_) throw Error(SDRT_ERR_CANCELLED, "cancelled by sdrt_request_cancel before step " + std::to_string(i + 1) + " of " + std::to_string(calls));
-        sched->scale_model_input(x.data(), unet_in.data(), n, i);
-        if (guidance) std::copy_n(unet_in.begin(), n, unet_in.begin() + long(n));
+        if (!conditioned) {
+            sched->scale_model_input(x.data(), unet_in.data(), n, i);
+            if (guidance) std::copy_n(unet_in.begin(), n, unet_in.begin() + long(n));
+        } else {
+            sched->scale_model_input(x.data(), scaled.data(), n, i);
+            for (int64_t b = 0; b < unet_batch; ++b) {  // the uncond and cond rows share the mask and masked image
+                const size_t k = size_t(b % B);
+                float *row = unet_in.data() + size_t(b * Cin) * hw;
+                std::copy_n(scaled.begin() + long(k * per_image), per_image, row);
+                std::copy_n(mask_lat.begin(), hw, row + per_image);
+                std::copy_n(masked_latents.begin() + long(k * per_image), per_image, row + per_image + hw);
+            }
+        }
         std::fill(t_in.begin(), t_in.end(), sched->timestep(i));
         backend_->run(kUnet,
-                      with_loras(kUnet, {{unet_in.data(), {unet_batch, C, h, w}}, {t_in.data(), {unet_batch}},
+                      with_loras(kUnet, {{unet_in.data(), {unet_batch, Cin, h, w}}, {t_in.data(), {unet_batch}},
                                          {states.data(), {unet_batch, f.text_seq_len, f.text_hidden_size}}}),
                       {{pred.data(), {unet_batch, C, h, w}}});
         if (guidance)
@@ -217,6 +272,14 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
         std::vector<float> step_noise;
         if (sched->needs_noise()) step_noise = draw(gens, per_image);
         sched->step(pred.data(), i, x.data(), step_noise.empty() ? nullptr : step_noise.data(), n);
+        if (inpaint && !conditioned) {  // the kept region: the image's latents at call i+1's noise level (clean at the end)
+            std::vector<float> kept(image_latents);
+            if (i + 1 < calls) sched->add_noise(image_latents.data(), noise.data(), kept.data(), n, i + 1);
+            for (size_t k = 0; k < n; ++k) {
+                const float m = mask_lat[k % hw];
+                x[k] = (1.0f - m) * kept[k] + m * x[k];
+            }
+        }
         if (progress && progress(i + 1, calls, user) != 0)
             throw Error(SDRT_ERR_CANCELLED, "cancelled by the progress callback after step " + std::to_string(i + 1) + " of " + std::to_string(calls));
     }
@@ -246,6 +309,10 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
                 max_value = std::max(max_value, u);
             }
     if (max_value == 0) throw Error(SDRT_ERR_BACKEND, "the backend decoded an all-black image; with an fp16 export, try fp32");
+    if (r.keep_unmasked)  // paste back: outside the mask, init_image's pixels exactly
+        for (int64_t b = 0; b < B; ++b)
+            for (size_t p = 0; p < pixels; ++p)
+                if (r.mask[p] < 128) std::copy_n(r.init_image + 3 * p, 3, rgb_out + (size_t(b) * pixels + p) * 3);
     timings.decode = now() - t0;
     timings.total = now() - t_start;
 }

@@ -24,6 +24,8 @@ struct Request {  // sdrt_gen_params, checked and with defaults filled in
     double guidance = 7.5, strength = 0.8;
     uint64_t seed = 0;
     const uint8_t *init_image = nullptr;
+    const uint8_t *mask = nullptr;  // inpainting: width * height grey bytes, >= 128 = repaint
+    bool keep_unmasked = false;
     std::vector<std::pair<std::string, double>> loras;  // run-time LoRAs: (file, scale)
 };
 

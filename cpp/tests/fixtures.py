@@ -214,6 +214,20 @@ def test_image(width: int, height: int) -> np.ndarray:
     return np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x * y) % 256], -1).astype(np.uint8)
 
 
+def test_mask(width: int, height: int) -> np.ndarray:
+    """Grey levels on both sides of 128 (the C API's 50% threshold) in a box, 0 around it."""
+    mask = np.zeros((height, width), np.uint8)
+    y, x = np.mgrid[0 : height // 2, 0 : width // 2]
+    mask[height // 4 : height // 4 + height // 2, width // 8 : width // 8 + width // 2] = 120 + (x + y) % 20
+    return mask
+
+
+# Inpainting cases (issue #20), the only ones an inpainting export runs: name, prompt, steps, guidance, seed,
+# scheduler, batch, strength, keep_unmasked.
+INPAINT_CASES = [("inpaint", "a red hat", 6, 1.5, 16, "", 1, 1.0, False),
+                 ("inpaint_euler_a_keep_batch", "a blue door", 5, 1.5, 17, "euler_a", 2, 0.75, True)]
+
+
 def lora_slots(export: Path) -> dict:
     contracts = json.loads((export / "manifest.json").read_text())["contracts"]
     return {network: c.get("lora_slots", []) for network, c in contracts.items()}
@@ -269,46 +283,54 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
         step = pipe.facts.size_step
         size = max(step, 64 // step * step)
         loras = lora_fixtures(out, e)
-        if loras:  # run-time LoRAs: one, two stacked (a batch), a negative scale on img2img, then none again
-            k, p = loras["kohya"].name, loras["peft"].name
-            cases = [  # ..., loras: "FILE:SCALE;..." in OUT
-                ("lora_plain", "a photo of a cat", "", 6, 2.0, 0, "", size, size, 1, 0.0, False, ""),
-                ("lora_kohya", "a photo of a cat", "", 6, 2.0, 0, "euler", size, size, 1, 0.0, False, f"{k}:0.8"),
-                ("lora_stacked_batch", "two dogs", "cats", 5, 2.0, 3, "", size, size, 2, 0.0, False, f"{p}:0.5;{k}:1.5"),
-                ("lora_img2img", "a watercolour painting", "", 8, 1.5, 2, "", size, size, 1, 0.6, True, f"{p}:-0.7"),
-                ("lora_none_after", "a photo of a cat", "", 6, 2.0, 0, "", size, size, 1, 0.0, False, ""),
-            ]
+        if loras:
             errors += [(e, loras["wrong"].name, "does not match this model"), (e, loras["loha"].name, "LoHa"),
                        (e, "lora_missing.safetensors", "does not exist")]
         else:
             errors.append((e, "lora_kohya.safetensors", "--lora-slots"))
-            cases = [  # name, prompt, negative, steps, guidance, seed, scheduler, width, height, batch, strength, img2img
-                ("txt2img", "a photo of a cat", "", 8, 1.5, 0, "", size, size, 1, 0.0, False),
-                ("negative", "a red fox in the snow!", "blurry, low quality", 6, 2.0, 1, "euler", size, size, 1, 0.0, False),
-                ("img2img", "a watercolour painting", "", 10, 1.5, 2, "", size, size, 1, 0.6, True),
-                ("euler_a_batch", "two dogs", "cats", 5, 1.5, 3, "euler_a", size + step, size, 2, 0.0, False),
-                ("dpm_karras_noguide", "a lighthouse", "", 6, 1.0, 4, "dpmpp_2m_karras", size, size, 1, 0.0, False),
-                ("ddim", "mountains at dawn", "", 5, 3.0, 5, "ddim", size, size + step, 1, 0.0, False),
-                ("img2img_euler_a_batch", "a city at night", "fog", 6, 1.5, 6, "euler_a", size, size, 2, 0.5, True),
-                ("dpmpp_2m", "a bowl of fruit", "", 7, 1.5, 7, "dpmpp_2m", size, size, 1, 0.0, False),
-                ("big_seed", "a red barn", "", 4, 1.5, 2**32 + 5, "euler_a", size, size, 2, 0.0, False),  # past 32 bits
-                # issue #20's samplers: Heun's 2n - 1 UNet calls, per-step noise (SDE, ancestral, DDPM, LCM, TCD), UniPC
-                ("heun", "a cat on a sofa", "", 4, 1.5, 8, "heun", size, size, 1, 0.0, False),
-                ("dpmpp_2m_sde_batch", "a forest", "dark", 5, 1.5, 9, "dpmpp_2m_sde_karras", size, size, 2, 0.0, False),
-                ("img2img_dpmpp_2s_a", "a harbour", "", 6, 1.5, 10, "dpmpp_2s_a", size, size, 1, 0.6, True),
-                ("unipc", "a desert road", "", 5, 2.0, 11, "unipc", size, size, 1, 0.0, False),
-                ("lms", "a red apple", "", 4, 1.5, 12, "lms", size, size, 1, 0.0, False),
-                ("ddpm_batch", "a blue car", "", 5, 1.5, 13, "ddpm", size, size, 2, 0.0, False),
-                ("lcm", "a green bird", "", 4, 1.0, 14, "lcm", size, size, 1, 0.0, False),
-                ("tcd_batch", "a yellow flower", "", 4, 1.5, 15, "tcd", size, size, 2, 0.0, False),
+        cases = [  # name, prompt, negative, steps, guidance, seed, scheduler, width, height, batch, strength, img2img
+            ("txt2img", "a photo of a cat", "", 8, 1.5, 0, "", size, size, 1, 0.0, False),
+            ("negative", "a red fox in the snow!", "blurry, low quality", 6, 2.0, 1, "euler", size, size, 1, 0.0, False),
+            ("img2img", "a watercolour painting", "", 10, 1.5, 2, "", size, size, 1, 0.6, True),
+            ("euler_a_batch", "two dogs", "cats", 5, 1.5, 3, "euler_a", size + step, size, 2, 0.0, False),
+            ("dpm_karras_noguide", "a lighthouse", "", 6, 1.0, 4, "dpmpp_2m_karras", size, size, 1, 0.0, False),
+            ("ddim", "mountains at dawn", "", 5, 3.0, 5, "ddim", size, size + step, 1, 0.0, False),
+            ("img2img_euler_a_batch", "a city at night", "fog", 6, 1.5, 6, "euler_a", size, size, 2, 0.5, True),
+            ("dpmpp_2m", "a bowl of fruit", "", 7, 1.5, 7, "dpmpp_2m", size, size, 1, 0.0, False),
+            ("big_seed", "a red barn", "", 4, 1.5, 2**32 + 5, "euler_a", size, size, 2, 0.0, False),  # past 32 bits
+            # issue #20's samplers: Heun's 2n - 1 UNet calls, per-step noise (SDE, ancestral, DDPM, LCM, TCD), UniPC
+            ("heun", "a cat on a sofa", "", 4, 1.5, 8, "heun", size, size, 1, 0.0, False),
+            ("dpmpp_2m_sde_batch", "a forest", "dark", 5, 1.5, 9, "dpmpp_2m_sde_karras", size, size, 2, 0.0, False),
+            ("img2img_dpmpp_2s_a", "a harbour", "", 6, 1.5, 10, "dpmpp_2s_a", size, size, 1, 0.6, True),
+            ("unipc", "a desert road", "", 5, 2.0, 11, "unipc", size, size, 1, 0.0, False),
+            ("lms", "a red apple", "", 4, 1.5, 12, "lms", size, size, 1, 0.0, False),
+            ("ddpm_batch", "a blue car", "", 5, 1.5, 13, "ddpm", size, size, 2, 0.0, False),
+            ("lcm", "a green bird", "", 4, 1.0, 14, "lcm", size, size, 1, 0.0, False),
+            ("tcd_batch", "a yellow flower", "", 4, 1.5, 15, "tcd", size, size, 2, 0.0, False),
+        ]
+        inpaint = [(name, prompt, "", steps, guidance, seed, sched, size, size, batch, strength, True, keep)
+                   for name, prompt, steps, guidance, seed, sched, batch, strength, keep in INPAINT_CASES]
+        cases = inpaint if pipe.facts.inpainting_unet else [c + (None,) for c in cases] + inpaint
+        cases = [c + ("",) for c in cases]
+        if loras:  # run-time LoRAs: one, two stacked (a batch), a negative scale on img2img, then none again
+            k, p = loras["kohya"].name, loras["peft"].name
+            cases = [  # ..., keep, loras: "FILE:SCALE;..." in OUT
+                ("lora_plain", "a photo of a cat", "", 6, 2.0, 0, "", size, size, 1, 0.0, False, None, ""),
+                ("lora_kohya", "a photo of a cat", "", 6, 2.0, 0, "euler", size, size, 1, 0.0, False, None, f"{k}:0.8"),
+                ("lora_stacked_batch", "two dogs", "cats", 5, 2.0, 3, "", size, size, 2, 0.0, False, None, f"{p}:0.5;{k}:1.5"),
+                ("lora_img2img", "a watercolour painting", "", 8, 1.5, 2, "", size, size, 1, 0.6, True, None, f"{p}:-0.7"),
+                ("lora_none_after", "a photo of a cat", "", 6, 2.0, 0, "", size, size, 1, 0.0, False, None, ""),
             ]
-            cases = [c + ("",) for c in cases]
-        for name, prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, img2img, lora_spec in cases:
+        for name, prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, img2img, keep, lora_spec in cases:
             init = test_image(w, h) if img2img else None
+            mask = test_mask(w, h) if keep is not None else None
             kwargs = dict(strength=strength, image=init) if img2img else {}
+            if mask is not None:
+                kwargs.update(mask_image=mask, keep_unmasked=keep)
             if lora_spec:
                 kwargs["loras"] = [(str(out / f), float(scale)) for f, scale in (x.rsplit(":", 1) for x in lora_spec.split(";"))]
-            pipe(prompt, num_inference_steps=1, height=h, width=w, seed=0, output_type="np", progress=False)  # warm-up
+            warm = dict(image=init, mask_image=mask, strength=1.0) if pipe.facts.inpainting_unet else {}
+            pipe(prompt, num_inference_steps=1, height=h, width=w, seed=0, output_type="np", progress=False, **warm)
             t0 = time.perf_counter()
             result = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
                           height=h, width=w, seed=seed, scheduler=sched or None, num_images_per_prompt=batch,
@@ -326,8 +348,12 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
             if init is not None:
                 init_file = f"{stem}.init.rgb"
                 (out / init_file).write_bytes(init.tobytes())
+            mask_file = ""
+            if mask is not None:
+                mask_file = f"{stem}.mask.grey"
+                (out / mask_file).write_bytes(mask.tobytes())
             rows.append([name, str(e), prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, init_file,
-                         f"{stem}.rgb", f"{seconds:.4f}", lora_spec])
+                         f"{stem}.rgb", f"{seconds:.4f}", mask_file, int(bool(keep)), lora_spec])
     (out / "pipeline.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
     (out / "lora_errors.tsv").write_text("".join(f"{e}\t{f}\t{words}\n" for e, f, words in errors))
 

@@ -90,6 +90,8 @@ void bad_exports(const std::string &exp) {
         replace_in(d / "manifest.json", "\"networks\": [", "\"networks\": [\"text_encoder_2\", "); }, "network text_encoder_2");
     broken_export(exp, root, "no_scheduler_defaults", [](const fs::path &d) {
         replace_in(d / "manifest.json", "\"schedulers\": {", "\"schedulers\": {\"x\": {}}, \"unused\": {"); }, "default scheduler");
+    broken_export(exp, root, "depth_unet", [](const fs::path &d) {
+        replace_in(d / "manifest.json", "\"vocab_size\":", "\"unet_in_channels\": 5, \"vocab_size\":"); }, "5 input channels");
     broken_export(exp, root, "no_facts", [](const fs::path &d) { replace_in(d / "manifest.json", "\"facts\"", "\"fakts\""); }, "facts");
 
     // A damaged optimised-graph cache (.ort_cache/cpp-*) costs a rebuild, never the load.
@@ -147,6 +149,11 @@ void bad_generate(sdrt_ctx *ctx) {
     p = gp, p.init_image = rgb.data(), p.strength = 0, expect(p, SDRT_ERR_INVALID_ARGUMENT, "strength", "strength 0");
     p = gp, p.init_image = rgb.data(), p.strength = 1.5, expect(p, SDRT_ERR_INVALID_ARGUMENT, "strength", "strength 1.5");
     p = gp, p.init_image = rgb.data(), p.strength = 0.1, expect(p, SDRT_ERR_INVALID_ARGUMENT, "runs no step", "strength too small");
+    std::vector<uint8_t> black(size_t(w) * size_t(h), 0), white(size_t(w) * size_t(h), 255);
+    p = gp, p.mask_image = white.data(), expect(p, SDRT_ERR_INVALID_ARGUMENT, "needs init_image", "mask without image");
+    p = gp, p.keep_unmasked = 1, expect(p, SDRT_ERR_INVALID_ARGUMENT, "pass mask_image", "keep_unmasked without mask");
+    p = gp, p.init_image = rgb.data(), p.mask_image = black.data(), expect(p, SDRT_ERR_INVALID_ARGUMENT, "all black", "empty mask");
+    p = gp, p.init_image = rgb.data(), p.mask_image = white.data(), p.keep_unmasked = 1, expect(p, SDRT_OK, "", "full mask");
     p = gp, p.prompt = "\xff\xfe broken utf-8 \xc3", expect(p, SDRT_OK, "", "invalid UTF-8 prompt");
     std::string long_prompt;
     for (int i = 0; i < 500; ++i) long_prompt += "word ";
@@ -212,13 +219,13 @@ void struct_sizes(sdrt_ctx *ctx) {
     CHECK(sdrt_generate(ctx, &newer.base, rgb.data()) == SDRT_ERR_UNSUPPORTED && has(sdrt_last_error(ctx), "does not know"),
           std::string("newer struct, new field set: ") + sdrt_last_error(ctx));
 
-    // An ABI 2 host's struct ends before loras/lora_count: whatever lies past it is never read.
+    // An ABI 3 host's struct ends before loras/lora_count: whatever lies past it is never read.
     std::vector<uint8_t> want(rgb.size());
-    CHECK(sdrt_generate(ctx, &gp, want.data()) == SDRT_OK, std::string("ABI 3 struct: ") + sdrt_last_error(ctx));
-    sdrt_gen_params v2 = gp;
-    v2.struct_size = offsetof(sdrt_gen_params, loras);
-    v2.loras = reinterpret_cast<const sdrt_lora *>(16), v2.lora_count = 5;  // garbage past an ABI 2 struct
-    CHECK(sdrt_generate(ctx, &v2, rgb.data()) == SDRT_OK && rgb == want, std::string("ABI 2 struct: ") + sdrt_last_error(ctx));
+    CHECK(sdrt_generate(ctx, &gp, want.data()) == SDRT_OK, std::string("ABI 4 struct: ") + sdrt_last_error(ctx));
+    sdrt_gen_params v3 = gp;
+    v3.struct_size = offsetof(sdrt_gen_params, loras);
+    v3.loras = reinterpret_cast<const sdrt_lora *>(16), v3.lora_count = 5;  // garbage past an ABI 3 struct
+    CHECK(sdrt_generate(ctx, &v3, rgb.data()) == SDRT_OK && rgb == want, std::string("ABI 3 struct: ") + sdrt_last_error(ctx));
     sdrt_gen_params bad = gp;
     bad.lora_count = 1;
     CHECK(sdrt_generate(ctx, &bad, rgb.data()) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "loras is NULL"),

@@ -33,6 +33,8 @@ expect 2 "--model is required"
 expect 2 "a prompt is required" --model /x
 expect 2 "--steps 4294967297 is out of range; use 1-1000" x -m /x --steps 4294967297
 expect 2 "--steps 0 is out of range; use 1-1000" x -m /x --steps 0
+expect 2 "--mask needs --image" x -m /x --mask m.png
+expect 2 "--keep-unmasked applies to inpainting" x -m /x --keep-unmasked
 expect 2 "--steps abc is not an integer" x -m /x --steps=abc
 expect 2 "--steps 1e3 is not an integer" x -m /x --steps 1e3
 expect 2 "--width 4294967360 is out of range; use 1-65536" x -m /x --width 4294967360
@@ -103,6 +105,12 @@ expect 1 "is 64x64 but the output is 128x64" x "${M[@]}" --image "$TMP/sdrt.png"
 expect 1 "is a file, not a folder" x "${M[@]}" -o "$TMP/sdrt.png/x.png"
 expect 1 "is a file, not a folder" x -m /x -o "$TMP/sdrt.png/x.png"  # before the model loads
 expect 0 "img.png" x "${M[@]}" --image "$TMP/sdrt.png" --strength 0.5 -o img.png
+{ printf 'P6\n64 64\n255\n'; head -c $((64 * 64 * 3)) /dev/zero | tr '\0' '\377'; } > "$TMP/white.ppm"
+{ printf 'P6\n64 64\n255\n'; head -c $((64 * 64 * 3)) /dev/zero; } > "$TMP/black.ppm"
+expect 0 "inp.png" x "${M[@]}" --image "$TMP/sdrt.png" --mask "$TMP/white.ppm" --keep-unmasked --strength 1 -o inp.png
+expect 1 "mask_image is all black" x "${M[@]}" --image "$TMP/sdrt.png" --mask "$TMP/black.ppm"
+{ printf 'P6\n32 32\n255\n'; head -c $((32 * 32 * 3)) /dev/zero; } > "$TMP/small.ppm"
+expect 1 "is 32x32 but --image is 64x64" x "${M[@]}" --image "$TMP/sdrt.png" --mask "$TMP/small.ppm"
 expect 1 "--lora-slots" x "${M[@]}" --lora "$TMP/none.safetensors:0.5"  # the first export has no LoRA slots
 echo "test_host: $runs cases, $fails failures"
 [ "$fails" = 0 ]

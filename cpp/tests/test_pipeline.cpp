@@ -73,10 +73,16 @@ int main(int argc, char **argv) {
             gp.init_image = init.data();
             gp.strength = std::strtod(f[11].c_str(), nullptr);
         }
-        std::vector<std::string> lora_paths;  // column 16: "FILE:SCALE;..." in the fixtures folder
+        std::vector<uint8_t> mask;  // inpainting (columns 15, 16: mask file, keep_unmasked)
+        if (f.size() > 16 && !f[15].empty()) {
+            mask = read_bytes(dir + "/" + f[15]);
+            gp.mask_image = mask.data();
+            gp.keep_unmasked = std::atoi(f[16].c_str());
+        }
+        std::vector<std::string> lora_paths;  // column 18 (index 17): "FILE:SCALE;..." in the fixtures folder
         std::vector<sdrt_lora> loras;
-        if (f.size() > 15 && !f[15].empty()) {
-            std::istringstream in(f[15]);
+        if (f.size() > 17 && !f[17].empty()) {
+            std::istringstream in(f[17]);
             std::string item;
             while (std::getline(in, item, ';')) lora_paths.push_back(item);
             for (std::string &item : lora_paths) {
@@ -94,6 +100,8 @@ int main(int argc, char **argv) {
         sdrt_gen_params warm = gp;  // the same warm-up as the Python side: one step
         warm.steps = 1, warm.batch_count = 1, warm.init_image = nullptr, warm.scheduler = nullptr, warm.seed = 0;
         warm.loras = nullptr, warm.lora_count = 0;
+        warm.mask_image = nullptr, warm.keep_unmasked = 0;
+        if (!mask.empty()) warm.init_image = gp.init_image, warm.mask_image = gp.mask_image, warm.strength = 1.0;
         sdrt_generate(ctx, &warm, got.data());
         auto t0 = std::chrono::steady_clock::now();
         sdrt_status st = sdrt_generate(ctx, &gp, got.data());

@@ -2,6 +2,7 @@
 //
 //   sdrt-host "a red fox" --model exports/sd15-onnx --seed 42 -o fox.png
 //   sdrt-host --model M --prompt "a watercolour fox" --image in.png --strength 0.6 -o out.png
+//   sdrt-host --model M --prompt "a red hat" --image in.png --mask mask.png --keep-unmasked -o out.png
 // With --num-images N, image k (seed + k) goes to out-<k+1>.png, as the Python CLI names them.
 // Exit status: 0 done, 1 a failure while running (model, image file, backend), 2 a bad command line. Every error
 // is one line naming the bad value and the fix; nothing aborts (main catches whatever is left).
@@ -43,6 +44,8 @@ const char *kUsage =
     "  -W, --width W, -H, --height H  image size, multiples of the model's size step (default: the model's size)\n"
     "  --image FILE               img2img init image (PNG or binary PPM) at the output size (sdrt does not resize)\n"
     "  --strength S               img2img: how much to change the image, (0, 1] (default 0.8)\n"
+    "  --mask FILE                inpainting: a mask of --image's size; white (>= 50% grey) is repainted, black kept\n"
+    "  --keep-unmasked            inpainting: paste the result back, so pixels outside the mask are kept exactly\n"
     "  --num-images N             images to make, 1-64 (default 1; also --batch)\n"
     "  --lora FILE[:SCALE]        a run-time LoRA (.safetensors; repeatable; scale default 1) on an export made with\n"
     "                             `sdrt export --lora-slots all`\n"
@@ -153,8 +156,8 @@ std::string make_parents(const std::string &path) {
 }
 
 struct Options {
-    std::string model, prompt, negative, scheduler, image_path, out = "sdrt.png";
-    bool have_prompt = false, quiet = false, have_seed = false;
+    std::string model, prompt, negative, scheduler, image_path, mask_path, out = "sdrt.png";
+    bool have_prompt = false, quiet = false, have_seed = false, keep_unmasked = false;
     __int128 seed = 0;
     std::vector<std::string> paths;  // where the images go, worked out before the model loads
     std::vector<std::string> lora_files;
@@ -176,6 +179,10 @@ bool parse(int argc, char **argv, Options &o) {
             continue;
         }
         if (a == "--no-memory-check") continue;  // sdrt-host has no memory check to turn off
+        if (a == "--keep-unmasked") {
+            o.keep_unmasked = true;
+            continue;
+        }
         if (a.empty() || a[0] != '-' || a == "-") {  // the prompt, as `sdrt generate PROMPT`
             if (o.have_prompt) throw Usage("a second prompt \"" + a + "\" was given; quote the prompt as one argument");
             o.prompt = a, o.have_prompt = true;
@@ -195,6 +202,7 @@ bool parse(int argc, char **argv, Options &o) {
         } else if (a == "--negative-prompt" || a == "--negative" || a == "-n") o.negative = v;
         else if (a == "--scheduler") o.scheduler = v;
         else if (a == "--image") o.image_path = v;
+        else if (a == "--mask") o.mask_path = v;
         else if (a == "-o" || a == "--output") {
             if (v.empty()) throw Usage(a + " is empty; name the PNG to write");
             o.out = v;
@@ -252,6 +260,8 @@ bool parse(int argc, char **argv, Options &o) {
         }
     }
     if (o.model.empty()) throw Usage("--model is required: an sdrt export folder (made with `sdrt export`)");
+    if (!o.mask_path.empty() && o.image_path.empty()) throw Usage("--mask needs --image, the image it masks");
+    if (o.keep_unmasked && o.mask_path.empty()) throw Usage("--keep-unmasked applies to inpainting: add --mask FILE");
     o.paths = output_paths(o.out, o.gp.batch_count);
     for (size_t k = 0; k < o.loras.size(); ++k) o.loras[k].path = o.lora_files[k].c_str();
     o.gp.loras = o.loras.empty() ? nullptr : o.loras.data();
@@ -302,6 +312,21 @@ int run(int argc, char **argv) {
         }
     }
 
+    std::vector<uint8_t> mask;  // grey: the luma of the file's RGB (PIL's "L"; alpha is composited on white)
+    if (!o.mask_path.empty()) {
+        sdrt_tools::Rgb m;
+        std::string err = sdrt_tools::read_image(o.mask_path, m);
+        if (err.empty() && (m.width != init.width || m.height != init.height))
+            err = o.mask_path + " is " + std::to_string(m.width) + "x" + std::to_string(m.height) + " but --image is " +
+                  std::to_string(init.width) + "x" + std::to_string(init.height) + "; pass a mask of the image's size";
+        if (!err.empty()) {
+            std::fprintf(stderr, "sdrt-host: --mask %s\n", err.c_str());
+            return 1;
+        }
+        for (size_t p = 0; p < m.data.size() / 3; ++p)
+            mask.push_back(uint8_t((m.data[3 * p] * 299 + m.data[3 * p + 1] * 587 + m.data[3 * p + 2] * 114 + 500) / 1000));
+    }
+
     auto t0 = std::chrono::steady_clock::now();
     o.cp.model_dir = o.model.c_str();
     if (!o.quiet) o.cp.progress = progress;
@@ -325,6 +350,7 @@ int run(int argc, char **argv) {
             return 1;
         }
         gp.init_image = init.data.data();
+        if (!mask.empty()) gp.mask_image = mask.data(), gp.keep_unmasked = o.keep_unmasked;
     }
     gp.prompt = o.prompt.c_str();
     gp.negative_prompt = o.negative.c_str();

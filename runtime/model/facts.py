@@ -32,6 +32,17 @@ class ModelFacts:
     cross_attention_dim: int  # width of the UNet's encoder_hidden_states
     default_size: int  # the image size the model was trained at (unet sample_size * vae scale)
     vocab_size: int
+    unet_in_channels: int | None = None  # None: latent_channels; 2 * latent + 1 for an inpainting UNet
+
+    @property
+    def unet_input_channels(self) -> int:
+        """Channels of the UNet's `sample` input: the latents, plus mask and masked-image latents when inpainting."""
+        return self.latent_channels if self.unet_in_channels is None else self.unet_in_channels
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """A dedicated inpainting UNet (SD 1.5/2 inpainting): [latents, mask, masked-image latents] in."""
+        return self.unet_input_channels == 2 * self.latent_channels + 1
 
     @property
     def size_step(self) -> int:
@@ -39,15 +50,19 @@ class ModelFacts:
         return self.vae_scale_factor * 2**self.unet_downsamples
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["unet_in_channels"] is None:  # ordinary models' manifests stay as they were
+            del data["unet_in_channels"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelFacts":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data)
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        missing = names - set(data) - optional
         if missing:
             raise ModelError(f"the manifest's model facts lack {sorted(missing)}; re-export the model with `sdrt export`")
-        return cls(**{k: data[k] for k in names})
+        return cls(**{k: data[k] for k in names if k in data})
 
 
 def read_json(path: Path) -> dict:
@@ -87,10 +102,11 @@ def read_model_facts(model_dir: str | Path) -> ModelFacts:
     if unet.get("addition_embed_type") == "text_time":
         raise ModelError(f"{model_dir}'s UNet takes SDXL's added time embeddings; sdrt runs SD 1.x/2.x only, for now")
     vae_latents = vae.get("latent_channels", 4)
-    if unet.get("in_channels", 4) != vae_latents:
+    unet_in = int(unet.get("in_channels", 4))
+    if unet_in not in (vae_latents, 2 * vae_latents + 1):
         raise ModelError(
-            f"{model_dir}'s UNet takes {unet.get('in_channels')} input channels but the VAE makes {vae_latents}: "
-            "an inpainting or depth UNet, which sdrt does not run yet"
+            f"{model_dir}'s UNet takes {unet_in} input channels but the VAE makes {vae_latents}: not a text-to-image "
+            f"({vae_latents}) or inpainting ({2 * vae_latents + 1}) UNet (a depth or upscaler UNet?), which sdrt does not run yet"
         )
     vae_scale = 2 ** (len(vae.get("block_out_channels", [64])) - 1)
     family = detect_family(text).name
@@ -107,6 +123,7 @@ def read_model_facts(model_dir: str | Path) -> ModelFacts:
         cross_attention_dim=int(unet.get("cross_attention_dim", text["hidden_size"])),
         default_size=int(unet.get("sample_size", 64)) * vae_scale,
         vocab_size=int(text.get("vocab_size", 49408)),
+        unet_in_channels=unet_in if unet_in != vae_latents else None,
     )
 
 

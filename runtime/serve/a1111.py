@@ -4,6 +4,7 @@ field names, sampler names and the response shape (`images` as base64 PNGs with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -14,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from sdrt.adapters.prompt_loras import parse_prompt_loras
 from sdrt.errors import InputError
 from sdrt.images import SAMPLER_NAMES, a1111_parameters
+from sdrt.serve import a1111_inpaint
 from sdrt.serve.media import b64_to_bytes, decode_image, output_pngs
 from sdrt.serve.schemas import (
     A1111ImagesResponse, EmbeddingItem, EmbeddingsResponse, FieldError, Img2ImgRequest, LoraItem, OptionsRequest,
@@ -61,7 +63,9 @@ def model_name(checkpoint: str) -> str:
     return re.sub(r"\.(safetensors|ckpt)$", "", name)
 
 
-async def generate(req, request: Request, image=None, strength: float = 0.8) -> A1111ImagesResponse:
+async def generate(req, request: Request, image=None, strength: float = 0.8, inpaint=None) -> A1111ImagesResponse:
+    """One A1111 request through the batcher; `inpaint` (sdrt.serve.a1111_inpaint.Prepared): its mask goes to the
+    plan and its paste-back runs on the images before they are encoded."""
     service = request.app.state.service
     override = (req.override_settings or {}).get("sd_model_checkpoint")
     if override is not None and not isinstance(override, str):
@@ -77,19 +81,23 @@ async def generate(req, request: Request, image=None, strength: float = 0.8) -> 
         prompt=prompt, negative_prompt=req.negative_prompt or None,
         num_inference_steps=req.steps, guidance_scale=req.cfg_scale, height=req.height, width=req.width,
         seed=None if req.seed == -1 else req.seed, scheduler=scheduler, image=image, strength=strength,
-        num_images_per_prompt=req.batch_size * req.n_iter,
+        num_images_per_prompt=req.batch_size * req.n_iter, **({"mask_image": inpaint.mask} if inpaint else {}),
     )
     job = service.submit(batcher, plan)
     await service.wait(job, request)
     out = job.output
+    if inpaint is not None:
+        out = dataclasses.replace(out, images=await run_in_threadpool(a1111_inpaint.finish, inpaint, out.images),
+                                  parameters=[{**p, **inpaint.params} for p in out.parameters])
     images = await output_pngs(out) if req.send_images else []
     parameters = req.model_dump()
     if image is not None and not getattr(req, "include_init_images", False):
         parameters["init_images"] = None
-    return A1111ImagesResponse(images=images, parameters=parameters, info=json.dumps(info(req, out, batcher.name)))
+    return A1111ImagesResponse(images=images, parameters=parameters,
+                               info=json.dumps(info(req, out, batcher.name, batcher.facts.inpainting_unet and inpaint is not None)))
 
 
-def info(req, out, model: str) -> dict:
+def info(req, out, model: str, inpainting_conditioning: bool = False) -> dict:
     """A1111's `info` object (the fields its clients read)."""
     first = out.parameters[0]
     return {
@@ -103,7 +111,7 @@ def info(req, out, model: str) -> dict:
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": first["strength"],
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": [a1111_parameters(p) for p in out.parameters],
         "styles": req.styles or [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
-        "is_using_inpainting_conditioning": False, "version": f"sdrt {first['sdrt_version']}",
+        "is_using_inpainting_conditioning": inpainting_conditioning, "version": f"sdrt {first['sdrt_version']}",
         "timings": out.timings,
     }
 
@@ -117,12 +125,17 @@ async def txt2img(req: Txt2ImgRequest, request: Request):
 
 @router.post("/img2img", response_model=A1111ImagesResponse)
 async def img2img(req: Img2ImgRequest, request: Request):
-    if req.mask:
-        raise FieldError("mask", "mask (inpainting) is not supported; send null")
     limits = request.app.state.service.config.limits
     data = b64_to_bytes(req.init_images[0], "init_images")
     image = await run_in_threadpool(decode_image, data, "init_images", limits.max_input_pixels)
-    return await generate(req, request, image=image, strength=req.denoising_strength)
+    prepared = None
+    if req.mask:  # inpainting: A1111's fields, done as its web UI does them (sdrt.serve.a1111_inpaint)
+        mask = await run_in_threadpool(decode_image, b64_to_bytes(req.mask, "mask"), "mask", limits.max_input_pixels, False)
+        prepared = await run_in_threadpool(
+            a1111_inpaint.prepare, image, mask, req.width, req.height, req.mask_blur, req.inpainting_fill,
+            req.inpaint_full_res, req.inpaint_full_res_padding, bool(req.inpainting_mask_invert))
+        image = prepared.image
+    return await generate(req, request, image=image, strength=req.denoising_strength, inpaint=prepared)
 
 
 @router.get("/progress", response_model=ProgressResponse)
@@ -137,7 +150,7 @@ def progress(request: Request, skip_current_image: bool = False):
     elapsed = time.monotonic() - (job.started or time.monotonic())
     eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
     image = None
-    if not skip_current_image and job.latents is not None:
+    if not skip_current_image:  # (none before the first step; under --ray, the latest preview its replica sent)
         previews = batcher.preview(job)
         image = previews[0] if previews else None
     state = ProgressState(job=job.id, job_count=queued + len(running), job_timestamp=time.strftime("%Y%m%d%H%M%S"),

@@ -1,7 +1,7 @@
 """The FastAPI app factory: `create_app(ServeConfig(...))` gives an ASGI app serving A1111's API, OpenAI's images
 API and async jobs over one batcher per model. uvicorn runs it (`sdrt serve`); a Ray Serve deployment can
 mount the same app with `create_app(config, batchers=...)`, where each model's entry is anything with Batcher's
-caller-side interface (sdrt.serve.ray_app.RemoteBatcher forwards to a Ray Serve deployment handle).
+caller-side interface (sdrt.serve.ray_remote.RemoteBatcher forwards to a Ray Serve deployment handle).
 
 Shared here: the config, the `Service` the routes reach through `request.app.state.service` (models, jobs,
 metrics, draining), the error handlers (every error is JSON; no traceback text in any response), and one pure
@@ -79,6 +79,7 @@ class Service:
         self.a1111_model = config.default_model  # A1111's /options sd_model_checkpoint
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.loras = LoraLibrary(config.lora_dir)
+        self.job_store = None  # a Ray ingress's copy of job states (sdrt.serve.ray_jobs.RemoteJobStore)
         self.batchers = batchers if batchers is not None else {
             name: Batcher(name, lambda path=path: load_pipeline(path, config.backend, config.threads, config.max_batch),
                           max_batch=config.max_batch, batch_wait_ms=config.batch_wait_ms, max_queue=config.max_queue,
@@ -119,12 +120,14 @@ class Service:
             if getattr(batcher, "remote", False):
                 raise FieldError(lora_field, "run-time LoRAs are not served under --ray yet; serve without --ray")
             kw["loras"] = await run_in_threadpool(self.loras.prepare, batcher.pipe, batcher.name, loras, lora_field)
-        # plan() checks the rest through sdrt.inputs (schedule, memory budget): a 422 for this request alone
-        if getattr(batcher, "remote", False):  # a Ray deployment plans on its replica (its InputError: 422 there)
-            return batcher.plan(**kw)
+        # plan() checks the rest through sdrt.inputs (size, schedule, memory budget): a 422 for this request alone.
+        # A Ray ingress plans with the pipeline's planning copy (sdrt.planning): the same checks, before queueing.
+        planner = batcher.planner
         if kw.get("image") is not None:
-            return await run_in_threadpool(batcher.pipe.plan, **kw)
-        return batcher.pipe.plan(**kw)
+            plan = await run_in_threadpool(planner.plan, **kw)
+        else:
+            plan = planner.plan(**kw)
+        return batcher.remote_plan(plan, kw) if getattr(batcher, "remote", False) else plan
 
     def submit(self, batcher: Batcher, plan, **kw) -> Job:
         if self.draining:

@@ -232,10 +232,17 @@ class Batcher:
         return self.pipe.facts
 
     @property
+    def planner(self):
+        """What plans requests (checks them and resolves defaults) before they are queued: the pipeline itself."""
+        return self.pipe
+
+    @property
     def ready(self) -> bool:
         return self.state == "ready"
 
-    def submit(self, plan, preview_every: int = 0, preview_decode: bool = False) -> Job:
+    def submit(self, plan, preview_every: int = 0, preview_decode: bool = False, watchable: bool = False) -> Job:
+        """Queue a plan. watchable: an async job that listeners may follow later (here previews are made when one
+        listens; a RemoteBatcher asks its replica for them up front)."""
         job = Job(plan, self.name, self.timeout, preview_every, preview_decode)
         with self._cond:
             if self.state != "ready":

@@ -42,28 +42,48 @@ async def submit(req: JobRequest, request: Request):
     if req.init_image is not None:
         data = b64_to_bytes(req.init_image, "init_image")
         image = await run_in_threadpool(decode_image, data, "init_image", service.config.limits.max_input_pixels)
+    inpaint = {}
+    if req.mask is not None:  # the pipeline's own inpainting (its checks answer 422: no init_image, an empty mask...)
+        raw = b64_to_bytes(req.mask, "mask")
+        mask = await run_in_threadpool(decode_image, raw, "mask", service.config.limits.max_input_pixels, False)
+        inpaint = {"mask_image": mask, "mask_blur": req.mask_blur, "keep_unmasked": req.keep_unmasked}
     plan = await service.plan(
         batcher, prompt=req.prompt, negative_prompt=req.negative_prompt, num_inference_steps=req.steps,
         guidance_scale=req.guidance_scale, height=req.height, width=req.width, seed=req.seed,
         scheduler=resolve_sampler(req.scheduler, field="scheduler"), image=image, strength=req.strength,
-        num_images_per_prompt=req.n, loras=req.loras,
+        num_images_per_prompt=req.n, loras=req.loras, **inpaint,
     )
-    job = service.submit(batcher, plan, preview_every=req.preview_every, preview_decode=req.preview_decode)
+    job = service.submit(batcher, plan, preview_every=req.preview_every, preview_decode=req.preview_decode,
+                         watchable=True)
     service.add_job(job)
+    if service.job_store is not None:  # (a Ray ingress: the state outlives this process)
+        service.job_store.track(job, lambda images: status(service, job, images=images))
     return await status(service, job, images=False)
+
+
+async def find(service, job_id: str) -> Job | JobStatus:
+    """This process's job, or (a Ray ingress restarted since it was submitted) its stored last status; else 404."""
+    if job_id not in service.jobs and service.job_store is not None:
+        stored = await service.job_store.get(job_id)
+        if stored is not None:
+            return JobStatus(**stored)
+    return service.job(job_id)
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=NOT_FOUND)
 async def get(job_id: str, request: Request):
     service = request.app.state.service
-    return await status(service, service.job(job_id))
+    job = await find(service, job_id)
+    return job if isinstance(job, JobStatus) else await status(service, job)
 
 
 @router.delete("/{job_id}", response_model=JobStatus, responses=NOT_FOUND)
 async def cancel(job_id: str, request: Request):
     """Cancel: a queued job leaves the queue at once, a running one leaves its batch at the next step."""
     service = request.app.state.service
-    job = service.job(job_id)
+    job = await find(service, job_id)
+    if isinstance(job, JobStatus):  # ended with an earlier ingress
+        return job
     service.batchers[job.model].cancel(job, "cancelled")
     if not job.finished:
         await asyncio.wait({asyncio.wrap_future(job.future)}, timeout=5.0)
@@ -75,7 +95,10 @@ async def events(job_id: str, request: Request):
     """Server-Sent Events: `status` first, then `running`, `progress` {step, total} per step, `preview`
     {step, images} every N steps, and one final `done` / `failed` / `cancelled` carrying the job's status."""
     service = request.app.state.service
-    job = service.job(job_id)
+    job = await find(service, job_id)
+    if isinstance(job, JobStatus):  # ended with an earlier ingress: its status, then its end
+        stored = job.model_dump_json()
+        return EventSourceResponse(iter([{"event": "status", "data": stored}, {"event": job.status, "data": stored}]))
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     unsubscribe = job.listen(lambda event, data: loop.call_soon_threadsafe(queue.put_nowait, (event, data)))

@@ -28,8 +28,8 @@ def b64_to_bytes(data: str, field: str) -> bytes:
         raise FieldError(field, f"{field} is not valid base64 (a PNG or JPEG, optionally as a data: URL)") from None
 
 
-def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
-    """Bytes -> RGB PIL image, refusing anything but PNG/JPEG/WEBP/BMP and images over `max_pixels` before the
+def decode_image(data: bytes, field: str, max_pixels: int, rgb: bool = True) -> Image.Image:
+    """Bytes -> RGB PIL image (rgb=False: in its own mode, e.g. a mask's alpha), refusing anything but PNG/JPEG/WEBP/BMP and images over `max_pixels` before the
     pixels are decompressed (the header gives the size; PIL's own bomb check is an error here, not a warning)."""
     try:
         with warnings.catch_warnings():
@@ -45,6 +45,8 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
         raise FieldError(field, f"{field} is too large to decode safely ({err})") from None
     except Exception:  # PIL raises many types for broken files
         raise FieldError(field, f"{field} cannot be read as an image; send a PNG, JPEG, WEBP or BMP") from None
+    if not rgb:
+        return image
     if image.mode == "RGBA":
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image, mask=image.split()[-1])

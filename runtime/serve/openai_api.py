@@ -7,6 +7,9 @@ import json
 import re
 import time
 
+import numpy as np
+from PIL import Image
+
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
@@ -30,7 +33,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 async def generate(request: Request, *, prompt: str, model: str | None, n: int, size: str | None,
                    response_format: str | None, negative_prompt: str | None, steps: int, guidance_scale: float,
                    seed: int | None, scheduler: str | None, image=None, strength: float = 0.8,
-                   loras: dict | None = None) -> ImagesResponse:
+                   mask_image=None, loras: dict | None = None) -> ImagesResponse:
     service = request.app.state.service
     if response_format not in (None, "b64_json"):
         raise FieldError("response_format", f"response_format {response_format!r} is not served; use 'b64_json'")
@@ -41,6 +44,7 @@ async def generate(request: Request, *, prompt: str, model: str | None, n: int, 
         num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width, seed=seed,
         scheduler=resolve_sampler(scheduler, field="scheduler"), image=image, strength=strength, num_images_per_prompt=n,
         loras=loras,
+        **({"mask_image": mask_image, "keep_unmasked": True} if mask_image is not None else {}),
     )
     job = service.submit(batcher, plan)
     await service.wait(job, request)
@@ -69,6 +73,18 @@ async def generations(req: ImageGenerationRequest, request: Request):
                           guidance_scale=req.guidance_scale, seed=req.seed, scheduler=req.scheduler, loras=req.loras)
 
 
+def transparent_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """OpenAI's edit mask (fully transparent = edit) as sdrt's (white = repaint)."""
+    if "A" not in mask.getbands() and not (mask.mode == "P" and "transparency" in mask.info):
+        raise FieldError("mask", f"mask has no alpha channel (mode {mask.mode}); send a PNG whose fully transparent "
+                         "pixels mark what to edit")
+    if mask.size != size:
+        raise FieldError("mask", f"mask is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}; "
+                         "send a mask of the image's size")
+    alpha = np.asarray(mask.convert("RGBA").getchannel("A"))
+    return Image.fromarray(((alpha == 0) * 255).astype(np.uint8))
+
+
 @router.post("/edits", response_model=ImagesResponse)
 async def edits(
     request: Request,
@@ -78,7 +94,8 @@ async def edits(
     n: int = Form(1, ge=1, le=64),
     size: str | None = Form(None),
     response_format: str | None = Form(None),
-    mask: UploadFile | None = File(None, description="inpainting masks are not supported"),
+    mask: UploadFile | None = File(None, description="inpainting: a PNG of the image's size whose fully transparent "
+                                   "pixels are repainted; the rest of the image is kept exactly"),
     negative_prompt: str | None = Form(None),
     steps: int = Form(20, ge=1, le=1000),
     guidance_scale: float = Form(7.5, ge=0.0, le=100.0),
@@ -87,12 +104,16 @@ async def edits(
     strength: float = Form(0.8, gt=0.0, le=1.0),
     loras: str | None = Form(None, description='run-time LoRAs as JSON, e.g. {"style": 0.8}'),
 ):
-    """img2img: the image is noised to `strength` of the schedule and denoised toward the prompt."""
-    if mask is not None:
-        raise FieldError("mask", "mask (inpainting) is not supported; send the image alone")
+    """img2img: the image is noised to `strength` of the schedule and denoised toward the prompt; with a mask, only
+    its transparent part is (OpenAI's rule), and the rest comes back unchanged."""
     limits = request.app.state.service.config.limits
     data = await image.read()
     picture = await run_in_threadpool(decode_image, data, "image", limits.max_input_pixels)
+    mask_image = None
+    if mask is not None:
+        raw = await run_in_threadpool(decode_image, await mask.read(), "mask", limits.max_input_pixels, False)
+        mask_image = transparent_mask(raw, picture.size)
     return await generate(request, prompt=prompt, model=model, n=n, size=size, response_format=response_format,
                           negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                          scheduler=scheduler, image=picture, strength=strength, loras=parse_loras_form(loras))
+                          scheduler=scheduler, image=picture, strength=strength, mask_image=mask_image,
+                          loras=parse_loras_form(loras))

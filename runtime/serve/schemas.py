@@ -87,7 +87,12 @@ class Txt2ImgRequest(A1111Base):
 class Img2ImgRequest(A1111Base):
     init_images: list[str] = Field(..., min_length=1, max_length=1, description="one base64 PNG/JPEG (a data: URL is fine)")
     denoising_strength: float = Field(0.75, gt=0.0, le=1.0)
-    mask: str | None = Field(None, description="inpainting: not supported (must be null)")
+    mask: str | None = Field(None, description="inpainting: base64 mask, white = repaint (sdrt.serve.a1111_inpaint)")
+    mask_blur: int = Field(4, ge=0, le=256, description="pixels of Gaussian blur on the mask (soft edge)")
+    inpainting_fill: int = Field(0, ge=0, le=3, description="0 fill, 1 original (2 latent noise, 3 latent nothing: refused)")
+    inpaint_full_res: bool = Field(True, description="'Only masked': inpaint a crop around the mask at width x height")
+    inpaint_full_res_padding: int = Field(0, ge=0, le=4096, description="pixels added around the mask's crop")
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: repaint the black of the mask")
     include_init_images: bool = False
 
 
@@ -225,6 +230,9 @@ class JobRequest(SdrtExtras):
     height: int | None = Field(None, ge=1, le=16384)
     init_image: str | None = Field(None, description="base64 PNG/JPEG for img2img")
     strength: float = Field(0.8, gt=0.0, le=1.0)
+    mask: str | None = Field(None, description="base64 PNG inpainting mask for init_image: white = repaint (sdrt.inpaint)")
+    mask_blur: int = Field(0, ge=0, le=256, description="pixels of Gaussian blur on the mask (soft paste-back edge)")
+    keep_unmasked: bool = Field(False, description="paste the result back: pixels outside the mask keep their values")
     preview_every: int = Field(0, ge=0, le=1000, description="send a preview event every N steps (0: server default)")
     preview_decode: bool = Field(False, description="previews by the VAE decoder (exact, slower) instead of the linear projection")
 

@@ -1,4 +1,5 @@
-/* sdrt.h - the C API of sdrt (ABI 2), an inference runtime for Stable Diffusion 1.x/2.x over `sdrt export` folders.
+/* sdrt_v2.h - ABI 2's header (sdrt 0.2, before inpainting), kept for cpp/tests/abi/test_abi_v2.c: never edit.
+ * sdrt.h - the C API of sdrt (ABI 2), an inference runtime for Stable Diffusion 1.x/2.x over `sdrt export` folders.
  *
  * It runs the same algorithm as the Python runtime (runtime/pipeline.py): the CLIP tokenizer, the token-embedding
  * lookup, classifier-free guidance with negative prompts, the schedulers (ddim, pndm, euler, euler_a, dpmpp_2m,

@@ -84,6 +84,7 @@ def markdown(record: dict) -> str:
         f"was shared with other jobs; wall time, in the JSON, was up to 2x higher under that load)",
         "- digit / colour: the share of the 50 images whose digit / colour the oracle reads as the prompt's",
         f"- command: `{record['command']}`",
+        *[f"- {note}" for note in record.get("notes", [])],
         "",
         "## What to pick: the fewest steps that draw the prompt, by latency",
         "",

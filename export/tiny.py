@@ -45,14 +45,18 @@ SD21_SCHEDULER = {
 
 def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0, inpainting: bool = False) -> Path:
     """Build and save a tiny random-weight model in diffusers format; returns the folder. inpainting: a dedicated
-    inpainting UNet (in_channels = 4 latent + 1 mask + 4 masked-image latent) saved as a StableDiffusionInpaintPipeline."""
+    inpainting UNet (in_channels = 4 latent + 1 mask + 4 masked-image latent) saved as a StableDiffusionInpaintPipeline.
+    variant "lcm": SD 1.x with an LCM-distilled UNet's guidance embedding (time_cond_proj_dim) and LCMScheduler, a
+    LatentConsistencyModelPipeline."""
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline,
+    from diffusers import (AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, PNDMScheduler,
+                           StableDiffusionInpaintPipeline,
                            StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    if variant not in ("sd1", "sd2"):
-        raise ValueError(f"variant {variant!r} is not one of 'sd1', 'sd2'")
+    if variant not in ("sd1", "sd2", "lcm"):
+        raise ValueError(f"variant {variant!r} is not one of 'sd1', 'sd2', 'lcm'")
+    lcm = variant == "lcm"
     sd2 = variant == "sd2"
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -69,6 +73,7 @@ def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0, inpai
         attention_head_dim=(2, 4, 4) if sd2 else 8,
         use_linear_projection=sd2,
         norm_num_groups=16,
+        time_cond_proj_dim=32 if lcm else None,
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -98,8 +103,9 @@ def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0, inpai
     )
     tok_dir = write_clip_tokenizer(folder / "tokenizer", pad_token="!" if sd2 else "<|endoftext|>")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    scheduler = (DDIMScheduler if sd2 else PNDMScheduler).from_config(SD21_SCHEDULER if sd2 else SD15_SCHEDULER)
-    pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
+    scheduler = (DDIMScheduler if sd2 else LCMScheduler if lcm else PNDMScheduler).from_config(SD21_SCHEDULER if sd2 else SD15_SCHEDULER)
+    pipe_cls = LatentConsistencyModelPipeline if lcm else StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = pipe_cls(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -117,7 +123,7 @@ def build_tiny_sd(folder: str | Path, variant: str = "sd1", seed: int = 0, inpai
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Build a tiny random-weight SD model folder (diffusers format).")
     parser.add_argument("folder", help="where to write it")
-    parser.add_argument("--variant", choices=("sd1", "sd2"), default="sd1")
+    parser.add_argument("--variant", choices=("sd1", "sd2", "lcm"), default="sd1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet")
     args = parser.parse_args(argv)

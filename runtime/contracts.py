@@ -189,6 +189,9 @@ def sd_contracts(facts: ModelFacts) -> dict[str, NetworkContract]:
     """SD 1.x/2.x: text encoder, UNet with text cross-attention, VAE encoder and decoder."""
     c, seq, hidden = facts.latent_channels, facts.text_seq_len, facts.text_hidden_size
     f32 = "float32"
+    # An LCM-distilled UNet (time_cond_proj_dim) also takes the guidance scale's embedding, one row per item, and
+    # runs without the [uncond, cond] batch (sdrt.generation.guidance_scale_embedding).
+    w_cond = (TensorSpec("timestep_cond", f32, ("unet_batch", facts.time_cond_proj_dim)),) if facts.time_cond_proj_dim else ()
     return {
         TEXT_ENCODER: NetworkContract(
             TEXT_ENCODER,
@@ -203,10 +206,12 @@ def sd_contracts(facts: ModelFacts) -> dict[str, NetworkContract]:
                 TensorSpec("sample", f32, ("unet_batch", facts.unet_input_channels, "latent_height", "latent_width")),
                 TensorSpec("timestep", f32, ("unet_batch",)),
                 TensorSpec("encoder_hidden_states", f32, ("unet_batch", seq, facts.cross_attention_dim)),
+                *w_cond,
             ),
             outputs=(TensorSpec("out_sample", f32, ("unet_batch", c, "latent_height", "latent_width")),),
             doc="Scaled latents, a float timestep per item (fractional allowed), text states -> the model's "
-            "prediction (epsilon or v, per prediction_type). Guidance runs [uncond, cond] as one batch. An "
+            "prediction (epsilon or v, per prediction_type). Guidance runs [uncond, cond] as one batch, except in "
+            "LCM-distilled UNets, which take the guidance scale's embedding as timestep_cond. An "
             "inpainting UNet's sample is [latents, mask, masked-image latents] on the channel axis (its config's "
             "in_channels); its output has the latent channels.",
         ),

@@ -35,23 +35,26 @@ class FamilySpec:
     def contracts(self, facts: ModelFacts) -> dict[str, NetworkContract]:
         return self.build_contracts(facts)
 
-    def to_manifest(self) -> dict:
-        """The manifest's "family" section: what the C/C++ host reads instead of hard-coding it."""
+    def to_manifest(self, facts: ModelFacts | None = None) -> dict:
+        """The manifest's "family" section: what the C/C++ host reads instead of hard-coding it (an LCM-distilled
+        UNet adds its guidance embedding `timestep_cond` to the conditioning)."""
         from sdrt.schedulers import scheduler_defaults
 
+        extra = ["timestep_cond"] if facts is not None and facts.time_cond_proj_dim else []
         return {
             "name": self.name,
             "networks": list(self.networks),
-            "conditioning": list(self.conditioning),
+            "conditioning": list(self.conditioning) + extra,
             "default_scheduler": self.default_scheduler,
             "schedulers": scheduler_defaults(),
         }
 
 
 # Inpainting is a capability of these families, not a family: a dedicated inpainting UNet differs only in its input
-# channels (ModelFacts.unet_in_channels, read from its config; the UNet contract's `sample` takes them).
+# channels (ModelFacts.unet_in_channels, read from its config; the UNet contract's `sample` takes them). So is an
+# LCM-distilled UNet: it takes the guidance embedding `timestep_cond` (ModelFacts.time_cond_proj_dim).
 _SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline",
-                 "StableDiffusionInpaintPipeline", "OnnxStableDiffusionInpaintPipeline")
+                 "StableDiffusionInpaintPipeline", "OnnxStableDiffusionInpaintPipeline", "LatentConsistencyModelPipeline")
 
 SD1 = FamilySpec("sd1", "Stable Diffusion 1.x", _SD_PIPELINES, NETWORKS, ("encoder_hidden_states",), DEFAULT_SCHEDULER, sd_contracts)
 SD2 = FamilySpec("sd2", "Stable Diffusion 2.x", _SD_PIPELINES, NETWORKS, ("encoder_hidden_states",), DEFAULT_SCHEDULER, sd_contracts)
@@ -66,7 +69,6 @@ NOT_YET_SUPPORTED = {
     "StableDiffusionUpscalePipeline": "SD x4 upscaler",
     "StableDiffusionDepth2ImgPipeline": "SD 2 depth-to-image",
     "StableDiffusionInstructPix2PixPipeline": "InstructPix2Pix",
-    "LatentConsistencyModelPipeline": "LCM",
     "StableCascadeCombinedPipeline": "Stable Cascade",
     "FluxPipeline": "FLUX",
     "PixArtAlphaPipeline": "PixArt",

@@ -33,6 +33,8 @@ class GenerationPlan:
     latents: np.ndarray | None  # the caller's initial noise [batch, C, h, w]
     output_type: str  # "pil", "np" or "latent"
     loras: tuple = ()  # ((registered name, scale), ...) sorted by name, scales != 0: run-time LoRAs (Pipeline.register_lora)
+    timestep_spacing: str | None = None  # "leading"/"linspace"/"trailing" instead of the scheduler config's (None: its own)
+    cfg: bool = True  # guidance by an [uncond, cond] batch; False for LCM-distilled UNets (guidance embedding)
     mask: object | None = None  # sdrt.inpaint.Mask: inpaint the init image (None: img2img or text-to-image)
 
     @property
@@ -41,14 +43,16 @@ class GenerationPlan:
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance runs (two UNet rows per image): guidance_scale > 1 on a UNet without a guidance
+        embedding. At guidance <= 1 each step is one UNet pass over the images alone."""
+        return self.cfg and self.guidance_scale > 1.0
 
     @property
     def batch_key(self) -> tuple:
         """Plans with equal keys share UNet calls: same shapes, schedule, guidance on/off and LoRA set."""
         img2img = self.init_image is not None
         return (self.height, self.width, self.steps, self.scheduler, img2img, self.strength if img2img else None, self.guided,
-                self.loras, self.mask is not None)
+                self.loras, self.mask is not None, self.timestep_spacing)
 
 
 @dataclasses.dataclass
@@ -64,6 +68,7 @@ class Batch:
     x: np.ndarray  # the current latents [rows, C, h, w]
     step: int = 0  # the next scheduler call
     timings: dict = dataclasses.field(default_factory=dict)
+    timestep_cond: np.ndarray | None = None  # LCM-distilled UNets: float32 [rows, time_cond_proj_dim] guidance embedding
     inpaint: object | None = None  # sdrt.inpaint.InpaintRows: per-row mask and image latents when inpainting
 
     @property
@@ -101,9 +106,25 @@ class Batch:
             self.guidance = self.guidance[keep]
         else:
             self.text_states = self.text_states[keep]
+        if self.timestep_cond is not None:
+            self.timestep_cond = self.timestep_cond[keep]
         if self.inpaint is not None:
             self.inpaint = self.inpaint.select(keep)
         self.sched.select_rows(keep)
+
+
+def guidance_scale_embedding(guidance_scales, dim: int) -> np.ndarray:
+    """An LCM-distilled UNet's `timestep_cond`: the sinusoidal embedding of w = guidance_scale - 1 (times 1000), as
+    diffusers' LatentConsistencyModelPipeline.get_guidance_scale_embedding computes it (float32, [sin, cos], a zero
+    column when dim is odd)."""
+    w = (np.asarray(guidance_scales, np.float32) - np.float32(1)) * np.float32(1000)
+    half = dim // 2
+    freq = np.exp(np.arange(half, dtype=np.float32) * -np.float32(np.log(np.float32(10000)) / (half - 1)))
+    arg = w[:, None] * freq[None, :]
+    emb = np.concatenate([np.sin(arg), np.cos(arg)], axis=1)
+    if dim % 2:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32)
 
 
 def stack_plans(plans: list[GenerationPlan]) -> None:

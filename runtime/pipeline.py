@@ -23,7 +23,7 @@ from sdrt import __version__
 from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdrt.device_loop import draw_step_noise
 from sdrt.errors import BackendError, InputError
-from sdrt.generation import Batch, GenerationPlan, stack_plans
+from sdrt.generation import Batch, GenerationPlan, guidance_scale_embedding, stack_plans
 from sdrt import inputs
 from sdrt.images import decoded_to_uint8, image_to_array
 from sdrt.inpaint import InpaintRows, latent_mask, load_mask, masked_pixels, paste_back
@@ -149,13 +149,16 @@ class Pipeline:
         mask_image=None,
         mask_blur: int = 0,
         keep_unmasked: bool = False,
+        timestep_spacing: str | None = None,
     ) -> GenerationPlan:
         """0. Check every argument and resolve every default (size, seeds, scheduler); no network runs, nothing big is
         allocated (sdrt.inputs). max_memory: the budget the request must fit (None: from_pretrained's, else what is
         available; "8G" or bytes; 0/False: no check). loras: {name or file: scale} (or [(name, scale)]) run-time
         LoRAs for this request: registered names, or files (registered on first use); part of the batch key.
         mask_image: inpaint `image` (white = repaint; see sdrt.inpaint for how masks are read); mask_blur: pixels of
-        Gaussian blur on the mask (soft paste-back edge); keep_unmasked: paste the result back into the image."""
+        Gaussian blur on the mask (soft paste-back edge); keep_unmasked: paste the result back into the image.
+        timestep_spacing: "leading", "linspace" or "trailing" instead of the model's scheduler config's (None: the
+        config's); "trailing" is what few-step models (SD-Turbo, LCM) want at 1-4 steps."""
         from sdrt.adapters.lora_switch import resolve_loras
 
         loras = resolve_loras(self, loras)
@@ -172,9 +175,14 @@ class Pipeline:
         height, width = self._size(height, width, init_image)
         mask = self._mask(init_image, mask_image, mask_blur, keep_unmasked, width, height, budget)
         latents = inputs.check_latents(latents, (batch,) + self._latent_shape(height, width)[1:])
-        sched = make_scheduler(scheduler, self.source.scheduler_config)  # an unknown name fails here, not after the text
+        # an unknown name or spacing fails here, not after the text
+        sched = make_scheduler(scheduler, self.source.scheduler_config, timestep_spacing)
         num_inference_steps = inputs.check_steps(num_inference_steps, sched, strength if init_image is not None else 1.0)
-        guided, img2img = guidance_scale > 1.0, init_image is not None
+        cfg = not self.facts.time_cond_proj_dim  # an LCM-distilled UNet takes guidance as an embedding, not a batch
+        if not cfg and any(negatives):
+            raise InputError("negative_prompt: this LCM-distilled UNet takes the guidance scale as an embedding and "
+                                    "runs no unconditional pass, so a negative prompt has no effect; leave it empty")
+        guided, img2img = cfg and guidance_scale > 1.0, init_image is not None
         inputs.check_export_limits(self.backend, self.facts, batch, height, width, guided, img2img)
         if self.backend.uses_host_memory:
             inputs.check_memory(self.source, self.backend.name, batch, height, width, guided, img2img, budget)
@@ -186,7 +194,7 @@ class Pipeline:
             prompts=[p for p, _ in per_image], negatives=[n for _, n in per_image], seeds=[seed + k for k in range(batch)],
             steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler,
             init_image=init_image, strength=strength, latents=latents, output_type=output_type,
-            loras=loras, mask=mask,
+            loras=loras, mask=mask, cfg=cfg, timestep_spacing=timestep_spacing,
         )  # fmt: skip
 
     def encode_text(self, plans: list[GenerationPlan], observers=()) -> np.ndarray:
@@ -210,7 +218,7 @@ class Pipeline:
         stack_plans(plans)
         first = plans[0]
         img2img, inpaint = first.init_image is not None, first.mask is not None
-        sched = make_scheduler(first.scheduler, self.source.scheduler_config)
+        sched = make_scheduler(first.scheduler, self.source.scheduler_config, first.timestep_spacing)
         sched.set_timesteps(first.steps, first.strength if img2img else 1.0)
         latent_shape = self._latent_shape(first.height, first.width)
         generators = [TorchCPUGenerator(s) for plan in plans for s in plan.seeds]
@@ -237,14 +245,17 @@ class Pipeline:
             x = noise * np.float32(sched.init_noise_sigma)
         else:
             x = sched.add_noise(np.concatenate(image_latents), noise, 0)
-        guidance = None
+        guidance = timestep_cond = None
+        scales = np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32)
         if first.guided:
-            guidance = np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32).reshape(-1, 1, 1, 1)
+            guidance = scales.reshape(-1, 1, 1, 1)
+        if self.facts.time_cond_proj_dim:  # LCM-distilled UNet: guidance goes in through its embedding
+            timestep_cond = guidance_scale_embedding(scales, self.facts.time_cond_proj_dim)
         rows = None
         if inpaint:
             rows = InpaintRows(np.concatenate(masks), np.concatenate(masked_latents) if conditioned else None,
                                None if conditioned else np.concatenate(image_latents), None if conditioned else noise)
-        return Batch(plans, sched, generators, latent_shape, text_states, guidance, x, inpaint=rows)
+        return Batch(plans, sched, generators, latent_shape, text_states, guidance, x, inpaint=rows, timestep_cond=timestep_cond)
 
     def denoise(self, batch: Batch, observers=(), progress: bool = False) -> np.ndarray:
         """3. The denoising loop: one batched UNet call per step ([uncond; cond] rows when guided), the guidance
@@ -254,7 +265,7 @@ class Pipeline:
         guidance scale and nothing is inpainted."""
         sched = batch.sched
         self.activate_loras(batch.plans[0].loras if batch.plans else ())
-        if (self.backend.use_device_loop and batch.step == 0 and batch.inpaint is None
+        if (self.backend.use_device_loop and batch.step == 0 and batch.inpaint is None and batch.timestep_cond is None
                 and (not batch.guided or batch.uniform_guidance() is not None)):
             return self._denoise_on_device(batch, observers, progress)
         for i in tqdm(range(batch.step, sched.num_calls), desc="denoising", disable=not progress, leave=False):
@@ -264,6 +275,8 @@ class Pipeline:
                 unet_in = batch.inpaint.unet_input(unet_in, batch.guided)
             timestep = np.full((unet_in.shape[0],), sched.timesteps[i], dtype=np.float32)
             feeds = {"sample": unet_in, "timestep": timestep, "encoder_hidden_states": batch.text_states}
+            if batch.timestep_cond is not None:
+                feeds["timestep_cond"] = batch.timestep_cond
             pred = self._run(UNET, feeds, observers)["out_sample"]
             if batch.guided:
                 pred_uncond, pred_cond = pred[: batch.rows], pred[batch.rows :]
@@ -333,7 +346,7 @@ class Pipeline:
     ) -> PipelineOutput:
         """Make images. `request` takes `plan`'s arguments (num_inference_steps, guidance_scale, height, width, seed,
         scheduler, image, strength, num_images_per_prompt, latents, output_type, loras, mask_image, mask_blur,
-        keep_unmasked). callback(step, timestep,
+        keep_unmasked, timestep_spacing). callback(step, timestep,
         latents) returning False cancels; observers see every network call and step (sdrt.observers)."""
         t_start = time.perf_counter()
         observers = list(observers) + ([StepCallback(callback)] if callback is not None else [])
@@ -469,4 +482,5 @@ class Pipeline:
             **({"loras": ", ".join(f"{name}:{scale:g}" for name, scale in plan.loras)} if plan.loras else {}),
             **({"inpaint": True, "mask_blur": plan.mask.blur, "keep_unmasked": plan.mask.keep_unmasked,
                 "mask_coverage": round(plan.mask.coverage, 4)} if plan.mask is not None else {}),
+            **({"timestep_spacing": plan.timestep_spacing} if plan.timestep_spacing else {}),
         }

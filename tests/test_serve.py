@@ -123,6 +123,16 @@ def test_progress_preview_and_interrupt(url):
 # --- OpenAI ---------------------------------------------------------------------------------------------------------
 
 
+def test_timestep_spacing_field(url, pipe):
+    """sdrt's `timestep_spacing` extra field reaches the scheduler (issue #20: few-step models want 'trailing')."""
+    body = {"prompt": "a red 7", "size": "64x64", "steps": 2, "seed": 4, "scheduler": "euler_a", "guidance_scale": 1.0}
+    got = post(url, "/v1/images/generations", json={**body, "timestep_spacing": "trailing"}).json()["data"][0]["b64_json"]
+    want = alone(pipe, "a red 7", seed=4, num_inference_steps=2, scheduler="euler_a", guidance_scale=1.0, timestep_spacing="trailing")
+    other = alone(pipe, "a red 7", seed=4, num_inference_steps=2, scheduler="euler_a", guidance_scale=1.0, timestep_spacing="leading")
+    assert np.abs(png_pixels(got) - want[0].astype(int)).max() <= 1 < np.abs(want[0].astype(int) - other[0]).max()
+    assert post(url, "/v1/images/generations", json={**body, "timestep_spacing": "last"}).status_code == 422
+
+
 def test_openai_client_generations_and_edits(url, pipe):
     import openai
 

@@ -112,8 +112,11 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
 
 
 def read_lora(path: str | Path) -> LoraFile:
-    """Read a LoRA file and sort its layers by component; refuses what sdrt cannot fuse, by name."""
-    path = Path(path).expanduser()
+    """Read a LoRA file (or a built-in LoRA's name, sdrt.builtin.BUILTIN_LORAS) and sort its layers by component;
+    refuses what sdrt cannot fuse, by name."""
+    from sdrt.builtin import builtin_lora
+
+    path = builtin_lora(path) or Path(path).expanduser()
     tensors, metadata = read_weights(path, "LoRA")
     keys = list(tensors)
     refusal = _refusal(keys)

@@ -40,7 +40,9 @@ def register(pipe, path, name: str | None = None, max_rank: int | None = None) -
     from sdrt.adapters.lora import SVD_MAX_RANK, read_lora, slot_factors
     from sdrt.model.manifest import sha256_of
 
-    path = Path(path).expanduser()
+    from sdrt.builtin import builtin_lora
+
+    path = builtin_lora(path) or Path(path).expanduser()
     name = name or path.stem
     if not isinstance(name, str) or not name or any(c in name for c in "<>:"):
         raise InputError(f"LoRA name {name!r} must be a non-empty string without '<', '>' or ':'")
@@ -91,7 +93,9 @@ def _name_of(pipe, key) -> str:
     key = str(key)
     if key in pipe.registered_loras:
         return key
-    path = Path(key).expanduser()
+    from sdrt.builtin import builtin_lora
+
+    path = builtin_lora(key) or Path(key).expanduser()
     for reg in pipe.registered_loras.values():
         if path.exists() and reg.path.exists() and reg.path.resolve() == path.resolve():
             return reg.name

@@ -39,14 +39,15 @@ class TextEncoderOnEmbeddings(nn.Module):
 
 
 class UNetContract(nn.Module):
-    """UNet2DConditionModel with the contract's (sample, timestep[batch] float, encoder_hidden_states) signature."""
+    """UNet2DConditionModel with the contract's (sample, timestep[batch] float, encoder_hidden_states[, timestep_cond])
+    signature (timestep_cond: an LCM-distilled UNet's guidance embedding)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
 
 
 class VaeEncoderContract(nn.Module):

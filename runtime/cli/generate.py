@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("-W", "--width", type=int, default=None, help="image width, a multiple of the model's size step (default: the model's)")
     p.add_argument("-H", "--height", type=int, default=None, help="image height (default: the model's)")
     p.add_argument("--scheduler", default=None, help="one of sdrt.schedulers.SCHEDULER_NAMES: ddim, pndm, euler(_karras), euler_a, dpmpp_2m(_karras), lms, heun, unipc, dpmpp_2m_sde(_karras), dpmpp_2s_a, ddpm, lcm, tcd, ... (default: the model's own)")
+    p.add_argument("--timestep-spacing", default=None, choices=("leading", "linspace", "trailing"),
+                   help="how the steps are spread over the training timesteps (default: the model's scheduler config); "
+                   "'trailing' for few-step models (SD-Turbo, LCM-LoRA) at 1-4 steps")
     p.add_argument("--image", default=None, help="init image for img2img")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image, (0, 1] (default: %(default)s)")
     p.add_argument("--mask", default=None, help="inpainting: mask image for --image; white is repainted, black kept (an alpha "
@@ -126,6 +129,7 @@ def cmd_generate(args) -> int:
         width=args.width,
         seed=args.seed,
         scheduler=args.scheduler,
+        timestep_spacing=args.timestep_spacing,
         image=args.image,
         strength=args.strength,
         mask_image=mask,

@@ -33,6 +33,9 @@ class ModelFacts:
     default_size: int  # the image size the model was trained at (unet sample_size * vae scale)
     vocab_size: int
     unet_in_channels: int | None = None  # None: latent_channels; 2 * latent + 1 for an inpainting UNet
+    # LCM-distilled UNets (time_cond_proj_dim in the UNet config): the width of the guidance embedding `timestep_cond`
+    # the UNet takes instead of a classifier-free-guidance batch; 0 for every other model (and exports before it).
+    time_cond_proj_dim: int = 0
 
     @property
     def unet_input_channels(self) -> int:
@@ -53,6 +56,8 @@ class ModelFacts:
         data = dataclasses.asdict(self)
         if data["unet_in_channels"] is None:  # ordinary models' manifests stay as they were
             del data["unet_in_channels"]
+        if not data["time_cond_proj_dim"]:
+            del data["time_cond_proj_dim"]
         return data
 
     @classmethod
@@ -124,6 +129,7 @@ def read_model_facts(model_dir: str | Path) -> ModelFacts:
         default_size=int(unet.get("sample_size", 64)) * vae_scale,
         vocab_size=int(text.get("vocab_size", 49408)),
         unet_in_channels=unet_in if unet_in != vae_latents else None,
+        time_cond_proj_dim=int(unet.get("time_cond_proj_dim") or 0),
     )
 
 

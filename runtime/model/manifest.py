@@ -51,7 +51,7 @@ class Manifest:
 
     def family_section(self) -> dict:
         """The "family" section: as read, or the spec of facts.family (exports made before it was written)."""
-        return self.family or family_spec(self.facts.family).to_manifest()
+        return self.family or family_spec(self.facts.family).to_manifest(self.facts)
 
     def to_dict(self) -> dict:
         return {

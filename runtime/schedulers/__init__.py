@@ -132,7 +132,7 @@ def scheduler_defaults() -> dict[str, dict]:
     return out
 
 
-def make_scheduler(name: str | None, config: dict) -> Scheduler:
+def make_scheduler(name: str | None, config: dict, timestep_spacing: str | None = None) -> Scheduler:
     """A scheduler from a scheduler_config.json dict, with diffusers' `from_config` semantics.
 
     name: one of SCHEDULER_NAMES, a diffusers class name (those in _DIFFUSERS_CLASSES: DDIM, PNDM, Euler, Euler
@@ -140,6 +140,9 @@ def make_scheduler(name: str | None, config: dict) -> Scheduler:
     own `_class_name`. Keys the config lacks take the chosen class's diffusers defaults (Euler from SD 1.5's PNDM
     config spaces its timesteps 'linspace'). With name None and a class sdrt does not implement (KDPM2, DEIS,
     ...), or no `_class_name`, the config's betas and settings run with sdrt's default scheduler, PNDM.
+    timestep_spacing: "leading", "linspace" or "trailing" in place of the config's (None: the config's, else the
+    class's default), as diffusers' `from_config(config, timestep_spacing=...)`: few-step models (SD-Turbo, LCM-LoRA
+    at 1-4 steps) want "trailing", which starts at the last training timestep.
     """
     if name is None:
         cls, overrides = _DIFFUSERS_CLASSES.get(config.get("_class_name"), _REGISTRY[DEFAULT_SCHEDULER])
@@ -151,7 +154,20 @@ def make_scheduler(name: str | None, config: dict) -> Scheduler:
         raise InputError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
     if cls is DPMPP2M and not overrides and config.get("algorithm_type") == "sde-dpmsolver++":
         cls = DPMPP2MSDE
+    if timestep_spacing is not None:
+        check_spacing_override(cls, timestep_spacing)
+        config = {**config, "timestep_spacing": timestep_spacing}
     return cls(config, **overrides)
+
+
+def check_spacing_override(cls, timestep_spacing) -> None:
+    from sdrt.schedulers.base import SPACINGS
+
+    if timestep_spacing not in SPACINGS:
+        raise InputError(f"timestep_spacing {timestep_spacing!r} is not one of {', '.join(SPACINGS)}")
+    if "timestep_spacing" not in cls.DEFAULTS:
+        raise InputError(f"the {cls.name} scheduler has no timestep spacing to set (it always spaces its own); "
+                         "leave timestep_spacing unset")
 
 
 __all__ = ["make_scheduler", "scheduler_defaults", "SCHEDULER_NAMES", "A1111_NAMES", "DEFAULT_SCHEDULER", "Scheduler"]

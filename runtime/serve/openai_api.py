@@ -33,7 +33,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 async def generate(request: Request, *, prompt: str, model: str | None, n: int, size: str | None,
                    response_format: str | None, negative_prompt: str | None, steps: int, guidance_scale: float,
                    seed: int | None, scheduler: str | None, image=None, strength: float = 0.8,
-                   mask_image=None, loras: dict | None = None) -> ImagesResponse:
+                   mask_image=None, timestep_spacing: str | None = None, loras: dict | None = None) -> ImagesResponse:
     service = request.app.state.service
     if response_format not in (None, "b64_json"):
         raise FieldError("response_format", f"response_format {response_format!r} is not served; use 'b64_json'")
@@ -43,6 +43,7 @@ async def generate(request: Request, *, prompt: str, model: str | None, n: int, 
         batcher, fields={"width": "size", "height": "size", "size": "size"}, prompt=prompt, negative_prompt=negative_prompt,
         num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width, seed=seed,
         scheduler=resolve_sampler(scheduler, field="scheduler"), image=image, strength=strength, num_images_per_prompt=n,
+        timestep_spacing=timestep_spacing,
         loras=loras,
         **({"mask_image": mask_image, "keep_unmasked": True} if mask_image is not None else {}),
     )
@@ -70,7 +71,8 @@ def parse_loras_form(text: str | None) -> dict | None:
 async def generations(req: ImageGenerationRequest, request: Request):
     return await generate(request, prompt=req.prompt, model=req.model, n=req.n, size=req.size,
                           response_format=req.response_format, negative_prompt=req.negative_prompt, steps=req.steps,
-                          guidance_scale=req.guidance_scale, seed=req.seed, scheduler=req.scheduler, loras=req.loras)
+                          guidance_scale=req.guidance_scale, seed=req.seed, scheduler=req.scheduler,
+                          timestep_spacing=req.timestep_spacing, loras=req.loras)
 
 
 def transparent_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -194,6 +194,8 @@ class SdrtExtras(BaseModel):
     scheduler: str | None = Field(None, description="an sdrt name (ddim, euler_a, dpmpp_2m_karras, ...) or A1111 sampler name")
     loras: dict[str, float] | None = Field(None, description="run-time LoRAs {name: scale}, names from GET /sdapi/v1/loras "
                                                              "(the server's --lora-dir); requests batch with the same set only")
+    timestep_spacing: Literal["leading", "linspace", "trailing"] | None = Field(
+        None, description="instead of the model's scheduler config's; 'trailing' for few-step models (SD-Turbo, LCM)")
 
 
 class ImageGenerationRequest(SdrtExtras):

@@ -54,6 +54,12 @@ def onnx_sd1(tiny_sd1, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def onnx_sd1_slots(tiny_sd1, tmp_path_factory):
+    """fp32 ONNX export of tiny_sd1 with LoRA slots on every adaptable layer (run-time LoRAs)."""
+    return _export(tiny_sd1, tmp_path_factory.mktemp("onnx-slots") / "sd1", lora_slots="all")
+
+
+@pytest.fixture(scope="session")
 def onnx_sd2(tiny_sd2, tmp_path_factory):
     return _export(tiny_sd2, tmp_path_factory.mktemp("onnx") / "sd2")
 

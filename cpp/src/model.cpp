@@ -72,6 +72,31 @@ static std::vector<std::string> names_of(const Json &specs) {
     return out;
 }
 
+// A contract's tensor names and LoRA slots; the slots' inputs must close the input list, two per slot in order.
+static NetworkContract read_contract(const std::string &network, const Json &c, const std::string &mpath) {
+    NetworkContract out{names_of(c.at("inputs")), names_of(c.at("outputs")), {}};
+    if (const Json *slots = c.find("lora_slots")) {
+        for (const Json &s : slots->as_array()) {
+            LoraSlot slot{s.at("layer").as_string(), {}};
+            for (const Json &d : s.at("weight").as_array()) slot.weight.push_back(d.as_int());
+            if (slot.weight.size() != 2 && slot.weight.size() != 4)
+                throw model_error(mpath + ": the " + network + " LoRA slot " + slot.layer + " has a weight of " +
+                                  std::to_string(slot.weight.size()) + " dimensions" + kReexport);
+            out.lora_slots.push_back(std::move(slot));
+        }
+    }
+    if (out.inputs.size() < 2 * out.lora_slots.size())
+        throw model_error(mpath + ": the " + network + " contract has fewer inputs than its LoRA slots need" + kReexport);
+    for (size_t i = 0; i < out.lora_slots.size(); ++i) {
+        const std::string &layer = out.lora_slots[i].layer;
+        size_t at = out.plain_inputs() + 2 * i;
+        if (out.inputs[at] != "lora_down:" + layer || out.inputs[at + 1] != "lora_up:" + layer)
+            throw model_error(mpath + ": the " + network + " contract's inputs " + out.inputs[at] + ", " + out.inputs[at + 1] +
+                              " are not LoRA slot " + layer + "'s lora_down/lora_up" + kReexport);
+    }
+    return out;
+}
+
 ExportFolder read_export(const std::string &path) {
     if (path.empty()) throw input_error("model_dir is empty; pass an sdrt export folder (made with `sdrt export`)");
     if (!is_directory(path))
@@ -135,7 +160,7 @@ ExportFolder read_export(const std::string &path) {
 
         ex.family = read_family(m, mpath, facts.family);
         for (const auto &kv : m.at("contracts").as_object())
-            ex.contracts[kv.first] = {names_of(kv.second.at("inputs")), names_of(kv.second.at("outputs"))};
+            ex.contracts[kv.first] = read_contract(kv.first, kv.second, mpath);
         const Json &networks = m.at("networks");
         for (const Role &role : kRoles) {
             const std::string name = role.network;
@@ -147,8 +172,8 @@ ExportFolder read_export(const std::string &path) {
             auto c = ex.contracts.find(name);
             if (c == ex.contracts.end()) throw model_error(mpath + " lists network " + name + " without a contract" + kReexport);
             size_t inputs = role.inputs + (name == kUnet ? ex.family.conditioning.size() : 0);
-            if (c->second.inputs.size() != inputs || c->second.outputs.size() != role.outputs)
-                throw model_error(mpath + ": the " + name + " contract has " + std::to_string(c->second.inputs.size()) + " inputs and " +
+            if (c->second.plain_inputs() != inputs || c->second.outputs.size() != role.outputs)
+                throw model_error(mpath + ": the " + name + " contract has " + std::to_string(c->second.plain_inputs()) + " inputs and " +
                                   std::to_string(c->second.outputs.size()) + " outputs; the C++ runtime feeds " + std::to_string(inputs) +
                                   " and reads " + std::to_string(role.outputs) + kReexport);
             if (name == kUnet && c->second.inputs[2] != ex.family.conditioning[0])

@@ -25,8 +25,17 @@ struct ModelFacts {  // runtime/model/facts.py's ModelFacts
     int size_step() const { return vae_scale_factor << unet_downsamples; }
 };
 
+// One layer that takes run-time LoRA factors (runtime/contracts.py's LoraSlot, from the manifest's contract): the
+// network's inputs end with `lora_down:<layer>` [r, in(, kh, kw)] and `lora_up:<layer>` [out, r(, 1, 1)] per slot.
+struct LoraSlot {
+    std::string layer;            // module path in the component (the UNet, or the CLIP text model's core)
+    std::vector<int64_t> weight;  // the layer's weight shape: (out, in) or (out, in, kh, kw)
+};
+
 struct NetworkContract {  // names only: shapes are checked where tensors are made
     std::vector<std::string> inputs, outputs;
+    std::vector<LoraSlot> lora_slots;  // empty: an export without LoRA slots
+    size_t plain_inputs() const { return inputs.size() - 2 * lora_slots.size(); }
 };
 
 // The manifest's "family" section (sdrt.families' FamilySpec.to_manifest): which networks the model has, the UNet's

@@ -62,6 +62,56 @@ Pipeline::Pipeline(const std::string &model_dir, const BackendOptions &options)
                                           "a GPU build of ONNX Runtime, or SDRT_BACKEND_AUTO");
 #endif
     backend_ = make_onnx_backend(model_, options);
+    for (const char *network : {kTextEncoder, kUnet}) {
+        auto c = model_.contracts.find(network);
+        if (c == model_.contracts.end() || c->second.lora_slots.empty()) continue;
+        has_lora_slots_ = true;
+        lora_feeds_[network] = slot_feeds(c->second, network, {});  // rank 0: the export's own network
+    }
+}
+
+// The LoRAs of a request, merged by file (scales add), zero scales dropped, in file-name order as the Python runtime
+// orders them (by registered name), their slot inputs built when the set or a file changed.
+void Pipeline::activate_loras(const std::vector<std::pair<std::string, double>> &requested) {
+    std::map<std::string, double> merged;
+    for (const auto &l : requested) merged[l.first] += l.second;
+    std::vector<std::pair<std::string, double>> loras;
+    for (const auto &kv : merged)
+        if (kv.second != 0.0) loras.push_back(kv);
+    auto stem = [](const std::string &p) { return std::filesystem::path(p).stem().string(); };
+    std::stable_sort(loras.begin(), loras.end(), [&](const auto &a, const auto &b) { return stem(a.first) < stem(b.first); });
+    bool changed = loras != active_loras_;
+    std::vector<std::pair<const LoraFactors *, double>> factors;
+    for (const auto &l : loras) {
+        std::error_code ec;
+        long long size = file_size(l.first);
+        auto mtime = std::filesystem::last_write_time(l.first, ec);
+        if (size < 0 || ec) throw model_error("LoRA file " + l.first + " does not exist or cannot be read; pass a .safetensors LoRA");
+        auto it = lora_files_.find(l.first);
+        if (it == lora_files_.end() || it->second.size != size || it->second.mtime != mtime) {
+            CachedLora c{size, mtime, read_lora(l.first, model_.contracts)};
+            it = lora_files_.insert_or_assign(l.first, std::move(c)).first;
+            changed = true;
+        }
+        factors.emplace_back(&it->second.factors, l.second);
+    }
+    if (!changed) return;
+    std::map<std::string, std::vector<SlotFeed>> feeds;
+    for (const auto &kv : lora_feeds_) feeds[kv.first] = slot_feeds(model_.contracts.at(kv.first), kv.first, factors);
+    lora_feeds_.swap(feeds);
+    active_loras_ = loras;
+}
+
+// A network's inputs followed by its LoRA slots' (rank 0 when no active LoRA adapts the layer).
+std::vector<TensorIn> Pipeline::with_loras(const std::string &network, std::vector<TensorIn> inputs) const {
+    static const float kEmpty = 0.0f;  // ONNX Runtime takes a pointer even for an empty tensor
+    auto it = lora_feeds_.find(network);
+    if (it == lora_feeds_.end()) return inputs;
+    for (const SlotFeed &f : it->second) {
+        inputs.push_back({f.down.empty() ? &kEmpty : f.down.data(), f.down_shape});
+        inputs.push_back({f.up.empty() ? &kEmpty : f.up.data(), f.up_shape});
+    }
+    return inputs;
 }
 
 void Pipeline::check(Request &r) const {
@@ -77,6 +127,9 @@ void Pipeline::check(Request &r) const {
     if (r.height == 0) r.height = f.default_size;
     std::string bad = check_size(f, r.height, r.width);
     if (!bad.empty()) throw input_error(bad);
+    if (!r.loras.empty() && !has_lora_slots_)
+        throw model_error(model_.path + " takes no run-time LoRAs: it was exported without LoRA slots; re-export it with "
+                          "`sdrt export MODEL OUT --lora-slots all`, or fuse the LoRA at export (`--lora FILE:SCALE`)");
     if (r.init_image && !backend_->has(kVaeEncoder))
         throw model_error(model_.path + " has no vae_encoder network, which img2img needs; re-export the model with `sdrt export`");
     if (r.mask && !r.init_image) throw input_error("mask_image needs init_image, the image it masks");
@@ -119,10 +172,10 @@ Pipeline::TextStates Pipeline::encode_prompt(const std::string &prompt) {
             std::vector<float> pool(size_t(seq), 0.0f);
             pool[at] = 1.0f;
             out.pooled.resize(size_t(f.pooled_dim));
-            backend_->run(e.network, {{embeds.data(), {1, seq, hidden}}, {pool.data(), {1, seq}}},
+            backend_->run(e.network, with_loras(e.network, {{embeds.data(), {1, seq, hidden}}, {pool.data(), {1, seq}}}),
                           {{states.data(), {1, seq, e.width}}, {out.pooled.data(), {1, f.pooled_dim}}});
         } else {
-            backend_->run(e.network, {{embeds.data(), {1, seq, hidden}}}, {{states.data(), {1, seq, e.width}}});
+            backend_->run(e.network, with_loras(e.network, {{embeds.data(), {1, seq, hidden}}}), {{states.data(), {1, seq, e.width}}});
         }
         for (int t = 0; t < seq; ++t)
             std::copy_n(states.begin() + long(t) * e.width, e.width, out.states.begin() + long(t) * states_width_ + offset);
@@ -145,6 +198,7 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
     check(r);
     cancel_ = false;
     backend_->reset_cancel();
+    activate_loras(r.loras);  // before any work: a bad file fails the call here
     const ModelFacts &f = model_.facts;
     const int64_t B = r.batch, C = f.latent_channels, h = r.height / f.vae_scale_factor, w = r.width / f.vae_scale_factor;
     const size_t per_image = size_t(C * h * w), n = size_t(B) * per_image, hw = size_t(h * w);
@@ -270,7 +324,7 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
             unet_inputs.push_back({pooled.data(), {unet_batch, f.pooled_dim}});
             unet_inputs.push_back({ids.data(), {unet_batch, f.time_ids_dim}});
         }
-        backend_->run(kUnet, unet_inputs, {{pred.data(), {unet_batch, C, h, w}}});
+        backend_->run(kUnet, with_loras(kUnet, unet_inputs), {{pred.data(), {unet_batch, C, h, w}}});
         if (guidance)
             for (size_t k = 0; k < n; ++k) pred[k] = pred[k] + g * (pred[n + k] - pred[k]);
         std::vector<float> step_noise;

@@ -3,10 +3,15 @@
 
 #include <atomic>
 #include <cstdint>
+#include <filesystem>
+#include <map>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "backend.h"
+#include "lora.h"
 #include "model.h"
 #include "noise.h"
 #include "tokenizer.h"
@@ -21,6 +26,7 @@ struct Request {  // sdrt_gen_params, checked and with defaults filled in
     const uint8_t *init_image = nullptr;
     const uint8_t *mask = nullptr;  // inpainting: width * height grey bytes, >= 128 = repaint
     bool keep_unmasked = false;
+    std::vector<std::pair<std::string, double>> loras;  // run-time LoRAs: (file, scale)
 };
 
 struct Timings {
@@ -61,6 +67,19 @@ private:
     CpuKernel kernel_;
     std::atomic<bool> cancel_{false};
 
+    // Run-time LoRAs: files read once (again when changed), the slot inputs of the active set per network.
+    struct CachedLora {
+        long long size;
+        std::filesystem::file_time_type mtime;
+        LoraFactors factors;
+    };
+    std::map<std::string, CachedLora> lora_files_;
+    std::map<std::string, std::vector<SlotFeed>> lora_feeds_;
+    std::vector<std::pair<std::string, double>> active_loras_;
+    bool has_lora_slots_ = false;
+
+    void activate_loras(const std::vector<std::pair<std::string, double>> &loras);
+    std::vector<TensorIn> with_loras(const std::string &network, std::vector<TensorIn> inputs) const;
     TextStates encode_prompt(const std::string &prompt);
     std::vector<float> time_ids(const Request &r, bool negative) const;  // SDXL's micro-conditioning of one image
 };

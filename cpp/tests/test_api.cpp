@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -217,6 +218,22 @@ void struct_sizes(sdrt_ctx *ctx) {
     newer.future_field = 7;
     CHECK(sdrt_generate(ctx, &newer.base, rgb.data()) == SDRT_ERR_UNSUPPORTED && has(sdrt_last_error(ctx), "does not know"),
           std::string("newer struct, new field set: ") + sdrt_last_error(ctx));
+
+    // An ABI 3 host's struct ends before loras/lora_count: whatever lies past it is never read.
+    std::vector<uint8_t> want(rgb.size());
+    CHECK(sdrt_generate(ctx, &gp, want.data()) == SDRT_OK, std::string("ABI 4 struct: ") + sdrt_last_error(ctx));
+    sdrt_gen_params v3 = gp;
+    v3.struct_size = offsetof(sdrt_gen_params, loras);
+    v3.loras = reinterpret_cast<const sdrt_lora *>(16), v3.lora_count = 5;  // garbage past an ABI 3 struct
+    CHECK(sdrt_generate(ctx, &v3, rgb.data()) == SDRT_OK && rgb == want, std::string("ABI 3 struct: ") + sdrt_last_error(ctx));
+    sdrt_gen_params bad = gp;
+    bad.lora_count = 1;
+    CHECK(sdrt_generate(ctx, &bad, rgb.data()) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "loras is NULL"),
+          std::string("lora_count without loras: ") + sdrt_last_error(ctx));
+    sdrt_lora nan_scale = {"x.safetensors", std::nan("")};
+    bad.loras = &nan_scale;
+    CHECK(sdrt_generate(ctx, &bad, rgb.data()) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "loras[0].scale"),
+          std::string("NaN LoRA scale: ") + sdrt_last_error(ctx));
 
     sdrt_timings t;
     t.struct_size = 0;

@@ -4,22 +4,10 @@
 #include <cmath>
 #include <cstring>
 
+#include "floats.h"
 #include "util.h"
 
 namespace sdrt {
-
-float half_to_float(uint16_t h) {
-    uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
-    if (exp == 0) {
-        float v = std::ldexp(float(mant), -24);
-        return sign ? -v : v;
-    }
-    if (exp == 31) bits = sign | 0x7F800000u | (mant << 13);
-    else bits = sign | ((exp + 112) << 23) | (mant << 13);
-    float out;
-    std::memcpy(&out, &bits, 4);
-    return out;
-}
 
 SafeTensors read_safetensors(const std::string &path, const std::string &what) {
     std::string data = read_file(path);
@@ -47,7 +35,7 @@ SafeTensors read_safetensors(const std::string &path, const std::string &what) {
         if (!dt || !dt->is_string() || !sh || !sh->is_array() || !off || !off->is_array() || off->size() != 2)
             throw bad("tensor " + kv.first + " has no dtype, shape or data_offsets");
         const std::string &dtype = dt->as_string();
-        size_t width = dtype == "F32" ? 4 : dtype == "F64" ? 8 : (dtype == "F16" || dtype == "BF16") ? 2 : 0;
+        size_t width = float_width(dtype);
         if (!width) throw model_error(path + ": tensor " + kv.first + " has dtype " + dtype + "; a LoRA's are F32, F16, BF16 or F64");
         SafeTensor t;
         size_t count = 1;
@@ -62,24 +50,7 @@ SafeTensors read_safetensors(const std::string &path, const std::string &what) {
             throw bad("tensor " + kv.first + "'s offsets do not match its shape, or run past the end");
         const char *p = data.data() + base + size_t(b);
         t.data.resize(count);
-        for (size_t i = 0; i < count; ++i) {
-            if (width == 4) {
-                std::memcpy(&t.data[i], p + 4 * i, 4);
-            } else if (width == 8) {
-                double v;
-                std::memcpy(&v, p + 8 * i, 8);
-                t.data[i] = float(v);
-            } else {
-                uint16_t h;
-                std::memcpy(&h, p + 2 * i, 2);
-                if (dtype == "F16") {
-                    t.data[i] = half_to_float(h);
-                } else {
-                    uint32_t bits = uint32_t(h) << 16;
-                    std::memcpy(&t.data[i], &bits, 4);
-                }
-            }
-        }
+        widen_floats(p, count, dtype, t.data.data());
         out.keys.push_back(kv.first);
         out.tensors.emplace(kv.first, std::move(t));
     }

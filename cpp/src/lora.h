@@ -25,7 +25,6 @@ struct SafeTensors {
     Json metadata;
 };
 SafeTensors read_safetensors(const std::string &path, const std::string &what);
-float half_to_float(uint16_t h);
 
 // One slot's factors at scale 1 (alpha/rank folded into up): down [rank, in * kh * kw], up [out, rank].
 struct SlotFactors {

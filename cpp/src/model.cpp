@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "floats.h"
 #include "util.h"
 
 namespace sdrt {
@@ -226,19 +227,6 @@ ExportFolder read_export(const std::string &path) {
     return ex;
 }
 
-static float half_to_float(uint16_t h) {
-    uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
-    if (exp == 0) {
-        float v = std::ldexp(float(mant), -24);
-        return sign ? -v : v;
-    }
-    if (exp == 31) bits = sign | 0x7F800000u | (mant << 13);
-    else bits = sign | ((exp + 112) << 23) | (mant << 13);
-    float out;
-    std::memcpy(&out, &bits, 4);
-    return out;
-}
-
 TokenTable read_token_table(const std::string &path) {
     std::string data = read_file(path);
     auto bad = [&](const std::string &why) { return model_error(path + " is not a valid safetensors file (" + why + ")" + kReexport); };
@@ -260,30 +248,13 @@ TokenTable read_token_table(const std::string &path) {
     t.hidden = int(shape[1].as_int());
     size_t begin = size_t(offsets[0].as_int()), end = size_t(offsets[1].as_int()), base = 8 + size_t(n);
     size_t count = size_t(t.rows) * size_t(t.hidden);
-    size_t width = dtype == "F32" ? 4 : dtype == "F64" ? 8 : (dtype == "F16" || dtype == "BF16") ? 2 : 0;
+    size_t width = float_width(dtype);
     if (!width) throw model_error(path + ": the token table's dtype " + dtype + " is not supported (F32, F16, BF16, F64)");
     if (t.rows < 1 || t.hidden < 1 || end < begin || end - begin != count * width || base + end > data.size())
         throw bad("the token table's offsets do not match its shape");
     const char *p = data.data() + base + begin;
     t.data.resize(count);
-    for (size_t i = 0; i < count; ++i) {
-        if (width == 4) {
-            std::memcpy(&t.data[i], p + 4 * i, 4);
-        } else if (width == 8) {
-            double d;
-            std::memcpy(&d, p + 8 * i, 8);
-            t.data[i] = float(d);
-        } else {
-            uint16_t h;
-            std::memcpy(&h, p + 2 * i, 2);
-            if (dtype == "F16") {
-                t.data[i] = half_to_float(h);
-            } else {
-                uint32_t bits = uint32_t(h) << 16;
-                std::memcpy(&t.data[i], &bits, 4);
-            }
-        }
-    }
+    widen_floats(p, count, dtype, t.data.data());
     return t;
 }
 

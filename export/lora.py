@@ -20,29 +20,33 @@ from sdrt.adapters.lora import fuse_into_modules
 
 
 def fuse_into_folder(model_dir, loras, out_dir) -> list[dict]:
-    """Write `model_dir` with `loras` [(file, scale)] fused into its UNet and text encoder to `out_dir` (VAE linked,
-    tokenizer and scheduler copied); returns the LoRA records."""
-    import torch
+    """Write `model_dir` with `loras` [(file, scale)] fused into its UNet and text encoder(s) (SDXL: both) to
+    `out_dir` (VAE linked, tokenizers and scheduler copied); returns the LoRA records."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdrt.families import family_spec
+    from sdrt.model.facts import read_model_facts
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    spec = family_spec(read_model_facts(model_dir).family)
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    text = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    dtypes = next(unet.parameters()).dtype, next(text.parameters()).dtype
-    if dtypes != (torch.float32, torch.float32):  # fuse in float32, store in the folder's own precision
-        unet, text = unet.float(), text.float()
-    modules = {"unet": unet, "text_encoder": getattr(text, "text_model", text)}
+    texts = {folder: (CLIPTextModelWithProjection if folder == "text_encoder_2" else CLIPTextModel).from_pretrained(
+        model_dir, subfolder=folder) for _, _, folder in spec.text_encoders}
+    dtypes = {name: next(m.parameters()).dtype for name, m in {"unet": unet, **texts}.items()}
+    unet = unet.float()  # fuse in float32, store in the folder's own precision
+    texts = {name: m.float() for name, m in texts.items()}
+    modules = {"unet": unet, **{name: getattr(m, "text_model", m) for name, m in texts.items()}}
     records = [fuse_into_modules(path, scale, modules) for path, scale in loras]
     out_dir.mkdir(parents=True)
-    if dtypes != (torch.float32, torch.float32):
-        unet, text = unet.to(dtypes[0]), text.to(dtypes[1])
-    unet.save_pretrained(out_dir / "unet")
-    text.save_pretrained(out_dir / "text_encoder")
+    unet.to(dtypes["unet"]).save_pretrained(out_dir / "unet")
+    for name, text in texts.items():
+        text.to(dtypes[name]).save_pretrained(out_dir / name)
     prefix_text_encoder_keys(out_dir)  # loadable by transformers 4.x too
     (out_dir / "vae").symlink_to((model_dir / "vae").resolve(), target_is_directory=True)
-    for name in ("tokenizer", "scheduler"):
-        shutil.copytree(model_dir / name, out_dir / name)
+    for _, tokenizer, _ in spec.text_encoders:
+        shutil.copytree(model_dir / tokenizer, out_dir / tokenizer)
+    shutil.copytree(model_dir / "scheduler", out_dir / "scheduler")
     shutil.copy2(model_dir / "model_index.json", out_dir / "model_index.json")
     return records
 

@@ -163,6 +163,11 @@ def _export_folder(
     if not 14 <= opset <= 23:
         raise InputError(f"opset {opset} is outside 14-23; use {DEFAULT_OPSET[exporter]}")
     facts = read_model_facts(model_dir)
+    spec = family_spec(facts.family)
+    if share_weights and spec.networks != family_spec("sd1").networks:
+        raise InputError(f"share_weights is for SD 1.x/2.x exports; export this {spec.title} model without it")
+    if lora_slots != "none" and facts.time_ids_dim:
+        raise InputError(f"LoRA slots for {spec.title} are not supported yet; export without --lora-slots")
     limits = limits or default_limits(facts, min_size, opt_size, max_size, max_batch)
     check_limits(limits, facts)
     check_out_dir(model_dir, out_dir, force)
@@ -171,7 +176,6 @@ def _export_folder(
     upcast_attention = bool(read_json(model_dir / "unet" / "config.json").get("upcast_attention")) and fp16
     modules = load_modules(model_dir, facts)
     slot_counts = add_lora_slots(modules, contracts, lora_slots)
-    precision = "fp16" if fp16 else "fp32"
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
@@ -195,34 +199,41 @@ def _export_folder(
                 export_network(modules[name], contracts[name], tmp / rel, args, opset, exporter, constant_folding=not share_weights)
             for key in GRAPH_REWRITES:
                 rewrites[key][name] = counts[key]
-            finish_network(tmp / rel, contracts[name], fp16, keep_fp32_ops, upcast_attention and name == UNET)
+            # A VAE that overflows in fp16 (SDXL's: force_upcast) stays fp32 in an fp16 export, as diffusers runs it.
+            net_fp16 = fp16 and not (facts.force_upcast and name.startswith("vae_"))
+            finish_network(tmp / rel, contracts[name], net_fp16, keep_fp32_ops, upcast_attention and name == UNET)
             if share_weights:
                 rel = share_network_weights(tmp, rel, name)
-            report = NetworkReport(name, rel, precision, time.perf_counter() - t0, network_bytes(tmp / rel))
+            net_precision = "fp16" if net_fp16 else "fp32"
+            report = NetworkReport(name, rel, net_precision, time.perf_counter() - t0, network_bytes(tmp / rel))
             if check:
                 report.check_dims = check_dims(limits, facts)
                 report.errors = compare_with_torch(tmp / rel, modules[name], contracts[name], report.check_dims)
                 for output, err in report.errors.items():
-                    if not err["rel"] <= CHECK_TOLERANCE[precision]:
+                    if not err["rel"] <= CHECK_TOLERANCE[net_precision]:
                         hint = " (keep more ops in fp32 with --keep-fp32-op, or export fp32)" if fp16 else ""
                         raise ModelError(
                             f"the exported {name} differs from PyTorch on {output!r} by {err['rel']:.2e} of its range "
-                            f"(tolerance {CHECK_TOLERANCE[precision]:.0e}){hint}; nothing was written"
+                            f"(tolerance {CHECK_TOLERANCE[net_precision]:.0e}){hint}; nothing was written"
                         )
             reports[name] = report
         bar.close()
         del modules
         shutil.rmtree(tmp / ".staging", ignore_errors=True)
-        copy_runtime_files(model_dir, tmp, token_table=not share_weights)
+        text_encoders = copy_runtime_files(model_dir, tmp, token_table=not share_weights)
         manifest = Manifest(
             facts=facts,
             contracts=contracts,
-            networks={n: {"file": r.file, "precision": precision, "opset": opset, "exporter": exporter} for n, r in reports.items()},
+            networks={n: {"file": r.file, "precision": r.precision, "opset": opset, "exporter": exporter} for n, r in reports.items()},
             files={},
             limits=limits.to_dict(),
             versions=library_versions(opset, exporter),
-            token_embeddings=SHARED_FILES["text_encoder"][1] if share_weights else "token_embeddings.safetensors",
+            tokenizer=text_encoders[0]["tokenizer"],
+            token_embeddings=SHARED_FILES["text_encoder"][1] if share_weights else text_encoders[0]["token_embeddings"],
             extras={
+                # SDXL: every text encoder's tokenizer and token table ({network: {tokenizer, token_embeddings}}).
+                **({"text_encoders": {t["network"]: t for t in text_encoders}} if len(spec.text_encoders) > 1
+                   or spec.text_encoders[0][0] != "text_encoder" else {}),
                 "shared_weights": share_weights,
                 "source": str(source.resolve()),
                 "loras": lora_records,
@@ -480,19 +491,25 @@ def share_network_weights(folder: Path, staged_rel: str, network: str) -> str:
     return str(final.relative_to(folder))
 
 
-def copy_runtime_files(model_dir: Path, folder: Path, token_table: bool = True) -> None:
-    """Tokenizer, scheduler config and the token-embedding table: what the runtime needs besides the networks."""
+def copy_runtime_files(model_dir: Path, folder: Path, token_table: bool = True) -> list[dict]:
+    """Tokenizers, scheduler config and the token-embedding tables: what the runtime needs besides the networks.
+    Returns {network, tokenizer, token_embeddings} (paths relative to `folder`) per text encoder."""
     from safetensors.numpy import save_file
 
     from sdrt.model.source import open_model
 
-    shutil.copytree(model_dir / "tokenizer", folder / "tokenizer")
     (folder / "scheduler").mkdir()
     shutil.copy2(model_dir / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
-    if not token_table:  # the runtime reads the table from the shared text-encoder checkpoint
-        return
-    table = open_model(model_dir).load_token_embeddings()
-    save_file({"token_embedding": np.ascontiguousarray(table, dtype=np.float32)}, str(folder / "token_embeddings.safetensors"))
+    source = open_model(model_dir)
+    written = []
+    for k, (network, tokenizer, table_file) in enumerate(source.text_encoders()):
+        shutil.copytree(tokenizer, folder / tokenizer.name)
+        table = f"token_embeddings{'' if k == 0 else f'_{k + 1}'}.safetensors"
+        written.append({"network": network, "tokenizer": tokenizer.name, "token_embeddings": table})
+        if token_table:  # else the runtime reads the table from the shared text-encoder checkpoint
+            data = np.ascontiguousarray(source.load_token_embeddings(table_file), dtype=np.float32)
+            save_file({"token_embedding": data}, str(folder / table))
+    return written
 
 
 def library_versions(opset: int, exporter: str) -> dict:

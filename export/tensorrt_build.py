@@ -169,7 +169,9 @@ def build_engines(
     plans = {}
     for network in [n for n in source.family_section()["networks"] if n in source.networks]:
         profile = network_profile(source.contracts[network], source.facts, limits, static)
-        flags = build_flags(network, source.networks[network].get("precision", "fp32"), fp16, source.extras,
+        # A VAE that overflows in fp16 (SDXL's: force_upcast) gets an fp32 engine in an fp16 build.
+        net_fp16 = fp16 and not (source.facts.force_upcast and network.startswith("vae_"))
+        flags = build_flags(network, source.networks[network].get("precision", "fp32"), net_fp16, source.extras,
                             quantize if network == QUANTIZED else None)
         fields = engine_key_fields(network, network_onnx_files(source, network), profile, flags, machine)
         key = engine_key(fields)

@@ -17,10 +17,13 @@ if TYPE_CHECKING:
     from sdrt.model.facts import ModelFacts
 
 TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"
 UNET = "unet"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
 NETWORKS = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)
+SDXL_NETWORKS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_ENCODER, VAE_DECODER)
+SDXL_REFINER_NETWORKS = (TEXT_ENCODER_2, UNET, VAE_ENCODER, VAE_DECODER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +235,49 @@ def sd_contracts(facts: ModelFacts) -> dict[str, NetworkContract]:
             doc="Scaled latents, as the UNet sees them (divided by scaling_factor inside) -> image in about [-1, 1].",
         ),
     }
+
+
+def sdxl_contracts(facts: ModelFacts) -> dict[str, NetworkContract]:
+    """SDXL base and refiner: one or two CLIP encoders giving penultimate hidden states (concatenated by the runtime
+    into the UNet's encoder_hidden_states), the second also its pooled, projected output; a UNet that takes
+    `text_embeds` and `time_ids` (its "text_time" added embedding); the VAE as for SD."""
+    sd = sd_contracts(facts)
+    c, seq, f32 = facts.latent_channels, facts.text_seq_len, "float32"
+    contracts = {}
+    if facts.text_hidden_size:  # the base's CLIP ViT-L (the refiner has none)
+        hidden = facts.text_hidden_size
+        contracts[TEXT_ENCODER] = NetworkContract(
+            TEXT_ENCODER,
+            inputs=(TensorSpec("inputs_embeds", f32, ("batch", seq, hidden)),),
+            outputs=(TensorSpec("hidden_states", f32, ("batch", seq, hidden)),),
+            doc="Token embeddings -> the penultimate layer's hidden states (no final layer norm), as SDXL uses them.",
+        )
+    hidden2 = facts.text_hidden_size_2
+    contracts[TEXT_ENCODER_2] = NetworkContract(
+        TEXT_ENCODER_2,
+        inputs=(
+            TensorSpec("inputs_embeds", f32, ("batch", seq, hidden2)),
+            TensorSpec("pool_weights", f32, ("batch", seq)),
+        ),
+        outputs=(
+            TensorSpec("hidden_states", f32, ("batch", seq, hidden2)),
+            TensorSpec("text_embeds", f32, ("batch", facts.pooled_dim)),
+        ),
+        doc="Token embeddings, and a one-hot row marking the token CLIP pools (its end-of-text token) -> the "
+        "penultimate layer's hidden states, and the pooled final state through the text projection.",
+    )
+    contracts[UNET] = NetworkContract(
+        UNET,
+        inputs=sd[UNET].inputs + (
+            TensorSpec("text_embeds", f32, ("unet_batch", facts.pooled_dim)),
+            TensorSpec("time_ids", f32, ("unet_batch", facts.time_ids_dim)),
+        ),
+        outputs=sd[UNET].outputs,
+        doc=sd[UNET].doc + " SDXL: the pooled text embedding and the micro-conditioning time ids (original size, "
+        "crop corner, target size or aesthetic score) go through the UNet's added time embedding.",
+    )
+    contracts[VAE_ENCODER], contracts[VAE_DECODER] = sd[VAE_ENCODER], sd[VAE_DECODER]
+    return contracts
 
 
 @dataclasses.dataclass(frozen=True)

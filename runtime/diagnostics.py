@@ -17,6 +17,9 @@ def network_precision(pipe, network: str) -> str | None:
 def precision_hint(pipe, network: str) -> str:
     """The fix to suggest: an fp16 network's overflow is the usual cause; otherwise say the weights or export."""
     precision = network_precision(pipe, network)
+    if precision == "fp16" and network.startswith("vae") and getattr(pipe.facts, "force_upcast", False):
+        return (f"; the {network} runs in fp16, but this model's VAE overflows in fp16 (its config sets force_upcast): "
+                "re-export with this sdrt, which keeps it in fp32, or use an fp16-safe VAE")
     if precision == "fp16":
         return (f"; the {network} runs in fp16, which overflows in some models: re-export with --keep-fp32-op or "
                 "without --fp16 (torch backend: dtype='fp32')")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Callable
 
-from sdrt.contracts import NETWORKS, NetworkContract, sd_contracts
+from sdrt.contracts import NETWORKS, SDXL_NETWORKS, SDXL_REFINER_NETWORKS, NetworkContract, sd_contracts, sdxl_contracts
 from sdrt.errors import ModelError
 from sdrt.schedulers import DEFAULT_SCHEDULER
 
@@ -31,6 +31,14 @@ class FamilySpec:
     conditioning: tuple[str, ...]  # UNet inputs beyond the latent sample and the timestep
     default_scheduler: str  # sdrt scheduler name used when a config names a class sdrt lacks
     build_contracts: Callable[[ModelFacts], dict[str, NetworkContract]]
+    # (text-encoder network, its tokenizer folder, its diffusers component folder), in the order their hidden
+    # states are concatenated for the UNet's cross-attention.
+    text_encoders: tuple[tuple[str, str, str], ...] = (("text_encoder", "tokenizer", "text_encoder"),)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The diffusers folders a model of this family must hold."""
+        return tuple(c for _, tok, enc in self.text_encoders for c in (enc, tok)) + ("unet", "vae", "scheduler")
 
     def contracts(self, facts: ModelFacts) -> dict[str, NetworkContract]:
         return self.build_contracts(facts)
@@ -45,6 +53,7 @@ class FamilySpec:
             "name": self.name,
             "networks": list(self.networks),
             "conditioning": list(self.conditioning) + extra,
+            "text_encoders": [{"network": n, "tokenizer": t} for n, t, _ in self.text_encoders],
             "default_scheduler": self.default_scheduler,
             "schedulers": scheduler_defaults(),
         }
@@ -58,12 +67,23 @@ _SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "O
 
 SD1 = FamilySpec("sd1", "Stable Diffusion 1.x", _SD_PIPELINES, NETWORKS, ("encoder_hidden_states",), DEFAULT_SCHEDULER, sd_contracts)
 SD2 = FamilySpec("sd2", "Stable Diffusion 2.x", _SD_PIPELINES, NETWORKS, ("encoder_hidden_states",), DEFAULT_SCHEDULER, sd_contracts)
-FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (SD1, SD2)}
+# SDXL: two CLIP encoders (penultimate states concatenated), the second's pooled projection as `text_embeds` and
+# the micro-conditioning `time_ids` through the UNet's "text_time" added embedding. The refiner has the second
+# encoder only and conditions on aesthetic scores instead of the target size (facts.requires_aesthetics_score).
+_SDXL_CONDITIONING = ("encoder_hidden_states", "text_embeds", "time_ids")
+SDXL = FamilySpec(
+    "sdxl", "Stable Diffusion XL", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"), SDXL_NETWORKS,
+    _SDXL_CONDITIONING, "euler", sdxl_contracts,
+    (("text_encoder", "tokenizer", "text_encoder"), ("text_encoder_2", "tokenizer_2", "text_encoder_2")),
+)
+SDXL_REFINER = FamilySpec(
+    "sdxl_refiner", "Stable Diffusion XL refiner", ("StableDiffusionXLImg2ImgPipeline",), SDXL_REFINER_NETWORKS,
+    _SDXL_CONDITIONING, "euler", sdxl_contracts, (("text_encoder_2", "tokenizer_2", "text_encoder_2"),),
+)
+FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (SD1, SD2, SDXL, SDXL_REFINER)}
 
 # Pipelines sdrt knows of and refuses by name: a clear message beats a shape error deep inside a network.
 NOT_YET_SUPPORTED = {
-    "StableDiffusionXLPipeline": "SDXL",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL",
     "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
     "StableDiffusion3Pipeline": "SD3",
     "StableDiffusionUpscalePipeline": "SD x4 upscaler",
@@ -100,6 +120,10 @@ def check_pipeline_class(cls: str, where: str) -> None:
         raise ModelError(f"{where} holds a {cls}, which sdrt does not know; it runs {', '.join(sorted(supported_pipelines()))}")
 
 
-def detect_family(text_config: dict) -> FamilySpec:
-    """SD 1.x and 2.x share every network; 2.x's OpenCLIP text encoder is the one with plain GELU."""
+def detect_family(text_config: dict, unet_config: dict | None = None, model_index: dict | None = None) -> FamilySpec:
+    """SDXL: a UNet with the "text_time" added embedding (the refiner: no first text encoder). SD 1.x and 2.x share
+    every network; 2.x's OpenCLIP text encoder is the one with plain GELU."""
+    if (unet_config or {}).get("addition_embed_type") == "text_time":
+        first = (model_index or {}).get("text_encoder")
+        return SDXL if isinstance(first, list) and first and first[0] is not None else SDXL_REFINER
     return SD2 if text_config.get("hidden_act", "quick_gelu") == "gelu" else SD1

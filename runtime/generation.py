@@ -36,6 +36,13 @@ class GenerationPlan:
     timestep_spacing: str | None = None  # "leading"/"linspace"/"trailing" instead of the scheduler config's (None: its own)
     cfg: bool = True  # guidance by an [uncond, cond] batch; False for LCM-distilled UNets (guidance embedding)
     mask: object | None = None  # sdrt.inpaint.Mask: inpaint the init image (None: img2img or text-to-image)
+    # SDXL (empty/None/False for SD 1.x/2.x): micro-conditioning per image, the zeroed negative, the hand-over.
+    time_ids: tuple = ()  # original size, crop corner, target size (or aesthetic score), as the UNet takes them
+    negative_time_ids: tuple = ()
+    zero_negatives: bool = False  # no negative prompt and force_zeros_for_empty_prompt: uncond states are zeros
+    denoising_start: float | None = None  # start at this fraction of the schedule from init_latents
+    denoising_end: float | None = None  # stop at this fraction (the base's part of a base + refiner run)
+    init_latents: np.ndarray | None = None  # [batch, C, h, w] latents handed over from a base (denoising_start)
 
     @property
     def batch(self) -> int:
@@ -52,7 +59,7 @@ class GenerationPlan:
         """Plans with equal keys share UNet calls: same shapes, schedule, guidance on/off and LoRA set."""
         img2img = self.init_image is not None
         return (self.height, self.width, self.steps, self.scheduler, img2img, self.strength if img2img else None, self.guided,
-                self.loras, self.mask is not None, self.timestep_spacing)
+                self.loras, self.mask is not None, self.timestep_spacing, self.denoising_start, self.denoising_end)
 
 
 @dataclasses.dataclass
@@ -70,6 +77,8 @@ class Batch:
     timings: dict = dataclasses.field(default_factory=dict)
     timestep_cond: np.ndarray | None = None  # LCM-distilled UNets: float32 [rows, time_cond_proj_dim] guidance embedding
     inpaint: object | None = None  # sdrt.inpaint.InpaintRows: per-row mask and image latents when inpainting
+    # UNet inputs beyond the text states (SDXL's text_embeds and time_ids), rows laid out as text_states'.
+    added: dict = dataclasses.field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -100,12 +109,16 @@ class Batch:
         self.plans = [p for p in self.plans if p is not plan]
         self.x = self.x[keep]
         self.generators = [self.generators[k] for k in keep]
+        def rows_kept(states):
+            if not self.guided:
+                return states[keep]
+            n = len(states) // 2
+            return np.concatenate([states[:n][keep], states[n:][keep]])
+
+        self.text_states = rows_kept(self.text_states)
+        self.added = {name: rows_kept(value) for name, value in self.added.items()}
         if self.guided:
-            n = len(self.text_states) // 2
-            self.text_states = np.concatenate([self.text_states[:n][keep], self.text_states[n:][keep]])
             self.guidance = self.guidance[keep]
-        else:
-            self.text_states = self.text_states[keep]
         if self.timestep_cond is not None:
             self.timestep_cond = self.timestep_cond[keep]
         if self.inpaint is not None:

@@ -106,8 +106,10 @@ def decoded_to_uint8(decoded: np.ndarray) -> np.ndarray:
 
 
 def a1111_parameters(params: dict) -> str:
-    """The `parameters` text of AUTOMATIC1111's PNGs."""
-    lines = [params.get("prompt", "")]
+    """The `parameters` text of AUTOMATIC1111's PNGs. Run-time LoRAs ("name:scale, ...") go back into the prompt as
+    A1111 writes them (`<lora:name:scale>`), so pasting the text into A1111 applies them again."""
+    tags = "".join(f" <lora:{item.strip()}>" for item in (params.get("loras") or "").split(",") if item.strip())
+    lines = [params.get("prompt", "") + tags]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
     fields = [

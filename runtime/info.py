@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdrt.backends.base import available_backends
+from sdrt.families import family_spec
 from sdrt.model.source import open_model
 
 
@@ -25,15 +26,21 @@ def describe_model(model: str | Path | None, verify: bool = False) -> tuple[str,
     lines = [
         f"model        {source.path}",
         f"kind         {'sdrt export' if source.manifest else 'diffusers folder'}" + (" + diffusers weights" if source.manifest and source.is_diffusers else ""),
-        f"family       {f.family}  (prediction: {f.prediction_type})",
+        f"family       {f.family}: {family_spec(f.family).title}  (prediction: {f.prediction_type})",
         f"scheduler    {sched.get('_class_name', '?')}  ({sched.get('beta_schedule', '?')}, {sched.get('num_train_timesteps', '?')} train steps)",
         f"latents      {f.latent_channels} channels, VAE /{f.vae_scale_factor}, scaling factor {f.scaling_factor}",
         "inpainting   " + (f"dedicated inpainting UNet ({f.unet_input_channels} input channels: latents, mask, masked image); "
                              "needs --image and --mask" if f.inpainting_unet else "by masking the latents each step (--image, --mask)"),
         f"size         default {f.default_size}x{f.default_size}; height and width must be multiples of {f.size_step}",
-        f"text         {f.text_seq_len} tokens x {f.text_hidden_size}, vocabulary {f.vocab_size}",
-        "components",
+        f"text         {f.text_seq_len} tokens x {f.text_hidden_size or f.text_hidden_size_2}, vocabulary {f.vocab_size}",
     ]
+    if f.time_ids_dim:  # SDXL
+        widths = " + ".join(str(w) for w in (f.text_hidden_size, f.text_hidden_size_2) if w)
+        lines.insert(-1, f"sdxl         text states {widths} channels, pooled {f.pooled_dim}, {f.time_ids_dim} time ids"
+                     + (" (aesthetic score)" if f.requires_aesthetics_score else "")
+                     + (", empty negative = zeros" if f.force_zeros_for_empty_prompt else "")
+                     + (", VAE kept fp32 (force_upcast)" if f.force_upcast else ""))
+    lines.append("components")
     if source.manifest:
         for name, net in source.manifest.networks.items():
             files = [p for p in (source.path / net["file"]).parent.glob(Path(net["file"]).name + "*")]  # + .data
@@ -41,7 +48,7 @@ def describe_model(model: str | Path | None, verify: bool = False) -> tuple[str,
             lines.append(f"  {name:<14} {net['file']}  ({net.get('precision', 'fp32')}, {size:.1f} MB)")
         lines += _int8_lines(source.manifest.extras.get("int8"))
     else:
-        for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
+        for name in family_spec(f.family).components:
             lines.append(f"  {name:<14} {_size(source.path / name)}")
     ok = True
     if verify:

@@ -46,7 +46,7 @@ class PipelineOutput:
 
 
 class Pipeline:
-    """Stable Diffusion 1.x/2.x text-to-image and image-to-image over any sdrt backend."""
+    """Stable Diffusion 1.x/2.x and SDXL (base and refiner) text-to-image and image-to-image over any sdrt backend."""
 
     def __init__(self, source: ModelSource, backend, tokenizer: ClipTokenizer, token_table: np.ndarray):
         self.source = source
@@ -54,6 +54,7 @@ class Pipeline:
         self.backend = backend
         self.tokenizer = tokenizer
         self.token_table = token_table  # [vocab (+ textual-inversion rows), hidden], owned by the runtime
+        self.more_text_encoders: list = []  # SDXL's second encoder: [(network, ClipTokenizer, token table)]
         self.textual_inversions: dict[str, list[str]] = {}
         self.loras: list[dict] = []  # LoRAs fused into the PyTorch backend's networks: {"file", "sha256", "scale"}
         self.registered_loras: dict = {}  # name -> sdrt.adapters.lora_switch.RegisteredLora (run-time, any backend)
@@ -74,9 +75,23 @@ class Pipeline:
 
         parse_memory(max_memory)  # a bad budget fails before loading
         backend_impl = source.create_backend(backend, **backend_options)
-        pipe = cls(source, backend_impl, ClipTokenizer.from_folder(source.tokenizer_dir), source.load_token_embeddings())
+        (network, tokenizer, table), *more = source.text_encoders()
+        pipe = cls(source, backend_impl, ClipTokenizer.from_folder(tokenizer), source.load_token_embeddings(table))
+        pipe.text_network = network
+        pipe.more_text_encoders = [(n, ClipTokenizer.from_folder(t), source.load_token_embeddings(f)) for n, t, f in more]
         pipe.max_memory = max_memory
         return pipe
+
+    text_network = TEXT_ENCODER  # the network of `tokenizer` and `token_table` (SDXL's refiner: text_encoder_2)
+
+    @property
+    def text_encoders(self) -> list:
+        """(network, tokenizer, token table) of every text encoder, in the order their states are concatenated."""
+        return [(self.text_network, self.tokenizer, self.token_table)] + list(self.more_text_encoders)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return bool(self.facts.time_ids_dim)
 
     @classmethod
     def from_single_file(cls, path: str | Path, backend: str = "torch", cache_dir=None, allow_pickle: bool = False,
@@ -92,21 +107,30 @@ class Pipeline:
     # --- customisation: textual inversion (any backend), LoRA (fused; PyTorch backend) --------------------------
 
     def load_textual_inversion(self, path_or_dict, token: str | None = None) -> list[str]:
-        """Load a diffusers or A1111 embedding (file, folder or {token: vectors}); returns the tokens it added."""
+        """Load a diffusers or A1111 embedding (file, folder or {token: vectors}); SDXL: clip_l/clip_g embeddings
+        (token default: the file's stem). Returns the tokens it added."""
         from sdrt.adapters import textual_inversion as ti
 
+        if self.is_sdxl:
+            widths = {network: table.shape[1] for network, _, table in self.text_encoders}
+            token, vectors, name = ti.read_sdxl_embedding(path_or_dict, token, widths)
+            ti.add_to_encoders(self, token, vectors, name)
+            return self.textual_inversions[token]
         token, vectors, name = ti.read_embedding(path_or_dict, token, width=self.token_table.shape[1])
         self.token_table = ti.add_embedding(self.tokenizer, self.token_table, self.textual_inversions, token, vectors, name)
         return self.textual_inversions[token]
 
     def unload_textual_inversion(self, token: str | None = None) -> None:
         """Remove one loaded embedding (by its token), or all of them."""
-        from sdrt.adapters.textual_inversion import remove_embedding
+        from sdrt.adapters.textual_inversion import remove_embedding, remove_from_encoders
 
+        if self.more_text_encoders:
+            return remove_from_encoders(self, token)
         self.token_table = remove_embedding(self.tokenizer, self.token_table, self.textual_inversions, token)
 
     def load_lora(self, path, scale: float = 1.0) -> None:
-        """Fuse a LoRA (kohya or diffusers layout) into the PyTorch backend's UNet and text encoder at `scale`.
+        """Fuse a LoRA (kohya or diffusers layout; SDXL: kohya's lora_te1_/lora_te2_/lora_unet_ in the original UNet
+        layout too) into the PyTorch backend's UNet and text encoder(s) at `scale`.
         Exports fuse LoRAs when exporting: `sdrt export MODEL OUT --lora FILE:SCALE`."""
         from sdrt.adapters.lora import fuse_lora_into_backend
 
@@ -150,6 +174,9 @@ class Pipeline:
         mask_blur: int = 0,
         keep_unmasked: bool = False,
         timestep_spacing: str | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        **micro,
     ) -> GenerationPlan:
         """0. Check every argument and resolve every default (size, seeds, scheduler); no network runs, nothing big is
         allocated (sdrt.inputs). max_memory: the budget the request must fit (None: from_pretrained's, else what is
@@ -158,9 +185,19 @@ class Pipeline:
         mask_image: inpaint `image` (white = repaint; see sdrt.inpaint for how masks are read); mask_blur: pixels of
         Gaussian blur on the mask (soft paste-back edge); keep_unmasked: paste the result back into the image.
         timestep_spacing: "leading", "linspace" or "trailing" instead of the model's scheduler config's (None: the
-        config's); "trailing" is what few-step models (SD-Turbo, LCM) want at 1-4 steps."""
+        config's); "trailing" is what few-step models (SD-Turbo, LCM) want at 1-4 steps.
+        SDXL: denoising_end stops at that fraction of the schedule (a base handing over to a refiner, with
+        output_type="latent"); denoising_start starts there from `image` given as those latents (the refiner's
+        part; strength is then unused); `micro` takes SDXL's micro-conditioning (sdrt.sdxl.MICRO_ARGS)."""
         from sdrt.adapters.lora_switch import resolve_loras
+        from sdrt import sdxl
 
+        micro = sdxl.check_micro(self.facts, micro)
+        if mask_image is not None and self.is_sdxl:
+            raise InputError("inpainting with SDXL models is not supported yet; drop mask_image")
+        if loras and self.is_sdxl:
+            raise InputError("run-time LoRAs (loras=) for SDXL are not supported yet; fuse one with pipe.load_lora(FILE, "
+                             "SCALE) on the PyTorch backend, or at export with `sdrt export --lora FILE:SCALE`")
         loras = resolve_loras(self, loras)
         prompts = inputs.check_prompts(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
@@ -171,13 +208,25 @@ class Pipeline:
         seed = inputs.check_seed(seed, batch)
         output_type = inputs.check_output_type(output_type)
         budget = self.max_memory if max_memory is None else max_memory
+        init_latents = None
+        if denoising_start is not None:  # the hand-over: `image` holds the base's latents
+            init_latents, image = sdxl.handed_over_latents(self.facts, image, batch, denoising_start), None
+            height = height or init_latents.shape[2] * self.facts.vae_scale_factor
+            width = width or init_latents.shape[3] * self.facts.vae_scale_factor
         init_image = inputs.check_image(image, max_pixels=image_pixel_limit(budget))
         height, width = self._size(height, width, init_image)
+        if init_latents is not None and init_latents.shape[2:] != self._latent_shape(height, width)[2:]:
+            raise InputError(f"the handed-over latents {init_latents.shape} do not match height {height} and width {width}")
         mask = self._mask(init_image, mask_image, mask_blur, keep_unmasked, width, height, budget)
         latents = inputs.check_latents(latents, (batch,) + self._latent_shape(height, width)[1:])
         # an unknown name or spacing fails here, not after the text
         sched = make_scheduler(scheduler, self.source.scheduler_config, timestep_spacing)
         num_inference_steps = inputs.check_steps(num_inference_steps, sched, strength if init_image is not None else 1.0)
+        if denoising_start is not None or denoising_end is not None:
+            if not self.is_sdxl:
+                raise InputError("denoising_start/denoising_end hand latents between SDXL base and refiner; this is a "
+                                 f"{self.facts.family} model")
+            sched.set_timesteps(num_inference_steps, 1.0, denoising_start, denoising_end)  # a window with no step fails here
         cfg = not self.facts.time_cond_proj_dim  # an LCM-distilled UNet takes guidance as an embedding, not a batch
         if not cfg and any(negatives):
             raise InputError("negative_prompt: this LCM-distilled UNet takes the guidance scale as an embedding and "
@@ -190,17 +239,27 @@ class Pipeline:
         # (diffusers' equivalent is generator=[torch.Generator().manual_seed(seed + k) for k in range(batch)]).
         seed = random.randrange(2**31) if seed is None else seed
         per_image = list(self._per_image(prompts, negatives, num_images_per_prompt))
+        time_ids, negative_time_ids = ((), ())
+        if self.is_sdxl:
+            time_ids, negative_time_ids = sdxl.time_ids(self.facts, height, width, img2img or init_latents is not None, micro)
         return GenerationPlan(
             prompts=[p for p, _ in per_image], negatives=[n for _, n in per_image], seeds=[seed + k for k in range(batch)],
             steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler,
             init_image=init_image, strength=strength, latents=latents, output_type=output_type,
-            loras=loras, mask=mask, cfg=cfg, timestep_spacing=timestep_spacing,
+            loras=loras, mask=mask, cfg=cfg, timestep_spacing=timestep_spacing, time_ids=time_ids,
+            negative_time_ids=negative_time_ids, zero_negatives=negative_prompt is None and self.facts.force_zeros_for_empty_prompt,
+            denoising_start=denoising_start, denoising_end=denoising_end, init_latents=init_latents,
         )  # fmt: skip
 
-    def encode_text(self, plans: list[GenerationPlan], observers=()) -> np.ndarray:
+    def encode_text(self, plans: list[GenerationPlan], observers=()) -> np.ndarray | dict:
         """1. Text-encoder states for every row of `plans`: [uncond rows; cond rows] when guided, else the cond rows.
-        Each distinct text is encoded once (a prompt's images and a batch's empty negatives share it)."""
+        Each distinct text is encoded once (a prompt's images and a batch's empty negatives share it). SDXL: a dict
+        of the UNet's text inputs, encoder_hidden_states and text_embeds, in the same rows (sdrt.sdxl)."""
         stack_plans(plans)
+        if self.is_sdxl:
+            from sdrt.sdxl import conditioning_rows
+
+            return conditioning_rows(self, plans, observers)
         self.activate_loras(plans[0].loras)
         cond = [p for plan in plans for p in plan.prompts]
         texts = cond + ([n for plan in plans for n in plan.negatives] if plans[0].guided else [])
@@ -212,20 +271,31 @@ class Pipeline:
             rows = rows[len(cond):] + rows[: len(cond)]
         return states[rows]
 
-    def prepare_latents(self, plans: list[GenerationPlan], text_states: np.ndarray, observers=()) -> Batch:
+    def prepare_latents(self, plans: list[GenerationPlan], text_states: np.ndarray | dict, observers=()) -> Batch:
         """2. The scheduler and the initial latents: pure noise, or the encoded image noised to the first timestep
-        of the truncated schedule (img2img). Draws from each row's generator in diffusers' order."""
+        of the truncated schedule (img2img), or (SDXL's refiner after a base) the handed-over latents as they are.
+        Draws from each row's generator in diffusers' order."""
         stack_plans(plans)
         first = plans[0]
         img2img, inpaint = first.init_image is not None, first.mask is not None
+        added = {}
+        if isinstance(text_states, dict):  # SDXL: the pooled embeddings, plus the time ids of each row
+            from sdrt.sdxl import time_id_rows
+
+            added = {k: v for k, v in text_states.items() if k != "encoder_hidden_states"}
+            added["time_ids"] = time_id_rows(plans)
+            text_states = text_states["encoder_hidden_states"]
         sched = make_scheduler(first.scheduler, self.source.scheduler_config, first.timestep_spacing)
-        sched.set_timesteps(first.steps, first.strength if img2img else 1.0)
+        sched.set_timesteps(first.steps, first.strength if img2img else 1.0, first.denoising_start, first.denoising_end)
         latent_shape = self._latent_shape(first.height, first.width)
         generators = [TorchCPUGenerator(s) for plan in plans for s in plan.seeds]
         conditioned = inpaint and self.facts.inpainting_unet  # the UNet takes the mask and the masked image
         pure_noise = inpaint and first.strength == 1.0  # diffusers' inpainting starts from noise alone at strength 1
         noise, image_latents, masked_latents, masks = [], [], [], []
         row = 0
+        if first.init_latents is not None:  # diffusers adds no noise at a hand-over (and draws none)
+            x = np.concatenate([plan.init_latents for plan in plans]).astype(np.float32)
+            return Batch(plans, sched, generators, latent_shape, text_states, self._guidance(plans), x, added=added)
         for plan in plans:
             gens = generators[row : row + plan.batch]
             row += plan.batch
@@ -255,7 +325,14 @@ class Pipeline:
         if inpaint:
             rows = InpaintRows(np.concatenate(masks), np.concatenate(masked_latents) if conditioned else None,
                                None if conditioned else np.concatenate(image_latents), None if conditioned else noise)
-        return Batch(plans, sched, generators, latent_shape, text_states, guidance, x, inpaint=rows, timestep_cond=timestep_cond)
+        return Batch(plans, sched, generators, latent_shape, text_states, guidance, x, inpaint=rows, timestep_cond=timestep_cond,
+                     added=added)
+
+    @staticmethod
+    def _guidance(plans) -> np.ndarray | None:
+        if not plans[0].guided:
+            return None
+        return np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32).reshape(-1, 1, 1, 1)
 
     def denoise(self, batch: Batch, observers=(), progress: bool = False) -> np.ndarray:
         """3. The denoising loop: one batched UNet call per step ([uncond; cond] rows when guided), the guidance
@@ -265,7 +342,9 @@ class Pipeline:
         guidance scale and nothing is inpainted."""
         sched = batch.sched
         self.activate_loras(batch.plans[0].loras if batch.plans else ())
+        # (The device loop feeds the UNet its text states only: SDXL's added inputs run on the host loop.)
         if (self.backend.use_device_loop and batch.step == 0 and batch.inpaint is None and batch.timestep_cond is None
+                and not batch.added
                 and (not batch.guided or batch.uniform_guidance() is not None)):
             return self._denoise_on_device(batch, observers, progress)
         for i in tqdm(range(batch.step, sched.num_calls), desc="denoising", disable=not progress, leave=False):
@@ -274,7 +353,7 @@ class Pipeline:
             if batch.inpaint is not None:  # read each step: rows may leave the batch (Batch.drop)
                 unet_in = batch.inpaint.unet_input(unet_in, batch.guided)
             timestep = np.full((unet_in.shape[0],), sched.timesteps[i], dtype=np.float32)
-            feeds = {"sample": unet_in, "timestep": timestep, "encoder_hidden_states": batch.text_states}
+            feeds = {"sample": unet_in, "timestep": timestep, "encoder_hidden_states": batch.text_states, **batch.added}
             if batch.timestep_cond is not None:
                 feeds["timestep_cond"] = batch.timestep_cond
             pred = self._run(UNET, feeds, observers)["out_sample"]
@@ -342,12 +421,22 @@ class Pipeline:
         callback: Callable[[int, float, np.ndarray], bool | None] | None = None,
         progress: bool = True,
         observers=(),
+        refiner: "Pipeline | None" = None,
+        refiner_start: float = 0.8,
         **request,
     ) -> PipelineOutput:
         """Make images. `request` takes `plan`'s arguments (num_inference_steps, guidance_scale, height, width, seed,
         scheduler, image, strength, num_images_per_prompt, latents, output_type, loras, mask_image, mask_blur,
-        keep_unmasked, timestep_spacing). callback(step, timestep,
-        latents) returning False cancels; observers see every network call and step (sdrt.observers)."""
+        keep_unmasked, timestep_spacing; SDXL: denoising_start/end and the micro-conditioning). callback(step, timestep, latents)
+        returning False cancels; observers see every network call and step (sdrt.observers). refiner: an SDXL
+        refiner pipeline that takes over the latents at `refiner_start` of the schedule (diffusers' ensemble of
+        experts: this pipeline runs with denoising_end=refiner_start, the refiner with denoising_start=refiner_start,
+        same prompts, steps and seeds)."""
+        if refiner is not None:
+            from sdrt.sdxl import with_refiner
+
+            return with_refiner(self, refiner, refiner_start, prompt, negative_prompt, callback=callback,
+                                progress=progress, observers=observers, **request)
         t_start = time.perf_counter()
         observers = list(observers) + ([StepCallback(callback)] if callback is not None else [])
         # 0. Check everything before any network runs.
@@ -377,7 +466,12 @@ class Pipeline:
     # --- running networks ------------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: list[str], observers=()) -> np.ndarray:
-        """Prompts -> text-encoder hidden states [len(prompts), seq, hidden]; the runtime looks up the embeddings."""
+        """Prompts -> text-encoder hidden states [len(prompts), seq, hidden]; the runtime looks up the embeddings.
+        (SDXL: the concatenated states of both encoders; sdrt.sdxl.encode gives the pooled embeddings too.)"""
+        if self.is_sdxl:
+            from sdrt.sdxl import encode
+
+            return encode(self, prompts, observers)["encoder_hidden_states"]
         ids = self.tokenizer([expand_prompt(p, self.tokenizer, self.textual_inversions) for p in prompts])
         embeds = self.token_table[ids]
         return self._run(TEXT_ENCODER, {"inputs_embeds": embeds}, observers)["last_hidden_state"]
@@ -476,6 +570,8 @@ class Pipeline:
             "scheduler": sched.name,
             "img2img": img2img,
             "strength": plan.strength if img2img else None,
+            **({"denoising_start": plan.denoising_start} if plan.denoising_start is not None else {}),
+            **({"denoising_end": plan.denoising_end} if plan.denoising_end is not None else {}),
             "model": self.source.path.name,
             "backend": self.backend.name,
             "sdrt_version": __version__,

@@ -54,5 +54,31 @@ def onnx_sd1(tiny_sd1, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def onnx_sd1_slots(tiny_sd1, tmp_path_factory):
+    """fp32 ONNX export of tiny_sd1 with LoRA slots on every adaptable layer (run-time LoRAs)."""
+    return _export(tiny_sd1, tmp_path_factory.mktemp("onnx-slots") / "sd1", lora_slots="all")
+
+
+@pytest.fixture(scope="session")
 def onnx_sd2(tiny_sd2, tmp_path_factory):
     return _export(tiny_sd2, tmp_path_factory.mktemp("onnx") / "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from sdrt.export.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner(tmp_path_factory):
+    from sdrt.export.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl-refiner", refiner=True)
+
+
+@pytest.fixture(scope="session")
+def onnx_sdxl(tiny_sdxl, tmp_path_factory):
+    """fp32 ONNX export of tiny_sdxl (both text encoders; the export's own parity check runs too)."""
+    return _export(tiny_sdxl, tmp_path_factory.mktemp("onnx") / "sdxl")

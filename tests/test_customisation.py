@@ -500,7 +500,7 @@ def test_lora_mismatch_and_unsupported_errors(tiny_sd1, tmp_path, onnx_sd1):
         "missing-layer": ({"lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
                            "lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)},
                           "does not match this model: 1 of its 1 unet layers"),
-        "sdxl": ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)}, "an SDXL LoRA"),
+        "sdxl": ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)}, "an SDXL LoRA"),  # on SD 1.x
         "loha": ({"lora_unet_x.hada_w1_a": torch.zeros(4, 32)}, "LoHa layer .* it needs"),  # LoHa/LoKr read since issue 18
         "tucker": ({"lora_unet_x.hada_t1": torch.zeros(4, 4, 3, 3)}, "Tucker"),
     }

@@ -30,8 +30,8 @@ def latents(pipe, prompt="a photo of a cat", **kw):
 
 
 @pytest.fixture(scope="module")
-def slots_export(tiny_sd1, tmp_path_factory):
-    return _export(tiny_sd1, tmp_path_factory.mktemp("onnx-slots") / "sd1", lora_slots="all")
+def slots_export(onnx_sd1_slots):
+    return onnx_sd1_slots
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-/* sdrt.h - the C API of sdrt (ABI 2), an inference runtime for Stable Diffusion 1.x/2.x over `sdrt export` folders.
+/* sdrt.h - the C API of sdrt (ABI 4), an inference runtime for Stable Diffusion 1.x/2.x over `sdrt export` folders.
  *
  * It runs the same algorithm as the Python runtime (runtime/pipeline.py): the CLIP tokenizer, the token-embedding
  * lookup, classifier-free guidance with negative prompts, the schedulers (ddim, pndm, euler, euler_a, dpmpp_2m,
@@ -52,6 +52,7 @@
  *   4. bump SDRT_ABI_VERSION, append the new size to the library's table (api.cpp: kCtxSizes, kGenSizes,
  *      kTimingsSizes), copy the previous header to cpp/tests/abi/sdrt_v<old>.h and build a test host against it
  *      (as cpp/tests/abi/test_abi_v1.c does for ABI 1), so ctest keeps running the old layout on the new library.
+ * ABI 4 appended sdrt_gen_params.loras / lora_count (run-time LoRAs); ABI 2 and 3 hosts run unchanged.
  * Hosts built against ABI 1 (sdrt 0.1's header, structs without struct_size) still run: the library keeps ABI
  * 1's entry points under their old symbol names; this header's functions that take or fill a struct are the
  * *_v2 symbols (the macros below), so a host never needs to know.
@@ -77,7 +78,7 @@ extern "C" {
 #endif
 
 #define SDRT_VERSION "0.2.0"
-#define SDRT_ABI_VERSION 3
+#define SDRT_ABI_VERSION 4
 
 /* sdrt_gen_params.seed: pick a random seed (the default). Other negative seeds are refused, as Python's sdrt does. */
 #define SDRT_SEED_RANDOM (-1)
@@ -117,10 +118,23 @@ typedef struct sdrt_ctx_params {
     void *progress_user;
 } sdrt_ctx_params;
 
+/* A run-time LoRA for one call (sdrt_gen_params.loras), on an export made with `sdrt export --lora-slots all`
+ * (or `attention`): the adapted layers compute W x + scale * up(down(x)) with the file's factors fed as inputs, so
+ * the export's weights never change and a call without LoRAs gives the plain image, bit for bit. Files: .safetensors
+ * in kohya's layout (LoCon convs included) or diffusers/PEFT's (and older diffusers'), in F32, F16, BF16 or F64; read
+ * once per context and kept (read again when the file's size or time changes). LyCORIS LoHa/LoKr need the Python
+ * runtime (it factorises them). Several LoRAs stack, as the Python runtime stacks them (pipe(..., loras={...})). */
+typedef struct sdrt_lora {
+    const char *path;            /* a LoRA .safetensors file (UTF-8 path) */
+    double scale;                /* its strength, e.g. 0.8; 0 leaves it out; negative values are allowed */
+} sdrt_lora;
+
 typedef struct sdrt_gen_params {
     size_t struct_size;          /* sizeof(sdrt_gen_params) as the host was built: set by sdrt_gen_default_params() */
     const char *prompt;          /* required; "" is allowed */
-    const char *negative_prompt; /* NULL or "": the empty prompt (used only when guidance_scale > 1) */
+    const char *negative_prompt; /* NULL or "": none - the empty prompt, or zeros for an SDXL model whose config sets
+                                    force_zeros_for_empty_prompt (Python's negative_prompt=None); used only when
+                                    guidance_scale > 1 */
     int steps;                   /* default 30 */
     double guidance_scale;       /* default 7.5; <= 1 turns guidance off (one UNet batch instead of two) */
     int width, height;           /* pixels, multiples of the model's size step; 0 (default): the model's size */
@@ -142,6 +156,11 @@ typedef struct sdrt_gen_params {
     int keep_unmasked;           /* nonzero: paste the result back, so pixels where the mask is < 128 are
                                     init_image's exactly (Python's keep_unmasked, without mask blur); default 0 */
     int reserved;                /* keep zero */
+    /* ABI 4: run-time LoRAs */
+    const sdrt_lora *loras;      /* lora_count run-time LoRAs (see sdrt_lora); NULL (default): none. An export without
+                                    LoRA slots refuses them (SDRT_ERR_MODEL). A file for another model, or a damaged
+                                    one, is refused with a message naming the file and the layer. */
+    size_t lora_count;
 } sdrt_gen_params;
 
 typedef struct sdrt_image {      /* allocated by sdrt_generate_image, freed by sdrt_image_free; fields may be appended */

@@ -1,7 +1,8 @@
-// The C API (sdrt.h, ABI 2) over the C++ pipeline: argument checks, the status/message for every failure, the
+// The C API (sdrt.h, ABI 4) over the C++ pipeline: argument checks, the status/message for every failure, the
 // growable params structs (struct_size), and the try/catch that keeps every exception inside the library.
 // ABI 1's entry points (hosts built against sdrt 0.1's header) are in api_v1.cpp.
 #include <atomic>
+#include <cmath>
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
@@ -72,7 +73,8 @@ sdrt_status null_arg(const sdrt_ctx *ctx, const char *what) noexcept {
 
 // Every size a params struct has had, by ABI version from 2 on (rule 4 in sdrt.h: append each new version's size).
 const size_t kCtxSizes[] = {sizeof(sdrt_ctx_params)};
-const size_t kGenSizes[] = {offsetof(sdrt_gen_params, mask_image), sizeof(sdrt_gen_params)};  // ABI 2, 3
+const size_t kGenSizes[] = {offsetof(sdrt_gen_params, mask_image), offsetof(sdrt_gen_params, loras),
+                            sizeof(sdrt_gen_params)};  // ABI 2, 3, 4
 const size_t kTimingsSizes[] = {sizeof(sdrt_timings)};
 constexpr size_t kMaxStruct = 1 << 16;  // a struct_size past this is an unset field, not a future header
 
@@ -121,6 +123,14 @@ sdrt::Request to_request(const sdrt_gen_params &p, int64_t &seed_used) {
     r.strength = p.strength;
     r.mask = p.mask_image;
     r.keep_unmasked = p.keep_unmasked != 0;
+    if (p.lora_count && !p.loras) throw sdrt::input_error("loras is NULL but lora_count is " + std::to_string(p.lora_count) + "; pass an array of lora_count sdrt_lora");
+    if (p.lora_count > 64) throw sdrt::input_error("lora_count " + std::to_string(p.lora_count) + " is more than 64 LoRAs in one call");
+    for (size_t i = 0; i < p.lora_count; ++i) {
+        if (!p.loras[i].path || !*p.loras[i].path) throw sdrt::input_error("loras[" + std::to_string(i) + "].path is NULL or empty; pass a LoRA .safetensors file");
+        if (!std::isfinite(p.loras[i].scale))
+            throw sdrt::input_error("loras[" + std::to_string(i) + "].scale is not a finite number; use e.g. 0.8");
+        r.loras.emplace_back(p.loras[i].path, p.loras[i].scale);
+    }
     if (p.width < 0 || p.height < 0)
         throw sdrt::input_error("width " + std::to_string(p.width) + " / height " + std::to_string(p.height) + " must not be negative; 0 means the model's size");
     if (p.seed == SDRT_SEED_RANDOM) {

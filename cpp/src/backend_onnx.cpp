@@ -56,8 +56,11 @@ std::string profile_shapes(const std::string &network, const NetworkContract &c,
     const int lat = size / f.vae_scale_factor;
     std::vector<std::string> shapes;
     if (network == kTextEncoder) shapes = {dims({batch, f.text_seq_len, f.text_hidden_size})};
-    if (network == kUnet)
+    if (network == kTextEncoder2) shapes = {dims({batch, f.text_seq_len, f.text_hidden_size_2}), dims({batch, f.text_seq_len})};
+    if (network == kUnet) {
         shapes = {dims({unet_batch, f.unet_in_channels, lat, lat}), dims({unet_batch}), dims({unet_batch, f.text_seq_len, f.cross_attention_dim})};
+        if (f.time_ids_dim) shapes.insert(shapes.end(), {dims({unet_batch, f.pooled_dim}), dims({unet_batch, f.time_ids_dim})});
+    }
     if (network == kVaeEncoder) shapes = {dims({batch, 3, size, size})};
     if (network == kVaeDecoder) shapes = {dims({batch, f.latent_channels, lat, lat})};
     std::string out;

@@ -6,14 +6,15 @@
 #include <cstdio>
 #include <cstring>
 
+#include "floats.h"
 #include "util.h"
 
 namespace sdrt {
 
 static const char *kReexport = "; re-export the model with `sdrt export`";
 
-const char *const kTextEncoder = "text_encoder", *const kUnet = "unet", *const kVaeEncoder = "vae_encoder",
-                  *const kVaeDecoder = "vae_decoder";
+const char *const kTextEncoder = "text_encoder", *const kTextEncoder2 = "text_encoder_2", *const kUnet = "unet",
+                  *const kVaeEncoder = "vae_encoder", *const kVaeDecoder = "vae_decoder";
 
 namespace {
 
@@ -22,7 +23,11 @@ struct Role {
     bool required;
     size_t inputs, outputs;  // by position; the UNet's inputs are 2 + the conditioning count
 };
-const Role kRoles[] = {{kTextEncoder, true, 1, 1}, {kUnet, true, 2, 1}, {kVaeEncoder, false, 1, 2}, {kVaeDecoder, true, 1, 1}};
+// SDXL's text_encoder_2 takes (embeddings, pool_weights) and gives (hidden_states, text_embeds); a family needs one
+// text encoder at least (SDXL's refiner has only the second).
+const Role kRoles[] = {{kTextEncoder, false, 1, 1}, {kTextEncoder2, false, 2, 2}, {kUnet, true, 2, 1}, {kVaeEncoder, false, 1, 2},
+                       {kVaeDecoder, true, 1, 1}};
+const std::vector<std::string> kSdxlConditioning = {"encoder_hidden_states", "text_embeds", "time_ids"};
 
 std::vector<std::string> strings_of(const Json &list) {
     std::vector<std::string> out;
@@ -49,9 +54,10 @@ FamilySpec read_family(const Json &m, const std::string &mpath, const std::strin
             throw model_error(mpath + ": family " + fam.name + " has network " + n + ", which the C++ runtime does not run " +
                               "yet; use the Python runtime (`sdrt generate`)");
     }
-    if (fam.conditioning.size() != 1)
+    if (fam.conditioning.size() != 1 && fam.conditioning != kSdxlConditioning)
         throw model_error(mpath + ": family " + fam.name + " conditions the UNet on " + std::to_string(fam.conditioning.size()) +
-                          " inputs; the C++ runtime feeds one (the text encoder's states): use the Python runtime");
+                          " inputs; the C++ runtime feeds the text encoder's states (and SDXL's text_embeds and time_ids): "
+                          "use the Python runtime");
     for (const auto &kv : f->at("schedulers").as_object()) fam.schedulers.defaults[kv.first] = kv.second;
     fam.schedulers.default_name = f->at("default_scheduler").as_string();
     if (!fam.schedulers.defaults.count(fam.schedulers.default_name))
@@ -64,6 +70,31 @@ FamilySpec read_family(const Json &m, const std::string &mpath, const std::strin
 static std::vector<std::string> names_of(const Json &specs) {
     std::vector<std::string> out;
     for (const auto &s : specs.as_array()) out.push_back(s.at("name").as_string());
+    return out;
+}
+
+// A contract's tensor names and LoRA slots; the slots' inputs must close the input list, two per slot in order.
+static NetworkContract read_contract(const std::string &network, const Json &c, const std::string &mpath) {
+    NetworkContract out{names_of(c.at("inputs")), names_of(c.at("outputs")), {}};
+    if (const Json *slots = c.find("lora_slots")) {
+        for (const Json &s : slots->as_array()) {
+            LoraSlot slot{s.at("layer").as_string(), {}};
+            for (const Json &d : s.at("weight").as_array()) slot.weight.push_back(d.as_int());
+            if (slot.weight.size() != 2 && slot.weight.size() != 4)
+                throw model_error(mpath + ": the " + network + " LoRA slot " + slot.layer + " has a weight of " +
+                                  std::to_string(slot.weight.size()) + " dimensions" + kReexport);
+            out.lora_slots.push_back(std::move(slot));
+        }
+    }
+    if (out.inputs.size() < 2 * out.lora_slots.size())
+        throw model_error(mpath + ": the " + network + " contract has fewer inputs than its LoRA slots need" + kReexport);
+    for (size_t i = 0; i < out.lora_slots.size(); ++i) {
+        const std::string &layer = out.lora_slots[i].layer;
+        size_t at = out.plain_inputs() + 2 * i;
+        if (out.inputs[at] != "lora_down:" + layer || out.inputs[at + 1] != "lora_up:" + layer)
+            throw model_error(mpath + ": the " + network + " contract's inputs " + out.inputs[at] + ", " + out.inputs[at + 1] +
+                              " are not LoRA slot " + layer + "'s lora_down/lora_up" + kReexport);
+    }
     return out;
 }
 
@@ -114,13 +145,23 @@ ExportFolder read_export(const std::string &path) {
         if (facts.unet_in_channels != facts.latent_channels && facts.unet_in_channels != 2 * facts.latent_channels + 1)
             throw model_error(mpath + "'s UNet takes " + std::to_string(facts.unet_in_channels) + " input channels: neither a "
                               "text-to-image nor an inpainting UNet; re-export the model with `sdrt export`");
+        auto int_or = [&](const char *key) { const Json *v = f.find(key); return v ? int(v->as_int()) : 0; };
+        auto bool_or = [&](const char *key) { const Json *v = f.find(key); return v && v->as_bool(); };
+        facts.text_hidden_size_2 = int_or("text_hidden_size_2");
+        facts.pooled_dim = int_or("pooled_dim");
+        facts.time_ids_dim = int_or("time_ids_dim");
+        facts.pool_at_argmax = bool_or("pool_at_argmax");
+        facts.requires_aesthetics_score = bool_or("requires_aesthetics_score");
+        facts.force_zeros_for_empty_prompt = bool_or("force_zeros_for_empty_prompt");
         if (facts.latent_channels < 1 || facts.vae_scale_factor < 1 || facts.unet_downsamples < 0 || facts.unet_downsamples > 8 ||
-            facts.text_seq_len < 2 || facts.text_hidden_size < 1 || facts.cross_attention_dim < 1 || facts.default_size < 1)
+            facts.text_seq_len < 2 || (facts.text_hidden_size < 1 && facts.text_hidden_size_2 < 1) ||
+            facts.cross_attention_dim < 1 || facts.default_size < 1 || facts.time_ids_dim < 0 || facts.time_ids_dim > 16 ||
+            (facts.time_ids_dim && facts.pooled_dim < 1))
             throw model_error(mpath + " has model facts out of range" + kReexport);
 
         ex.family = read_family(m, mpath, facts.family);
         for (const auto &kv : m.at("contracts").as_object())
-            ex.contracts[kv.first] = {names_of(kv.second.at("inputs")), names_of(kv.second.at("outputs"))};
+            ex.contracts[kv.first] = read_contract(kv.first, kv.second, mpath);
         const Json &networks = m.at("networks");
         for (const Role &role : kRoles) {
             const std::string name = role.network;
@@ -132,8 +173,8 @@ ExportFolder read_export(const std::string &path) {
             auto c = ex.contracts.find(name);
             if (c == ex.contracts.end()) throw model_error(mpath + " lists network " + name + " without a contract" + kReexport);
             size_t inputs = role.inputs + (name == kUnet ? ex.family.conditioning.size() : 0);
-            if (c->second.inputs.size() != inputs || c->second.outputs.size() != role.outputs)
-                throw model_error(mpath + ": the " + name + " contract has " + std::to_string(c->second.inputs.size()) + " inputs and " +
+            if (c->second.plain_inputs() != inputs || c->second.outputs.size() != role.outputs)
+                throw model_error(mpath + ": the " + name + " contract has " + std::to_string(c->second.plain_inputs()) + " inputs and " +
                                   std::to_string(c->second.outputs.size()) + " outputs; the C++ runtime feeds " + std::to_string(inputs) +
                                   " and reads " + std::to_string(role.outputs) + kReexport);
             if (name == kUnet && c->second.inputs[2] != ex.family.conditioning[0])
@@ -141,6 +182,10 @@ ExportFolder read_export(const std::string &path) {
                                   "conditioning is " + ex.family.conditioning[0] + kReexport);
             ex.network_files[name] = join_path(path, networks.at(name).at("file").as_string());
         }
+        if (!ex.network_files.count(kTextEncoder) && !ex.network_files.count(kTextEncoder2))
+            throw model_error(mpath + " has no text encoder network" + kReexport);
+        if ((ex.family.conditioning.size() == 3) != (facts.time_ids_dim > 0))
+            throw model_error(mpath + ": the family's UNet conditioning and the facts' time ids disagree" + kReexport);
 
         auto str_or = [&](const char *key, const char *fallback) {
             const Json *v = m.find(key);
@@ -149,6 +194,21 @@ ExportFolder read_export(const std::string &path) {
         ex.tokenizer_dir = join_path(path, str_or("tokenizer", "tokenizer"));
         ex.scheduler_config = join_path(path, str_or("scheduler", "scheduler/scheduler_config.json"));
         ex.token_embeddings = join_path(path, str_or("token_embeddings", "token_embeddings.safetensors"));
+        // SDXL: every text encoder's tokenizer and table (extras.text_encoders); SD: the manifest's own pair.
+        const Json *extras = m.find("extras");
+        const Json *saved = extras ? extras->find("text_encoders") : nullptr;
+        for (const auto &n : ex.family.networks) {
+            if (n != kTextEncoder && n != kTextEncoder2) continue;
+            if (saved && saved->find(n)) {
+                const Json &t = saved->at(n);
+                ex.text_encoders.push_back({n, join_path(path, t.at("tokenizer").as_string()),
+                                            join_path(path, t.at("token_embeddings").as_string())});
+            } else if (ex.text_encoders.empty()) {
+                ex.text_encoders.push_back({n, ex.tokenizer_dir, ex.token_embeddings});
+            } else {
+                throw model_error(mpath + " lacks extras.text_encoders for " + n + kReexport);
+            }
+        }
 
         // The cheap load-time check: every file is there at its recorded size.
         for (const auto &kv : m.at("files").as_object()) {
@@ -165,19 +225,6 @@ ExportFolder read_export(const std::string &path) {
         throw model_error(msg);
     }
     return ex;
-}
-
-static float half_to_float(uint16_t h) {
-    uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
-    if (exp == 0) {
-        float v = std::ldexp(float(mant), -24);
-        return sign ? -v : v;
-    }
-    if (exp == 31) bits = sign | 0x7F800000u | (mant << 13);
-    else bits = sign | ((exp + 112) << 23) | (mant << 13);
-    float out;
-    std::memcpy(&out, &bits, 4);
-    return out;
 }
 
 TokenTable read_token_table(const std::string &path) {
@@ -201,30 +248,13 @@ TokenTable read_token_table(const std::string &path) {
     t.hidden = int(shape[1].as_int());
     size_t begin = size_t(offsets[0].as_int()), end = size_t(offsets[1].as_int()), base = 8 + size_t(n);
     size_t count = size_t(t.rows) * size_t(t.hidden);
-    size_t width = dtype == "F32" ? 4 : dtype == "F64" ? 8 : (dtype == "F16" || dtype == "BF16") ? 2 : 0;
+    size_t width = float_width(dtype);
     if (!width) throw model_error(path + ": the token table's dtype " + dtype + " is not supported (F32, F16, BF16, F64)");
     if (t.rows < 1 || t.hidden < 1 || end < begin || end - begin != count * width || base + end > data.size())
         throw bad("the token table's offsets do not match its shape");
     const char *p = data.data() + base + begin;
     t.data.resize(count);
-    for (size_t i = 0; i < count; ++i) {
-        if (width == 4) {
-            std::memcpy(&t.data[i], p + 4 * i, 4);
-        } else if (width == 8) {
-            double d;
-            std::memcpy(&d, p + 8 * i, 8);
-            t.data[i] = float(d);
-        } else {
-            uint16_t h;
-            std::memcpy(&h, p + 2 * i, 2);
-            if (dtype == "F16") {
-                t.data[i] = half_to_float(h);
-            } else {
-                uint32_t bits = uint32_t(h) << 16;
-                std::memcpy(&t.data[i], &bits, 4);
-            }
-        }
-    }
+    widen_floats(p, count, dtype, t.data.data());
     return t;
 }
 

@@ -18,11 +18,24 @@ struct ModelFacts {  // runtime/model/facts.py's ModelFacts
     double scaling_factor = 0.18215;
     int unet_in_channels = 4;  // latent_channels, or 2 * latent_channels + 1 for an inpainting UNet
     bool inpainting_unet() const { return unet_in_channels == 2 * latent_channels + 1; }
+    // SDXL (0/false for SD 1.x/2.x; see runtime/model/facts.py): the second encoder's width, the pooled width, the
+    // micro-conditioning time ids per image, and how CLIP pools and what an empty negative prompt is.
+    int text_hidden_size_2 = 0, pooled_dim = 0, time_ids_dim = 0;
+    bool pool_at_argmax = false, requires_aesthetics_score = false, force_zeros_for_empty_prompt = false;
     int size_step() const { return vae_scale_factor << unet_downsamples; }
+};
+
+// One layer that takes run-time LoRA factors (runtime/contracts.py's LoraSlot, from the manifest's contract): the
+// network's inputs end with `lora_down:<layer>` [r, in(, kh, kw)] and `lora_up:<layer>` [out, r(, 1, 1)] per slot.
+struct LoraSlot {
+    std::string layer;            // module path in the component (the UNet, or the CLIP text model's core)
+    std::vector<int64_t> weight;  // the layer's weight shape: (out, in) or (out, in, kh, kw)
 };
 
 struct NetworkContract {  // names only: shapes are checked where tensors are made
     std::vector<std::string> inputs, outputs;
+    std::vector<LoraSlot> lora_slots;  // empty: an export without LoRA slots
+    size_t plain_inputs() const { return inputs.size() - 2 * lora_slots.size(); }
 };
 
 // The manifest's "family" section (sdrt.families' FamilySpec.to_manifest): which networks the model has, the UNet's
@@ -33,6 +46,10 @@ struct FamilySpec {
     SchedulerFamily schedulers;  // defaults per sdrt scheduler name, and the default scheduler
 };
 
+struct TextEncoderFiles {  // one text encoder: its network, tokenizer folder and token table (SDXL has two)
+    std::string network, tokenizer_dir, token_embeddings;
+};
+
 struct ExportFolder {
     std::string path;
     ModelFacts facts;
@@ -40,7 +57,8 @@ struct ExportFolder {
     std::map<std::string, NetworkContract> contracts;
     std::map<std::string, std::string> network_files;  // network -> path of its .onnx
     std::string manifest_digest;  // a hash of manifest.json (every file's size and sha256): keys the graph cache
-    std::string tokenizer_dir, scheduler_config, token_embeddings;
+    std::string tokenizer_dir, scheduler_config, token_embeddings;  // the first text encoder's (SD: the only one)
+    std::vector<TextEncoderFiles> text_encoders;  // in the order their states are concatenated
 };
 
 // Reads and checks an export; throws Error(SDRT_ERR_MODEL) naming the problem and the fix.
@@ -50,7 +68,7 @@ ExportFolder read_export(const std::string &path);
 // contract has by position (the names themselves come from the manifest's contracts): the UNet's inputs are
 // [latent sample, timestep, conditioning...]. read_export refuses a family that needs another network, and the
 // backend refuses ONNX files that disagree with the manifest's contracts.
-extern const char *const kTextEncoder, *const kUnet, *const kVaeEncoder, *const kVaeDecoder;
+extern const char *const kTextEncoder, *const kTextEncoder2, *const kUnet, *const kVaeEncoder, *const kVaeDecoder;
 
 struct TokenTable {
     std::vector<float> data;  // [rows, hidden]

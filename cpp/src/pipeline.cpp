@@ -32,17 +32,24 @@ std::vector<float> draw(std::vector<TorchCpuGenerator> &gens, size_t per_image) 
 
 Pipeline::Pipeline(const std::string &model_dir, const BackendOptions &options)
     : model_(read_export(model_dir)),
-      tokenizer_(ClipTokenizer::from_folder(model_.tokenizer_dir)),
-      table_(read_token_table(model_.token_embeddings)),
       scheduler_config_(Json::parse_file(model_.scheduler_config)),
       kernel_(torch_cpu_kernel()) {
     const ModelFacts &f = model_.facts;
-    if (table_.hidden != f.text_hidden_size)
-        throw model_error(model_.token_embeddings + " has rows of " + std::to_string(table_.hidden) + " but the text encoder takes " +
-                          std::to_string(f.text_hidden_size) + "; the export is mismatched: re-export it with `sdrt export`");
-    if (tokenizer_.max_length() != f.text_seq_len)
-        throw model_error(model_.tokenizer_dir + " makes " + std::to_string(tokenizer_.max_length()) + " tokens per prompt but the "
-                          "text encoder takes " + std::to_string(f.text_seq_len) + "; re-export the model with `sdrt export`");
+    for (const TextEncoderFiles &t : model_.text_encoders) {
+        TextEncoder e{t.network, ClipTokenizer::from_folder(t.tokenizer_dir), read_token_table(t.token_embeddings),
+                      t.network == kTextEncoder2 ? f.text_hidden_size_2 : f.text_hidden_size};
+        if (e.table.hidden != e.width)
+            throw model_error(t.token_embeddings + " has rows of " + std::to_string(e.table.hidden) + " but the " + t.network +
+                              " takes " + std::to_string(e.width) + "; the export is mismatched: re-export it with `sdrt export`");
+        if (e.tokenizer.max_length() != f.text_seq_len)
+            throw model_error(t.tokenizer_dir + " makes " + std::to_string(e.tokenizer.max_length()) + " tokens per prompt but the "
+                              "text encoder takes " + std::to_string(f.text_seq_len) + "; re-export the model with `sdrt export`");
+        states_width_ += e.width;
+        encoders_.push_back(std::move(e));
+    }
+    if (f.time_ids_dim && f.time_ids_dim != (f.requires_aesthetics_score ? 5 : 6))
+        throw model_error(model_.path + ": " + std::to_string(f.time_ids_dim) + " time ids per image is neither SDXL's base (6) nor "
+                          "its refiner (5); re-export the model with `sdrt export`");
     // Refuse an unsupported scheduler config (or defaults the export lacks) now, not at the first image.
     Scheduler::create("", scheduler_config_, model_.family.schedulers);
     if (options.provider == SDRT_BACKEND_TENSORRT)
@@ -55,6 +62,56 @@ Pipeline::Pipeline(const std::string &model_dir, const BackendOptions &options)
                                           "a GPU build of ONNX Runtime, or SDRT_BACKEND_AUTO");
 #endif
     backend_ = make_onnx_backend(model_, options);
+    for (const char *network : {kTextEncoder, kUnet}) {
+        auto c = model_.contracts.find(network);
+        if (c == model_.contracts.end() || c->second.lora_slots.empty()) continue;
+        has_lora_slots_ = true;
+        lora_feeds_[network] = slot_feeds(c->second, network, {});  // rank 0: the export's own network
+    }
+}
+
+// The LoRAs of a request, merged by file (scales add), zero scales dropped, in file-name order as the Python runtime
+// orders them (by registered name), their slot inputs built when the set or a file changed.
+void Pipeline::activate_loras(const std::vector<std::pair<std::string, double>> &requested) {
+    std::map<std::string, double> merged;
+    for (const auto &l : requested) merged[l.first] += l.second;
+    std::vector<std::pair<std::string, double>> loras;
+    for (const auto &kv : merged)
+        if (kv.second != 0.0) loras.push_back(kv);
+    auto stem = [](const std::string &p) { return std::filesystem::path(p).stem().string(); };
+    std::stable_sort(loras.begin(), loras.end(), [&](const auto &a, const auto &b) { return stem(a.first) < stem(b.first); });
+    bool changed = loras != active_loras_;
+    std::vector<std::pair<const LoraFactors *, double>> factors;
+    for (const auto &l : loras) {
+        std::error_code ec;
+        long long size = file_size(l.first);
+        auto mtime = std::filesystem::last_write_time(l.first, ec);
+        if (size < 0 || ec) throw model_error("LoRA file " + l.first + " does not exist or cannot be read; pass a .safetensors LoRA");
+        auto it = lora_files_.find(l.first);
+        if (it == lora_files_.end() || it->second.size != size || it->second.mtime != mtime) {
+            CachedLora c{size, mtime, read_lora(l.first, model_.contracts)};
+            it = lora_files_.insert_or_assign(l.first, std::move(c)).first;
+            changed = true;
+        }
+        factors.emplace_back(&it->second.factors, l.second);
+    }
+    if (!changed) return;
+    std::map<std::string, std::vector<SlotFeed>> feeds;
+    for (const auto &kv : lora_feeds_) feeds[kv.first] = slot_feeds(model_.contracts.at(kv.first), kv.first, factors);
+    lora_feeds_.swap(feeds);
+    active_loras_ = loras;
+}
+
+// A network's inputs followed by its LoRA slots' (rank 0 when no active LoRA adapts the layer).
+std::vector<TensorIn> Pipeline::with_loras(const std::string &network, std::vector<TensorIn> inputs) const {
+    static const float kEmpty = 0.0f;  // ONNX Runtime takes a pointer even for an empty tensor
+    auto it = lora_feeds_.find(network);
+    if (it == lora_feeds_.end()) return inputs;
+    for (const SlotFeed &f : it->second) {
+        inputs.push_back({f.down.empty() ? &kEmpty : f.down.data(), f.down_shape});
+        inputs.push_back({f.up.empty() ? &kEmpty : f.up.data(), f.up_shape});
+    }
+    return inputs;
 }
 
 void Pipeline::check(Request &r) const {
@@ -70,10 +127,14 @@ void Pipeline::check(Request &r) const {
     if (r.height == 0) r.height = f.default_size;
     std::string bad = check_size(f, r.height, r.width);
     if (!bad.empty()) throw input_error(bad);
+    if (!r.loras.empty() && !has_lora_slots_)
+        throw model_error(model_.path + " takes no run-time LoRAs: it was exported without LoRA slots; re-export it with "
+                          "`sdrt export MODEL OUT --lora-slots all`, or fuse the LoRA at export (`--lora FILE:SCALE`)");
     if (r.init_image && !backend_->has(kVaeEncoder))
         throw model_error(model_.path + " has no vae_encoder network, which img2img needs; re-export the model with `sdrt export`");
     if (r.mask && !r.init_image) throw input_error("mask_image needs init_image, the image it masks");
     if (r.keep_unmasked && !r.mask) throw input_error("keep_unmasked applies to inpainting: pass mask_image too");
+    if (r.mask && f.time_ids_dim) throw input_error("inpainting with SDXL exports is not supported yet; drop mask_image");
     if (f.inpainting_unet() && !r.mask)
         throw input_error(model_.path + " is an inpainting model (its UNet takes the mask and the masked image): pass init_image "
                                         "and mask_image (>= 128 = repaint)");
@@ -84,19 +145,51 @@ void Pipeline::check(Request &r) const {
     }
 }
 
-std::vector<float> Pipeline::encode_prompt(const std::string &prompt) {
-    const int seq = model_.facts.text_seq_len, hidden = table_.hidden;
-    std::vector<int64_t> ids = tokenizer_(prompt);
-    std::vector<float> embeds(size_t(seq) * size_t(hidden));
-    for (int i = 0; i < seq; ++i) {
-        if (ids[size_t(i)] < 0 || ids[size_t(i)] >= table_.rows)
-            throw model_error("token id " + std::to_string(ids[size_t(i)]) + " is past the token table's " + std::to_string(table_.rows) +
-                              " rows; the tokenizer and table do not belong together: re-export the model");
-        std::copy_n(table_.data.begin() + long(ids[size_t(i)]) * hidden, hidden, embeds.begin() + long(i) * hidden);
+// Each text encoder's states, concatenated along the channels per token (SDXL: penultimate states of both, and the
+// second's pooled projection; runtime/sdxl.py), for one prompt.
+Pipeline::TextStates Pipeline::encode_prompt(const std::string &prompt) {
+    const ModelFacts &f = model_.facts;
+    const int seq = f.text_seq_len;
+    TextStates out;
+    out.states.resize(size_t(seq) * size_t(states_width_));
+    int offset = 0;
+    for (TextEncoder &e : encoders_) {
+        const int hidden = e.table.hidden;
+        std::vector<int64_t> ids = e.tokenizer(prompt);
+        std::vector<float> embeds(size_t(seq) * size_t(hidden));
+        for (int i = 0; i < seq; ++i) {
+            if (ids[size_t(i)] < 0 || ids[size_t(i)] >= e.table.rows)
+                throw model_error("token id " + std::to_string(ids[size_t(i)]) + " is past the token table's " + std::to_string(e.table.rows) +
+                                  " rows; the tokenizer and table do not belong together: re-export the model");
+            std::copy_n(e.table.data.begin() + long(ids[size_t(i)]) * hidden, hidden, embeds.begin() + long(i) * hidden);
+        }
+        std::vector<float> states(size_t(seq) * size_t(e.width));
+        if (e.network == kTextEncoder2) {
+            // CLIP pools at argmax(ids) (configs with the legacy eos_token_id 2, SDXL's own) or at the first eos.
+            size_t at = 0;
+            for (size_t i = 0; i < ids.size(); ++i)
+                if (f.pool_at_argmax ? ids[i] > ids[at] : (ids[i] == e.tokenizer.eos_id() && ids[at] != e.tokenizer.eos_id())) at = i;
+            std::vector<float> pool(size_t(seq), 0.0f);
+            pool[at] = 1.0f;
+            out.pooled.resize(size_t(f.pooled_dim));
+            backend_->run(e.network, with_loras(e.network, {{embeds.data(), {1, seq, hidden}}, {pool.data(), {1, seq}}}),
+                          {{states.data(), {1, seq, e.width}}, {out.pooled.data(), {1, f.pooled_dim}}});
+        } else {
+            backend_->run(e.network, with_loras(e.network, {{embeds.data(), {1, seq, hidden}}}), {{states.data(), {1, seq, e.width}}});
+        }
+        for (int t = 0; t < seq; ++t)
+            std::copy_n(states.begin() + long(t) * e.width, e.width, out.states.begin() + long(t) * states_width_ + offset);
+        offset += e.width;
     }
-    std::vector<float> states(size_t(seq) * size_t(model_.facts.text_hidden_size));
-    backend_->run(kTextEncoder, {{embeds.data(), {1, seq, hidden}}}, {{states.data(), {1, seq, model_.facts.text_hidden_size}}});
-    return states;
+    return out;
+}
+
+// SDXL's time ids with diffusers' defaults: original size = target size = the image's, crop corner (0, 0); the
+// refiner's aesthetic score 6.0 (negative 2.5) in place of the target size.
+std::vector<float> Pipeline::time_ids(const Request &r, bool negative) const {
+    const float hh = float(r.height), ww = float(r.width);
+    if (model_.facts.requires_aesthetics_score) return {hh, ww, 0.0f, 0.0f, negative ? 2.5f : 6.0f};
+    return {hh, ww, 0.0f, 0.0f, hh, ww};
 }
 
 void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progress, void *user, Timings &timings) {
@@ -105,6 +198,7 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
     check(r);
     cancel_ = false;
     backend_->reset_cancel();
+    activate_loras(r.loras);  // before any work: a bad file fails the call here
     const ModelFacts &f = model_.facts;
     const int64_t B = r.batch, C = f.latent_channels, h = r.height / f.vae_scale_factor, w = r.width / f.vae_scale_factor;
     const size_t per_image = size_t(C * h * w), n = size_t(B) * per_image, hw = size_t(h * w);
@@ -119,15 +213,31 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
     sched->set_timesteps(r.steps, r.init_image ? r.strength : 1.0);
     const bool guidance = r.guidance > 1.0;
 
-    // 1. Text: [uncond, cond] hidden states, the prompt repeated for each image.
+    // 1. Text: [uncond, cond] hidden states, the prompt repeated for each image (SDXL: pooled embeddings and time
+    // ids in the same rows; with force_zeros_for_empty_prompt, no negative prompt is zeros, not the encoded "").
     double t0 = now();
-    std::vector<float> states;
-    std::vector<float> cond = encode_prompt(r.prompt);
+    const bool xl = f.time_ids_dim > 0;
+    std::vector<float> states, pooled, ids;
+    TextStates cond = encode_prompt(r.prompt);
     if (guidance) {
-        std::vector<float> uncond = encode_prompt(r.negative);
-        for (int64_t k = 0; k < B; ++k) states.insert(states.end(), uncond.begin(), uncond.end());
+        TextStates uncond;
+        if (xl && f.force_zeros_for_empty_prompt && r.negative.empty())
+            uncond = {std::vector<float>(cond.states.size(), 0.0f), std::vector<float>(cond.pooled.size(), 0.0f)};
+        else
+            uncond = encode_prompt(r.negative);
+        std::vector<float> neg_ids = xl ? time_ids(r, true) : std::vector<float>();
+        for (int64_t k = 0; k < B; ++k) {
+            states.insert(states.end(), uncond.states.begin(), uncond.states.end());
+            pooled.insert(pooled.end(), uncond.pooled.begin(), uncond.pooled.end());
+            ids.insert(ids.end(), neg_ids.begin(), neg_ids.end());
+        }
     }
-    for (int64_t k = 0; k < B; ++k) states.insert(states.end(), cond.begin(), cond.end());
+    std::vector<float> pos_ids = xl ? time_ids(r, false) : std::vector<float>();
+    for (int64_t k = 0; k < B; ++k) {
+        states.insert(states.end(), cond.states.begin(), cond.states.end());
+        pooled.insert(pooled.end(), cond.pooled.begin(), cond.pooled.end());
+        ids.insert(ids.end(), pos_ids.begin(), pos_ids.end());
+    }
     timings.text = now() - t0;
 
     // 2. Initial latents: pure noise, or the encoded image noised to the first timestep of the truncated schedule.
@@ -208,9 +318,13 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
             }
         }
         std::fill(t_in.begin(), t_in.end(), sched->timestep(i));
-        backend_->run(kUnet,
-                      {{unet_in.data(), {unet_batch, Cin, h, w}}, {t_in.data(), {unet_batch}}, {states.data(), {unet_batch, f.text_seq_len, f.text_hidden_size}}},
-                      {{pred.data(), {unet_batch, C, h, w}}});
+        std::vector<TensorIn> unet_inputs = {{unet_in.data(), {unet_batch, Cin, h, w}}, {t_in.data(), {unet_batch}},
+                                             {states.data(), {unet_batch, f.text_seq_len, states_width_}}};
+        if (xl) {
+            unet_inputs.push_back({pooled.data(), {unet_batch, f.pooled_dim}});
+            unet_inputs.push_back({ids.data(), {unet_batch, f.time_ids_dim}});
+        }
+        backend_->run(kUnet, with_loras(kUnet, unet_inputs), {{pred.data(), {unet_batch, C, h, w}}});
         if (guidance)
             for (size_t k = 0; k < n; ++k) pred[k] = pred[k] + g * (pred[n + k] - pred[k]);
         std::vector<float> step_noise;

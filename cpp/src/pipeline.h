@@ -3,10 +3,15 @@
 
 #include <atomic>
 #include <cstdint>
+#include <filesystem>
+#include <map>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "backend.h"
+#include "lora.h"
 #include "model.h"
 #include "noise.h"
 #include "tokenizer.h"
@@ -21,6 +26,7 @@ struct Request {  // sdrt_gen_params, checked and with defaults filled in
     const uint8_t *init_image = nullptr;
     const uint8_t *mask = nullptr;  // inpainting: width * height grey bytes, >= 128 = repaint
     bool keep_unmasked = false;
+    std::vector<std::pair<std::string, double>> loras;  // run-time LoRAs: (file, scale)
 };
 
 struct Timings {
@@ -43,15 +49,39 @@ public:
     void cancel() { cancel_ = true, backend_->cancel(); }
 
 private:
+    struct TextEncoder {  // one CLIP text encoder: SD has one, SDXL two (its refiner the second only)
+        std::string network;
+        ClipTokenizer tokenizer;
+        TokenTable table;
+        int width;  // its hidden states' channels
+    };
+    struct TextStates {
+        std::vector<float> states, pooled;  // [seq, sum of widths], SDXL's [pooled_dim] (else empty)
+    };
+
     ExportFolder model_;
-    ClipTokenizer tokenizer_;
-    TokenTable table_;
+    std::vector<TextEncoder> encoders_;
+    int states_width_ = 0;
     Json scheduler_config_;
     std::unique_ptr<Backend> backend_;
     CpuKernel kernel_;
     std::atomic<bool> cancel_{false};
 
-    std::vector<float> encode_prompt(const std::string &prompt);  // [seq, hidden]
+    // Run-time LoRAs: files read once (again when changed), the slot inputs of the active set per network.
+    struct CachedLora {
+        long long size;
+        std::filesystem::file_time_type mtime;
+        LoraFactors factors;
+    };
+    std::map<std::string, CachedLora> lora_files_;
+    std::map<std::string, std::vector<SlotFeed>> lora_feeds_;
+    std::vector<std::pair<std::string, double>> active_loras_;
+    bool has_lora_slots_ = false;
+
+    void activate_loras(const std::vector<std::pair<std::string, double>> &loras);
+    std::vector<TensorIn> with_loras(const std::string &network, std::vector<TensorIn> inputs) const;
+    TextStates encode_prompt(const std::string &prompt);
+    std::vector<float> time_ids(const Request &r, bool negative) const;  // SDXL's micro-conditioning of one image
 };
 
 }  // namespace sdrt

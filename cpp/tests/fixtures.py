@@ -5,7 +5,10 @@
 OUT/tokenizer_<name>.json  ids of the Python ClipTokenizer on a corpus of tricky prompts, per tokenizer folder
 OUT/noise.json             TorchCPUGenerator streams (both kernels) and, when torch imports, torch.randn itself
 OUT/schedulers.json        each scheduler's tables and a step-by-step trajectory, for many configs and step counts
-OUT/pipeline.tsv + *.rgb   whole images of the Python pipeline on ONNX Runtime, per export (only with EXPORTs)
+OUT/pipeline.tsv + *.rgb   whole images of the Python pipeline on ONNX Runtime, per export (only with EXPORTs); on an
+                           export with LoRA slots also with run-time LoRAs (OUT/lora_*.safetensors, written from the
+                           manifest's slot table: kohya fp16 with LoCon convs, diffusers/PEFT with metadata alphas)
+OUT/lora_errors.tsv        LoRA requests the C++ host must refuse, and a word its message must hold
 
 ctest runs this first (fixture "py"); the C++ tests skip when their file is missing. Light imports only: the
 runtime (numpy, tokenizers, onnxruntime), the CLIP vocabulary from the openai-clip package, torch if present.
@@ -225,14 +228,66 @@ INPAINT_CASES = [("inpaint", "a red hat", 6, 1.5, 16, "", 1, 1.0, False),
                  ("inpaint_euler_a_keep_batch", "a blue door", 5, 1.5, 17, "euler_a", 2, 0.75, True)]
 
 
+def lora_slots(export: Path) -> dict:
+    contracts = json.loads((export / "manifest.json").read_text())["contracts"]
+    return {network: c.get("lora_slots", []) for network, c in contracts.items()}
+
+
+def lora_fixtures(out: Path, export: Path) -> dict[str, Path]:
+    """Random LoRAs for an export's slots (none without slots): kohya fp16 on every other slot (LoCon convs, an alpha
+    on some layers, alpha = rank on the rest), diffusers/PEFT fp32 on the others (alphas from the adapter metadata,
+    one by pattern, rsLoRA on the text encoder), a LoRA of another model (a wrong shape) and a LoHa."""
+    from safetensors.numpy import save_file
+
+    slots = lora_slots(export)
+    if not any(slots.values()):
+        return {}
+    rng = np.random.default_rng(18)
+    rnd = lambda *shape: (rng.standard_normal(shape) * 0.3).astype(np.float32)  # noqa: E731
+    kohya, peft, meta = {}, {}, {"unet.r": 2, "unet.lora_alpha": 4.0, "text_encoder.r": 2, "text_encoder.lora_alpha": 2.0,
+                                 "text_encoder.use_rslora": True}
+    for network, prefix, dotted in (("unet", "lora_unet_", "unet."), ("text_encoder", "lora_te_text_model_", "text_encoder.text_model.")):
+        for k, slot in enumerate(slots.get(network, [])):
+            out_ch, in_ch, kernel = slot["weight"][0], slot["weight"][1], slot["weight"][2:]
+            ones = [1, 1] if kernel else []
+            if k % 2 == 0:
+                key = prefix + slot["layer"].replace(".", "_")
+                kohya[key + ".lora_down.weight"] = rnd(3, in_ch, *kernel).astype(np.float16)
+                kohya[key + ".lora_up.weight"] = rnd(out_ch, 3, *ones).astype(np.float16)
+                if k % 4 == 0:
+                    kohya[key + ".alpha"] = np.array(1.5, np.float16)
+            else:
+                peft[dotted + slot["layer"] + ".lora_A.weight"] = rnd(2, in_ch, *kernel)
+                peft[dotted + slot["layer"] + ".lora_B.weight"] = rnd(out_ch, 2, *ones)
+                if network == "unet" and "unet.alpha_pattern" not in meta:
+                    meta["unet.alpha_pattern"] = {slot["layer"].split(".", 1)[1]: 1.0}  # matched by its suffix
+    files = {"kohya": out / "lora_kohya.safetensors", "peft": out / "lora_peft.safetensors",
+             "wrong": out / "lora_wrong.safetensors", "loha": out / "lora_loha.safetensors"}
+    save_file(kohya, str(files["kohya"]))
+    save_file(peft, str(files["peft"]), metadata={"lora_adapter_metadata": json.dumps(meta), "format": "pt"})
+    slot = slots["unet"][0]
+    key = "lora_unet_" + slot["layer"].replace(".", "_")
+    save_file({key + ".lora_down.weight": rnd(2, slot["weight"][1] * 2, *slot["weight"][2:]),
+               key + ".lora_up.weight": rnd(slot["weight"][0], 2, *([1, 1] if slot["weight"][2:] else []))}, str(files["wrong"]))
+    save_file({key + ".hada_w1_a": rnd(4, 2), key + ".hada_w1_b": rnd(2, 4), key + ".hada_w2_a": rnd(4, 2),
+               key + ".hada_w2_b": rnd(2, 4)}, str(files["loha"]))
+    return files
+
+
 def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
     from sdrt.pipeline import Pipeline
 
-    rows = []
+    rows, errors = [], []
     for e in exports:
         pipe = Pipeline.from_pretrained(e, backend="onnx")
         step = pipe.facts.size_step
         size = max(step, 64 // step * step)
+        loras = lora_fixtures(out, e)
+        if loras:
+            errors += [(e, loras["wrong"].name, "does not match this model"), (e, loras["loha"].name, "LoHa"),
+                       (e, "lora_missing.safetensors", "does not exist")]
+        elif not pipe.facts.inpainting_unet:  # (the error test then makes a plain txt2img image on the same context)
+            errors.append((e, "lora_kohya.safetensors", "--lora-slots"))
         cases = [  # name, prompt, negative, steps, guidance, seed, scheduler, width, height, batch, strength, img2img
             ("txt2img", "a photo of a cat", "", 8, 1.5, 0, "", size, size, 1, 0.0, False),
             ("negative", "a red fox in the snow!", "blurry, low quality", 6, 2.0, 1, "euler", size, size, 1, 0.0, False),
@@ -255,13 +310,27 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
         ]
         inpaint = [(name, prompt, "", steps, guidance, seed, sched, size, size, batch, strength, True, keep)
                    for name, prompt, steps, guidance, seed, sched, batch, strength, keep in INPAINT_CASES]
+        if pipe.facts.time_ids_dim:  # SDXL: no inpainting yet (refused in both runtimes)
+            inpaint = []
         cases = inpaint if pipe.facts.inpainting_unet else [c + (None,) for c in cases] + inpaint
-        for name, prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, img2img, keep in cases:
+        cases = [c + ("",) for c in cases]
+        if loras:  # run-time LoRAs: one, two stacked (a batch), a negative scale on img2img, then none again
+            k, p = loras["kohya"].name, loras["peft"].name
+            cases = [  # ..., keep, loras: "FILE:SCALE;..." in OUT
+                ("lora_plain", "a photo of a cat", "", 6, 2.0, 0, "", size, size, 1, 0.0, False, None, ""),
+                ("lora_kohya", "a photo of a cat", "", 6, 2.0, 0, "euler", size, size, 1, 0.0, False, None, f"{k}:0.8"),
+                ("lora_stacked_batch", "two dogs", "cats", 5, 2.0, 3, "", size, size, 2, 0.0, False, None, f"{p}:0.5;{k}:1.5"),
+                ("lora_img2img", "a watercolour painting", "", 8, 1.5, 2, "", size, size, 1, 0.6, True, None, f"{p}:-0.7"),
+                ("lora_none_after", "a photo of a cat", "", 6, 2.0, 0, "", size, size, 1, 0.0, False, None, ""),
+            ]
+        for name, prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, img2img, keep, lora_spec in cases:
             init = test_image(w, h) if img2img else None
             mask = test_mask(w, h) if keep is not None else None
             kwargs = dict(strength=strength, image=init) if img2img else {}
             if mask is not None:
                 kwargs.update(mask_image=mask, keep_unmasked=keep)
+            if lora_spec:
+                kwargs["loras"] = [(str(out / f), float(scale)) for f, scale in (x.rsplit(":", 1) for x in lora_spec.split(";"))]
             warm = dict(image=init, mask_image=mask, strength=1.0) if pipe.facts.inpainting_unet else {}
             pipe(prompt, num_inference_steps=1, height=h, width=w, seed=0, output_type="np", progress=False, **warm)
             t0 = time.perf_counter()
@@ -269,6 +338,12 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
                           height=h, width=w, seed=seed, scheduler=sched or None, num_images_per_prompt=batch,
                           output_type="np", progress=False, **kwargs)
             seconds = time.perf_counter() - t0
+            if lora_spec:  # the LoRA must change the image, or the C++ comparison could pass with LoRAs ignored
+                plain = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
+                             height=h, width=w, seed=seed, scheduler=sched or None, num_images_per_prompt=batch,
+                             output_type="np", progress=False, **{k: v for k, v in kwargs.items() if k != "loras"})
+                change = int(np.abs(plain.images.astype(int) - result.images.astype(int)).max())
+                assert change > 8, f"{name}: the LoRA changes the image by {change}/255 only"
             stem = f"pipe_{e.name}_{name}"
             (out / f"{stem}.rgb").write_bytes(np.ascontiguousarray(result.images).tobytes())
             init_file = ""
@@ -280,8 +355,9 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
                 mask_file = f"{stem}.mask.grey"
                 (out / mask_file).write_bytes(mask.tobytes())
             rows.append([name, str(e), prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, init_file,
-                         f"{stem}.rgb", f"{seconds:.4f}", mask_file, int(bool(keep))])
+                         f"{stem}.rgb", f"{seconds:.4f}", mask_file, int(bool(keep)), lora_spec])
     (out / "pipeline.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    (out / "lora_errors.tsv").write_text("".join(f"{e}\t{f}\t{words}\n" for e, f, words in errors))
 
 
 def main(argv: list[str]) -> int:

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -85,8 +86,8 @@ void bad_exports(const std::string &exp) {
         replace_in(d / "manifest.json", "\"file\": \"unet/model.onnx\"", "\"file\": \"vae_decoder/model.onnx\""); }, "mismatched");
     broken_export(exp, root, "bad_safetensors", [](const fs::path &d) { overwrite_start(d / "token_embeddings.safetensors", std::string(8, '\xff')); }, "safetensors");
     broken_export(exp, root, "no_family", [](const fs::path &d) { replace_in(d / "manifest.json", "\"family\": {", "\"old_family\": {"); }, "no \"family\" section");
-    broken_export(exp, root, "sdxl_family", [](const fs::path &d) {
-        replace_in(d / "manifest.json", "\"networks\": [", "\"networks\": [\"text_encoder_2\", "); }, "network text_encoder_2");
+    broken_export(exp, root, "unknown_network", [](const fs::path &d) {
+        replace_in(d / "manifest.json", "\"networks\": [", "\"networks\": [\"text_encoder_3\", "); }, "network text_encoder_3");
     broken_export(exp, root, "no_scheduler_defaults", [](const fs::path &d) {
         replace_in(d / "manifest.json", "\"schedulers\": {", "\"schedulers\": {\"x\": {}}, \"unused\": {"); }, "default scheduler");
     broken_export(exp, root, "depth_unet", [](const fs::path &d) {
@@ -217,6 +218,22 @@ void struct_sizes(sdrt_ctx *ctx) {
     newer.future_field = 7;
     CHECK(sdrt_generate(ctx, &newer.base, rgb.data()) == SDRT_ERR_UNSUPPORTED && has(sdrt_last_error(ctx), "does not know"),
           std::string("newer struct, new field set: ") + sdrt_last_error(ctx));
+
+    // An ABI 3 host's struct ends before loras/lora_count: whatever lies past it is never read.
+    std::vector<uint8_t> want(rgb.size());
+    CHECK(sdrt_generate(ctx, &gp, want.data()) == SDRT_OK, std::string("ABI 4 struct: ") + sdrt_last_error(ctx));
+    sdrt_gen_params v3 = gp;
+    v3.struct_size = offsetof(sdrt_gen_params, loras);
+    v3.loras = reinterpret_cast<const sdrt_lora *>(16), v3.lora_count = 5;  // garbage past an ABI 3 struct
+    CHECK(sdrt_generate(ctx, &v3, rgb.data()) == SDRT_OK && rgb == want, std::string("ABI 3 struct: ") + sdrt_last_error(ctx));
+    sdrt_gen_params bad = gp;
+    bad.lora_count = 1;
+    CHECK(sdrt_generate(ctx, &bad, rgb.data()) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "loras is NULL"),
+          std::string("lora_count without loras: ") + sdrt_last_error(ctx));
+    sdrt_lora nan_scale = {"x.safetensors", std::nan("")};
+    bad.loras = &nan_scale;
+    CHECK(sdrt_generate(ctx, &bad, rgb.data()) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "loras[0].scale"),
+          std::string("NaN LoRA scale: ") + sdrt_last_error(ctx));
 
     sdrt_timings t;
     t.struct_size = 0;

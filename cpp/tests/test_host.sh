@@ -53,7 +53,8 @@ expect 2 "--backend torch is the Python runtime's" x -m /x --backend torch
 expect 2 "--backend gpu is not a backend" x -m /x --backend gpu
 expect 2 "--ort-provider rocm is not a provider" x -m /x --ort-provider rocm
 expect 2 "it cannot go with --backend cpu" x -m /x --ort-provider cuda --backend cpu
-expect 2 "--lora is not supported" x -m /x --lora a.safetensors
+expect 2 "--lora :0.5 names no file" x -m /x --lora :0.5
+expect 2 "the scale nan is not a finite number" x -m /x --lora a.safetensors:nan
 expect 2 "--embedding is not supported" x -m /x --embedding a.pt
 expect 2 "unknown option --bogus" x -m /x --bogus 1
 expect 2 "--seed needs a value" x -m /x --seed
@@ -110,5 +111,6 @@ expect 0 "inp.png" x "${M[@]}" --image "$TMP/sdrt.png" --mask "$TMP/white.ppm" -
 expect 1 "mask_image is all black" x "${M[@]}" --image "$TMP/sdrt.png" --mask "$TMP/black.ppm"
 { printf 'P6\n32 32\n255\n'; head -c $((32 * 32 * 3)) /dev/zero; } > "$TMP/small.ppm"
 expect 1 "is 32x32 but --image is 64x64" x "${M[@]}" --image "$TMP/sdrt.png" --mask "$TMP/small.ppm"
+expect 1 "--lora-slots" x "${M[@]}" --lora "$TMP/none.safetensors:0.5"  # the first export has no LoRA slots
 echo "test_host: $runs cases, $fails failures"
 [ "$fails" = 0 ]

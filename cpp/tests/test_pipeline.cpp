@@ -1,5 +1,7 @@
 // Whole images: the C API against the Python pipeline on ONNX Runtime, same export, same seed (txt2img, negative
-// prompts, img2img, batches with per-image seeds, several schedulers). Pixels must agree within 1/255.
+// prompts, img2img, batches with per-image seeds, several schedulers; run-time LoRAs on an export with LoRA slots:
+// one, two stacked, a negative scale, and none again after them). Pixels must agree within 1/255. Then the LoRA
+// requests the host must refuse (lora_errors.tsv: another model's LoRA, a LoHa, a missing file, a plain export).
 // Also prints C++ and Python times per case (the Python ones measured by fixtures.py after a warm-up).
 #include <chrono>
 #include <cstdio>
@@ -77,10 +79,27 @@ int main(int argc, char **argv) {
             gp.mask_image = mask.data();
             gp.keep_unmasked = std::atoi(f[16].c_str());
         }
+        std::vector<std::string> lora_paths;  // column 18 (index 17): "FILE:SCALE;..." in the fixtures folder
+        std::vector<sdrt_lora> loras;
+        if (f.size() > 17 && !f[17].empty()) {
+            std::istringstream in(f[17]);
+            std::string item;
+            while (std::getline(in, item, ';')) lora_paths.push_back(item);
+            for (std::string &item : lora_paths) {
+                size_t colon = item.rfind(':');
+                double scale = std::strtod(item.c_str() + colon + 1, nullptr);
+                item = dir + "/" + item.substr(0, colon);
+                loras.push_back({nullptr, scale});
+            }
+            for (size_t i = 0; i < loras.size(); ++i) loras[i].path = lora_paths[i].c_str();
+            gp.loras = loras.data();
+            gp.lora_count = loras.size();
+        }
         std::vector<uint8_t> want = read_bytes(dir + "/" + f[13]);
         std::vector<uint8_t> got(size_t(gp.batch_count) * size_t(gp.width) * size_t(gp.height) * 3);
         sdrt_gen_params warm = gp;  // the same warm-up as the Python side: one step
         warm.steps = 1, warm.batch_count = 1, warm.init_image = nullptr, warm.scheduler = nullptr, warm.seed = 0;
+        warm.loras = nullptr, warm.lora_count = 0;
         warm.mask_image = nullptr, warm.keep_unmasked = 0;
         if (!mask.empty()) warm.init_image = gp.init_image, warm.mask_image = gp.mask_image, warm.strength = 1.0;
         sdrt_generate(ctx, &warm, got.data());
@@ -104,6 +123,30 @@ int main(int argc, char **argv) {
                     model.substr(model.find_last_of('/') + 1).c_str(), max_diff, differing, want.size(), seconds, py);
         cpp_total += seconds, py_total += py;
         ++cases;
+    }
+    std::ifstream errors(dir + "/lora_errors.tsv");
+    while (std::getline(errors, line)) {
+        std::vector<std::string> f = split_tabs(line);
+        if (f.size() < 3 || !contexts[f[0]]) continue;
+        sdrt_ctx *ctx = contexts[f[0]];
+        std::string path = dir + "/" + f[1];
+        sdrt_lora lora = {path.c_str(), 1.0};
+        sdrt_gen_params gp = sdrt_gen_default_params();
+        gp.prompt = "a cat";
+        gp.steps = 2;
+        gp.seed = 0;
+        gp.loras = &lora;
+        gp.lora_count = 1;
+        int w = 0, h = 0;
+        sdrt_default_size(ctx, &w, &h);
+        std::vector<uint8_t> got(size_t(w) * size_t(h) * 3);
+        sdrt_status st = sdrt_generate(ctx, &gp, got.data());
+        std::string message = sdrt_last_error(ctx);
+        CHECK(st == SDRT_ERR_MODEL && message.find(f[2]) != std::string::npos,
+              f[1] + " on " + f[0] + ": want SDRT_ERR_MODEL saying '" + f[2] + "', got " + sdrt_status_name(st) + ": " + message);
+        std::printf("refused %-26s %s\n", f[1].c_str(), message.substr(0, 150).c_str());
+        gp.lora_count = 0;  // and the context still works
+        CHECK(sdrt_generate(ctx, &gp, got.data()) == SDRT_OK, f[1] + ": the context works after the refusal");
     }
     for (auto &kv : contexts) sdrt_free(kv.second);
     if (!cases && !check::failures) return check::skip("pipeline.tsv lists no cases");

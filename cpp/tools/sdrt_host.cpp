@@ -47,6 +47,8 @@ const char *kUsage =
     "  --mask FILE                inpainting: a mask of --image's size; white (>= 50% grey) is repainted, black kept\n"
     "  --keep-unmasked            inpainting: paste the result back, so pixels outside the mask are kept exactly\n"
     "  --num-images N             images to make, 1-64 (default 1; also --batch)\n"
+    "  --lora FILE[:SCALE]        a run-time LoRA (.safetensors; repeatable; scale default 1) on an export made with\n"
+    "                             `sdrt export --lora-slots all`\n"
     "  --backend NAME             auto (= onnx), cpu, cuda, ort-tensorrt, tensorrt (default auto)\n"
     "  --ort-provider NAME        auto, cuda, tensorrt, cpu: ONNX Runtime's providers (as --backend onnx ... does)\n"
     "  --threads N                ONNX Runtime threads, 0-4096; 0: one per core (default)\n"
@@ -158,6 +160,8 @@ struct Options {
     bool have_prompt = false, quiet = false, have_seed = false, keep_unmasked = false;
     __int128 seed = 0;
     std::vector<std::string> paths;  // where the images go, worked out before the model loads
+    std::vector<std::string> lora_files;
+    std::vector<sdrt_lora> loras;  // paths point into lora_files
     std::string backend_flag;
     int provider = -1;  // --ort-provider, when given
     sdrt_ctx_params cp = sdrt_ctx_default_params();
@@ -233,8 +237,24 @@ bool parse(int argc, char **argv, Options &o) {
             else throw Usage("--backend " + v + " is not a backend; use auto, onnx, cpu, cuda, ort-tensorrt or tensorrt");
         } else if (a == "--max-memory") {
             throw Usage("--max-memory is not supported by sdrt-host (it has no memory budget check); use `sdrt generate`");
-        } else if (a == "--embedding" || a == "--lora") {
-            throw Usage(a + " is not supported by sdrt-host; use `sdrt generate`" + (a == "--lora" ? ", or bake it into the export with `sdrt export --lora`" : ""));
+        } else if (a == "--lora") {  // FILE[:SCALE], as the Python CLI's parse_lora_spec: a colon not before a number stays in the name
+            size_t colon = v.rfind(':');
+            double scale = 1.0;
+            std::string file = v;
+            if (colon != std::string::npos) {
+                char *end = nullptr;
+                const std::string tail = v.substr(colon + 1);
+                double x = std::strtod(tail.c_str(), &end);
+                if (!tail.empty() && end && *end == '\0') {
+                    if (!std::isfinite(x)) throw Usage("--lora " + v + ": the scale " + tail + " is not a finite number; use e.g. 0.8");
+                    file = v.substr(0, colon), scale = x;
+                }
+            }
+            if (file.empty()) throw Usage("--lora " + v + " names no file; use --lora FILE[:SCALE]");
+            o.lora_files.push_back(file);
+            o.loras.push_back({nullptr, scale});
+        } else if (a == "--embedding") {
+            throw Usage(a + " is not supported by sdrt-host; use `sdrt generate`");
         } else {
             throw Usage("unknown option " + a + "; see --help");
         }
@@ -243,6 +263,9 @@ bool parse(int argc, char **argv, Options &o) {
     if (!o.mask_path.empty() && o.image_path.empty()) throw Usage("--mask needs --image, the image it masks");
     if (o.keep_unmasked && o.mask_path.empty()) throw Usage("--keep-unmasked applies to inpainting: add --mask FILE");
     o.paths = output_paths(o.out, o.gp.batch_count);
+    for (size_t k = 0; k < o.loras.size(); ++k) o.loras[k].path = o.lora_files[k].c_str();
+    o.gp.loras = o.loras.empty() ? nullptr : o.loras.data();
+    o.gp.lora_count = o.loras.size();
     if (o.provider >= 0) {
         if (!o.backend_flag.empty() && o.backend_flag != "onnx" && o.backend_flag != "auto")
             throw Usage("--ort-provider chooses ONNX Runtime's providers; it cannot go with --backend " + o.backend_flag +

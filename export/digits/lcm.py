@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdrt.export.digits import data
-from sdrt.export.digits.train import Captioner, encode_dataset
+from sdrt.export.digits.train import Captioner, encode_dataset, training_log
 
 # Every attention, feed-forward, resnet conv, sampler conv and time projection: diffusers' LCM-LoRA targets.
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
@@ -261,13 +261,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     a.out.mkdir(parents=True, exist_ok=True)
-    logfile = open(a.out / "lcm_log.txt", "a")
-
-    def log(msg):
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        logfile.write(line + "\n")
-        logfile.flush()
+    log = training_log(a.out / "lcm_log.txt")
 
     log(f"args {vars(a)}")
     t0, c0 = time.time(), time.process_time()

@@ -336,6 +336,19 @@ def train_unet(unet, text_encoder, captioner, vae, lat_mean, lat_std, labels, st
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def training_log(path: Path):
+    """A `log(msg)` that prints a timestamped line and appends it to `path` (kept for the model card)."""
+    logfile = open(path, "a")
+
+    def log(msg):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        logfile.write(line + "\n")
+        logfile.flush()
+
+    return log
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phase", choices=["vae", "text", "unet", "decoder", "negative", "all"], default="all")
@@ -373,14 +386,8 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     a.out.mkdir(parents=True, exist_ok=True)
-    logfile = open(a.out / "train_log.txt", "a")
+    log = training_log(a.out / "train_log.txt")
     t_start = time.time()
-
-    def log(msg):
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        logfile.write(line + "\n")
-        logfile.flush()
 
     log(f"args {vars(a)}")
     images, labels = data.make_dataset(a.images, seed=a.seed, split="train")

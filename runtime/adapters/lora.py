@@ -7,8 +7,12 @@ torch lazily. Layouts read, for the UNet and the CLIP text encoder of SD 1.x/2.x
   and the older unet.<...>.processor.to_q_lora.down/.up, <module>.lora.down/.up, lora_linear_layer.down/.up.
 - LyCORIS LoHa (hada_w1_a/b, hada_w2_a/b) and LoKr (lokr_w1[_a/_b], lokr_w2[_a/_b]) in kohya naming: their deltas
   are exact when fused; run-time LoRA slots take a truncated-SVD factorisation (`slot_factors`, error recorded).
-Unsupported kinds are refused by name: SDXL LoRAs (lora_te1_/lora_te2_), Tucker-decomposed LyCORIS (hada_t1, lokr_t2),
-DoRA, LoRAs with biases.
+- SDXL (fused only: load_lora on the PyTorch backend, `sdrt export --lora`): kohya's lora_te1_/lora_te2_ for the
+  two text encoders and lora_unet_ in the original (LDM) UNet layout (input_blocks/middle_block/output_blocks, as
+  sd-scripts writes it; mapped to diffusers' module names from the model's own layers, `ldm_unet_names`), or
+  diffusers keys (unet., text_encoder., text_encoder_2.).
+Unsupported kinds are refused by name: SDXL LoRAs on an SD 1.x/2.x model or at run time, Tucker-decomposed LyCORIS
+(hada_t1, lokr_t2), DoRA, LoRAs with biases.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from sdrt.errors import BackendError, InputError, ModelError
 from sdrt.model.manifest import sha256_of
 from sdrt.model.weights import read_weights
 
-COMPONENTS = ("unet", "text_encoder")
-_KOHYA = re.compile(r"^lora_(unet|te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha|hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)$")
+COMPONENTS = ("unet", "text_encoder")  # SD 1.x/2.x; SDXL adds "text_encoder_2"
+SDXL_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_KOHYA_COMPONENT = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
+_KOHYA = re.compile(r"^lora_(unet|te|te1|te2)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha|hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)$")
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 SVD_MAX_RANK = 64  # LoHa/LoKr deltas on run-time slots: truncated to at most this rank (their exact rank if lower)
@@ -111,17 +117,19 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
 # --- reading ------------------------------------------------------------------------------------------------------
 
 
-def read_lora(path: str | Path) -> LoraFile:
+def read_lora(path: str | Path, components=COMPONENTS) -> LoraFile:
     """Read a LoRA file (or a built-in LoRA's name, sdrt.builtin.BUILTIN_LORAS) and sort its layers by component;
-    refuses what sdrt cannot fuse, by name."""
+    refuses what sdrt cannot fuse, by name. components: the model's (SDXL_COMPONENTS for SDXL): an SDXL LoRA elsewhere
+    is refused."""
     from sdrt.builtin import builtin_lora
 
     path = builtin_lora(path) or Path(path).expanduser()
     tensors, metadata = read_weights(path, "LoRA")
     keys = list(tensors)
-    refusal = _refusal(keys)
+    refusal = _refusal(keys, sdxl="text_encoder_2" in components)
     if refusal:
-        raise ModelError(f"{path} is {refusal}; sdrt fuses plain LoRAs (kohya or diffusers layout) for SD 1.x/2.x")
+        raise ModelError(f"{path} is {refusal}; sdrt fuses plain LoRAs (kohya or diffusers layout) for SD 1.x/2.x, "
+                         "and SDXL LoRAs into SDXL models (load_lora or `sdrt export --lora`)")
     if keys and all(_KOHYA.match(k) for k in keys):
         lora = LoraFile(path, "kohya", _read_kohya(path, tensors))
     else:
@@ -148,12 +156,12 @@ def _check_shapes(lora: LoraFile) -> None:
                 raise ModelError(f"{lora.path}: layer {layer.name!r} has alpha {layer.alpha}; the file is damaged")
 
 
-def _refusal(keys: list[str]) -> str | None:
+def _refusal(keys: list[str], sdxl: bool = False) -> str | None:
     if not keys:
         return "empty"
-    if any(k.startswith(("lora_te1_", "lora_te2_")) or k.startswith("text_encoder_2.") for k in keys):
+    if not sdxl and any(k.startswith(("lora_te1_", "lora_te2_")) or k.startswith("text_encoder_2.") for k in keys):
         return "an SDXL LoRA (two text encoders)"
-    if any(k.startswith("lora_unet_") and ("input_blocks" in k or "output_blocks" in k) for k in keys):
+    if not sdxl and any(k.startswith("lora_unet_") and ("input_blocks" in k or "output_blocks" in k) for k in keys):
         return "a LoRA in the original (LDM) UNet layout (SDXL trainers write it)"
     if any(k.endswith((".hada_t1", ".hada_t2", ".lokr_t2")) for k in keys):
         return "a LyCORIS LoHa/LoKr with Tucker-decomposed conv kernels (hada_t1/lokr_t2)"
@@ -171,7 +179,7 @@ def _refusal(keys: list[str]) -> str | None:
 
 
 def _read_kohya(path: Path, tensors: dict) -> dict[str, list[LoraLayer]]:
-    layers: dict[str, list[LoraLayer]] = {c: [] for c in COMPONENTS}
+    layers: dict[str, list[LoraLayer]] = {c: [] for c in SDXL_COMPONENTS}
     lycoris: dict[str, dict] = {}
     for key in tensors:
         m = _KOHYA.match(key)
@@ -184,7 +192,7 @@ def _read_kohya(path: Path, tensors: dict) -> dict[str, list[LoraLayer]]:
         if up is None:
             raise ModelError(f"{path}: {base} has lora_down but no lora_up; the LoRA file is damaged")
         alpha = tensors.get(base + ".alpha")
-        component = "unet" if m.group(1) == "unet" else "text_encoder"
+        component = _KOHYA_COMPONENT[m.group(1)]
         layers[component].append(LoraLayer(m.group(2), True, tensors[key], up, None if alpha is None else _scalar(path, base, alpha)))
     for base, parts in lycoris.items():
         m = _KOHYA.match(base + ".alpha")
@@ -196,7 +204,7 @@ def _read_kohya(path: Path, tensors: dict) -> dict[str, list[LoraLayer]]:
             raise ModelError(f"{path}: LoKr layer {base} has {sorted(parts)}; it needs lokr_w1 (or _a/_b) and lokr_w2 "
                              "(or _a/_b): the file is damaged")
         alpha = tensors.get(base + ".alpha")
-        component = "unet" if m.group(1) == "unet" else "text_encoder"
+        component = _KOHYA_COMPONENT[m.group(1)]
         layers[component].append(LoraLayer(m.group(2), True, None, None, None if alpha is None else _scalar(path, base, alpha),
                                            kind=kind, parts=parts))
     return layers
@@ -229,9 +237,9 @@ def _pattern_value(pattern: dict, name: str, default):
 
 
 def _read_dotted(path: Path, tensors: dict, metadata: dict[str, str]) -> dict[str, list[LoraLayer]]:
-    layers: dict[str, list[LoraLayer]] = {c: [] for c in COMPONENTS}
+    layers: dict[str, list[LoraLayer]] = {c: [] for c in SDXL_COMPONENTS}
     used = set()
-    configs = {c: _adapter_config(metadata, c) for c in COMPONENTS}
+    configs = {c: _adapter_config(metadata, c) for c in SDXL_COMPONENTS}
     for key in tensors:
         for down_suffix, up_suffix in _DOTTED:
             if key.endswith(down_suffix):
@@ -266,13 +274,15 @@ def _component_and_module(base: str) -> tuple[str | None, str]:
         component, name = "unet", base[len("unet."):]
     elif base.startswith("text_encoder."):
         component, name = "text_encoder", base[len("text_encoder."):]
+    elif base.startswith("text_encoder_2."):
+        component, name = "text_encoder_2", base[len("text_encoder_2."):]
     elif base.startswith(_UNET_ROOTS):
         component, name = "unet", base
     elif base.startswith("text_model."):
         component, name = "text_encoder", base
     else:
         return None, base
-    if component == "text_encoder":
+    if component.startswith("text_encoder"):
         name = name[len("text_model."):] if name.startswith("text_model.") else name
     parent, _, last = name.rpartition(".")
     if last in _PROCESSOR:  # the old attention-processor layout
@@ -289,9 +299,63 @@ def _flat_index(component: str, names) -> dict[str, str]:
     index = {}
     for name in names:
         index[name.replace(".", "_")] = name
-        if component == "text_encoder":  # kohya writes the text encoder's paths from CLIPTextModel: text_model_...
+        if component.startswith("text_encoder"):  # kohya writes the text encoder's paths from CLIPTextModel: text_model_...
             index["text_model_" + name.replace(".", "_")] = name
+    if component == "unet":  # SDXL trainers name the UNet's layers in the original (LDM) layout
+        index.update({ldm.replace(".", "_"): name for ldm, name in ldm_unet_names(names).items() if ldm.replace(".", "_") not in index})
     return index
+
+
+_RESNET_LDM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_TOP_LDM = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2"}
+_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")
+_MID = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
+
+
+def ldm_unet_names(names) -> dict[str, str]:
+    """{original (LDM/SGM) layer name: diffusers name} for a UNet2DConditionModel's layer names: input_blocks.i.0 is a
+    down block's resnet (.1 its attention, .0.op its downsampler), middle_block.0/1/2 resnet/attention/resnet,
+    output_blocks.i.0/.1 an up block's resnet/attention and its last .1 or .2 the upsampler; inside resnets conv1 ->
+    in_layers.2, conv2 -> out_layers.3, time_emb_proj -> emb_layers.1, conv_shortcut -> skip_connection. The number
+    of layers per block is read from the names themselves."""
+    names = list(names)
+    per_block = 1 + max((int(m.group(4)) for m in map(_BLOCK.match, names)
+                         if m and m.group(1) == "down_blocks" and m.group(3) == "resnets"), default=0)
+    up_attention = {int(m.group(2)) for m in map(_BLOCK.match, names) if m and m.group(1) == "up_blocks" and m.group(3) == "attentions"}
+
+    def inner(kind, rest):
+        if kind == "resnets":
+            head, _, tail = rest.partition(".")
+            return _RESNET_LDM.get(head, head) + ("." + tail if tail else "")
+        return rest
+
+    out = {}
+    for name in names:
+        if name in _TOP_LDM:
+            out[_TOP_LDM[name]] = name
+            continue
+        m = _BLOCK.match(name)
+        if m:
+            where, b, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+            if where == "down_blocks":
+                if kind == "downsamplers":  # conv -> op
+                    out[f"input_blocks.{(b + 1) * (per_block + 1)}.0.op" + rest[len("conv"):]] = name
+                else:
+                    out[f"input_blocks.{1 + b * (per_block + 1) + j}.{0 if kind == 'resnets' else 1}.{inner(kind, rest)}"] = name
+            else:
+                if kind == "upsamplers":
+                    sub = 2 if b in up_attention else 1
+                    out[f"output_blocks.{b * (per_block + 1) + per_block}.{sub}.{rest}"] = name
+                else:
+                    out[f"output_blocks.{b * (per_block + 1) + j}.{0 if kind == 'resnets' else 1}.{inner(kind, rest)}"] = name
+            continue
+        m = _MID.match(name)
+        if m:
+            kind, j, rest = m.group(1), int(m.group(2)), m.group(3)
+            out[f"middle_block.{1 if kind == 'attentions' else 2 * j}.{inner(kind, rest)}"] = name
+    return out
 
 
 def match_layers(lora: LoraFile, targets: dict[str, dict[str, tuple]], what: str = "this model"):
@@ -413,7 +477,7 @@ def fuse_into_modules(path, scale: float, modules: dict) -> dict:
 
     if not isinstance(scale, (int, float)) or not np.isfinite(scale):
         raise InputError(f"LoRA scale {scale!r} is not a number; use e.g. 0.8")
-    lora = read_lora(path)
+    lora = read_lora(path, SDXL_COMPONENTS if "text_encoder_2" in modules else COMPONENTS)
     deltas = lora_deltas(lora, {c: weight_shapes(m) for c, m in modules.items()}, scale)
     with torch.no_grad():  # every check passed above: nothing is half-fused
         for component, layer_deltas in deltas.items():
@@ -433,7 +497,10 @@ def fuse_lora_into_backend(backend, path, scale: float = 1.0) -> dict:
             "with pipe.register_lora / pipe(..., loras={FILE: SCALE}) on an export made with `--lora-slots all`, fuse at "
             "export (`sdrt export MODEL OUT --lora FILE:SCALE`), or run the diffusers folder with --backend torch"
         )
-    from sdrt.contracts import TEXT_ENCODER, UNET
+    from sdrt.contracts import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 
-    modules = {"unet": backend.modules[UNET].unet, "text_encoder": backend.modules[TEXT_ENCODER]}
+    modules = {"unet": backend.modules[UNET].unet}
+    for network in (TEXT_ENCODER, TEXT_ENCODER_2):  # SDXL: both encoders; its refiner: the second only
+        if network in backend.modules:
+            modules[network] = backend.modules[network]
     return fuse_into_modules(path, scale, modules)

@@ -5,7 +5,9 @@ token and a new table row. Formats read:
 - diffusers: {token: vectors [n, hidden] or [hidden]} in .safetensors or .bin (or a folder holding
   learned_embeds.safetensors / learned_embeds.bin);
 - A1111: .pt with string_to_param["*"] and name; .safetensors with emb_params (its token is the file's stem,
-  as A1111 names it).
+  as A1111 names it);
+- SDXL: {"clip_l": [n, 768], "clip_g": [n, 1280]} (the refiner takes clip_g only), a row set per text encoder under
+  one token (default: the file's stem), as diffusers loads it into tokenizer/text_encoder and their _2 twins.
 A token with n vectors becomes the n tokens "<tok>", "<tok>_1" ... "<tok>_{n-1}", and a prompt's "<tok>" is expanded
 to all of them before tokenising, as diffusers' maybe_convert_prompt does. Pickle files (.bin/.pt) load only
 through torch.load(weights_only=True), and only when torch is installed.
@@ -61,8 +63,7 @@ def read_embedding(source, token: str | None = None, width: int | None = None) -
     elif "emb_params" in data and len(data) == 1:  # A1111 .safetensors
         file_token, vectors = stem, data["emb_params"]
     elif {"clip_l", "clip_g"} & set(data):
-        raise ModelError(f"{name} is an SDXL embedding (clip_l/clip_g); sdrt runs SD 1.x/2.x, which take "
-                         "one-encoder embeddings")
+        raise ModelError(f"{name} is an SDXL embedding (clip_l/clip_g); load it into an SDXL model")
     elif len(data) == 1:  # diffusers: {token: vectors}
         file_token, vectors = next(iter(data.items()))
     else:
@@ -146,3 +147,61 @@ def expand_prompt(prompt: str, tokenizer, loaded: dict[str, list[str]]) -> str:
         if tokenizer.token_to_id(token) in ids:
             prompt = prompt.replace(token, " ".join(tokens))
     return prompt
+
+
+# SDXL's two-embedding format: the key of each text encoder's vectors.
+SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+
+
+def read_sdxl_embedding(source, token: str | None, widths: dict[str, int]) -> tuple[str, dict[str, np.ndarray], str]:
+    """An SDXL embedding (clip_l / clip_g) -> (token, {network: float32 vectors [n, width]}, source name) for the text
+    encoders in `widths` ({network: its token-embedding width}); each set checked as read_embedding checks one."""
+    if isinstance(source, dict):
+        name, data, stem = "the embedding dict", to_numpy(source), None
+    else:
+        path = _embedding_file(Path(source).expanduser())
+        name, stem = str(path), path.stem
+        data, _ = read_weights(path, "textual-inversion embedding")
+    wanted = {network: SDXL_KEYS[network] for network in widths}
+    if not isinstance(data, dict) or not set(wanted.values()) <= set(data):
+        keys = ", ".join(list(map(str, data))[:6]) if isinstance(data, dict) else type(data).__name__
+        raise ModelError(f"{name} is not an SDXL embedding for this model: it needs {' and '.join(wanted.values())}, "
+                         f"it holds {keys}")
+    vectors = {}
+    for network, key in wanted.items():
+        placeholder = token or stem or "<sdxl-embedding>"
+        token, vectors[network], _ = read_embedding({placeholder: data[key]}, placeholder, widths[network])
+    counts = {len(v) for v in vectors.values()}
+    if len(counts) > 1:
+        raise ModelError(f"{name}: clip_l and clip_g hold different numbers of vectors; the file is damaged")
+    return token, vectors, name
+
+
+def add_to_encoders(pipe, token: str, vectors: dict[str, np.ndarray], name: str) -> None:
+    """Add `token` with each text encoder's own vectors (SDXL): every tokenizer gets the same new tokens and ids,
+    every table its rows; checked on all of them first, so a refused embedding changes nothing."""
+    encoders = pipe.text_encoders
+    for _, tokenizer, table in encoders:
+        if table.shape[0] != tokenizer.vocab_size or tokenizer.vocab_size != encoders[0][1].vocab_size:
+            raise ModelError("the tokenizers and token tables of this model do not line up; reload the model")
+        taken = [t for t in vector_tokens(token, len(vectors[encoders[0][0]])) if tokenizer.token_to_id(t) is not None]
+        if taken:
+            raise InputError(f"{name}: token {taken[0]!r} is already in the vocabulary; pass another placeholder, "
+                             "e.g. token='<my-style>', or unload the one loaded")
+    tables = []
+    for network, tokenizer, table in encoders:
+        tables.append(add_embedding(tokenizer, table, pipe.textual_inversions, token, vectors[network], name))
+    pipe.token_table = tables[0]
+    pipe.more_text_encoders = [(n, t, tables[k + 1]) for k, (n, t, _) in enumerate(pipe.more_text_encoders)]
+
+
+def remove_from_encoders(pipe, token: str | None) -> None:
+    """Remove one embedding (or all) from every tokenizer and table (SDXL)."""
+    tables, loaded = [], dict(pipe.textual_inversions)
+    for _, tokenizer, table in pipe.text_encoders:
+        loaded = dict(pipe.textual_inversions)
+        tables.append(remove_embedding(tokenizer, table, loaded, token))
+    pipe.textual_inversions.clear()
+    pipe.textual_inversions.update(loaded)
+    pipe.token_table = tables[0]
+    pipe.more_text_encoders = [(n, t, tables[k + 1]) for k, (n, t, _) in enumerate(pipe.more_text_encoders)]

@@ -35,7 +35,7 @@ from sdrt.errors import ModelError
 from sdrt.model.manifest import Manifest
 
 CACHE_DIR = ".ort_cache"
-FUSION_MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+FUSION_MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
 FUSION_REVISION = 2  # 2: no packed QKV/KV attention in fp32 graphs (a fused file of revision 1 is rebuilt)
 SMALL_NETWORK_BYTES = 64 * 2**20  # a second session per shape costs its weights again: small networks only
 SPECIALIZED_PER_NETWORK = 4  # shapes kept per network (least recently used goes first)

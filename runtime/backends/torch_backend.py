@@ -96,11 +96,12 @@ class TorchBackend(Backend):
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         contract = self.contracts[network]
         contract.check_feeds(feeds)
+        dtype = next(self.modules[network].parameters()).dtype  # an fp16 run keeps a force_upcast VAE in fp32
         args = []
         for spec in contract.inputs:
             t = torch.from_numpy(np.ascontiguousarray(feeds[spec.name])).to(self.device)
             # The timestep stays float32 even in fp16 (fractional Karras/Euler timesteps lose precision in fp16).
-            args.append(t if spec.name == "timestep" else t.to(self.dtype))
+            args.append(t if spec.name == "timestep" else t.to(dtype))
         out = self.modules[network](*args)
         outs = out if isinstance(out, tuple) else (out,)
         return {spec.name: o.float().cpu().numpy() for spec, o in zip(contract.outputs, outs)}
@@ -110,7 +111,9 @@ class TorchBackend(Backend):
         return self.device.type == "cpu"
 
     def precision(self, network: str) -> str | None:
-        return "fp16" if self.dtype == torch.float16 else "fp32"
+        module = self.modules.get(network)
+        dtype = next(module.parameters()).dtype if module is not None else self.dtype
+        return "fp16" if dtype == torch.float16 else "fp32"
 
     def device_scope(self):
         return torch.cuda.device(self.device) if self.device.type == "cuda" else super().device_scope()

@@ -38,6 +38,41 @@ class TextEncoderOnEmbeddings(nn.Module):
         return self.final_layer_norm(hidden)
 
 
+class PenultimateTextEncoder(TextEncoderOnEmbeddings):
+    """SDXL's text encoders: token embeddings -> the penultimate layer's hidden states (diffusers' hidden_states[-2],
+    clip_skip None); with `projection`, also CLIPTextModelWithProjection's pooled output: the final layer and layer
+    norm, the state at the one-hot `pool_weights` position (CLIP's end-of-text token), the text projection.
+
+    The layers run one by one: transformers 5's encoder no longer returns every layer's states by itself."""
+
+    def __init__(self, text_model: nn.Module, projection: nn.Module | None = None):
+        super().__init__(text_model)
+        self.projection = projection
+        import inspect
+
+        # transformers 4.x's layer takes (states, attention_mask, causal_attention_mask) and returns a tuple.
+        self._tf4 = "causal_attention_mask" in inspect.signature(self.encoder.layers[0].forward).parameters
+
+    def _layer(self, layer, hidden, mask):
+        out = layer(hidden, mask, None) if self._tf4 else layer(hidden, mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward(self, inputs_embeds: torch.Tensor, pool_weights: torch.Tensor | None = None):
+        hidden = self.embeddings(inputs_embeds=inputs_embeds)
+        seq = inputs_embeds.shape[1]
+        blocked = torch.ones(seq, seq, dtype=torch.bool, device=hidden.device).triu(1)
+        mask = torch.zeros(seq, seq, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(blocked, torch.finfo(hidden.dtype).min)[None, None].expand(hidden.shape[0], 1, seq, seq)
+        layers = self.encoder.layers
+        for layer in layers[:-1]:
+            hidden = self._layer(layer, hidden, mask)
+        if self.projection is None:
+            return hidden
+        last = self.final_layer_norm(self._layer(layers[-1], hidden, mask))
+        pooled = (pool_weights.to(last.dtype).unsqueeze(-1) * last).sum(dim=1)
+        return hidden, self.projection(pooled)
+
+
 class UNetContract(nn.Module):
     """UNet2DConditionModel with the contract's (sample, timestep[batch] float, encoder_hidden_states[, timestep_cond])
     signature (timestep_cond: an LCM-distilled UNet's guidance embedding)."""
@@ -48,6 +83,14 @@ class UNetContract(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
         return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
+
+
+class UNetAddedContract(UNetContract):
+    """SDXL's UNet: the contract's signature plus `text_embeds` and `time_ids` for the "text_time" added embedding."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class VaeEncoderContract(nn.Module):
@@ -81,19 +124,23 @@ class VaeDecoderContract(nn.Module):
 def load_contract_modules(model_dir, facts, device="cpu", dtype=torch.float32) -> dict[str, nn.Module]:
     """Load a diffusers-format folder's networks and wrap each in its contract module (eval mode)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+    from sdrt.contracts import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER
+    from sdrt.families import family_spec
+
+    spec = family_spec(facts.family)
+    sdxl = TEXT_ENCODER_2 in spec.networks
 
     from pathlib import Path
 
     from sdrt.errors import ModelError
     from sdrt.model.weights import check_safetensors_complete
 
-    for sub in ("text_encoder", "unet", "vae"):  # name a truncated file before the libraries fail without naming it
+    for sub in [enc for _, _, enc in spec.text_encoders] + ["unet", "vae"]:  # name a truncated file before the libraries fail without naming it
         for file in sorted((Path(model_dir) / sub).glob("*.safetensors")):
             check_safetensors_complete(file)
 
@@ -101,34 +148,44 @@ def load_contract_modules(model_dir, facts, device="cpu", dtype=torch.float32) -
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
 
+    # An fp16 run keeps a VAE that overflows in fp16 (SDXL's: force_upcast) in fp32, as diffusers does.
+    vae_dtype = torch.float32 if facts.force_upcast else dtype
+    modules = {}
     try:
-        text = load_clip_text_model(CLIPTextModel, model_dir, dtype)
+        if not sdxl:
+            modules[TEXT_ENCODER] = TextEncoderOnEmbeddings(load_clip_text_model(CLIPTextModel, model_dir, dtype))
+        else:
+            for network, _, folder in spec.text_encoders:
+                if network == TEXT_ENCODER:
+                    modules[network] = PenultimateTextEncoder(load_clip_text_model(CLIPTextModel, model_dir, dtype, folder))
+                else:
+                    text = load_clip_text_model(CLIPTextModelWithProjection, model_dir, dtype, folder)
+                    modules[network] = PenultimateTextEncoder(text, text.text_projection)
         unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=vae_dtype)
     except (OSError, ValueError, RuntimeError) as err:  # a damaged pickle or config the check above cannot see
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{model_dir} could not be loaded by diffusers/transformers ({first}); re-download the model folder") from None
-    modules = {
-        TEXT_ENCODER: TextEncoderOnEmbeddings(text),
-        UNET: UNetContract(unet),
+    modules.update({
+        UNET: UNetAddedContract(unet) if sdxl else UNetContract(unet),
         VAE_ENCODER: VaeEncoderContract(vae),
         VAE_DECODER: VaeDecoderContract(vae, facts.scaling_factor),
-    }
+    })  # fmt: skip
     return {name: m.to(device).eval() for name, m in modules.items()}
 
 
-def load_clip_text_model(cls, model_dir, dtype):
-    """CLIPTextModel from `<model_dir>/text_encoder`, on transformers 4.x and 5.x alike: a folder saved by
-    transformers 5 (keys without `text_model.`) loads on 4.x with its weights, not a random encoder."""
+def load_clip_text_model(cls, model_dir, dtype, subfolder: str = "text_encoder"):
+    """CLIPTextModel (or WithProjection) from `<model_dir>/<subfolder>`, on transformers 4.x and 5.x alike: a folder
+    saved by transformers 5 (keys without `text_model.`) loads on 4.x with its weights, not a random encoder."""
     from pathlib import Path
 
-    text, info = cls.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=dtype, output_loading_info=True)
+    text, info = cls.from_pretrained(model_dir, subfolder=subfolder, torch_dtype=dtype, output_loading_info=True)
     missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
     if not missing:
         return text
     from safetensors.torch import load_file
 
-    files = sorted((Path(model_dir) / "text_encoder").glob("*.safetensors"))
+    files = sorted((Path(model_dir) / subfolder).glob("*.safetensors"))
     state = {k: v for f in files for k, v in load_file(f).items()}
     own = set(text.state_dict())
     fixed = {}
@@ -141,7 +198,7 @@ def load_clip_text_model(cls, model_dir, dtype):
     if still:
         from sdrt.errors import ModelError
 
-        raise ModelError(f"{model_dir}/text_encoder lacks weights for {still[:3]} ({len(still)} tensors); re-save the model")
+        raise ModelError(f"{model_dir}/{subfolder} lacks weights for {still[:3]} ({len(still)} tensors); re-save the model")
     text.load_state_dict(fixed, strict=False)
     return text.to(dtype)
 

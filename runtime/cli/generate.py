@@ -61,6 +61,10 @@ def add_parser(sub) -> None:
                    "error where missing (default: auto, CUDA when there, else CPU)")  # fmt: skip
     p.add_argument("--max-memory", default=None, metavar="SIZE", help="memory budget the request must fit, e.g. 8G (default: what is available)")
     p.add_argument("--no-memory-check", action="store_true", help="skip the memory estimate (an oversized request may then be killed)")
+    p.add_argument("--refiner", default=None, metavar="PATH", help="SDXL: a refiner (diffusers folder or sdrt export) that "
+                   "finishes the base's latents, diffusers' ensemble of experts")
+    p.add_argument("--refiner-start", type=float, default=0.8, help="SDXL with --refiner: the fraction of the schedule "
+                   "the base runs before handing over (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -119,6 +123,9 @@ def cmd_generate(args) -> int:
 
         path, scale = parse_lora_spec(spec)
         loras.append((pipe.register_lora(path, name=f"{len(loras)}-{Path(path).stem}"), scale))
+    refiner = None
+    if args.refiner:
+        refiner = Pipeline.from_pretrained(args.refiner, backend=args.backend, max_memory=max_memory, **options)
     load_s = time.perf_counter() - t0
     out = pipe(
         args.prompt,
@@ -138,6 +145,7 @@ def cmd_generate(args) -> int:
         num_images_per_prompt=args.num_images,
         loras=loras or None,
         progress=not args.quiet,
+        **({"refiner": refiner, "refiner_start": args.refiner_start} if refiner is not None else {}),
     )
     for k, (image, params, path) in enumerate(zip(out.images, out.parameters, paths)):
         save_image(image, path, params)

@@ -10,6 +10,7 @@ EPILOG_SERVE = """examples:
   sdrt serve                                        the built-in digits model on 127.0.0.1:7860
   sdrt serve ~/models/sd15 --max-batch 4            one model (named after its folder)
   sdrt serve --model sd15=~/models/sd15 --model dreamshaper=~/models/ds8 --api-key $KEY
+  sdrt serve out/sd15-slots --lora-dir ~/loras     <lora:NAME:SCALE> in prompts (an export with --lora-slots)
   sdrt serve --ray --replicas 2 --cpus-per-replica 1    on a local Ray cluster (pip install 'sdrt[ray]')
   sdrt serve --ray --address HEAD:6379 --autoscale 1:8 --gpus-per-replica 1 ~/models/sd15
 APIs: AUTOMATIC1111 (/sdapi/v1/txt2img, ...), OpenAI images (/v1/images/generations, /edits), async jobs
@@ -40,6 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-prompt-chars", type=int, default=2000, help="(default: %(default)s)")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (default: %(default)s)")
     p.add_argument("--quick-start", action="store_true", help="warm batch size 1 only: ready sooner, the first batch of each other size pays its setup")
+    p.add_argument("--lora-dir", default=None, metavar="DIR", help="LoRA .safetensors files requests may name "
+                   "(<lora:NAME:SCALE> in A1111 prompts, `loras` on the other routes); models need LoRA slots (`sdrt export --lora-slots`)")
     p.add_argument("--preview-every", type=int, default=5, help="steps between previews in job events (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     r = p.add_argument_group("Ray Serve (pip install 'sdrt[ray]')")
@@ -82,7 +85,8 @@ def cmd_serve(args) -> int:
     config = ServeConfig(models=model_table(args.models, args.model), backend=args.backend, threads=args.threads,
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                          timeout=args.timeout, drain_timeout=args.drain_timeout, preview_every=args.preview_every,
-                         warm_all_batches=not args.quick_start, api_key=args.api_key or None, cors=args.cors, limits=limits)
+                         warm_all_batches=not args.quick_start, api_key=args.api_key or None, cors=args.cors, lora_dir=args.lora_dir,
+                         limits=limits)
     if args.ray:
         return cmd_serve_ray(args, config)
     return serve(config, host=args.host, port=args.port, log_level=args.log_level)

@@ -14,21 +14,22 @@ from pathlib import Path
 from sdrt.errors import ModelError
 from sdrt.families import check_pipeline_class, detect_family
 
-COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")  # SD 1.x/2.x; see FamilySpec.components
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelFacts:
-    """Facts about one Stable Diffusion 1.x/2.x model that the loop, the contracts and the exporter need."""
+    """Facts about one Stable Diffusion model that the loop, the contracts and the exporter need. The fields with
+    defaults are SDXL's (an export made before they existed is an SD 1.x/2.x one, where they are 0/False)."""
 
-    family: str  # a key of sdrt.families.FAMILIES: "sd1" or "sd2"
+    family: str  # a key of sdrt.families.FAMILIES: "sd1", "sd2", "sdxl", "sdxl_refiner"
     latent_channels: int
     vae_scale_factor: int  # image pixels per latent pixel (8 for SD)
     scaling_factor: float  # latents fed to the UNet = posterior sample * scaling_factor
     prediction_type: str  # "epsilon" or "v_prediction"
     unet_downsamples: int  # 2 ** this must divide the latent size
     text_seq_len: int  # tokens per prompt (77)
-    text_hidden_size: int  # width of the token-embedding table
+    text_hidden_size: int  # width of the (first) token-embedding table; 0 for SDXL's refiner, which has no first encoder
     cross_attention_dim: int  # width of the UNet's encoder_hidden_states
     default_size: int  # the image size the model was trained at (unet sample_size * vae scale)
     vocab_size: int
@@ -36,6 +37,13 @@ class ModelFacts:
     # LCM-distilled UNets (time_cond_proj_dim in the UNet config): the width of the guidance embedding `timestep_cond`
     # the UNet takes instead of a classifier-free-guidance batch; 0 for every other model (and exports before it).
     time_cond_proj_dim: int = 0
+    text_hidden_size_2: int = 0  # SDXL: width of text_encoder_2 (OpenCLIP bigG: 1280)
+    pooled_dim: int = 0  # SDXL: text_encoder_2's projection_dim, the UNet's `text_embeds` width
+    time_ids_dim: int = 0  # SDXL: micro-conditioning values per image (6 base, 5 refiner), from the UNet's config
+    pool_at_argmax: bool = False  # SDXL: CLIP pools at argmax(ids) (its config's legacy eos_token_id 2), else the first eos
+    requires_aesthetics_score: bool = False  # SDXL refiner: time ids end with an aesthetic score, not the target size
+    force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero states, not the encoded ""
+    force_upcast: bool = False  # the VAE overflows in fp16 (SDXL's): fp16 runs keep it in fp32
 
     @property
     def unet_input_channels(self) -> int:
@@ -92,7 +100,18 @@ def read_model_facts(model_dir: str | Path) -> ModelFacts:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelError(f"model folder {model_dir} does not exist; pass a diffusers-format folder or an sdrt export")
-    read_pipeline_class(model_dir)
+    cls = read_pipeline_class(model_dir)
+    index = read_json(model_dir / "model_index.json") if (model_dir / "model_index.json").exists() else {}
+    unet = read_json(model_dir / "unet" / "config.json") if (model_dir / "unet" / "config.json").exists() else {}
+    spec = detect_family({}, unet, index)
+    xl = spec.name.startswith("sdxl")
+    if xl != ("XL" in cls):
+        raise ModelError(
+            f"{model_dir} holds a {cls}, but its UNet {'has' if xl else 'lacks'} SDXL's text_time added embedding; "
+            "fix _class_name in model_index.json (or the unet config)"
+        )
+    if xl:
+        return _read_sdxl_facts(model_dir, spec, index)
     missing = [c for c in COMPONENTS if not (model_dir / c).is_dir()]
     if missing:
         raise ModelError(
@@ -104,8 +123,6 @@ def read_model_facts(model_dir: str | Path) -> ModelFacts:
     text = read_json(model_dir / "text_encoder" / "config.json")
     sched = read_json(model_dir / "scheduler" / "scheduler_config.json")
 
-    if unet.get("addition_embed_type") == "text_time":
-        raise ModelError(f"{model_dir}'s UNet takes SDXL's added time embeddings; sdrt runs SD 1.x/2.x only, for now")
     vae_latents = vae.get("latent_channels", 4)
     unet_in = int(unet.get("in_channels", 4))
     if unet_in not in (vae_latents, 2 * vae_latents + 1):
@@ -130,6 +147,69 @@ def read_model_facts(model_dir: str | Path) -> ModelFacts:
         vocab_size=int(text.get("vocab_size", 49408)),
         unet_in_channels=unet_in if unet_in != vae_latents else None,
         time_cond_proj_dim=int(unet.get("time_cond_proj_dim") or 0),
+    )
+
+
+def _read_sdxl_facts(model_dir: Path, spec, index: dict) -> ModelFacts:
+    """SDXL base or refiner: both text encoders' widths, the pooled width and the number of time ids, all from the
+    configs (the UNet's added embedding must take exactly time ids x addition_time_embed_dim + pooled width)."""
+    missing = [c for c in spec.components if not (model_dir / c).is_dir()]
+    if missing:
+        raise ModelError(f"SDXL folder {model_dir} lacks {', '.join(missing)}; it must hold {', '.join(spec.components)}")
+    unet = read_json(model_dir / "unet" / "config.json")
+    vae = read_json(model_dir / "vae" / "config.json")
+    sched = read_json(model_dir / "scheduler" / "scheduler_config.json")
+    text2 = read_json(model_dir / "text_encoder_2" / "config.json")
+    text1 = read_json(model_dir / "text_encoder" / "config.json") if spec.name == "sdxl" else {}
+    pooled = int(text2.get("projection_dim", 0))
+    time_dim, added = unet.get("addition_time_embed_dim"), unet.get("projection_class_embeddings_input_dim")
+    if not (pooled and time_dim and added) or (added - pooled) % time_dim:
+        raise ModelError(
+            f"{model_dir}: the UNet's projection_class_embeddings_input_dim {added} is not time ids x "
+            f"addition_time_embed_dim {time_dim} + text_encoder_2's projection_dim {pooled}; the configs disagree"
+        )
+    time_ids = (added - pooled) // time_dim
+    aesthetics = bool(index.get("requires_aesthetics_score", False))  # diffusers' default
+    if time_ids != (5 if aesthetics else 6):
+        raise ModelError(
+            f"{model_dir}'s UNet takes {time_ids} time ids, but requires_aesthetics_score={aesthetics} in model_index.json "
+            f"means {5 if aesthetics else 6}; fix requires_aesthetics_score"
+        )
+    hidden1, hidden2 = int(text1.get("hidden_size", 0)), int(text2["hidden_size"])
+    if unet.get("cross_attention_dim") != hidden1 + hidden2:
+        raise ModelError(
+            f"{model_dir}'s UNet cross-attends to {unet.get('cross_attention_dim')} channels, but its text encoders "
+            f"give {hidden1} + {hidden2}; the configs disagree"
+        )
+    vae_latents = int(vae.get("latent_channels", 4))
+    if unet.get("in_channels", 4) != vae_latents:
+        raise ModelError(f"{model_dir}'s UNet takes {unet.get('in_channels')} input channels but the VAE makes {vae_latents}: "
+                         "an inpainting UNet, which sdrt does not run yet")
+    if unet.get("time_cond_proj_dim"):
+        raise ModelError(f"{model_dir}'s SDXL UNet is LCM-distilled (time_cond_proj_dim), which sdrt runs for SD 1.x/2.x "
+                         "only, for now; use the SDXL base with an LCM-LoRA fused (load_lora), or an SD 1.x/2.x LCM")
+    if vae.get("latents_mean") is not None:
+        raise ModelError(f"{model_dir}'s VAE normalises latents with latents_mean/latents_std, which sdrt does not run yet")
+    vae_scale = 2 ** (len(vae.get("block_out_channels", [64])) - 1)
+    return ModelFacts(
+        family=spec.name,
+        latent_channels=vae_latents,
+        vae_scale_factor=int(vae_scale),
+        scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        prediction_type=str(sched.get("prediction_type", "epsilon")),
+        unet_downsamples=len(unet.get("down_block_types", [])) - 1,
+        text_seq_len=int(text2.get("max_position_embeddings", 77)),
+        text_hidden_size=hidden1,
+        cross_attention_dim=int(unet["cross_attention_dim"]),
+        default_size=int(unet.get("sample_size", 128)) * vae_scale,
+        vocab_size=int(text2.get("vocab_size", 49408)),
+        text_hidden_size_2=hidden2,
+        pooled_dim=pooled,
+        time_ids_dim=int(time_ids),
+        pool_at_argmax=text2.get("eos_token_id", 2) == 2,
+        requires_aesthetics_score=aesthetics,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),  # diffusers' default
+        force_upcast=bool(vae.get("force_upcast", True)),
     )
 
 

@@ -39,17 +39,36 @@ class ModelSource:
         rel = self.manifest.scheduler if self.manifest else "scheduler/scheduler_config.json"
         return read_json(self.path / rel)
 
-    def token_table_file(self) -> Path:
+    def text_encoders(self) -> list[tuple[str, Path, Path]]:
+        """(network, tokenizer folder, token-table file) per text encoder of the family, in concatenation order."""
+        from sdrt.families import family_spec
+
+        saved = self.manifest.extras.get("text_encoders", {}) if self.manifest else {}
+        found = []
+        for k, (network, tokenizer, folder) in enumerate(family_spec(self.facts.family).text_encoders):
+            if network in saved:
+                found.append((network, self.path / saved[network]["tokenizer"], self.path / saved[network]["token_embeddings"]))
+            elif self.manifest:  # an SD 1.x/2.x export: the manifest's tokenizer and table
+                found.append((network, self.tokenizer_dir, self.token_table_file()))
+            else:
+                found.append((network, self.path / tokenizer, self._weights_file(folder)))
+        return found
+
+    def _weights_file(self, folder: str) -> Path:
+        for name in ("model.safetensors", "model.fp16.safetensors"):
+            if (self.path / folder / name).exists():
+                return self.path / folder / name
+        return self.path / folder / "pytorch_model.bin"
+
+    def token_table_file(self, folder: str = "text_encoder") -> Path:
         if self.manifest:
             return self.path / self.manifest.token_embeddings
-        for name in ("model.safetensors", "model.fp16.safetensors"):
-            if (self.path / "text_encoder" / name).exists():
-                return self.path / "text_encoder" / name
-        return self.path / "text_encoder" / "pytorch_model.bin"
+        return self._weights_file(folder)
 
-    def load_token_embeddings(self) -> np.ndarray:
-        """The checkpoint's token-embedding table [vocab, hidden] as float32 (the runtime does the lookup)."""
-        path = self.token_table_file()
+    def load_token_embeddings(self, path: Path | None = None) -> np.ndarray:
+        """The checkpoint's token-embedding table [vocab, hidden] as float32 (the runtime does the lookup); `path`: the
+        table of another text encoder (SDXL's second, from text_encoders())."""
+        path = path or self.text_encoders()[0][2]
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 

@@ -208,8 +208,52 @@ class Scheduler:
         calls = "no timesteps yet" if self.timesteps is None else f"{self.num_calls} calls"
         return f"<sdrt scheduler {self.name}: {calls}>"
 
-    def set_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> None:
-        """Build the per-call tables; strength < 1 keeps the schedule's tail as diffusers' img2img does."""
+    def set_timesteps(self, num_inference_steps: int, strength: float = 1.0, denoising_start: float | None = None,
+                      denoising_end: float | None = None) -> None:
+        """Build the per-call tables; strength < 1 keeps the schedule's tail as diffusers' img2img does.
+
+        denoising_start / denoising_end (fractions of the training schedule, SDXL's ensemble of experts): run only
+        the calls whose timesteps lie below / at or above the cut-off, as diffusers' SDXL pipelines do. The end cuts
+        the full schedule's tables (its calls are those of the whole run); the start begins a schedule of its own
+        there (strength is then ignored), as diffusers' img2img with set_begin_index."""
+        if denoising_start is not None:
+            self.set_timesteps(num_inference_steps)
+            start = self._start_for(num_inference_steps, self._cutoff(denoising_start), strict=True)
+            self._set(num_inference_steps, start)
+        else:
+            self._set_strength(num_inference_steps, strength)
+        if denoising_end is not None:
+            keep = int(np.sum(self.timesteps >= self._cutoff(denoising_end)))
+            if keep == 0:
+                raise InputError(f"denoising_end {denoising_end} runs no step; raise it")
+            self._truncate(keep)
+
+    def _cutoff(self, fraction: float) -> int:
+        if not (isinstance(fraction, float) and 0 < fraction < 1):
+            raise InputError(f"denoising_start/denoising_end {fraction!r} must be a float in (0, 1), e.g. 0.8")
+        return int(round(self.num_train_timesteps - fraction * self.num_train_timesteps))
+
+    def _start_for(self, n: int, cutoff: int, strict: bool) -> int:
+        """The first step whose schedule holds exactly the calls diffusers keeps below `cutoff` (a 2nd-order
+        scheduler's count is made odd, so that a hand-over never splits a step's two calls)."""
+        count = int(np.sum(self.timesteps < cutoff))
+        if getattr(self, "order", 1) == 2 and count % 2 == 0:
+            count += 1
+        if count == 0:
+            raise InputError("denoising_start leaves no step to run; lower it")
+        for start in range(n):
+            if len(self._tables(n, start).timesteps) == count:
+                return start
+        raise InputError(f"the {self.name} scheduler cannot start {count} calls before the end of its schedule; "
+                         "use another denoising_start or scheduler")
+
+    def _truncate(self, calls: int) -> None:
+        self.timesteps = self.timesteps[:calls]
+        self.coefficients = self.coefficients[:calls]
+        self.input_scale = self.input_scale[:calls]
+        self.noise_coefficients = self.noise_coefficients[:calls]
+
+    def _set_strength(self, num_inference_steps: int, strength: float) -> None:
         n = num_inference_steps
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise InputError(f"num_inference_steps {n!r} must be an integer >= 1")
@@ -222,7 +266,10 @@ class Scheduler:
         init_timestep = min(int(n * strength), n)
         if init_timestep == 0:
             raise InputError(f"strength {strength} with {n} steps runs no step; raise strength or steps")
-        tables = self._tables(int(n), max(n - init_timestep, 0))
+        self._set(int(n), max(n - init_timestep, 0))
+
+    def _set(self, n: int, start: int) -> None:
+        tables = self._tables(n, start)
         self.timesteps = tables.timesteps.astype(F32)
         self.coefficients = np.asarray(tables.coefficients, np.float64).reshape(len(self.timesteps), -1)
         self.input_scale = np.asarray(tables.input_scale, np.float64)

@@ -12,11 +12,13 @@ import time
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from sdrt.adapters.prompt_loras import parse_prompt_loras
+from sdrt.errors import InputError
 from sdrt.images import SAMPLER_NAMES, a1111_parameters
 from sdrt.serve import a1111_inpaint
 from sdrt.serve.media import b64_to_bytes, decode_image, output_pngs
 from sdrt.serve.schemas import (
-    A1111ImagesResponse, EmbeddingItem, EmbeddingsResponse, FieldError, Img2ImgRequest, OptionsRequest,
+    A1111ImagesResponse, EmbeddingItem, EmbeddingsResponse, FieldError, Img2ImgRequest, LoraItem, OptionsRequest,
     OptionsResponse, ProgressResponse, ProgressState, SamplerItem, SchedulerItem, ScriptsResponse, SDModelItem,
     Txt2ImgRequest,
 )
@@ -70,8 +72,13 @@ async def generate(req, request: Request, image=None, strength: float = 0.8, inp
         raise FieldError(("body", "override_settings", "sd_model_checkpoint"), "sd_model_checkpoint must be a model name")
     batcher = service.batcher(model_name(override or service.a1111_model), field="override_settings.sd_model_checkpoint")
     scheduler = resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler)
+    try:  # A1111's <lora:NAME:SCALE> tags: taken out of the prompt, applied as run-time LoRAs
+        prompt, loras = parse_prompt_loras(req.prompt)
+    except InputError as err:
+        raise FieldError("prompt", str(err)) from None
     plan = await service.plan(
-        batcher, fields={"images": "batch_size"}, prompt=req.prompt, negative_prompt=req.negative_prompt or None,
+        batcher, fields={"images": "batch_size"}, loras=loras, lora_field="prompt",
+        prompt=prompt, negative_prompt=req.negative_prompt or None,
         num_inference_steps=req.steps, guidance_scale=req.cfg_scale, height=req.height, width=req.width,
         seed=None if req.seed == -1 else req.seed, scheduler=scheduler, image=image, strength=strength,
         num_images_per_prompt=req.batch_size * req.n_iter, **({"mask_image": inpaint.mask} if inpaint else {}),
@@ -212,6 +219,19 @@ def embeddings(request: Request):
         for token, tokens in batcher.pipe.textual_inversions.items():
             loaded[token] = EmbeddingItem(shape=width, vectors=len(tokens))
     return EmbeddingsResponse(loaded=loaded, skipped={})
+
+
+@router.get("/loras", response_model=list[LoraItem])
+def loras(request: Request):
+    """The LoRAs of `--lora-dir` (empty without one), as A1111 lists them; `path` is relative to that folder."""
+    return request.app.state.service.loras.listing()
+
+
+@router.post("/refresh-loras")
+def refresh_loras(request: Request) -> None:
+    """Re-read the LoRA folder (requests also rescan it when they name a file not seen yet)."""
+    request.app.state.service.loras.scan()
+    return None
 
 
 @router.get("/scripts", response_model=ScriptsResponse)

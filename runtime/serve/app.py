@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.errors import BackendError, InputError, SdrtError
 from sdrt.serve.batcher import Batcher, Job, Limits, NotAccepting, QueueFull
+from sdrt.serve.loras import LoraLibrary
 from sdrt.serve.schemas import ApiError, FieldError
 
 log = logging.getLogger("sdrt.serve")
@@ -49,6 +50,7 @@ class ServeConfig:
     warm_all_batches: bool = True  # warm every batch size up to max_batch at load (False: batch 1 only, faster start)
     api_key: str | None = None
     cors: list[str] = dataclasses.field(default_factory=list)
+    lora_dir: str | None = None  # .safetensors LoRAs requests may name (sdrt.serve.loras); None: no run-time LoRAs
     limits: Limits = dataclasses.field(default_factory=Limits)
 
     @property
@@ -76,6 +78,7 @@ class Service:
         self.draining = False
         self.a1111_model = config.default_model  # A1111's /options sd_model_checkpoint
         self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.loras = LoraLibrary(config.lora_dir)
         self.job_store = None  # a Ray ingress's copy of job states (sdrt.serve.ray_jobs.RemoteJobStore)
         self.batchers = batchers if batchers is not None else {
             name: Batcher(name, lambda path=path: load_pipeline(path, config.backend, config.threads, config.max_batch),
@@ -106,11 +109,17 @@ class Service:
                            headers={"Retry-After": "5"}, kind="server_error")
         return batcher
 
-    async def plan(self, batcher: Batcher, *, fields: dict | None = None, **kw):
-        """Limits first (422 naming the request's field), then the pipeline's own checks (InputError -> 422)."""
+    async def plan(self, batcher: Batcher, *, fields: dict | None = None, loras: dict | None = None,
+                   lora_field: str = "loras", **kw):
+        """Limits first (422 naming the request's field), then the LoRAs (names from --lora-dir, registered with the
+        model's pipeline on first use), then the pipeline's own checks (InputError -> 422)."""
         batcher.limits.check(batcher.facts, prompt=kw["prompt"], negative_prompt=kw.get("negative_prompt"),
                              steps=kw["num_inference_steps"], images=kw.get("num_images_per_prompt", 1),
                              width=kw.get("width"), height=kw.get("height"), fields=fields)
+        if loras:
+            if getattr(batcher, "remote", False):
+                raise FieldError(lora_field, "run-time LoRAs are not served under --ray yet; serve without --ray")
+            kw["loras"] = await run_in_threadpool(self.loras.prepare, batcher.pipe, batcher.name, loras, lora_field)
         # plan() checks the rest through sdrt.inputs (size, schedule, memory budget): a 422 for this request alone.
         # A Ray ingress plans with the pipeline's planning copy (sdrt.planning): the same checks, before queueing.
         planner = batcher.planner

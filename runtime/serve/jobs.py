@@ -51,7 +51,7 @@ async def submit(req: JobRequest, request: Request):
         batcher, prompt=req.prompt, negative_prompt=req.negative_prompt, num_inference_steps=req.steps,
         guidance_scale=req.guidance_scale, height=req.height, width=req.width, seed=req.seed,
         scheduler=resolve_sampler(req.scheduler, field="scheduler"), image=image, strength=req.strength,
-        num_images_per_prompt=req.n, timestep_spacing=req.timestep_spacing, **inpaint,
+        num_images_per_prompt=req.n, loras=req.loras, timestep_spacing=req.timestep_spacing, **inpaint,
     )
     job = service.submit(batcher, plan, preview_every=req.preview_every, preview_decode=req.preview_decode,
                          watchable=True)

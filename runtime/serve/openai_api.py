@@ -3,6 +3,7 @@ sdrt's knobs (negative_prompt, steps, guidance_scale, seed, scheduler, strength)
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -32,7 +33,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 async def generate(request: Request, *, prompt: str, model: str | None, n: int, size: str | None,
                    response_format: str | None, negative_prompt: str | None, steps: int, guidance_scale: float,
                    seed: int | None, scheduler: str | None, image=None, strength: float = 0.8,
-                   mask_image=None, timestep_spacing: str | None = None) -> ImagesResponse:
+                   mask_image=None, timestep_spacing: str | None = None, loras: dict | None = None) -> ImagesResponse:
     service = request.app.state.service
     if response_format not in (None, "b64_json"):
         raise FieldError("response_format", f"response_format {response_format!r} is not served; use 'b64_json'")
@@ -43,6 +44,7 @@ async def generate(request: Request, *, prompt: str, model: str | None, n: int, 
         num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width, seed=seed,
         scheduler=resolve_sampler(scheduler, field="scheduler"), image=image, strength=strength, num_images_per_prompt=n,
         timestep_spacing=timestep_spacing,
+        loras=loras,
         **({"mask_image": mask_image, "keep_unmasked": True} if mask_image is not None else {}),
     )
     job = service.submit(batcher, plan)
@@ -52,12 +54,25 @@ async def generate(request: Request, *, prompt: str, model: str | None, n: int, 
     return ImagesResponse(created=int(time.time()), data=data)
 
 
+def parse_loras_form(text: str | None) -> dict | None:
+    """The edits route's `loras` form field: a JSON object {name: scale}."""
+    if text is None or not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+        raise FieldError("loras", f"loras {text[:80]!r} is not a JSON object of {{name: scale}}, e.g. {{\"style\": 0.8}}")
+    return value
+
+
 @router.post("/generations", response_model=ImagesResponse)
 async def generations(req: ImageGenerationRequest, request: Request):
     return await generate(request, prompt=req.prompt, model=req.model, n=req.n, size=req.size,
                           response_format=req.response_format, negative_prompt=req.negative_prompt, steps=req.steps,
                           guidance_scale=req.guidance_scale, seed=req.seed, scheduler=req.scheduler,
-                          timestep_spacing=req.timestep_spacing)
+                          timestep_spacing=req.timestep_spacing, loras=req.loras)
 
 
 def transparent_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -89,6 +104,7 @@ async def edits(
     seed: int | None = Form(None, ge=0, le=MAX_SEED),
     scheduler: str | None = Form(None),
     strength: float = Form(0.8, gt=0.0, le=1.0),
+    loras: str | None = Form(None, description='run-time LoRAs as JSON, e.g. {"style": 0.8}'),
 ):
     """img2img: the image is noised to `strength` of the schedule and denoised toward the prompt; with a mask, only
     its transparent part is (OpenAI's rule), and the rest comes back unchanged."""
@@ -101,4 +117,5 @@ async def edits(
         mask_image = transparent_mask(raw, picture.size)
     return await generate(request, prompt=prompt, model=model, n=n, size=size, response_format=response_format,
                           negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                          scheduler=scheduler, image=picture, strength=strength, mask_image=mask_image)
+                          scheduler=scheduler, image=picture, strength=strength, mask_image=mask_image,
+                          loras=parse_loras_form(loras))

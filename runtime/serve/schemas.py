@@ -169,6 +169,13 @@ class OptionsRequest(BaseModel):
     sd_model_checkpoint: str | None = Field(None, description="a model served here (GET /sdapi/v1/sd-models)")
 
 
+class LoraItem(BaseModel):
+    name: str = Field(description="the file's stem: use it as <lora:NAME:SCALE> in the prompt")
+    alias: str = Field(description="the metadata's ss_output_name, else the name; prompts may use it too")
+    path: str = Field(description="the file inside the server's --lora-dir")
+    metadata: dict[str, Any]
+
+
 class ScriptsResponse(BaseModel):
     txt2img: list[str] = []
     img2img: list[str] = []
@@ -185,6 +192,8 @@ class SdrtExtras(BaseModel):
     guidance_scale: float = Field(7.5, ge=0.0, le=100.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     scheduler: str | None = Field(None, description="an sdrt name (ddim, euler_a, dpmpp_2m_karras, ...) or A1111 sampler name")
+    loras: dict[str, float] | None = Field(None, description="run-time LoRAs {name: scale}, names from GET /sdapi/v1/loras "
+                                                             "(the server's --lora-dir); requests batch with the same set only")
     timestep_spacing: Literal["leading", "linspace", "trailing"] | None = Field(
         None, description="instead of the model's scheduler config's; 'trailing' for few-step models (SD-Turbo, LCM)")
 

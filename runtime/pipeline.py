@@ -293,9 +293,15 @@ class Pipeline:
         pure_noise = inpaint and first.strength == 1.0  # diffusers' inpainting starts from noise alone at strength 1
         noise, image_latents, masked_latents, masks = [], [], [], []
         row = 0
+        scales = np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32)
+        guidance = scales.reshape(-1, 1, 1, 1) if first.guided else None
+        timestep_cond = None
+        if self.facts.time_cond_proj_dim:  # LCM-distilled UNet: guidance goes in through its embedding
+            timestep_cond = guidance_scale_embedding(scales, self.facts.time_cond_proj_dim)
         if first.init_latents is not None:  # diffusers adds no noise at a hand-over (and draws none)
             x = np.concatenate([plan.init_latents for plan in plans]).astype(np.float32)
-            return Batch(plans, sched, generators, latent_shape, text_states, self._guidance(plans), x, added=added)
+            return Batch(plans, sched, generators, latent_shape, text_states, guidance, x, timestep_cond=timestep_cond,
+                         added=added)
         for plan in plans:
             gens = generators[row : row + plan.batch]
             row += plan.batch
@@ -315,24 +321,12 @@ class Pipeline:
             x = noise * np.float32(sched.init_noise_sigma)
         else:
             x = sched.add_noise(np.concatenate(image_latents), noise, 0)
-        guidance = timestep_cond = None
-        scales = np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32)
-        if first.guided:
-            guidance = scales.reshape(-1, 1, 1, 1)
-        if self.facts.time_cond_proj_dim:  # LCM-distilled UNet: guidance goes in through its embedding
-            timestep_cond = guidance_scale_embedding(scales, self.facts.time_cond_proj_dim)
         rows = None
         if inpaint:
             rows = InpaintRows(np.concatenate(masks), np.concatenate(masked_latents) if conditioned else None,
                                None if conditioned else np.concatenate(image_latents), None if conditioned else noise)
         return Batch(plans, sched, generators, latent_shape, text_states, guidance, x, inpaint=rows, timestep_cond=timestep_cond,
                      added=added)
-
-    @staticmethod
-    def _guidance(plans) -> np.ndarray | None:
-        if not plans[0].guided:
-            return None
-        return np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32).reshape(-1, 1, 1, 1)
 
     def denoise(self, batch: Batch, observers=(), progress: bool = False) -> np.ndarray:
         """3. The denoising loop: one batched UNet call per step ([uncond; cond] rows when guided), the guidance

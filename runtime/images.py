@@ -43,7 +43,8 @@ def load_image(image, max_pixels: int | None = None) -> Image.Image:
     return to_rgb(image)
 
 
-def _open_path(path: Path, max_pixels: int | None) -> Image.Image:
+def _open_path(path: Path, max_pixels: int | None, what: str = "init image") -> Image.Image:
+    """Decode an image file with a pixel limit; errors name it as `what` ("init image", "mask image")."""
     image = None
     try:
         with warnings.catch_warnings():
@@ -54,9 +55,9 @@ def _open_path(path: Path, max_pixels: int | None) -> Image.Image:
                 raise Image.DecompressionBombError(f"{image.width * image.height} pixels")
             image.load()
     except FileNotFoundError:
-        raise InputError(f"init image {path} does not exist") from None
+        raise InputError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
-        raise InputError(f"init image {path} is a folder; pass an image file") from None
+        raise InputError(f"{what} {path} is a folder; pass an image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         if image is not None:
             size, limit = f"{image.width}x{image.height}", max_pixels or Image.MAX_IMAGE_PIXELS
@@ -64,11 +65,11 @@ def _open_path(path: Path, max_pixels: int | None) -> Image.Image:
             found = re.search(r"\((\d+) pixels\)", str(err))
             size, limit = (f"{int(found.group(1)):,} pixels" if found else "too large"), 2 * Image.MAX_IMAGE_PIXELS
         raise InputError(
-            f"init image {path} is {size}, more than the {limit:,} pixels it may decode to here "
+            f"{what} {path} is {size}, more than the {limit:,} pixels it may decode to here "
             "(the memory budget, or a decompression-bomb limit); scale it down first"
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"init image {path} cannot be read as an image ({str(err).splitlines()[0] if str(err) else type(err).__name__}); use a PNG or JPEG") from None
+        raise InputError(f"{what} {path} cannot be read as an image ({str(err).splitlines()[0] if str(err) else type(err).__name__}); use a PNG or JPEG") from None
     return image
 
 

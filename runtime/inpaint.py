@@ -50,10 +50,7 @@ def _mask_image(mask, max_pixels: int | None) -> Image.Image:
     if isinstance(mask, (str, Path)):
         from sdrt.images import _open_path
 
-        try:
-            return _open_path(Path(mask), max_pixels)
-        except InputError as err:
-            raise InputError(str(err).replace("init image", "mask image", 1)) from None
+        return _open_path(Path(mask), max_pixels, "mask image")
     if isinstance(mask, np.ndarray):
         if mask.ndim == 3 and mask.shape[-1] == 1:
             mask = mask[..., 0]

@@ -42,6 +42,12 @@ def require_ray():
     return ray, serve
 
 
+# Ray Serve settings for the sdrt deployments' processes that shorten a request's path (measured in
+# benchmarks/results/ray-serve-latency.md): user code on the replica's own event loop, and a handle's router on its
+# caller's loop, instead of a thread each (each request crossed those threads both ways at the ingress and replica).
+LATENCY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
 @dataclasses.dataclass
 class RayOptions:
     address: str | None = None  # None: start a local cluster
@@ -57,11 +63,22 @@ class RayOptions:
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 30.0
     autoscaling_config: dict = dataclasses.field(default_factory=dict)  # Serve's own keys over sdrt's (with --autoscale)
+    serve_env: dict = dataclasses.field(default_factory=lambda: dict(LATENCY_ENV))  # {}: Ray Serve's defaults
+    access_log: bool = False  # Ray Serve's per-request log lines (sdrt's /metrics counts requests either way)
+
+    def process_options(self) -> dict:
+        """What every sdrt deployment's processes get: LATENCY_ENV and the access-log switch."""
+        options = {"logging_config": {"enable_access_log": self.access_log}}
+        if self.serve_env:
+            options["ray_actor_options"] = {"runtime_env": {"env_vars": dict(self.serve_env)}}
+        return options
 
     def deployment_options(self, config: ServeConfig) -> dict:
+        common = self.process_options()
         options = {
+            **common,
             "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica,
-                                  "resources": dict(self.resources_per_replica)},
+                                  "resources": dict(self.resources_per_replica), **common.get("ray_actor_options", {})},
             # enough in flight per replica for its batcher to form full batches
             "max_ongoing_requests": max(4, 2 * config.max_batch),
             "health_check_period_s": self.health_check_period_s,
@@ -110,10 +127,12 @@ def build(config: ServeConfig, options: RayOptions):
     for name, path in config.models.items():
         model = serve.deployment(ModelReplica, name=deployment_name(name))
         handles[name] = model.options(**options.deployment_options(config)).bind(name, path, config)
-    jobs = serve.deployment(JobStore, name="jobs", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                            max_ongoing_requests=10_000).bind()
-    ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", num_replicas=1,
-                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
+    common = options.process_options()
+    no_cpu = {"num_cpus": 0, **common.get("ray_actor_options", {})}
+    jobs = serve.deployment(JobStore, name="jobs", num_replicas=1, ray_actor_options=no_cpu, max_ongoing_requests=10_000,
+                            logging_config=common["logging_config"]).bind()
+    ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", num_replicas=1, ray_actor_options=no_cpu,
+                               max_ongoing_requests=10_000, logging_config=common["logging_config"],
                                graceful_shutdown_timeout_s=min(config.drain_timeout, 20.0))
     return ingress.bind(config, handles, jobs)
 
@@ -233,7 +252,8 @@ def deploy(config: ServeConfig, options: RayOptions, ready_timeout: float = 300.
     ray = connect(options)
     _, serve = require_ray()
     check_placement(config, options)
-    serve.start(proxy_location="HeadOnly", http_options={"host": options.host, "port": options.port})
+    serve.start(proxy_location="HeadOnly", http_options={"host": options.host, "port": options.port},
+                logging_config={"enable_access_log": options.access_log})
     serve.run(build(config, options), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{options.host}:{options.port}"
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}

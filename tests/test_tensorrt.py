@@ -780,3 +780,20 @@ def test_context_and_address_failures_are_backend_errors(fake_trt, tmp_path):
     with pytest.raises(BackendError, match="TensorRT refused the address of unet tensor 'sample'"):
         engine.infer(feeds, 0)
     assert [c[1] for c in trt.calls if c[0] == "create_execution_context"] == ["STATIC"]  # no scratch: its own memory
+
+
+def test_device_unet_feeds_the_step_invariant_inputs():
+    """The device loop's UNet callable passes SDXL's text_embeds/time_ids (and timestep_cond) to the engine with the
+    sample, broadcasting a scalar timestep to the batch (no CUDA needed: run_device is replaced)."""
+    import types
+
+    torch = pytest.importorskip("torch")
+    from sdrt.backends.tensorrt_backend import TensorRTBackend
+
+    seen = {}
+    fake = types.SimpleNamespace(run_device=lambda network, feeds: seen.update(network=network, feeds=feeds) or {"out_sample": 1})
+    unet = TensorRTBackend.device_unet(fake)
+    extra = {"text_embeds": torch.zeros(2, 8), "time_ids": torch.zeros(2, 6)}
+    assert unet(torch.zeros(2, 4, 8, 8), torch.tensor(5.0), torch.zeros(2, 77, 32), **extra) == 1
+    assert seen["network"] == UNET and set(seen["feeds"]) == {"sample", "timestep", "encoder_hidden_states", *extra}
+    assert tuple(seen["feeds"]["timestep"].shape) == (2,)

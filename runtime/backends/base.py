@@ -40,12 +40,14 @@ class Backend:
         """Run `network` on float32 host arrays; return its outputs by the contract's names."""
         raise NotImplementedError
 
-    def denoise(self, sched, latents, text_states, guidance_scale, step_noise=None, callback=None, progress=False) -> np.ndarray:
-        """The whole denoising loop on the device (sdrt.device_loop.DeviceLoop.run); returns float32 host latents."""
+    def denoise(self, sched, latents, text_states, guidance_scale, step_noise=None, callback=None, progress=False,
+                extra=None) -> np.ndarray:
+        """The whole denoising loop on the device (sdrt.device_loop.DeviceLoop.run); returns float32 host latents.
+        extra: the UNet's step-invariant inputs besides the text states (SDXL's added conditioning, timestep_cond)."""
         if self.loop is None:
             raise NotImplementedError(f"the {self.name} backend has no device loop; the pipeline runs the host loop")
         with self.device_scope():
-            x = self.loop.run(sched, latents, text_states, guidance_scale, step_noise, self.cuda_graphs, callback, progress)
+            x = self.loop.run(sched, latents, text_states, guidance_scale, step_noise, self.cuda_graphs, callback, progress, extra)
         return x.cpu().numpy()
 
     def device_scope(self):

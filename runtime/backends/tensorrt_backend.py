@@ -585,13 +585,13 @@ class TensorRTBackend(Backend):
             return engine.infer(inputs, torch.cuda.current_stream(self.device).cuda_stream)
 
     def device_unet(self):
-        """`unet(sample, timestep, encoder_hidden_states) -> out_sample` on device tensors, for the device loop.
-        A scalar timestep is broadcast to the batch."""
+        """`unet(sample, timestep, encoder_hidden_states, **extra) -> out_sample` on device tensors, for the device
+        loop (extra: SDXL's text_embeds/time_ids, timestep_cond). A scalar timestep is broadcast to the batch."""
 
-        def unet(sample, timestep, encoder_hidden_states):
+        def unet(sample, timestep, encoder_hidden_states, **extra):
             if tuple(timestep.shape) != (sample.shape[0],):
                 timestep = timestep.reshape(1).expand(sample.shape[0])  # run_device copies it into a buffer
-            feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+            feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states, **extra}
             return self.run_device(UNET, feeds)["out_sample"]
 
         return unet

@@ -131,7 +131,7 @@ def available_backends() -> dict[str, str]:
         found["torch"] = "torch, diffusers and transformers installed"
     else:
         found["torch"] = f"not installed: {torch_install_hint()}"
-    from sdrt.backends.tensorrt_backend import tensorrt_status
+    from sdrt.backends.tensorrt_machine import tensorrt_status
 
     usable, why = tensorrt_status()
     if usable:

@@ -140,6 +140,25 @@ def test_sdxl_refiner_hand_over_on_the_device_loop(tiny_sdxl, tiny_sdxl_refiner)
         assert rel(got, expected) <= RTOL
 
 
+@pytest.mark.parametrize("unet,scheduler,strength", [("9ch", "euler_a", 0.75), ("9ch", "pndm", 1.0), ("4ch", "euler_a", 0.75),
+                                                    ("4ch", "dpmpp_2m", 1.0), ("4ch", "heun", 0.6)])
+def test_inpainting_on_the_device_loop(unet, scheduler, strength, tiny_sd1, tiny_sd1_inpaint):
+    """An inpainting UNet's mask channels (a static buffer on its input) and an ordinary UNet's kept region (blended
+    back after each step from per-call latents computed on the host) give the host loop's latents, batch 2."""
+    model = tiny_sd1_inpaint if unet == "9ch" else tiny_sd1
+    rng = np.random.default_rng(0)
+    image = (rng.uniform(0, 1, (64, 64, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    kwargs = dict(image=image, mask_image=mask, strength=strength, num_inference_steps=4, guidance_scale=2.0, seed=9,
+                  scheduler=scheduler, num_images_per_prompt=2, output_type="latent", progress=False)
+    on = sdrt.Pipeline.from_pretrained(model, backend="torch", device_loop=True)
+    off = sdrt.Pipeline.from_pretrained(model, backend="torch", device_loop=False)
+    got = on(PROMPT, **kwargs).images
+    assert on.backend.loop.runs == 1, "the pipeline kept the host loop"
+    assert rel(got, off(PROMPT, **kwargs).images) <= RTOL
+
+
 def test_extra_inputs_must_match_the_unet_rows(pipe):
     loop = DeviceLoop(pipe.backend.modules["unet"], "cpu", torch.float32)
     sched = make_scheduler("ddim", pipe.source.scheduler_config)

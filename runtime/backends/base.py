@@ -41,13 +41,15 @@ class Backend:
         raise NotImplementedError
 
     def denoise(self, sched, latents, text_states, guidance_scale, step_noise=None, callback=None, progress=False,
-                extra=None) -> np.ndarray:
+                extra=None, inpaint=None) -> np.ndarray:
         """The whole denoising loop on the device (sdrt.device_loop.DeviceLoop.run); returns float32 host latents.
-        extra: the UNet's step-invariant inputs besides the text states (SDXL's added conditioning, timestep_cond)."""
+        extra: the UNet's step-invariant inputs besides the text states (SDXL's added conditioning, timestep_cond);
+        inpaint: sdrt.inpaint.InpaintRows.device_tables."""
         if self.loop is None:
             raise NotImplementedError(f"the {self.name} backend has no device loop; the pipeline runs the host loop")
         with self.device_scope():
-            x = self.loop.run(sched, latents, text_states, guidance_scale, step_noise, self.cuda_graphs, callback, progress, extra)
+            x = self.loop.run(sched, latents, text_states, guidance_scale, step_noise, self.cuda_graphs, callback, progress, extra,
+                              inpaint)
         return x.cpu().numpy()
 
     def device_scope(self):

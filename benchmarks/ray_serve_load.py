@@ -8,8 +8,9 @@
     python benchmarks/ray_serve_load.py --out benchmarks/results/ray-serve-load
     python benchmarks/ray_serve_load.py --latency-only --rounds 3 --pairs 40 --out benchmarks/results/ray-serve-latency
 A local Ray cluster on 127.0.0.1 (`--ray-cpus`, default 2), stopped at the end; every run is bounded.
---latency-only: the added latency at 1 client alone, in rounds that alternate a cluster with Ray Serve's defaults and
-one with sdrt's settings (ray_app.LATENCY_ENV, access logs off), a fresh cluster each time.
+--latency-only: the added latency at 1 client alone, in rounds that alternate the path before (Ray Serve's defaults,
+synchronous requests streamed) and sdrt's (ray_app.LATENCY_ENV, access logs off, a synchronous request one call), a
+fresh cluster each time.
 """
 
 from __future__ import annotations
@@ -129,14 +130,14 @@ def recovery(url: str, seconds: float) -> dict:
 
 
 def latency_rounds(args, local: str) -> list[dict]:
-    """Per round: the added latency with Ray Serve's defaults, then with sdrt's settings (fresh clusters)."""
+    """Per round: the added latency the path before (RayOptions' switches), then sdrt's (fresh clusters)."""
     from sdrt.serve import ServeConfig
     from sdrt.serve.ray_app import RayOptions, deploy, shutdown
 
     rounds = []
     for _ in range(args.rounds):
         row = {}
-        for name, extra in (("serve_defaults", {"serve_env": {}, "access_log": True}), ("sdrt", {})):
+        for name, extra in (("before", {"serve_env": {}, "access_log": True, "sync_streams": True}), ("sdrt", {})):
             options = RayOptions(replicas=1, cpus_per_replica=1, num_cpus=args.ray_cpus, port=free_port(), **extra)
             try:
                 row[name] = paired(local, deploy(ServeConfig(max_batch=8), options), args.pairs)
@@ -149,18 +150,19 @@ def latency_rounds(args, local: str) -> list[dict]:
 
 def latency_markdown(r: dict) -> str:
     fmt = lambda t: ", ".join(f"{x:.1f}" for x in t)  # noqa: E731
-    lines = [f"# sdrt serve --ray: added latency at 1 client, Ray Serve's defaults vs sdrt's settings (built-in model, "
+    lines = [f"# sdrt serve --ray: added latency at 1 client, the path before vs now (built-in model, "
              f"64x64, {BODY['steps']} steps DDIM)", "",
              f"- machine: {r['machine']}; load average (1, 5, 15 min) before: {fmt(r['load_average_before'])}; "
              f"after: {fmt(r['load_average_after'])} (other jobs share these cores)",
              f"- command: `{r['command']}`", "",
-             "| round | Ray Serve defaults: added ms, median (IQR) | sdrt's settings: added ms, median (IQR) | p50 alone / through Ray ms |",
+             "| round | before (Serve's defaults, sync streams): added ms, median (IQR) | now (LATENCY_ENV, no access log, "
+             "sync calls): added ms, median (IQR) | p50 alone / through Ray (now) ms |",
              "|---|---|---|---|"]
     for k, row in enumerate(r["latency_rounds"], 1):
         cell = lambda x: f"{x['added_ms_median']:.1f} ({x['added_ms_iqr'][0]:.1f} .. {x['added_ms_iqr'][1]:.1f})"  # noqa: E731
-        lines.append(f"| {k} | {cell(row['serve_defaults'])} | {cell(row['sdrt'])} | {row['sdrt']['local_p50_ms']:.1f} / "
+        lines.append(f"| {k} | {cell(row['before'])} | {cell(row['sdrt'])} | {row['sdrt']['local_p50_ms']:.1f} / "
                      f"{row['sdrt']['ray_p50_ms']:.1f} |")
-    for name in ("serve_defaults", "sdrt"):
+    for name in ("before", "sdrt"):
         values = [row[name]["added_ms_median"] for row in r["latency_rounds"]]
         lines.append(f"\n- {name}: median of the rounds' medians {statistics.median(values):.1f} ms")
     return "\n".join(lines) + "\n"
@@ -173,7 +175,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ray-cpus", type=int, default=2)
-    ap.add_argument("--latency-only", action="store_true", help="only the added latency at 1 client, Serve's defaults vs sdrt's")
+    ap.add_argument("--latency-only", action="store_true", help="only the added latency at 1 client, the path before vs sdrt's now")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster on 127.0.0.1 only
 

@@ -7,9 +7,10 @@
     jobs         one replica keeping the async jobs' last states, for an ingress that restarts (ray_jobs)
 
 The ingress checks every request as one machine does (the limits, then the pipeline's own plan() on its planning
-copy: a bad request is a 422 at POST time), fixes its seed (so a retry reproduces it) and streams it from the model's
-deployment (ray_remote.RemoteBatcher <- ray_replica.ModelReplica.stream: queue position, per-step progress,
-previews, result); a request whose replica died is sent again to another replica and returns the same image. Ray
+copy: a bad request is a 422 at POST time), fixes its seed (so a retry reproduces it) and sends it to the model's
+deployment (ray_remote.RemoteBatcher -> ray_replica.ModelReplica: an async job streams its queue position, per-step
+progress, previews and result; a synchronous request is one call, its progress pushed back to `Ingress.progress`
+while it runs); a request whose replica died is sent again to another replica and returns the same image. Ray
 Serve restarts the replica; `check_health` runs a tiny generation. `--lora-dir` is read on the replicas' nodes: a
 request's LoRAs are checked and registered by a replica at POST (`ModelReplica.prepare_loras`), as on one machine.
 
@@ -65,6 +66,7 @@ class RayOptions:
     autoscaling_config: dict = dataclasses.field(default_factory=dict)  # Serve's own keys over sdrt's (with --autoscale)
     serve_env: dict = dataclasses.field(default_factory=lambda: dict(LATENCY_ENV))  # {}: Ray Serve's defaults
     access_log: bool = False  # Ray Serve's per-request log lines (sdrt's /metrics counts requests either way)
+    sync_streams: bool = False  # True: synchronous requests stream from their replica too (the old path, to compare)
 
     def process_options(self) -> dict:
         """What every sdrt deployment's processes get: LATENCY_ENV and the access-log switch."""
@@ -105,19 +107,27 @@ class RayOptions:
 class Ingress:
     """The FastAPI app (create_app) over RemoteBatchers; built on the replica (`__serve_build_asgi_app__`)."""
 
-    def __init__(self, config: ServeConfig, handles: dict, jobs=None):
+    def __init__(self, config: ServeConfig, handles: dict, jobs=None, sync_streams: bool = False):
         bind_loopback()
-        self.config, self.handles, self.jobs = config, handles, jobs
+        self.config, self.handles, self.jobs, self.sync_streams = config, handles, jobs, sync_streams
 
     def __serve_build_asgi_app__(self):
         from sdrt.serve.ops import Metrics
 
         metrics = Metrics()
-        batchers = {name: RemoteBatcher(name, handle, self.config, metrics) for name, handle in self.handles.items()}
+        batchers = {name: RemoteBatcher(name, handle, self.config, metrics, sync_calls=not self.sync_streams)
+                    for name, handle in self.handles.items()}
         app = create_app(self.config, batchers=batchers, metrics=metrics)
         if self.jobs is not None:
             app.state.service.job_store = RemoteJobStore(self.jobs)
+        self.batchers = batchers
         return app
+
+    async def progress(self, model: str, job_id: str, event: dict) -> None:
+        """A synchronous request's progress, pushed by the replica running it (ModelReplica.generate)."""
+        batcher = getattr(self, "batchers", {}).get(model)
+        if batcher is not None:
+            batcher.progress(job_id, event)
 
 
 def build(config: ServeConfig, options: RayOptions):
@@ -134,7 +144,7 @@ def build(config: ServeConfig, options: RayOptions):
     ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", num_replicas=1, ray_actor_options=no_cpu,
                                max_ongoing_requests=10_000, logging_config=common["logging_config"],
                                graceful_shutdown_timeout_s=min(config.drain_timeout, 20.0))
-    return ingress.bind(config, handles, jobs)
+    return ingress.bind(config, handles, jobs, options.sync_streams)
 
 
 def app_builder(args: dict):

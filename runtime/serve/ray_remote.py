@@ -3,8 +3,10 @@ over a model deployment's handle. Jobs live here, at the ingress.
 
 - Requests are planned here with the pipeline's planning copy (sdrt.planning, fetched once from a replica): bad
   input is a 422 at POST time, as on one machine, and the seed is drawn here, so a retry makes the same image.
-- Each request is a stream from its replica (ray_replica.ModelReplica.stream): queue position, running, per-step
-  progress and previews update the ingress's Job as the local batcher would, then the result ends it.
+- An async job is a stream from its replica (ray_replica.ModelReplica.stream): queue position, running, per-step
+  progress and previews update the ingress's Job as the local batcher would, then the result ends it. A synchronous
+  request is one call (ModelReplica.generate: a stream costs a Ray round trip more); while it runs, its replica
+  pushes the sampled progress to the ingress (Ingress.progress -> RemoteBatcher.progress) for A1111's /progress.
 - A stream broken by a replica's death is sent again from the start (same seed, same image), up to RETRIES times.
 """
 
@@ -63,8 +65,9 @@ class RemoteBatcher:
 
     remote = True
 
-    def __init__(self, name: str, handle, config: ServeConfig, metrics=None):
+    def __init__(self, name: str, handle, config: ServeConfig, metrics=None, sync_calls: bool = True):
         self.name, self.handle, self.config, self.metrics = name, handle, config, metrics
+        self.sync_calls = sync_calls  # synchronous requests as one call (False: a stream, like async jobs)
         self.streams = handle.options(stream=True)
         self.limits = config.limits
         self.timeout = config.timeout
@@ -205,7 +208,15 @@ class RemoteBatcher:
         self._finish(job, result)
 
     async def _attempt(self, job: Job) -> dict:
-        """One stream from a replica: its events update `job`; returns the result (StreamEnded if none came)."""
+        """One try on a replica: a synchronous request is one call (its progress comes pushed, see `progress`), an
+        async job a stream whose events update `job`; returns the result (StreamEnded if none came)."""
+        if self.sync_calls and not job.cache.get("watchable") and not job.preview_every:
+            response = self.handle.generate.remote(job.plan.kwargs, job.id)
+            try:
+                return await response
+            except asyncio.CancelledError:
+                response.cancel()  # the replica drops the request's rows at its next step
+                raise
         stream = self.streams.stream.remote(job.plan.kwargs, job.preview_every, job.preview_decode,
                                             job.cache.get("watchable", False))
         try:
@@ -218,6 +229,14 @@ class RemoteBatcher:
             stream.cancel()  # the replica drops the request's rows at its next step
             raise
         raise StreamEnded("the replica's stream ended without a result")
+
+    def progress(self, job_id: str, event: dict) -> None:
+        """A synchronous request's sampled state, pushed by the replica running it (ModelReplica.generate, through
+        Ingress.progress): A1111's /progress reads it. Late pushes (the request ended) are dropped."""
+        job = self._inflight.get(job_id)
+        if job is not None and not job.finished:
+            event = dict(event)
+            self._update(job, event.pop("event"), event)
 
     @staticmethod
     def _update(job: Job, kind: str, data: dict) -> None:

@@ -129,6 +129,12 @@ def recovery(url: str, seconds: float) -> dict:
     return result
 
 
+# --latency-only: RayOptions per variant. before: Ray Serve's defaults, synchronous requests streamed (the path before);
+# calls: the same with synchronous requests as one call; sdrt: RayOptions' defaults (LATENCY_ENV, no access log, calls)
+VARIANTS = {"before": {"serve_env": {}, "access_log": True, "sync_streams": True},
+            "calls": {"serve_env": {}, "access_log": True}, "sdrt": {}}
+
+
 def latency_rounds(args, local: str) -> list[dict]:
     """Per round: the added latency the path before (RayOptions' switches), then sdrt's (fresh clusters)."""
     from sdrt.serve import ServeConfig
@@ -137,7 +143,8 @@ def latency_rounds(args, local: str) -> list[dict]:
     rounds = []
     for _ in range(args.rounds):
         row = {}
-        for name, extra in (("before", {"serve_env": {}, "access_log": True, "sync_streams": True}), ("sdrt", {})):
+        for name in args.variants.split(","):
+            extra = VARIANTS[name]
             options = RayOptions(replicas=1, cpus_per_replica=1, num_cpus=args.ray_cpus, port=free_port(), **extra)
             try:
                 row[name] = paired(local, deploy(ServeConfig(max_batch=8), options), args.pairs)
@@ -155,16 +162,17 @@ def latency_markdown(r: dict) -> str:
              f"- machine: {r['machine']}; load average (1, 5, 15 min) before: {fmt(r['load_average_before'])}; "
              f"after: {fmt(r['load_average_after'])} (other jobs share these cores)",
              f"- command: `{r['command']}`", "",
-             "| round | before (Serve's defaults, sync streams): added ms, median (IQR) | now (LATENCY_ENV, no access log, "
-             "sync calls): added ms, median (IQR) | p50 alone / through Ray (now) ms |",
-             "|---|---|---|---|"]
+             "Variants (RayOptions): " + "; ".join(f"`{n}` {VARIANTS[n] or 'the defaults'}" for n in r["variants"]), "",
+             "| round | " + " | ".join(f"{n}: added ms, median (IQR)" for n in r["variants"]) + " | p50 alone ms |",
+             "|---" * (len(r["variants"]) + 2) + "|"]
+    cell = lambda x: f"{x['added_ms_median']:.1f} ({x['added_ms_iqr'][0]:.1f} .. {x['added_ms_iqr'][1]:.1f})"  # noqa: E731
     for k, row in enumerate(r["latency_rounds"], 1):
-        cell = lambda x: f"{x['added_ms_median']:.1f} ({x['added_ms_iqr'][0]:.1f} .. {x['added_ms_iqr'][1]:.1f})"  # noqa: E731
-        lines.append(f"| {k} | {cell(row['before'])} | {cell(row['sdrt'])} | {row['sdrt']['local_p50_ms']:.1f} / "
-                     f"{row['sdrt']['ray_p50_ms']:.1f} |")
-    for name in ("before", "sdrt"):
+        lines.append(f"| {k} | " + " | ".join(cell(row[n]) for n in r["variants"]) +
+                     f" | {statistics.median(row[n]['local_p50_ms'] for n in r['variants']):.1f} |")
+    lines.append("")
+    for name in r["variants"]:
         values = [row[name]["added_ms_median"] for row in r["latency_rounds"]]
-        lines.append(f"\n- {name}: median of the rounds' medians {statistics.median(values):.1f} ms")
+        lines.append(f"- {name}: median of the rounds' medians {statistics.median(values):.1f} ms")
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +184,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ray-cpus", type=int, default=2)
     ap.add_argument("--latency-only", action="store_true", help="only the added latency at 1 client, the path before vs sdrt's now")
+    ap.add_argument("--variants", default="before,sdrt", help=f"with --latency-only, of {', '.join(VARIANTS)}")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster on 127.0.0.1 only
 
@@ -190,6 +199,7 @@ def main() -> int:
     proc, local, _ = start_server(8)
     if args.latency_only:
         try:
+            results["variants"] = args.variants.split(",")
             results["latency_rounds"] = latency_rounds(args, local)
         finally:
             stop(proc)

@@ -6,11 +6,9 @@
 - time to recover a SIGKILLed replica (to RUNNING again, i.e. loaded and warm), under 8 clients' load.
 
     python benchmarks/ray_serve_load.py --out benchmarks/results/ray-serve-load
-    python benchmarks/ray_serve_load.py --latency-only --rounds 3 --pairs 40 --out benchmarks/results/ray-serve-latency
+    python benchmarks/ray_serve_load.py --latency-only --rounds 3 --pairs 40 --out /tmp/ray-serve-latency
 A local Ray cluster on 127.0.0.1 (`--ray-cpus`, default 2), stopped at the end; every run is bounded.
---latency-only: the added latency at 1 client alone, in rounds that alternate the path before (Ray Serve's defaults,
-synchronous requests streamed) and sdrt's (ray_app.LATENCY_ENV, access logs off, a synchronous request one call), a
-fresh cluster each time.
+--latency-only: the added latency at 1 client alone, a fresh cluster per round.
 """
 
 from __future__ import annotations
@@ -129,50 +127,34 @@ def recovery(url: str, seconds: float) -> dict:
     return result
 
 
-# --latency-only: RayOptions per variant. before: Ray Serve's defaults, synchronous requests streamed (the path before);
-# calls: the same with synchronous requests as one call; sdrt: RayOptions' defaults (LATENCY_ENV, no access log, calls)
-VARIANTS = {"before": {"serve_env": {}, "access_log": True, "sync_streams": True},
-            "calls": {"serve_env": {}, "access_log": True}, "sdrt": {}}
-
-
 def latency_rounds(args, local: str) -> list[dict]:
-    """Per round: the added latency the path before (RayOptions' switches), then sdrt's (fresh clusters)."""
+    """The added latency at 1 client on a fresh cluster per round (what one cluster's start leaves behind varies)."""
     from sdrt.serve import ServeConfig
     from sdrt.serve.ray_app import RayOptions, deploy, shutdown
 
     rounds = []
     for _ in range(args.rounds):
-        row = {}
-        for name in args.variants.split(","):
-            extra = VARIANTS[name]
-            options = RayOptions(replicas=1, cpus_per_replica=1, num_cpus=args.ray_cpus, port=free_port(), **extra)
-            try:
-                row[name] = paired(local, deploy(ServeConfig(max_batch=8), options), args.pairs)
-            finally:
-                shutdown()
-            print(name, row[name], flush=True)
-        rounds.append(row)
+        options = RayOptions(replicas=1, cpus_per_replica=1, num_cpus=args.ray_cpus, port=free_port())
+        try:
+            rounds.append(paired(local, deploy(ServeConfig(max_batch=8), options), args.pairs))
+        finally:
+            shutdown()
+        print("latency", rounds[-1], flush=True)
     return rounds
 
 
 def latency_markdown(r: dict) -> str:
     fmt = lambda t: ", ".join(f"{x:.1f}" for x in t)  # noqa: E731
-    lines = [f"# sdrt serve --ray: added latency at 1 client, the path before vs now (built-in model, "
-             f"64x64, {BODY['steps']} steps DDIM)", "",
+    lines = [f"# sdrt serve --ray: added latency at 1 client (built-in model, 64x64, {BODY['steps']} steps DDIM)", "",
              f"- machine: {r['machine']}; load average (1, 5, 15 min) before: {fmt(r['load_average_before'])}; "
              f"after: {fmt(r['load_average_after'])} (other jobs share these cores)",
              f"- command: `{r['command']}`", "",
-             "Variants (RayOptions): " + "; ".join(f"`{n}` {VARIANTS[n] or 'the defaults'}" for n in r["variants"]), "",
-             "| round | " + " | ".join(f"{n}: added ms, median (IQR)" for n in r["variants"]) + " | p50 alone ms |",
-             "|---" * (len(r["variants"]) + 2) + "|"]
-    cell = lambda x: f"{x['added_ms_median']:.1f} ({x['added_ms_iqr'][0]:.1f} .. {x['added_ms_iqr'][1]:.1f})"  # noqa: E731
-    for k, row in enumerate(r["latency_rounds"], 1):
-        lines.append(f"| {k} | " + " | ".join(cell(row[n]) for n in r["variants"]) +
-                     f" | {statistics.median(row[n]['local_p50_ms'] for n in r['variants']):.1f} |")
-    lines.append("")
-    for name in r["variants"]:
-        values = [row[name]["added_ms_median"] for row in r["latency_rounds"]]
-        lines.append(f"- {name}: median of the rounds' medians {statistics.median(values):.1f} ms")
+             "| round (fresh cluster) | added ms, median (IQR) | p50 alone / through Ray ms |", "|---|---|---|"]
+    for k, x in enumerate(r["latency_rounds"], 1):
+        lines.append(f"| {k} | {x['added_ms_median']:.1f} ({x['added_ms_iqr'][0]:.1f} .. {x['added_ms_iqr'][1]:.1f}) | "
+                     f"{x['local_p50_ms']:.1f} / {x['ray_p50_ms']:.1f} |")
+    lines += ["", f"- median of the rounds' medians: {statistics.median(x['added_ms_median'] for x in r['latency_rounds']):.1f} ms "
+              "(target: <= 10 ms)"]
     return "\n".join(lines) + "\n"
 
 
@@ -183,8 +165,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ray-cpus", type=int, default=2)
-    ap.add_argument("--latency-only", action="store_true", help="only the added latency at 1 client, the path before vs sdrt's now")
-    ap.add_argument("--variants", default="before,sdrt", help=f"with --latency-only, of {', '.join(VARIANTS)}")
+    ap.add_argument("--latency-only", action="store_true", help="only the added latency at 1 client, a fresh cluster per round")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster on 127.0.0.1 only
 
@@ -199,7 +180,6 @@ def main() -> int:
     proc, local, _ = start_server(8)
     if args.latency_only:
         try:
-            results["variants"] = args.variants.split(",")
             results["latency_rounds"] = latency_rounds(args, local)
         finally:
             stop(proc)

@@ -7,10 +7,9 @@
     jobs         one replica keeping the async jobs' last states, for an ingress that restarts (ray_jobs)
 
 The ingress checks every request as one machine does (the limits, then the pipeline's own plan() on its planning
-copy: a bad request is a 422 at POST time), fixes its seed (so a retry reproduces it) and sends it to the model's
-deployment (ray_remote.RemoteBatcher -> ray_replica.ModelReplica: an async job streams its queue position, per-step
-progress, previews and result; a synchronous request is one call, its progress pushed back to `Ingress.progress`
-while it runs); a request whose replica died is sent again to another replica and returns the same image. Ray
+copy: a bad request is a 422 at POST time), fixes its seed (so a retry reproduces it) and streams it from the model's
+deployment (ray_remote.RemoteBatcher <- ray_replica.ModelReplica.stream: queue position, per-step progress,
+previews, result); a request whose replica died is sent again to another replica and returns the same image. Ray
 Serve restarts the replica; `check_health` runs a tiny generation. `--lora-dir` is read on the replicas' nodes: a
 request's LoRAs are checked and registered by a replica at POST (`ModelReplica.prepare_loras`), as on one machine.
 
@@ -43,12 +42,6 @@ def require_ray():
     return ray, serve
 
 
-# Ray Serve settings for the sdrt deployments' processes that shorten a request's path (measured in
-# benchmarks/results/ray-serve-latency.md): user code on the replica's own event loop, and a handle's router on its
-# caller's loop, instead of a thread each (each request crossed those threads both ways at the ingress and replica).
-LATENCY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
-
-
 @dataclasses.dataclass
 class RayOptions:
     address: str | None = None  # None: start a local cluster
@@ -64,23 +57,11 @@ class RayOptions:
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 30.0
     autoscaling_config: dict = dataclasses.field(default_factory=dict)  # Serve's own keys over sdrt's (with --autoscale)
-    serve_env: dict = dataclasses.field(default_factory=lambda: dict(LATENCY_ENV))  # {}: Ray Serve's defaults
-    access_log: bool = False  # Ray Serve's per-request log lines (sdrt's /metrics counts requests either way)
-    sync_streams: bool = False  # True: synchronous requests stream from their replica too (the old path, to compare)
-
-    def process_options(self) -> dict:
-        """What every sdrt deployment's processes get: LATENCY_ENV and the access-log switch."""
-        options = {"logging_config": {"enable_access_log": self.access_log}}
-        if self.serve_env:
-            options["ray_actor_options"] = {"runtime_env": {"env_vars": dict(self.serve_env)}}
-        return options
 
     def deployment_options(self, config: ServeConfig) -> dict:
-        common = self.process_options()
         options = {
-            **common,
             "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica,
-                                  "resources": dict(self.resources_per_replica), **common.get("ray_actor_options", {})},
+                                  "resources": dict(self.resources_per_replica)},
             # enough in flight per replica for its batcher to form full batches
             "max_ongoing_requests": max(4, 2 * config.max_batch),
             "health_check_period_s": self.health_check_period_s,
@@ -107,27 +88,19 @@ class RayOptions:
 class Ingress:
     """The FastAPI app (create_app) over RemoteBatchers; built on the replica (`__serve_build_asgi_app__`)."""
 
-    def __init__(self, config: ServeConfig, handles: dict, jobs=None, sync_streams: bool = False):
+    def __init__(self, config: ServeConfig, handles: dict, jobs=None):
         bind_loopback()
-        self.config, self.handles, self.jobs, self.sync_streams = config, handles, jobs, sync_streams
+        self.config, self.handles, self.jobs = config, handles, jobs
 
     def __serve_build_asgi_app__(self):
         from sdrt.serve.ops import Metrics
 
         metrics = Metrics()
-        batchers = {name: RemoteBatcher(name, handle, self.config, metrics, sync_calls=not self.sync_streams)
-                    for name, handle in self.handles.items()}
+        batchers = {name: RemoteBatcher(name, handle, self.config, metrics) for name, handle in self.handles.items()}
         app = create_app(self.config, batchers=batchers, metrics=metrics)
         if self.jobs is not None:
             app.state.service.job_store = RemoteJobStore(self.jobs)
-        self.batchers = batchers
         return app
-
-    async def progress(self, model: str, job_id: str, event: dict) -> None:
-        """A synchronous request's progress, pushed by the replica running it (ModelReplica.generate)."""
-        batcher = getattr(self, "batchers", {}).get(model)
-        if batcher is not None:
-            batcher.progress(job_id, event)
 
 
 def build(config: ServeConfig, options: RayOptions):
@@ -137,14 +110,12 @@ def build(config: ServeConfig, options: RayOptions):
     for name, path in config.models.items():
         model = serve.deployment(ModelReplica, name=deployment_name(name))
         handles[name] = model.options(**options.deployment_options(config)).bind(name, path, config)
-    common = options.process_options()
-    no_cpu = {"num_cpus": 0, **common.get("ray_actor_options", {})}
-    jobs = serve.deployment(JobStore, name="jobs", num_replicas=1, ray_actor_options=no_cpu, max_ongoing_requests=10_000,
-                            logging_config=common["logging_config"]).bind()
-    ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", num_replicas=1, ray_actor_options=no_cpu,
-                               max_ongoing_requests=10_000, logging_config=common["logging_config"],
+    jobs = serve.deployment(JobStore, name="jobs", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                            max_ongoing_requests=10_000).bind()
+    ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", num_replicas=1,
+                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
                                graceful_shutdown_timeout_s=min(config.drain_timeout, 20.0))
-    return ingress.bind(config, handles, jobs, options.sync_streams)
+    return ingress.bind(config, handles, jobs)
 
 
 def app_builder(args: dict):
@@ -262,8 +233,7 @@ def deploy(config: ServeConfig, options: RayOptions, ready_timeout: float = 300.
     ray = connect(options)
     _, serve = require_ray()
     check_placement(config, options)
-    serve.start(proxy_location="HeadOnly", http_options={"host": options.host, "port": options.port},
-                logging_config={"enable_access_log": options.access_log})
+    serve.start(proxy_location="HeadOnly", http_options={"host": options.host, "port": options.port})
     serve.run(build(config, options), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{options.host}:{options.port}"
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}

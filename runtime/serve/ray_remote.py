@@ -3,10 +3,8 @@ over a model deployment's handle. Jobs live here, at the ingress.
 
 - Requests are planned here with the pipeline's planning copy (sdrt.planning, fetched once from a replica): bad
   input is a 422 at POST time, as on one machine, and the seed is drawn here, so a retry makes the same image.
-- An async job is a stream from its replica (ray_replica.ModelReplica.stream): queue position, running, per-step
-  progress and previews update the ingress's Job as the local batcher would, then the result ends it. A synchronous
-  request is one call (ModelReplica.generate: a stream costs a Ray round trip more); while it runs, its replica
-  pushes the sampled progress to the ingress (Ingress.progress -> RemoteBatcher.progress) for A1111's /progress.
+- Each request is a stream from its replica (ray_replica.ModelReplica.stream): queue position, running, per-step
+  progress and previews update the ingress's Job as the local batcher would, then the result ends it.
 - A stream broken by a replica's death is sent again from the start (same seed, same image), up to RETRIES times.
 """
 
@@ -65,9 +63,8 @@ class RemoteBatcher:
 
     remote = True
 
-    def __init__(self, name: str, handle, config: ServeConfig, metrics=None, sync_calls: bool = True):
+    def __init__(self, name: str, handle, config: ServeConfig, metrics=None):
         self.name, self.handle, self.config, self.metrics = name, handle, config, metrics
-        self.sync_calls = sync_calls  # synchronous requests as one call (False: a stream, like async jobs)
         self.streams = handle.options(stream=True)
         self.limits = config.limits
         self.timeout = config.timeout
@@ -208,15 +205,7 @@ class RemoteBatcher:
         self._finish(job, result)
 
     async def _attempt(self, job: Job) -> dict:
-        """One try on a replica: a synchronous request is one call (its progress comes pushed, see `progress`), an
-        async job a stream whose events update `job`; returns the result (StreamEnded if none came)."""
-        if self.sync_calls and not job.cache.get("watchable") and not job.preview_every:
-            response = self.handle.generate.remote(job.plan.kwargs, job.id)
-            try:
-                return await response
-            except asyncio.CancelledError:
-                response.cancel()  # the replica drops the request's rows at its next step
-                raise
+        """One stream from a replica: its events update `job`; returns the result (StreamEnded if none came)."""
         stream = self.streams.stream.remote(job.plan.kwargs, job.preview_every, job.preview_decode,
                                             job.cache.get("watchable", False))
         try:
@@ -229,14 +218,6 @@ class RemoteBatcher:
             stream.cancel()  # the replica drops the request's rows at its next step
             raise
         raise StreamEnded("the replica's stream ended without a result")
-
-    def progress(self, job_id: str, event: dict) -> None:
-        """A synchronous request's sampled state, pushed by the replica running it (ModelReplica.generate, through
-        Ingress.progress): A1111's /progress reads it. Late pushes (the request ended) are dropped."""
-        job = self._inflight.get(job_id)
-        if job is not None and not job.finished:
-            event = dict(event)
-            self._update(job, event.pop("event"), event)
 
     @staticmethod
     def _update(job: Job, kind: str, data: dict) -> None:

@@ -60,8 +60,6 @@ class ModelReplica:
         self.loras = LoraLibrary(config.lora_dir)  # --lora-dir on this replica's node (None: serves no LoRAs)
         self.node = ray.get_runtime_context().get_node_id()
         self.pid = os.getpid()
-        self._ingress = None  # a handle to the ingress, for synchronous requests' progress (generate)
-        self._pushes: set = set()
 
     def facts(self):
         return self.batcher.pipe.facts
@@ -124,35 +122,6 @@ class ModelReplica:
         finally:
             if not job.finished:  # the ingress went away mid-stream: free the batch row
                 self.batcher.cancel(job, "cancelled")
-
-    async def generate(self, kwargs: dict, job_id: str) -> dict:
-        """A synchronous request in one call: its result (the stream's last event). A stream costs a Ray round trip
-        more per request, so the state sampled while it runs (past PROGRESS_EVERY_S) is pushed to the ingress instead
-        (Ingress.progress -> RemoteBatcher.progress). Cancelling the call drops the request's rows at the next step."""
-        async with contextlib.aclosing(self.stream(kwargs)) as events:
-            async for event in events:
-                if event["event"] == "result":
-                    return event
-                self._push(job_id, event)
-        raise RuntimeError("the request's events ended without a result")
-
-    def _push(self, job_id: str, event: dict) -> None:
-        from ray import serve
-
-        from sdrt.serve.ray_remote import APP_NAME
-
-        if self._ingress is None:
-            self._ingress = serve.get_deployment_handle("ingress", app_name=APP_NAME)
-        task = asyncio.ensure_future(self._send(self._ingress.progress.remote(self.name, job_id, event)))
-        self._pushes.add(task)
-        task.add_done_callback(self._pushes.discard)
-
-    @staticmethod
-    async def _send(response) -> None:
-        try:
-            await response
-        except Exception:  # noqa: BLE001 - progress is best effort: the result still comes as the call's reply
-            pass
 
     async def _every_event(self, job):
         """An async job's events as they happen (its queue place looked at every 0.25 s), until it ends."""

@@ -96,7 +96,7 @@ class Pipeline:
     @classmethod
     def from_single_file(cls, path: str | Path, backend: str = "torch", cache_dir=None, allow_pickle: bool = False,
                          **options) -> "Pipeline":
-        """Load an original-layout SD 1.x/2.x checkpoint (.safetensors; .ckpt with allow_pickle=True, which unpickles):
+        """Load an original-layout SD 1.x/2.x or SDXL (SGM) checkpoint (.safetensors; .ckpt with allow_pickle=True, which unpickles):
         converted once to a diffusers folder in the cache (needs torch + diffusers), then run on the PyTorch backend."""
         from sdrt.export.single_file import cached_conversion  # torch-only path, imported lazily
 

@@ -72,19 +72,20 @@ SD2 = FamilySpec("sd2", "Stable Diffusion 2.x", _SD_PIPELINES, NETWORKS, ("encod
 # encoder only and conditions on aesthetic scores instead of the target size (facts.requires_aesthetics_score).
 _SDXL_CONDITIONING = ("encoder_hidden_states", "text_embeds", "time_ids")
 SDXL = FamilySpec(
-    "sdxl", "Stable Diffusion XL", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"), SDXL_NETWORKS,
+    "sdxl", "Stable Diffusion XL", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                                    "StableDiffusionXLInpaintPipeline"), SDXL_NETWORKS,
     _SDXL_CONDITIONING, "euler", sdxl_contracts,
     (("text_encoder", "tokenizer", "text_encoder"), ("text_encoder_2", "tokenizer_2", "text_encoder_2")),
 )
 SDXL_REFINER = FamilySpec(
-    "sdxl_refiner", "Stable Diffusion XL refiner", ("StableDiffusionXLImg2ImgPipeline",), SDXL_REFINER_NETWORKS,
+    "sdxl_refiner", "Stable Diffusion XL refiner", ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
+    SDXL_REFINER_NETWORKS,
     _SDXL_CONDITIONING, "euler", sdxl_contracts, (("text_encoder_2", "tokenizer_2", "text_encoder_2"),),
 )
 FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (SD1, SD2, SDXL, SDXL_REFINER)}
 
 # Pipelines sdrt knows of and refuses by name: a clear message beats a shape error deep inside a network.
 NOT_YET_SUPPORTED = {
-    "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
     "StableDiffusion3Pipeline": "SD3",
     "StableDiffusionUpscalePipeline": "SD x4 upscaler",
     "StableDiffusionDepth2ImgPipeline": "SD 2 depth-to-image",

@@ -193,8 +193,9 @@ class Pipeline:
         from sdrt import sdxl
 
         micro = sdxl.check_micro(self.facts, micro)
-        if mask_image is not None and self.is_sdxl:
-            raise InputError("inpainting with SDXL models is not supported yet; drop mask_image")
+        if mask_image is not None and (denoising_start is not None or denoising_end is not None):
+            raise InputError("mask_image with denoising_start/denoising_end (an inpainting hand-over between SDXL base and "
+                             "refiner) is not supported yet; inpaint with one model, or drop mask_image")
         if loras and self.is_sdxl:
             raise InputError("run-time LoRAs (loras=) for SDXL are not supported yet; fuse one with pipe.load_lora(FILE, "
                              "SCALE) on the PyTorch backend, or at export with `sdrt export --lora FILE:SCALE`")

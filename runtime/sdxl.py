@@ -137,7 +137,7 @@ def with_refiner(base, refiner, start: float, prompt, negative_prompt, **request
     if not (base.is_sdxl and refiner.is_sdxl and base.facts.latent_channels == refiner.facts.latent_channels):
         raise InputError(f"refiner= hands SDXL latents to an SDXL refiner; got a {base.facts.family} model and a "
                          f"{refiner.facts.family} refiner")
-    if any(request.get(k) is not None for k in ("denoising_start", "denoising_end", "image")):
+    if any(request.get(k) is not None for k in ("denoising_start", "denoising_end", "image", "mask_image")):
         raise InputError("refiner= sets denoising_end/denoising_start itself and runs txt2img; drop those arguments")
     output_type = request.pop("output_type", "pil")
     for key in ("denoising_start", "denoising_end", "image", "strength"):

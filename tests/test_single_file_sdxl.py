@@ -191,3 +191,18 @@ def test_real_sdxl_shapes_infer_stabilityais_configs(refiner):
         clip_l = configs["text_encoder"]
         assert (clip_l["hidden_size"], clip_l["num_hidden_layers"], clip_l["num_attention_heads"], clip_l["hidden_act"]) == (768, 12, 12, "quick_gelu")
     assert configs["scheduler"]["_class_name"] == "EulerDiscreteScheduler"
+
+
+def test_sdxl_inpainting_single_file_converts_and_inpaints(tmp_path):
+    """An SGM file whose UNet takes 9 channels becomes a StableDiffusionXLInpaintPipeline folder and inpaints as the
+    folder it was written from."""
+    from test_inpaint import INIT, MASK
+
+    original, single = build_sgm_tiny(tmp_path / "tiny-xl-inpaint", in_channels=9)
+    pipe = sdrt.Pipeline.from_single_file(single, cache_dir=tmp_path / "cache", image_size=64)
+    index = json.loads((pipe.source.path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLInpaintPipeline" and pipe.facts.inpainting_unet
+    kw = dict(image=INIT, mask_image=MASK, strength=0.8, num_inference_steps=3, guidance_scale=2.0, seed=1,
+              output_type="latent", progress=False)
+    want = sdrt.Pipeline.from_pretrained(original, backend="torch")("a cat", **kw).images
+    assert np.array_equal(pipe("a cat", **kw).images, want)

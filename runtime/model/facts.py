@@ -182,9 +182,10 @@ def _read_sdxl_facts(model_dir: Path, spec, index: dict) -> ModelFacts:
             f"give {hidden1} + {hidden2}; the configs disagree"
         )
     vae_latents = int(vae.get("latent_channels", 4))
-    if unet.get("in_channels", 4) != vae_latents:
-        raise ModelError(f"{model_dir}'s UNet takes {unet.get('in_channels')} input channels but the VAE makes {vae_latents}: "
-                         "an inpainting UNet, which sdrt does not run yet")
+    unet_in = int(unet.get("in_channels", 4))
+    if unet_in not in (vae_latents, 2 * vae_latents + 1):
+        raise ModelError(f"{model_dir}'s UNet takes {unet_in} input channels but the VAE makes {vae_latents}: not a "
+                         f"text-to-image ({vae_latents}) or inpainting ({2 * vae_latents + 1}) UNet, which sdrt does not run")
     if unet.get("time_cond_proj_dim"):
         raise ModelError(f"{model_dir}'s SDXL UNet is LCM-distilled (time_cond_proj_dim), which sdrt runs for SD 1.x/2.x "
                          "only, for now; use the SDXL base with an LCM-LoRA fused (load_lora), or an SD 1.x/2.x LCM")
@@ -210,6 +211,7 @@ def _read_sdxl_facts(model_dir: Path, spec, index: dict) -> ModelFacts:
         requires_aesthetics_score=aesthetics,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),  # diffusers' default
         force_upcast=bool(vae.get("force_upcast", True)),
+        unet_in_channels=unet_in if unet_in != vae_latents else None,
     )
 
 

@@ -472,11 +472,17 @@ class Pipeline:
         return self._run(TEXT_ENCODER, {"inputs_embeds": embeds}, observers)["last_hidden_state"]
 
     def encode_image(self, pixels: np.ndarray, generators: list[TorchCPUGenerator], observers=()) -> np.ndarray:
-        """Image [1, 3, H, W] -> scaled latents per image, sampling the posterior with each image's generator."""
+        """Image [1, 3, H, W] -> scaled latents per image, sampling the posterior with each image's generator (a VAE
+        with latents_mean/latents_std: (sample - mean) * scaling_factor / std, as diffusers' SDXL img2img)."""
         out = self._run(VAE_ENCODER, {"image": pixels}, observers)
         mean, std = out["mean"], np.exp(0.5 * out["logvar"])
-        samples = [mean + std * g.randn(mean.shape) for g in generators]  # diffusers samples, never takes the mean
-        return np.concatenate(samples).astype(np.float32) * np.float32(self.facts.scaling_factor)
+        samples = np.concatenate([mean + std * g.randn(mean.shape) for g in generators]).astype(np.float32)  # diffusers samples
+        f = self.facts
+        if f.latents_mean is None:
+            return samples * np.float32(f.scaling_factor)
+        channel = (1, f.latent_channels, 1, 1)
+        lmean, lstd = (np.array(v, np.float32).reshape(channel) for v in (f.latents_mean, f.latents_std))
+        return (samples - lmean) * np.float32(f.scaling_factor) / lstd
 
     def _run(self, network: str, feeds: dict, observers=()) -> dict:
         """backend.run, timed for the observers that read times (synchronising the device around the call)."""

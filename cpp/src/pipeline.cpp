@@ -253,10 +253,15 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
             std::vector<int64_t> lat = {1, C, h, w};
             backend_->run(kVaeEncoder, {{pixels_in.data(), {1, 3, r.height, r.width}}}, {{mean.data(), lat}, {logvar.data(), lat}});
             const float scaling = float(f.scaling_factor);
+            const bool normalised = !f.latents_mean.empty();  // (sample - mean) * scaling / std, as diffusers' SDXL
             for (int64_t k = 0; k < B; ++k) {
                 std::vector<float> eps = gens[size_t(k)].randn(per_image);
-                for (size_t i = 0; i < per_image; ++i)
-                    latents[size_t(k) * per_image + i] = (mean[i] + std::exp(0.5f * logvar[i]) * eps[i]) * scaling;
+                for (size_t i = 0; i < per_image; ++i) {
+                    const float sample = mean[i] + std::exp(0.5f * logvar[i]) * eps[i];
+                    const size_t c = i / hw;
+                    latents[size_t(k) * per_image + i] =
+                        normalised ? (sample - f.latents_mean[c]) * scaling / f.latents_std[c] : sample * scaling;
+                }
             }
             return latents;
         };

@@ -76,3 +76,4 @@ def test_sdxl_inpainting_model_facts_and_refusals(models, tiny_sdxl_inpaint):
                output_type="np", progress=False)
     assert np.array_equal(out.images[0][MASK == 0], np.asarray(INIT)[MASK == 0])
     assert out.parameters[0]["inpaint"] is True
+

@@ -64,7 +64,7 @@ def describe_model(model: str | Path | None, verify: bool = False) -> tuple[str,
     for name, why in available_backends().items():
         mark = "yes" if runnable.get(name) and not why.startswith(("not installed", "refused")) else "no "
         lines.append(f"  {mark} {name:<9} {why}" + ("" if runnable.get(name) else "  (this folder has nothing for it)"))
-    from sdrt.backends.tensorrt_backend import nvidia_driver_version
+    from sdrt.backends.tensorrt_machine import nvidia_driver_version
 
     driver = nvidia_driver_version()
     lines.append(f"gpu driver   {'NVIDIA ' + driver if driver else 'none loaded (no NVIDIA GPU, or its driver is not loaded)'}")

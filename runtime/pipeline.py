@@ -334,13 +334,10 @@ class Pipeline:
         combine per row, the scheduler step. Inpainting adds the mask and masked-image latents to the UNet's input
         (inpainting UNets) or puts the kept region back after each step (ordinary UNets; sdrt.inpaint). A backend that
         declares a device loop runs these same steps on its device (sdrt.device_loop) when every row has the same
-        guidance scale and nothing is inpainted."""
+        guidance scale."""
         sched = batch.sched
         self.activate_loras(batch.plans[0].loras if batch.plans else ())
-        # (The device loop feeds the UNet its text states only: SDXL's added inputs run on the host loop.)
-        if (self.backend.use_device_loop and batch.step == 0 and batch.inpaint is None and batch.timestep_cond is None
-                and not batch.added
-                and (not batch.guided or batch.uniform_guidance() is not None)):
+        if self.backend.use_device_loop and batch.step == 0 and (not batch.guided or batch.uniform_guidance() is not None):
             return self._denoise_on_device(batch, observers, progress)
         for i in tqdm(range(batch.step, sched.num_calls), desc="denoising", disable=not progress, leave=False):
             x_in = sched.scale_model_input(batch.x, i)
@@ -509,7 +506,10 @@ class Pipeline:
         callback = on_step if any(type(o).on_step is not Observer.on_step for o in observers) else None
         timed = wants_timing(observers)
         t0 = time.perf_counter()
-        x = self.backend.denoise(sched, batch.x, batch.text_states, batch.uniform_guidance(), step_noise, callback, progress)
+        extra = dict(batch.added) if batch.timestep_cond is None else {**batch.added, "timestep_cond": batch.timestep_cond}
+        inpaint = batch.inpaint.device_tables(sched, batch.guided) if batch.inpaint is not None else None
+        x = self.backend.denoise(sched, batch.x, batch.text_states, batch.uniform_guidance(), step_noise, callback, progress,
+                                 extra, inpaint)
         if timed:
             for observer in observers:
                 observer.on_network(UNET, time.perf_counter() - t0, sched.num_calls)

@@ -77,3 +77,17 @@ def test_sdxl_inpainting_model_facts_and_refusals(models, tiny_sdxl_inpaint):
     assert np.array_equal(out.images[0][MASK == 0], np.asarray(INIT)[MASK == 0])
     assert out.parameters[0]["inpaint"] is True
 
+
+
+@pytest.mark.parametrize("unet", ["4ch", "9ch"])
+def test_sdxl_inpainting_on_the_device_loop(unet, tiny_sdxl, tiny_sdxl_inpaint):
+    """SDXL's added inputs and inpainting's mask together on the device loop (sdrt.device_loop; CPU here): the host
+    loop's latents, batch 2 (on the CPU the same float32 arithmetic in the same order, as tests/test_device_loop.py)."""
+    model = tiny_sdxl_inpaint if unet == "9ch" else tiny_sdxl
+    kwargs = dict(image=INIT, mask_image=MASK, strength=0.75, num_inference_steps=3, guidance_scale=2.0, seed=9,
+                  scheduler="euler_a", num_images_per_prompt=2, output_type="latent", progress=False)
+    on = sdrt.Pipeline.from_pretrained(model, backend="torch", device_loop=True)
+    off = sdrt.Pipeline.from_pretrained(model, backend="torch", device_loop=False)
+    got = on("a dog", **kwargs).images
+    assert on.backend.loop.runs == 1, "the pipeline kept the host loop"
+    assert relative(got, off("a dog", **kwargs).images) <= 1e-6

@@ -93,23 +93,6 @@ def encode(pipe, texts: list[str], observers=()) -> dict[str, np.ndarray]:
     return {"encoder_hidden_states": np.concatenate(states, axis=-1), "text_embeds": pooled}
 
 
-def conditioning_rows(pipe, plans, observers=()) -> dict[str, np.ndarray]:
-    """encode_text for SDXL: text states and pooled embeddings per row, [uncond rows; cond rows] when guided, each
-    distinct text encoded once; a plan with zero_negatives gets zero rows."""
-    guided = plans[0].guided
-    cond = [p for plan in plans for p in plan.prompts]
-    negatives = [None if plan.zero_negatives else n for plan in plans for n in plan.negatives] if guided else []
-    unique = list(dict.fromkeys(t for t in cond + negatives if t is not None))
-    encoded = encode(pipe, unique, observers)
-    index = {text: k for k, text in enumerate(unique)}
-    out = {}
-    for name, values in encoded.items():
-        zero = np.zeros_like(values[:1])
-        rows = [values[index[t]][None] if t is not None else zero for t in negatives + cond]
-        out[name] = np.concatenate(rows)
-    return out
-
-
 def time_id_rows(plans) -> np.ndarray:
     """The UNet's time_ids per row: [negative rows; positive rows] when guided."""
     positive = [p.time_ids for p in plans for _ in range(p.batch)]

@@ -8,7 +8,8 @@ convert_ldm_clip_checkpoint, convert_open_clip_checkpoint), as for SD 1.x/2.x (s
 
 diffusers' loader takes the configs from the model hub (stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0);
 sdrt infers the architecture from the tensor shapes instead, with SDXL's fixed conventions for what shapes cannot
-tell, each as stabilityai's diffusers configs of SDXL 1.0 state it: 32 normalisation groups and 64-wide attention
+tell, each as stabilityai's diffusers configs of SDXL 1.0 and Stability's generative-models configs
+(configs/inference/sd_xl_base.yaml, sd_xl_refiner.yaml: scale_factor 0.13025, num_head_channels 64) state it: 32 normalisation groups and 64-wide attention
 heads everywhere; both encoders' penultimate states are used (all layers kept, no truncation as in SD 2.x); the
 encoders' configs carry CLIP's legacy token ids (bos 0, eos 2, pad 1), so the pooled token is at argmax(ids); the
 VAE's scaling factor 0.13025 and force_upcast; the Euler scheduler config (sdrt.export.tiny.SDXL_SCHEDULER); the

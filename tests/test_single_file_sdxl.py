@@ -156,7 +156,11 @@ def real_sdxl_sgm_shapes(refiner):
     return to_sgm(unet, vae, big_g, clip_l)
 
 
-# stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0, unet/config.json (the keys that fix the architecture).
+# stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0, unet/config.json (the keys that fix the architecture):
+# the diffusers form of Stability's generative-models configs/inference/sd_xl_base.yaml (model_channels 320 x [1, 2, 4],
+# attention at ds 2 and 4, transformer_depth [1, 2, 10] with the first unused, 64-wide heads, context 2048,
+# adm_in_channels 2816, 256-wide time embeddings) and sd_xl_refiner.yaml (384 x [1, 2, 4, 4], depth 4, context 1280,
+# adm_in_channels 2560), checked against those files.
 REAL_UNET = {
     False: dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280], layers_per_block=2,
                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],

@@ -28,7 +28,8 @@ def describe_model(model: str | Path | None, verify: bool = False) -> tuple[str,
         f"kind         {'sdrt export' if source.manifest else 'diffusers folder'}" + (" + diffusers weights" if source.manifest and source.is_diffusers else ""),
         f"family       {f.family}: {family_spec(f.family).title}  (prediction: {f.prediction_type})",
         f"scheduler    {sched.get('_class_name', '?')}  ({sched.get('beta_schedule', '?')}, {sched.get('num_train_timesteps', '?')} train steps)",
-        f"latents      {f.latent_channels} channels, VAE /{f.vae_scale_factor}, scaling factor {f.scaling_factor}",
+        f"latents      {f.latent_channels} channels, VAE /{f.vae_scale_factor}, scaling factor {f.scaling_factor}"
+        + (f", per-channel mean {list(f.latents_mean)} and std {list(f.latents_std)}" if f.latents_mean else ""),
         "inpainting   " + (f"dedicated inpainting UNet ({f.unet_input_channels} input channels: latents, mask, masked image); "
                              "needs --image and --mask" if f.inpainting_unet else "by masking the latents each step (--image, --mask)"),
         f"size         default {f.default_size}x{f.default_size}; height and width must be multiples of {f.size_step}",

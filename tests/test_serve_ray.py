@@ -344,19 +344,21 @@ def test_everything_listens_on_loopback(url):
 def test_replica_killed_under_16_requests(url, pipe):
     bodies = [{"prompt": f"a {['red', 'green', 'blue', 'white'][k % 4]} {k % 10}", "size": "64x64", "steps": 40,
                "seed": 100 + k, "scheduler": "euler"} for k in range(16)]
-    before = who()
-    assert len(before) == 2
-    # Two long jobs (400 steps at 64x64: several seconds each on an idle machine) go first: Serve's router sends them to
-    # different replicas (the less loaded of the two), so whichever replica is killed is busy with one at that time.
+    # "ready" needs one replica; this test needs both up and known to the handle's router
+    before = wait_for(lambda: len(w := who(8)) == 2 and w, timeout=120, every=0.5)
+    # Two long jobs (399 and 400 steps at 64x64: several seconds each on an idle machine; different step counts, so they
+    # cannot share a batch) go first: Serve's router sends them to different replicas (the less loaded of the two).
+    # The victim is a replica seen running work just before the kill, so the kill always hits work in flight.
     # (With 120-step jobs at the default size an idle machine had finished everything before the kill: no retry.)
-    jobs = [post(url, "/v1/jobs", json={"prompt": "a white 9", "steps": 400, "width": 64, "height": 64, "seed": s}).json()["id"]
-            for s in (7, 8)]
+    jobs = [post(url, "/v1/jobs", json={"prompt": "a white 9", "steps": 399 + s, "width": 64, "height": 64, "seed": s}).json()["id"]
+            for s in (0, 1)]
+    wait_for(lambda: all(httpx.get(f"{url}/v1/jobs/{j}").json()["status"] == "running" for j in jobs), timeout=60, every=0.1)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(post, url, "/v1/images/generations", json=b) for b in bodies]
-        time.sleep(1.0)  # all 16 reached the replicas
-        states = [httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] for job_id in jobs]
-        assert states == ["running", "running"], states  # else the kill below would not hit work in flight
-        victim = next(iter(before))
+        time.sleep(0.5)  # the 16 reach the replicas
+        busy = [x["pid"] for x in loads() if x["running"] > 0 and x["pid"] in before]
+        assert busy, loads()
+        victim = busy[0]
         os.kill(victim, signal.SIGKILL)
         answers = [f.result() for f in futures]
     assert [a.status_code for a in answers] == [200] * 16, [a.text[:200] for a in answers if a.status_code != 200]
@@ -371,8 +373,8 @@ def test_replica_killed_under_16_requests(url, pipe):
     retried = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith('sdrt_replica_retries_total{model="digits"}')]
     assert retried and retried[0] >= 1, retried  # the killed replica's requests were sent again
     wait_for(lambda: replicas() == 2, timeout=120, every=0.5)  # Ray Serve restarted the replica
-    after = who()
-    assert len(after) == 2 and victim not in after
+    after = wait_for(lambda: len(w := who(8)) == 2 and w, timeout=60, every=0.5)  # and the router reaches it
+    assert victim not in after
     assert httpx.get(f"{url}/readyz").status_code == 200
 
 

@@ -1,6 +1,6 @@
 """Which layers int8 hurts: the static scheme on the built-in digits model, one variant at a time.
 
-    python benchmarks/int8_sensitivity.py --out benchmarks/results/int8-sensitivity   # ~10 min on 2 cores
+    python benchmarks/int8_sensitivity.py --out benchmarks/results/int8-sensitivity   # ~12 min on 2 cores
 
 Calibrates once (MinMax ranges of every Conv/MatMul tensor, cached as ONNX Runtime's calibration cache, from 64 UNet
 calls recorded over 10 digit prompts x 20 steps), then quantises the UNet with each variant: only one block or one
@@ -33,6 +33,19 @@ KINDS = {
     "attn2 to_q/to_out": ("/attn2/to_q", "/attn2/to_out"),
     "attn2 to_k/to_v (text)": ("/attn2/to_k", "/attn2/to_v"),
     "ff": "/ff/",
+}
+
+
+RAW = ["/conv_shortcut/", "/proj_out/", "samplers.", "/ff/net.2/", "/to_out.0/", "/attn2/to_k/", "/attn2/to_v/"]
+CANDIDATES = {  # fp32 keep lists (substrings of node names) tried as the default static scheme
+    "fp32: every MatMul (convs int8 only)": {"keep": ["MatMul"]},
+    "fp32: attn2": {"keep": ["/attn2/"]},
+    "fp32: raw-input layers (conv_shortcut, proj_out, samplers, ff.net.2, to_out, attn2 to_k/to_v)": {"keep": RAW},
+    "fp32: last up block": {"keep": ["up_blocks.2/"]},
+    "fp32: conv_shortcut, proj_out, ff.net.2, last up block": {"keep": ["/conv_shortcut/", "/proj_out/", "/ff/net.2/", "up_blocks.2/"]},
+    "fp32: raw-input layers but samplers, last up block": {"keep": [r for r in RAW if r != "samplers."] + ["up_blocks.2/"]},
+    "fp32: raw-input layers, last up block (the new default)": {"keep": RAW + ["up_blocks.2/"]},
+    "fp32: raw-input layers, first down + last up block": {"keep": RAW + ["up_blocks.2/", "down_blocks.0/"]},
 }
 
 
@@ -132,7 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="results path without suffix (.json and .md are written)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--custom", default=None, help="JSON {label: {keep: [substrings], options: {...}}} for the part 'custom'")
-    p.add_argument("--parts", default="all,only-block,without-block,only-kind,without-kind,options")
+    p.add_argument("--parts", default="all,options,only-block,without-block,only-kind,without-kind,candidates")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     work = Path(tempfile.mkdtemp(prefix="int8-sensitivity-"))
@@ -159,11 +172,11 @@ def main(argv=None) -> int:
             rows.append(s.run("all, conv/matmul outputs not quantised", nodes,
                               OpTypesToExcludeOutputQuantization=["Conv", "MatMul"]))
             rows.append(s.run("all, Entropy calibration", nodes, method="Entropy"))
-        if "custom" in parts:
-            for label, spec in json.loads(Path(args.custom).read_text()).items():
+            rows.append(s.run("all, Percentile calibration (99.999)", nodes, method="Percentile"))
+        if "candidates" in parts or "custom" in parts:
+            specs = CANDIDATES if "candidates" in parts else json.loads(Path(args.custom).read_text())
+            for label, spec in specs.items():
                 drop = spec.get("keep", [])
-                if spec.get("convs_only"):
-                    drop = [*drop, "MatMul"]
                 rows.append(s.run(label, [n for n in nodes if not any(d in n for d in drop)],
                                   scheme=spec.get("scheme", "static"), **spec.get("options", {})))
     finally:

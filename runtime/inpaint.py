@@ -156,6 +156,17 @@ class InpaintRows:
         extra = np.concatenate([self.mask, self.masked], axis=1)
         return np.concatenate([unet_in, np.concatenate([extra, extra]) if guided else extra], axis=1)
 
+    def device_tables(self, sched, guided: bool) -> dict:
+        """The same data for the device loop (sdrt.device_loop), computed once: `concat` [UNet rows, 1 + C, h, w]
+        (an inpainting UNet's extra channels, uncond and cond halves alike), or `mask` [rows, 1, h, w] with `kept`
+        [num_calls, rows, C, h, w], the kept region after each call (`blend`'s values, by the same numpy code)."""
+        if self.conditions_unet:
+            extra = np.concatenate([self.mask, self.masked], axis=1)
+            return {"concat": np.concatenate([extra, extra]) if guided else extra}
+        kept = [self.image if i + 1 >= sched.num_calls else sched.add_noise(self.image, self.noise, i + 1)
+                for i in range(sched.num_calls)]
+        return {"mask": self.mask, "kept": np.stack(kept)}
+
     def blend(self, x: np.ndarray, sched, i: int) -> np.ndarray:
         """After step i (ordinary UNets): the kept region becomes the image's latents at call i+1's noise level
         (clean after the last call), as diffusers' 4-channel inpainting does."""

@@ -27,7 +27,7 @@ from sdrt.conditioning import gather_rows, text_rows
 from sdrt.generation import Batch, GenerationPlan, guidance_scale_embedding, stack_plans
 from sdrt import inputs
 from sdrt.images import decoded_to_uint8, image_to_array
-from sdrt.inpaint import InpaintRows, latent_mask, load_mask, masked_pixels, paste_back
+from sdrt.inpaint import InpaintRows, fill_latents, latent_mask, load_mask, masked_pixels, paste_back
 from sdrt.memory import image_pixel_limit
 from sdrt.model.source import ModelSource, open_model
 from sdrt.noise import TorchCPUGenerator
@@ -181,6 +181,7 @@ class Pipeline:
         mask_image=None,
         mask_blur: int = 0,
         keep_unmasked: bool = False,
+        masked_content: str = "original",
         timestep_spacing: str | None = None,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
@@ -191,7 +192,9 @@ class Pipeline:
         available; "8G" or bytes; 0/False: no check). loras: {name or file: scale} (or [(name, scale)]) run-time
         LoRAs for this request: registered names, or files (registered on first use); part of the batch key.
         mask_image: inpaint `image` (white = repaint; see sdrt.inpaint for how masks are read); mask_blur: pixels of
-        Gaussian blur on the mask (soft paste-back edge); keep_unmasked: paste the result back into the image.
+        Gaussian blur on the mask (soft paste-back edge); keep_unmasked: paste the result back into the image;
+        masked_content: what the repainted region starts from at strength < 1 ("original", "latent_noise",
+        "latent_nothing": A1111's masked content 1/2/3; sdrt.inpaint.fill_latents).
         timestep_spacing: "leading", "linspace" or "trailing" instead of the model's scheduler config's (None: the
         config's); "trailing" is what few-step models (SD-Turbo, LCM) want at 1-4 steps.
         SDXL: denoising_end stops at that fraction of the schedule (a base handing over to a refiner, with
@@ -226,7 +229,7 @@ class Pipeline:
         height, width = self._size(height, width, init_image)
         if init_latents is not None and init_latents.shape[2:] != self._latent_shape(height, width)[2:]:
             raise InputError(f"the handed-over latents {init_latents.shape} do not match height {height} and width {width}")
-        mask = self._mask(init_image, mask_image, mask_blur, keep_unmasked, width, height, budget)
+        mask = self._mask(init_image, mask_image, mask_blur, keep_unmasked, masked_content, width, height, budget)
         latents = inputs.check_latents(latents, (batch,) + self._latent_shape(height, width)[1:])
         # an unknown name or spacing fails here, not after the text
         sched = make_scheduler(scheduler, self.source.scheduler_config, timestep_spacing)
@@ -286,7 +289,7 @@ class Pipeline:
         generators = [TorchCPUGenerator(s) for plan in plans for s in plan.seeds]
         conditioned = inpaint and self.facts.inpainting_unet  # the UNet takes the mask and the masked image
         pure_noise = inpaint and first.strength == 1.0  # diffusers' inpainting starts from noise alone at strength 1
-        noise, image_latents, masked_latents, masks = [], [], [], []
+        noise, image_latents, starts, masked_latents, masks = [], [], [], [], []
         row = 0
         scales = np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32)
         guidance = scales.reshape(-1, 1, 1, 1) if first.guided else None
@@ -301,8 +304,10 @@ class Pipeline:
             gens = generators[row : row + plan.batch]
             row += plan.batch
             pixels = image_to_array(plan.init_image, plan.width, plan.height) if img2img else None
+            encoded = None
             if img2img and not (conditioned and pure_noise):  # the posterior is sampled before the noise is drawn
-                image_latents.append(self.encode_image(pixels, gens, observers))
+                encoded = self.encode_image(pixels, gens, observers)
+                image_latents.append(encoded)
             noise.append(plan.latents if plan.latents is not None else np.concatenate([g.randn(latent_shape) for g in gens]))
             if inpaint:  # then the masked image's posterior: diffusers draws it for either kind of UNet
                 masks.append(np.repeat(latent_mask(plan.mask.binary, *latent_shape[2:]), plan.batch, axis=0))
@@ -311,11 +316,13 @@ class Pipeline:
                 else:  # unused by an ordinary UNet: only the draws, to keep each generator's stream in step
                     for g in gens:
                         g.randn(latent_shape)
+            if encoded is not None:  # what the denoising starts from (inpainting: A1111's masked content)
+                starts.append(fill_latents(encoded, masks[-1], noise[-1], plan.mask.content) if inpaint else encoded)
         noise = np.concatenate(noise).astype(np.float32)
         if pure_noise or not img2img:
             x = noise * np.float32(sched.init_noise_sigma)
         else:
-            x = sched.add_noise(np.concatenate(image_latents), noise, 0)
+            x = sched.add_noise(np.concatenate(starts), noise, 0)
         rows = None
         if inpaint:
             rows = InpaintRows(np.concatenate(masks), np.concatenate(masked_latents) if conditioned else None,
@@ -516,18 +523,19 @@ class Pipeline:
             for _ in range(per_prompt):
                 yield p, n
 
-    def _mask(self, init_image, mask_image, mask_blur, keep_unmasked, width, height, budget):
+    def _mask(self, init_image, mask_image, mask_blur, keep_unmasked, masked_content, width, height, budget):
         """The checked mask (sdrt.inpaint.load_mask), or None; an inpainting UNet cannot run without one."""
         if mask_image is None:
             if self.facts.inpainting_unet:
                 raise InputError(f"{self.source.path.name} is an inpainting model (its UNet takes the mask and the masked "
                                  "image): pass image= and mask_image= (white = repaint)")
-            if mask_blur or keep_unmasked:
-                raise InputError("mask_blur and keep_unmasked apply to inpainting; pass mask_image= too")
+            if mask_blur or keep_unmasked or masked_content != "original":
+                raise InputError("mask_blur, keep_unmasked and masked_content apply to inpainting; pass mask_image= too")
             return None
         if init_image is None:
             raise InputError("mask_image needs the image it masks: pass image= too")
-        return load_mask(mask_image, init_image.size, width, height, mask_blur, keep_unmasked, image_pixel_limit(budget))
+        return load_mask(mask_image, init_image.size, width, height, mask_blur, keep_unmasked, image_pixel_limit(budget),
+                         masked_content)
 
     def _size(self, height, width, init_image) -> tuple[int, int]:
         return inputs.check_size(self.facts, height, width, init_image.size if init_image is not None else None)
@@ -567,5 +575,6 @@ class Pipeline:
             **({"loras": ", ".join(f"{name}:{scale:g}" for name, scale in plan.loras)} if plan.loras else {}),
             **({"inpaint": True, "mask_blur": plan.mask.blur, "keep_unmasked": plan.mask.keep_unmasked,
                 "mask_coverage": round(plan.mask.coverage, 4)} if plan.mask is not None else {}),
+            **({"masked_content": plan.mask.content} if plan.mask is not None and plan.mask.content != "original" else {}),
             **({"timestep_spacing": plan.timestep_spacing} if plan.timestep_spacing else {}),
         }

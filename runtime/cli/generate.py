@@ -51,6 +51,9 @@ def add_parser(sub) -> None:
     p.add_argument("--keep-unmasked", action="store_true", help="inpainting: paste the result back into --image through the "
                    "(blurred) mask, so pixels outside it are kept exactly (A1111 always does; diffusers does not)")
     p.add_argument("--invert-mask", action="store_true", help="inpainting: repaint the black part of --mask instead")
+    p.add_argument("--masked-content", default="original", choices=("original", "latent_noise", "latent_nothing"),
+                   help="inpainting at --strength < 1: what the repainted region starts from: the image, the seed's noise or "
+                   "nothing (A1111's masked content; default: %(default)s)")
     p.add_argument("--backend", default="auto", choices=("auto", "onnx", "torch", "tensorrt"), help="which runtime runs the networks (default: the fastest the model folder allows)")
     p.add_argument("--num-images", type=int, default=1, help="images to make; image k uses seed+k (default: %(default)s)")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="textual-inversion embedding to load (repeatable)")
@@ -182,6 +185,7 @@ def cmd_generate(args) -> int:
         mask_image=mask,
         mask_blur=args.mask_blur,
         keep_unmasked=args.keep_unmasked,
+        masked_content=args.masked_content,
         num_images_per_prompt=args.num_images,
         loras=loras or None,
         progress=not args.quiet,

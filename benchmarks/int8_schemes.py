@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         rows = [{"scheme": "fp32", "networks": [], "unet_ms": unet_ms(fp32)}]
         for scheme in args.schemes.split(","):
             for networks in (("unet",), ("unet", "vae_decoder")):
-                if networks != ("unet",) and scheme in ("static", "static-s8", "mixed"):
+                if networks != ("unet",) and scheme in ("static", "static-all", "static-s8", "mixed"):
                     continue  # calibration is recorded for the UNet only
                 folder = work / f"{scheme}-{'-'.join(networks)}"
                 t0 = time.perf_counter()

@@ -7,8 +7,9 @@ and time on the built-in model):
 - "dynamic": weights int8 per output channel, activations quantised per call from their own range
   (MatMulInteger / DynamicQuantizeMatMul, ConvInteger). No calibration; ranges always fit the input.
 - "dynamic-matmul": the same for MatMuls only (attention projections and feed-forwards); convs stay fp32.
-- "static": QDQ with activation ranges calibrated on UNet inputs recorded from the model's own sampling loop
-  (sdrt.export.int8_calibrate), weights per channel; ORT fuses the Q/DQ pairs into QLinearConv / QLinearMatMul.
+- "static-all": QDQ with activation ranges calibrated on UNet inputs recorded from the model's own sampling loop
+  (sdrt.export.int8_quality), weights per channel; ORT fuses the Q/DQ pairs into QLinearConv / QLinearMatMul.
+- "static" (default): static-all with the layers int8 hurts most kept fp32 (RAW_INPUT_LAYERS, the last up block).
 - "weight-only": MatMul weights stored as 8-bit blocks (MatMulNBits, bits=8), dequantised in the kernel; convs fp32.
 
 What stays fp32 whatever the scheme (`fp32_nodes`): the first and last conv (the latent <-> feature maps, where an
@@ -27,8 +28,18 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMES = ("mixed", "dynamic", "dynamic-matmul", "static", "static-s8", "weight-only")
+SCHEMES = ("mixed", "dynamic", "dynamic-matmul", "static", "static-all", "static-s8", "weight-only")
 DEFAULT_SCHEME = "static"
+
+# What the "static" scheme also keeps fp32 (benchmarks/results/int8-sensitivity.md): the layers whose input is an
+# un-normalised stream, where one per-tensor int8 range must span channels of very different scales (ONNX Runtime's
+# QLinearConv/QLinearMatMul take one activation scale): the resnet shortcut convs (their input is the concatenated
+# skip connection in up blocks), the transformers' proj_out (the residual stream), attention to_out (attention output),
+# the feed-forward's second Linear (GEGLU output), down/upsampler convs (the residual stream between blocks) and
+# cross-attention to_k/to_v (the text encoder's states with their outlier channels). And the whole last up block:
+# its output feeds conv_out directly, so its errors reach the noise prediction unattenuated. On the built-in model
+# these carried most of static-all's error (guided UNet call 0.28 -> 0.04 relative error, PSNR 26.9 -> 32.7 dB).
+RAW_INPUT_LAYERS = ("/conv_shortcut/", "/proj_out/", "samplers.", "/ff/net.2/", "/to_out.0/", "/attn2/to_k/", "/attn2/to_v/")
 
 
 @dataclasses.dataclass
@@ -63,6 +74,15 @@ def fp32_nodes(model) -> tuple[list[str], list[str]]:
     return quantize, keep
 
 
+def sensitive_nodes(names: list[str]) -> list[str]:
+    """Of the node `names`, those the "static" scheme keeps fp32 (RAW_INPUT_LAYERS and the last up block)."""
+    import re
+
+    ups = [int(m.group(1)) for n in names for m in [re.search(r"/up_blocks\.(\d+)/", n)] if m]
+    last_up = f"/up_blocks.{max(ups)}/" if ups else None
+    return [n for n in names if any(p in n for p in RAW_INPUT_LAYERS) or (last_up is not None and last_up in n)]
+
+
 def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibration=None, keep=(), options=None) -> QuantStats:
     """Quantise the ONNX graph at `src` into `dst` (one file, or file + `.data` when over 2 GB).
 
@@ -84,6 +104,8 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
         model = onnx.load(str(named), load_external_data=False)
         quantize, kept = fp32_nodes(model)
         extra = [n for n in quantize if any(k in n for k in keep)]
+        if scheme == "static":
+            extra += [n for n in sensitive_nodes(quantize) if n not in extra]
         keep = kept + extra
         quantize = [n for n in quantize if n not in extra]
         if scheme in ("dynamic-matmul", "weight-only"):
@@ -100,7 +122,7 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
             _static(named, mid, [n for n in quantize if n in conv], calibration, big, **(options or {}))
             _dynamic(mid, out, [n for n in quantize if n not in conv], big)
         elif scheme.startswith("static"):
-            _static(named, out, quantize, calibration, big, symmetric=scheme == "static-s8", **(options or {}))
+            _static(named, out, quantize, calibration, big, symmetric=scheme == "static-s8", **(options or {}))  # static*
         else:
             _weight_only(named, out, quantize, big)
         result = onnx.load(str(out))
@@ -176,8 +198,33 @@ def _dynamic(src: Path, dst: Path, nodes: list[str], big: bool) -> None:
 
 
 def _static(src: Path, dst: Path, nodes: list[str], calibration, big: bool, symmetric: bool = False,
-            method: str = "MinMax") -> None:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+            method: str = "MinMax", cache: Path | None = None, extra: dict | None = None) -> None:
+    """Static QDQ quantisation of `nodes`; activation ranges from `calibration` (feed dicts), computed by
+    calibrate() into `cache` (ONNX Runtime's calibration cache, reused when it exists)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    with tempfile.TemporaryDirectory(dir=Path(dst).parent, prefix=".calib-") as work:
+        cache = Path(cache) if cache is not None else Path(work) / "calibration.json"
+        if not cache.is_file():
+            calibrate(src, calibration, cache, method, big)
+        quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul"],
+                        per_channel=True, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=big,
+                        calibrate_method=_method(method), calibration_cache_path=str(cache),
+                        extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                                       **(extra or {})})
+
+
+CALIBRATION_CHUNK = 4  # UNet calls run through the calibrator between range merges: bounded memory on SD 1.5
+
+
+def calibrate(src: Path, calibration, cache: Path, method: str = "MinMax", big: bool = False) -> None:
+    """Activation ranges of every Conv/MatMul tensor of `src` over the feed dicts in `calibration`, written to `cache`.
+
+    The feeds go through in chunks of CALIBRATION_CHUNK, each merged into the running range (MinMax: min of mins, max
+    of maxes). ONNX Runtime's own chunking (extra option CalibMaxIntermediateOutputs, 1.32) drops every full chunk
+    without merging it, so only the calls after the last full chunk were ever calibrated: it is not used."""
+    from onnxruntime.quantization.calibrate import CalibrationDataReader, create_calibrator, save_tensors_data
 
     if not calibration:
         from sdrt.errors import InputError
@@ -185,25 +232,26 @@ def _static(src: Path, dst: Path, nodes: list[str], calibration, big: bool, symm
         raise InputError("the static int8 scheme needs calibration feeds (recorded UNet inputs); none were given")
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(calibration)
+        def __init__(self, items):
+            self.items = iter(items)
 
         def get_next(self):
             return next(self.items, None)
 
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul"],
-                    per_channel=True, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=big,
-                    calibrate_method=getattr(CalibrationMethod, method),
-                    extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": symmetric, "WeightSymmetric": True,
-                                   "CalibMaxIntermediateOutputs": _chunk(len(calibration))})
+    with tempfile.TemporaryDirectory(dir=Path(cache).parent, prefix=".calibrator-") as work:
+        calibrator = create_calibrator(Path(src), ["Conv", "MatMul"], augmented_model_path=str(Path(work) / "augmented.onnx"),
+                                       calibrate_method=_method(method), use_external_data_format=big)
+        for start in range(0, len(calibration), CALIBRATION_CHUNK):
+            calibrator.collect_data(Reader(calibration[start:start + CALIBRATION_CHUNK]))
+        ranges = calibrator.compute_data()
+        del calibrator
+    save_tensors_data(ranges, cache)
 
 
-def _chunk(n: int) -> int:
-    """Calls whose activations ORT's calibrator holds at once: few, for bounded memory (all 16 recorded SD 1.5 calls
-    at 256 px took it past 20 GB). Not a divisor of n: ORT 1.32 raises "No data is collected" when the last chunk
-    ends exactly at the last call."""
-    return next(k for k in range(3, n + 3) if n % k)
+def _method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return getattr(CalibrationMethod, name)
 
 
 def _weight_only(src: Path, dst: Path, nodes: list[str], big: bool) -> None:

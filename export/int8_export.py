@@ -21,8 +21,8 @@ from pathlib import Path
 from sdrt.errors import InputError
 
 QUANTIZED_NETWORKS = ("unet",)  # the UNet is called 2 x steps times; the VAE decoder lost PSNR for no time here
-CALIBRATION_STEPS = 4  # steps per calibration prompt (PNDM: one more UNet call): early, middle and late timesteps
-CALIBRATION_SAMPLES = 16  # UNet calls kept, spread over all prompts and steps
+CALIBRATION_STEPS = 8  # steps per calibration prompt (PNDM: one more UNet call): ranges over the whole trajectory
+CALIBRATION_SAMPLES = 32  # UNet calls kept, spread over all prompts and steps (the calibrator merges them 4 at a time)
 QUALITY_STEPS = 20
 
 
@@ -68,7 +68,7 @@ def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=N
         calib_size = min(limits["opt_size"], max(limits["min_size"], 256 // manifest.facts.size_step * manifest.facts.size_step))
         t1 = time.perf_counter()
         feeds = in_child(record_unet_feeds, fp32, prompts, calib_size, CALIBRATION_STEPS, 7.5, limit=CALIBRATION_SAMPLES,
-                         threads=threads) if scheme in ("static", "static-s8", "mixed") else []
+                         threads=threads) if scheme in ("static", "static-all", "static-s8", "mixed") else []
         calibration = {"prompts": len(prompts), "size": calib_size, "steps": CALIBRATION_STEPS, "unet_calls": len(feeds),
                        "seconds": time.perf_counter() - t1}
         shutil.rmtree(tmp, ignore_errors=True)

@@ -104,3 +104,39 @@ def test_int8_bad_input_is_refused_before_work(tiny_sd1, tmp_path, capsys):
     with pytest.raises(InputError, match="no prompts"):
         read_prompts(empty)
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_calibration_ranges_cover_every_call(tmp_path):
+    """Every recorded call counts, in whichever chunk it falls (ONNX Runtime 1.32's own chunking kept only the calls
+    after the last full chunk): the largest input sits in the first call, the smallest in the last."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from sdrt.export.int8 import CALIBRATION_CHUNK, calibrate
+
+    w = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    n = 3 * CALIBRATION_CHUNK + 1
+    feeds = [{"x": np.full((1, 1, 2, 2), 1.0, np.float32)} for _ in range(n)]
+    feeds[0]["x"][:] = 50.0
+    feeds[-1]["x"][:] = -7.0
+    calibrate(tmp_path / "m.onnx", feeds, tmp_path / "cal.json")
+    lo, hi = load_tensors_data(tmp_path / "cal.json").data["x"].range_value
+    assert np.ravel(hi)[0] == 50.0 and np.ravel(lo)[0] == -7.0
+
+
+def test_static_keeps_raw_input_layers_and_last_up_block_fp32():
+    from sdrt.export.int8 import sensitive_nodes
+
+    names = ["/unet/down_blocks.0/resnets.0/conv1/Conv", "/unet/down_blocks.1/resnets.0/conv_shortcut/Conv",
+             "/unet/up_blocks.1/attentions.0/transformer_blocks.0/ff/net.2/MatMul",
+             "/unet/up_blocks.1/attentions.0/transformer_blocks.0/attn2/to_k/MatMul",
+             "/unet/up_blocks.1/attentions.0/transformer_blocks.0/attn2/to_q/MatMul",
+             "/unet/up_blocks.1/upsamplers.0/Conv_1", "/unet/up_blocks.3/resnets.2/conv2/Conv",
+             "/unet/mid_block/attentions.0/proj_out/Conv", "/unet/up_blocks.2/resnets.0/conv1/Conv"]
+    assert sensitive_nodes(names) == [names[1], names[2], names[3], names[5], names[6], names[7]]

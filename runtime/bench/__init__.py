@@ -181,7 +181,7 @@ def run_bench(config: BenchConfig, log=print) -> dict:
                     raise ModelError("the torch backend needs the diffusers folder; pass it as MODEL")
                 runners[name] = SdrtRunner(backend, diffusers_dir)
             else:
-                if export is None:
+                if export is None and backend != "onnx-int8":  # onnx-int8 makes its own export from the diffusers folder
                     if diffusers_dir is None:
                         raise ModelError(f"{model} is neither a diffusers folder nor an sdrt export")
                     t0 = time.perf_counter()

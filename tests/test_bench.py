@@ -60,3 +60,32 @@ def test_groups_when_memory_is_short():
     assert plan_groups(names, "interleaved", 0)[0] == [names]
     assert plan_groups(names, "pairs", 0)[0] == [["sdrt-onnx", "diffusers"], ["sdrt-onnx", "optimum"]]
     assert plan_groups(names, "auto", 10**15)[0] == [["sdrt-onnx", "diffusers"], ["sdrt-onnx", "optimum"]]
+
+
+def test_bench_tiny_sdxl_times_both_text_encoders(tiny_sdxl, onnx_sdxl, tmp_path):
+    """SDXL folders load the baselines' SDXL pipeline classes (benchmarks/baselines, common.is_sdxl); both text
+    encoders are timed, in sdrt and in diffusers alike (guidance with force_zeros: one call each)."""
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(tiny_sdxl), "--export", str(onnx_sdxl), "--backends", "onnx", "--baselines", "diffusers",
+                 "--in-process", "diffusers", "--no-create-envs", "--steps", "2", "--runs", "1", "--warmup", "0",
+                 "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--json", str(out), "-q"])  # fmt: skip
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert record["config"]["facts"]["family"] == "sdxl"
+    assert "StableDiffusionXLPipeline" in record["runners"]["diffusers"]["describe"]
+    for name in ("sdrt-onnx", "diffusers"):
+        [sample] = record["runners"][name]["samples"]["1"]
+        assert sample["text_calls"] == 2 and sample["unet_calls"] == 2, (name, sample)
+
+
+def test_sequential_order_compares_runs_apart():
+    assert plan_groups(["sdrt-onnx", "openvino"], "sequential", 0)[0] == [["sdrt-onnx"], ["openvino"]]
+    from sdrt.bench import speedups
+
+    run = lambda e2e, group: {"e2e_s": e2e, "unet_s": [1.0], "loop_s": 1.0, "decode_s": 1.0, "group": group}  # noqa: E731
+    record = {"order": "sequential, one runner at a time", "groups": [{"runners": ["sdrt-onnx"]}, {"runners": ["openvino"]}],
+              "runners": {"sdrt-onnx": {"samples": {"1": [run(2.0, 0)]}}, "openvino": {"samples": {"1": [run(3.0, 1)]}}}}
+    ratios = speedups(record)["sdrt-onnx"]["openvino"]["1"]
+    assert ratios["e2e_s"] == pytest.approx(1.5) and ratios["side_by_side"] is False
+    record["order"] = "pairs"  # runners in different groups of a paired run are never compared
+    assert speedups(record) == {}

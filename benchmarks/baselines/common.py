@@ -155,6 +155,15 @@ def converted_dir(config: dict, tool: str, *packages: str) -> "Path":
     return Path(config["cache_dir"]) / tool / f"{model.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def is_sdxl(config: dict) -> bool:
+    """Whether config["model"] is an SDXL folder (its model_index.json names an SDXL pipeline): the baselines then
+    load their SDXL pipeline classes, which take two text encoders and the text_time conditioning."""
+    from pathlib import Path
+
+    index = Path(config["model"]) / "model_index.json"
+    return index.exists() and "XL" in json.loads(index.read_text()).get("_class_name", "")
+
+
 def threads_of(config: dict) -> int:
     return int(config.get("threads") or os.cpu_count() or 1)
 

@@ -1,6 +1,7 @@
-"""Baseline: diffusers' StableDiffusionPipeline (PyTorch), the pipeline most users start from.
+"""Baseline: diffusers' StableDiffusionPipeline (PyTorch), the pipeline most users start from; for an SDXL folder
+StableDiffusionXLPipeline (invisible watermark off: it is not a network, and sdrt has none).
 
-Stages are timed by wrapping the pipeline's own components (text_encoder.forward, unet.forward, vae.decode)
+Stages are timed by wrapping the pipeline's own components (text_encoder(_2).forward, unet.forward, vae.decode)
 and marking each step's end with callback_on_step_end; nothing in diffusers' loop is changed. See common.py
 for the protocol. Runs in any environment with torch + diffusers + transformers (sdrt's own venv too).
 """
@@ -30,16 +31,18 @@ class DiffusersRunner:
     def create(self, config: dict):
         """The pipeline, loaded as its users load it; returns (pipeline, one line describing it)."""
         import torch
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
         torch.set_num_threads(common.threads_of(config))
         dtype = torch.float16 if config.get("precision") == "fp16" else torch.float32
-        pipe = StableDiffusionPipeline.from_pretrained(
-            config["model"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
+        if common.is_sdxl(config):
+            cls, extra = diffusers.StableDiffusionXLPipeline, {"add_watermarker": False}
+        else:
+            cls, extra = diffusers.StableDiffusionPipeline, {"safety_checker": None, "requires_safety_checker": False}
+        pipe = cls.from_pretrained(config["model"], torch_dtype=dtype, **extra)
         pipe = pipe.to(config.get("device") or "cpu")
         attention = type(next(iter(pipe.unet.attn_processors.values()))).__name__
-        return pipe, (f"diffusers StableDiffusionPipeline, torch {torch.__version__} on {pipe.device} "
+        return pipe, (f"diffusers {cls.__name__}, torch {torch.__version__} on {pipe.device} "
                       f"({'fp16' if dtype == torch.float16 else 'fp32'}, {torch.get_num_threads()} threads, {attention})")
 
     def load(self, config: dict) -> dict:
@@ -52,7 +55,9 @@ class DiffusersRunner:
         common.cuda_sync()
         load_s = time.perf_counter() - t0
         # Every stage is timed at the pipeline's own component calls; diffusers' loop stays as it is.
-        pipe.text_encoder.forward = self.calls.wrap("text", pipe.text_encoder.forward)
+        for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if encoder is not None:
+                encoder.forward = self.calls.wrap("text", encoder.forward)
         pipe.unet.forward = self.calls.wrap("unet", pipe.unet.forward)
         pipe.vae.decode = self.calls.wrap("decode", pipe.vae.decode)
         self.pipe = pipe

@@ -1,4 +1,4 @@
-"""Baseline: OpenVINO through optimum-intel's OVStableDiffusionPipeline.
+"""Baseline: OpenVINO through optimum-intel's OVStableDiffusionPipeline (OVStableDiffusionXLPipeline for SDXL).
 
 prepare: `OVStableDiffusionPipeline.from_pretrained(model, export=True, load_in_8bit=False)` and save_pretrained
 into the cache, once (no weight quantisation: the comparison is fp32 compute; OpenVINO's IR may store weights as
@@ -21,6 +21,16 @@ from diffusers_worker import DiffusersRunner  # noqa: E402
 PACKAGES = ("optimum-intel", "openvino", "optimum", "diffusers", "transformers", "torch", "numpy")
 
 
+def pipeline_class(config: dict):
+    import optimum.intel as ov_pipelines
+
+    return ov_pipelines.OVStableDiffusionXLPipeline if common.is_sdxl(config) else ov_pipelines.OVStableDiffusionPipeline
+
+
+def extra_kwargs(config: dict) -> dict:
+    return {"add_watermarker": False} if common.is_sdxl(config) else {}
+
+
 class OpenVINORunner(DiffusersRunner):
     name = "openvino"
     packages = PACKAGES
@@ -29,10 +39,9 @@ class OpenVINORunner(DiffusersRunner):
         out = common.converted_dir(config, "openvino", *PACKAGES)
         if (out / "model_index.json").exists():
             return {"cached": True, "folder": str(out)}
-        from optimum.intel import OVStableDiffusionPipeline
-
         t0 = time.perf_counter()
-        pipe = OVStableDiffusionPipeline.from_pretrained(config["model"], export=True, load_in_8bit=False, compile=False)
+        pipe = pipeline_class(config).from_pretrained(config["model"], export=True, load_in_8bit=False, compile=False,
+                                                      **extra_kwargs(config))
         tmp = out.with_name(out.name + ".partial")
         pipe.save_pretrained(tmp)
         tmp.rename(out)
@@ -40,15 +49,15 @@ class OpenVINORunner(DiffusersRunner):
 
     def create(self, config: dict):
         import openvino as ov
-        from optimum.intel import OVStableDiffusionPipeline
 
         threads = common.threads_of(config)
         ov_config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads)}
         folder = common.converted_dir(config, "openvino", *PACKAGES)
-        pipe = OVStableDiffusionPipeline.from_pretrained(folder, export=False, ov_config=ov_config, compile=True)
+        cls = pipeline_class(config)
+        pipe = cls.from_pretrained(folder, export=False, ov_config=ov_config, compile=True, **extra_kwargs(config))
         weights = sorted({op.get_element_type().get_type_name() for op in pipe.unet.model.get_ops() if op.get_type_name() == "Constant"
                           and op.get_element_type().is_real()})  # fmt: skip
-        return pipe, (f"optimum-intel OVStableDiffusionPipeline, openvino {ov.__version__} on CPU (f32 inference, "
+        return pipe, (f"optimum-intel {cls.__name__}, openvino {ov.__version__} on CPU (f32 inference, "
                       f"{threads} threads, LATENCY hint, dynamic shapes; UNet IR constants {'/'.join(weights)})")
 
 

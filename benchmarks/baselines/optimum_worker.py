@@ -1,4 +1,5 @@
-"""Baseline: optimum's ORTStableDiffusionPipeline (ONNX Runtime), from optimum-onnx.
+"""Baseline: optimum's ORTStableDiffusionPipeline (ONNX Runtime), from optimum-onnx; ORTStableDiffusionXLPipeline
+for an SDXL folder.
 
 prepare: `ORTStableDiffusionPipeline.from_pretrained(model, export=True)` and save_pretrained into the cache, once
 (optimum's own export of the same diffusers folder). load: from_pretrained(that folder) on the CPU provider with
@@ -19,6 +20,16 @@ from diffusers_worker import DiffusersRunner  # noqa: E402
 PACKAGES = ("optimum-onnx", "optimum", "onnxruntime", "diffusers", "transformers", "torch", "numpy")
 
 
+def pipeline_class(config: dict):
+    import optimum.onnxruntime as ort_pipelines
+
+    return ort_pipelines.ORTStableDiffusionXLPipeline if common.is_sdxl(config) else ort_pipelines.ORTStableDiffusionPipeline
+
+
+def extra_kwargs(config: dict) -> dict:
+    return {"add_watermarker": False} if common.is_sdxl(config) else {}
+
+
 class OptimumRunner(DiffusersRunner):
     name = "optimum"
     packages = PACKAGES
@@ -27,10 +38,8 @@ class OptimumRunner(DiffusersRunner):
         out = common.converted_dir(config, "optimum", *PACKAGES)
         if (out / "model_index.json").exists():
             return {"cached": True, "folder": str(out)}
-        from optimum.onnxruntime import ORTStableDiffusionPipeline
-
         t0 = time.perf_counter()
-        pipe = ORTStableDiffusionPipeline.from_pretrained(config["model"], export=True)
+        pipe = pipeline_class(config).from_pretrained(config["model"], export=True, **extra_kwargs(config))
         tmp = out.with_name(out.name + ".partial")
         pipe.save_pretrained(tmp)
         tmp.rename(out)
@@ -38,14 +47,14 @@ class OptimumRunner(DiffusersRunner):
 
     def create(self, config: dict):
         import onnxruntime as ort
-        from optimum.onnxruntime import ORTStableDiffusionPipeline
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = common.threads_of(config)
         provider = "CUDAExecutionProvider" if config.get("device") == "cuda" else "CPUExecutionProvider"
         folder = common.converted_dir(config, "optimum", *PACKAGES)
-        pipe = ORTStableDiffusionPipeline.from_pretrained(folder, export=False, provider=provider, session_options=options)
-        return pipe, (f"optimum-onnx ORTStableDiffusionPipeline, onnxruntime {ort.__version__} on {provider} "
+        cls = pipeline_class(config)
+        pipe = cls.from_pretrained(folder, export=False, provider=provider, session_options=options, **extra_kwargs(config))
+        return pipe, (f"optimum-onnx {cls.__name__}, onnxruntime {ort.__version__} on {provider} "
                       f"({options.intra_op_num_threads} intra-op threads, graph optimisation {options.graph_optimization_level.name})")
 
 

@@ -129,7 +129,7 @@ def plan_groups(names: list[str], order: str, weight_bytes: int) -> tuple[list[l
         reason = f"auto: an estimated {need / 1e9:.1f} GB for all runners at once, {avail / 1e9:.1f} GB available"
     else:
         reason = f"asked for {order}"
-    if order == "interleaved" or len(names) <= 2:
+    if order == "interleaved" or (len(names) <= 2 and order != "sequential"):
         return [names], f"interleaved ({reason})"
     if order == "pairs":
         return [[names[0], n] for n in names[1:]], f"pairs with {names[0]} as the reference ({reason})"
@@ -291,25 +291,33 @@ def _measure_group(index: int, group: list, cfg: BenchConfig, request: dict, rec
 
 def speedups(record: dict) -> dict:
     """{sdrt runner: {baseline: {batch: {stage: baseline median / sdrt median}}}}, from the runs of a group that
-    held both (runners measured side by side; a reference measured in several groups is compared within each)."""
+    held both (runners measured side by side; a reference measured in several groups is compared within each).
+    Sequential order (runners too big to be resident together): from all runs, with "side_by_side": False."""
     out = {}
     sdrt = [n for n in record["runners"] if n.startswith("sdrt-")]
     others = [n for n in record["runners"] if n not in sdrt]
     for s in sdrt:
         for o in others:
             shared = [i for i, g in enumerate(record["groups"]) if s in g["runners"] and o in g["runners"]]
-            if not shared:
+            apart = not shared and str(record.get("order", "")).startswith("sequential")
+            if not shared and not apart:
                 continue
+
+            def kept(x):
+                return apart or x.get("group", shared[0]) == shared[0]
+
             for batch, mine in record["runners"][s]["samples"].items():
                 theirs = record["runners"][o]["samples"].get(batch)
-                mine = [derive(x, int(batch)) for x in mine if x.get("group", shared[0]) == shared[0]]
-                theirs = [derive(x, int(batch)) for x in theirs or [] if x.get("group", shared[0]) == shared[0]]
+                mine = [derive(x, int(batch)) for x in mine if kept(x)]
+                theirs = [derive(x, int(batch)) for x in theirs or [] if kept(x)]
                 if not mine or not theirs:
                     continue
                 ratios = {}
                 for stage in ("e2e_s", "text_s", "unet_call_s", "decode_s", "encode_s"):
                     a, b = summarize(x[stage] for x in mine), summarize(x[stage] for x in theirs)
                     ratios[stage] = b["median"] / a["median"] if a and b and a["median"] else None
+                if apart:
+                    ratios["side_by_side"] = False
                 out.setdefault(s, {}).setdefault(o, {})[batch] = ratios
     return out
 

@@ -153,7 +153,7 @@ def warm_ort_cache(export: Path, threads: int, device: str) -> float:
 def model_weight_bytes(folder: Path | None) -> int:
     if folder is None:
         return 0
-    return sum(p.stat().st_size for sub in ("unet", "vae", "text_encoder") for p in (folder / sub).glob("*")
+    return sum(p.stat().st_size for sub in ("unet", "vae", "text_encoder", "text_encoder_2") for p in (folder / sub).glob("*")
                if p.suffix in (".safetensors", ".bin"))  # fmt: skip
 
 

@@ -46,7 +46,8 @@ def format_table(record: dict) -> str:
             for o, batches in per.items():
                 for batch, r in batches.items():
                     cells = [f"{r[k]:.2f}x" if r.get(k) else "-" for k in ("e2e_s", "unet_call_s", "decode_s", "encode_s", "text_s")]
-                    lines.append(f"| {s} | {o} | {batch} | " + " | ".join(cells) + " |")
+                    vs = o if r.get("side_by_side", True) else f"{o} (sequential, not side by side)"
+                    lines.append(f"| {s} | {vs} | {batch} | " + " | ".join(cells) + " |")
     lines += ["", "*peak resident memory of the process during a run; in-process runners share sdrt's process. "
               "Loop overhead: loop time minus UNet calls, per call. Ratios: baseline median / sdrt median (> 1: sdrt faster)."]
     errors = [f"- {n}: {e['error']}" for n, e in record["runners"].items() if e.get("error") and e.get("stats")]

@@ -33,7 +33,8 @@ def main(out: Path, which: str) -> None:
     t0 = time.perf_counter()
     unet = sd15_unet()
     contract = sd_contracts(type("F", (), dict(latent_channels=4, text_seq_len=77, text_hidden_size=768,
-                                                  cross_attention_dim=768))())[UNET]
+                                                  cross_attention_dim=768, unet_input_channels=4,
+                                                  time_cond_proj_dim=None))())[UNET]
     module = UNetContract(unet)
     if which != "plain":
         slots = lora_slot_layers(unet, which)

@@ -367,7 +367,7 @@ def export_network(module, contract: NetworkContract, path: Path, args: tuple, o
 
 
 def finish_network(path: Path, contract: NetworkContract, fp16: bool, keep_fp32_ops, upcast_attention=False) -> None:
-    """Name the I/O dims as the contract does, convert to fp16 if asked, and rewrite `path` as one .onnx file
+    """Name the I/O dims as the contract does, gate LoRA slots, convert to fp16 if asked, and rewrite `path` as one .onnx file
     (plus one model.onnx.data file when over 2 GB), removing whatever else the exporter left in its folder."""
     import onnx
 
@@ -380,6 +380,10 @@ def finish_network(path: Path, contract: NetworkContract, fp16: bool, keep_fp32_
 
         model = convert_to_fp16(infer_shapes(model, path.parent, big), keep_fp32_ops, shapes_inferred=True, upcast_attention=upcast_attention)
         big = model_bytes(model) > EXTERNAL_DATA_BYTES
+    if contract.lora_slots:  # empty slots cost nothing (sdrt.export.lora_gates)
+        from sdrt.export.lora_gates import gate_slots
+
+        gate_slots(model)
     for leftover in path.parent.iterdir():
         leftover.unlink()
     if big:

@@ -58,7 +58,7 @@ class Pipeline:
         self.textual_inversions: dict[str, list[str]] = {}
         self.loras: list[dict] = []  # LoRAs fused into the PyTorch backend's networks: {"file", "sha256", "scale"}
         self.registered_loras: dict = {}  # name -> sdrt.adapters.lora_switch.RegisteredLora (run-time, any backend)
-        self.active_loras: tuple = ()  # ((name, scale), ...) whose factors the backend holds now
+        self.active_loras: tuple | None = ()  # ((name, scale), ...) whose factors the backend holds now; None: to re-feed
         self.max_memory = None  # memory budget of every call (sdrt.memory.parse_memory); None: what is available
 
     @classmethod

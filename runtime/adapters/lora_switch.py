@@ -57,17 +57,22 @@ def register(pipe, path, name: str | None = None, max_rank: int | None = None) -
     factors, error = slot_factors(lora, targets, max_rank or SVD_MAX_RANK)
     pipe.registered_loras[name] = RegisteredLora(name, path, sha256_of(path),
                                                  {SLOT_NETWORKS[c]: f for c, f in factors.items()}, error)
-    if any(n == name for n, _ in pipe.active_loras):
-        activate(pipe, pipe.active_loras, force=True)  # re-registered under an active name: its new factors
+    _forget_active(pipe, name)  # re-registered under an active name: the next call feeds its new factors
     return name
+
+
+def _forget_active(pipe, name: str) -> None:
+    """The next call re-feeds its LoRAs when `name` is active now. Never a switch here: a server registers from
+    another thread while a batch runs, and a switch then would change factors between two of its steps."""
+    if pipe.active_loras is None or any(n == name for n, _ in pipe.active_loras):
+        pipe.active_loras = None  # unknown: activate() feeds whatever the next call asks, even ()
 
 
 def unregister(pipe, name: str) -> None:
     if name not in pipe.registered_loras:
         raise InputError(f"no LoRA named {name!r} is registered (registered: {', '.join(pipe.registered_loras) or 'none'})")
-    if any(n == name for n, _ in pipe.active_loras):
-        activate(pipe, ())
     del pipe.registered_loras[name]
+    _forget_active(pipe, name)
 
 
 def resolve_loras(pipe, loras) -> tuple:
@@ -125,7 +130,7 @@ def combined_factors(pipe, loras: tuple) -> dict:
 
 
 def activate(pipe, loras: tuple, force: bool = False) -> None:
-    if tuple(loras) == pipe.active_loras and not force:
+    if pipe.active_loras is not None and tuple(loras) == pipe.active_loras and not force:
         return
     for name, _ in loras:
         if name not in pipe.registered_loras:

@@ -195,9 +195,6 @@ class Pipeline:
         micro = sdxl.check_micro(self.facts, micro)
         if mask_image is not None and self.is_sdxl:
             raise InputError("inpainting with SDXL models is not supported yet; drop mask_image")
-        if loras and self.is_sdxl:
-            raise InputError("run-time LoRAs (loras=) for SDXL are not supported yet; fuse one with pipe.load_lora(FILE, "
-                             "SCALE) on the PyTorch backend, or at export with `sdrt export --lora FILE:SCALE`")
         loras = resolve_loras(self, loras)
         prompts = inputs.check_prompts(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
@@ -256,11 +253,11 @@ class Pipeline:
         Each distinct text is encoded once (a prompt's images and a batch's empty negatives share it). SDXL: a dict
         of the UNet's text inputs, encoder_hidden_states and text_embeds, in the same rows (sdrt.sdxl)."""
         stack_plans(plans)
+        self.activate_loras(plans[0].loras)  # the text encoders' LoRAs too
         if self.is_sdxl:
             from sdrt.sdxl import conditioning_rows
 
             return conditioning_rows(self, plans, observers)
-        self.activate_loras(plans[0].loras)
         cond = [p for plan in plans for p in plan.prompts]
         texts = cond + ([n for plan in plans for n in plan.negatives] if plans[0].guided else [])
         unique = list(dict.fromkeys(texts))

@@ -4,7 +4,7 @@ A slot as traced (sdrt.backends.torch_modules.LoraHooks) is y' = y + up(down(x))
 runs its two MatMuls/Convs on empty tensors, fills a zero tensor the size of the layer's output and adds it, and
 the Add sits between the layer and what ORT would fuse it with. Measured on the SD 1.5 shape
 (benchmarks/lora_slots.py): +3.6-5.1 % per plain call with 278 slots. Here every slot's branch (the nodes computed
-from its `lora_down:`/`lora_up:` inputs, up to the Add into y) moves into the then-branch of an `If` whose
+from its `lora_down/`/`lora_up/` inputs, up to the Add into y) moves into the then-branch of an `If` whose
 condition is Size(lora_down) > 0; the else-branch passes y through. `sink`: the delta is added after the chain of
 Adds that follow the layer (a resnet's conv2 + residual, conv1 + time embedding), so y meets them as in a plain
 export. At rank > 0 the math is the slot's (the Add moves, so the sum is reassociated: float rounding only).
@@ -15,20 +15,21 @@ export. At rank > 0 the math is the slot's (the Add moves, so the sum is reassoc
 from __future__ import annotations
 
 import collections
+import re
 
-LORA_PREFIXES = ("lora_down:", "lora_up:")
+SLOT_INPUT = re.compile(r"^lora_(down|up)([:/])(.+)$")  # ":" in exports from before 2026-12-05
 
 
 def _slot_branches(graph):
-    """{layer: (branch node indices, index of the Add that joins the delta into y, y's name)} for each slot."""
+    """{the slot's lora_down input: (branch node indices, index of the Add that joins the delta into y, y's name)} for each slot."""
     consumers = collections.defaultdict(list)
     for k, node in enumerate(graph.node):
         for name in node.input:
             consumers[name].append(k)
-    layers = sorted({i.name.split(":", 1)[1] for i in graph.input if i.name.startswith(LORA_PREFIXES)})
+    layers = sorted({(m.group(3), m.group(2)) for m in map(SLOT_INPUT.match, (i.name for i in graph.input)) if m})
     out = {}
-    for layer in layers:
-        reach = {f"lora_down:{layer}", f"lora_up:{layer}"}
+    for layer, sep in layers:
+        reach = {f"lora_down{sep}{layer}", f"lora_up{sep}{layer}"}
         nodes, join = set(), None
         for k, node in enumerate(graph.node):  # topological order
             if not any(i in reach for i in node.input):
@@ -46,7 +47,7 @@ def _slot_branches(graph):
         leaks = [c for o in inner for c in consumers[o] if c not in nodes and c != join]
         if leaks or any(c != join for c in consumers[delta]):
             continue  # something outside the branch reads it: leave the slot as traced
-        out[layer] = (nodes, join, y)
+        out[f"lora_down{sep}{layer}"] = (nodes, join, y)
     return out
 
 
@@ -80,9 +81,8 @@ def gate_slots(model, sink: bool = True) -> int:
     drop, replace = set(), {}
     zero = "sdrt_lora_gate/zero"
     taken = {join for _, join, _ in branches.values()} | {k for b, _, _ in branches.values() for k in b}
-    for n, (layer, (branch, join, y)) in enumerate(sorted(branches.items())):
+    for n, (down, (branch, join, y)) in enumerate(sorted(branches.items())):
         tag = f"sdrt_lora_gate/{n}"
-        down = f"lora_down:{layer}"
         delta = next(i for i in nodes[join].input if i != y)
         end = _sink(nodes, join, consumers, outputs, taken) if sink else join
         taken.add(end)
@@ -145,7 +145,7 @@ def prune_slots(model) -> int:
             raise ValueError(f"a slot's sum is the graph output {out.name}")
     del graph.node[:]
     graph.node.extend(kept)
-    inputs = [i for i in graph.input if not i.name.startswith(LORA_PREFIXES)]
+    inputs = [i for i in graph.input if not SLOT_INPUT.match(i.name)]
     del graph.input[:]
     graph.input.extend(inputs)
     return len(branches)

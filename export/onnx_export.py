@@ -400,7 +400,8 @@ def restore_unused_slot_inputs(model, contract: NetworkContract) -> None:
     from onnx import TensorProto, helper
 
     present = {i.name: i for i in model.graph.input}
-    missing = [s for s in contract.inputs if s.name not in present and s.name.startswith(("lora_down:", "lora_up:"))]
+    slot_inputs = {spec.name for slot in contract.lora_slots for spec in slot.specs()}
+    missing = [s for s in contract.inputs if s.name not in present and s.name in slot_inputs]
     if not missing:
         return
     for spec in missing:

@@ -82,6 +82,27 @@ def test_export_records_slots(slots_export):
                                                         "unet": len(layers)}
     assert unet.input_names[:3] == ["sample", "timestep", "encoder_hidden_states"]
     assert len(unet.inputs) == 3 + 2 * len(layers)
+    assert unet.input_names[3].startswith("lora_down/")  # a name ORT's TensorRT provider can take in its profiles
+    import onnx
+
+    graph = onnx.load(str(slots_export / "unet" / "model.onnx"), load_external_data=False).graph
+    gates = [n for n in graph.node if n.op_type == "If"]  # every slot's branch runs only at rank > 0
+    assert len(gates) == len(layers) and not any(n.op_type == "MatMul" and n.input[1].startswith("lora_") for n in graph.node)
+
+
+def test_slot_names_of_older_exports_and_tensorrt_profiles():
+    """Exports from before the "/" name slots lora_down:<layer> (no "sep" in their manifest): read as they are; ORT's
+    TensorRT provider cuts profile entries at the first ':', so those are left out of its shape strings."""
+    from sdrt.backends.onnx_providers import shape_string
+    from sdrt.contracts import LoraSlot
+
+    new = LoraSlot("mid.to_q", (8, 4))
+    old = LoraSlot.from_dict({"layer": "mid.to_q", "weight": [8, 4]})
+    assert [s.name for s in new.specs()] == ["lora_down/mid.to_q", "lora_up/mid.to_q"]
+    assert [s.name for s in old.specs()] == ["lora_down:mid.to_q", "lora_up:mid.to_q"]
+    assert LoraSlot.from_dict(new.to_dict()) == new
+    shapes = {"sample": (1, 4), "lora_down:mid.to_q": (0, 4), "lora_down/mid.to_q": (16, 4)}
+    assert shape_string(shapes) == "sample:1x4,lora_down/mid.to_q:16x4"
 
 
 @pytest.mark.parametrize("layout", ["kohya", "diffusers"])

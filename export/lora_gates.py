@@ -9,7 +9,9 @@ condition is Size(lora_down) > 0; the else-branch passes y through. `sink`: the 
 Adds that follow the layer (a resnet's conv2 + residual, conv1 + time embedding), so y meets them as in a plain
 export. At rank > 0 the math is the slot's (the Add moves, so the sum is reassociated: float rounding only).
 
-`prune_slots` removes the branches instead (a plain graph from a slotted one, for comparison).
+`ungate_slots` undoes it (the branches back in the main graph, the delta added where it was sunk to): graph tools
+that know no subgraphs, like the fp16 conversion, run on that and gate again. `prune_slots` removes the branches
+instead (a plain graph from a slotted one, for comparison).
 """
 
 from __future__ import annotations
@@ -123,6 +125,32 @@ def gate_slots(model, sink: bool = True) -> int:
     del graph.node[:]
     graph.node.extend(new_nodes)
     return len(branches)
+
+
+GATE = "sdrt_lora_gate/"
+
+
+def ungate_slots(model) -> int:
+    """Rewrite a graph made by gate_slots in place with each gate's then-branch inlined; returns the gates undone."""
+    graph = model.graph
+    gates = [n for n in graph.node if n.op_type == "If" and n.name.startswith(GATE)]
+    if not gates:
+        return 0
+    nodes = []
+    for node in graph.node:
+        if node.name.startswith(GATE) and node.op_type != "If":
+            continue  # the gate's Size, Greater and the shared zero
+        if node.op_type != "If" or not node.name.startswith(GATE):
+            nodes.append(node)
+            continue
+        then = next(a.g for a in node.attribute if a.name == "then_branch")
+        result = then.output[0].name
+        for inner in then.node:
+            inner.output[:] = [node.output[0] if o == result else o for o in inner.output]
+            nodes.append(inner)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(gates)
 
 
 def prune_slots(model) -> int:

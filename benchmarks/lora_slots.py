@@ -232,6 +232,48 @@ def paired(root: Path, pairs: int, calls: int, variants=("plain", "all")) -> dic
     return out
 
 
+def mem_available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("MemAvailable")) / 2**20
+
+
+def interleaved(root: Path, calls: int, variants=("pruned", "gated")) -> dict:
+    """Sessions of the variants side by side in one process, called in turn one call at a time (A B A B ...), so a
+    neighbour's load hits every variant alike (the paired runs, one session after another, varied 0.35-2.7x here
+    under other jobs). "pruned" (the slotted graph without its branches, bit-equal to the plain export and sharing
+    the gated graph's weights file, so two sessions fit) stands for today's plain export. Refuses to load a session
+    with under 8 GB available."""
+    import onnxruntime as ort
+
+    feeds = unet_feeds()
+    sessions, extras, out = {}, {}, {"variants": list(variants), "mem_available_gb": [mem_available_gb()]}
+    for which in variants:
+        if mem_available_gb() < 8:
+            raise SystemExit(f"interleaved: only {mem_available_gb():.1f} GB available before loading {which}; not loading")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = THREADS
+        sessions[which] = ort.InferenceSession(str(model_path(root, which)), options, providers=["CPUExecutionProvider"])
+        extras[which] = {} if which in ("plain", "pruned") else contract_of(root, which).empty_lora_feeds()
+        sessions[which].run(None, {**feeds, **extras[which]})
+        out["mem_available_gb"].append(mem_available_gb())
+    out["outputs_equal"] = bool(np.array_equal(*(sessions[w].run(None, {**feeds, **extras[w]})[0] for w in variants[:2])))
+    times = {w: [] for w in variants}
+    for k in range(calls):
+        for which in (variants if k % 2 == 0 else variants[::-1]):
+            t0 = time.perf_counter()
+            sessions[which].run(None, {**feeds, **extras[which]})
+            times[which].append(time.perf_counter() - t0)
+    base = variants[0]
+    out["times"] = times
+    for which in variants[1:]:
+        per_round = [b / a for a, b in zip(times[base], times[which])]
+        out[f"ratio_{which}"] = {"median_of_medians": float(np.median(times[which]) / np.median(times[base])),
+                                 "min_over_min": float(min(times[which]) / min(times[base])),
+                                 "median_of_per_round": float(np.median(per_round))}
+    out["peak_rss_gb"] = peak_rss_gb()
+    return out
+
+
 def two_sessions(root: Path, calls: int) -> dict:
     """The other design: a plain session (the slotted graph's branches pruned, same weights file) next to the slotted
     one, the plain one taken for LoRA-free calls. What it costs in memory: RSS with one, then both."""
@@ -307,6 +349,8 @@ def child(args):
     elif what.startswith("paired"):
         count, _, rest = what[len("paired"):].partition("-")  # paired3 (plain vs "all"), paired3-all+gated+pruned
         out = paired(root, int(count or 3), calls, ("plain", *(rest.split("+") if rest else ["all"])))
+    elif what.startswith("interleaved-"):  # interleaved-pruned+gated
+        out = interleaved(root, calls, tuple(what[len("interleaved-"):].split("+")))
     elif what == "two-sessions":
         out = two_sessions(root, calls)
     else:
@@ -354,6 +398,9 @@ def summarise(runs):
             for w, ratio in r["median_ratio"].items():
                 s0[f"paired_{w}_ratios"] = [p[f"ratio_{w}"] for p in r["pairs"]]
                 s0[f"paired_plain_call_overhead_of_{w}"] = ratio - 1
+        if r["what"].startswith("interleaved-"):
+            s0["interleaved"] = {k: v for k, v in r.items() if k not in ("what", "round", "times")}
+            s0["interleaved_times"] = r["times"]
         if r["what"] == "two-sessions":
             s0["two_sessions"] = {k: v for k, v in r.items() if k not in ("what", "round")}
     for r in runs:

@@ -66,8 +66,10 @@ def _sink(nodes, join: int, consumers, outputs, taken: set) -> int:
 
 
 def gate_slots(model, sink: bool = True) -> int:
-    """Rewrite `model` (an onnx ModelProto with LoRA slot inputs) in place: each slot's branch in an If, taken at rank
-    > 0 only. Returns the number of slots gated (a slot whose branch feeds anything but its Add stays as traced)."""
+    """Rewrite `model` (an onnx ModelProto with LoRA slot inputs) in place: each slot's delta computed in an If, taken
+    at rank > 0 only; the other branch gives a scalar zero of y's type, so an empty slot costs one in-place Add of a
+    scalar (an If that passed y through would copy it: measured, that cost as much as the empty branch). Returns the
+    number of slots gated (a slot whose branch feeds anything but its Add stays as traced)."""
     from onnx import TensorProto, helper
 
     graph = model.graph
@@ -81,22 +83,19 @@ def gate_slots(model, sink: bool = True) -> int:
             consumers[name].append(k)
     outputs = {o.name for o in graph.output}
     drop, replace = set(), {}
-    zero = "sdrt_lora_gate/zero"
+    size_zero, float_zero = GATE + "zero", GATE + "fzero"
     taken = {join for _, join, _ in branches.values()} | {k for b, _, _ in branches.values() for k in b}
     for n, (down, (branch, join, y)) in enumerate(sorted(branches.items())):
-        tag = f"sdrt_lora_gate/{n}"
+        tag = f"{GATE}{n}"
         delta = next(i for i in nodes[join].input if i != y)
         end = _sink(nodes, join, consumers, outputs, taken) if sink else join
         taken.add(end)
         result = nodes[end].output[0]
-        then_nodes = [nodes[k] for k in sorted(branch)]
+        replace[join] = []
         if end == join:  # y + delta, as traced
-            then_nodes.append(helper.make_node("Add", [y, delta], [tag + "/then"], name=tag + "/add"))
             base = y
-            replace[join] = []
         else:  # the Adds after the join take y directly; the delta is added to the last one's result
             first = nodes[consumers[nodes[join].output[0]][0]]
-            replace[join] = []
             fixed = helper.make_node("Add", [y if i == nodes[join].output[0] else i for i in first.input],
                                      list(first.output), name=first.name)
             replace[consumers[nodes[join].output[0]][0]] = [fixed]
@@ -105,19 +104,20 @@ def gate_slots(model, sink: bool = True) -> int:
             renamed = helper.make_node(last.op_type, list(last.input), [base], name=last.name)
             renamed.attribute.extend(last.attribute)
             replace[end] = [renamed]
-            then_nodes.append(helper.make_node("Add", [base, delta], [tag + "/then"], name=tag + "/add"))
-        then_graph = helper.make_graph(then_nodes, tag + "/then_graph", [],
-                                       [helper.make_empty_tensor_value_info(tag + "/then")])
-        else_graph = helper.make_graph([helper.make_node("Identity", [base], [tag + "/else"], name=tag + "/pass")],
-                                       tag + "/else_graph", [], [helper.make_empty_tensor_value_info(tag + "/else")])
+        then_graph = helper.make_graph([nodes[k] for k in sorted(branch)], tag + "/then_graph", [],
+                                       [helper.make_empty_tensor_value_info(delta)])
+        else_graph = helper.make_graph([helper.make_node("CastLike", [float_zero, base], [tag + "/zero"], name=tag + "/zero")],
+                                       tag + "/else_graph", [], [helper.make_empty_tensor_value_info(tag + "/zero")])
         gate = [
             helper.make_node("Size", [down], [tag + "/size"], name=tag + "/size"),
-            helper.make_node("Greater", [tag + "/size", zero], [tag + "/on"], name=tag + "/on"),
-            helper.make_node("If", [tag + "/on"], [result], name=tag, then_branch=then_graph, else_branch=else_graph),
+            helper.make_node("Greater", [tag + "/size", size_zero], [tag + "/on"], name=tag + "/on"),
+            helper.make_node("If", [tag + "/on"], [tag + "/delta"], name=tag, then_branch=then_graph, else_branch=else_graph),
+            helper.make_node("Add", [base, tag + "/delta"], [result], name=tag + "/add"),
         ]
         replace[end] = replace.get(end, []) + gate
         drop.update(branch)
-    new_nodes = [helper.make_node("Constant", [], [zero], name=zero, value=helper.make_tensor(zero, TensorProto.INT64, [], [0]))]
+    new_nodes = [helper.make_node("Constant", [], [size_zero], name=size_zero, value=helper.make_tensor(size_zero, TensorProto.INT64, [], [0])),
+                 helper.make_node("Constant", [], [float_zero], name=float_zero, value=helper.make_tensor(float_zero, TensorProto.FLOAT, [], [0.0]))]
     for k, node in enumerate(nodes):
         if k in drop:
             continue
@@ -136,18 +136,16 @@ def ungate_slots(model) -> int:
     gates = [n for n in graph.node if n.op_type == "If" and n.name.startswith(GATE)]
     if not gates:
         return 0
-    nodes = []
+    nodes, rename = [], {}
     for node in graph.node:
-        if node.name.startswith(GATE) and node.op_type != "If":
-            continue  # the gate's Size, Greater and the shared zero
-        if node.op_type != "If" or not node.name.startswith(GATE):
-            nodes.append(node)
-            continue
-        then = next(a.g for a in node.attribute if a.name == "then_branch")
-        result = then.output[0].name
-        for inner in then.node:
-            inner.output[:] = [node.output[0] if o == result else o for o in inner.output]
-            nodes.append(inner)
+        if node.op_type == "If" and node.name.startswith(GATE):
+            then = next(a.g for a in node.attribute if a.name == "then_branch")
+            rename[node.output[0]] = then.output[0].name  # the delta, computed in the main graph again
+            nodes.extend(then.node)
+        elif not node.name.startswith(GATE) or node.op_type == "Add":
+            nodes.append(node)  # (the gate's Size, Greater and the shared zeros go)
+    for node in nodes:
+        node.input[:] = [rename.get(i, i) for i in node.input]
     del graph.node[:]
     graph.node.extend(nodes)
     return len(gates)

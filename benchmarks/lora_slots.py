@@ -3,6 +3,8 @@
     python benchmarks/lora_slots_export.py /tmp/lorabench plain     # today's CPU export (Winograd), 3.4 GB
     python benchmarks/lora_slots_export.py /tmp/lorabench all       # the same with LoRA slots ("all")
     python benchmarks/lora_slots.py /tmp/lorabench [--rounds 2] [--calls 4]
+    python benchmarks/lora_slots.py /tmp/lorabench --threads 2 --only interleaved-pruned+gated --calls 16   # side by side
+    python benchmarks/lora_slots.py /tmp/lorabench --threads 2 --only profile-plain,profile-all,profile-gated  # per op
 
 Single UNet calls at 256 px (latents 32x32), batch 2 (guidance), as `sdrt bench --sd15-random --size 256` runs
 them; each measurement in its own process (one SD 1.5 session at a time fits this machine), plain and slotted

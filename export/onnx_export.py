@@ -97,7 +97,7 @@ def export_model(
     lora_slots: str = "none",
     no_winograd=(),
 ) -> ExportReport:
-    """Export `model` (a diffusers-format SD 1.x/2.x folder, or an original-layout single-file checkpoint) to the
+    """Export `model` (a diffusers-format SD 1.x/2.x/XL folder, or an original-layout single-file checkpoint) to the
     sdrt export folder `out_dir`.
 
     limits: the sizes and batch the export serves; None takes min/opt/max_size and max_batch, each defaulting to

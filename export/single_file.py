@@ -6,7 +6,7 @@ loader also fetches configs from a model hub that sdrt cannot reach, so sdrt inf
 shapes instead (block widths, layers per block, attention levels, transformer depth, context width, latent
 channels, text width/depth), with SD's fixed conventions for what shapes cannot tell (32 normalisation groups;
 8 attention heads in SD 1.x's UNet, 64-wide heads in SD 2.x's UNet and in both text encoders; SD 2.x's text
-encoder stops at the penultimate layer). `config=` takes a diffusers folder whose configs, tokenizer and scheduler
+encoder stops at the penultimate layer); SDXL base and refiner files likewise (sdrt.export.single_file_sdxl). `config=` takes a diffusers folder whose configs, tokenizer and scheduler
 are used instead. SD 2.x files predict v unless their global_step is 875000 (SD 2.x-base), as diffusers guesses;
 pass prediction_type= to say otherwise.
 
@@ -83,11 +83,11 @@ def _has(keys, prefix: str) -> bool:
 
 
 def detect_family(state: dict, name: str) -> str:
-    """'sd1' or 'sd2'; any other model is refused by name."""
+    """'sd1', 'sd2', 'sdxl' or 'sdxl_refiner' (sdrt.export.single_file_sdxl); any other model is refused by name."""
+    from sdrt.export.single_file_sdxl import detect as detect_sdxl
+
     keys = list(state)
     refusals = [
-        (lambda: _has(keys, "conditioner.embedders.1."), "an SDXL base checkpoint"),
-        (lambda: _has(keys, "conditioner.embedders.0.model."), "an SDXL refiner checkpoint"),
         (lambda: any("joint_blocks." in k for k in keys), "an SD3 checkpoint"),
         (lambda: any("double_blocks." in k for k in keys), "a FLUX checkpoint"),
         (lambda: _has(keys, "control_model.") or _has(keys, "controlnet_"), "a ControlNet"),
@@ -95,15 +95,17 @@ def detect_family(state: dict, name: str) -> str:
          "a LoRA, not a model: pass it with --lora FILE[:SCALE] (Pipeline.load_lora)"),
         (lambda: any(k.startswith(UNET) and "cond_proj" in k for k in keys),
          "an LCM (its UNet takes a guidance embedding)"),
-        (lambda: UNET + "label_emb.0.0.weight" in state, "a class-conditioned UNet (SD x4 upscaler or unCLIP)"),
+        (lambda: UNET + "label_emb.0.0.weight" in state and detect_sdxl(state) is None,
+         "a class-conditioned UNet (SD x4 upscaler or unCLIP)"),
     ]
     for test, what in refusals:
         if test():
-            raise ModelError(f"{name} is {what}; sdrt runs Stable Diffusion 1.x and 2.x text-to-image models only, for now")
+            raise ModelError(f"{name} is {what}; sdrt runs Stable Diffusion 1.x, 2.x and XL text-to-image and inpainting "
+                             "models only, for now")
     if UNET + "input_blocks.0.0.weight" not in state:
         vae_only = _has(keys, "encoder.down.") or _has(keys, "decoder.up.")
         what = "a VAE alone" if vae_only else "not an original-layout Stable Diffusion checkpoint"
-        raise ModelError(f"{name} is {what} (no {UNET}input_blocks); sdrt converts SD 1.x/2.x single-file checkpoints")
+        raise ModelError(f"{name} is {what} (no {UNET}input_blocks); sdrt converts SD 1.x/2.x/XL single-file checkpoints")
     in_channels = state[UNET + "input_blocks.0.0.weight"].shape[1]
     special = {8: "an InstructPix2Pix checkpoint", 5: "an SD 2 depth-to-image checkpoint", 7: "an SD x4 upscaler"}
     if in_channels in special:  # 9 (an inpainting UNet) converts to a StableDiffusionInpaintPipeline folder
@@ -111,6 +113,9 @@ def detect_family(state: dict, name: str) -> str:
                          "text-to-image and inpainting models only, for now")
     if not _has(keys, VAE):
         raise ModelError(f"{name} has no VAE ({VAE}*); it is not a complete Stable Diffusion checkpoint")
+    sdxl = detect_sdxl(state)
+    if sdxl is not None:
+        return sdxl
     if OPEN_CLIP + "token_embedding.weight" in state:
         return "sd2"
     if _has(keys, CLIP):
@@ -249,15 +254,8 @@ def _load_strict(model, state: dict, what: str, name: str):
     return model
 
 
-def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: int | None = None,
-                        prediction_type: str | None = None, config=None, force: bool = False) -> Path:
-    """Convert an original-layout SD 1.x/2.x checkpoint to the diffusers folder `out_dir` (written atomically)."""
-    from sdrt.backends.base import module_available
-
-    missing = [m for m in ("torch", "diffusers", "transformers") if not module_available(m)]
-    if missing:
-        raise BackendError(f"converting a single-file checkpoint needs {', '.join(missing)}: {torch_install_hint('export')}; "
-                           "or convert it once elsewhere with `sdrt export FILE OUT`")
+def _sd_pipeline(state: dict, family: str, configs: dict, tmp: Path, name: str, config, prediction_type: str):
+    """The diffusers SD 1.x/2.x pipeline of `state` (its tokenizer written into tmp first)."""
     import diffusers
     from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -268,6 +266,56 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    default_scheduler = "DDIMScheduler" if prediction_type == "v_prediction" else "PNDMScheduler"
+    scheduler_class = configs["scheduler"].get("_class_name") or default_scheduler
+    configs = {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in configs.items()}
+    dtype = state[UNET + "input_blocks.0.0.weight"].dtype
+
+    unet = UNet2DConditionModel(**configs["unet"])
+    _load_strict(unet, convert_ldm_unet_checkpoint(state, configs["unet"]), "UNet", name)
+    vae = AutoencoderKL(**configs["vae"])
+    _load_strict(vae, convert_ldm_vae_checkpoint(state, configs["vae"]), "VAE", name)
+    text_cfg = {k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}
+    text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    if family == "sd1":
+        text_state = convert_ldm_clip_checkpoint(state)
+        text_state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text_state.items()}
+    else:  # drop the layers SD 2.x does not use: the last block (penultimate output) and the projection
+        last = text.config.num_hidden_layers
+        dropped = (f"{OPEN_CLIP}transformer.resblocks.{last}.", OPEN_CLIP + "text_projection")
+        text_state = convert_open_clip_checkpoint(text, {k: v for k, v in state.items() if not k.startswith(dropped)})
+    _load_strict(text, text_state, "text encoder", name)
+
+    if config is not None:
+        shutil.copytree(Path(config).expanduser() / "tokenizer", tmp / "tokenizer")
+    else:
+        from sdrt.export.clip_vocab import write_clip_tokenizer
+
+        try:  # a single file holds no tokenizer: SD 1.x/2.x use CLIP's vocabulary, which openai-clip ships
+            write_clip_tokenizer(tmp / "tokenizer", pad_token="!" if family == "sd2" else "<|endoftext|>")
+        except RuntimeError as err:
+            raise ModelError(f"{err}; or pass config= a diffusers SD folder to take its tokenizer") from None
+    sched_cls = getattr(diffusers, scheduler_class, None) or getattr(diffusers, default_scheduler)
+    if dtype != next(unet.parameters()).dtype:  # keep the file's precision: fp16 files stay fp16
+        unet, vae, text = unet.to(dtype), vae.to(dtype), text.to(dtype)
+    inpainting = configs["unet"].get("in_channels", 4) == 2 * configs["vae"].get("latent_channels", 4) + 1
+    return (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
+        vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
+        unet=unet, scheduler=sched_cls.from_config(configs["scheduler"]), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: int | None = None,
+                        prediction_type: str | None = None, config=None, force: bool = False) -> Path:
+    """Convert an original-layout SD 1.x/2.x/XL checkpoint to the diffusers folder `out_dir` (written atomically)."""
+    from sdrt.backends.base import module_available
+
+    missing = [m for m in ("torch", "diffusers", "transformers") if not module_available(m)]
+    if missing:
+        raise BackendError(f"converting a single-file checkpoint needs {', '.join(missing)}: {torch_install_hint('export')}; "
+                           "or convert it once elsewhere with `sdrt export FILE OUT`")
+    from sdrt.export import single_file_sdxl as xl
     from sdrt.export.tiny import SD15_SCHEDULER, SD21_SCHEDULER
 
     path, out_dir = Path(path).expanduser(), Path(out_dir).expanduser()
@@ -279,12 +327,16 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
         raise InputError(f"{out_dir} already exists; pick another folder or pass force=True")
     state, global_step = load_checkpoint(path, allow_pickle)
     family = detect_family(state, str(path))
-    if prediction_type is None:
-        prediction_type = "epsilon" if family == "sd1" or global_step == SD2_BASE_GLOBAL_STEP else "v_prediction"
-    image_size = image_size or (768 if prediction_type == "v_prediction" and family == "sd2" else 512)
+    sdxl = family.startswith("sdxl")
+    if prediction_type is None:  # SDXL 1.0 base and refiner predict epsilon
+        prediction_type = "epsilon" if family != "sd2" or global_step == SD2_BASE_GLOBAL_STEP else "v_prediction"
+    image_size = image_size or (1024 if sdxl else 768 if prediction_type == "v_prediction" and family == "sd2" else 512)
 
     if config is not None:
-        configs = _read_config_folder(Path(config).expanduser())
+        folder = Path(config).expanduser()
+        configs = xl.read_config_folder(folder, family) if sdxl else _read_config_folder(folder)
+    elif sdxl:
+        configs = xl.infer_configs(state, family, image_size, prediction_type, str(path))
     else:
         vae_cfg = vae_config(state, image_size)
         scheduler = dict(SD21_SCHEDULER if prediction_type == "v_prediction" else SD15_SCHEDULER)
@@ -295,25 +347,6 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
             "text_encoder": text_config(state, family),
             "scheduler": scheduler,
         }
-    default_scheduler = "DDIMScheduler" if prediction_type == "v_prediction" else "PNDMScheduler"
-    scheduler_class = configs["scheduler"].get("_class_name") or default_scheduler
-    configs = {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in configs.items()}
-    dtype = state[UNET + "input_blocks.0.0.weight"].dtype
-
-    unet = UNet2DConditionModel(**configs["unet"])
-    _load_strict(unet, convert_ldm_unet_checkpoint(state, configs["unet"]), "UNet", str(path))
-    vae = AutoencoderKL(**configs["vae"])
-    _load_strict(vae, convert_ldm_vae_checkpoint(state, configs["vae"]), "VAE", str(path))
-    text_cfg = {k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}
-    text = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    if family == "sd1":
-        text_state = convert_ldm_clip_checkpoint(state)
-        text_state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text_state.items()}
-    else:  # drop the layers SD 2.x does not use: the last block (penultimate output) and the projection
-        last = text.config.num_hidden_layers
-        dropped = (f"{OPEN_CLIP}transformer.resblocks.{last}.", OPEN_CLIP + "text_projection")
-        text_state = convert_open_clip_checkpoint(text, {k: v for k, v in state.items() if not k.startswith(dropped)})
-    _load_strict(text, text_state, "text encoder", str(path))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     from sdrt.export.onnx_export import remove_stale_partials
@@ -322,24 +355,11 @@ def convert_single_file(path, out_dir, allow_pickle: bool = False, image_size: i
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if config is not None:
-            shutil.copytree(Path(config).expanduser() / "tokenizer", tmp / "tokenizer")
+        if sdxl:
+            models = {k: {n: v for n, v in c.items() if not n.startswith("_") or k == "scheduler"} for k, c in configs.items()}
+            pipe = xl.build_pipeline(state, family, models, tmp, str(path), config, _load_strict)
         else:
-            from sdrt.export.clip_vocab import write_clip_tokenizer
-
-            try:  # a single file holds no tokenizer: SD 1.x/2.x use CLIP's vocabulary, which openai-clip ships
-                write_clip_tokenizer(tmp / "tokenizer", pad_token="!" if family == "sd2" else "<|endoftext|>")
-            except RuntimeError as err:
-                raise ModelError(f"{err}; or pass config= a diffusers SD folder to take its tokenizer") from None
-        sched_cls = getattr(diffusers, scheduler_class, None) or getattr(diffusers, default_scheduler)
-        if dtype != next(unet.parameters()).dtype:  # keep the file's precision: fp16 files stay fp16
-            unet, vae, text = unet.to(dtype), vae.to(dtype), text.to(dtype)
-        inpainting = configs["unet"].get("in_channels", 4) == 2 * configs["vae"].get("latent_channels", 4) + 1
-        pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
-            vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
-            unet=unet, scheduler=sched_cls.from_config(configs["scheduler"]), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )
+            pipe = _sd_pipeline(state, family, configs, tmp, str(path), config, prediction_type)
         pipe.save_pretrained(tmp)
         prefix_text_encoder_keys(tmp)  # loadable by transformers 4.x too
         (tmp / "sdrt_source.json").write_text(json.dumps({

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from sdrt import __version__
 from sdrt.export.onnx_export import replace_folder  # the same atomic move as exports
-from sdrt.backends.tensorrt_backend import (
+from sdrt.backends.tensorrt_machine import (
     ENGINE_FORMAT,
     MachineInfo,
     describe_mismatch,

@@ -140,13 +140,14 @@ SDXL_SCHEDULER = {
 }
 
 
-def build_tiny_sdxl(folder: str | Path, refiner: bool = False, seed: int = 0) -> Path:
+def build_tiny_sdxl(folder: str | Path, refiner: bool = False, seed: int = 0, inpainting: bool = False) -> Path:
     """A tiny random-weight SDXL base (or refiner) in diffusers format, shaped as the real ones: two CLIP encoders
     (the second with a projection and "!" padding; the refiner has only that one), a "text_time" UNet with more
-    than one transformer layer in its deepest block, a factor-8 VAE with SDXL's scaling factor and force_upcast."""
+    than one transformer layer in its deepest block, a factor-8 VAE with SDXL's scaling factor and force_upcast.
+    inpainting: a 9-channel UNet (latents, mask, masked-image latents) in a StableDiffusionXLInpaintPipeline."""
     import torch
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+                           StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
@@ -162,7 +163,7 @@ def build_tiny_sdxl(folder: str | Path, refiner: bool = False, seed: int = 0) ->
     cross = hidden2 if refiner else hidden1 + hidden2
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         block_out_channels=(32, 32, 64),
         layers_per_block=1,
@@ -186,14 +187,14 @@ def build_tiny_sdxl(folder: str | Path, refiner: bool = False, seed: int = 0) ->
     tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer_2", pad_token="!"))
     scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
     if refiner:
-        pipe = StableDiffusionXLImg2ImgPipeline(
+        pipe = (StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLImg2ImgPipeline)(
             vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2, unet=unet,
             scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
         )  # fmt: skip
     else:
         text_encoder = CLIPTextModel(clip_config(hidden1, "quick_gelu"))
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer"))
-        pipe = StableDiffusionXLPipeline(
+        pipe = (StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLPipeline)(
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
             unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
         )  # fmt: skip

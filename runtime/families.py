@@ -6,7 +6,8 @@ export writes `spec.to_manifest()` into manifest.json ("family"), with every sch
 C/C++ host reads network names, tensor names and scheduler defaults from the export and hard-codes none.
 
 A new family (SDXL: a second text encoder, pooled embeddings, time ids; inpainting: a 9-channel UNet) is a new
-spec here and its contracts, not edits across the loader, the exporter and the host.
+spec here, its contracts and its conditioning functions (sdrt.conditioning: what the UNet takes beyond the latents and
+the timestep), not edits across the loader, the pipeline's steps, the exporter and the host.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Callable
 
+from sdrt import conditioning
 from sdrt.contracts import NETWORKS, SDXL_NETWORKS, SDXL_REFINER_NETWORKS, NetworkContract, sd_contracts, sdxl_contracts
 from sdrt.errors import ModelError
 from sdrt.schedulers import DEFAULT_SCHEDULER
@@ -34,6 +36,13 @@ class FamilySpec:
     # (text-encoder network, its tokenizer folder, its diffusers component folder), in the order their hidden
     # states are concatenated for the UNet's cross-attention.
     text_encoders: tuple[tuple[str, str, str], ...] = (("text_encoder", "tokenizer", "text_encoder"),)
+    # The UNet's conditioning (sdrt.conditioning), so the pipeline's steps need not know the family:
+    # encode_texts(pipe, texts, observers) -> {UNet input: [n, ...]} per distinct text ("encoder_hidden_states", ...);
+    # added_rows(plans) -> {UNet input: [rows, ...]} not from text; time_ids(facts, h, w, img2img, micro) -> a plan's
+    # (time ids, negative time ids).
+    encode_texts: Callable = conditioning.sd_encode
+    added_rows: Callable = conditioning.no_added_rows
+    time_ids: Callable = conditioning.no_time_ids
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -71,20 +80,23 @@ SD2 = FamilySpec("sd2", "Stable Diffusion 2.x", _SD_PIPELINES, NETWORKS, ("encod
 # the micro-conditioning `time_ids` through the UNet's "text_time" added embedding. The refiner has the second
 # encoder only and conditions on aesthetic scores instead of the target size (facts.requires_aesthetics_score).
 _SDXL_CONDITIONING = ("encoder_hidden_states", "text_embeds", "time_ids")
+_SDXL_ROWS = dict(encode_texts=conditioning.sdxl_encode, added_rows=conditioning.sdxl_added_rows,
+                  time_ids=conditioning.sdxl_time_ids)
 SDXL = FamilySpec(
-    "sdxl", "Stable Diffusion XL", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"), SDXL_NETWORKS,
+    "sdxl", "Stable Diffusion XL", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                                    "StableDiffusionXLInpaintPipeline"), SDXL_NETWORKS,
     _SDXL_CONDITIONING, "euler", sdxl_contracts,
-    (("text_encoder", "tokenizer", "text_encoder"), ("text_encoder_2", "tokenizer_2", "text_encoder_2")),
+    (("text_encoder", "tokenizer", "text_encoder"), ("text_encoder_2", "tokenizer_2", "text_encoder_2")), **_SDXL_ROWS,
 )
 SDXL_REFINER = FamilySpec(
-    "sdxl_refiner", "Stable Diffusion XL refiner", ("StableDiffusionXLImg2ImgPipeline",), SDXL_REFINER_NETWORKS,
-    _SDXL_CONDITIONING, "euler", sdxl_contracts, (("text_encoder_2", "tokenizer_2", "text_encoder_2"),),
+    "sdxl_refiner", "Stable Diffusion XL refiner", ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
+    SDXL_REFINER_NETWORKS,
+    _SDXL_CONDITIONING, "euler", sdxl_contracts, (("text_encoder_2", "tokenizer_2", "text_encoder_2"),), **_SDXL_ROWS,
 )
 FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (SD1, SD2, SDXL, SDXL_REFINER)}
 
 # Pipelines sdrt knows of and refuses by name: a clear message beats a shape error deep inside a network.
 NOT_YET_SUPPORTED = {
-    "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
     "StableDiffusion3Pipeline": "SD3",
     "StableDiffusionUpscalePipeline": "SD x4 upscaler",
     "StableDiffusionDepth2ImgPipeline": "SD 2 depth-to-image",

@@ -28,7 +28,8 @@ def describe_model(model: str | Path | None, verify: bool = False) -> tuple[str,
         f"kind         {'sdrt export' if source.manifest else 'diffusers folder'}" + (" + diffusers weights" if source.manifest and source.is_diffusers else ""),
         f"family       {f.family}: {family_spec(f.family).title}  (prediction: {f.prediction_type})",
         f"scheduler    {sched.get('_class_name', '?')}  ({sched.get('beta_schedule', '?')}, {sched.get('num_train_timesteps', '?')} train steps)",
-        f"latents      {f.latent_channels} channels, VAE /{f.vae_scale_factor}, scaling factor {f.scaling_factor}",
+        f"latents      {f.latent_channels} channels, VAE /{f.vae_scale_factor}, scaling factor {f.scaling_factor}"
+        + (f", per-channel mean {list(f.latents_mean)} and std {list(f.latents_std)}" if f.latents_mean else ""),
         "inpainting   " + (f"dedicated inpainting UNet ({f.unet_input_channels} input channels: latents, mask, masked image); "
                              "needs --image and --mask" if f.inpainting_unet else "by masking the latents each step (--image, --mask)"),
         f"size         default {f.default_size}x{f.default_size}; height and width must be multiples of {f.size_step}",
@@ -63,7 +64,7 @@ def describe_model(model: str | Path | None, verify: bool = False) -> tuple[str,
     for name, why in available_backends().items():
         mark = "yes" if runnable.get(name) and not why.startswith(("not installed", "refused")) else "no "
         lines.append(f"  {mark} {name:<9} {why}" + ("" if runnable.get(name) else "  (this folder has nothing for it)"))
-    from sdrt.backends.tensorrt_backend import nvidia_driver_version
+    from sdrt.backends.tensorrt_machine import nvidia_driver_version
 
     driver = nvidia_driver_version()
     lines.append(f"gpu driver   {'NVIDIA ' + driver if driver else 'none loaded (no NVIDIA GPU, or its driver is not loaded)'}")

@@ -39,10 +39,27 @@ class Mask:
     soft: np.ndarray  # float32 [H, W] in [0, 1]: the blurred mask for the paste-back (equal to binary without blur)
     blur: int
     keep_unmasked: bool
+    content: str = "original"  # what the repainted region starts from (MASKED_CONTENT)
 
     @property
     def coverage(self) -> float:
         return float(self.binary.mean())
+
+
+# What the repainted region's latents start from before they are noised to the first timestep (A1111's "masked
+# content" 1/2/3): the image's own latents, the row's initial noise, or zeros. (A1111's 0, "fill", is a pixel-space
+# step done before encoding: sdrt.serve.a1111_inpaint.) Only strength < 1 sees it: at 1 the start is noise alone.
+MASKED_CONTENT = ("original", "latent_noise", "latent_nothing")
+
+
+def fill_latents(latents: np.ndarray, mask: np.ndarray, noise: np.ndarray, content: str) -> np.ndarray:
+    """Image latents [B, C, h, w] with the repainted region (mask [B, 1, h, w], 1 = repaint) replaced as `content` says:
+    "latent_noise" by the row's initial noise (A1111 fills with the seed's first draw, the same noise), "latent_nothing"
+    by zeros."""
+    if content == "original":
+        return latents
+    fill = noise if content == "latent_noise" else np.zeros_like(latents)
+    return (latents * (1 - mask) + fill * mask).astype(np.float32, copy=False)
 
 
 def _mask_image(mask, max_pixels: int | None) -> Image.Image:
@@ -91,11 +108,13 @@ def invert_mask(mask, max_pixels: int | None = None) -> Image.Image:
 
 
 def load_mask(mask, image_size: tuple[int, int], width: int, height: int, blur=0, keep_unmasked=False,
-              max_pixels: int | None = None) -> Mask:
+              max_pixels: int | None = None, content: str = "original") -> Mask:
     """Check and prepare a mask for an init image of `image_size` and an output of width x height (before any
     network runs). Raises InputError naming the problem and the fix."""
     if not isinstance(blur, (int, np.integer)) or isinstance(blur, bool) or not 0 <= blur <= 256:
         raise InputError(f"mask_blur {blur!r} must be an integer number of pixels in 0..256 (A1111's default is 4)")
+    if content not in MASKED_CONTENT:
+        raise InputError(f"masked_content {content!r} is not one of {', '.join(MASKED_CONTENT)}")
     if not isinstance(keep_unmasked, bool):
         raise InputError(f"keep_unmasked {keep_unmasked!r} must be True or False")
     image = to_grey(_mask_image(mask, max_pixels))
@@ -116,7 +135,7 @@ def load_mask(mask, image_size: tuple[int, int], width: int, height: int, blur=0
     if not binary.any():
         raise InputError("mask is all black after thresholding at 50% grey: nothing to repaint; "
                          "paint the region to repaint white (or run img2img without a mask)")
-    return Mask(binary[None, None], soft if blur else binary, int(blur), keep_unmasked)
+    return Mask(binary[None, None], soft if blur else binary, int(blur), keep_unmasked, content)
 
 
 def latent_mask(binary: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -155,6 +174,17 @@ class InpaintRows:
             return unet_in
         extra = np.concatenate([self.mask, self.masked], axis=1)
         return np.concatenate([unet_in, np.concatenate([extra, extra]) if guided else extra], axis=1)
+
+    def device_tables(self, sched, guided: bool) -> dict:
+        """The same data for the device loop (sdrt.device_loop), computed once: `concat` [UNet rows, 1 + C, h, w]
+        (an inpainting UNet's extra channels, uncond and cond halves alike), or `mask` [rows, 1, h, w] with `kept`
+        [num_calls, rows, C, h, w], the kept region after each call (`blend`'s values, by the same numpy code)."""
+        if self.conditions_unet:
+            extra = np.concatenate([self.mask, self.masked], axis=1)
+            return {"concat": np.concatenate([extra, extra]) if guided else extra}
+        kept = [self.image if i + 1 >= sched.num_calls else sched.add_noise(self.image, self.noise, i + 1)
+                for i in range(sched.num_calls)]
+        return {"mask": self.mask, "kept": np.stack(kept)}
 
     def blend(self, x: np.ndarray, sched, i: int) -> np.ndarray:
         """After step i (ordinary UNets): the kept region becomes the image's latents at call i+1's noise level

@@ -23,16 +23,16 @@ from sdrt import __version__
 from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdrt.device_loop import draw_step_noise
 from sdrt.errors import BackendError, InputError
+from sdrt.conditioning import gather_rows, text_rows
 from sdrt.generation import Batch, GenerationPlan, guidance_scale_embedding, stack_plans
 from sdrt import inputs
 from sdrt.images import decoded_to_uint8, image_to_array
-from sdrt.inpaint import InpaintRows, latent_mask, load_mask, masked_pixels, paste_back
+from sdrt.inpaint import InpaintRows, fill_latents, latent_mask, load_mask, masked_pixels, paste_back
 from sdrt.memory import image_pixel_limit
 from sdrt.model.source import ModelSource, open_model
 from sdrt.noise import TorchCPUGenerator
 from sdrt.observers import Observer, StepCallback, wants_timing
 from sdrt.schedulers import make_scheduler
-from sdrt.adapters.textual_inversion import expand_prompt
 from sdrt.tokenizer import ClipTokenizer
 
 
@@ -93,11 +93,19 @@ class Pipeline:
     def is_sdxl(self) -> bool:
         return bool(self.facts.time_ids_dim)
 
+    @property
+    def family(self):
+        """The model's FamilySpec: what its UNet is conditioned on (sdrt.conditioning) and how."""
+        from sdrt.families import family_spec
+
+        return family_spec(self.facts.family)
+
     @classmethod
     def from_single_file(cls, path: str | Path, backend: str = "torch", cache_dir=None, allow_pickle: bool = False,
                          **options) -> "Pipeline":
-        """Load an original-layout SD 1.x/2.x checkpoint (.safetensors; .ckpt with allow_pickle=True, which unpickles):
-        converted once to a diffusers folder in the cache (needs torch + diffusers), then run on the PyTorch backend."""
+        """Load an original-layout SD 1.x/2.x or SDXL (SGM) checkpoint (.safetensors; .ckpt with allow_pickle=True,
+        which unpickles): converted once to a diffusers folder in the cache (needs torch + diffusers), then run on the
+        PyTorch backend."""
         from sdrt.export.single_file import cached_conversion  # torch-only path, imported lazily
 
         folder = cached_conversion(path, cache_dir=cache_dir, allow_pickle=allow_pickle,
@@ -173,6 +181,7 @@ class Pipeline:
         mask_image=None,
         mask_blur: int = 0,
         keep_unmasked: bool = False,
+        masked_content: str = "original",
         timestep_spacing: str | None = None,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
@@ -183,7 +192,9 @@ class Pipeline:
         available; "8G" or bytes; 0/False: no check). loras: {name or file: scale} (or [(name, scale)]) run-time
         LoRAs for this request: registered names, or files (registered on first use); part of the batch key.
         mask_image: inpaint `image` (white = repaint; see sdrt.inpaint for how masks are read); mask_blur: pixels of
-        Gaussian blur on the mask (soft paste-back edge); keep_unmasked: paste the result back into the image.
+        Gaussian blur on the mask (soft paste-back edge); keep_unmasked: paste the result back into the image;
+        masked_content: what the repainted region starts from at strength < 1 ("original", "latent_noise",
+        "latent_nothing": A1111's masked content 1/2/3; sdrt.inpaint.fill_latents).
         timestep_spacing: "leading", "linspace" or "trailing" instead of the model's scheduler config's (None: the
         config's); "trailing" is what few-step models (SD-Turbo, LCM) want at 1-4 steps.
         SDXL: denoising_end stops at that fraction of the schedule (a base handing over to a refiner, with
@@ -193,8 +204,9 @@ class Pipeline:
         from sdrt import sdxl
 
         micro = sdxl.check_micro(self.facts, micro)
-        if mask_image is not None and self.is_sdxl:
-            raise InputError("inpainting with SDXL models is not supported yet; drop mask_image")
+        if mask_image is not None and (denoising_start is not None or denoising_end is not None):
+            raise InputError("mask_image with denoising_start/denoising_end (an inpainting hand-over between SDXL base and "
+                             "refiner) is not supported yet; inpaint with one model, or drop mask_image")
         loras = resolve_loras(self, loras)
         prompts = inputs.check_prompts(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
@@ -214,7 +226,7 @@ class Pipeline:
         height, width = self._size(height, width, init_image)
         if init_latents is not None and init_latents.shape[2:] != self._latent_shape(height, width)[2:]:
             raise InputError(f"the handed-over latents {init_latents.shape} do not match height {height} and width {width}")
-        mask = self._mask(init_image, mask_image, mask_blur, keep_unmasked, width, height, budget)
+        mask = self._mask(init_image, mask_image, mask_blur, keep_unmasked, masked_content, width, height, budget)
         latents = inputs.check_latents(latents, (batch,) + self._latent_shape(height, width)[1:])
         # an unknown name or spacing fails here, not after the text
         sched = make_scheduler(scheduler, self.source.scheduler_config, timestep_spacing)
@@ -236,9 +248,7 @@ class Pipeline:
         # (diffusers' equivalent is generator=[torch.Generator().manual_seed(seed + k) for k in range(batch)]).
         seed = random.randrange(2**31) if seed is None else seed
         per_image = list(self._per_image(prompts, negatives, num_images_per_prompt))
-        time_ids, negative_time_ids = ((), ())
-        if self.is_sdxl:
-            time_ids, negative_time_ids = sdxl.time_ids(self.facts, height, width, img2img or init_latents is not None, micro)
+        time_ids, negative_time_ids = self.family.time_ids(self.facts, height, width, img2img or init_latents is not None, micro)
         return GenerationPlan(
             prompts=[p for p, _ in per_image], negatives=[n for _, n in per_image], seeds=[seed + k for k in range(batch)],
             steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler,
@@ -250,23 +260,14 @@ class Pipeline:
 
     def encode_text(self, plans: list[GenerationPlan], observers=()) -> np.ndarray | dict:
         """1. Text-encoder states for every row of `plans`: [uncond rows; cond rows] when guided, else the cond rows.
-        Each distinct text is encoded once (a prompt's images and a batch's empty negatives share it). SDXL: a dict
-        of the UNet's text inputs, encoder_hidden_states and text_embeds, in the same rows (sdrt.sdxl)."""
+        Each distinct text is encoded once (a prompt's images and a batch's empty negatives share it). A family whose
+        UNet takes more text inputs (SDXL: text_embeds) gives a dict of them, in the same rows (sdrt.conditioning)."""
         stack_plans(plans)
-        self.activate_loras(plans[0].loras)  # the text encoders' LoRAs too
-        if self.is_sdxl:
-            from sdrt.sdxl import conditioning_rows
-
-            return conditioning_rows(self, plans, observers)
-        cond = [p for plan in plans for p in plan.prompts]
-        texts = cond + ([n for plan in plans for n in plan.negatives] if plans[0].guided else [])
-        unique = list(dict.fromkeys(texts))
-        states = self.encode_prompts(unique, observers)
-        index = {text: k for k, text in enumerate(unique)}
-        rows = [index[t] for t in texts]
-        if plans[0].guided:  # the negatives' rows first, as diffusers batches them
-            rows = rows[len(cond):] + rows[: len(cond)]
-        return states[rows]
+        self.activate_loras(plans[0].loras)
+        texts, rows = text_rows(plans)
+        encoded = self.family.encode_texts(self, texts, observers)
+        out = {name: gather_rows(values, rows) for name, values in encoded.items()}
+        return out if len(out) > 1 else out["encoder_hidden_states"]
 
     def prepare_latents(self, plans: list[GenerationPlan], text_states: np.ndarray | dict, observers=()) -> Batch:
         """2. The scheduler and the initial latents: pure noise, or the encoded image noised to the first timestep
@@ -275,20 +276,17 @@ class Pipeline:
         stack_plans(plans)
         first = plans[0]
         img2img, inpaint = first.init_image is not None, first.mask is not None
-        added = {}
-        if isinstance(text_states, dict):  # SDXL: the pooled embeddings, plus the time ids of each row
-            from sdrt.sdxl import time_id_rows
-
-            added = {k: v for k, v in text_states.items() if k != "encoder_hidden_states"}
-            added["time_ids"] = time_id_rows(plans)
-            text_states = text_states["encoder_hidden_states"]
+        # The UNet's inputs beyond the text states: the family's other text rows and its rows not from text.
+        added = dict(text_states) if isinstance(text_states, dict) else {"encoder_hidden_states": text_states}
+        text_states = added.pop("encoder_hidden_states")
+        added.update(self.family.added_rows(plans))
         sched = make_scheduler(first.scheduler, self.source.scheduler_config, first.timestep_spacing)
         sched.set_timesteps(first.steps, first.strength if img2img else 1.0, first.denoising_start, first.denoising_end)
         latent_shape = self._latent_shape(first.height, first.width)
         generators = [TorchCPUGenerator(s) for plan in plans for s in plan.seeds]
         conditioned = inpaint and self.facts.inpainting_unet  # the UNet takes the mask and the masked image
         pure_noise = inpaint and first.strength == 1.0  # diffusers' inpainting starts from noise alone at strength 1
-        noise, image_latents, masked_latents, masks = [], [], [], []
+        noise, image_latents, starts, masked_latents, masks = [], [], [], [], []
         row = 0
         scales = np.array([p.guidance_scale for p in plans for _ in range(p.batch)], np.float32)
         guidance = scales.reshape(-1, 1, 1, 1) if first.guided else None
@@ -303,8 +301,10 @@ class Pipeline:
             gens = generators[row : row + plan.batch]
             row += plan.batch
             pixels = image_to_array(plan.init_image, plan.width, plan.height) if img2img else None
+            encoded = None
             if img2img and not (conditioned and pure_noise):  # the posterior is sampled before the noise is drawn
-                image_latents.append(self.encode_image(pixels, gens, observers))
+                encoded = self.encode_image(pixels, gens, observers)
+                image_latents.append(encoded)
             noise.append(plan.latents if plan.latents is not None else np.concatenate([g.randn(latent_shape) for g in gens]))
             if inpaint:  # then the masked image's posterior: diffusers draws it for either kind of UNet
                 masks.append(np.repeat(latent_mask(plan.mask.binary, *latent_shape[2:]), plan.batch, axis=0))
@@ -313,11 +313,13 @@ class Pipeline:
                 else:  # unused by an ordinary UNet: only the draws, to keep each generator's stream in step
                     for g in gens:
                         g.randn(latent_shape)
+            if encoded is not None:  # what the denoising starts from (inpainting: A1111's masked content)
+                starts.append(fill_latents(encoded, masks[-1], noise[-1], plan.mask.content) if inpaint else encoded)
         noise = np.concatenate(noise).astype(np.float32)
         if pure_noise or not img2img:
             x = noise * np.float32(sched.init_noise_sigma)
         else:
-            x = sched.add_noise(np.concatenate(image_latents), noise, 0)
+            x = sched.add_noise(np.concatenate(starts), noise, 0)
         rows = None
         if inpaint:
             rows = InpaintRows(np.concatenate(masks), np.concatenate(masked_latents) if conditioned else None,
@@ -330,13 +332,10 @@ class Pipeline:
         combine per row, the scheduler step. Inpainting adds the mask and masked-image latents to the UNet's input
         (inpainting UNets) or puts the kept region back after each step (ordinary UNets; sdrt.inpaint). A backend that
         declares a device loop runs these same steps on its device (sdrt.device_loop) when every row has the same
-        guidance scale and nothing is inpainted."""
+        guidance scale."""
         sched = batch.sched
         self.activate_loras(batch.plans[0].loras if batch.plans else ())
-        # (The device loop feeds the UNet its text states only: SDXL's added inputs run on the host loop.)
-        if (self.backend.use_device_loop and batch.step == 0 and batch.inpaint is None and batch.timestep_cond is None
-                and not batch.added
-                and (not batch.guided or batch.uniform_guidance() is not None)):
+        if self.backend.use_device_loop and batch.step == 0 and (not batch.guided or batch.uniform_guidance() is not None):
             return self._denoise_on_device(batch, observers, progress)
         for i in tqdm(range(batch.step, sched.num_calls), desc="denoising", disable=not progress, leave=False):
             x_in = sched.scale_model_input(batch.x, i)
@@ -458,21 +457,21 @@ class Pipeline:
 
     def encode_prompts(self, prompts: list[str], observers=()) -> np.ndarray:
         """Prompts -> text-encoder hidden states [len(prompts), seq, hidden]; the runtime looks up the embeddings.
-        (SDXL: the concatenated states of both encoders; sdrt.sdxl.encode gives the pooled embeddings too.)"""
-        if self.is_sdxl:
-            from sdrt.sdxl import encode
-
-            return encode(self, prompts, observers)["encoder_hidden_states"]
-        ids = self.tokenizer([expand_prompt(p, self.tokenizer, self.textual_inversions) for p in prompts])
-        embeds = self.token_table[ids]
-        return self._run(TEXT_ENCODER, {"inputs_embeds": embeds}, observers)["last_hidden_state"]
+        (SDXL: the concatenated states of both encoders; the family's encode_texts gives the pooled embeddings too.)"""
+        return self.family.encode_texts(self, prompts, observers)["encoder_hidden_states"]
 
     def encode_image(self, pixels: np.ndarray, generators: list[TorchCPUGenerator], observers=()) -> np.ndarray:
-        """Image [1, 3, H, W] -> scaled latents per image, sampling the posterior with each image's generator."""
+        """Image [1, 3, H, W] -> scaled latents per image, sampling the posterior with each image's generator (a VAE
+        with latents_mean/latents_std: (sample - mean) * scaling_factor / std, as diffusers' SDXL img2img)."""
         out = self._run(VAE_ENCODER, {"image": pixels}, observers)
         mean, std = out["mean"], np.exp(0.5 * out["logvar"])
-        samples = [mean + std * g.randn(mean.shape) for g in generators]  # diffusers samples, never takes the mean
-        return np.concatenate(samples).astype(np.float32) * np.float32(self.facts.scaling_factor)
+        samples = np.concatenate([mean + std * g.randn(mean.shape) for g in generators]).astype(np.float32)  # diffusers samples
+        f = self.facts
+        if f.latents_mean is None:
+            return samples * np.float32(f.scaling_factor)
+        channel = (1, f.latent_channels, 1, 1)
+        lmean, lstd = (np.array(v, np.float32).reshape(channel) for v in (f.latents_mean, f.latents_std))
+        return (samples - lmean) * np.float32(f.scaling_factor) / lstd
 
     def _run(self, network: str, feeds: dict, observers=()) -> dict:
         """backend.run, timed for the observers that read times (synchronising the device around the call)."""
@@ -499,7 +498,10 @@ class Pipeline:
         callback = on_step if any(type(o).on_step is not Observer.on_step for o in observers) else None
         timed = wants_timing(observers)
         t0 = time.perf_counter()
-        x = self.backend.denoise(sched, batch.x, batch.text_states, batch.uniform_guidance(), step_noise, callback, progress)
+        extra = dict(batch.added) if batch.timestep_cond is None else {**batch.added, "timestep_cond": batch.timestep_cond}
+        inpaint = batch.inpaint.device_tables(sched, batch.guided) if batch.inpaint is not None else None
+        x = self.backend.denoise(sched, batch.x, batch.text_states, batch.uniform_guidance(), step_noise, callback, progress,
+                                 extra, inpaint)
         if timed:
             for observer in observers:
                 observer.on_network(UNET, time.perf_counter() - t0, sched.num_calls)
@@ -518,18 +520,19 @@ class Pipeline:
             for _ in range(per_prompt):
                 yield p, n
 
-    def _mask(self, init_image, mask_image, mask_blur, keep_unmasked, width, height, budget):
+    def _mask(self, init_image, mask_image, mask_blur, keep_unmasked, masked_content, width, height, budget):
         """The checked mask (sdrt.inpaint.load_mask), or None; an inpainting UNet cannot run without one."""
         if mask_image is None:
             if self.facts.inpainting_unet:
                 raise InputError(f"{self.source.path.name} is an inpainting model (its UNet takes the mask and the masked "
                                  "image): pass image= and mask_image= (white = repaint)")
-            if mask_blur or keep_unmasked:
-                raise InputError("mask_blur and keep_unmasked apply to inpainting; pass mask_image= too")
+            if mask_blur or keep_unmasked or masked_content != "original":
+                raise InputError("mask_blur, keep_unmasked and masked_content apply to inpainting; pass mask_image= too")
             return None
         if init_image is None:
             raise InputError("mask_image needs the image it masks: pass image= too")
-        return load_mask(mask_image, init_image.size, width, height, mask_blur, keep_unmasked, image_pixel_limit(budget))
+        return load_mask(mask_image, init_image.size, width, height, mask_blur, keep_unmasked, image_pixel_limit(budget),
+                         masked_content)
 
     def _size(self, height, width, init_image) -> tuple[int, int]:
         return inputs.check_size(self.facts, height, width, init_image.size if init_image is not None else None)
@@ -569,5 +572,6 @@ class Pipeline:
             **({"loras": ", ".join(f"{name}:{scale:g}" for name, scale in plan.loras)} if plan.loras else {}),
             **({"inpaint": True, "mask_blur": plan.mask.blur, "keep_unmasked": plan.mask.keep_unmasked,
                 "mask_coverage": round(plan.mask.coverage, 4)} if plan.mask is not None else {}),
+            **({"masked_content": plan.mask.content} if plan.mask is not None and plan.mask.content != "original" else {}),
             **({"timestep_spacing": plan.timestep_spacing} if plan.timestep_spacing else {}),
         }

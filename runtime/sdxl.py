@@ -93,23 +93,6 @@ def encode(pipe, texts: list[str], observers=()) -> dict[str, np.ndarray]:
     return {"encoder_hidden_states": np.concatenate(states, axis=-1), "text_embeds": pooled}
 
 
-def conditioning_rows(pipe, plans, observers=()) -> dict[str, np.ndarray]:
-    """encode_text for SDXL: text states and pooled embeddings per row, [uncond rows; cond rows] when guided, each
-    distinct text encoded once; a plan with zero_negatives gets zero rows."""
-    guided = plans[0].guided
-    cond = [p for plan in plans for p in plan.prompts]
-    negatives = [None if plan.zero_negatives else n for plan in plans for n in plan.negatives] if guided else []
-    unique = list(dict.fromkeys(t for t in cond + negatives if t is not None))
-    encoded = encode(pipe, unique, observers)
-    index = {text: k for k, text in enumerate(unique)}
-    out = {}
-    for name, values in encoded.items():
-        zero = np.zeros_like(values[:1])
-        rows = [values[index[t]][None] if t is not None else zero for t in negatives + cond]
-        out[name] = np.concatenate(rows)
-    return out
-
-
 def time_id_rows(plans) -> np.ndarray:
     """The UNet's time_ids per row: [negative rows; positive rows] when guided."""
     positive = [p.time_ids for p in plans for _ in range(p.batch)]
@@ -137,7 +120,7 @@ def with_refiner(base, refiner, start: float, prompt, negative_prompt, **request
     if not (base.is_sdxl and refiner.is_sdxl and base.facts.latent_channels == refiner.facts.latent_channels):
         raise InputError(f"refiner= hands SDXL latents to an SDXL refiner; got a {base.facts.family} model and a "
                          f"{refiner.facts.family} refiner")
-    if any(request.get(k) is not None for k in ("denoising_start", "denoising_end", "image")):
+    if any(request.get(k) is not None for k in ("denoising_start", "denoising_end", "image", "mask_image")):
         raise InputError("refiner= sets denoising_end/denoising_start itself and runs txt2img; drop those arguments")
     output_type = request.pop("output_type", "pil")
     for key in ("denoising_start", "denoising_end", "image", "strength"):

@@ -346,9 +346,6 @@ def test_single_files_refused_by_name(tmp_path):
 
     conv = torch.zeros(8, 4, 3, 3)
     cases = {
-        "sdxl": ({"model.diffusion_model.input_blocks.0.0.weight": conv,
-                  "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(3, 1)},
-                 "SDXL base"),
         "depth": ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 5, 3, 3),
                    "cond_stage_model.transformer.text_model.x": torch.zeros(1)}, "depth-to-image"),
         "sd3": ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": torch.zeros(1)}, "SD3"),

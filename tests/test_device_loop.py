@@ -108,6 +108,66 @@ def test_pipeline_hook_uses_device_loop(tiny_sd1):
     assert rel(on("a dog", image=image, **i2i).images, off("a dog", image=image, **i2i).images) <= RTOL
 
 
+@pytest.mark.parametrize("family", ["sdxl", "lcm"])
+def test_step_invariant_unet_inputs_ride_the_device_loop(family, tiny_sdxl, tmp_path_factory):
+    """SDXL's text_embeds/time_ids and an LCM UNet's timestep_cond are static buffers of the device loop: the loop
+    takes them (no fallback to the host loop) and gives the host loop's latents."""
+    if family == "sdxl":
+        model, kwargs = tiny_sdxl, dict(guidance_scale=2.0, scheduler="euler_a", negative_prompt="blurry")
+    else:
+        from sdrt.export.tiny import build_tiny_sd
+
+        model, kwargs = build_tiny_sd(tmp_path_factory.mktemp("tiny") / "lcm", "lcm"), dict(guidance_scale=4.0)
+    on = sdrt.Pipeline.from_pretrained(model, backend="torch", device_loop=True)
+    off = sdrt.Pipeline.from_pretrained(model, backend="torch", device_loop=False)
+    kwargs.update(num_inference_steps=3, seed=11, output_type="latent", progress=False, num_images_per_prompt=2)
+    got = on(PROMPT, **kwargs).images
+    assert on.backend.loop.runs == 1, "the pipeline kept the host loop"
+    assert rel(got, off(PROMPT, **kwargs).images) <= RTOL
+
+
+def test_sdxl_refiner_hand_over_on_the_device_loop(tiny_sdxl, tiny_sdxl_refiner):
+    """denoising_end / denoising_start windows: base and refiner each hand their window to the device loop (Heun's
+    odd call count included) and equal the host loop."""
+    runs = {}
+    for device_loop in (True, False):
+        base, refiner = (sdrt.Pipeline.from_pretrained(m, backend="torch", device_loop=device_loop)
+                         for m in (tiny_sdxl, tiny_sdxl_refiner))
+        runs[device_loop] = [base("a cat", num_inference_steps=5, guidance_scale=2.0, seed=3, refiner=refiner, refiner_start=0.7,
+                                  scheduler=s, output_type="latent", progress=False).images for s in ("euler", "heun")]
+        assert base.backend.loop.runs == refiner.backend.loop.runs == (2 if device_loop else 0)
+    for got, expected in zip(runs[True], runs[False]):
+        assert rel(got, expected) <= RTOL
+
+
+@pytest.mark.parametrize("unet,scheduler,strength", [("9ch", "euler_a", 0.75), ("9ch", "pndm", 1.0), ("4ch", "euler_a", 0.75),
+                                                    ("4ch", "dpmpp_2m", 1.0), ("4ch", "heun", 0.6)])
+def test_inpainting_on_the_device_loop(unet, scheduler, strength, tiny_sd1, tiny_sd1_inpaint):
+    """An inpainting UNet's mask channels (a static buffer on its input) and an ordinary UNet's kept region (blended
+    back after each step from per-call latents computed on the host) give the host loop's latents, batch 2."""
+    model = tiny_sd1_inpaint if unet == "9ch" else tiny_sd1
+    rng = np.random.default_rng(0)
+    image = (rng.uniform(0, 1, (64, 64, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    kwargs = dict(image=image, mask_image=mask, strength=strength, num_inference_steps=4, guidance_scale=2.0, seed=9,
+                  scheduler=scheduler, num_images_per_prompt=2, output_type="latent", progress=False)
+    on = sdrt.Pipeline.from_pretrained(model, backend="torch", device_loop=True)
+    off = sdrt.Pipeline.from_pretrained(model, backend="torch", device_loop=False)
+    got = on(PROMPT, **kwargs).images
+    assert on.backend.loop.runs == 1, "the pipeline kept the host loop"
+    assert rel(got, off(PROMPT, **kwargs).images) <= RTOL
+
+
+def test_extra_inputs_must_match_the_unet_rows(pipe):
+    loop = DeviceLoop(pipe.backend.modules["unet"], "cpu", torch.float32)
+    sched = make_scheduler("ddim", pipe.source.scheduler_config)
+    sched.set_timesteps(2)
+    x = np.zeros((1, 4, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="time_ids has 1 rows; the UNet runs 2"):
+        loop.run(sched, x, np.zeros((2, 77, 32), np.float32), 2.0, extra={"time_ids": np.zeros((1, 6), np.float32)})
+
+
 def test_rejects_bad_input(pipe):
     loop = DeviceLoop(pipe.backend.modules["unet"], "cpu", torch.float32)
     sched = make_scheduler("euler_a", pipe.source.scheduler_config)

@@ -274,3 +274,36 @@ def test_info_names_an_inpainting_unet(tiny_sd1_inpaint, capsys):
 
     assert main(["info", str(tiny_sd1_inpaint)]) == 0
     assert "dedicated inpainting UNet (9 input channels" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", ["latent_noise", "latent_nothing"])
+def test_masked_content_sets_where_the_repainted_region_starts(models, content):
+    """A1111's masked content: outside the mask the start latents are unchanged; inside, the image's latents are
+    replaced by the row's initial noise (latent noise) or zeros (latent nothing) before noising to the first step."""
+    _, ours = models["sd1-4ch"]
+    kwargs = dict(image=INIT, mask_image=MASK, strength=0.6, num_inference_steps=5, seed=3, guidance_scale=2.0)
+    runs = {}
+    for c in ("original", content):
+        plan = ours.plan("a dog", masked_content=c, **kwargs)
+        runs[c] = ours.prepare_latents([plan], ours.encode_text([plan]))
+    plain, filled = runs["original"], runs[content]
+    inside = np.broadcast_to(plain.inpaint.mask, plain.x.shape) == 1
+    assert inside.any() and (~inside).any()
+    assert np.array_equal(filled.x[~inside], plain.x[~inside])
+    a, b = plain.sched.noise_coefficients[0].tolist()
+    noise = plain.inpaint.noise
+    start = noise if content == "latent_noise" else np.zeros_like(noise)
+    assert np.allclose(filled.x[inside], (start * a + noise * b)[inside], rtol=1e-6, atol=1e-6)
+    assert np.array_equal(filled.inpaint.image, plain.inpaint.image)  # the kept region is the image's, as before
+    image = ours("a dog", masked_content=content, output_type="np", progress=False, **kwargs).images
+    assert image.shape == (1, 64, 64, 3)
+    assert ours("a dog", masked_content=content, num_inference_steps=5, image=INIT, mask_image=MASK, strength=0.6,
+                seed=3, guidance_scale=2.0, output_type="np", progress=False).parameters[0]["masked_content"] == content
+
+
+def test_masked_content_is_checked():
+    pipe = sdrt.Pipeline.from_pretrained(None, backend="onnx", threads=1)
+    with pytest.raises(InputError, match="masked_content 'noise' is not one of original, latent_noise, latent_nothing"):
+        pipe.plan("a 1", image=INIT, mask_image=MASK, masked_content="noise")
+    with pytest.raises(InputError, match="apply to inpainting; pass mask_image= too"):
+        pipe.plan("a 1", image=INIT, masked_content="latent_nothing")

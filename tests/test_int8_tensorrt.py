@@ -13,7 +13,7 @@ import pytest
 
 from sdrt.cli import main
 from sdrt.errors import BackendError, InputError
-from sdrt.backends.tensorrt_backend import MachineInfo
+from sdrt.backends.tensorrt_machine import MachineInfo
 from sdrt.export.tensorrt_build import build_engines
 
 H100 = MachineInfo("NVIDIA H100 80GB HBM3", "9.0", "11.4.0")

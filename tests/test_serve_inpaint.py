@@ -66,6 +66,22 @@ def test_whole_picture_inpainting_equals_the_pipeline_with_paste_back(api, pipe)
     assert result.info["is_using_inpainting_conditioning"] is False  # the digits model's UNet has 4 channels
 
 
+@pytest.mark.parametrize("fill,content", [(2, "latent_noise"), (3, "latent_nothing")])
+def test_latent_noise_and_latent_nothing_fills(api, pipe, fill, content):
+    """inpainting_fill 2 / 3: the pipeline's masked_content (the repainted region starts from the seed's noise / from
+    zeros), pasted back as for fill 1; and they change the answer inside the mask."""
+    kwargs = dict(images=[INIT], mask_image=Image.fromarray(MASK), prompt="a red 3", seed=4, cfg_scale=3.0, width=64,
+                  height=64, denoising_strength=0.6, mask_blur=0, inpaint_full_res=False)
+    result = api.img2img(inpainting_fill=fill, **kwargs)
+    want = pipe("a red 3", image=INIT, mask_image=MASK, seed=4, guidance_scale=3.0, width=64, height=64, strength=0.6,
+                masked_content=content, num_inference_steps=STEPS, scheduler="euler_a", output_type="np", progress=False)
+    overlay = a1111_inpaint.prepare(INIT, Image.fromarray(MASK), 64, 64, 0, fill, False, 0, False).overlay
+    got, original = pixels(result.images[0]), pixels(api.img2img(inpainting_fill=1, **kwargs).images[0])
+    assert np.abs(got - want.images[0].astype(int))[overlay == 1].max() <= 1
+    assert np.abs(got - original)[overlay == 1].mean() > 2  # the region started elsewhere
+    assert np.array_equal(got[overlay == 0], original[overlay == 0])
+
+
 def test_only_masked_crops_generates_at_full_resolution_and_pastes_back(api, pipe):
     """inpaint_full_res: the answer has the init image's size; outside the blurred mask it is the init image exactly,
     inside it is the crop inpainted at width x height and scaled back (what prepare/finish + the pipeline give)."""
@@ -109,7 +125,7 @@ def test_crop_box_grows_to_the_aspect_ratio_inside_the_image():
 
 @pytest.mark.parametrize(
     "fields,field,words",
-    [({"inpainting_fill": 2}, "inpainting_fill", "latent noise"),
+    [({"inpainting_fill": 4}, "inpainting_fill", "less than or equal to 3"),
      ({"mask": "blank"}, "mask", "empty"),
      ({"mask": "tall"}, "mask", "64x128"),
      ({"mask": "blank", "inpaint_full_res": False}, None, "all black"),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sdrt.backends.onnx_providers import session_providers, shape_string
-from sdrt.backends.tensorrt_backend import (
+from sdrt.backends.tensorrt_machine import (
     MachineInfo,
     check_engine,
     describe_mismatch,
@@ -225,9 +225,9 @@ def test_build_writes_a_self_contained_folder(fake_export, tmp_path, monkeypatch
     assert not [p.name for p in tmp_path.iterdir() if ".partial" in p.name]
     assert (tmp_path / "timing.cache").exists()  # saved for the next build
     # The folder picks TensorRT where TensorRT can be imported (and ONNX Runtime elsewhere).
-    monkeypatch.setattr("sdrt.backends.tensorrt_backend.tensorrt_status", lambda check_gpu=True: (True, "TensorRT 10.7.0"))
+    monkeypatch.setattr("sdrt.backends.tensorrt_machine.tensorrt_status", lambda check_gpu=True: (True, "TensorRT 10.7.0"))
     assert open_model(out).default_backend() == "tensorrt"
-    monkeypatch.setattr("sdrt.backends.tensorrt_backend.tensorrt_status", lambda check_gpu=True: (False, "a stub"))
+    monkeypatch.setattr("sdrt.backends.tensorrt_machine.tensorrt_status", lambda check_gpu=True: (False, "a stub"))
     assert open_model(out).default_backend() == "onnx"  # a stub or a GPU-less machine never picks TensorRT
 
 
@@ -427,7 +427,7 @@ def test_build_help_lists_the_options(capsys):
 
 
 def test_ort_tensorrt_provider_options(fake_export, monkeypatch):
-    monkeypatch.setattr("sdrt.backends.tensorrt_backend.machine_info", lambda device_id=0: H100)
+    monkeypatch.setattr("sdrt.backends.tensorrt_machine.machine_info", lambda device_id=0: H100)
     manifest = read_manifest(fake_export)
     providers = session_providers("tensorrt", UNET, manifest, export_dir=fake_export)
     (name, options), (cuda, cuda_options), cpu = providers
@@ -686,7 +686,7 @@ def test_fp16_conversion_of_a_real_graph(tmp_path):
 
 
 def test_driver_too_old_for_the_cuda_13_build_is_named(fake_trt, monkeypatch):
-    from sdrt.backends import tensorrt_backend as tb
+    from sdrt.backends import tensorrt_machine as tb
 
     fake_trt("11.4.0")
     monkeypatch.setattr(tb, "nvidia_driver_version", lambda: "550.54.15")
@@ -708,7 +708,7 @@ def test_driver_too_old_for_the_cuda_13_build_is_named(fake_trt, monkeypatch):
 
 
 def test_driver_version_is_read_from_proc(monkeypatch, tmp_path):
-    from sdrt.backends import tensorrt_backend as tb
+    from sdrt.backends import tensorrt_machine as tb
 
     text = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  (dvs-builder@U16)\nGCC version:  gcc 12"
     real = tb.Path
@@ -780,3 +780,20 @@ def test_context_and_address_failures_are_backend_errors(fake_trt, tmp_path):
     with pytest.raises(BackendError, match="TensorRT refused the address of unet tensor 'sample'"):
         engine.infer(feeds, 0)
     assert [c[1] for c in trt.calls if c[0] == "create_execution_context"] == ["STATIC"]  # no scratch: its own memory
+
+
+def test_device_unet_feeds_the_step_invariant_inputs():
+    """The device loop's UNet callable passes SDXL's text_embeds/time_ids (and timestep_cond) to the engine with the
+    sample, broadcasting a scalar timestep to the batch (no CUDA needed: run_device is replaced)."""
+    import types
+
+    torch = pytest.importorskip("torch")
+    from sdrt.backends.tensorrt_backend import TensorRTBackend
+
+    seen = {}
+    fake = types.SimpleNamespace(run_device=lambda network, feeds: seen.update(network=network, feeds=feeds) or {"out_sample": 1})
+    unet = TensorRTBackend.device_unet(fake)
+    extra = {"text_embeds": torch.zeros(2, 8), "time_ids": torch.zeros(2, 6)}
+    assert unet(torch.zeros(2, 4, 8, 8), torch.tensor(5.0), torch.zeros(2, 77, 32), **extra) == 1
+    assert seen["network"] == UNET and set(seen["feeds"]) == {"sample", "timestep", "encoder_hidden_states", *extra}
+    assert tuple(seen["feeds"]["timestep"].shape) == (2,)

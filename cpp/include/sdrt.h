@@ -1,9 +1,9 @@
-/* sdrt.h - the C API of sdrt (ABI 4), an inference runtime for Stable Diffusion 1.x/2.x over `sdrt export` folders.
+/* sdrt.h - the C API of sdrt (ABI 5), an inference runtime for Stable Diffusion 1.x/2.x and XL over `sdrt export` folders.
  *
  * It runs the same algorithm as the Python runtime (runtime/pipeline.py): the CLIP tokenizer, the token-embedding
  * lookup, classifier-free guidance with negative prompts, the schedulers (ddim, pndm, euler, euler_a, dpmpp_2m,
  * dpmpp_2m_karras, lms, heun, unipc, dpmpp_2m_sde, dpmpp_2s_a, ddpm, lcm, tcd, Karras/exponential variants), img2img,
- * inpainting (ABI 3), and torch's CPU random stream, so the same seed gives the same image as
+ * inpainting (ABI 3), SDXL's micro-conditioning (ABI 5), and torch's CPU random stream, so the same seed gives the same image as
  * `sdrt generate` on the same export (image k of a batch uses seed + k). Networks run on ONNX Runtime (CPU, or its
  * CUDA / TensorRT providers when the loaded ONNX Runtime has them).
  *
@@ -52,7 +52,8 @@
  *   4. bump SDRT_ABI_VERSION, append the new size to the library's table (api.cpp: kCtxSizes, kGenSizes,
  *      kTimingsSizes), copy the previous header to cpp/tests/abi/sdrt_v<old>.h and build a test host against it
  *      (as cpp/tests/abi/test_abi_v1.c does for ABI 1), so ctest keeps running the old layout on the new library.
- * ABI 4 appended sdrt_gen_params.loras / lora_count (run-time LoRAs); ABI 2 and 3 hosts run unchanged.
+ * ABI 4 appended sdrt_gen_params.loras / lora_count (run-time LoRAs), ABI 5 the SDXL micro-conditioning fields;
+ * ABI 2, 3 and 4 hosts run unchanged.
  * Hosts built against ABI 1 (sdrt 0.1's header, structs without struct_size) still run: the library keeps ABI
  * 1's entry points under their old symbol names; this header's functions that take or fill a struct are the
  * *_v2 symbols (the macros below), so a host never needs to know.
@@ -78,7 +79,7 @@ extern "C" {
 #endif
 
 #define SDRT_VERSION "0.2.0"
-#define SDRT_ABI_VERSION 4
+#define SDRT_ABI_VERSION 5
 
 /* sdrt_gen_params.seed: pick a random seed (the default). Other negative seeds are refused, as Python's sdrt does. */
 #define SDRT_SEED_RANDOM (-1)
@@ -161,6 +162,21 @@ typedef struct sdrt_gen_params {
                                     LoRA slots refuses them (SDRT_ERR_MODEL). A file for another model, or a damaged
                                     one, is refused with a message naming the file and the layer. */
     size_t lora_count;
+    /* ABI 5: SDXL's micro-conditioning, as Python's original_size, crops_coords_top_left, target_size, their
+       negative_* twins and the refiner's aesthetic_score / negative_aesthetic_score (runtime/sdxl.py). 0 (default)
+       is "not given": diffusers' defaults - the sizes are the image's own, the crop corners (0, 0), the aesthetic
+       scores 6.0 and 2.5 (so a score of exactly 0 cannot be asked for). Each size is given whole (both or neither).
+       txt2img uses the negative sizes only when both negative_original and negative_target are given; img2img and
+       inpainting default each negative size to its positive twin, as diffusers' pipelines do. An SD 1.x/2.x
+       export refuses them (SDRT_ERR_INVALID_ARGUMENT). */
+    int original_height, original_width;
+    int crop_top, crop_left;
+    int target_height, target_width;
+    int negative_original_height, negative_original_width;
+    int negative_crop_top, negative_crop_left;
+    int negative_target_height, negative_target_width;
+    double aesthetic_score;          /* the refiner's: 0 (default) = 6.0 */
+    double negative_aesthetic_score; /* the refiner's: 0 (default) = 2.5 */
 } sdrt_gen_params;
 
 typedef struct sdrt_image {      /* allocated by sdrt_generate_image, freed by sdrt_image_free; fields may be appended */

@@ -1,6 +1,7 @@
-// The C API (sdrt.h, ABI 4) over the C++ pipeline: argument checks, the status/message for every failure, the
+// The C API (sdrt.h, ABI 5) over the C++ pipeline: argument checks, the status/message for every failure, the
 // growable params structs (struct_size), and the try/catch that keeps every exception inside the library.
 // ABI 1's entry points (hosts built against sdrt 0.1's header) are in api_v1.cpp.
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstddef>
@@ -74,7 +75,9 @@ sdrt_status null_arg(const sdrt_ctx *ctx, const char *what) noexcept {
 // Every size a params struct has had, by ABI version from 2 on (rule 4 in sdrt.h: append each new version's size).
 const size_t kCtxSizes[] = {sizeof(sdrt_ctx_params)};
 const size_t kGenSizes[] = {offsetof(sdrt_gen_params, mask_image), offsetof(sdrt_gen_params, loras),
-                            sizeof(sdrt_gen_params)};  // ABI 2, 3, 4
+                            offsetof(sdrt_gen_params, original_height), sizeof(sdrt_gen_params)};  // ABI 2, 3, 4, 5
+static_assert(offsetof(sdrt_gen_params, original_height) == offsetof(sdrt_gen_params, lora_count) + sizeof(size_t),
+              "ABI 4's sdrt_gen_params ends at lora_count: no padding before ABI 5's fields");
 const size_t kTimingsSizes[] = {sizeof(sdrt_timings)};
 constexpr size_t kMaxStruct = 1 << 16;  // a struct_size past this is an unset field, not a future header
 
@@ -133,6 +136,24 @@ sdrt::Request to_request(const sdrt_gen_params &p, int64_t &seed_used) {
     }
     if (p.width < 0 || p.height < 0)
         throw sdrt::input_error("width " + std::to_string(p.width) + " / height " + std::to_string(p.height) + " must not be negative; 0 means the model's size");
+    // SDXL's micro-conditioning: (height, width) / (top, left) pairs, 0 = not given (sdrt::MicroConditioning)
+    auto pair = [](int a, int b, const char *name, bool size) {
+        if (a < 0 || b < 0 || (size && (a == 0) != (b == 0)))
+            throw sdrt::input_error(std::string(name) + " (" + std::to_string(a) + ", " + std::to_string(b) + ") is not " +
+                                    (size ? "a size in pixels given whole (both > 0), or (0, 0) for the image's own"
+                                          : "a corner in pixels (both >= 0)"));
+        return std::array<int, 2>{a, b};
+    };
+    r.micro.original = pair(p.original_height, p.original_width, "original_height/width", true);
+    r.micro.crops = pair(p.crop_top, p.crop_left, "crop_top/left", false);
+    r.micro.target = pair(p.target_height, p.target_width, "target_height/width", true);
+    r.micro.negative_original = pair(p.negative_original_height, p.negative_original_width, "negative_original_height/width", true);
+    r.micro.negative_crops = pair(p.negative_crop_top, p.negative_crop_left, "negative_crop_top/left", false);
+    r.micro.negative_target = pair(p.negative_target_height, p.negative_target_width, "negative_target_height/width", true);
+    if (!std::isfinite(p.aesthetic_score) || !std::isfinite(p.negative_aesthetic_score))
+        throw sdrt::input_error("aesthetic_score / negative_aesthetic_score is not a finite number; use e.g. 6.0 and 2.5 (0: those defaults)");
+    r.micro.aesthetic_score = p.aesthetic_score;
+    r.micro.negative_aesthetic_score = p.negative_aesthetic_score;
     if (p.seed == SDRT_SEED_RANDOM) {
         std::random_device rd;
         seed_used = int64_t(rd() & 0x7FFFFFFFu);  // as the Python runtime: random.randrange(2**31)

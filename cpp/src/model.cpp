@@ -154,6 +154,21 @@ ExportFolder read_export(const std::string &path) {
         facts.pool_at_argmax = bool_or("pool_at_argmax");
         facts.requires_aesthetics_score = bool_or("requires_aesthetics_score");
         facts.force_zeros_for_empty_prompt = bool_or("force_zeros_for_empty_prompt");
+        auto channels_or_empty = [&](const char *key) {
+            std::vector<float> out;
+            const Json *v = f.find(key);
+            if (!v || v->is_null()) return out;
+            if (!v->is_array() || v->as_array().size() != size_t(facts.latent_channels))
+                throw model_error(mpath + "'s " + key + " is not one number per latent channel" + kReexport);
+            for (const Json &x : v->as_array()) out.push_back(float(x.as_number()));
+            return out;
+        };
+        facts.latents_mean = channels_or_empty("latents_mean");
+        facts.latents_std = channels_or_empty("latents_std");
+        if (facts.latents_mean.empty() != facts.latents_std.empty())
+            throw model_error(mpath + " has only one of latents_mean and latents_std" + kReexport);
+        for (float s : facts.latents_std)
+            if (!(s > 0.0f)) throw model_error(mpath + "'s latents_std holds a value that is not positive" + kReexport);
         if (facts.latent_channels < 1 || facts.vae_scale_factor < 1 || facts.unet_downsamples < 0 || facts.unet_downsamples > 8 ||
             facts.text_seq_len < 2 || (facts.text_hidden_size < 1 && facts.text_hidden_size_2 < 1) ||
             facts.cross_attention_dim < 1 || facts.default_size < 1 || facts.time_ids_dim < 0 || facts.time_ids_dim > 16 ||

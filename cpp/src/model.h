@@ -22,6 +22,9 @@ struct ModelFacts {  // runtime/model/facts.py's ModelFacts
     // micro-conditioning time ids per image, and how CLIP pools and what an empty negative prompt is.
     int text_hidden_size_2 = 0, pooled_dim = 0, time_ids_dim = 0;
     bool pool_at_argmax = false, requires_aesthetics_score = false, force_zeros_for_empty_prompt = false;
+    // A VAE with latents_mean/latents_std (one per latent channel; empty: none): encoded latents are
+    // (sample - mean) * scaling_factor / std. The export's decoder applies the inverse inside.
+    std::vector<float> latents_mean, latents_std;
     int size_step() const { return vae_scale_factor << unet_downsamples; }
 };
 

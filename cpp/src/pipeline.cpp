@@ -134,7 +134,9 @@ void Pipeline::check(Request &r) const {
         throw model_error(model_.path + " has no vae_encoder network, which img2img needs; re-export the model with `sdrt export`");
     if (r.mask && !r.init_image) throw input_error("mask_image needs init_image, the image it masks");
     if (r.keep_unmasked && !r.mask) throw input_error("keep_unmasked applies to inpainting: pass mask_image too");
-    if (r.mask && f.time_ids_dim) throw input_error("inpainting with SDXL exports is not supported yet; drop mask_image");
+    if (r.micro.given() && !f.time_ids_dim)
+        throw input_error("original/crop/target sizes and aesthetic scores condition SDXL models only; this is a " + f.family +
+                          " export: leave them 0");
     if (f.inpainting_unet() && !r.mask)
         throw input_error(model_.path + " is an inpainting model (its UNet takes the mask and the masked image): pass init_image "
                                         "and mask_image (>= 128 = repaint)");
@@ -184,12 +186,32 @@ Pipeline::TextStates Pipeline::encode_prompt(const std::string &prompt) {
     return out;
 }
 
-// SDXL's time ids with diffusers' defaults: original size = target size = the image's, crop corner (0, 0); the
-// refiner's aesthetic score 6.0 (negative 2.5) in place of the target size.
+// SDXL's time ids of one request, as runtime/sdxl.py's time_ids: sizes default to the image's own, crop corners to
+// (0, 0), the refiner's aesthetic scores (in place of the target size) to 6.0 and 2.5. txt2img uses the negative
+// twins only when both negative sizes are given; img2img and inpainting default each to its positive twin (and pair
+// the negative sizes with the positive crop corner), as diffusers' pipelines do.
 std::vector<float> Pipeline::time_ids(const Request &r, bool negative) const {
-    const float hh = float(r.height), ww = float(r.width);
-    if (model_.facts.requires_aesthetics_score) return {hh, ww, 0.0f, 0.0f, negative ? 2.5f : 6.0f};
-    return {hh, ww, 0.0f, 0.0f, hh, ww};
+    const MicroConditioning &m = r.micro;
+    auto given = [](const std::array<int, 2> &p) { return p[0] != 0 || p[1] != 0; };
+    auto size_or = [&](const std::array<int, 2> &p, const std::array<int, 2> &fallback) { return given(p) ? p : fallback; };
+    const std::array<int, 2> image = {r.height, r.width};
+    const std::array<int, 2> original = size_or(m.original, image), target = size_or(m.target, image);
+    std::array<int, 2> a, b, c;  // the three pairs: original size, crop corner, target size
+    double score = 0;
+    if (model_.facts.requires_aesthetics_score) {
+        a = negative ? size_or(m.negative_original, original) : original;
+        b = negative ? m.negative_crops : m.crops;
+        score = negative ? (m.negative_aesthetic_score != 0 ? m.negative_aesthetic_score : 2.5)
+                         : (m.aesthetic_score != 0 ? m.aesthetic_score : 6.0);
+        return {float(a[0]), float(a[1]), float(b[0]), float(b[1]), float(score)};
+    }
+    a = original, b = m.crops, c = target;
+    if (negative && r.init_image) {
+        a = size_or(m.negative_original, original), c = size_or(m.negative_target, target);
+    } else if (negative && given(m.negative_original) && given(m.negative_target)) {
+        a = m.negative_original, b = m.negative_crops, c = m.negative_target;
+    }
+    return {float(a[0]), float(a[1]), float(b[0]), float(b[1]), float(c[0]), float(c[1])};
 }
 
 void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progress, void *user, Timings &timings) {
@@ -253,10 +275,15 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
             std::vector<int64_t> lat = {1, C, h, w};
             backend_->run(kVaeEncoder, {{pixels_in.data(), {1, 3, r.height, r.width}}}, {{mean.data(), lat}, {logvar.data(), lat}});
             const float scaling = float(f.scaling_factor);
+            const bool normalised = !f.latents_mean.empty();  // (sample - mean) * scaling / std, as diffusers' SDXL
             for (int64_t k = 0; k < B; ++k) {
                 std::vector<float> eps = gens[size_t(k)].randn(per_image);
-                for (size_t i = 0; i < per_image; ++i)
-                    latents[size_t(k) * per_image + i] = (mean[i] + std::exp(0.5f * logvar[i]) * eps[i]) * scaling;
+                for (size_t i = 0; i < per_image; ++i) {
+                    const float sample = mean[i] + std::exp(0.5f * logvar[i]) * eps[i];
+                    const size_t c = i / hw;
+                    latents[size_t(k) * per_image + i] =
+                        normalised ? (sample - f.latents_mean[c]) * scaling / f.latents_std[c] : sample * scaling;
+                }
             }
             return latents;
         };

@@ -1,6 +1,7 @@
 // The Stable Diffusion pipeline in C++: prompt in, image out, the same loop as runtime/pipeline.py.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <filesystem>
@@ -18,6 +19,18 @@
 
 namespace sdrt {
 
+// SDXL's micro-conditioning (sdrt_gen_params' ABI 5 fields; runtime/sdxl.py's MICRO_ARGS): (height, width) sizes and
+// (top, left) corners in pixels, {0, 0} = not given; aesthetic scores 0 = not given (6.0 / 2.5).
+struct MicroConditioning {
+    std::array<int, 2> original{}, crops{}, target{}, negative_original{}, negative_crops{}, negative_target{};
+    double aesthetic_score = 0, negative_aesthetic_score = 0;
+    bool given() const {
+        for (const auto *p : {&original, &crops, &target, &negative_original, &negative_crops, &negative_target})
+            if ((*p)[0] || (*p)[1]) return true;
+        return aesthetic_score != 0 || negative_aesthetic_score != 0;
+    }
+};
+
 struct Request {  // sdrt_gen_params, checked and with defaults filled in
     std::string prompt, negative, scheduler;
     int steps = 30, width = 0, height = 0, batch = 1;
@@ -27,6 +40,7 @@ struct Request {  // sdrt_gen_params, checked and with defaults filled in
     const uint8_t *mask = nullptr;  // inpainting: width * height grey bytes, >= 128 = repaint
     bool keep_unmasked = false;
     std::vector<std::pair<std::string, double>> loras;  // run-time LoRAs: (file, scale)
+    MicroConditioning micro;                            // SDXL only
 };
 
 struct Timings {

@@ -226,6 +226,27 @@ def test_mask(width: int, height: int) -> np.ndarray:
 # scheduler, batch, strength, keep_unmasked.
 INPAINT_CASES = [("inpaint", "a red hat", 6, 1.5, 16, "", 1, 1.0, False),
                  ("inpaint_euler_a_keep_batch", "a blue door", 5, 1.5, 17, "euler_a", 2, 0.75, True)]
+# SDXL's micro-conditioning (sdrt_gen_params' ABI 5 fields): name, prompt, negative, steps, guidance, seed, img2img, micro
+MICRO_CASES = [
+    ("micro", "a photo of a cat", "blurry", 5, 2.0, 21, False,
+     dict(original_size=(96, 80), crops_coords_top_left=(4, 2), target_size=(64, 48))),
+    ("micro_negative_twins", "a red fox", "", 5, 2.0, 22, False,
+     dict(negative_original_size=(32, 40), negative_target_size=(16, 24), negative_crops_coords_top_left=(3, 5))),
+    ("micro_img2img", "a watercolour painting", "fog", 6, 1.5, 23, True,
+     dict(crops_coords_top_left=(8, 0), negative_target_size=(128, 128))),
+]
+MICRO_ORDER = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+               "negative_crops_coords_top_left", "negative_target_size")
+
+
+def micro_column(micro: dict | None) -> str:
+    """The 14 numbers of the C fields (original h, w, crop top, left, target h, w, their negative twins, the aesthetic
+    scores; 0 = not given), or "" for none."""
+    if not micro:
+        return ""
+    values = [v for key in MICRO_ORDER for v in micro.get(key, (0, 0))]
+    values += [micro.get("aesthetic_score", 0), micro.get("negative_aesthetic_score", 0)]
+    return ",".join(f"{v:g}" for v in values)
 
 
 def lora_slots(export: Path) -> dict:
@@ -310,10 +331,12 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
         ]
         inpaint = [(name, prompt, "", steps, guidance, seed, sched, size, size, batch, strength, True, keep)
                    for name, prompt, steps, guidance, seed, sched, batch, strength, keep in INPAINT_CASES]
-        if pipe.facts.time_ids_dim:  # SDXL: no inpainting yet (refused in both runtimes)
-            inpaint = []
         cases = inpaint if pipe.facts.inpainting_unet else [c + (None,) for c in cases] + inpaint
         cases = [c + ("",) for c in cases]
+        if pipe.facts.time_ids_dim and not pipe.facts.inpainting_unet:  # SDXL: micro-conditioning (last column)
+            cases = [c + (None,) for c in cases] + [
+                (name, prompt, negative, steps, guidance, seed, "", size, size, 1, 0.6 if img2img else 0.0, img2img, None, "", micro)
+                for name, prompt, negative, steps, guidance, seed, img2img, micro in MICRO_CASES]
         if loras:  # run-time LoRAs: one, two stacked (a batch), a negative scale on img2img, then none again
             k, p = loras["kohya"].name, loras["peft"].name
             cases = [  # ..., keep, loras: "FILE:SCALE;..." in OUT
@@ -323,12 +346,14 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
                 ("lora_img2img", "a watercolour painting", "", 8, 1.5, 2, "", size, size, 1, 0.6, True, None, f"{p}:-0.7"),
                 ("lora_none_after", "a photo of a cat", "", 6, 2.0, 0, "", size, size, 1, 0.0, False, None, ""),
             ]
-        for name, prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, img2img, keep, lora_spec in cases:
+        cases = [c if len(c) == 15 else c + (None,) for c in cases]
+        for name, prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, img2img, keep, lora_spec, micro in cases:
             init = test_image(w, h) if img2img else None
             mask = test_mask(w, h) if keep is not None else None
             kwargs = dict(strength=strength, image=init) if img2img else {}
             if mask is not None:
                 kwargs.update(mask_image=mask, keep_unmasked=keep)
+            kwargs.update(micro or {})
             if lora_spec:
                 kwargs["loras"] = [(str(out / f), float(scale)) for f, scale in (x.rsplit(":", 1) for x in lora_spec.split(";"))]
             warm = dict(image=init, mask_image=mask, strength=1.0) if pipe.facts.inpainting_unet else {}
@@ -344,6 +369,12 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
                              output_type="np", progress=False, **{k: v for k, v in kwargs.items() if k != "loras"})
                 change = int(np.abs(plain.images.astype(int) - result.images.astype(int)).max())
                 assert change > 8, f"{name}: the LoRA changes the image by {change}/255 only"
+            if micro:  # the time ids must change the image, or the C++ comparison could pass with them ignored
+                plain = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
+                             height=h, width=w, seed=seed, output_type="np", progress=False,
+                             **{k: v for k, v in kwargs.items() if k not in micro})
+                change = int(np.abs(plain.images.astype(int) - result.images.astype(int)).max())
+                assert change > 2, f"{name}: the micro-conditioning changes the image by {change}/255 only"
             stem = f"pipe_{e.name}_{name}"
             (out / f"{stem}.rgb").write_bytes(np.ascontiguousarray(result.images).tobytes())
             init_file = ""
@@ -355,7 +386,7 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
                 mask_file = f"{stem}.mask.grey"
                 (out / mask_file).write_bytes(mask.tobytes())
             rows.append([name, str(e), prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, init_file,
-                         f"{stem}.rgb", f"{seconds:.4f}", mask_file, int(bool(keep)), lora_spec])
+                         f"{stem}.rgb", f"{seconds:.4f}", mask_file, int(bool(keep)), lora_spec, micro_column(micro)])
     (out / "pipeline.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
     (out / "lora_errors.tsv").write_text("".join(f"{e}\t{f}\t{words}\n" for e, f, words in errors))
 

@@ -226,6 +226,18 @@ void struct_sizes(sdrt_ctx *ctx) {
     v3.struct_size = offsetof(sdrt_gen_params, loras);
     v3.loras = reinterpret_cast<const sdrt_lora *>(16), v3.lora_count = 5;  // garbage past an ABI 3 struct
     CHECK(sdrt_generate(ctx, &v3, rgb.data()) == SDRT_OK && rgb == want, std::string("ABI 3 struct: ") + sdrt_last_error(ctx));
+    // An ABI 4 host's struct ends before the micro-conditioning fields (ABI 5): garbage past it is never read.
+    sdrt_gen_params v4 = gp;
+    v4.struct_size = offsetof(sdrt_gen_params, original_height);
+    v4.original_height = 7, v4.crop_left = -3, v4.aesthetic_score = std::nan("");
+    CHECK(sdrt_generate(ctx, &v4, rgb.data()) == SDRT_OK && rgb == want, std::string("ABI 4 struct: ") + sdrt_last_error(ctx));
+    sdrt_gen_params micro = gp;  // a half-given size is refused whatever the model
+    micro.original_width = 512;
+    CHECK(sdrt_generate(ctx, &micro, rgb.data()) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "original_height/width (0, 512)"),
+          std::string("half an original size: ") + sdrt_last_error(ctx));
+    micro.original_height = 512;
+    const bool ran = sdrt_generate(ctx, &micro, rgb.data()) == SDRT_OK;  // an SDXL export runs it, SD 1.x/2.x refuse it
+    CHECK(ran || has(sdrt_last_error(ctx), "condition SDXL models only"), std::string("micro-conditioning: ") + sdrt_last_error(ctx));
     sdrt_gen_params bad = gp;
     bad.lora_count = 1;
     CHECK(sdrt_generate(ctx, &bad, rgb.data()) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "loras is NULL"),

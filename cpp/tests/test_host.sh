@@ -56,6 +56,10 @@ expect 2 "it cannot go with --backend cpu" x -m /x --ort-provider cuda --backend
 expect 2 "--lora :0.5 names no file" x -m /x --lora :0.5
 expect 2 "the scale nan is not a finite number" x -m /x --lora a.safetensors:nan
 expect 2 "--embedding is not supported" x -m /x --embedding a.pt
+expect 2 "--original-size 1024 is not WIDTHxHEIGHT" x -m /x --original-size 1024
+expect 2 "--target-size 0x64 is out of range" x -m /x --target-size 0x64
+expect 2 "--crop-top-left 4x2 is not TOP,LEFT" x -m /x --crop-top-left 4x2
+expect 2 "--aesthetic-score 0 cannot be asked for" x -m /x --aesthetic-score 0
 expect 2 "unknown option --bogus" x -m /x --bogus 1
 expect 2 "--seed needs a value" x -m /x --seed
 expect 2 "a second prompt" x y -m /x
@@ -112,5 +116,6 @@ expect 1 "mask_image is all black" x "${M[@]}" --image "$TMP/sdrt.png" --mask "$
 { printf 'P6\n32 32\n255\n'; head -c $((32 * 32 * 3)) /dev/zero; } > "$TMP/small.ppm"
 expect 1 "is 32x32 but --image is 64x64" x "${M[@]}" --image "$TMP/sdrt.png" --mask "$TMP/small.ppm"
 expect 1 "--lora-slots" x "${M[@]}" --lora "$TMP/none.safetensors:0.5"  # the first export has no LoRA slots
+expect 1 "condition SDXL models only" x "${M[@]}" --original-size 1024x1024  # the first export is SD 1.x
 echo "test_host: $runs cases, $fails failures"
 [ "$fails" = 0 ]

@@ -95,6 +95,19 @@ int main(int argc, char **argv) {
             gp.loras = loras.data();
             gp.lora_count = loras.size();
         }
+        if (f.size() > 18 && !f[18].empty()) {  // column 19: SDXL's micro-conditioning, the 14 ABI 5 fields
+            std::vector<double> v;
+            std::istringstream in(f[18]);
+            std::string item;
+            while (std::getline(in, item, ',')) v.push_back(std::strtod(item.c_str(), nullptr));
+            CHECK(v.size() == 14, name + ": the micro-conditioning column holds " + std::to_string(v.size()) + " numbers, not 14");
+            v.resize(14);
+            int *ints[] = {&gp.original_height, &gp.original_width, &gp.crop_top, &gp.crop_left, &gp.target_height,
+                           &gp.target_width, &gp.negative_original_height, &gp.negative_original_width, &gp.negative_crop_top,
+                           &gp.negative_crop_left, &gp.negative_target_height, &gp.negative_target_width};
+            for (int i = 0; i < 12; ++i) *ints[i] = int(v[size_t(i)]);
+            gp.aesthetic_score = v[12], gp.negative_aesthetic_score = v[13];
+        }
         std::vector<uint8_t> want = read_bytes(dir + "/" + f[13]);
         std::vector<uint8_t> got(size_t(gp.batch_count) * size_t(gp.width) * size_t(gp.height) * 3);
         sdrt_gen_params warm = gp;  // the same warm-up as the Python side: one step

@@ -47,6 +47,10 @@ const char *kUsage =
     "  --mask FILE                inpainting: a mask of --image's size; white (>= 50% grey) is repainted, black kept\n"
     "  --keep-unmasked            inpainting: paste the result back, so pixels outside the mask are kept exactly\n"
     "  --num-images N             images to make, 1-64 (default 1; also --batch)\n"
+    "  --original-size WxH, --target-size WxH, --crop-top-left TOP,LEFT  SDXL's micro-conditioning (default: the\n"
+    "                             image's size, 0,0); --negative-original-size, --negative-target-size,\n"
+    "                             --negative-crop-top-left their twins for the unconditional pass\n"
+    "  --aesthetic-score S, --negative-aesthetic-score S  an SDXL refiner's (default 6.0 and 2.5)\n"
     "  --lora FILE[:SCALE]        a run-time LoRA (.safetensors; repeatable; scale default 1) on an export made with\n"
     "                             `sdrt export --lora-slots all`\n"
     "  --backend NAME             auto (= onnx), cpu, cuda, ort-tensorrt, tensorrt (default auto)\n"
@@ -88,6 +92,23 @@ __int128 parse_int(const std::string &flag, const std::string &text, __int128 lo
     if (neg) v = -v;
     if (v < lo || v > hi) throw Usage(flag + " " + text + " is out of range; use " + range);
     return v;
+}
+
+// SDXL's micro-conditioning pairs: "WxH" (a size; stored height first, as Python's (height, width)) or "TOP,LEFT".
+void parse_pair(const std::string &flag, const std::string &text, bool size, int &first, int &second) {
+    const size_t sep = text.find(size ? 'x' : ',');
+    const std::string form = size ? "WIDTHxHEIGHT, e.g. 1024x1024" : "TOP,LEFT, e.g. 0,0";
+    if (sep == std::string::npos) throw Usage(flag + " " + text + " is not " + form);
+    const __int128 lo = size ? 1 : 0;
+    const std::string range = size ? "sizes 1-65536 (" + form + ")" : "corners 0-65536 (" + form + ")";
+    int a = 0, b = 0;
+    try {
+        a = int(parse_int(flag, text.substr(0, sep), lo, 65536, range)), b = int(parse_int(flag, text.substr(sep + 1), lo, 65536, range));
+    } catch (const Usage &) {  // name the whole value, not the half that failed
+        throw Usage(flag + " " + text + " is out of range or not two integers; use " + range);
+    }
+    if (size) first = b, second = a;  // height, width
+    else first = a, second = b;       // top, left
 }
 
 double parse_double(const std::string &flag, const std::string &text, const std::string &range) {
@@ -253,6 +274,16 @@ bool parse(int argc, char **argv, Options &o) {
             if (file.empty()) throw Usage("--lora " + v + " names no file; use --lora FILE[:SCALE]");
             o.lora_files.push_back(file);
             o.loras.push_back({nullptr, scale});
+        } else if (a == "--original-size") parse_pair(a, v, true, o.gp.original_height, o.gp.original_width);
+        else if (a == "--target-size") parse_pair(a, v, true, o.gp.target_height, o.gp.target_width);
+        else if (a == "--crop-top-left") parse_pair(a, v, false, o.gp.crop_top, o.gp.crop_left);
+        else if (a == "--negative-original-size") parse_pair(a, v, true, o.gp.negative_original_height, o.gp.negative_original_width);
+        else if (a == "--negative-target-size") parse_pair(a, v, true, o.gp.negative_target_height, o.gp.negative_target_width);
+        else if (a == "--negative-crop-top-left") parse_pair(a, v, false, o.gp.negative_crop_top, o.gp.negative_crop_left);
+        else if (a == "--aesthetic-score" || a == "--negative-aesthetic-score") {
+            double s = parse_double(a, v, "e.g. 6.0 (negative: 2.5)");
+            if (s == 0) throw Usage(a + " 0 cannot be asked for (0 means the default); use e.g. 0.01");
+            (a == "--aesthetic-score" ? o.gp.aesthetic_score : o.gp.negative_aesthetic_score) = s;
         } else if (a == "--embedding") {
             throw Usage(a + " is not supported by sdrt-host; use `sdrt generate`");
         } else {

@@ -40,12 +40,16 @@ class Backend:
         """Run `network` on float32 host arrays; return its outputs by the contract's names."""
         raise NotImplementedError
 
-    def denoise(self, sched, latents, text_states, guidance_scale, step_noise=None, callback=None, progress=False) -> np.ndarray:
-        """The whole denoising loop on the device (sdrt.device_loop.DeviceLoop.run); returns float32 host latents."""
+    def denoise(self, sched, latents, text_states, guidance_scale, step_noise=None, callback=None, progress=False,
+                extra=None, inpaint=None) -> np.ndarray:
+        """The whole denoising loop on the device (sdrt.device_loop.DeviceLoop.run); returns float32 host latents.
+        extra: the UNet's step-invariant inputs besides the text states (SDXL's added conditioning, timestep_cond);
+        inpaint: sdrt.inpaint.InpaintRows.device_tables."""
         if self.loop is None:
             raise NotImplementedError(f"the {self.name} backend has no device loop; the pipeline runs the host loop")
         with self.device_scope():
-            x = self.loop.run(sched, latents, text_states, guidance_scale, step_noise, self.cuda_graphs, callback, progress)
+            x = self.loop.run(sched, latents, text_states, guidance_scale, step_noise, self.cuda_graphs, callback, progress, extra,
+                              inpaint)
         return x.cpu().numpy()
 
     def device_scope(self):
@@ -129,7 +133,7 @@ def available_backends() -> dict[str, str]:
         found["torch"] = "torch, diffusers and transformers installed"
     else:
         found["torch"] = f"not installed: {torch_install_hint()}"
-    from sdrt.backends.tensorrt_backend import tensorrt_status
+    from sdrt.backends.tensorrt_machine import tensorrt_status
 
     usable, why = tensorrt_status()
     if usable:

@@ -105,7 +105,7 @@ def ort_trt_cache_dir(export_dir, device_id: int = 0) -> Path:
     """`<export>/.ort_trt_cache/<key>`: key of ORT's version, the GPU and the tensorrt package's version."""
     import onnxruntime as ort
 
-    from sdrt.backends.tensorrt_backend import machine_info
+    from sdrt.backends.tensorrt_machine import machine_info
 
     m = machine_info(device_id)
     key = hashlib.sha256(f"{ort.__version__}|{m.gpu}|{m.compute_capability}|{m.tensorrt}".encode()).hexdigest()[:12]
@@ -195,7 +195,7 @@ def check_ort_for_tensorrt() -> None:
     """ORT's TensorRT EP is built for one TensorRT major: refuse a pairing that cannot load (TensorRT 11 needs ORT 1.27+)."""
     import onnxruntime as ort
 
-    from sdrt.backends.tensorrt_backend import tensorrt_status
+    from sdrt.backends.tensorrt_machine import tensorrt_status
 
     ok, why = tensorrt_status(check_gpu=False)
     if not ok:

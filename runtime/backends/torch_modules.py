@@ -110,15 +110,26 @@ class VaeEncoderContract(nn.Module):
 
 
 class VaeDecoderContract(nn.Module):
-    """Scaled latents (as the UNet sees them) -> image; divides by the model's own scaling factor inside."""
+    """Scaled latents (as the UNet sees them) -> image; divides by the model's own scaling factor inside (a VAE with
+    latents_mean/latents_std: latent * std / scaling_factor + mean, as diffusers' SDXL pipelines decode)."""
 
-    def __init__(self, vae: nn.Module, scaling_factor: float):
+    def __init__(self, vae: nn.Module, scaling_factor: float, latents_mean=None, latents_std=None):
         super().__init__()
         self.vae = vae
         self.inv_scale = 1.0 / scaling_factor
+        self.scaling_factor = scaling_factor
+        self.normalised = latents_mean is not None
+        if self.normalised:
+            channel = (1, len(latents_mean), 1, 1)
+            self.register_buffer("latents_mean", torch.tensor(latents_mean, dtype=torch.float32).view(channel), persistent=False)
+            self.register_buffer("latents_std", torch.tensor(latents_std, dtype=torch.float32).view(channel), persistent=False)
 
     def forward(self, latent):
-        return self.vae.decode(latent * self.inv_scale, return_dict=False)[0]
+        if self.normalised:
+            latent = latent * self.latents_std.to(latent.dtype) / self.scaling_factor + self.latents_mean.to(latent.dtype)
+        else:
+            latent = latent * self.inv_scale
+        return self.vae.decode(latent, return_dict=False)[0]
 
 
 def load_contract_modules(model_dir, facts, device="cpu", dtype=torch.float32) -> dict[str, nn.Module]:
@@ -169,7 +180,7 @@ def load_contract_modules(model_dir, facts, device="cpu", dtype=torch.float32) -
     modules.update({
         UNET: UNetAddedContract(unet) if sdxl else UNetContract(unet),
         VAE_ENCODER: VaeEncoderContract(vae),
-        VAE_DECODER: VaeDecoderContract(vae, facts.scaling_factor),
+        VAE_DECODER: VaeDecoderContract(vae, facts.scaling_factor, facts.latents_mean, facts.latents_std),
     })  # fmt: skip
     return {name: m.to(device).eval() for name, m in modules.items()}
 

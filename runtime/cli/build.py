@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_build(args) -> int:
-    from sdrt.backends.tensorrt_backend import require_tensorrt
+    from sdrt.backends.tensorrt_machine import require_tensorrt
 
     if args.calibration_prompts and not args.quantize:
         raise InputError("--calibration-prompts goes with --int8 or --fp8; add one")

@@ -51,6 +51,9 @@ def add_parser(sub) -> None:
     p.add_argument("--keep-unmasked", action="store_true", help="inpainting: paste the result back into --image through the "
                    "(blurred) mask, so pixels outside it are kept exactly (A1111 always does; diffusers does not)")
     p.add_argument("--invert-mask", action="store_true", help="inpainting: repaint the black part of --mask instead")
+    p.add_argument("--masked-content", default="original", choices=("original", "latent_noise", "latent_nothing"),
+                   help="inpainting at --strength < 1: what the repainted region starts from: the image, the seed's noise or "
+                   "nothing (A1111's masked content; default: %(default)s)")
     p.add_argument("--backend", default="auto", choices=("auto", "onnx", "torch", "tensorrt"), help="which runtime runs the networks (default: the fastest the model folder allows)")
     p.add_argument("--num-images", type=int, default=1, help="images to make; image k uses seed+k (default: %(default)s)")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="textual-inversion embedding to load (repeatable)")
@@ -65,8 +68,48 @@ def add_parser(sub) -> None:
                    "finishes the base's latents, diffusers' ensemble of experts")
     p.add_argument("--refiner-start", type=float, default=0.8, help="SDXL with --refiner: the fraction of the schedule "
                    "the base runs before handing over (default: %(default)s)")
+    for flag, kind, what in MICRO_FLAGS:
+        p.add_argument(flag, type=_size if kind == "size" else _corner if kind == "corner" else float, default=None,
+                       metavar={"size": "WxH", "corner": "TOP,LEFT", "score": "S"}[kind], help=what)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+
+# SDXL's micro-conditioning (sdrt.sdxl.MICRO_ARGS; sdrt-host takes the same flags): (flag, kind, help).
+MICRO_FLAGS = (
+    ("--original-size", "size", "SDXL: the original image size the model is told, WIDTHxHEIGHT (default: the image's)"),
+    ("--crop-top-left", "corner", "SDXL: the crop corner the model is told, TOP,LEFT (default: 0,0)"),
+    ("--target-size", "size", "SDXL: the target size the model is told, WIDTHxHEIGHT (default: the image's)"),
+    ("--negative-original-size", "size", "SDXL: --original-size for the unconditional pass"),
+    ("--negative-crop-top-left", "corner", "SDXL: --crop-top-left for the unconditional pass"),
+    ("--negative-target-size", "size", "SDXL: --target-size for the unconditional pass"),
+    ("--aesthetic-score", "score", "SDXL refiner: the aesthetic score (default: 6.0)"),
+    ("--negative-aesthetic-score", "score", "SDXL refiner: the unconditional pass's aesthetic score (default: 2.5)"),
+)
+
+
+def _ints(text: str, sep: str, form: str) -> tuple[int, int]:
+    parts = text.split(sep)
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {form}")
+    return int(parts[0]), int(parts[1])
+
+
+def _size(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT -> (height, width), the order of diffusers' original_size/target_size."""
+    width, height = _ints(text, "x", "WIDTHxHEIGHT, e.g. 1024x1024")
+    return height, width
+
+
+def _corner(text: str) -> tuple[int, int]:
+    return _ints(text, ",", "TOP,LEFT, e.g. 0,0")
+
+
+def micro_arguments(args) -> dict:
+    """The micro-conditioning flags given, as Pipeline's keyword arguments."""
+    names = {flag: flag[2:].replace("-", "_").replace("crop_top_left", "crops_coords_top_left") for flag, _, _ in MICRO_FLAGS}
+    return {name: getattr(args, flag[2:].replace("-", "_")) for flag, name in names.items()
+            if getattr(args, flag[2:].replace("-", "_")) is not None}
 
 
 def check_count_or_one(n) -> int:
@@ -142,9 +185,11 @@ def cmd_generate(args) -> int:
         mask_image=mask,
         mask_blur=args.mask_blur,
         keep_unmasked=args.keep_unmasked,
+        masked_content=args.masked_content,
         num_images_per_prompt=args.num_images,
         loras=loras or None,
         progress=not args.quiet,
+        **micro_arguments(args),
         **({"refiner": refiner, "refiner_start": args.refiner_start} if refiner is not None else {}),
     )
     for k, (image, params, path) in enumerate(zip(out.images, out.parameters, paths)):

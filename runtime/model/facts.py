@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from sdrt.errors import ModelError
@@ -44,6 +45,17 @@ class ModelFacts:
     requires_aesthetics_score: bool = False  # SDXL refiner: time ids end with an aesthetic score, not the target size
     force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero states, not the encoded ""
     force_upcast: bool = False  # the VAE overflows in fp16 (SDXL's): fp16 runs keep it in fp32
+    # SDXL VAEs whose config has latents_mean and latents_std (per latent channel): the UNet's latents are
+    # (posterior sample - mean) * scaling_factor / std, and the decoder takes latents * std / scaling_factor + mean,
+    # as diffusers' SDXL pipelines do when both are given. None: plain scaling_factor (and exports made before them).
+    latents_mean: tuple | None = None
+    latents_std: tuple | None = None
+
+    def __post_init__(self):  # JSON gives lists; tuples keep facts hashable and comparable
+        for name in ("latents_mean", "latents_std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
 
     @property
     def unet_input_channels(self) -> int:
@@ -66,6 +78,11 @@ class ModelFacts:
             del data["unet_in_channels"]
         if not data["time_cond_proj_dim"]:
             del data["time_cond_proj_dim"]
+        for name in ("latents_mean", "latents_std"):
+            if data[name] is None:
+                del data[name]
+            else:
+                data[name] = list(data[name])
         return data
 
     @classmethod
@@ -182,14 +199,14 @@ def _read_sdxl_facts(model_dir: Path, spec, index: dict) -> ModelFacts:
             f"give {hidden1} + {hidden2}; the configs disagree"
         )
     vae_latents = int(vae.get("latent_channels", 4))
-    if unet.get("in_channels", 4) != vae_latents:
-        raise ModelError(f"{model_dir}'s UNet takes {unet.get('in_channels')} input channels but the VAE makes {vae_latents}: "
-                         "an inpainting UNet, which sdrt does not run yet")
+    unet_in = int(unet.get("in_channels", 4))
+    if unet_in not in (vae_latents, 2 * vae_latents + 1):
+        raise ModelError(f"{model_dir}'s UNet takes {unet_in} input channels but the VAE makes {vae_latents}: not a "
+                         f"text-to-image ({vae_latents}) or inpainting ({2 * vae_latents + 1}) UNet, which sdrt does not run")
     if unet.get("time_cond_proj_dim"):
         raise ModelError(f"{model_dir}'s SDXL UNet is LCM-distilled (time_cond_proj_dim), which sdrt runs for SD 1.x/2.x "
                          "only, for now; use the SDXL base with an LCM-LoRA fused (load_lora), or an SD 1.x/2.x LCM")
-    if vae.get("latents_mean") is not None:
-        raise ModelError(f"{model_dir}'s VAE normalises latents with latents_mean/latents_std, which sdrt does not run yet")
+    latents_mean, latents_std = _latent_statistics(model_dir, vae, vae_latents)
     vae_scale = 2 ** (len(vae.get("block_out_channels", [64])) - 1)
     return ModelFacts(
         family=spec.name,
@@ -210,7 +227,25 @@ def _read_sdxl_facts(model_dir: Path, spec, index: dict) -> ModelFacts:
         requires_aesthetics_score=aesthetics,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),  # diffusers' default
         force_upcast=bool(vae.get("force_upcast", True)),
+        unet_in_channels=unet_in if unet_in != vae_latents else None,
+        latents_mean=latents_mean,
+        latents_std=latents_std,
     )
+
+
+def _latent_statistics(model_dir: Path, vae: dict, channels: int) -> tuple:
+    """The VAE config's latents_mean and latents_std, used (as diffusers' SDXL pipelines use them) only when both are
+    given; one number per latent channel, the std positive."""
+    mean, std = vae.get("latents_mean"), vae.get("latents_std")
+    if mean is None or std is None:
+        return None, None
+    for name, values in (("latents_mean", mean), ("latents_std", std)):
+        ok = isinstance(values, list) and len(values) == channels and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not ok or (name == "latents_std" and min(values) <= 0):
+            raise ModelError(f"{model_dir}'s VAE config has {name} {values!r}; it must be {channels} finite numbers (one "
+                             f"per latent channel{', positive' if name == 'latents_std' else ''}); fix vae/config.json")
+    return tuple(map(float, mean)), tuple(map(float, std))
 
 
 def check_size(facts: ModelFacts, height: int, width: int) -> None:

@@ -92,7 +92,7 @@ class ModelSource:
     def default_backend(self) -> str:
         if self.manifest is not None:
             if self.manifest.extras.get("engines"):
-                from sdrt.backends.tensorrt_backend import tensorrt_status
+                from sdrt.backends.tensorrt_machine import tensorrt_status
 
                 if tensorrt_status()[0]:  # a PyPI stub or a machine without a GPU must not pick TensorRT
                     return "tensorrt"

@@ -81,7 +81,7 @@ async def generate(req, request: Request, image=None, strength: float = 0.8, inp
         prompt=prompt, negative_prompt=req.negative_prompt or None,
         num_inference_steps=req.steps, guidance_scale=req.cfg_scale, height=req.height, width=req.width,
         seed=None if req.seed == -1 else req.seed, scheduler=scheduler, image=image, strength=strength,
-        num_images_per_prompt=req.batch_size * req.n_iter, **({"mask_image": inpaint.mask} if inpaint else {}),
+        num_images_per_prompt=req.batch_size * req.n_iter, **({"mask_image": inpaint.mask, "masked_content": inpaint.masked_content} if inpaint else {}),
     )
     job = service.submit(batcher, plan)
     await service.wait(job, request)

@@ -7,7 +7,8 @@ back. The fields (A1111's StableDiffusionProcessingImg2Img):
 - mask_blur: a Gaussian blur of that many pixels on the mask (PIL's; A1111 uses OpenCV's with the same sigma), before
   the mask is thresholded for the networks and as the soft edge of the paste-back.
 - inpainting_fill: 0 "fill" (the masked region is first filled with the surrounding colours by successive blurs),
-  1 "original" (left as is). 2 "latent noise" and 3 "latent nothing" are refused (not implemented).
+  1 "original" (left as is), 2 "latent noise" and 3 "latent nothing" (the region's latents start from the seed's
+  noise or from zeros: the pipeline's masked_content, sdrt.inpaint.fill_latents).
 - inpaint_full_res ("Only masked"): the mask's bounding box, grown by inpaint_full_res_padding pixels and then to the
   request's aspect ratio, is cut out, scaled to width x height, inpainted at that full resolution, scaled back and
   pasted into the original image; the answer has the init image's size. Without it the image is resized to
@@ -26,7 +27,8 @@ from PIL import Image, ImageFilter, ImageOps
 from sdrt.inpaint import ASPECT_TOLERANCE, composite, to_grey
 from sdrt.serve.schemas import FieldError
 
-FILL_NAMES = {0: "fill", 1: "original"}
+FILL_NAMES = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+MASKED_CONTENT = {0: "original", 1: "original", 2: "latent_noise", 3: "latent_nothing"}  # the pipeline's masked_content
 
 
 @dataclasses.dataclass
@@ -37,6 +39,7 @@ class Prepared:
     overlay: np.ndarray  # float32 [H, W] of `base`: 1 = generated pixel, 0 = base pixel kept
     box: tuple | None  # (x1, y1, x2, y2) in `base` where the generated image goes (full_res), else None
     params: dict  # what goes into each image's metadata
+    masked_content: str = "original"  # the pipeline's masked_content (inpainting_fill 2/3)
 
 
 def crop_box(mask: np.ndarray, pad: int, width: int, height: int) -> tuple[int, int, int, int] | None:
@@ -81,8 +84,8 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
 def prepare(image: Image.Image, mask: Image.Image, width: int, height: int, mask_blur: int, inpainting_fill: int,
             full_res: bool, padding: int, invert: bool) -> Prepared:
     if inpainting_fill not in FILL_NAMES:
-        raise FieldError("inpainting_fill", f"inpainting_fill {inpainting_fill} is not supported: use 0 (fill) or 1 "
-                         "(original); 2 (latent noise) and 3 (latent nothing) are not implemented in sdrt")
+        raise FieldError("inpainting_fill", f"inpainting_fill {inpainting_fill} is not one of 0 (fill), 1 (original), "
+                         "2 (latent noise), 3 (latent nothing)")
     mask = to_grey(mask).convert("L")
     if invert:
         mask = ImageOps.invert(mask)
@@ -111,7 +114,7 @@ def prepare(image: Image.Image, mask: Image.Image, width: int, height: int, mask
         overlay = np.clip(np.asarray(work_mask, np.float32) * 2 / 255.0, 0, 1)  # A1111 doubles the mask here
     if inpainting_fill == 0:
         work_image = fill_masked(work_image, work_mask)
-    return Prepared(work_image, work_mask, base, overlay, box, params)
+    return Prepared(work_image, work_mask, base, overlay, box, params, MASKED_CONTENT[inpainting_fill])
 
 
 def finish(prep: Prepared, images: list[Image.Image]) -> list[Image.Image]:

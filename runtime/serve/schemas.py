@@ -89,7 +89,7 @@ class Img2ImgRequest(A1111Base):
     denoising_strength: float = Field(0.75, gt=0.0, le=1.0)
     mask: str | None = Field(None, description="inpainting: base64 mask, white = repaint (sdrt.serve.a1111_inpaint)")
     mask_blur: int = Field(4, ge=0, le=256, description="pixels of Gaussian blur on the mask (soft edge)")
-    inpainting_fill: int = Field(0, ge=0, le=3, description="0 fill, 1 original (2 latent noise, 3 latent nothing: refused)")
+    inpainting_fill: int = Field(0, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
     inpaint_full_res: bool = Field(True, description="'Only masked': inpaint a crop around the mask at width x height")
     inpaint_full_res_padding: int = Field(0, ge=0, le=4096, description="pixels added around the mask's crop")
     inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: repaint the black of the mask")

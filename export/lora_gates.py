@@ -43,6 +43,7 @@ def _slot_branches(graph):
             reach.update(node.output)
         if join is None:
             continue
+        _absorb_feeders(graph, nodes, join, consumers)
         delta = next(i for i in graph.node[join].input if i in reach)
         y = next(i for i in graph.node[join].input if i not in reach)
         inner = {o for k in nodes for o in graph.node[k].output}
@@ -51,6 +52,23 @@ def _slot_branches(graph):
             continue  # something outside the branch reads it: leave the slot as traced
         out[f"lora_down{sep}{layer}"] = (nodes, join, y)
     return out
+
+
+def _absorb_feeders(graph, branch: set, join: int, consumers) -> None:
+    """Add to `branch` the nodes whose every output only the branch reads (an upsampler slot's Resize of x): they
+    then run at rank > 0 only."""
+    outputs = {o.name for o in graph.output}
+    changed = True
+    while changed:
+        changed = False
+        for k in range(join - 1, -1, -1):
+            node = graph.node[k]
+            if k in branch or not node.output or node.op_type in ("If", "Constant"):  # constants stay shared
+                continue
+            users = [c for o in node.output for c in consumers[o]]
+            if users and all(c in branch for c in users) and not any(o in outputs for o in node.output):
+                branch.add(k)
+                changed = True
 
 
 def _sink(nodes, join: int, consumers, outputs, taken: set) -> int:

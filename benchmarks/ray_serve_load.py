@@ -6,7 +6,9 @@
 - time to recover a SIGKILLed replica (to RUNNING again, i.e. loaded and warm), under 8 clients' load.
 
     python benchmarks/ray_serve_load.py --out benchmarks/results/ray-serve-load
+    python benchmarks/ray_serve_load.py --latency-only --rounds 3 --pairs 40 --out /tmp/ray-serve-latency
 A local Ray cluster on 127.0.0.1 (`--ray-cpus`, default 2), stopped at the end; every run is bounded.
+--latency-only: the added latency at 1 client alone, a fresh cluster per round.
 """
 
 from __future__ import annotations
@@ -125,6 +127,37 @@ def recovery(url: str, seconds: float) -> dict:
     return result
 
 
+def latency_rounds(args, local: str) -> list[dict]:
+    """The added latency at 1 client on a fresh cluster per round (what one cluster's start leaves behind varies)."""
+    from sdrt.serve import ServeConfig
+    from sdrt.serve.ray_app import RayOptions, deploy, shutdown
+
+    rounds = []
+    for _ in range(args.rounds):
+        options = RayOptions(replicas=1, cpus_per_replica=1, num_cpus=args.ray_cpus, port=free_port())
+        try:
+            rounds.append(paired(local, deploy(ServeConfig(max_batch=8), options), args.pairs))
+        finally:
+            shutdown()
+        print("latency", rounds[-1], flush=True)
+    return rounds
+
+
+def latency_markdown(r: dict) -> str:
+    fmt = lambda t: ", ".join(f"{x:.1f}" for x in t)  # noqa: E731
+    lines = [f"# sdrt serve --ray: added latency at 1 client (built-in model, 64x64, {BODY['steps']} steps DDIM)", "",
+             f"- machine: {r['machine']}; load average (1, 5, 15 min) before: {fmt(r['load_average_before'])}; "
+             f"after: {fmt(r['load_average_after'])} (other jobs share these cores)",
+             f"- command: `{r['command']}`", "",
+             "| round (fresh cluster) | added ms, median (IQR) | p50 alone / through Ray ms |", "|---|---|---|"]
+    for k, x in enumerate(r["latency_rounds"], 1):
+        lines.append(f"| {k} | {x['added_ms_median']:.1f} ({x['added_ms_iqr'][0]:.1f} .. {x['added_ms_iqr'][1]:.1f}) | "
+                     f"{x['local_p50_ms']:.1f} / {x['ray_p50_ms']:.1f} |")
+    lines += ["", f"- median of the rounds' medians: {statistics.median(x['added_ms_median'] for x in r['latency_rounds']):.1f} ms "
+              "(target: <= 10 ms)"]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/ray-serve-load")
@@ -132,6 +165,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ray-cpus", type=int, default=2)
+    ap.add_argument("--latency-only", action="store_true", help="only the added latency at 1 client, a fresh cluster per round")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster on 127.0.0.1 only
 
@@ -144,6 +178,18 @@ def main() -> int:
     results: dict = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                      "body": BODY, "load_average_before": load_before}
     proc, local, _ = start_server(8)
+    if args.latency_only:
+        try:
+            results["latency_rounds"] = latency_rounds(args, local)
+        finally:
+            stop(proc)
+        results["load_average_after"] = os.getloadavg()
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        out.with_suffix(".md").write_text(latency_markdown(results))
+        print(latency_markdown(results))
+        return 0
     config = ServeConfig(max_batch=8)
     options = RayOptions(replicas=1, cpus_per_replica=1, num_cpus=args.ray_cpus, port=free_port())
     try:

@@ -184,20 +184,29 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
-def test_ray_replicas_refuse_loras_at_the_ingress(tmp_path):
-    """Under --ray the pipeline lives on a replica: a request with LoRAs is a 422 before anything is sent there."""
+def test_ray_ingress_asks_a_replica_for_loras(tmp_path):
+    """Under --ray the LoRA folder and the pipeline are the replicas' (the folder need not exist at the ingress): the
+    ingress hands a request's LoRAs to the remote batcher (a replica checks and registers them, sdrt.serve.ray_replica)
+    and plans with the names it answers; the Ray module (test_serve_ray.py) runs it on a cluster."""
     import asyncio
     from types import SimpleNamespace
 
     from sdrt.serve import Limits, ServeConfig
     from sdrt.serve.app import Service
-    from sdrt.serve.schemas import FieldError
+
+    asked = []
+
+    async def prepare_loras(loras, field):
+        asked.append((loras, field))
+        return {"style": 0.5}
 
     remote = SimpleNamespace(remote=True, limits=Limits(), facts=SimpleNamespace(default_size=64, size_step=8),
-                             plan=lambda **kw: pytest.fail("planned on the replica"))
-    service = Service(ServeConfig(models={"m": None}, lora_dir=str(tmp_path)), metrics=None, batchers={"m": remote})
-    with pytest.raises(FieldError, match="--ray"):
-        asyncio.run(service.plan(remote, loras={"style": 1.0}, prompt="a cat", num_inference_steps=2))
+                             prepare_loras=prepare_loras, planner=SimpleNamespace(plan=lambda **kw: kw),
+                             remote_plan=lambda plan, kw: plan)
+    service = Service(ServeConfig(models={"m": None}, lora_dir=str(tmp_path / "on-the-replicas")), metrics=None,
+                      batchers={"m": remote})
+    planned = asyncio.run(service.plan(remote, loras={"Style": 0.5}, lora_field="prompt", prompt="a cat", num_inference_steps=2))
+    assert planned["loras"] == {"style": 0.5} and asked == [({"Style": 0.5}, "prompt")]
 
 
 def test_a_lora_changed_in_place_is_read_again_and_the_registered_set_is_bounded(onnx_sd1_slots, tiny_sd1, tmp_path):

@@ -1,8 +1,9 @@
 """`sdrt serve --ray`: the same HTTP app on Ray Serve, on a two-node Ray cluster made on this machine (`ray start
 --head` plus a second `ray start --address`, each with its own custom resource), 2 replicas of the built-in model,
 one per node. Requests served as by `sdrt serve` (bad input refused at POST, job progress, previews and queue
-position); a replica SIGKILLed under 16 requests and 2 jobs -> all answer, same images, 2 replicas again; autoscaling
-1:2 up under load and down; clear errors before anything is deployed; nothing of Ray left behind.
+position, inpainting); a replica SIGKILLed under 16 requests and 2 jobs -> all answer, same images, 2 replicas again;
+autoscaling 1:2 up under load and down; run-time LoRAs from the replicas' --lora-dir; clear errors before anything is
+deployed; nothing of Ray left behind.
 
 Everything binds to 127.0.0.1; one cluster for the module (~1 minute in all here)."""
 
@@ -115,6 +116,13 @@ def url(cluster):
 
 
 @pytest.fixture(scope="module")
+def alone_url():
+    """`sdrt serve` alone with the module's config: what the Ray app's answers must equal."""
+    with running_server(serve_config()) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
 def pipe():
     return sdrt.Pipeline.from_pretrained(None, backend="onnx", threads=1)
 
@@ -187,7 +195,7 @@ def test_same_api_same_images(url, pipe):
     assert np.abs(png_pixels(done["images"][0]) - ref.astype(int)).max() <= 1
 
 
-def test_bad_input_refused_at_post_as_on_one_machine(url):
+def test_bad_input_refused_at_post_as_on_one_machine(url, alone_url):
     """The ingress plans as one machine does (the pipeline's planning copy): a bad size, a step count the scheduler
     cannot run from an init image, an unknown scheduler -> 422 from the POST itself, body for body as `sdrt serve`."""
     import base64
@@ -207,11 +215,37 @@ def test_bad_input_refused_at_post_as_on_one_machine(url):
         ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "nope"}),
     ]
     served = [post(url, path, json=body) for path, body in bad]
-    with running_server(serve_config()) as alone_url:
-        want = [post(alone_url, path, json=body) for path, body in bad]
+    want = [post(alone_url, path, json=body) for path, body in bad]
     for (path, _), got, ref in zip(bad, served, want):
         assert ref.status_code == 422, (path, ref.text)
         assert (got.status_code, got.json()) == (422, ref.json()), path
+
+
+def test_inpainting_as_on_one_machine(url, alone_url):
+    """A1111 img2img with a mask (the crop around it, blur, paste-back at the ingress; the masked generation on a
+    replica) answers the image `sdrt serve` alone answers, within one level of 255 (ORT kernels per batch size)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def b64(array) -> str:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    init = (np.random.default_rng(0).uniform(0, 1, (96, 96, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((96, 96), np.uint8)
+    mask[50:80, 20:44] = 255
+    body = {"prompt": "a red 3", "init_images": [b64(init)], "mask": b64(mask), "seed": 4, "cfg_scale": 3.0, "steps": STEPS,
+            "width": 64, "height": 64, "denoising_strength": 0.9, "mask_blur": 4, "inpainting_fill": 1,
+            "inpaint_full_res": True, "inpaint_full_res_padding": 8, "sampler_name": "Euler a"}
+    got, want = post(url, "/sdapi/v1/img2img", json=body), post(alone_url, "/sdapi/v1/img2img", json=body)
+    assert got.status_code == want.status_code == 200, got.text
+    a, b = png_pixels(got.json()["images"][0]), png_pixels(want.json()["images"][0])
+    assert a.shape == b.shape == (96, 96, 3) and np.abs(a - b).max() <= 1
+    assert np.abs(a - init.astype(int))[mask > 0].max() > 8  # the masked part was generated
+    assert json.loads(got.json()["info"])["seed"] == 4
 
 
 def loads() -> list[dict]:
@@ -399,6 +433,73 @@ def test_jobs_outlive_the_ingress(url):
     assert [e for e, _ in events] == ["status", "done"] and events[-1][1]["images"] == before["images"]
     assert httpx.delete(f"{url}/v1/jobs/{done}").json()["status"] == "done"
     assert httpx.get(f"{url}/v1/jobs/nope").status_code == 404
+
+
+# --- run-time LoRAs ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_sd1, tmp_path_factory):
+    """style (kohya), the same factors aliased (ss_output_name "Crayon") and a corrupt file."""
+    pytest.importorskip("torch")
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from test_customisation import make_lora
+
+    folder = tmp_path_factory.mktemp("ray-loras")
+    style, _ = make_lora(tiny_sd1, "kohya", seed=91)
+    shutil.copy(style, folder / "style.safetensors")
+    save_file(load_file(str(style)), str(folder / "crayon_v2.safetensors"), metadata={"ss_output_name": "Crayon"})
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    return folder
+
+
+def test_loras_served_by_the_replicas_as_on_one_machine(url, onnx_sd1_slots, lora_dir):
+    """The app updated in place with a second model (the tiny SD 1.x export with LoRA slots) and --lora-dir: the
+    replicas read the folder (GET /sdapi/v1/loras), <lora:NAME:SCALE> tags and `loras` fields (names and aliases)
+    give the pipeline's own image with those LoRAs, and bad LoRAs are a 422 at POST, body for body as `sdrt serve`."""
+    import dataclasses
+
+    from sdrt.serve.ray_app import RayOptions, deploy
+
+    config = dataclasses.replace(serve_config(), models={"digits": None, "sd1": str(onnx_sd1_slots)}, lora_dir=str(lora_dir))
+    options = RayOptions(address="auto", replicas=1, cpus_per_replica=0.5, port=int(url.rsplit(":", 1)[1]),
+                         health_check_period_s=2.0)
+    assert deploy(config, options, ready_timeout=120) == url
+    listed = {item["name"]: item for item in httpx.get(f"{url}/sdapi/v1/loras").json()}
+    assert sorted(listed) == ["broken", "crayon_v2", "style"] and listed["crayon_v2"]["alias"] == "Crayon"
+    assert post(url, "/sdapi/v1/refresh-loras").status_code == 200
+
+    ref = sdrt.Pipeline.from_pretrained(onnx_sd1_slots, backend="onnx", threads=1)
+    ref.register_lora(lora_dir / "style.safetensors", name="style")
+    ref.register_lora(lora_dir / "crayon_v2.safetensors", name="crayon_v2")
+    common = dict(seed=3, guidance_scale=2.0, num_inference_steps=4, scheduler="ddim", height=64, width=64)
+    r = post(url, "/sdapi/v1/txt2img", json={"prompt": "a cat <lora:style:0.8>, at dusk", "seed": 3, "cfg_scale": 2.0, "steps": 4,
+                                             "sampler_name": "DDIM", "width": 64, "height": 64,
+                                             "override_settings": {"sd_model_checkpoint": "sd1"}})
+    assert r.status_code == 200, r.text
+    got = png_pixels(r.json()["images"][0])
+    assert np.abs(got - alone(ref, "a cat, at dusk", loras={"style": 0.8}, **common)[0].astype(int)).max() <= 1
+    assert np.abs(got - alone(ref, "a cat, at dusk", **common)[0].astype(int)).max() > 8  # the LoRA did something
+    r = post(url, "/v1/jobs", json={"model": "sd1", "prompt": "a dog", "steps": 4, "guidance_scale": 2.0, "seed": 7,
+                                    "scheduler": "ddim", "width": 64, "height": 64, "loras": {"Crayon": 0.5, "style": 1.0}})
+    assert r.status_code == 202, r.text
+    done = wait_for(lambda: (s := httpx.get(f"{url}/v1/jobs/{r.json()['id']}").json())["status"] == "done" and s, timeout=60)
+    want = alone(ref, "a dog", loras={"crayon_v2": 0.5, "style": 1.0}, **{**common, "seed": 7})[0]
+    assert np.abs(png_pixels(done["images"][0]) - want.astype(int)).max() <= 1
+
+    bad = [("/v1/jobs", {"model": "sd1", "prompt": "a cat", "steps": 2, "loras": {"nope": 1.0}}),
+           ("/v1/jobs", {"model": "sd1", "prompt": "a cat", "steps": 2, "loras": {"../style": 1.0}}),
+           ("/v1/images/generations", {"model": "sd1", "prompt": "a cat", "size": "64x64", "steps": 2, "loras": {"broken": 1.0}}),
+           ("/v1/images/generations", {"model": "digits", "prompt": "a 1", "size": "64x64", "steps": 2, "loras": {"style": 1.0}}),
+           ("/sdapi/v1/txt2img", {"prompt": "a <lora:nope:1> cat", "steps": 2, "override_settings": {"sd_model_checkpoint": "sd1"}})]
+    served = [post(url, path, json=body) for path, body in bad]
+    with running_server(config) as base:
+        want = [post(base, path, json=body) for path, body in bad]
+    for (path, _), got, ref_answer in zip(bad, served, want):
+        assert ref_answer.status_code == 422, (path, ref_answer.text)
+        assert (got.status_code, got.json()) == (422, ref_answer.json()), path
 
 
 # --- errors before anything is deployed, and no ray unless asked ------------------------------------------------

@@ -222,15 +222,15 @@ def embeddings(request: Request):
 
 
 @router.get("/loras", response_model=list[LoraItem])
-def loras(request: Request):
+async def loras(request: Request):
     """The LoRAs of `--lora-dir` (empty without one), as A1111 lists them; `path` is relative to that folder."""
-    return request.app.state.service.loras.listing()
+    return await request.app.state.service.lora_listing()
 
 
 @router.post("/refresh-loras")
-def refresh_loras(request: Request) -> None:
+async def refresh_loras(request: Request) -> None:
     """Re-read the LoRA folder (requests also rescan it when they name a file not seen yet)."""
-    request.app.state.service.loras.scan()
+    await request.app.state.service.lora_listing()
     return None
 
 

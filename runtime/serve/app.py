@@ -79,7 +79,9 @@ class Service:
         self.draining = False
         self.a1111_model = config.default_model  # A1111's /options sd_model_checkpoint
         self.jobs: OrderedDict[str, Job] = OrderedDict()
-        self.loras = LoraLibrary(config.lora_dir, config.max_loras)
+        # under --ray the LoRA folder is the replicas' (their nodes'): the ingress asks them (RemoteBatcher)
+        remote = batchers is not None and any(getattr(b, "remote", False) for b in batchers.values())
+        self.loras = LoraLibrary(None if remote else config.lora_dir, config.max_loras)
         self.job_store = None  # a Ray ingress's copy of job states (sdrt.serve.ray_jobs.RemoteJobStore)
         self.batchers = batchers if batchers is not None else {
             name: Batcher(name, lambda path=path: load_pipeline(path, config.backend, config.threads, config.max_batch),
@@ -117,11 +119,12 @@ class Service:
         batcher.limits.check(batcher.facts, prompt=kw["prompt"], negative_prompt=kw.get("negative_prompt"),
                              steps=kw["num_inference_steps"], images=kw.get("num_images_per_prompt", 1),
                              width=kw.get("width"), height=kw.get("height"), fields=fields)
-        if loras:
+        if loras:  # under --ray a replica checks and registers them (its folder, its pipeline), before queueing
             if getattr(batcher, "remote", False):
-                raise FieldError(lora_field, "run-time LoRAs are not served under --ray yet; serve without --ray")
-            kw["loras"] = await run_in_threadpool(self.loras.prepare, batcher.pipe, batcher.name, loras, lora_field,
-                                                  batcher.loras_in_use())
+                kw["loras"] = await batcher.prepare_loras(loras, lora_field)
+            else:
+                kw["loras"] = await run_in_threadpool(self.loras.prepare, batcher.pipe, batcher.name, loras, lora_field,
+                                                      batcher.loras_in_use())
         # plan() checks the rest through sdrt.inputs (size, schedule, memory budget): a 422 for this request alone.
         # A Ray ingress plans with the pipeline's planning copy (sdrt.planning): the same checks, before queueing.
         planner = batcher.planner
@@ -130,6 +133,13 @@ class Service:
         else:
             plan = planner.plan(**kw)
         return batcher.remote_plan(plan, kw) if getattr(batcher, "remote", False) else plan
+
+    async def lora_listing(self) -> list[dict]:
+        """The --lora-dir's LoRAs, rescanned (under --ray: as the default model's replicas see their folder)."""
+        batcher = self.batchers[self.config.default_model]
+        if getattr(batcher, "remote", False):
+            return await batcher.lora_listing()
+        return await run_in_threadpool(self.loras.listing)
 
     def submit(self, batcher: Batcher, plan, **kw) -> Job:
         if self.draining:

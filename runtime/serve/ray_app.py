@@ -10,7 +10,8 @@ The ingress checks every request as one machine does (the limits, then the pipel
 copy: a bad request is a 422 at POST time), fixes its seed (so a retry reproduces it) and streams it from the model's
 deployment (ray_remote.RemoteBatcher <- ray_replica.ModelReplica.stream: queue position, per-step progress,
 previews, result); a request whose replica died is sent again to another replica and returns the same image. Ray
-Serve restarts the replica; `check_health` runs a tiny generation.
+Serve restarts the replica; `check_health` runs a tiny generation. `--lora-dir` is read on the replicas' nodes: a
+request's LoRAs are checked and registered by a replica at POST (`ModelReplica.prepare_loras`), as on one machine.
 
 Nothing here is imported unless --ray is asked for: `import sdrt` and `sdrt serve` never import ray.
 """

@@ -140,6 +140,29 @@ class RemoteBatcher:
         """`plan` (made here by the planning copy: the input is valid) as the replica's arguments, its seed fixed."""
         return RemotePlan({**kwargs, "seed": plan.seeds[0]})
 
+    async def prepare_loras(self, loras: dict, field) -> dict:
+        """{request name or alias: scale} -> {registered name: scale}, checked by a replica as sdrt.serve.loras does
+        on one machine (its folder, its model's slots, the file itself): a FieldError (422) at POST time. The
+        planning copy learns the names, so the ingress plans the request as the replica will."""
+        from sdrt.planning import RegisteredName
+        from sdrt.serve.schemas import FieldError
+
+        for attempt in range(2):  # once more if the replica asked died under the call
+            try:
+                answer = await self.handle.prepare_loras.remote(loras, field)
+                break
+            except self._retryable:
+                if attempt:
+                    raise
+        if "error" in answer:
+            raise FieldError(tuple(answer["loc"]), answer["error"])
+        for name in answer["loras"]:
+            self.planner.registered_loras.setdefault(name, RegisteredName(name))
+        return answer["loras"]
+
+    async def lora_listing(self) -> list[dict]:
+        return await self.handle.lora_listing.remote()
+
     def submit(self, plan: RemotePlan, preview_every: int = 0, preview_decode: bool = False, watchable: bool = False) -> Job:
         if self.draining:
             raise NotAccepting(f"model {self.name!r} is draining")

@@ -12,6 +12,8 @@ import time
 from sdrt.errors import InputError
 from sdrt.serve.app import ServeConfig, load_pipeline
 from sdrt.serve.batcher import Batcher, NotAccepting, QueueFull
+from sdrt.serve.loras import LoraLibrary
+from sdrt.serve.schemas import FieldError
 
 PROGRESS_EVERY_S = 0.25  # a synchronous request's state is sampled this often (a shorter one sends only its result)
 POSITION_EVERY_S = 0.25  # how often a queued request's place is looked at
@@ -55,6 +57,7 @@ class ModelReplica:
             time.sleep(0.02)
         if self.batcher.state != "ready":
             raise RuntimeError(f"model {name!r} failed to load: {self.batcher.load_error}")
+        self.loras = LoraLibrary(config.lora_dir, config.max_loras)  # --lora-dir on this replica's node (None: serves no LoRAs)
         self.node = ray.get_runtime_context().get_node_id()
         self.pid = os.getpid()
 
@@ -67,6 +70,20 @@ class ModelReplica:
 
         return planning_copy(self.batcher.pipe)
 
+    async def prepare_loras(self, loras: dict, field) -> dict:
+        """The ingress's LoRA check at POST time, by sdrt.serve.loras on this replica's folder and pipeline (names,
+        aliases, files the model can take; each registered here): {"loras": {registered name: scale}}, or
+        {"error": message, "loc": loc} for a 422 (an answer, not an exception, so the ingress gets the text as is)."""
+        try:
+            return {"loras": await asyncio.to_thread(self.loras.prepare, self.batcher.pipe, self.name, loras, field,
+                                                      self.batcher.loras_in_use())}
+        except FieldError as err:
+            return {"error": err.message, "loc": list(err.loc or ())}
+
+    def lora_listing(self) -> list[dict]:
+        """GET /sdapi/v1/loras (and refresh-loras) under --ray: this replica's --lora-dir, rescanned."""
+        return self.loras.listing()
+
     def whoami(self) -> dict:
         return {"node": self.node, "pid": self.pid, "queued": self.batcher.queued, "running": len(self.batcher.running())}
 
@@ -78,12 +95,15 @@ class ModelReplica:
         ingress cancelled: client gone, timeout, DELETE) drops the request's rows from its batch."""
         where = {"node": self.node, "pid": self.pid}
         try:
-            if kwargs.get("image") is not None:
+            if kwargs.get("loras"):  # checked at the ingress by a replica; registered here on first use
+                kwargs = {**kwargs, "loras": await asyncio.to_thread(self.loras.prepare, self.batcher.pipe, self.name,
+                                                                     kwargs["loras"], "loras")}
+            if kwargs.get("image") is not None or kwargs.get("loras"):
                 plan = await asyncio.to_thread(self.batcher.pipe.plan, **kwargs)
             else:
                 plan = self.batcher.pipe.plan(**kwargs)
-        except InputError as err:
-            yield {"event": "result", "state": "failed", "error": str(err), "status": 422, **where}
+        except (InputError, FieldError) as err:
+            yield {"event": "result", "state": "failed", "error": getattr(err, "message", str(err)), "status": 422, **where}
             return
         try:
             job = self.batcher.submit(plan, preview_every, preview_decode)

@@ -3,6 +3,8 @@
     python benchmarks/lora_slots_export.py /tmp/lorabench plain     # today's CPU export (Winograd), 3.4 GB
     python benchmarks/lora_slots_export.py /tmp/lorabench all       # the same with LoRA slots ("all")
     python benchmarks/lora_slots.py /tmp/lorabench [--rounds 2] [--calls 4]
+    python benchmarks/lora_slots.py /tmp/lorabench --threads 2 --only interleaved-pruned+gated --calls 16   # side by side
+    python benchmarks/lora_slots.py /tmp/lorabench --threads 2 --only profile-plain,profile-all,profile-gated  # per op
 
 Single UNet calls at 256 px (latents 32x32), batch 2 (guidance), as `sdrt bench --sd15-random --size 256` runs
 them; each measurement in its own process (one SD 1.5 session at a time fits this machine), plain and slotted
@@ -13,6 +15,7 @@ The PyTorch part times the UNet with and without hooks, and the alternative (fus
 Writes benchmarks/results/lora_slots.json and prints a table.
 """
 
+import collections
 import json
 import os
 import resource
@@ -64,24 +67,53 @@ def unet_feeds():
             "encoder_hidden_states": rng.standard_normal((2, 77, 768)).astype(np.float32)}
 
 
+GATED = {"gated": True, "gated-nosink": False}  # variants made from the "all" export by sdrt.export.lora_gates
+
+
+def model_path(root: Path, which: str) -> Path:
+    """plain/attention/all: the exports; gated, gated-nosink, pruned: rewrites of the "all" graph next to it (sharing
+    its weights file), made on first use."""
+    if which not in (*GATED, "pruned"):
+        return root / which / "unet" / "model.onnx"
+    path = root / "all" / "unet" / f"model.{which}.onnx"
+    if not path.exists():
+        import onnx
+
+        from sdrt.export.lora_gates import gate_slots, prune_slots
+
+        model = onnx.load(str(root / "all" / "unet" / "model.onnx"), load_external_data=False)
+        count = gate_slots(model, sink=GATED[which]) if which in GATED else prune_slots(model)
+        tmp = path.with_suffix(".tmp")
+        onnx.save_model(model, str(tmp))
+        tmp.replace(path)
+        print(f"{which}: {count} slots rewritten", flush=True)
+    return path
+
+
+def contract_of(root: Path, which: str):
+    from sdrt.contracts import NetworkContract
+
+    return NetworkContract.from_dict(json.loads((root / ("all" if which in GATED else which) / "contract.json").read_text()))
+
+
 def measure_onnx(root: Path, which: str, calls: int) -> dict:
     import onnxruntime as ort
 
     from sdrt.adapters.lora_switch import activate, register
     from sdrt.backends.base import Backend
-    from sdrt.contracts import NetworkContract, UNET
+    from sdrt.contracts import UNET
 
     t0 = time.perf_counter()
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
-    session = ort.InferenceSession(str(root / which / "unet" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_path(root, which)), options, providers=["CPUExecutionProvider"])
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_gb()
     feeds = unet_feeds()
     result = {"load_s": load_s, "rss_after_load_gb": rss_loaded, "times": {}}
     conditions = {"plain": {}}
-    if which != "plain":
-        contract = NetworkContract.from_dict(json.loads((root / which / "contract.json").read_text()))
+    if which not in ("plain", "pruned"):
+        contract = contract_of(root, which)
 
         class SlotBackend(Backend):
             name = "onnx"
@@ -167,26 +199,23 @@ def measure_torch(calls: int) -> dict:
     return result
 
 
-def paired(root: Path, pairs: int, calls: int, slots: str = "all") -> dict:
-    """Plain export vs slotted export with no LoRA, alternated inside one process (one session at a time: two do
-    not fit), so that the machine's drift between separate processes (+-30% here) does not decide the ratio."""
+def paired(root: Path, pairs: int, calls: int, variants=("plain", "all")) -> dict:
+    """The export variants with no LoRA, one session at a time (two SD 1.5 sessions at once thrash this machine), in
+    turn inside one process, `pairs` times: the machine's drift between separate processes (+-30% here) then hits
+    every variant alike. Ratios are against the first variant (today's plain export)."""
     import gc
 
     import onnxruntime as ort
 
-    contract = json.loads((root / slots / "contract.json").read_text())
-    from sdrt.contracts import NetworkContract
-
-    empty = NetworkContract.from_dict(contract).empty_lora_feeds()
     feeds = unet_feeds()
-    out = {"pairs": []}
+    out = {"pairs": [], "variants": list(variants)}
     for k in range(pairs):
         pair = {}
-        for which in ("plain", slots):
+        for which in variants:
             options = ort.SessionOptions()
             options.intra_op_num_threads = THREADS
-            session = ort.InferenceSession(str(root / which / "unet" / "model.onnx"), options, providers=["CPUExecutionProvider"])
-            extra = empty if which == slots else {}
+            session = ort.InferenceSession(str(model_path(root, which)), options, providers=["CPUExecutionProvider"])
+            extra = {} if which in ("plain", "pruned") else contract_of(root, which).empty_lora_feeds()
             session.run(None, {**feeds, **extra})
             times = []
             for _ in range(calls):
@@ -196,12 +225,77 @@ def paired(root: Path, pairs: int, calls: int, slots: str = "all") -> dict:
             pair[which] = times
             del session
             gc.collect()
-        pair["ratio"] = float(np.median(pair[slots]) / np.median(pair["plain"]))
+        for which in variants[1:]:
+            pair[f"ratio_{which}"] = float(np.median(pair[which]) / np.median(pair[variants[0]]))
         print("pair", k, pair, flush=True)
         out["pairs"].append(pair)
-    ratios = [p["ratio"] for p in out["pairs"]]
-    out["median_ratio"] = float(np.median(ratios))
-    out["slots"] = slots
+    out["median_ratio"] = {w: float(np.median([p[f"ratio_{w}"] for p in out["pairs"]])) for w in variants[1:]}
+    out["slots"] = variants[1]
+    return out
+
+
+def mem_available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("MemAvailable")) / 2**20
+
+
+def interleaved(root: Path, calls: int, variants=("pruned", "gated")) -> dict:
+    """Sessions of the variants side by side in one process, called in turn one call at a time (A B A B ...), so a
+    neighbour's load hits every variant alike (the paired runs, one session after another, varied 0.35-2.7x here
+    under other jobs). "pruned" (the slotted graph without its branches, bit-equal to the plain export and sharing
+    the gated graph's weights file, so two sessions fit) stands for today's plain export. Refuses to load a session
+    with under 8 GB available."""
+    import onnxruntime as ort
+
+    feeds = unet_feeds()
+    sessions, extras, out = {}, {}, {"variants": list(variants), "mem_available_gb": [mem_available_gb()]}
+    for which in variants:
+        if mem_available_gb() < 8:
+            raise SystemExit(f"interleaved: only {mem_available_gb():.1f} GB available before loading {which}; not loading")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = THREADS
+        sessions[which] = ort.InferenceSession(str(model_path(root, which)), options, providers=["CPUExecutionProvider"])
+        extras[which] = {} if which in ("plain", "pruned") else contract_of(root, which).empty_lora_feeds()
+        sessions[which].run(None, {**feeds, **extras[which]})
+        out["mem_available_gb"].append(mem_available_gb())
+    out["outputs_equal"] = bool(np.array_equal(*(sessions[w].run(None, {**feeds, **extras[w]})[0] for w in variants[:2])))
+    times = {w: [] for w in variants}
+    for k in range(calls):
+        for which in (variants if k % 2 == 0 else variants[::-1]):
+            t0 = time.perf_counter()
+            sessions[which].run(None, {**feeds, **extras[which]})
+            times[which].append(time.perf_counter() - t0)
+    base = variants[0]
+    out["times"] = times
+    for which in variants[1:]:
+        per_round = [b / a for a, b in zip(times[base], times[which])]
+        out[f"ratio_{which}"] = {"median_of_medians": float(np.median(times[which]) / np.median(times[base])),
+                                 "min_over_min": float(min(times[which]) / min(times[base])),
+                                 "median_of_per_round": float(np.median(per_round))}
+    out["peak_rss_gb"] = peak_rss_gb()
+    return out
+
+
+def two_sessions(root: Path, calls: int) -> dict:
+    """The other design: a plain session (the slotted graph's branches pruned, same weights file) next to the slotted
+    one, the plain one taken for LoRA-free calls. What it costs in memory: RSS with one, then both."""
+    import onnxruntime as ort
+
+    def rss_now():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 2**20
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    feeds = unet_feeds()
+    out = {"rss_start_gb": rss_now()}
+    slotted = ort.InferenceSession(str(model_path(root, "all")), options, providers=["CPUExecutionProvider"])
+    slotted.run(None, {**feeds, **contract_of(root, "all").empty_lora_feeds()})
+    out["rss_slotted_gb"] = rss_now()
+    plain = ort.InferenceSession(str(model_path(root, "pruned")), options, providers=["CPUExecutionProvider"])
+    plain.run(None, feeds)
+    out["rss_both_gb"] = rss_now()
+    out["peak_rss_gb"] = peak_rss_gb()
     return out
 
 
@@ -212,9 +306,7 @@ def profile(root: Path, slots: str, calls: int) -> dict:
     import onnx
     import onnxruntime as ort
 
-    from sdrt.contracts import NetworkContract
-
-    path = root / slots / "unet" / "model.onnx"
+    path = model_path(root, slots)
     graph = onnx.load(str(path), load_external_data=False).graph
     reach = {i.name for i in graph.input if i.name.startswith("lora_")}
     lora_nodes = set()
@@ -228,7 +320,7 @@ def profile(root: Path, slots: str, calls: int) -> dict:
     options.enable_profiling = True
     options.profile_file_prefix = str(root / f"profile-{slots}")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    empty = NetworkContract.from_dict(json.loads((root / slots / "contract.json").read_text())).empty_lora_feeds()
+    empty = {} if slots in ("plain", "pruned") else contract_of(root, slots).empty_lora_feeds()
     feeds = {**unet_feeds(), **empty}
     session.run(None, feeds)
     for _ in range(calls):
@@ -240,7 +332,14 @@ def profile(root: Path, slots: str, calls: int) -> dict:
     base = lambda name: name[: -len("_kernel_time")]  # noqa: E731
     in_lora = sum(e["dur"] for e in kernels if base(e["name"]) in lora_nodes or any(base(e["name"]).startswith(n + "_") for n in ()))
     names = {base(e["name"]) for e in kernels}
-    return {"slots": slots, "graph_lora_nodes": len(lora_nodes), "profiled_lora_nodes": len(names & lora_nodes),
+    by_op = collections.Counter()
+    count_op = collections.Counter()
+    for e in kernels:
+        op = e.get("args", {}).get("op_name", "?")
+        by_op[op] += e["dur"] / 1e6 / (calls + 1)
+        count_op[op] += 1 / (calls + 1)
+    return {"per_call_by_op_s": dict(by_op.most_common()), "per_call_nodes_by_op": dict(count_op.most_common()),
+            "slots": slots, "graph_lora_nodes": len(lora_nodes), "profiled_lora_nodes": len(names & lora_nodes),
             "kernel_s": total / 1e6, "lora_kernel_s": in_lora / 1e6, "lora_share_of_kernels": in_lora / total,
             "overhead_vs_rest": in_lora / (total - in_lora), "model_run_s": [e["dur"] / 1e6 for e in runs]}
 
@@ -250,8 +349,12 @@ def child(args):
     if what.startswith("profile-"):
         out = profile(root, what[len("profile-"):], calls)
     elif what.startswith("paired"):
-        count, _, slots = what[len("paired"):].partition("-")  # paired3 (vs "all"), paired3-attention
-        out = paired(root, int(count or 3), calls, slots or "all")
+        count, _, rest = what[len("paired"):].partition("-")  # paired3 (plain vs "all"), paired3-all+gated+pruned
+        out = paired(root, int(count or 3), calls, ("plain", *(rest.split("+") if rest else ["all"])))
+    elif what.startswith("interleaved-"):  # interleaved-pruned+gated
+        out = interleaved(root, calls, tuple(what[len("interleaved-"):].split("+")))
+    elif what == "two-sessions":
+        out = two_sessions(root, calls)
     else:
         out = measure_torch(calls) if what == "torch" else measure_onnx(root, what, calls)
     print("RESULT " + json.dumps(out))
@@ -293,18 +396,24 @@ def summarise(runs):
     s0 = {}
     for r in runs:
         if r["what"].startswith("paired"):
-            key = r.get("slots", "all")
-            s0[f"paired_{key}_times"] = r["pairs"]
-            s0[f"paired_plain_vs_{key}_slots_empty_ratios"] = [p["ratio"] for p in r["pairs"]]
-            s0[f"paired_plain_call_overhead_of_{key}_slots"] = r["median_ratio"] - 1
+            s0["paired_times"] = r["pairs"]
+            for w, ratio in r["median_ratio"].items():
+                s0[f"paired_{w}_ratios"] = [p[f"ratio_{w}"] for p in r["pairs"]]
+                s0[f"paired_plain_call_overhead_of_{w}"] = ratio - 1
+        if r["what"].startswith("interleaved-"):
+            s0["interleaved"] = {k: v for k, v in r.items() if k not in ("what", "round", "times")}
+            s0["interleaved_times"] = r["times"]
+        if r["what"] == "two-sessions":
+            s0["two_sessions"] = {k: v for k, v in r.items() if k not in ("what", "round")}
     for r in runs:
         if r["what"].startswith("profile-"):
             s0[f"profiled_empty_slot_overhead_{r['slots']}"] = r["overhead_vs_rest"]
             s0[f"profile_{r['slots']}"] = {k: v for k, v in r.items() if k not in ("what", "round")}
     onnx_plain = [t for r in runs if r["what"] == "plain" for t in r["times"]["plain"]]
     slots = {}
-    for r in runs:
-        if r["what"] == "all":
+    for r in runs:  # one slotted variant per run: "all" (as traced) or "gated"
+        if r["what"] in ("all", *GATED):
+            s0["slotted_variant"] = r["what"]
             for k, v in r["times"].items():
                 slots.setdefault(k, []).extend(v)
     s = {**s0, "onnx_plain_export_s": med(onnx_plain) if onnx_plain else None,
@@ -320,7 +429,7 @@ def summarise(runs):
             s[f"{k}_call_overhead_vs_empty"] = med(slots[k]) / med(slots["empty"]) - 1
             if onnx_plain:
                 s[f"{k}_call_overhead_vs_plain_export"] = med(slots[k]) / med(onnx_plain) - 1
-    for what in ("plain", "all"):
+    for what in ("plain", "all", *GATED):
         rs = [r for r in runs if r["what"] == what]
         if rs:
             s[f"onnx_{what}_peak_rss_gb"] = max(r["peak_rss_gb"] for r in rs)

@@ -1,5 +1,6 @@
 """Export the SD 1.5-shape random UNet twice for benchmarks/lora_slots.py: plain (today's CPU export: Winograd) and
-with LoRA slots ("all": attention + LoCon layers), each in its own process (3.4 GB of weights each).
+with LoRA slots ("all": attention + LoCon layers, kept ungated: the benchmark makes the gated variants from it), each
+in its own process (3.4 GB of weights each).
 
     python benchmarks/lora_slots_export.py OUT_DIR {plain,attention,all}
 """
@@ -33,7 +34,8 @@ def main(out: Path, which: str) -> None:
     t0 = time.perf_counter()
     unet = sd15_unet()
     contract = sd_contracts(type("F", (), dict(latent_channels=4, text_seq_len=77, text_hidden_size=768,
-                                                  cross_attention_dim=768))())[UNET]
+                                                  cross_attention_dim=768, unet_input_channels=4,
+                                                  time_cond_proj_dim=None))())[UNET]
     module = UNetContract(unet)
     if which != "plain":
         slots = lora_slot_layers(unet, which)
@@ -48,6 +50,14 @@ def main(out: Path, which: str) -> None:
     with graph_rewrites(module, args, 1.0, True, True) as counts:
         export_network(module, contract, path, args, 17, "torchscript")
     finish_network(path, contract, False, ())
+    if which != "plain":  # the slots as traced: benchmarks/lora_slots.py derives the gated variants from them
+        import onnx
+
+        from sdrt.export.lora_gates import ungate_slots
+
+        graph = onnx.load(str(path), load_external_data=False)
+        ungate_slots(graph)
+        onnx.save_model(graph, str(path))
     (out / which / "contract.json").write_text(json.dumps(contract.to_dict()))
     print(f"{which}: exported in {time.perf_counter() - t0:.0f} s, rewrites {counts}, {len(contract.lora_slots)} slots")
 

@@ -98,13 +98,17 @@ def attention_score_nodes(graph: onnx.GraphProto) -> set[str]:
 def convert_to_fp16(
     model: onnx.ModelProto, keep_ops=(), fp32_inputs=("timestep",), shapes_inferred=False, upcast_attention=False
 ) -> onnx.ModelProto:
-    """Return an fp16 copy of `model` whose graph inputs and outputs all stay float32.
+    """Return an fp16 copy of `model` whose graph inputs and outputs all stay float32 (LoRA slot gates, if any, are
+    undone in `model` and made again in the copy).
 
     `shapes_inferred`: the caller already ran shape inference (needed for models over 2 GB, where only
     onnx.shape_inference.infer_shapes_path works).
     """
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    from sdrt.export.lora_gates import gate_slots, ungate_slots
+
+    gated = ungate_slots(model)  # the converter and the passes below know no subgraphs: gated again at the end
     keep_ops = tuple(KEEP_FP32_OPS) + tuple(keep_ops)
     present = [i.name for i in model.graph.input if i.name in fp32_inputs]
     blocked = fp32_node_names(model, present, keep_ops)
@@ -131,6 +135,8 @@ def convert_to_fp16(
             value.type.tensor_type.elem_type = TensorProto.FLOAT
     remove_round_trips(converted.graph, blocked)
     sort_nodes(converted.graph)
+    if gated:
+        gate_slots(converted)
     return converted
 
 

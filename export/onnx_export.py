@@ -166,8 +166,6 @@ def _export_folder(
     spec = family_spec(facts.family)
     if share_weights and spec.networks != family_spec("sd1").networks:
         raise InputError(f"share_weights is for SD 1.x/2.x exports; export this {spec.title} model without it")
-    if lora_slots != "none" and facts.time_ids_dim:
-        raise InputError(f"LoRA slots for {spec.title} are not supported yet; export without --lora-slots")
     limits = limits or default_limits(facts, min_size, opt_size, max_size, max_batch)
     check_limits(limits, facts)
     check_out_dir(model_dir, out_dir, force)
@@ -268,12 +266,12 @@ def add_lora_slots(modules: dict, contracts: dict, which: str) -> dict[str, int]
     """Give the UNet and text encoder LoRA slot inputs (`which`: a SLOT_SETS name): wraps their modules and extends
     their contracts in place; returns {network: slot count}."""
     from sdrt.backends.torch_modules import SLOT_SETS, WithLoraSlots, lora_slot_layers, slot_root
-    from sdrt.contracts import TEXT_ENCODER
+    from sdrt.contracts import TEXT_ENCODER, TEXT_ENCODER_2
 
     if which not in SLOT_SETS:
         raise InputError(f"lora_slots {which!r} is not one of {', '.join(SLOT_SETS)}")
     counts = {}
-    for name in (TEXT_ENCODER, UNET):
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, UNET):  # SDXL: both text encoders (its refiner: the second only)
         if which == "none" or name not in modules:
             continue
         root = slot_root(modules[name])
@@ -367,11 +365,12 @@ def export_network(module, contract: NetworkContract, path: Path, args: tuple, o
 
 
 def finish_network(path: Path, contract: NetworkContract, fp16: bool, keep_fp32_ops, upcast_attention=False) -> None:
-    """Name the I/O dims as the contract does, convert to fp16 if asked, and rewrite `path` as one .onnx file
+    """Name the I/O dims as the contract does, gate LoRA slots, convert to fp16 if asked, and rewrite `path` as one .onnx file
     (plus one model.onnx.data file when over 2 GB), removing whatever else the exporter left in its folder."""
     import onnx
 
     model = onnx.load(str(path))  # loads external data too
+    restore_unused_slot_inputs(model, contract)
     check_io(model, contract, path)
     name_io_dims(model, contract)
     big = model_bytes(model) > EXTERNAL_DATA_BYTES
@@ -380,6 +379,10 @@ def finish_network(path: Path, contract: NetworkContract, fp16: bool, keep_fp32_
 
         model = convert_to_fp16(infer_shapes(model, path.parent, big), keep_fp32_ops, shapes_inferred=True, upcast_attention=upcast_attention)
         big = model_bytes(model) > EXTERNAL_DATA_BYTES
+    if contract.lora_slots:  # empty slots cost nothing (sdrt.export.lora_gates)
+        from sdrt.export.lora_gates import gate_slots
+
+        gate_slots(model)
     for leftover in path.parent.iterdir():
         leftover.unlink()
     if big:
@@ -388,6 +391,25 @@ def finish_network(path: Path, contract: NetworkContract, fp16: bool, keep_fp32_
         onnx.save_model(model, str(path))
     del model
     onnx.checker.check_model(str(path))
+
+
+def restore_unused_slot_inputs(model, contract: NetworkContract) -> None:
+    """Put back the LoRA slot inputs the exporter dropped because the network never runs their layer (SDXL's first
+    text encoder stops before its last layer, as diffusers does), in the contract's order: a LoRA trained on that
+    layer is then taken, and does nothing, as in diffusers."""
+    from onnx import TensorProto, helper
+
+    present = {i.name: i for i in model.graph.input}
+    slot_inputs = {spec.name for slot in contract.lora_slots for spec in slot.specs()}
+    missing = [s for s in contract.inputs if s.name not in present and s.name in slot_inputs]
+    if not missing:
+        return
+    for spec in missing:
+        present[spec.name] = helper.make_tensor_value_info(spec.name, TensorProto.FLOAT, list(spec.shape))
+    order = [present[s.name] for s in contract.inputs if s.name in present]
+    order += [i for i in model.graph.input if i.name not in {s.name for s in contract.inputs}]
+    del model.graph.input[:]
+    model.graph.input.extend(order)
 
 
 def check_io(model, contract: NetworkContract, path: Path) -> None:

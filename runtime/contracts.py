@@ -44,8 +44,10 @@ class TensorSpec:
 class LoraSlot:
     """One layer that takes run-time LoRA factors: y = layer(x) + up(down(x)).
 
-    Linear: inputs `lora_down:<layer>` [r, in] and `lora_up:<layer>` [out, r]; Conv2d: [r, in, kh, kw] (the layer's
-    stride and padding) and [out, r, 1, 1]. r is the input's own symbol `lora_rank:<layer>`, 0 (empty tensors) when
+    Linear: inputs `lora_down/<layer>` [r, in] and `lora_up/<layer>` [out, r]; Conv2d: [r, in, kh, kw] (the layer's
+    stride and padding) and [out, r, 1, 1]. Exports made before 2026-12-05 name them `lora_down:<layer>` (`sep`
+    ":", read from their manifests): ONNX Runtime's TensorRT provider cannot name those in its profile shapes (it
+    splits "name:dims" at the first colon), so new exports use "/". r is the input's own symbol `lora_rank:<layer>`, 0 (empty tensors) when
     no LoRA adapts the layer; several LoRAs are concatenated along r with their scales folded into `up`.
     `upsample`: the layer is an Upsample2D's conv, applied to the 2x nearest-upsampled input.
     """
@@ -55,6 +57,7 @@ class LoraSlot:
     stride: int = 1
     padding: int = 0
     upsample: bool = False
+    sep: str = "/"  # between "lora_down"/"lora_up" and the layer in the input names (":" in older exports)
 
     @property
     def conv(self) -> bool:
@@ -68,10 +71,10 @@ class LoraSlot:
         r, out, inp = self.rank_symbol, self.weight[0], self.weight[1]
         if self.conv:
             kh, kw = self.weight[2:]
-            return (TensorSpec(f"lora_down:{self.layer}", "float32", (r, inp, kh, kw)),
-                    TensorSpec(f"lora_up:{self.layer}", "float32", (out, r, 1, 1)))
-        return (TensorSpec(f"lora_down:{self.layer}", "float32", (r, inp)),
-                TensorSpec(f"lora_up:{self.layer}", "float32", (out, r)))
+            return (TensorSpec(f"lora_down{self.sep}{self.layer}", "float32", (r, inp, kh, kw)),
+                    TensorSpec(f"lora_up{self.sep}{self.layer}", "float32", (out, r, 1, 1)))
+        return (TensorSpec(f"lora_down{self.sep}{self.layer}", "float32", (r, inp)),
+                TensorSpec(f"lora_up{self.sep}{self.layer}", "float32", (out, r)))
 
     def empty(self) -> dict[str, np.ndarray]:
         """The feeds of an unused slot: rank 0."""
@@ -80,12 +83,12 @@ class LoraSlot:
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "weight": list(self.weight), "stride": self.stride, "padding": self.padding,
-                "upsample": self.upsample}
+                "upsample": self.upsample, "sep": self.sep}
 
     @classmethod
     def from_dict(cls, data: dict) -> "LoraSlot":
         return cls(data["layer"], tuple(data["weight"]), data.get("stride", 1), data.get("padding", 0),
-                   data.get("upsample", False))
+                   data.get("upsample", False), data.get("sep", ":"))  # no "sep": an export from before it
 
 
 LORA_RANK = "lora_rank"  # the ShapeLimits symbol every slot's rank resolves to

@@ -58,7 +58,7 @@ class Pipeline:
         self.textual_inversions: dict[str, list[str]] = {}
         self.loras: list[dict] = []  # LoRAs fused into the PyTorch backend's networks: {"file", "sha256", "scale"}
         self.registered_loras: dict = {}  # name -> sdrt.adapters.lora_switch.RegisteredLora (run-time, any backend)
-        self.active_loras: tuple = ()  # ((name, scale), ...) whose factors the backend holds now
+        self.active_loras: tuple | None = ()  # ((name, scale), ...) whose factors the backend holds now; None: to re-feed
         self.max_memory = None  # memory budget of every call (sdrt.memory.parse_memory); None: what is available
 
     @classmethod
@@ -207,9 +207,6 @@ class Pipeline:
         if mask_image is not None and (denoising_start is not None or denoising_end is not None):
             raise InputError("mask_image with denoising_start/denoising_end (an inpainting hand-over between SDXL base and "
                              "refiner) is not supported yet; inpaint with one model, or drop mask_image")
-        if loras and self.is_sdxl:
-            raise InputError("run-time LoRAs (loras=) for SDXL are not supported yet; fuse one with pipe.load_lora(FILE, "
-                             "SCALE) on the PyTorch backend, or at export with `sdrt export --lora FILE:SCALE`")
         loras = resolve_loras(self, loras)
         prompts = inputs.check_prompts(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts))

@@ -337,8 +337,8 @@ def test_sdxl_loras_elsewhere_are_refused(pipes, tiny_sd1, tmp_path):
         sd1.load_lora(tmp_path / "te1.safetensors")
     with pytest.raises(ModelError, match="does not match this model"):  # the refiner has no first text encoder
         refiner.load_lora(tmp_path / "te1.safetensors")
-    with pytest.raises(InputError, match="run-time LoRAs"):
-        ours.plan("a cat", loras={str(tmp_path / "te1.safetensors"): 1.0})
+    with pytest.raises(ModelError, match="does not match this model's LoRA slots"):  # per call too
+        refiner.plan("a cat", loras={str(tmp_path / "te1.safetensors"): 1.0})
 
 
 def test_sdxl_lora_fused_at_export_equals_load_lora(pipes, tiny_sdxl, tmp_path):

@@ -207,3 +207,50 @@ def test_ray_ingress_asks_a_replica_for_loras(tmp_path):
                       batchers={"m": remote})
     planned = asyncio.run(service.plan(remote, loras={"Style": 0.5}, lora_field="prompt", prompt="a cat", num_inference_steps=2))
     assert planned["loras"] == {"style": 0.5} and asked == [({"Style": 0.5}, "prompt")]
+
+
+def test_a_lora_changed_in_place_is_read_again_and_the_registered_set_is_bounded(onnx_sd1_slots, tiny_sd1, tmp_path):
+    """The library behind --lora-dir, on a real pipeline: a file rewritten under the same name is read again on its
+    next request (its images then equal a pipeline given the new file), an unchanged one is not; beyond
+    max_registered the least recently requested LoRA not in use is unregistered, and read again when asked for."""
+    import os
+
+    from sdrt.serve.loras import MAX_LORAS, LoraLibrary
+
+    old, _ = make_lora(tiny_sd1, "kohya", seed=91)
+    new, _ = make_lora(tiny_sd1, "kohya", seed=93)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copy(old, folder / "x.safetensors")
+    pipe = sdrt.Pipeline.from_pretrained(onnx_sd1_slots, backend="onnx", threads=1)
+    library = LoraLibrary(folder, max_registered=MAX_LORAS)
+    run = lambda p: alone(p, "a cat", seed=3, num_inference_steps=2, guidance_scale=2.0, loras={"x": 1.0}, **SIZE)  # noqa: E731
+
+    assert library.prepare(pipe, "sd1", {"x": 1.0}, "loras") == {"x": 1.0}
+    first = pipe.registered_loras["x"]
+    before = run(pipe)
+    library.prepare(pipe, "sd1", {"x": 1.0}, "loras")
+    assert pipe.registered_loras["x"] is first, "an unchanged file was read again"
+
+    shutil.copy(new, folder / "x.safetensors")  # same size: the mtime tells
+    stat = (folder / "x.safetensors").stat()
+    os.utime(folder / "x.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    library.prepare(pipe, "sd1", {"x": 1.0}, "loras")
+    assert pipe.registered_loras["x"] is not first
+    after = run(pipe)
+    fresh = sdrt.Pipeline.from_pretrained(onnx_sd1_slots, backend="onnx", threads=1)
+    fresh.register_lora(folder / "x.safetensors", name="x")
+    assert np.array_equal(after, run(fresh)) and not np.array_equal(after, before)
+
+    for k in range(MAX_LORAS + 1):
+        shutil.copy(old, folder / f"l{k}.safetensors")
+    assert pipe.active_loras == (("x", 1.0),)
+    for k in range(MAX_LORAS):  # x, l0..l15: one over the bound; x is active, so l0 goes
+        library.prepare(pipe, "sd1", {f"l{k}": 1.0}, "loras")
+    assert "x" in pipe.registered_loras and "l0" not in pipe.registered_loras, "the active LoRA was dropped"
+    pipe.activate_loras(())
+    library.prepare(pipe, "sd1", {f"l{MAX_LORAS}": 1.0}, "loras", in_use={"l1"})  # x is idle now: it goes
+    assert "x" not in pipe.registered_loras and "l1" in pipe.registered_loras
+    library.prepare(pipe, "sd1", {"l0": 1.0}, "loras", in_use={"l1"})  # read again; l1 is queued: l2 goes
+    assert "l0" in pipe.registered_loras and "l1" in pipe.registered_loras and "l2" not in pipe.registered_loras
+    assert library.registered(pipe)[-1] == "l0" and len(library.registered(pipe)) == len(pipe.registered_loras) == MAX_LORAS

@@ -46,6 +46,7 @@ std::unique_ptr<Backend> make_onnx_backend(const ExportFolder &model, const Back
 // The shapes an export serves (manifest "limits"; runtime/contracts.py's ShapeLimits).
 struct ShapeLimits {
     int min_size = 256, opt_size = 512, max_size = 1024, max_batch = 4;
+    int max_lora_rank = 128;  // LoRA slots: the largest summed rank of the LoRAs active at once (profiles: 0 / 16 / this)
 };
 
 // How one network's ONNX Runtime session is made, decided without ONNX Runtime (tests need no GPU):

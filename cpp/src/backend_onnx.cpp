@@ -44,9 +44,12 @@ Ort::Env &env() {
 }
 
 // "sample:1x4x8x8,timestep:1" (the TensorRT provider's shape format) for one network at one end of the profile;
-// the tensor names are the contract's inputs, by position (read_export checked how many each network has).
+// the tensor names are the contract's inputs, by position (read_export checked how many each network has). LoRA
+// slots (the manifest's lora_slots table) at `rank`: down [rank, in(, kh, kw)], up [out, rank(, 1, 1)]. The provider
+// cuts each entry at its first ':' and the list at ',', so a name holding either (the slots of exports made before
+// 2026-12-05: lora_down:<layer>) is left out, as the Python runtime does; the provider then sizes it from its feeds.
 std::string profile_shapes(const std::string &network, const NetworkContract &c, const ModelFacts &f, int batch, int unet_batch,
-                           int size) {
+                           int size, int64_t rank) {
     size = std::max(f.size_step(), size / f.size_step() * f.size_step());
     auto dims = [](std::initializer_list<int> d) {
         std::string s;
@@ -65,6 +68,22 @@ std::string profile_shapes(const std::string &network, const NetworkContract &c,
     if (network == kVaeDecoder) shapes = {dims({batch, f.latent_channels, lat, lat})};
     std::string out;
     for (size_t i = 0; i < shapes.size() && i < c.inputs.size(); ++i) out += (i ? "," : "") + c.inputs[i] + ":" + shapes[i];
+    auto joined = [](const std::vector<int64_t> &d) {
+        std::string s;
+        for (int64_t x : d) s += (s.empty() ? "" : "x") + std::to_string(x);
+        return s;
+    };
+    for (size_t i = 0; i < c.lora_slots.size(); ++i) {
+        const LoraSlot &slot = c.lora_slots[i];
+        const std::string &down = c.inputs[c.plain_inputs() + 2 * i], &up = c.inputs[c.plain_inputs() + 2 * i + 1];
+        if (down.find_first_of(":,") != std::string::npos || up.find_first_of(":,") != std::string::npos) continue;
+        std::vector<int64_t> d{rank, slot.weight[1]}, u{slot.weight[0], rank};
+        if (slot.weight.size() == 4) {
+            d.insert(d.end(), {slot.weight[2], slot.weight[3]});
+            u.insert(u.end(), {1, 1});
+        }
+        out += (out.empty() ? "" : ",") + down + ":" + joined(d) + "," + up + ":" + joined(u);
+    }
     return out;
 }
 
@@ -77,6 +96,7 @@ ShapeLimits read_limits(const std::string &export_path) {
             if (const Json *v = j->find("opt_size")) l.opt_size = int(v->as_int());
             if (const Json *v = j->find("max_size")) l.max_size = int(v->as_int());
             if (const Json *v = j->find("max_batch")) l.max_batch = int(v->as_int());
+            if (const Json *v = j->find("max_lora_rank")) l.max_lora_rank = int(v->as_int());
         }
     } catch (const std::exception &) {  // read_export already checked the manifest; defaults otherwise
     }
@@ -340,7 +360,7 @@ OrtSessionPlan plan_ort_session(const BackendOptions &opt, bool tensorrt, bool c
     if (plan.cuda) plan.cuda_options = {{"device_id", dev}};
     if (!tensorrt) return plan;
     plan.cache_optimized_model = false;
-    const int b = std::max(1, limits.max_batch);
+    const int b = std::max(1, limits.max_batch), rank = std::max(0, limits.max_lora_rank);
     plan.tensorrt_options = {
         {"device_id", dev},
         {"trt_fp16_enable", "1"},
@@ -348,9 +368,9 @@ OrtSessionPlan plan_ort_session(const BackendOptions &opt, bool tensorrt, bool c
         {"trt_engine_cache_path", trt_cache_dir},
         {"trt_timing_cache_enable", "1"},
         {"trt_timing_cache_path", trt_cache_dir},
-        {"trt_profile_min_shapes", profile_shapes(network, contract, facts, 1, 1, limits.min_size)},
-        {"trt_profile_opt_shapes", profile_shapes(network, contract, facts, 1, 2, limits.opt_size)},
-        {"trt_profile_max_shapes", profile_shapes(network, contract, facts, b, 2 * b, limits.max_size)},
+        {"trt_profile_min_shapes", profile_shapes(network, contract, facts, 1, 1, limits.min_size, 0)},
+        {"trt_profile_opt_shapes", profile_shapes(network, contract, facts, 1, 2, limits.opt_size, std::min(16, rank))},
+        {"trt_profile_max_shapes", profile_shapes(network, contract, facts, b, 2 * b, limits.max_size, rank)},
     };
     return plan;
 }

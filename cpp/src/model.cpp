@@ -80,6 +80,7 @@ static NetworkContract read_contract(const std::string &network, const Json &c, 
         for (const Json &s : slots->as_array()) {
             LoraSlot slot{s.at("layer").as_string(), {}};
             for (const Json &d : s.at("weight").as_array()) slot.weight.push_back(d.as_int());
+            if (const Json *sep = s.find("sep")) slot.sep = sep->as_string();  // absent: an export from before "/"
             if (slot.weight.size() != 2 && slot.weight.size() != 4)
                 throw model_error(mpath + ": the " + network + " LoRA slot " + slot.layer + " has a weight of " +
                                   std::to_string(slot.weight.size()) + " dimensions" + kReexport);
@@ -89,9 +90,9 @@ static NetworkContract read_contract(const std::string &network, const Json &c, 
     if (out.inputs.size() < 2 * out.lora_slots.size())
         throw model_error(mpath + ": the " + network + " contract has fewer inputs than its LoRA slots need" + kReexport);
     for (size_t i = 0; i < out.lora_slots.size(); ++i) {
-        const std::string &layer = out.lora_slots[i].layer;
+        const std::string &layer = out.lora_slots[i].layer, &sep = out.lora_slots[i].sep;
         size_t at = out.plain_inputs() + 2 * i;
-        if (out.inputs[at] != "lora_down:" + layer || out.inputs[at + 1] != "lora_up:" + layer)
+        if (out.inputs[at] != "lora_down" + sep + layer || out.inputs[at + 1] != "lora_up" + sep + layer)
             throw model_error(mpath + ": the " + network + " contract's inputs " + out.inputs[at] + ", " + out.inputs[at + 1] +
                               " are not LoRA slot " + layer + "'s lora_down/lora_up" + kReexport);
     }

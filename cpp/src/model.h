@@ -29,10 +29,12 @@ struct ModelFacts {  // runtime/model/facts.py's ModelFacts
 };
 
 // One layer that takes run-time LoRA factors (runtime/contracts.py's LoraSlot, from the manifest's contract): the
-// network's inputs end with `lora_down:<layer>` [r, in(, kh, kw)] and `lora_up:<layer>` [out, r(, 1, 1)] per slot.
+// network's inputs end with `lora_down/<layer>` [r, in(, kh, kw)] and `lora_up/<layer>` [out, r(, 1, 1)] per slot
+// (`lora_down:<layer>` in exports made before 2026-12-05; the manifest's slot "sep" says which).
 struct LoraSlot {
     std::string layer;            // module path in the component (the UNet, or the CLIP text model's core)
     std::vector<int64_t> weight;  // the layer's weight shape: (out, in) or (out, in, kh, kw)
+    std::string sep = ":";        // input names: "lora_down" + sep + layer ("/" since 2026-12-05; ":" before)
 };
 
 struct NetworkContract {  // names only: shapes are checked where tensors are made

@@ -40,6 +40,27 @@ int main() {
     sdrt::OrtSessionPlan vae = sdrt::plan_ort_session(opt, true, true, "vae_decoder", vae_decoder, sd15, limits, "c");
     CHECK(option(vae.tensorrt_options, "trt_profile_min_shapes") == "latent:1x4x32x32", "vae decoder min shapes");
 
+    // LoRA slots (the manifest's lora_slots table): rank 0 / 16 / max_lora_rank; a Linear and a conv slot.
+    sdrt::NetworkContract slotted = unet;
+    slotted.lora_slots = {{"mid.to_q", {320, 768}, "/"}, {"mid.conv1", {320, 640, 3, 3}, "/"}};
+    slotted.inputs.insert(slotted.inputs.end(), {"lora_down/mid.to_q", "lora_up/mid.to_q", "lora_down/mid.conv1", "lora_up/mid.conv1"});
+    sdrt::ShapeLimits ranks = limits;
+    ranks.max_lora_rank = 64;
+    sdrt::OrtSessionPlan lora = sdrt::plan_ort_session(opt, true, true, "unet", slotted, sd15, ranks, "c");
+    const std::string plain_min = "sample:1x4x32x32,timestep:1,encoder_hidden_states:1x77x768";
+    CHECK(option(lora.tensorrt_options, "trt_profile_min_shapes") == plain_min + ",lora_down/mid.to_q:0x768,lora_up/mid.to_q:320x0,"
+          "lora_down/mid.conv1:0x640x3x3,lora_up/mid.conv1:320x0x1x1", "slot min shapes: " + option(lora.tensorrt_options, "trt_profile_min_shapes"));
+    CHECK(option(lora.tensorrt_options, "trt_profile_opt_shapes").find(",lora_down/mid.to_q:16x768,lora_up/mid.to_q:320x16,") != std::string::npos,
+          "slot opt shapes: " + option(lora.tensorrt_options, "trt_profile_opt_shapes"));
+    CHECK(option(lora.tensorrt_options, "trt_profile_max_shapes").find(",lora_down/mid.conv1:64x640x3x3,lora_up/mid.conv1:320x64x1x1") != std::string::npos,
+          "slot max shapes: " + option(lora.tensorrt_options, "trt_profile_max_shapes"));
+    // An older export's names (lora_down:<layer>) cannot be written in the provider's format: left out, not garbled.
+    sdrt::NetworkContract old = unet;
+    old.lora_slots = {{"mid.to_q", {320, 768}, ":"}};
+    old.inputs.insert(old.inputs.end(), {"lora_down:mid.to_q", "lora_up:mid.to_q"});
+    sdrt::OrtSessionPlan older = sdrt::plan_ort_session(opt, true, true, "unet", old, sd15, ranks, "c");
+    CHECK(option(older.tensorrt_options, "trt_profile_min_shapes") == plain_min, "older slot names left out");
+
     sdrt::OrtSessionPlan cuda = sdrt::plan_ort_session({SDRT_BACKEND_ORT_CUDA, 0, 0}, false, true, "unet", unet, sd15, limits, "c");
     CHECK(cuda.cuda && !cuda.tensorrt && cuda.cache_optimized_model && cuda.tensorrt_options.empty(), "CUDA path keeps the cache");
     sdrt::OrtSessionPlan cpu = sdrt::plan_ort_session({SDRT_BACKEND_ORT_CPU, 0, 0}, false, false, "unet", unet, sd15, limits, "c");

@@ -7,11 +7,11 @@ torch lazily. Layouts read, for the UNet and the CLIP text encoder of SD 1.x/2.x
   and the older unet.<...>.processor.to_q_lora.down/.up, <module>.lora.down/.up, lora_linear_layer.down/.up.
 - LyCORIS LoHa (hada_w1_a/b, hada_w2_a/b) and LoKr (lokr_w1[_a/_b], lokr_w2[_a/_b]) in kohya naming: their deltas
   are exact when fused; run-time LoRA slots take a truncated-SVD factorisation (`slot_factors`, error recorded).
-- SDXL (fused only: load_lora on the PyTorch backend, `sdrt export --lora`): kohya's lora_te1_/lora_te2_ for the
+- SDXL (fused by load_lora or `sdrt export --lora`, or per call on LoRA slots): kohya's lora_te1_/lora_te2_ for the
   two text encoders and lora_unet_ in the original (LDM) UNet layout (input_blocks/middle_block/output_blocks, as
   sd-scripts writes it; mapped to diffusers' module names from the model's own layers, `ldm_unet_names`), or
   diffusers keys (unet., text_encoder., text_encoder_2.).
-Unsupported kinds are refused by name: SDXL LoRAs on an SD 1.x/2.x model or at run time, Tucker-decomposed LyCORIS
+Unsupported kinds are refused by name: SDXL LoRAs on an SD 1.x/2.x model, Tucker-decomposed LyCORIS
 (hada_t1, lokr_t2), DoRA, LoRAs with biases.
 """
 
@@ -321,8 +321,8 @@ def ldm_unet_names(names) -> dict[str, str]:
     in_layers.2, conv2 -> out_layers.3, time_emb_proj -> emb_layers.1, conv_shortcut -> skip_connection. The number
     of layers per block is read from the names themselves."""
     names = list(names)
-    per_block = 1 + max((int(m.group(4)) for m in map(_BLOCK.match, names)
-                         if m and m.group(1) == "down_blocks" and m.group(3) == "resnets"), default=0)
+    per_block = 1 + max((int(m.group(4)) for m in map(_BLOCK.match, names)  # (attention-only LoRA slots: no resnets)
+                         if m and m.group(1) == "down_blocks" and m.group(3) in ("resnets", "attentions")), default=0)
     up_attention = {int(m.group(2)) for m in map(_BLOCK.match, names) if m and m.group(1) == "up_blocks" and m.group(3) == "attentions"}
 
     def inner(kind, rest):

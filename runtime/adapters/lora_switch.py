@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.contracts import TEXT_ENCODER, UNET
+from sdrt.contracts import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from sdrt.errors import InputError, ModelError
 
-SLOT_NETWORKS = {"unet": UNET, "text_encoder": TEXT_ENCODER}  # LoRA file component -> network
+# LoRA file component -> network (SDXL: kohya's lora_te1_/lora_te2_, diffusers' text_encoder./text_encoder_2.)
+SLOT_NETWORKS = {"unet": UNET, "text_encoder": TEXT_ENCODER, "text_encoder_2": TEXT_ENCODER_2}
 
 
 @dataclasses.dataclass
@@ -37,7 +38,7 @@ class RegisteredLora:
 
 
 def register(pipe, path, name: str | None = None, max_rank: int | None = None) -> str:
-    from sdrt.adapters.lora import SVD_MAX_RANK, read_lora, slot_factors
+    from sdrt.adapters.lora import COMPONENTS, SDXL_COMPONENTS, SVD_MAX_RANK, read_lora, slot_factors
     from sdrt.model.manifest import sha256_of
 
     from sdrt.builtin import builtin_lora
@@ -52,22 +53,28 @@ def register(pipe, path, name: str | None = None, max_rank: int | None = None) -
             f"the {pipe.backend.name} backend's networks take no run-time LoRAs: export with LoRA slots "
             "(`sdrt export MODEL OUT --lora-slots all`), fuse the LoRA at export (`--lora FILE:SCALE`), or use --backend torch"
         )
-    lora = read_lora(path)
+    sdxl = bool(getattr(pipe, "is_sdxl", False))  # an SDXL LoRA is refused by name on SD 1.x/2.x models
+    lora = read_lora(path, SDXL_COMPONENTS if sdxl else COMPONENTS)
     targets = {c: {s.layer: tuple(s.weight) for s in layer_slots} for c, layer_slots in slots.items()}
     factors, error = slot_factors(lora, targets, max_rank or SVD_MAX_RANK)
     pipe.registered_loras[name] = RegisteredLora(name, path, sha256_of(path),
                                                  {SLOT_NETWORKS[c]: f for c, f in factors.items()}, error)
-    if any(n == name for n, _ in pipe.active_loras):
-        activate(pipe, pipe.active_loras, force=True)  # re-registered under an active name: its new factors
+    _forget_active(pipe, name)  # re-registered under an active name: the next call feeds its new factors
     return name
+
+
+def _forget_active(pipe, name: str) -> None:
+    """The next call re-feeds its LoRAs when `name` is active now. Never a switch here: a server registers from
+    another thread while a batch runs, and a switch then would change factors between two of its steps."""
+    if pipe.active_loras is None or any(n == name for n, _ in pipe.active_loras):
+        pipe.active_loras = None  # unknown: activate() feeds whatever the next call asks, even ()
 
 
 def unregister(pipe, name: str) -> None:
     if name not in pipe.registered_loras:
         raise InputError(f"no LoRA named {name!r} is registered (registered: {', '.join(pipe.registered_loras) or 'none'})")
-    if any(n == name for n, _ in pipe.active_loras):
-        activate(pipe, ())
     del pipe.registered_loras[name]
+    _forget_active(pipe, name)
 
 
 def resolve_loras(pipe, loras) -> tuple:
@@ -125,7 +132,7 @@ def combined_factors(pipe, loras: tuple) -> dict:
 
 
 def activate(pipe, loras: tuple, force: bool = False) -> None:
-    if tuple(loras) == pipe.active_loras and not force:
+    if pipe.active_loras is not None and tuple(loras) == pipe.active_loras and not force:
         return
     for name, _ in loras:
         if name not in pipe.registered_loras:

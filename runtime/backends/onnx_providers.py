@@ -74,8 +74,11 @@ def ort_install_problem(distributions: dict[str, str] | None = None, available: 
 
 
 def shape_string(shapes: dict[str, tuple]) -> str:
-    """{'sample': (1, 4, 8, 8), 'timestep': (1,)} -> 'sample:1x4x8x8,timestep:1' (the TensorRT EP's format)."""
-    return ",".join(f"{name}:{'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
+    """{'sample': (1, 4, 8, 8), 'timestep': (1,)} -> 'sample:1x4x8x8,timestep:1' (the TensorRT EP's format). The EP
+    cuts each entry at its first ':' and the list at ',': a name holding either (the LoRA slots of exports made
+    before 2026-12-05, `lora_down:<layer>`) is left out, and the EP sizes that input from the shapes it is fed."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in shape)}" for name, shape in shapes.items()
+                    if ":" not in name and "," not in name)
 
 
 def tensorrt_ep_options(profile: dict, fp16: bool, cache_dir, device_id: int = 0) -> dict:

@@ -13,7 +13,7 @@ import torch
 
 from sdrt.backends.base import Backend
 from sdrt.backends.torch_modules import load_contract_modules
-from sdrt.contracts import TEXT_ENCODER, UNET
+from sdrt.contracts import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from sdrt.device_loop import DeviceLoop
 
 
@@ -63,7 +63,7 @@ class TorchBackend(Backend):
         from sdrt.backends.torch_modules import LoraHooks, lora_slot_layers, slot_root
 
         if network not in self._lora_hooks:
-            if network not in (UNET, TEXT_ENCODER):
+            if network not in (UNET, TEXT_ENCODER, TEXT_ENCODER_2) or network not in self.modules:
                 return None
             root = slot_root(self.modules[network])
             self._lora_hooks[network] = LoraHooks(root, lora_slot_layers(root, "all"))

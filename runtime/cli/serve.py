@@ -43,6 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--quick-start", action="store_true", help="warm batch size 1 only: ready sooner, the first batch of each other size pays its setup")
     p.add_argument("--lora-dir", default=None, metavar="DIR", help="LoRA .safetensors files requests may name "
                    "(<lora:NAME:SCALE> in A1111 prompts, `loras` on the other routes); models need LoRA slots (`sdrt export --lora-slots`)")
+    p.add_argument("--max-loras", type=int, default=64, metavar="N", help="LoRAs kept read per model (default 64, at "
+                   "least 16); beyond it the least recently requested is dropped and read again when asked for")
     p.add_argument("--preview-every", type=int, default=5, help="steps between previews in job events (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     r = p.add_argument_group("Ray Serve (pip install 'sdrt[ray]')")
@@ -85,7 +87,7 @@ def cmd_serve(args) -> int:
     config = ServeConfig(models=model_table(args.models, args.model), backend=args.backend, threads=args.threads,
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                          timeout=args.timeout, drain_timeout=args.drain_timeout, preview_every=args.preview_every,
-                         warm_all_batches=not args.quick_start, api_key=args.api_key or None, cors=args.cors, lora_dir=args.lora_dir,
+                         warm_all_batches=not args.quick_start, api_key=args.api_key or None, cors=args.cors, lora_dir=args.lora_dir, max_loras=args.max_loras,
                          limits=limits)
     if args.ray:
         return cmd_serve_ray(args, config)

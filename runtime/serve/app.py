@@ -51,6 +51,7 @@ class ServeConfig:
     api_key: str | None = None
     cors: list[str] = dataclasses.field(default_factory=list)
     lora_dir: str | None = None  # .safetensors LoRAs requests may name (sdrt.serve.loras); None: no run-time LoRAs
+    max_loras: int = 64  # LoRAs kept registered per model; the least recently requested beyond it are dropped
     limits: Limits = dataclasses.field(default_factory=Limits)
 
     @property
@@ -80,7 +81,7 @@ class Service:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         # under --ray the LoRA folder is the replicas' (their nodes'): the ingress asks them (RemoteBatcher)
         remote = batchers is not None and any(getattr(b, "remote", False) for b in batchers.values())
-        self.loras = LoraLibrary(None if remote else config.lora_dir)
+        self.loras = LoraLibrary(None if remote else config.lora_dir, config.max_loras)
         self.job_store = None  # a Ray ingress's copy of job states (sdrt.serve.ray_jobs.RemoteJobStore)
         self.batchers = batchers if batchers is not None else {
             name: Batcher(name, lambda path=path: load_pipeline(path, config.backend, config.threads, config.max_batch),
@@ -122,7 +123,8 @@ class Service:
             if getattr(batcher, "remote", False):
                 kw["loras"] = await batcher.prepare_loras(loras, lora_field)
             else:
-                kw["loras"] = await run_in_threadpool(self.loras.prepare, batcher.pipe, batcher.name, loras, lora_field)
+                kw["loras"] = await run_in_threadpool(self.loras.prepare, batcher.pipe, batcher.name, loras, lora_field,
+                                                      batcher.loras_in_use())
         # plan() checks the rest through sdrt.inputs (size, schedule, memory budget): a 422 for this request alone.
         # A Ray ingress plans with the pipeline's planning copy (sdrt.planning): the same checks, before queueing.
         planner = batcher.planner

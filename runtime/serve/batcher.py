@@ -287,6 +287,12 @@ class Batcher:
         with self._cond:
             return list(self._running)
 
+    def loras_in_use(self) -> set[str]:
+        """The run-time LoRA names of the queued and running requests (a LoRA library never unregisters them)."""
+        with self._cond:
+            jobs = list(self._queue) + list(self._running)
+        return {name for job in jobs for name, _ in (getattr(job.plan, "loras", None) or ())}
+
     @property
     def queued(self) -> int:
         return len(self._queue)

@@ -6,15 +6,21 @@ outside it. A file's name is its stem (`style.safetensors` -> `style`, subfolder
 its alias is the `ss_output_name` of its metadata (kohya's trainer writes it), else the name; a request may use
 either. A file is registered with a model's pipeline on first use (`Pipeline.register_lora`: its factors are read
 once and kept) and switched per call from then on; the plan's batch key carries the set, so requests batch with
-others of the same set only. Files added later are found (a miss rescans the folder); a file changed in place is
-read again only after a restart. Only exports with LoRA slots (and the PyTorch backend) take run-time LoRAs.
+others of the same set only. Files added later are found (a miss rescans the folder); a file changed in place (its
+mtime or size) is read again on its next request, and takes effect from the next batch (a re-registration never
+switches the factors of a batch that is running: sdrt.adapters.lora_switch.register). Each model keeps at most
+`max_registered` LoRAs registered: beyond that the least recently requested one not in use (active, queued or
+running, or named by this request) is unregistered, and read again if asked for later. Only exports with LoRA slots
+(and the PyTorch backend) take run-time LoRAs.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import threading
+import weakref
 from pathlib import Path
 
 from sdrt.errors import InputError, SdrtError
@@ -23,6 +29,7 @@ from sdrt.serve.schemas import FieldError
 log = logging.getLogger("sdrt.serve")
 
 MAX_LORAS = 16  # LoRAs in one request
+MAX_REGISTERED = 64  # LoRAs kept registered per model (their factors: ~27 MB each for a rank-16 SD 1.5 LoRA, fp32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +76,12 @@ def check_name(name, field) -> str:
 class LoraLibrary:
     """The index of a LoRA folder (None: the server serves no LoRAs) and the registration of its files with pipelines."""
 
-    def __init__(self, folder: str | Path | None):
+    def __init__(self, folder: str | Path | None, max_registered: int = MAX_REGISTERED):
+        if isinstance(max_registered, bool) or not isinstance(max_registered, int) or max_registered < MAX_LORAS:
+            raise InputError(f"max_registered {max_registered!r} must be an integer >= {MAX_LORAS} (the LoRAs one request may name)")
+        self.max_registered = max_registered
+        # pipe -> {registered name: (path, mtime_ns, size) read}, least recently requested first
+        self._registered: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.folder = Path(folder).expanduser().resolve() if folder else None
         if self.folder is not None and not self.folder.is_dir():
             raise InputError(f"--lora-dir {folder}: no such folder; give a folder of .safetensors LoRA files")
@@ -113,10 +125,11 @@ class LoraLibrary:
         served = ", ".join(sorted(self._files)) or f"none: {self.folder} holds no .safetensors files"
         raise FieldError(field, f"LoRA {name!r} is not in the server's LoRA folder; served: {served}")
 
-    def prepare(self, pipe, model: str, loras: dict, field) -> dict:
+    def prepare(self, pipe, model: str, loras: dict, field, in_use=()) -> dict:
         """{request name or alias: scale} -> {registered name: scale} for `pipe.plan(loras=...)`, every file registered
-        with `pipe`. Raises FieldError (422) for a server without a LoRA folder, a model without LoRA slots, an unknown
-        name or a file the model cannot take. Reads files: call it from a worker thread."""
+        with `pipe` (again when it changed since). Raises FieldError (422) for a server without a LoRA folder, a
+        model without LoRA slots, an unknown name or a file the model cannot take. in_use: names the model's queued
+        and running requests hold (never evicted). Reads files: call it from a worker thread."""
         from sdrt.adapters.lora_switch import SLOT_NETWORKS
 
         if self.folder is None:
@@ -130,10 +143,44 @@ class LoraLibrary:
         for name, scale in loras.items():
             file = self.find(name, field)
             with self._lock:
-                if file.name not in pipe.registered_loras:  # never re-registered: that would switch factors mid-batch
-                    try:
-                        pipe.register_lora(file.path, name=file.name)
-                    except SdrtError as err:  # another model's LoRA, a corrupt file: the loader names the problem
-                        raise FieldError(field, f"LoRA {file.name!r}: {err}") from None
+                self._register(pipe, file, field)
             out[file.name] = out.get(file.name, 0.0) + float(scale)
+        with self._lock:
+            self._evict(pipe, keep=set(out) | set(in_use))
         return out
+
+    def registered(self, pipe) -> list[str]:
+        """The names registered with `pipe` through this library, least recently requested first."""
+        with self._lock:
+            return list(self._registered.get(pipe, ()))
+
+    def _register(self, pipe, file: LoraFile, field) -> None:
+        seen = self._registered.setdefault(pipe, collections.OrderedDict())
+        try:
+            stat = file.path.stat()
+        except OSError as err:
+            raise FieldError(field, f"LoRA {file.name!r} cannot be read ({err.strerror}); it was removed or moved") from None
+        state = (str(file.path), stat.st_mtime_ns, stat.st_size)
+        if seen.get(file.name) != state or file.name not in pipe.registered_loras:
+            try:
+                pipe.register_lora(file.path, name=file.name)
+            except SdrtError as err:  # another model's LoRA, a corrupt file: the loader names the problem
+                seen.pop(file.name, None)
+                raise FieldError(field, f"LoRA {file.name!r}: {err}") from None
+            if file.name in seen:
+                log.info("LoRA %s changed on disk; read again", file.path)
+            seen[file.name] = state
+        seen.move_to_end(file.name)
+
+    def _evict(self, pipe, keep: set) -> None:
+        seen = self._registered.get(pipe)
+        active = {n for n, _ in (pipe.active_loras or ())}
+        for name in list(seen or ()):
+            if len(seen) <= self.max_registered:
+                return
+            if name in keep or name in active:
+                continue
+            del seen[name]
+            if name in pipe.registered_loras:
+                pipe.unregister_lora(name)
+                log.info("LoRA %s unregistered from a model (least recently used of %d)", name, self.max_registered + 1)

@@ -57,7 +57,7 @@ class ModelReplica:
             time.sleep(0.02)
         if self.batcher.state != "ready":
             raise RuntimeError(f"model {name!r} failed to load: {self.batcher.load_error}")
-        self.loras = LoraLibrary(config.lora_dir)  # --lora-dir on this replica's node (None: serves no LoRAs)
+        self.loras = LoraLibrary(config.lora_dir, config.max_loras)  # --lora-dir on this replica's node (None: serves no LoRAs)
         self.node = ray.get_runtime_context().get_node_id()
         self.pid = os.getpid()
 
@@ -75,7 +75,8 @@ class ModelReplica:
         aliases, files the model can take; each registered here): {"loras": {registered name: scale}}, or
         {"error": message, "loc": loc} for a 422 (an answer, not an exception, so the ingress gets the text as is)."""
         try:
-            return {"loras": await asyncio.to_thread(self.loras.prepare, self.batcher.pipe, self.name, loras, field)}
+            return {"loras": await asyncio.to_thread(self.loras.prepare, self.batcher.pipe, self.name, loras, field,
+                                                      self.batcher.loras_in_use())}
         except FieldError as err:
             return {"error": err.message, "loc": list(err.loc or ())}
 

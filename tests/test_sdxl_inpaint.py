@@ -11,7 +11,7 @@ from PIL import Image
 
 import sdrt
 from sdrt.errors import InputError
-from test_inpaint import INIT, LATENT_RTOL, MASK, relative
+from test_inpaint import INIT, LATENT_RTOL, MASK, reference, relative
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,6 @@ def models(tiny_sdxl, tiny_sdxl_refiner, tiny_sdxl_inpaint):
         ref.original_scheduler = ref.scheduler
         out[name] = (ref, sdrt.Pipeline.from_pretrained(folder, backend="torch"))
     return out
-
-
-def reference(ref, scheduler, seed, **kwargs):
-    from test_pipeline import diffusers_scheduler
-
-    ref.scheduler = diffusers_scheduler(scheduler, ref.original_scheduler.config) if scheduler else ref.original_scheduler
-    with torch.no_grad():
-        return ref(generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", **kwargs).images.numpy()
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ tests/test_inpaint.py and tests/test_sdxl.py: max|diff| <= 1e-5 * max|ref| on th
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import sdrt

@@ -245,7 +245,7 @@ def sdxl_contracts(facts: ModelFacts) -> dict[str, NetworkContract]:
     into the UNet's encoder_hidden_states), the second also its pooled, projected output; a UNet that takes
     `text_embeds` and `time_ids` (its "text_time" added embedding); the VAE as for SD."""
     sd = sd_contracts(facts)
-    c, seq, f32 = facts.latent_channels, facts.text_seq_len, "float32"
+    seq, f32 = facts.text_seq_len, "float32"
     contracts = {}
     if facts.text_hidden_size:  # the base's CLIP ViT-L (the refiner has none)
         hidden = facts.text_hidden_size

@@ -28,7 +28,7 @@ def main(out: Path, which: str) -> None:
 
     from sdrt.backends.torch_modules import UNetContract, WithLoraSlots, lora_slot_layers
     from sdrt.contracts import ShapeLimits, UNET, sd_contracts
-    from sdrt.export.onnx_export import export_network, finish_network
+    from sdrt.export.onnx_network import export_network, finish_network
     from sdrt.export.rewrites import graph_rewrites
 
     t0 = time.perf_counter()

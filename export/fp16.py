@@ -203,7 +203,7 @@ def convert_file(src, dst, keep_ops=(), upcast_attention=False) -> None:
     over 2 GB), as `sdrt export --fp16` does; `sdrt build --fp16` uses it on fp32 exports."""
     from pathlib import Path
 
-    from sdrt.export.onnx_export import EXTERNAL_DATA_BYTES, infer_shapes, model_bytes
+    from sdrt.export.onnx_network import EXTERNAL_DATA_BYTES, infer_shapes, model_bytes
 
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))

@@ -140,11 +140,13 @@ SDXL_SCHEDULER = {
 }
 
 
-def build_tiny_sdxl(folder: str | Path, refiner: bool = False, seed: int = 0, inpainting: bool = False) -> Path:
+def build_tiny_sdxl(folder: str | Path, refiner: bool = False, seed: int = 0, inpainting: bool = False,
+                    time_cond_proj_dim: int | None = None) -> Path:
     """A tiny random-weight SDXL base (or refiner) in diffusers format, shaped as the real ones: two CLIP encoders
     (the second with a projection and "!" padding; the refiner has only that one), a "text_time" UNet with more
     than one transformer layer in its deepest block, a factor-8 VAE with SDXL's scaling factor and force_upcast.
-    inpainting: a 9-channel UNet (latents, mask, masked-image latents) in a StableDiffusionXLInpaintPipeline."""
+    inpainting: a 9-channel UNet (latents, mask, masked-image latents) in a StableDiffusionXLInpaintPipeline.
+    time_cond_proj_dim: an LCM-distilled UNet (it takes the guidance embedding `timestep_cond`), with LCMScheduler."""
     import torch
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
                            StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
@@ -177,6 +179,7 @@ def build_tiny_sdxl(folder: str | Path, refiner: bool = False, seed: int = 0, in
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=time_dim * time_ids + pooled,
         norm_num_groups=16,
+        time_cond_proj_dim=time_cond_proj_dim,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -185,7 +188,12 @@ def build_tiny_sdxl(folder: str | Path, refiner: bool = False, seed: int = 0, in
     )  # fmt: skip
     text_encoder_2 = CLIPTextModelWithProjection(clip_config(hidden2, "gelu"))
     tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer_2", pad_token="!"))
-    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    if time_cond_proj_dim:
+        from diffusers import LCMScheduler
+
+        scheduler = LCMScheduler.from_config(SDXL_SCHEDULER, timestep_spacing="trailing")
+    else:
+        scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
     if refiner:
         pipe = (StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLImg2ImgPipeline)(
             vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2, unet=unet,

@@ -269,12 +269,14 @@ def sdxl_contracts(facts: ModelFacts) -> dict[str, NetworkContract]:
         doc="Token embeddings, and a one-hot row marking the token CLIP pools (its end-of-text token) -> the "
         "penultimate layer's hidden states, and the pooled final state through the text projection.",
     )
+    plain = tuple(spec for spec in sd[UNET].inputs if spec.name != "timestep_cond")
+    w_cond = tuple(spec for spec in sd[UNET].inputs if spec.name == "timestep_cond")  # an LCM-distilled UNet's, last
     contracts[UNET] = NetworkContract(
         UNET,
-        inputs=sd[UNET].inputs + (
+        inputs=plain + (
             TensorSpec("text_embeds", f32, ("unet_batch", facts.pooled_dim)),
             TensorSpec("time_ids", f32, ("unet_batch", facts.time_ids_dim)),
-        ),
+        ) + w_cond,
         outputs=sd[UNET].outputs,
         doc=sd[UNET].doc + " SDXL: the pooled text embedding and the micro-conditioning time ids (original size, "
         "crop corner, target size or aesthetic score) go through the UNet's added time embedding.",

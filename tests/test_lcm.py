@@ -150,3 +150,32 @@ def test_lcm_lora_fused_and_at_run_time_equal_diffusers(tiny_sd1, tmp_path, layo
     assert close(plain, expected) > 1e-2  # the LoRA changes the result: the comparisons below can fail
     assert close(fused, expected) <= RTOL, close(fused, expected)
     assert close(runtime.images, expected) <= RTOL, close(runtime.images, expected)
+
+
+def test_lcm_distilled_sdxl_equals_diffusers_on_torch_and_onnx(tmp_path):
+    """An LCM-distilled SDXL UNet (time_cond_proj_dim; LCM-SDXL): timestep_cond after SDXL's text_embeds/time_ids in
+    the contract, no CFG batch; PyTorch and the ONNX export equal diffusers' StableDiffusionXLPipeline with its
+    LCMScheduler on the final latents (1e-5 rel; PyTorch measured ~4e-7)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdrt.contracts import ShapeLimits
+    from sdrt.export.onnx_export import export_model
+    from sdrt.export.tiny import build_tiny_sdxl
+
+    folder = build_tiny_sdxl(tmp_path / "lcm-sdxl", time_cond_proj_dim=32)
+    ref = StableDiffusionXLPipeline.from_pretrained(folder)
+    ref.set_progress_bar_config(disable=True)
+    prompts = ["a photo of a red cat", "a dog"]
+    gens = [torch.Generator("cpu").manual_seed(5 + k) for k in range(2)]
+    with torch.no_grad():
+        expected = ref(prompts, num_inference_steps=4, guidance_scale=4.0, generator=gens, output_type="latent").images.numpy()
+    kwargs = dict(num_inference_steps=4, guidance_scale=4.0, seed=5, output_type="latent", progress=False)
+    got = sdrt.Pipeline.from_pretrained(folder, backend="torch")(prompts, **kwargs).images
+    assert close(got, expected) <= RTOL, close(got, expected)
+    out = tmp_path / "onnx"
+    export_model(folder, out, limits=ShapeLimits(min_size=64, opt_size=64, max_size=64, max_batch=2), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [t["name"] for t in manifest["contracts"]["unet"]["inputs"]]
+    assert names == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "timestep_cond"]
+    got = sdrt.Pipeline.from_pretrained(out, threads=1)(prompts, **kwargs).images
+    assert close(got, expected) <= RTOL, close(got, expected)

@@ -86,11 +86,13 @@ class UNetContract(nn.Module):
 
 
 class UNetAddedContract(UNetContract):
-    """SDXL's UNet: the contract's signature plus `text_embeds` and `time_ids` for the "text_time" added embedding."""
+    """SDXL's UNet: the contract's signature plus `text_embeds` and `time_ids` for the "text_time" added embedding
+    (and an LCM-distilled one's `timestep_cond`, last)."""
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond=None):
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, added_cond_kwargs=added,
+                         return_dict=False)[0]
 
 
 class VaeEncoderContract(nn.Module):

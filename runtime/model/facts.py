@@ -203,9 +203,6 @@ def _read_sdxl_facts(model_dir: Path, spec, index: dict) -> ModelFacts:
     if unet_in not in (vae_latents, 2 * vae_latents + 1):
         raise ModelError(f"{model_dir}'s UNet takes {unet_in} input channels but the VAE makes {vae_latents}: not a "
                          f"text-to-image ({vae_latents}) or inpainting ({2 * vae_latents + 1}) UNet, which sdrt does not run")
-    if unet.get("time_cond_proj_dim"):
-        raise ModelError(f"{model_dir}'s SDXL UNet is LCM-distilled (time_cond_proj_dim), which sdrt runs for SD 1.x/2.x "
-                         "only, for now; use the SDXL base with an LCM-LoRA fused (load_lora), or an SD 1.x/2.x LCM")
     latents_mean, latents_std = _latent_statistics(model_dir, vae, vae_latents)
     vae_scale = 2 ** (len(vae.get("block_out_channels", [64])) - 1)
     return ModelFacts(
@@ -230,6 +227,7 @@ def _read_sdxl_facts(model_dir: Path, spec, index: dict) -> ModelFacts:
         unet_in_channels=unet_in if unet_in != vae_latents else None,
         latents_mean=latents_mean,
         latents_std=latents_std,
+        time_cond_proj_dim=int(unet.get("time_cond_proj_dim") or 0),
     )
 
 

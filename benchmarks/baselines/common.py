@@ -155,6 +155,20 @@ def converted_dir(config: dict, tool: str, *packages: str) -> "Path":
     return Path(config["cache_dir"]) / tool / f"{model.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def save_conversion(pipe, out, t0: float) -> dict:
+    """Save a baseline's converted pipeline under `out` (written beside it, then renamed: a half-written conversion is
+    never mistaken for a cached one); the prepare step's answer."""
+    tmp = out.with_name(out.name + ".partial")
+    pipe.save_pretrained(tmp)
+    tmp.rename(out)
+    return {"cached": False, "folder": str(out), "export_s": time.perf_counter() - t0}
+
+
+def openvino_config(config: dict) -> dict:
+    """The OpenVINO baselines' runtime settings: fp32 inference, latency mode, the benchmark's thread count."""
+    return {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads_of(config))}
+
+
 def is_sdxl(config: dict) -> bool:
     """Whether config["model"] is an SDXL folder (its model_index.json names an SDXL pipeline): the baselines then
     load their SDXL pipeline classes, which take two text encoders and the text_time conditioning."""

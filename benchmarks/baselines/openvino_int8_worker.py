@@ -66,17 +66,14 @@ class OpenVINOInt8Runner(OpenVINORunner):
                 OVStableDiffusionPipeline.__call__ = call
         else:
             pipe = OVStableDiffusionPipeline.from_pretrained(config["model"], export=True, load_in_8bit=True, compile=False)
-        tmp = out.with_name(out.name + ".partial")
-        pipe.save_pretrained(tmp)
-        tmp.rename(out)
-        return {"cached": False, "folder": str(out), "export_s": time.perf_counter() - t0}
+        return common.save_conversion(pipe, out, t0)
 
     def create(self, config: dict):
         import openvino as ov
         from optimum.intel import OVStableDiffusionPipeline
 
         threads = common.threads_of(config)
-        ov_config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads)}
+        ov_config = common.openvino_config(config)
         folder = common.converted_dir(config, self._tool(), *PACKAGES)
         pipe = OVStableDiffusionPipeline.from_pretrained(folder, export=False, ov_config=ov_config, compile=True)
         ops = pipe.unet.model.get_ops()

@@ -42,16 +42,13 @@ class OpenVINORunner(DiffusersRunner):
         t0 = time.perf_counter()
         pipe = pipeline_class(config).from_pretrained(config["model"], export=True, load_in_8bit=False, compile=False,
                                                       **extra_kwargs(config))
-        tmp = out.with_name(out.name + ".partial")
-        pipe.save_pretrained(tmp)
-        tmp.rename(out)
-        return {"cached": False, "folder": str(out), "export_s": time.perf_counter() - t0}
+        return common.save_conversion(pipe, out, t0)
 
     def create(self, config: dict):
         import openvino as ov
 
         threads = common.threads_of(config)
-        ov_config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads)}
+        ov_config = common.openvino_config(config)
         folder = common.converted_dir(config, "openvino", *PACKAGES)
         cls = pipeline_class(config)
         pipe = cls.from_pretrained(folder, export=False, ov_config=ov_config, compile=True, **extra_kwargs(config))

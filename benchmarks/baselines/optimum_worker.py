@@ -40,10 +40,7 @@ class OptimumRunner(DiffusersRunner):
             return {"cached": True, "folder": str(out)}
         t0 = time.perf_counter()
         pipe = pipeline_class(config).from_pretrained(config["model"], export=True, **extra_kwargs(config))
-        tmp = out.with_name(out.name + ".partial")
-        pipe.save_pretrained(tmp)
-        tmp.rename(out)
-        return {"cached": False, "folder": str(out), "export_s": time.perf_counter() - t0}
+        return common.save_conversion(pipe, out, t0)
 
     def create(self, config: dict):
         import onnxruntime as ort

@@ -219,16 +219,15 @@ class DeviceLoop:
                     raise ValueError(f"{name} has {value.shape[0]} rows; the UNet runs {text.shape[0]} (one per text state)")
             table = torch.as_tensor(step_table(sched, guidance_scale), device=self.device)
             noise = None if step_noise is None else torch.as_tensor(step_noise, device=self.device, dtype=torch.float32)
-            inpaint = {name: torch.as_tensor(value, device=self.device) for name, value in (inpaint or {}).items()}
-            kept = inpaint.pop("kept", None)
+            # concat feeds the UNet (its dtype); mask and kept meet the float32 latents
+            inpaint = {name: torch.as_tensor(value, device=self.device).to(self.dtype if name == "concat" else torch.float32)
+                       for name, value in (inpaint or {}).items()}
+            kept = inpaint.pop("kept", None)  # one slice per call, copied in before each step like the noise
             if kept is not None:
-                kept = kept.to(torch.float32)
                 if tuple(kept.shape) != (sched.num_calls, *latents.shape):
                     raise ValueError(f"inpainting's kept latents are {tuple(kept.shape)}; the loop needs "
                                      f"{(sched.num_calls, *latents.shape)} (one per call)")
-                inpaint = {"mask": inpaint["mask"].to(torch.float32), "kept": kept[0]}
-            elif "concat" in inpaint:
-                inpaint = {"concat": inpaint["concat"].to(self.dtype)}
+                inpaint["kept"] = kept[0]
             extra_shapes = tuple((name, tuple(value.shape)) for name, value in sorted(extra.items()))
             inpaint_shapes = tuple((name, tuple(value.shape)) for name, value in sorted(inpaint.items()))
             step = self._step(sched, tuple(latents.shape), tuple(text.shape), guided, graph, extra_shapes, inpaint_shapes)

@@ -182,17 +182,18 @@ class InpaintRows:
         if self.conditions_unet:
             extra = np.concatenate([self.mask, self.masked], axis=1)
             return {"concat": np.concatenate([extra, extra]) if guided else extra}
-        kept = [self.image if i + 1 >= sched.num_calls else sched.add_noise(self.image, self.noise, i + 1)
-                for i in range(sched.num_calls)]
-        return {"mask": self.mask, "kept": np.stack(kept)}
+        return {"mask": self.mask, "kept": np.stack([self.kept_after(sched, i) for i in range(sched.num_calls)])}
+
+    def kept_after(self, sched, i: int) -> np.ndarray:
+        """The kept region's latents after call i: the image's, noised to call i+1's level (clean after the last)."""
+        return self.image if i + 1 >= sched.num_calls else sched.add_noise(self.image, self.noise, i + 1)
 
     def blend(self, x: np.ndarray, sched, i: int) -> np.ndarray:
         """After step i (ordinary UNets): the kept region becomes the image's latents at call i+1's noise level
         (clean after the last call), as diffusers' 4-channel inpainting does."""
         if self.image is None:
             return x
-        kept = self.image if i + 1 >= sched.num_calls else sched.add_noise(self.image, self.noise, i + 1)
-        return ((1 - self.mask) * kept + self.mask * x).astype(x.dtype, copy=False)
+        return ((1 - self.mask) * self.kept_after(sched, i) + self.mask * x).astype(x.dtype, copy=False)
 
 
 def composite(generated: np.ndarray, base: np.ndarray, soft: np.ndarray) -> np.ndarray:

@@ -47,7 +47,7 @@ def unet_ms(folder: Path, repeats: int = 30) -> float:
 
 def main(argv=None) -> int:
     from sdrt.builtin import builtin_model_dir
-    from sdrt.export.int8 import SCHEMES, quantize_export
+    from sdrt.export.int8 import SCHEMES, STATIC_SCHEMES, quantize_export
     from sdrt.export.int8_quality import default_prompts, oracle_accuracy, record_unet_feeds
     from sdrt.export.onnx_export import export_model
 
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         rows = [{"scheme": "fp32", "networks": [], "unet_ms": unet_ms(fp32)}]
         for scheme in args.schemes.split(","):
             for networks in (("unet",), ("unet", "vae_decoder")):
-                if networks != ("unet",) and scheme in ("static", "static-all", "static-s8", "mixed"):
+                if networks != ("unet",) and scheme in STATIC_SCHEMES:
                     continue  # calibration is recorded for the UNet only
                 folder = work / f"{scheme}-{'-'.join(networks)}"
                 t0 = time.perf_counter()

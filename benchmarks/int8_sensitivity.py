@@ -107,6 +107,20 @@ class Sweep:
         num = sum(float(np.sum((a - b) ** 2)) for a, b in zip(got, self.heldout_ref))
         return float(np.sqrt(num / sum(float(np.sum(b ** 2)) for b in self.heldout_ref)))
 
+    def layer_errors(self, out: Path) -> dict:
+        """The guided-call error with one layer int8 and the rest fp32, for every layer (errors add in quadrature,
+        int8-sensitivity.md): {node: error}, written to `out` as it goes (JSON)."""
+        from sdrt.export.int8 import _static
+
+        errors = {}
+        dst = self.work / "one.onnx"
+        for i, node in enumerate(self.nodes):
+            _static(self.named, dst, [node], self.calibration, False, cache=self.cache)
+            errors[node] = self.call_error(dst)
+            print(f"{i + 1}/{len(self.nodes)} {node} {errors[node]:.3e}", flush=True)
+            out.write_text(json.dumps(errors, indent=1))
+        return errors
+
     def run(self, label: str, quantize: list[str], scheme: str = "static", **options) -> dict:
         from sdrt.export.int8 import _static, _weight_only, psnr
 
@@ -120,7 +134,7 @@ class Sweep:
         if scheme == "weight-only":
             _weight_only(self.named, dst, quantize, False)
         else:
-            _static(self.named, dst, quantize, self.calibration, False, symmetric=scheme == "static-s8", method=method,
+            _static(self.named, dst, quantize, self.calibration, False, activation="s8" if scheme == "static-s8" else "u8", method=method,
                     cache=cache, extra=options)
         seconds = time.perf_counter() - t0
         from sdrt.model.manifest import read_manifest
@@ -147,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--custom", default=None, help="JSON {label: {keep: [substrings], options: {...}}} for the part 'custom'")
     p.add_argument("--parts", default="all,options,only-block,without-block,only-kind,without-kind,candidates")
     args = p.parse_args(argv)
+    from sdrt.export.int8 import KEEP_RULES, sensitive_nodes
+
     parts = set(args.parts.split(","))
     work = Path(tempfile.mkdtemp(prefix="int8-sensitivity-"))
     rows = []
@@ -154,6 +170,8 @@ def main(argv=None) -> int:
         s = Sweep(work, args.threads)
         rows.append({"variant": "fp32", "oracle": s.ref_read, "quantized_nodes": 0})
         nodes = s.nodes
+        if "one-layer" in parts:
+            s.layer_errors(Path(args.out).with_name(Path(args.out).name + "-layers.json"))
         if "all" in parts:
             rows.append(s.run("static, all", nodes))
         if "only-block" in parts:
@@ -177,7 +195,8 @@ def main(argv=None) -> int:
             specs = CANDIDATES if "candidates" in parts else json.loads(Path(args.custom).read_text())
             for label, spec in specs.items():
                 drop = spec.get("keep", [])
-                rows.append(s.run(label, [n for n in nodes if not any(d in n for d in drop)],
+                kept = set(sensitive_nodes(nodes, KEEP_RULES[spec["rule"]])) if spec.get("rule") else set()
+                rows.append(s.run(label, [n for n in nodes if not any(d in n for d in drop) and n not in kept],
                                   scheme=spec.get("scheme", "static"), **spec.get("options", {})))
     finally:
         out = Path(args.out)

@@ -28,18 +28,46 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMES = ("mixed", "dynamic", "dynamic-matmul", "static", "static-all", "static-s8", "weight-only")
+SCHEMES = ("mixed", "dynamic", "dynamic-matmul", "static", "static-wide", "static-all", "static-s8", "weight-only")
 DEFAULT_SCHEME = "static"
+STATIC_SCHEMES = ("static", "static-wide", "static-all", "static-s8", "mixed")  # the ones that need calibration
 
-# What the "static" scheme also keeps fp32 (benchmarks/results/int8-sensitivity.md): the layers whose input is an
-# un-normalised stream, where one per-tensor int8 range must span channels of very different scales (ONNX Runtime's
-# QLinearConv/QLinearMatMul take one activation scale): the resnet shortcut convs (their input is the concatenated
-# skip connection in up blocks), the transformers' proj_out (the residual stream), attention to_out (attention output),
-# the feed-forward's second Linear (GEGLU output), down/upsampler convs (the residual stream between blocks) and
-# cross-attention to_k/to_v (the text encoder's states with their outlier channels). And the whole last up block:
-# its output feeds conv_out directly, so its errors reach the noise prediction unattenuated. On the built-in model
-# these carried most of static-all's error (guided UNet call 0.28 -> 0.04 relative error, PSNR 26.9 -> 32.7 dB).
+# Layer roles, as the exporter names them (diffusers module paths): the layers whose input is an un-normalised stream,
+# where one per-tensor int8 range must span channels of very different scales (ONNX Runtime's QLinearConv and
+# QLinearMatMul take one activation scale): resnet shortcut convs (in up blocks their input is the concatenated skip
+# connection), the transformers' proj_out (residual stream), attention to_out (attention output), the feed-forward's
+# second Linear (GEGLU output), down/upsampler convs (the residual stream between blocks) and cross-attention
+# to_k/to_v (the text encoder's states with their outlier channels).
 RAW_INPUT_LAYERS = ("/conv_shortcut/", "/proj_out/", "samplers.", "/ff/net.2/", "/to_out.0/", "/attn2/to_k/", "/attn2/to_v/")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepRule:
+    """Which quantisable layers a static scheme keeps fp32, by role and resolution level, so that a rule found on one
+    UNet applies to another of the same family (never by the node names of one model).
+
+    Level: 0 for the first down block and the last up block (full latent resolution), 1 for the next pair, ...; the
+    mid block has none. `levels` maps a level to the roles (substrings of the node's scope) kept there, on both
+    sides; `last_up`: roles kept in the last up block as well (its output reaches conv_out directly); `everywhere`:
+    roles kept wherever they are."""
+
+    levels: dict = dataclasses.field(default_factory=dict)
+    last_up: tuple = ()
+    everywhere: tuple = ()
+
+
+# "static" (default): found by the per-layer sweep on the built-in model (benchmarks/results/int8-sensitivity.md):
+# the guided-call error of int8 adds up in quadrature layer by layer and concentrates at full resolution, in the
+# roles above plus proj_in (GroupNorm with per-channel gamma) and the last up block's conv2; a greedy search over
+# (side, level, role) groups, ranked by error^2 per multiply-add of SD 1.5 at 256 px, picked these: on the built-in
+# model 0.28 -> ~0.08 guided-call error with ~15% of SD 1.5's multiply-adds left fp32 (static-wide: 0.04 with 44%).
+KEEP_RULES = {
+    "static": KeepRule(levels={0: ("/conv_shortcut/", "/proj_in/", "/proj_out/", "/ff/net.2/", "/to_out.0/", "samplers."),
+                               1: ("/conv_shortcut/", "/proj_in/", "/proj_out/", "/ff/net.2/")},
+                       last_up=("/conv2/",)),
+    # The first default: the raw-input roles everywhere and the whole last up block (44% of SD 1.5's multiply-adds).
+    "static-wide": KeepRule(everywhere=RAW_INPUT_LAYERS, last_up=("/",)),
+}
 
 
 @dataclasses.dataclass
@@ -74,13 +102,32 @@ def fp32_nodes(model) -> tuple[list[str], list[str]]:
     return quantize, keep
 
 
-def sensitive_nodes(names: list[str]) -> list[str]:
-    """Of the node `names`, those the "static" scheme keeps fp32 (RAW_INPUT_LAYERS and the last up block)."""
+def resolution_levels(names: list[str]) -> dict:
+    """{node name: level} for the nodes in a down or up block (level 0: first down / last up block; see KeepRule)."""
     import re
 
     ups = [int(m.group(1)) for n in names for m in [re.search(r"/up_blocks\.(\d+)/", n)] if m]
-    last_up = f"/up_blocks.{max(ups)}/" if ups else None
-    return [n for n in names if any(p in n for p in RAW_INPUT_LAYERS) or (last_up is not None and last_up in n)]
+    last = max(ups) if ups else 0
+    levels = {}
+    for n in names:
+        down, up = re.search(r"/down_blocks\.(\d+)/", n), re.search(r"/up_blocks\.(\d+)/", n)
+        if down:
+            levels[n] = int(down.group(1))
+        elif up:
+            levels[n] = last - int(up.group(1))
+    return levels
+
+
+def sensitive_nodes(names: list[str], rule: KeepRule = KEEP_RULES[DEFAULT_SCHEME]) -> list[str]:
+    """Of the node `names`, those `rule` keeps fp32."""
+    levels = resolution_levels(names)
+    last_up = {n for n in names if "/up_blocks." in n and levels.get(n) == 0}
+
+    def kept(n):
+        roles = rule.everywhere + rule.levels.get(levels.get(n), ()) + (rule.last_up if n in last_up else ())
+        return any(r in n for r in roles)
+
+    return [n for n in names if kept(n)]
 
 
 def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibration=None, keep=(), options=None) -> QuantStats:
@@ -104,8 +151,8 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
         model = onnx.load(str(named), load_external_data=False)
         quantize, kept = fp32_nodes(model)
         extra = [n for n in quantize if any(k in n for k in keep)]
-        if scheme == "static":
-            extra += [n for n in sensitive_nodes(quantize) if n not in extra]
+        if scheme in KEEP_RULES:
+            extra += [n for n in sensitive_nodes(quantize, KEEP_RULES[scheme]) if n not in extra]
         keep = kept + extra
         quantize = [n for n in quantize if n not in extra]
         if scheme in ("dynamic-matmul", "weight-only"):
@@ -122,7 +169,8 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
             _static(named, mid, [n for n in quantize if n in conv], calibration, big, **(options or {}))
             _dynamic(mid, out, [n for n in quantize if n not in conv], big)
         elif scheme.startswith("static"):
-            _static(named, out, quantize, calibration, big, symmetric=scheme == "static-s8", **(options or {}))  # static*
+            _static(named, out, quantize, calibration, big, activation="s8" if scheme == "static-s8" else "u8",
+                    **(options or {}))
         else:
             _weight_only(named, out, quantize, big)
         result = onnx.load(str(out))
@@ -197,10 +245,12 @@ def _dynamic(src: Path, dst: Path, nodes: list[str], big: bool) -> None:
                      extra_options={"MatMulConstBOnly": True})
 
 
-def _static(src: Path, dst: Path, nodes: list[str], calibration, big: bool, symmetric: bool = False,
+def _static(src: Path, dst: Path, nodes: list[str], calibration, big: bool, activation: str = "u8",
             method: str = "MinMax", cache: Path | None = None, extra: dict | None = None) -> None:
     """Static QDQ quantisation of `nodes`; activation ranges from `calibration` (feed dicts), computed by
-    calibrate() into `cache` (ONNX Runtime's calibration cache, reused when it exists)."""
+    calibrate() into `cache` (ONNX Runtime's calibration cache, reused when it exists). activation: "u8" or "s8"
+    (int8 with a zero point: the same 256 levels over the same range; ActivationSymmetric, which the first static-s8
+    used, centres the range on zero and so spends half the levels on values a post-SiLU input never takes)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     with tempfile.TemporaryDirectory(dir=Path(dst).parent, prefix=".calib-") as work:
@@ -208,14 +258,14 @@ def _static(src: Path, dst: Path, nodes: list[str], calibration, big: bool, symm
         if not cache.is_file():
             calibrate(src, calibration, cache, method, big)
         quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul"],
-                        per_channel=True, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                        per_channel=True, activation_type=QuantType.QInt8 if activation == "s8" else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=big,
                         calibrate_method=_method(method), calibration_cache_path=str(cache),
-                        extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                        extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False, "WeightSymmetric": True,
                                        **(extra or {})})
 
 
-CALIBRATION_CHUNK = 4  # UNet calls run through the calibrator between range merges: bounded memory on SD 1.5
+CALIBRATION_CHUNK = 2  # UNet calls run through the calibrator between range merges: bounded memory on SD 1.5
 
 
 def calibrate(src: Path, calibration, cache: Path, method: str = "MinMax", big: bool = False) -> None:

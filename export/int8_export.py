@@ -36,7 +36,7 @@ def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=N
     export's min size, QUALITY_STEPS steps, guidance 7.5, seed 0 (and, for the built-in model, the oracle's 50 prompts).
     Other options go to export_model for the fp32 export. Returns (ExportReport of the fp32 export, int8 record).
     """
-    from sdrt.export.int8 import DEFAULT_SCHEME, SCHEMES, quantize_export
+    from sdrt.export.int8 import DEFAULT_SCHEME, SCHEMES, STATIC_SCHEMES, quantize_export
     from sdrt.export.int8_quality import default_prompts, quality_report, record_unet_feeds
     from sdrt.export.onnx_export import check_out_dir, export_model, replace_folder
     from sdrt.model.manifest import read_manifest
@@ -68,17 +68,19 @@ def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=N
         calib_size = min(limits["opt_size"], max(limits["min_size"], 256 // manifest.facts.size_step * manifest.facts.size_step))
         t1 = time.perf_counter()
         feeds = in_child(record_unet_feeds, fp32, prompts, calib_size, CALIBRATION_STEPS, 7.5, limit=CALIBRATION_SAMPLES,
-                         threads=threads) if scheme in ("static", "static-all", "static-s8", "mixed") else []
+                         threads=threads) if scheme in STATIC_SCHEMES else []
         calibration = {"prompts": len(prompts), "size": calib_size, "steps": CALIBRATION_STEPS, "unet_calls": len(feeds),
                        "seconds": time.perf_counter() - t1}
         shutil.rmtree(tmp, ignore_errors=True)
         t2 = time.perf_counter()
-        stats = quantize_export(fp32, tmp, scheme, QUANTIZED_NETWORKS, {"unet": feeds})
+        # Quantising and the quality report run in children too: ORT's quantiser holds the fp32 UNet and its int8
+        # copy, the report an fp32 and an int8 pipeline one after the other, and none of that need stay in this process.
+        stats = in_child(quantize_export, fp32, tmp, scheme, QUANTIZED_NETWORKS, {"unet": feeds})
         record = {"scheme": scheme, "networks": stats, "calibration": calibration,
                   "quantize_seconds": time.perf_counter() - t2}
         if quality:
-            record["quality"] = quality_report(fp32, tmp, prompts[:quality_prompts], limits["min_size"], QUALITY_STEPS,
-                                               7.5, is_digits, threads)
+            record["quality"] = in_child(quality_report, fp32, tmp, prompts[:quality_prompts], limits["min_size"],
+                                         QUALITY_STEPS, 7.5, is_digits, threads)
         manifest = read_manifest(tmp)
         manifest.extras["int8"].update(record)
         (tmp / "int8_quality.json").write_text(json.dumps(record, indent=1))

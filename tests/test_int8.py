@@ -130,13 +130,76 @@ def test_calibration_ranges_cover_every_call(tmp_path):
     assert np.ravel(hi)[0] == 50.0 and np.ravel(lo)[0] == -7.0
 
 
-def test_static_keeps_raw_input_layers_and_last_up_block_fp32():
-    from sdrt.export.int8 import sensitive_nodes
+def test_keep_rules_by_role_and_resolution_level():
+    """static keeps the sensitive roles at full resolution (first down / last up block) and the next level, and the last
+    up block's conv2; static-wide (the first default) the raw-input roles everywhere and the whole last up block. The
+    level comes from the block index, so the rule reads a UNet with 4 up blocks as it reads the built-in one's 3."""
+    from sdrt.export.int8 import KEEP_RULES, resolution_levels, sensitive_nodes
 
-    names = ["/unet/down_blocks.0/resnets.0/conv1/Conv", "/unet/down_blocks.1/resnets.0/conv_shortcut/Conv",
-             "/unet/up_blocks.1/attentions.0/transformer_blocks.0/ff/net.2/MatMul",
-             "/unet/up_blocks.1/attentions.0/transformer_blocks.0/attn2/to_k/MatMul",
-             "/unet/up_blocks.1/attentions.0/transformer_blocks.0/attn2/to_q/MatMul",
-             "/unet/up_blocks.1/upsamplers.0/Conv_1", "/unet/up_blocks.3/resnets.2/conv2/Conv",
-             "/unet/mid_block/attentions.0/proj_out/Conv", "/unet/up_blocks.2/resnets.0/conv1/Conv"]
-    assert sensitive_nodes(names) == [names[1], names[2], names[3], names[5], names[6], names[7]]
+    names = ["/unet/down_blocks.0/resnets.0/conv1/Conv",  # 0: level 0, normalised input
+             "/unet/down_blocks.1/resnets.0/conv_shortcut/Conv",  # 1: level 1 shortcut
+             "/unet/up_blocks.1/attentions.0/transformer_blocks.0/ff/net.2/MatMul",  # 2: level 2
+             "/unet/up_blocks.1/attentions.0/transformer_blocks.0/attn2/to_k/MatMul",  # 3: level 2, text input
+             "/unet/up_blocks.1/attentions.0/transformer_blocks.0/attn2/to_q/MatMul",  # 4
+             "/unet/up_blocks.1/upsamplers.0/Conv_1",  # 5: level 2 upsampler
+             "/unet/up_blocks.3/resnets.2/conv2/Conv",  # 6: last up block's conv2
+             "/unet/mid_block/attentions.0/proj_out/Conv",  # 7: mid block, no level
+             "/unet/up_blocks.2/resnets.0/conv1/Conv",  # 8: level 1 conv1
+             "/unet/up_blocks.3/attentions.0/proj_in/Conv",  # 9: level 0 proj_in
+             "/unet/down_blocks.0/downsamplers.0/conv/Conv",  # 10: level 0 downsampler
+             "/unet/up_blocks.2/attentions.1/proj_out/Conv",  # 11: level 1 proj_out
+             "/unet/up_blocks.3/resnets.0/conv1/Conv",  # 12: last up block's conv1
+             "/unet/up_blocks.2/attentions.0/transformer_blocks.0/attn1/to_out.0/MatMul",  # 13: level 1 to_out
+             "/unet/down_blocks.0/attentions.0/transformer_blocks.0/attn1/to_out.0/MatMul"]  # 14: level 0 to_out
+    levels = resolution_levels(names)
+    assert levels[names[0]] == 0 and levels[names[6]] == 0 and levels[names[8]] == 1 and levels[names[2]] == 2
+    assert names[7] not in levels
+    assert sensitive_nodes(names) == [names[i] for i in (1, 6, 9, 10, 11, 14)]
+    assert sensitive_nodes(names, KEEP_RULES["static"]) == sensitive_nodes(names)
+    wide = sensitive_nodes(names, KEEP_RULES["static-wide"])
+    assert wide == [names[i] for i in (1, 2, 3, 5, 6, 7, 9, 10, 11, 12, 13, 14)]
+    # Three up blocks (the built-in model): up_blocks.2 is the last, at level 0.
+    three = ["/unet/up_blocks.2/resnets.1/conv_shortcut/Conv", "/unet/up_blocks.2/resnets.1/conv1/Conv",
+             "/unet/up_blocks.1/resnets.1/conv2/Conv", "/unet/up_blocks.0/resnets.0/conv_shortcut/Conv"]
+    assert sensitive_nodes(three) == [three[0]]
+
+
+def test_static_schemes_keep_what_their_rule_says(builtin_int8, tmp_path):
+    """The default export keeps exactly its rule's layers (plus fp32_nodes') fp32; static-all keeps only fp32_nodes'."""
+    import onnx
+
+    from sdrt.builtin import builtin_model_dir
+    from sdrt.export.int8 import _write_named, fp32_nodes, sensitive_nodes
+
+    _, stats = builtin_int8
+    _write_named(builtin_model_dir() / "unet" / "model.onnx", tmp_path / "named.onnx", False)
+    quantize, always = fp32_nodes(onnx.load(str(tmp_path / "named.onnx")))
+    rule = sensitive_nodes(quantize)
+    assert 10 < len(rule) < len(quantize) / 2
+    assert sorted(stats["unet"]["kept_fp32"]) == sorted(always + rule)
+
+
+def test_static_s8_is_asymmetric(tmp_path):
+    """static-s8 quantises activations to int8 with a zero point (the range's own min and max), not a range centred
+    on zero: a non-negative input keeps all 256 levels."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdrt.export.int8 import quantize_network
+
+    w = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv0"), helper.make_node("Conv", ["h", "w2"], ["y"], name="conv1"),
+             helper.make_node("Conv", ["y", "w3"], ["z"], name="conv2")]
+    w2 = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w2")
+    w3 = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w3")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 2, 2, 2])], [w, w2, w3])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    feeds = [{"x": np.full((1, 1, 2, 2), v, np.float32)} for v in (0.0, 1.0, 2.0)]
+    quantize_network(tmp_path / "m.onnx", tmp_path / "q.onnx", "static-s8", feeds)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    ql = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert ql and all(inits[n.input[2]].dtype == np.int8 for n in ql)
+    h = [n for n in ql if n.input[0] == "h"][0]  # conv1's input: 0..2, non-negative
+    assert inits[h.input[2]] == -128 and abs(float(inits[h.input[1]]) - 2.0 / 255) < 1e-6

@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
     # issue 22: int8 for ONNX Runtime on CPUs (sdrt.export.int8_export)
     p.add_argument("--int8", action="store_true", help="quantise the UNet to int8 for ONNX Runtime on a CPU, calibrated on "
                    "prompts run through the model; reports PSNR against fp32 (and the oracle's accuracy on the built-in model)")
-    p.add_argument("--int8-scheme", default=None, metavar="SCHEME", help="with --int8: static (default), static-all, static-s8, mixed, "
+    p.add_argument("--int8-scheme", default=None, metavar="SCHEME", help="with --int8: static (default), static-wide, static-all, static-s8, mixed, "
                    "dynamic, dynamic-matmul or weight-only (see benchmarks/results/int8-schemes.md)")
     p.add_argument("--calibration-prompts", default=None, metavar="FILE", help="with --int8: calibration prompts, one a line (default: a built-in spread)")
     p.add_argument("--no-quality", dest="quality", action="store_false", help="with --int8: skip the quality report against fp32")

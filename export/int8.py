@@ -47,26 +47,27 @@ class KeepRule:
     UNet applies to another of the same family (never by the node names of one model).
 
     Level: 0 for the first down block and the last up block (full latent resolution), 1 for the next pair, ...; the
-    mid block has none. `levels` maps a level to the roles (substrings of the node's scope) kept there, on both
-    sides; `last_up`: roles kept in the last up block as well (its output reaches conv_out directly); `everywhere`:
-    roles kept wherever they are."""
+    mid block has none. `groups` maps (side, level), side "down" or "up", to the roles (substrings of the node's
+    scope) kept there; `everywhere`: roles kept wherever they are."""
 
-    levels: dict = dataclasses.field(default_factory=dict)
-    last_up: tuple = ()
+    groups: dict = dataclasses.field(default_factory=dict)
     everywhere: tuple = ()
 
 
-# "static" (default): found by the per-layer sweep on the built-in model (benchmarks/results/int8-sensitivity.md):
-# the guided-call error of int8 adds up in quadrature layer by layer and concentrates at full resolution, in the
-# roles above plus proj_in (GroupNorm with per-channel gamma) and the last up block's conv2; a greedy search over
-# (side, level, role) groups, ranked by error^2 per multiply-add of SD 1.5 at 256 px, picked these: on the built-in
-# model 0.28 -> ~0.08 guided-call error with ~15% of SD 1.5's multiply-adds left fp32 (static-wide: 0.04 with 44%).
+# "static" (default): the greedy mixed-precision search of benchmarks/int8_keep_search.py over the per-layer sweep on
+# the built-in model (benchmarks/results/int8-sensitivity.md). The guided-call error of int8 adds up in quadrature
+# layer by layer and concentrates at full resolution, in the raw-input roles plus proj_in (after a GroupNorm with
+# per-channel gamma) and the last up block's resnet convs and ff.net.0; (side, level, role) groups, ranked by error^2
+# saved per multiply-add of SD 1.5 at 256 px, taken until the error left is ~0.06: on the built-in model 0.28 -> 0.059
+# guided-call error (34.3 dB) with 23% of SD 1.5's multiply-adds left fp32 (static-wide: 0.042, 32.7 dB, with 44%).
+# In the last up block only the attention q/k/v projections are int8.
+_TOP = ("/conv_shortcut/", "/proj_in/", "/proj_out/", "/ff/net.2/", "/to_out.0/", "samplers.")
 KEEP_RULES = {
-    "static": KeepRule(levels={0: ("/conv_shortcut/", "/proj_in/", "/proj_out/", "/ff/net.2/", "/to_out.0/", "samplers."),
-                               1: ("/conv_shortcut/", "/proj_in/", "/proj_out/", "/ff/net.2/")},
-                       last_up=("/conv2/",)),
+    "static": KeepRule(groups={("down", 0): _TOP, ("up", 0): _TOP + ("/conv1/", "/conv2/", "/ff/net.0/"),
+                               ("down", 1): ("/conv_shortcut/",),
+                               ("up", 1): ("/conv_shortcut/", "/proj_in/", "/proj_out/", "/ff/net.2/")}),
     # The first default: the raw-input roles everywhere and the whole last up block (44% of SD 1.5's multiply-adds).
-    "static-wide": KeepRule(everywhere=RAW_INPUT_LAYERS, last_up=("/",)),
+    "static-wide": KeepRule(groups={("up", 0): ("/",)}, everywhere=RAW_INPUT_LAYERS),
 }
 
 
@@ -103,7 +104,7 @@ def fp32_nodes(model) -> tuple[list[str], list[str]]:
 
 
 def resolution_levels(names: list[str]) -> dict:
-    """{node name: level} for the nodes in a down or up block (level 0: first down / last up block; see KeepRule)."""
+    """{node name: (side, level)} for the nodes in a down or up block (level 0: first down / last up block)."""
     import re
 
     ups = [int(m.group(1)) for n in names for m in [re.search(r"/up_blocks\.(\d+)/", n)] if m]
@@ -112,22 +113,16 @@ def resolution_levels(names: list[str]) -> dict:
     for n in names:
         down, up = re.search(r"/down_blocks\.(\d+)/", n), re.search(r"/up_blocks\.(\d+)/", n)
         if down:
-            levels[n] = int(down.group(1))
+            levels[n] = ("down", int(down.group(1)))
         elif up:
-            levels[n] = last - int(up.group(1))
+            levels[n] = ("up", last - int(up.group(1)))
     return levels
 
 
 def sensitive_nodes(names: list[str], rule: KeepRule = KEEP_RULES[DEFAULT_SCHEME]) -> list[str]:
     """Of the node `names`, those `rule` keeps fp32."""
     levels = resolution_levels(names)
-    last_up = {n for n in names if "/up_blocks." in n and levels.get(n) == 0}
-
-    def kept(n):
-        roles = rule.everywhere + rule.levels.get(levels.get(n), ()) + (rule.last_up if n in last_up else ())
-        return any(r in n for r in roles)
-
-    return [n for n in names if kept(n)]
+    return [n for n in names if any(r in n for r in rule.everywhere + rule.groups.get(levels.get(n), ()))]
 
 
 def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibration=None, keep=(), options=None) -> QuantStats:

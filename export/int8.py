@@ -9,7 +9,10 @@ and time on the built-in model):
 - "dynamic-matmul": the same for MatMuls only (attention projections and feed-forwards); convs stay fp32.
 - "static-all": QDQ with activation ranges calibrated on UNet inputs recorded from the model's own sampling loop
   (sdrt.export.int8_quality), weights per channel; ORT fuses the Q/DQ pairs into QLinearConv / QLinearMatMul.
-- "static" (default): static-all with the layers int8 hurts most kept fp32 (RAW_INPUT_LAYERS, the last up block).
+- "static" (default): static-all with the layers int8 hurts most per multiply-add kept fp32 (KEEP_RULES: roles at
+  full resolution, a few at the next level; ~23% of SD 1.5's multiply-adds).
+- "static-wide": the first default: the raw-input roles everywhere and the whole last up block fp32 (44%).
+- "static-s8": static-all with int8 (not uint8) activations, asymmetric; the same accuracy as static-all.
 - "weight-only": MatMul weights stored as 8-bit blocks (MatMulNBits, bits=8), dequantised in the kernel; convs fp32.
 
 What stays fp32 whatever the scheme (`fp32_nodes`): the first and last conv (the latent <-> feature maps, where an

@@ -131,8 +131,8 @@ def test_calibration_ranges_cover_every_call(tmp_path):
 
 
 def test_keep_rules_by_role_and_resolution_level():
-    """static keeps the sensitive roles at full resolution (first down / last up block), a few at the next level, and
-    the last up block's resnet convs and ff.net.0; static-wide (the first default) the raw-input roles everywhere and the whole last up block. The
+    """static keeps the sensitive roles and ff.net.0 at full resolution (first down / last up block), a few at the next
+    level, and the last up block's resnet convs; static-wide (the first default) the raw-input roles everywhere and the whole last up block. The
     level comes from the block index, so the rule reads a UNet with 4 up blocks as it reads the built-in one's 3."""
     from sdrt.export.int8 import KEEP_RULES, resolution_levels, sensitive_nodes
 
@@ -153,14 +153,15 @@ def test_keep_rules_by_role_and_resolution_level():
              "/unet/down_blocks.0/attentions.0/transformer_blocks.0/attn1/to_out.0/MatMul",  # 14: level 0 to_out
              "/unet/down_blocks.1/attentions.0/proj_out/Conv",  # 15: down level 1 proj_out (kept only on the up side)
              "/unet/up_blocks.3/attentions.0/transformer_blocks.0/ff/net.0/proj/MatMul",  # 16: last up block's ff.net.0
-             "/unet/down_blocks.0/attentions.0/transformer_blocks.0/ff/net.0/proj/MatMul"]  # 17: first down's ff.net.0
+             "/unet/down_blocks.0/attentions.0/transformer_blocks.0/ff/net.0/proj/MatMul",  # 17: first down's ff.net.0
+             "/unet/up_blocks.2/upsamplers.0/Conv_3"]  # 18: level 1 upsampler
     levels = resolution_levels(names)
     assert levels[names[0]] == ("down", 0) and levels[names[6]] == ("up", 0) and levels[names[8]] == ("up", 1)
     assert levels[names[2]] == ("up", 2) and names[7] not in levels
-    assert sensitive_nodes(names) == [names[i] for i in (1, 6, 9, 10, 11, 12, 14, 16)]
+    assert sensitive_nodes(names) == [names[i] for i in (1, 6, 9, 10, 11, 12, 14, 16, 17, 18)]
     assert sensitive_nodes(names, KEEP_RULES["static"]) == sensitive_nodes(names)
     wide = sensitive_nodes(names, KEEP_RULES["static-wide"])
-    assert wide == [names[i] for i in (1, 2, 3, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16)]
+    assert wide == [names[i] for i in (1, 2, 3, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 18)]
     # Three up blocks (the built-in model): up_blocks.2 is the last, at level 0.
     three = ["/unet/up_blocks.2/resnets.1/conv_shortcut/Conv", "/unet/up_blocks.2/resnets.1/conv1/Conv",
              "/unet/up_blocks.1/resnets.1/conv2/Conv", "/unet/up_blocks.0/resnets.0/conv_shortcut/Conv"]

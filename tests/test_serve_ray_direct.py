@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +170,47 @@ def test_sigint_stops_in_seconds_and_leaves_no_ray_processes(served):
     except TimeoutError:
         pids = ",".join(left())
         pytest.fail(subprocess.run(["ps", "-o", "pid,args", "-p", pids], capture_output=True, text=True).stdout)
+
+
+# --- a joined cluster started with direct ingress (slow: a second cluster start) ---------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SDRT_SLOW_TESTS") != "1", reason="a second Ray cluster (~30 s); set SDRT_SLOW_TESTS=1")
+def test_joined_cluster_started_with_direct_ingress():
+    """`ray start --head` with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and a one-port range, then `sdrt serve --ray
+    --direct-ingress --address`: the ingress replica answers on that port, Serve's proxy on --port; `ray stop`."""
+    gcs, ingress_port, proxy_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ingress_port),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ingress_port + 1),
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}  # Ray's 30 s hold would only slow the stop
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "metrics-export-port", "runtime-env-agent-port")]
+    ray = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    "--include-dashboard=false", "--disable-usage-stats", *ports], env=env, check=True,
+                   capture_output=True, timeout=120)
+    proc = None
+    try:
+        proc = subprocess.Popen([*CLI, "serve", "--ray", "--direct-ingress", "--address", f"127.0.0.1:{gcs}",
+                                 "--port", str(proxy_port), "--cpus-per-replica", "1", "--quick-start", "--threads", "1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        url = f"http://127.0.0.1:{ingress_port}"
+        wait_for(lambda: _ready(url) or proc.poll() is not None, timeout=180, every=0.25)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        listening = {c.pid for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == ingress_port}
+        assert listening and listening <= {p.pid for p in titled("ray::ServeReplica:sdrt:ingress")}
+        assert _ready(f"http://127.0.0.1:{proxy_port}")  # and Serve's proxy, one hop more
+        r = post(url, "/v1/images/generations", json={"prompt": "a 1", "size": "64x64", "steps": 2, "seed": 1})
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
 
 
 # --- errors before anything starts (no cluster) -----------------------------------------------------------------

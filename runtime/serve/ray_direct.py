@@ -76,7 +76,7 @@ def node_settings() -> list[dict]:
 
 def check_joined(settings: list[dict]) -> None:
     """A joined cluster's nodes all run Serve with direct ingress on, else refuse (nothing is deployed)."""
-    off = [s["node"] for s in settings if s.get(ENABLE) != "1"]
+    off = sorted({s["node"] for s in settings if s.get(ENABLE) != "1"})
     if off:
         raise SdrtError(f"--direct-ingress: the Ray cluster's node(s) {', '.join(off)} run without direct ingress; "
                         f"start every node with {ENABLE}=1 in the environment of `ray start` (optionally "

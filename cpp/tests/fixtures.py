@@ -102,8 +102,9 @@ NAMES = [None, "ddim", "pndm", "euler", "euler_karras", "euler_exponential", "eu
 STEPS = [1, 2, 4, 7, 20, 50]
 # SDXL's hand-over windows (denoising_start, denoising_end; None = not given), per config x name x steps: the tables
 # of the calls kept, or the error (with its message: the C++ must say the same).
-WINDOW_CONFIGS = {"sd15": NAMES, "linear_trailing_zsnr_v": NAMES, "heun_clip_exponential": [None], "pndm_prk": [None]}
-WINDOW_STEPS = [1, 4, 7, 20]
+WINDOW_CONFIGS = {"sd15": NAMES, "linear_trailing_zsnr_v": [None, "euler", "heun_karras", "unipc", "dpmpp_2m_karras", "lcm"],
+                  "heun_clip_exponential": [None], "pndm_prk": [None]}
+WINDOW_STEPS = [1, 4, 7, 12]
 WINDOWS = [(0.8, None), (None, 0.8), (0.5, None), (None, 0.25), (0.3, 0.7), (0.7, 0.3), (0.97, None), (None, 0.02),
            (0.999, None), (0.05, 0.999), (1.0, None), (None, -0.2), (float("nan"), None)]
 TRAJECTORIES = [(4, 1.0), (20, 1.0), (20, 0.6), (7, 0.5)]

@@ -3,9 +3,10 @@
  * It runs the same algorithm as the Python runtime (runtime/pipeline.py): the CLIP tokenizer, the token-embedding
  * lookup, classifier-free guidance with negative prompts, the schedulers (ddim, pndm, euler, euler_a, dpmpp_2m,
  * dpmpp_2m_karras, lms, heun, unipc, dpmpp_2m_sde, dpmpp_2s_a, ddpm, lcm, tcd, Karras/exponential variants), img2img,
- * inpainting (ABI 3), SDXL's micro-conditioning (ABI 5) and base + refiner hand-over (ABI 6), and torch's CPU random stream, so the same seed gives the same image as
- * `sdrt generate` on the same export (image k of a batch uses seed + k). Networks run on ONNX Runtime (CPU, or its
- * CUDA / TensorRT providers when the loaded ONNX Runtime has them).
+ * inpainting (ABI 3), SDXL's micro-conditioning (ABI 5) and base + refiner hand-over (ABI 6), and torch's CPU
+ * random stream, so the same seed gives the same image as `sdrt generate` on the same export (image k of a batch
+ * uses seed + k). Networks run on ONNX Runtime (CPU, or its CUDA / TensorRT providers when the loaded ONNX Runtime
+ * has them).
  *
  * Usage:
  *

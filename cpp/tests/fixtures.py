@@ -333,13 +333,15 @@ def is_sdxl_base(export: Path) -> bool:
 
 
 # SDXL's base -> refiner hand-over (diffusers' ensemble of experts): name, prompt, negative, steps, guidance, seed,
-# scheduler, batch, fraction (the base's denoising_end = the refiner's denoising_start). Heun keeps a step's two
-# calls together across the cut; "end_pixels" decodes the base's partial latents (no refiner).
+# scheduler, batch, fraction (the base's denoising_end = the refiner's denoising_start), micro-conditioning. Heun
+# keeps a step's two calls together across the cut; "end_pixels" decodes the base's partial latents (no refiner);
+# "base_continues" hands the base's latents to the base itself, whose negative time ids then follow img2img's rule.
 HANDOVER_CASES = [
-    ("handover", "a photo of a cat", "", 6, 2.0, 30, "", 1, 0.8),
-    ("handover_heun_batch", "a red fox", "blurry", 5, 2.0, 31, "heun", 2, 0.7),
-    ("handover_dpmpp_2m_sde", "a lighthouse", "", 6, 1.5, 32, "dpmpp_2m_sde", 1, 0.75),
-    ("end_pixels", "a bowl of fruit", "", 6, 2.0, 33, "", 1, 0.8),
+    ("handover", "a photo of a cat", "", 6, 2.0, 30, "", 1, 0.8, None),
+    ("handover_heun_batch", "a red fox", "blurry", 5, 2.0, 31, "heun", 2, 0.7, None),
+    ("handover_dpmpp_2m_sde", "a lighthouse", "", 6, 1.5, 32, "dpmpp_2m_sde", 1, 0.75, None),
+    ("end_pixels", "a bowl of fruit", "", 6, 2.0, 33, "", 1, 0.8, None),
+    ("base_continues", "a green hill", "fog", 6, 3.0, 34, "", 1, 0.3, dict(negative_original_size=(1024, 16))),
 ]
 
 
@@ -355,25 +357,32 @@ def handover_fixtures(out: Path, bases: list[Path], refiners: list[Path]) -> Non
     base = Pipeline.from_pretrained(bases[0], backend="onnx")
     refiner = Pipeline.from_pretrained(refiners[0], backend="onnx")
     size = max(base.facts.size_step, 64 // base.facts.size_step * base.facts.size_step)
-    for name, prompt, negative, steps, guidance, seed, sched, batch, fraction in HANDOVER_CASES:
+    for name, prompt, negative, steps, guidance, seed, sched, batch, fraction, micro in HANDOVER_CASES:
         kwargs = dict(negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance, height=size,
-                      width=size, seed=seed, scheduler=sched or None, num_images_per_prompt=batch, progress=False)
+                      width=size, seed=seed, scheduler=sched or None, num_images_per_prompt=batch, progress=False, **(micro or {}))
         stem = f"handover_{name}"
+        second, second_path = (base, bases[0]) if name == "base_continues" else (refiner, refiners[0])
         if name == "end_pixels":
             image = base(prompt, denoising_end=fraction, output_type="np", **kwargs).images
             whole = base(prompt, output_type="np", **kwargs).images
             assert np.abs(image.astype(int) - whole.astype(int)).max() > 2, f"{name}: denoising_end changes nothing"
             (out / f"{stem}.rgb").write_bytes(np.ascontiguousarray(image).tobytes())
-            rows.append([name, bases[0], "", prompt, negative, steps, guidance, seed, sched, size, size, batch, fraction, "", f"{stem}.rgb"])
+            rows.append([name, bases[0], "", prompt, negative, steps, guidance, seed, sched, size, size, batch, fraction, "",
+                         f"{stem}.rgb", micro_column(micro)])
             continue
         latents = base(prompt, denoising_end=fraction, output_type="latent", **kwargs).images
-        image = refiner(prompt, image=latents, denoising_start=fraction, output_type="np", **kwargs).images
-        both = base(prompt, refiner=refiner, refiner_start=fraction, output_type="np", **kwargs).images
+        image = second(prompt, image=latents, denoising_start=fraction, output_type="np", **kwargs).images
+        both = base(prompt, refiner=second, refiner_start=fraction, output_type="np", **kwargs).images
         assert np.array_equal(both, image), f"{name}: Pipeline(refiner=) differs from the two calls"
+        if micro:  # the time ids must change the image, or the C++ comparison could pass with them ignored
+            plain = second(prompt, image=latents, denoising_start=fraction, output_type="np",
+                           **{k: v for k, v in kwargs.items() if k not in micro}).images
+            change = int(np.abs(plain.astype(int) - image.astype(int)).max())
+            assert change > 2, f"{name}: the micro-conditioning changes the image by {change}/255 only"
         (out / f"{stem}.f32").write_bytes(np.ascontiguousarray(latents, np.float32).tobytes())
         (out / f"{stem}.rgb").write_bytes(np.ascontiguousarray(image).tobytes())
-        rows.append([name, bases[0], refiners[0], prompt, negative, steps, guidance, seed, sched, size, size, batch, fraction,
-                     f"{stem}.f32", f"{stem}.rgb"])
+        rows.append([name, bases[0], second_path, prompt, negative, steps, guidance, seed, sched, size, size, batch, fraction,
+                     f"{stem}.f32", f"{stem}.rgb", micro_column(micro)])
     (out / "handover.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
 
 

@@ -34,6 +34,22 @@ std::vector<uint8_t> read_bytes(const std::string &path) {
     return std::vector<uint8_t>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
 }
 
+// SDXL's micro-conditioning from a fixture column: the 14 ABI 5 fields, comma-separated ("" = none).
+void set_micro(sdrt_gen_params &gp, const std::string &column, const std::string &name) {
+    if (column.empty()) return;
+    std::vector<double> v;
+    std::istringstream in(column);
+    std::string item;
+    while (std::getline(in, item, ',')) v.push_back(std::strtod(item.c_str(), nullptr));
+    CHECK(v.size() == 14, name + ": the micro-conditioning column holds " + std::to_string(v.size()) + " numbers, not 14");
+    v.resize(14);
+    int *ints[] = {&gp.original_height, &gp.original_width, &gp.crop_top, &gp.crop_left, &gp.target_height,
+                   &gp.target_width, &gp.negative_original_height, &gp.negative_original_width, &gp.negative_crop_top,
+                   &gp.negative_crop_left, &gp.negative_target_height, &gp.negative_target_width};
+    for (int i = 0; i < 12; ++i) *ints[i] = int(v[size_t(i)]);
+    gp.aesthetic_score = v[12], gp.negative_aesthetic_score = v[13];
+}
+
 sdrt_ctx *context(std::map<std::string, sdrt_ctx *> &contexts, const std::string &model) {
     sdrt_ctx *&ctx = contexts[model];
     if (!ctx) {
@@ -98,7 +114,8 @@ void handover_errors(sdrt_ctx *base, sdrt_ctx *refiner, sdrt_gen_params gp) {
 // SDXL's base -> refiner hand-over (handover.tsv): the base's latents at denoising_end against Python's (relative
 // 1e-4 of max|latents|: the same float32 arithmetic, ONNX Runtime's threads may sum in another order), then the
 // refiner from the C++ latents at denoising_start against Python's image (1/255, as the other images); a case
-// without a refiner decodes the base's partial latents (sdrt_generate with denoising_end).
+// without a refiner decodes the base's partial latents (sdrt_generate with denoising_end); one whose "refiner" is the
+// base itself continues with img2img's negative time ids.
 int handover(const std::string &dir, std::map<std::string, sdrt_ctx *> &contexts) {
     std::ifstream tsv(dir + "/handover.tsv");
     std::string line;
@@ -120,6 +137,7 @@ int handover(const std::string &dir, std::map<std::string, sdrt_ctx *> &contexts
         gp.height = std::atoi(f[10].c_str());
         gp.batch_count = std::atoi(f[11].c_str());
         const double fraction = std::strtod(f[12].c_str(), nullptr);
+        if (f.size() > 15) set_micro(gp, f[15], name);
         std::vector<uint8_t> want = read_bytes(dir + "/" + f[14]);
         std::vector<uint8_t> got(size_t(gp.batch_count) * size_t(gp.width) * size_t(gp.height) * 3);
         std::string what = "hand-over " + name;
@@ -152,10 +170,11 @@ int handover(const std::string &dir, std::map<std::string, sdrt_ctx *> &contexts
         int max_diff = 0;
         for (size_t i = 0; i < want.size() && i < got.size(); ++i) max_diff = std::max(max_diff, std::abs(int(want[i]) - int(got[i])));
         CHECK(want.size() == got.size() && max_diff <= 1, what + ": max pixel difference " + std::to_string(max_diff) + "/255");
-        std::printf("%-22s %-28s max diff %d/255; c++ %.3f s\n", name.c_str(), refiner ? "base -> refiner" : "base to denoising_end",
+        std::printf("%-22s %-28s max diff %d/255; c++ %.3f s\n", name.c_str(),
+                    !refiner ? "base to denoising_end" : refiner == base ? "base -> base" : "base -> refiner",
                     max_diff, seconds);
         ++cases;
-        if (refiner) handover_errors(base, refiner, gp);
+        if (refiner && refiner != base) handover_errors(base, refiner, gp);
     }
     return cases;
 }
@@ -225,19 +244,7 @@ int main(int argc, char **argv) {
             gp.loras = loras.data();
             gp.lora_count = loras.size();
         }
-        if (f.size() > 18 && !f[18].empty()) {  // column 19: SDXL's micro-conditioning, the 14 ABI 5 fields
-            std::vector<double> v;
-            std::istringstream in(f[18]);
-            std::string item;
-            while (std::getline(in, item, ',')) v.push_back(std::strtod(item.c_str(), nullptr));
-            CHECK(v.size() == 14, name + ": the micro-conditioning column holds " + std::to_string(v.size()) + " numbers, not 14");
-            v.resize(14);
-            int *ints[] = {&gp.original_height, &gp.original_width, &gp.crop_top, &gp.crop_left, &gp.target_height,
-                           &gp.target_width, &gp.negative_original_height, &gp.negative_original_width, &gp.negative_crop_top,
-                           &gp.negative_crop_left, &gp.negative_target_height, &gp.negative_target_width};
-            for (int i = 0; i < 12; ++i) *ints[i] = int(v[size_t(i)]);
-            gp.aesthetic_score = v[12], gp.negative_aesthetic_score = v[13];
-        }
+        if (f.size() > 18) set_micro(gp, f[18], name);  // column 19: SDXL's micro-conditioning
         std::vector<uint8_t> want = read_bytes(dir + "/" + f[13]);
         std::vector<uint8_t> got(size_t(gp.batch_count) * size_t(gp.width) * size_t(gp.height) * 3);
         sdrt_gen_params warm = gp;  // the same warm-up as the Python side: one step

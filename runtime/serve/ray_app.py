@@ -13,6 +13,8 @@ previews, result); a request whose replica died is sent again to another replica
 Serve restarts the replica; `check_health` runs a tiny generation. `--lora-dir` is read on the replicas' nodes: a
 request's LoRAs are checked and registered by a replica at POST (`ModelReplica.prepare_loras`), as on one machine.
 
+--direct-ingress (ray_direct): the ingress replica serves HTTP on --port itself, without Serve's HTTP proxy hop.
+
 Nothing here is imported unless --ray is asked for: `import sdrt` and `sdrt serve` never import ray.
 """
 

@@ -180,8 +180,8 @@ def connect(options: RayOptions) -> int:
         return options.port
     proxy_port = options.port
     if options.direct_ingress:
-        if ray.is_initialized() and os.environ.get(ray_direct.ENABLE) != "1":
-            raise SdrtError("--direct-ingress: Ray was started in this process without it; call deploy() first")
+        if ray.is_initialized():  # its processes read the switch and --port's range when they started
+            raise SdrtError("--direct-ingress needs the local Ray cluster started by deploy(): call ray.shutdown() first")
         proxy_port = ray_direct.prepare_local(options.host, options.port)
     if not ray.is_initialized():
         loopback_only()

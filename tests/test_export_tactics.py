@@ -92,3 +92,20 @@ def test_measured_export_exports_and_records_the_picks(tiny_sd1, tmp_path, monke
     assert {b for _, b, _ in seen} == {1, 2}  # the UNet timed at its guided batch (2), the VAE at one image
     assert {h for _, _, h in seen} >= {8, 64}  # sizes at the opt size (64 px), not the trace's
     assert json.loads(next((tmp_path / "cache").glob("*-3t.json")).read_text())
+
+
+def test_bench_exports_with_measured_tactics_at_its_threads(tiny_sd1, tmp_path, monkeypatch):
+    import subprocess
+
+    from sdrt.bench import BenchConfig
+    from sdrt.bench.models import cached_export
+
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: commands.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    cached_export(tiny_sd1, 64, 1, BenchConfig(cache_dir=tmp_path, threads=3), log=lambda *a: None)
+    cmd = commands[0]
+    assert "--winograd" in cmd and cmd[cmd.index("--conv-tactics") + 1] == "measure"
+    assert cmd[cmd.index("--tactic-threads") + 1] == "3" and cmd[cmd.index("--opt-size") + 1] == "64"
+    assert cmd[cmd.index("--tactic-cache-dir") + 1] == str(tmp_path / "conv-tactics")  # cached beside the exports
+    cached_export(tiny_sd1, 64, 1, BenchConfig(cache_dir=tmp_path, threads=3, device="cuda"), log=lambda *a: None)
+    assert "--conv-tactics" not in commands[1] and "--winograd" not in commands[1]  # TensorRT picks its own kernels

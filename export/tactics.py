@@ -126,13 +126,15 @@ def export_tactic(module, x, path: Path) -> None:
 
 def time_tactics(kind: str, ci: int, co: int, batch: int, h: int, w: int, tactics: list[str], threads: int,
                  repeats: int = REPEATS, budget_s: float = BUDGET_S) -> dict[str, float]:
-    """{tactic: best seconds per call} in ONNX Runtime (CPU, `threads` intra-op threads, ENABLE_ALL)."""
+    """{tactic: best seconds per call} in ONNX Runtime (CPU, `threads` intra-op threads, ENABLE_ALL). The tactics'
+    runs take turns, so that a burst of load from elsewhere falls on all of them alike (on a busy 2-core machine
+    it slowed the forms unevenly: Winograd's data movement more than direct convolution)."""
     import onnxruntime as ort
     import torch
 
     x = torch.randn(batch, ci, h, w)
     feed = {"x": x.numpy()}
-    times = {}
+    sessions = {}
     with tempfile.TemporaryDirectory(prefix="sdrt-tactic-") as tmp:
         for tactic in tactics:
             path = Path(tmp) / f"{tactic}.onnx"
@@ -141,15 +143,14 @@ def time_tactics(kind: str, ci: int, co: int, batch: int, h: int, w: int, tactic
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            session.run(None, feed)  # warm-up: allocations, packed weights
-            best, start = float("inf"), time.perf_counter()
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                session.run(None, feed)
-                best = min(best, time.perf_counter() - t0)
-                if time.perf_counter() - start > budget_s:
-                    break
-            times[tactic] = best
-            del session
-    return times
+            sessions[tactic] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            sessions[tactic].run(None, feed)  # warm-up: allocations, packed weights
+    best, start = dict.fromkeys(tactics, float("inf")), time.perf_counter()
+    for _ in range(repeats):
+        for tactic, session in sessions.items():
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            best[tactic] = min(best[tactic], time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s * len(tactics):
+            break
+    return best

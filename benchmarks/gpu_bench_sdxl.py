@@ -17,7 +17,7 @@ OUT/gpu_bench.txt after every section.
     python3 benchmarks/gpu_bench_sdxl.py --out $OUT                                # the GPU run (~3-5 min)
     python benchmarks/gpu_bench_sdxl.py --device cpu --tiny --steps 2 --out out    # the CPU smoke test of every path
 
-Timing, sections and budget as benchmarks/gpu_bench.py (whose helpers this script reuses).
+Timing, sections and budget as benchmarks/gpu_bench.py (both use benchmarks/gpu_harness.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import REPO, Bench, Clock, import_sdrt, median_ms, rel  # noqa: E402
+from gpu_harness import Bench, Clock, import_sdrt, median_ms, rel  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on mars, highly detailed"
 SEED = 1234

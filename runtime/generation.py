@@ -61,6 +61,35 @@ class GenerationPlan:
         return (self.height, self.width, self.steps, self.scheduler, img2img, self.strength if img2img else None, self.guided,
                 self.loras, self.mask is not None, self.timestep_spacing, self.denoising_start, self.denoising_end)
 
+    def parameters(self, k: int, scheduler: str, model: str, backend: str) -> dict:
+        """Image k's generation parameters, as its PNG records them (sdrt.outputs.a1111_parameters writes them)."""
+        from sdrt import __version__
+
+        img2img = self.init_image is not None
+        mask = self.mask
+        return {
+            "prompt": self.prompts[k],
+            "negative_prompt": self.negatives[k],
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "seed": self.seeds[k],
+            "width": self.width,
+            "height": self.height,
+            "scheduler": scheduler,
+            "img2img": img2img,
+            "strength": self.strength if img2img else None,
+            **({"denoising_start": self.denoising_start} if self.denoising_start is not None else {}),
+            **({"denoising_end": self.denoising_end} if self.denoising_end is not None else {}),
+            "model": model,
+            "backend": backend,
+            "sdrt_version": __version__,
+            **({"loras": ", ".join(f"{name}:{scale:g}" for name, scale in self.loras)} if self.loras else {}),
+            **({"inpaint": True, "mask_blur": mask.blur, "keep_unmasked": mask.keep_unmasked,
+                "mask_coverage": round(mask.coverage, 4)} if mask is not None else {}),
+            **({"masked_content": mask.content} if mask is not None and mask.content != "original" else {}),
+            **({"timestep_spacing": self.timestep_spacing} if self.timestep_spacing else {}),
+        }
+
 
 @dataclasses.dataclass
 class Batch:

@@ -138,6 +138,21 @@ def load_mask(mask, image_size: tuple[int, int], width: int, height: int, blur=0
     return Mask(binary[None, None], soft if blur else binary, int(blur), keep_unmasked, content)
 
 
+def plan_mask(facts, model_name: str, init_image, mask_image, blur, keep_unmasked, content, width, height,
+              max_pixels: int | None):
+    """The checked mask for a request (load_mask), or None; an inpainting UNet cannot run without one."""
+    if mask_image is None:
+        if facts.inpainting_unet:
+            raise InputError(f"{model_name} is an inpainting model (its UNet takes the mask and the masked image): "
+                             "pass image= and mask_image= (white = repaint)")
+        if blur or keep_unmasked or content != "original":
+            raise InputError("mask_blur, keep_unmasked and masked_content apply to inpainting; pass mask_image= too")
+        return None
+    if init_image is None:
+        raise InputError("mask_image needs the image it masks: pass image= too")
+    return load_mask(mask_image, init_image.size, width, height, blur, keep_unmasked, max_pixels, content)
+
+
 def latent_mask(binary: np.ndarray, h: int, w: int) -> np.ndarray:
     """[1, 1, H, W] -> [1, 1, h, w] by nearest neighbour, as torch.nn.functional.interpolate's default mode."""
     big_h, big_w = binary.shape[-2:]

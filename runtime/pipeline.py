@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdrt import __version__
 from sdrt.contracts import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdrt.device_loop import draw_step_noise
 from sdrt.errors import BackendError, InputError
@@ -27,7 +26,7 @@ from sdrt.conditioning import gather_rows, text_rows
 from sdrt.generation import Batch, GenerationPlan, guidance_scale_embedding, stack_plans
 from sdrt import inputs
 from sdrt.images import decoded_to_uint8, image_to_array
-from sdrt.inpaint import InpaintRows, fill_latents, latent_mask, load_mask, masked_pixels, paste_back
+from sdrt.inpaint import InpaintRows, fill_latents, latent_mask, masked_pixels, paste_back, plan_mask
 from sdrt.memory import image_pixel_limit
 from sdrt.model.source import ModelSource, open_model
 from sdrt.noise import TorchCPUGenerator
@@ -209,7 +208,7 @@ class Pipeline:
                              "refiner) is not supported yet; inpaint with one model, or drop mask_image")
         loras = resolve_loras(self, loras)
         prompts = inputs.check_prompts(prompt)
-        negatives = self._negative_prompts(negative_prompt, len(prompts))
+        negatives = inputs.check_negatives(negative_prompt, len(prompts))
         guidance_scale = inputs.check_guidance(guidance_scale)
         strength = inputs.check_strength(strength)
         num_images_per_prompt = inputs.check_count(num_images_per_prompt, "num_images_per_prompt")
@@ -223,10 +222,11 @@ class Pipeline:
             height = height or init_latents.shape[2] * self.facts.vae_scale_factor
             width = width or init_latents.shape[3] * self.facts.vae_scale_factor
         init_image = inputs.check_image(image, max_pixels=image_pixel_limit(budget))
-        height, width = self._size(height, width, init_image)
+        height, width = inputs.check_size(self.facts, height, width, init_image.size if init_image is not None else None)
         if init_latents is not None and init_latents.shape[2:] != self._latent_shape(height, width)[2:]:
             raise InputError(f"the handed-over latents {init_latents.shape} do not match height {height} and width {width}")
-        mask = self._mask(init_image, mask_image, mask_blur, keep_unmasked, masked_content, width, height, budget)
+        mask = plan_mask(self.facts, self.source.path.name, init_image, mask_image, mask_blur, keep_unmasked, masked_content,
+                         width, height, image_pixel_limit(budget))
         latents = inputs.check_latents(latents, (batch,) + self._latent_shape(height, width)[1:])
         # an unknown name or spacing fails here, not after the text
         sched = make_scheduler(scheduler, self.source.scheduler_config, timestep_spacing)
@@ -247,7 +247,7 @@ class Pipeline:
         # One generator per image, seeded seed+k: image k alone is reproduced by its own seed
         # (diffusers' equivalent is generator=[torch.Generator().manual_seed(seed + k) for k in range(batch)]).
         seed = random.randrange(2**31) if seed is None else seed
-        per_image = list(self._per_image(prompts, negatives, num_images_per_prompt))
+        per_image = [(p, n) for p, n in zip(prompts, negatives) for _ in range(num_images_per_prompt)]
         time_ids, negative_time_ids = self.family.time_ids(self.facts, height, width, img2img or init_latents is not None, micro)
         return GenerationPlan(
             prompts=[p for p, _ in per_image], negatives=[n for _, n in per_image], seeds=[seed + k for k in range(batch)],
@@ -394,7 +394,7 @@ class Pipeline:
                 if plan.mask is not None and plan.mask.keep_unmasked:
                     pixels = paste_back(pixels, plan.init_image, plan.mask)
                 images = pixels if plan.output_type == "np" else [Image.fromarray(p) for p in pixels]
-            params = [self._parameters(plan, k, batch.sched) for k in range(plan.batch)]
+            params = [plan.parameters(k, batch.sched.name, self.source.path.name, self.backend.name) for k in range(plan.batch)]
             outputs.append(PipelineOutput(images, list(plan.seeds), params, dict(batch.timings)))
         t_decode = time.perf_counter() - t0
         for out in outputs:
@@ -510,68 +510,6 @@ class Pipeline:
 
     # --- input handling --------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _negative_prompts(negative_prompt, n: int) -> list[str]:
-        return inputs.check_negatives(negative_prompt, n)
-
-    @staticmethod
-    def _per_image(prompts, negatives, per_prompt):
-        for p, n in zip(prompts, negatives):
-            for _ in range(per_prompt):
-                yield p, n
-
-    def _mask(self, init_image, mask_image, mask_blur, keep_unmasked, masked_content, width, height, budget):
-        """The checked mask (sdrt.inpaint.load_mask), or None; an inpainting UNet cannot run without one."""
-        if mask_image is None:
-            if self.facts.inpainting_unet:
-                raise InputError(f"{self.source.path.name} is an inpainting model (its UNet takes the mask and the masked "
-                                 "image): pass image= and mask_image= (white = repaint)")
-            if mask_blur or keep_unmasked or masked_content != "original":
-                raise InputError("mask_blur, keep_unmasked and masked_content apply to inpainting; pass mask_image= too")
-            return None
-        if init_image is None:
-            raise InputError("mask_image needs the image it masks: pass image= too")
-        return load_mask(mask_image, init_image.size, width, height, mask_blur, keep_unmasked, image_pixel_limit(budget),
-                         masked_content)
-
-    def _size(self, height, width, init_image) -> tuple[int, int]:
-        return inputs.check_size(self.facts, height, width, init_image.size if init_image is not None else None)
-
-    def _check(self, prompts, steps, guidance, strength, per_prompt, output_type, height, width) -> None:
-        """All checks in one call (for callers outside plan); each lives in sdrt.inputs."""
-        inputs.check_prompts(prompts)
-        inputs.check_count(steps, "num_inference_steps")
-        inputs.check_guidance(guidance)
-        inputs.check_strength(strength)
-        inputs.check_count(per_prompt, "num_images_per_prompt")
-        inputs.check_output_type(output_type)
-        inputs.check_size(self.facts, height, width)
-
     def _latent_shape(self, height: int, width: int) -> tuple:
         f = self.facts
         return (1, f.latent_channels, height // f.vae_scale_factor, width // f.vae_scale_factor)
-
-    def _parameters(self, plan: GenerationPlan, k: int, sched) -> dict:
-        img2img = plan.init_image is not None
-        return {
-            "prompt": plan.prompts[k],
-            "negative_prompt": plan.negatives[k],
-            "steps": plan.steps,
-            "guidance_scale": plan.guidance_scale,
-            "seed": plan.seeds[k],
-            "width": plan.width,
-            "height": plan.height,
-            "scheduler": sched.name,
-            "img2img": img2img,
-            "strength": plan.strength if img2img else None,
-            **({"denoising_start": plan.denoising_start} if plan.denoising_start is not None else {}),
-            **({"denoising_end": plan.denoising_end} if plan.denoising_end is not None else {}),
-            "model": self.source.path.name,
-            "backend": self.backend.name,
-            "sdrt_version": __version__,
-            **({"loras": ", ".join(f"{name}:{scale:g}" for name, scale in plan.loras)} if plan.loras else {}),
-            **({"inpaint": True, "mask_blur": plan.mask.blur, "keep_unmasked": plan.mask.keep_unmasked,
-                "mask_coverage": round(plan.mask.coverage, 4)} if plan.mask is not None else {}),
-            **({"masked_content": plan.mask.content} if plan.mask is not None and plan.mask.content != "original" else {}),
-            **({"timestep_spacing": plan.timestep_spacing} if plan.timestep_spacing else {}),
-        }

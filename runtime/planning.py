@@ -11,6 +11,7 @@ What the copy cannot know stays with the worker that runs the request (it plans 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from sdrt.model.facts import ModelFacts
 
@@ -21,6 +22,7 @@ class PlanningSource:
 
     facts: ModelFacts
     scheduler_config: dict
+    path: Path  # the model's folder on the worker (its name is in error messages and PNG parameters)
 
 
 class AnyShapeBackend:
@@ -53,7 +55,7 @@ def planning_copy(pipe):
     from sdrt.pipeline import Pipeline
 
     copy = Pipeline.__new__(Pipeline)  # no __init__: nothing to load
-    copy.source = PlanningSource(pipe.facts, dict(pipe.source.scheduler_config))
+    copy.source = PlanningSource(pipe.facts, dict(pipe.source.scheduler_config), Path(pipe.source.path))
     copy.facts = pipe.facts
     copy.backend = AnyShapeBackend()
     copy.tokenizer = None

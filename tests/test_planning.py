@@ -60,3 +60,14 @@ def test_copy_is_small_and_runs_nothing(pipes):
     _, copy = pipes
     assert len(pickle.dumps(copy)) < 20_000  # facts and a scheduler config, no weights
     assert copy.backend.uses_host_memory is False and copy.token_table is None
+
+
+def test_inpainting_model_without_a_mask_refused_by_the_copy(tiny_sd1_inpaint):
+    """The copy names the model in the refusal as the pipeline does (it once had no model folder to name: a 500)."""
+    pipe = sdrt.Pipeline.from_pretrained(tiny_sd1_inpaint, backend="torch")
+    copy = pickle.loads(pickle.dumps(planning_copy(pipe)))
+    with pytest.raises(InputError) as want:
+        pipe.plan(prompt="x", image=Image.new("RGB", (64, 64)))
+    with pytest.raises(InputError) as got:
+        copy.plan(prompt="x", image=Image.new("RGB", (64, 64)))
+    assert "inpainting model" in str(got.value) and str(got.value) == str(want.value)

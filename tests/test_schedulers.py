@@ -542,3 +542,20 @@ def test_runs_without_torch():
 def report_measured():  # a helper for reports, run by hand after the tests
     for (name, kind), (err, rel) in sorted(MEASURED.items()):
         print(f"{name:16s} {kind:10s} abs {err:.3g} rel {rel:.3g}")
+
+
+@pytest.mark.parametrize("name", ["unipc", "heun", "euler", "dpmpp_2m"])
+def test_denoising_start_keeps_the_calls_diffusers_keeps(name):
+    """A refiner's window (denoising_start) starts where diffusers' SDXL img2img starts it: the calls below the
+    cut-off, made odd only for a scheduler with two UNet calls per step (diffusers' order 2: Heun). UniPC's
+    solver_order 2 is still one call per step (diffusers' UniPC has order 1)."""
+    cls, kwargs = DIFFUSERS[name]
+    for n, fraction in ((8, 0.7), (10, 0.8), (9, 0.5)):
+        ref = cls.from_config(SD15, **kwargs)
+        ref.set_timesteps(n)
+        count = int((ref.timesteps < int(round(1000 - fraction * 1000))).sum())
+        if ref.order == 2 and count % 2 == 0:
+            count += 1
+        ours = make_scheduler(name, SD15)
+        ours.set_timesteps(n, denoising_start=fraction)
+        np.testing.assert_array_equal(ours.timesteps, ref.timesteps[len(ref.timesteps) - count :].numpy().astype(np.float32))

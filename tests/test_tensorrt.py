@@ -24,7 +24,8 @@ from sdrt.backends.tensorrt_machine import (
 from sdrt.cli import main
 from sdrt.contracts import NETWORKS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ShapeLimits, build_contracts
 from sdrt.errors import BackendError, InputError, ModelError
-from sdrt.export.tensorrt_build import build_engines, network_profile, parse_sizes, resolve_shapes
+from sdrt.export.tensorrt_build import build_engines
+from sdrt.export.tensorrt_shapes import network_profile, parse_sizes, resolve_shapes
 from sdrt.model.manifest import Manifest, read_manifest
 from sdrt.model.facts import ModelFacts
 from sdrt.model.source import open_model

@@ -1,11 +1,12 @@
-/* sdrt.h - the C API of sdrt (ABI 5), an inference runtime for Stable Diffusion 1.x/2.x and XL over `sdrt export` folders.
+/* sdrt.h - the C API of sdrt (ABI 6), an inference runtime for Stable Diffusion 1.x/2.x and XL over `sdrt export` folders.
  *
  * It runs the same algorithm as the Python runtime (runtime/pipeline.py): the CLIP tokenizer, the token-embedding
  * lookup, classifier-free guidance with negative prompts, the schedulers (ddim, pndm, euler, euler_a, dpmpp_2m,
  * dpmpp_2m_karras, lms, heun, unipc, dpmpp_2m_sde, dpmpp_2s_a, ddpm, lcm, tcd, Karras/exponential variants), img2img,
- * inpainting (ABI 3), SDXL's micro-conditioning (ABI 5), and torch's CPU random stream, so the same seed gives the same image as
- * `sdrt generate` on the same export (image k of a batch uses seed + k). Networks run on ONNX Runtime (CPU, or its
- * CUDA / TensorRT providers when the loaded ONNX Runtime has them).
+ * inpainting (ABI 3), SDXL's micro-conditioning (ABI 5) and base + refiner hand-over (ABI 6), and torch's CPU
+ * random stream, so the same seed gives the same image as `sdrt generate` on the same export (image k of a batch
+ * uses seed + k). Networks run on ONNX Runtime (CPU, or its CUDA / TensorRT providers when the loaded ONNX Runtime
+ * has them).
  *
  * Usage:
  *
@@ -52,8 +53,9 @@
  *   4. bump SDRT_ABI_VERSION, append the new size to the library's table (api.cpp: kCtxSizes, kGenSizes,
  *      kTimingsSizes), copy the previous header to cpp/tests/abi/sdrt_v<old>.h and build a test host against it
  *      (as cpp/tests/abi/test_abi_v1.c does for ABI 1), so ctest keeps running the old layout on the new library.
- * ABI 4 appended sdrt_gen_params.loras / lora_count (run-time LoRAs), ABI 5 the SDXL micro-conditioning fields;
- * ABI 2, 3 and 4 hosts run unchanged.
+ * ABI 4 appended sdrt_gen_params.loras / lora_count (run-time LoRAs), ABI 5 the SDXL micro-conditioning fields,
+ * ABI 6 denoising_start / denoising_end / init_latents (SDXL's base + refiner hand-over) with sdrt_generate_latents
+ * and sdrt_latent_shape; ABI 2, 3, 4 and 5 hosts run unchanged.
  * Hosts built against ABI 1 (sdrt 0.1's header, structs without struct_size) still run: the library keeps ABI
  * 1's entry points under their old symbol names; this header's functions that take or fill a struct are the
  * *_v2 symbols (the macros below), so a host never needs to know.
@@ -79,7 +81,7 @@ extern "C" {
 #endif
 
 #define SDRT_VERSION "0.2.0"
-#define SDRT_ABI_VERSION 5
+#define SDRT_ABI_VERSION 6
 
 /* sdrt_gen_params.seed: pick a random seed (the default). Other negative seeds are refused, as Python's sdrt does. */
 #define SDRT_SEED_RANDOM (-1)
@@ -177,6 +179,19 @@ typedef struct sdrt_gen_params {
     int negative_target_height, negative_target_width;
     double aesthetic_score;          /* the refiner's: 0 (default) = 6.0 */
     double negative_aesthetic_score; /* the refiner's: 0 (default) = 2.5 */
+    /* ABI 6: SDXL's base + refiner hand-over (diffusers' ensemble of experts; Python's denoising_end /
+       denoising_start, `sdrt generate --refiner`). Fractions of the training schedule in (0, 1); 0 (default) = not
+       given. The base runs the calls at or above the cut-off (denoising_end, e.g. 0.8) and hands its latents over
+       (sdrt_generate_latents); the refiner runs the calls below it (denoising_start = the same fraction) from
+       init_latents, adding no noise, with the same prompt, steps, scheduler, size and seed (image k: seed + k).
+       A scheduler with two UNet calls per step (heun) keeps a step's calls together. sdrt_generate with
+       denoising_end decodes the partly denoised latents. SD 1.x/2.x exports refuse both; a window that runs no
+       step, init_latents without denoising_start (or the reverse), with init_image or mask_image, or holding
+       NaN/inf are refused (SDRT_ERR_INVALID_ARGUMENT) before any work. */
+    double denoising_start, denoising_end;
+    const float *init_latents;   /* with denoising_start: batch_count latents of sdrt_latent_shape's C x h x w floats
+                                    each (float32, the base's sdrt_generate_latents output at this width x height);
+                                    NULL (default): none */
 } sdrt_gen_params;
 
 typedef struct sdrt_image {      /* allocated by sdrt_generate_image, freed by sdrt_image_free; fields may be appended */
@@ -224,6 +239,12 @@ SDRT_API sdrt_status sdrt_generate(sdrt_ctx *ctx, const sdrt_gen_params *params,
 /* The same, into an image the library allocates; free it with sdrt_image_free. *out is NULL on failure. */
 SDRT_API sdrt_status sdrt_generate_image(sdrt_ctx *ctx, const sdrt_gen_params *params, sdrt_image **out);
 SDRT_API void sdrt_image_free(sdrt_image *image); /* NULL is fine */
+/* ABI 6: the same run, stopped before the VAE decoder (Python's output_type="latent"): params->batch_count latents
+ * of C x h x w float32 into latents_out (sdrt_latent_shape gives C, h, w), e.g. an SDXL base's part with
+ * denoising_end, for a refiner context's init_latents. */
+SDRT_API sdrt_status sdrt_generate_latents(sdrt_ctx *ctx, const sdrt_gen_params *params, float *latents_out);
+/* The latents of one image at width x height (0: the model's size): shape[0..2] = channels, height, width. */
+SDRT_API sdrt_status sdrt_latent_shape(const sdrt_ctx *ctx, int width, int height, int shape[3]);
 
 /* The size used when gen params leave width/height 0, and the step sizes must be multiples of. */
 SDRT_API sdrt_status sdrt_default_size(const sdrt_ctx *ctx, int *width, int *height);

@@ -1,4 +1,4 @@
-// The C API (sdrt.h, ABI 5) over the C++ pipeline: argument checks, the status/message for every failure, the
+// The C API (sdrt.h, ABI 6) over the C++ pipeline: argument checks, the status/message for every failure, the
 // growable params structs (struct_size), and the try/catch that keeps every exception inside the library.
 // ABI 1's entry points (hosts built against sdrt 0.1's header) are in api_v1.cpp.
 #include <array>
@@ -75,9 +75,14 @@ sdrt_status null_arg(const sdrt_ctx *ctx, const char *what) noexcept {
 // Every size a params struct has had, by ABI version from 2 on (rule 4 in sdrt.h: append each new version's size).
 const size_t kCtxSizes[] = {sizeof(sdrt_ctx_params)};
 const size_t kGenSizes[] = {offsetof(sdrt_gen_params, mask_image), offsetof(sdrt_gen_params, loras),
-                            offsetof(sdrt_gen_params, original_height), sizeof(sdrt_gen_params)};  // ABI 2, 3, 4, 5
+                            offsetof(sdrt_gen_params, original_height), offsetof(sdrt_gen_params, denoising_start),
+                            sizeof(sdrt_gen_params)};  // ABI 2, 3, 4, 5, 6
 static_assert(offsetof(sdrt_gen_params, original_height) == offsetof(sdrt_gen_params, lora_count) + sizeof(size_t),
               "ABI 4's sdrt_gen_params ends at lora_count: no padding before ABI 5's fields");
+static_assert(offsetof(sdrt_gen_params, denoising_start) == offsetof(sdrt_gen_params, negative_aesthetic_score) + sizeof(double),
+              "ABI 5's sdrt_gen_params ends at negative_aesthetic_score: no padding before ABI 6's fields");
+static_assert(sizeof(sdrt_gen_params) == offsetof(sdrt_gen_params, init_latents) + sizeof(const float *),
+              "no tail padding after init_latents (rule 3 in sdrt.h)");
 const size_t kTimingsSizes[] = {sizeof(sdrt_timings)};
 constexpr size_t kMaxStruct = 1 << 16;  // a struct_size past this is an unset field, not a future header
 
@@ -154,6 +159,11 @@ sdrt::Request to_request(const sdrt_gen_params &p, int64_t &seed_used) {
         throw sdrt::input_error("aesthetic_score / negative_aesthetic_score is not a finite number; use e.g. 6.0 and 2.5 (0: those defaults)");
     r.micro.aesthetic_score = p.aesthetic_score;
     r.micro.negative_aesthetic_score = p.negative_aesthetic_score;
+    // The hand-over (ABI 6): 0 = not given; any other value is checked against the schedule by the pipeline, as
+    // Python's set_timesteps checks it (a fraction in (0, 1): NaN and inf are refused there).
+    r.denoising_start = p.denoising_start;
+    r.denoising_end = p.denoising_end;
+    r.init_latents = p.init_latents;
     if (p.seed == SDRT_SEED_RANDOM) {
         std::random_device rd;
         seed_used = int64_t(rd() & 0x7FFFFFFFu);  // as the Python runtime: random.randrange(2**31)
@@ -279,6 +289,42 @@ sdrt_status sdrt_generate_image(sdrt_ctx *ctx, const sdrt_gen_params *params, sd
     });
     *out = image;
     return st;
+}
+
+sdrt_status sdrt_generate_latents(sdrt_ctx *ctx, const sdrt_gen_params *params, float *latents_out) {
+    if (!ctx) return null_arg(nullptr, "ctx");
+    std::unique_lock<std::mutex> lock(ctx->lock, std::defer_lock);
+    if (guarded(nullptr, [&] { lock.lock(); }) != SDRT_OK) return SDRT_ERR_INTERNAL;
+    if (!params) return null_arg(ctx, "params");
+    if (!latents_out) return null_arg(ctx, "latents_out (a buffer of batch_count x C x h x w floats, see sdrt_latent_shape)");
+    return guarded(ctx, [&] {
+        const sdrt_gen_params p = read_params(params, kGenSizes, sdrt_gen_params_init, "sdrt_gen_params", "start from sdrt_gen_default_params()");
+        int64_t seed = SDRT_SEED_RANDOM;
+        sdrt::Request r = to_request(p, seed);
+        sdrt::Timings t;
+        ctx->pipeline->generate_latents(r, latents_out, ctx->progress, ctx->progress_user, t);
+        ctx->last_seed = seed;
+        ctx->timings = t;
+        ctx->has_timings = true;
+    });
+}
+
+sdrt_status sdrt_latent_shape(const sdrt_ctx *ctx, int width, int height, int shape[3]) {
+    if (!ctx) return null_arg(nullptr, "ctx");
+    sdrt_ctx *c = const_cast<sdrt_ctx *>(ctx);  // the lock: its error message must not race a running generate's
+    std::unique_lock<std::mutex> lock(c->lock, std::defer_lock);
+    if (guarded(nullptr, [&] { lock.lock(); }) != SDRT_OK) return SDRT_ERR_INTERNAL;
+    if (!shape) return null_arg(ctx, "shape (an int[3])");
+    return guarded(ctx, [&] {
+        const sdrt::ModelFacts &f = ctx->pipeline->facts();
+        if (width < 0 || height < 0)
+            throw sdrt::input_error("width " + std::to_string(width) + " / height " + std::to_string(height) + " must not be negative; 0 means the model's size");
+        const int w = width ? width : f.default_size, h = height ? height : f.default_size;
+        const std::string bad = sdrt::check_size(f, h, w);
+        if (!bad.empty()) throw sdrt::input_error(bad);
+        const std::array<int, 3> s = ctx->pipeline->latent_shape(w, h);
+        for (int i = 0; i < 3; ++i) shape[i] = s[size_t(i)];
+    });
 }
 
 void sdrt_image_free(sdrt_image *image) {

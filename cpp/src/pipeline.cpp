@@ -2,7 +2,8 @@
 // make the initial latents (noise, or the encoded image noised to the first timestep), the denoising loop (one
 // batched UNet call for [uncond, cond], the guidance combine, the scheduler step), decode. Inpainting as
 // runtime/inpaint.py: a dedicated inpainting UNet also takes [mask, masked-image latents]; an ordinary one gets the
-// kept region's latents put back after each step.
+// kept region's latents put back after each step. SDXL's base + refiner hand-over as runtime/sdxl.py: the base stops
+// at denoising_end (generate_latents hands its latents over), the refiner continues them from denoising_start.
 //
 // Every array operation is float32 in numpy's order, so the latents equal the Python runtime's bit for bit given
 // equal network outputs.
@@ -145,6 +146,42 @@ void Pipeline::check(Request &r) const {
         if (std::none_of(r.mask, r.mask + pixels, [](uint8_t v) { return v >= 128; }))
             throw input_error("mask_image is all black (no value >= 128, 50% grey): nothing to repaint; mark the region to repaint white");
     }
+    check_handover(r);
+}
+
+// SDXL's base + refiner hand-over, as runtime/pipeline.py's plan and runtime/sdxl.py's handed_over_latents check it;
+// the window is built here too, so one that runs no step fails before any work.
+void Pipeline::check_handover(const Request &r) const {
+    const bool start = r.denoising_start != 0, end = r.denoising_end != 0;
+    if (r.init_latents && !start)
+        throw input_error("init_latents continue a base's run from denoising_start: set denoising_start too (e.g. 0.8, the "
+                          "base's denoising_end), or leave init_latents NULL");
+    if (!start && !end) return;
+    if (!model_.facts.time_ids_dim)
+        throw input_error("denoising_start/denoising_end hand latents between SDXL base and refiner; this is a " + model_.facts.family +
+                          " model: leave them 0");
+    if (r.mask)
+        throw input_error("mask_image with denoising_start/denoising_end (an inpainting hand-over between SDXL base and refiner) is "
+                          "not supported yet; inpaint with one model, or drop mask_image");
+    if (start && r.init_image)
+        throw input_error("denoising_start continues from init_latents, not from init_image: pass the base's latents as "
+                          "init_latents and leave init_image NULL");
+    if (start && !r.init_latents)
+        throw input_error("denoising_start " + format_number(r.denoising_start) + " continues from latents: pass init_latents, the "
+                          "base's sdrt_generate_latents output (batch_count x C x h x w floats, see sdrt_latent_shape)");
+    if (start) {
+        const std::array<int, 3> shape = latent_shape(r.width, r.height);
+        const size_t n = size_t(r.batch) * size_t(shape[0]) * size_t(shape[1]) * size_t(shape[2]);
+        if (!std::all_of(r.init_latents, r.init_latents + n, [](float v) { return std::isfinite(v); }))
+            throw input_error("the handed-over latents (init_latents) hold NaN or inf");
+    }
+    std::unique_ptr<Scheduler> sched = Scheduler::create(r.scheduler, scheduler_config_, model_.family.schedulers);
+    sched->set_timesteps(r.steps, 1.0, r.denoising_start, r.denoising_end);  // a window with no step fails here
+}
+
+std::array<int, 3> Pipeline::latent_shape(int width, int height) const {
+    const ModelFacts &f = model_.facts;
+    return {f.latent_channels, height / f.vae_scale_factor, width / f.vae_scale_factor};
 }
 
 // Each text encoder's states, concatenated along the channels per token (SDXL: penultimate states of both, and the
@@ -206,7 +243,7 @@ std::vector<float> Pipeline::time_ids(const Request &r, bool negative) const {
         return {float(a[0]), float(a[1]), float(b[0]), float(b[1]), float(score)};
     }
     a = original, b = m.crops, c = target;
-    if (negative && r.init_image) {
+    if (negative && (r.init_image || r.init_latents)) {  // (a refiner continuing a base's latents: img2img's rule)
         a = size_or(m.negative_original, original), c = size_or(m.negative_target, target);
     } else if (negative && given(m.negative_original) && given(m.negative_target)) {
         a = m.negative_original, b = m.negative_crops, c = m.negative_target;
@@ -214,9 +251,20 @@ std::vector<float> Pipeline::time_ids(const Request &r, bool negative) const {
     return {float(a[0]), float(a[1]), float(b[0]), float(b[1]), float(c[0]), float(c[1])};
 }
 
-void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progress, void *user, Timings &timings) {
+void Pipeline::generate_latents(const Request &req_in, float *out, Progress progress, void *user, Timings &timings) {
     const double t_start = now();
     Request r = req_in;
+    std::vector<float> x = denoise(r, progress, user, timings);
+    if (!std::all_of(x.begin(), x.end(), [](float v) { return std::isfinite(v); }))
+        throw Error(SDRT_ERR_BACKEND, "the latents after the denoising loop hold NaN/inf (the UNet produced them); with an fp16 "
+                                      "export, re-export with more ops kept in fp32 or use fp32");
+    std::copy(x.begin(), x.end(), out);
+    timings.decode = 0;
+    timings.total = now() - t_start;
+}
+
+// Steps 0-3: check, text, initial latents, the denoising loop; returns the latents (r gets its defaults filled in).
+std::vector<float> Pipeline::denoise(Request &r, Progress progress, void *user, Timings &timings) {
     check(r);
     cancel_ = false;
     backend_->reset_cancel();
@@ -232,7 +280,7 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
     for (int64_t k = 0; k < B; ++k) gens.emplace_back(r.seed + uint64_t(k), kernel_);
 
     std::unique_ptr<Scheduler> sched = Scheduler::create(r.scheduler, scheduler_config_, model_.family.schedulers);
-    sched->set_timesteps(r.steps, r.init_image ? r.strength : 1.0);
+    sched->set_timesteps(r.steps, r.init_image ? r.strength : 1.0, r.denoising_start, r.denoising_end);
     const bool guidance = r.guidance > 1.0;
 
     // 1. Text: [uncond, cond] hidden states, the prompt repeated for each image (SDXL: pooled embeddings and time
@@ -262,10 +310,13 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
     }
     timings.text = now() - t0;
 
-    // 2. Initial latents: pure noise, or the encoded image noised to the first timestep of the truncated schedule.
+    // 2. Initial latents: pure noise, or the encoded image noised to the first timestep of the truncated schedule,
+    //    or (a refiner after a base) the handed-over latents as they are: diffusers adds no noise there, draws none.
     //    Per image, as diffusers draws: the image's posterior, the noise, then (inpainting) the masked image's.
     std::vector<float> x(n), noise, image_latents, masked_latents, mask_lat;
-    if (r.init_image) {
+    if (r.init_latents) {
+        std::copy_n(r.init_latents, n, x.begin());
+    } else if (r.init_image) {
         const size_t pixels = size_t(r.width) * size_t(r.height);
         std::vector<float> image(3 * pixels);
         for (size_t p = 0; p < pixels; ++p)
@@ -369,9 +420,18 @@ void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progre
             throw Error(SDRT_ERR_CANCELLED, "cancelled by the progress callback after step " + std::to_string(i + 1) + " of " + std::to_string(calls));
     }
     timings.loop = now() - t0;
+    return x;
+}
+
+void Pipeline::generate(const Request &req_in, uint8_t *rgb_out, Progress progress, void *user, Timings &timings) {
+    const double t_start = now();
+    Request r = req_in;
+    std::vector<float> x = denoise(r, progress, user, timings);
+    const ModelFacts &f = model_.facts;
+    const int64_t B = r.batch, C = f.latent_channels, h = r.height / f.vae_scale_factor, w = r.width / f.vae_scale_factor;
 
     // 4. Decode (the scaling factor is inside the decoder network, per the contract) and round as diffusers does.
-    t0 = now();
+    const double t0 = now();
     const size_t pixels = size_t(r.width) * size_t(r.height);
     std::vector<float> decoded(size_t(B) * 3 * pixels);
     backend_->run(kVaeDecoder, {{x.data(), {B, C, h, w}}}, {{decoded.data(), {B, 3, r.height, r.width}}});

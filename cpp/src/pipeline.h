@@ -41,6 +41,10 @@ struct Request {  // sdrt_gen_params, checked and with defaults filled in
     bool keep_unmasked = false;
     std::vector<std::pair<std::string, double>> loras;  // run-time LoRAs: (file, scale)
     MicroConditioning micro;                            // SDXL only
+    // SDXL's base + refiner hand-over (ABI 6): fractions of the schedule, 0 = not given; init_latents: the base's
+    // latents (batch x C x h x w float32) the window from denoising_start continues, with no noise added.
+    double denoising_start = 0, denoising_end = 0;
+    const float *init_latents = nullptr;
 };
 
 struct Timings {
@@ -56,7 +60,10 @@ public:
     // Checks the request (throws Error(SDRT_ERR_INVALID_ARGUMENT) naming the bad value), then makes
     // request.batch images of height x width RGB into rgb_out.
     void generate(const Request &request, uint8_t *rgb_out, Progress progress, void *user, Timings &timings);
+    // The same up to the denoised latents (Python's output_type="latent"): batch x C x h x w float32 into out.
+    void generate_latents(const Request &request, float *out, Progress progress, void *user, Timings &timings);
     void check(Request &request) const;  // fills width/height defaults; throws on bad values
+    std::array<int, 3> latent_shape(int width, int height) const;  // per image: C, h, w
 
     const ModelFacts &facts() const { return model_.facts; }
     Backend &backend() { return *backend_; }
@@ -95,6 +102,8 @@ private:
     void activate_loras(const std::vector<std::pair<std::string, double>> &loras);
     std::vector<TensorIn> with_loras(const std::string &network, std::vector<TensorIn> inputs) const;
     TextStates encode_prompt(const std::string &prompt);
+    std::vector<float> denoise(Request &r, Progress progress, void *user, Timings &timings);  // checked r's latents
+    void check_handover(const Request &r) const;
     std::vector<float> time_ids(const Request &r, bool negative) const;  // SDXL's micro-conditioning of one image
 };
 

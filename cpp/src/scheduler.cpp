@@ -83,18 +83,50 @@ double Scheduler::alpha(long t) const {
     return double(alphas_cumprod_[t]);
 }
 
-void Scheduler::set_timesteps(int n, double strength) {
+void Scheduler::set_timesteps(int n, double strength, double denoising_start, double denoising_end) {
     if (n < 1) throw input_error("steps " + std::to_string(n) + " must be an integer >= 1");
     if (n > num_train_)
         throw input_error("steps " + std::to_string(n) + " exceeds the model's " + std::to_string(num_train_) + " training timesteps");
-    if (!(strength > 0 && strength <= 1))
-        throw input_error("strength " + std::to_string(strength) + " must be in (0, 1]; 1 ignores the init image entirely");
-    int init_timestep = std::min(int(n * strength), n);
-    if (init_timestep == 0)
-        throw input_error("strength " + std::to_string(strength) + " with " + std::to_string(n) + " steps runs no step; raise strength or steps");
-    tables_ = make_tables(n, std::max(n - init_timestep, 0));
+    if (denoising_start != 0) {
+        tables_ = make_tables(n, 0);  // the full schedule, whose calls below the cut-off the window keeps
+        tables_ = make_tables(n, start_for(n, cutoff(denoising_start)));
+    } else {
+        if (!(strength > 0 && strength <= 1))
+            throw input_error("strength " + std::to_string(strength) + " must be in (0, 1]; 1 ignores the init image entirely");
+        int init_timestep = std::min(int(n * strength), n);
+        if (init_timestep == 0)
+            throw input_error("strength " + std::to_string(strength) + " with " + std::to_string(n) + " steps runs no step; raise strength or steps");
+        tables_ = make_tables(n, std::max(n - init_timestep, 0));
+    }
+    if (denoising_end != 0) {
+        const int end = cutoff(denoising_end);
+        size_t keep = 0;
+        for (float t : tables_.timesteps) keep += double(t) >= end;
+        if (keep == 0) throw input_error("denoising_end " + format_number(denoising_end) + " runs no step; raise it");
+        tables_.timesteps.resize(keep);
+        tables_.coefficients.resize(keep);
+        tables_.input_scale.resize(keep);
+        tables_.noise_coefficients.resize(keep);
+    }
     history_.clear();
     next_ = 0;
+}
+
+int Scheduler::cutoff(double fraction) const {
+    if (!(fraction > 0 && fraction < 1))
+        throw input_error("denoising_start/denoising_end " + format_number(fraction) + " must be a float in (0, 1), e.g. 0.8");
+    return int(std::nearbyint(double(num_train_) - fraction * double(num_train_)));  // Python's round: half to even
+}
+
+int Scheduler::start_for(int n, int cut) {
+    int count = 0;
+    for (float t : tables_.timesteps) count += double(t) < cut;
+    if (calls_per_step_ == 2 && count % 2 == 0) ++count;
+    if (count == 0) throw input_error("denoising_start leaves no step to run; lower it");
+    for (int start = 0; start < n; ++start)
+        if (int(make_tables(n, start).timesteps.size()) == count) return start;
+    throw input_error("the " + name_ + " scheduler cannot start " + std::to_string(count) +
+                      " calls before the end of its schedule; use another denoising_start or scheduler");
 }
 
 void Scheduler::scale_model_input(const float *sample, float *out, size_t n, int i) const {

@@ -47,7 +47,11 @@ public:
     bool needs_noise() const { return needs_noise_; }
     int history_size() const { return history_size_; }
 
-    void set_timesteps(int num_inference_steps, double strength = 1.0);
+    // strength < 1: img2img's tail of the schedule. denoising_start / denoising_end (SDXL's base + refiner hand-over,
+    // fractions in (0, 1); 0 = not given): only the calls below / at or above the cut-off, as runtime/schedulers/
+    // base.py's set_timesteps (the start begins a schedule of its own there and ignores strength; a scheduler with
+    // two UNet calls per step keeps them together). Throws Error(SDRT_ERR_INVALID_ARGUMENT) for a window with no step.
+    void set_timesteps(int num_inference_steps, double strength = 1.0, double denoising_start = 0, double denoising_end = 0);
     const SchedulerTables &tables() const { return tables_; }
     int num_calls() const { return int(tables_.timesteps.size()); }
     float timestep(int i) const { return tables_.timesteps[i]; }
@@ -71,10 +75,13 @@ protected:
     const std::string &str(const std::string &key) const { return cfg(key).as_string(); }
     bool flag(const std::string &key) const { return cfg(key).truthy(); }
     double alpha(long t) const;  // alphas_cumprod[t] as float64, refusing t outside the training range
+    int cutoff(double fraction) const;  // base.py's _cutoff: the training timestep at `fraction` of the schedule
+    int start_for(int n, int cutoff);   // base.py's _start_for: the first step of a denoising_start window
 
     std::string name_;
     bool needs_noise_ = false;
     int history_size_ = 0;
+    int calls_per_step_ = 1;  // diffusers' `order` (Heun's 2), read by a denoising_start window
     int num_train_ = 1000;
     std::map<std::string, Json> cfg_;
     std::vector<float> alphas_cumprod_;

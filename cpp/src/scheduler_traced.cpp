@@ -75,6 +75,7 @@ class Heun : public Traced {
 public:
     Heun(const Json &d, const Json &c, const std::map<std::string, Json> &ov) : Traced("heun", d, c, ov) {
         history_size_ = 2;
+        calls_per_step_ = 2;
         sigma_name();
         init_clip();
     }

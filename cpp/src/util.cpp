@@ -1,10 +1,12 @@
-// Files: existence, size and whole-file reads with messages that name the file.
+// Files: existence, size and whole-file reads with messages that name the file; numbers in messages as Python prints them.
 #include "util.h"
 
 #include <sys/stat.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 namespace sdrt {
@@ -42,6 +44,17 @@ std::string read_file(const std::string &path) {
 std::string join_path(const std::string &a, const std::string &b) {
     if (a.empty() || (!b.empty() && b[0] == '/')) return b;
     return a.back() == '/' ? a + b : a + "/" + b;
+}
+
+std::string format_number(double v) {
+    char buf[40];
+    for (int digits = 1; digits <= 17; ++digits) {
+        std::snprintf(buf, sizeof buf, "%.*g", digits, v);
+        if (std::strtod(buf, nullptr) == v || !std::isfinite(v)) break;
+    }
+    std::string s = buf;
+    if (std::isfinite(v) && s.find_first_of(".e") == std::string::npos) s += ".0";
+    return s;
 }
 
 }  // namespace sdrt

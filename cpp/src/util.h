@@ -29,5 +29,6 @@ bool is_directory(const std::string &path);
 long long file_size(const std::string &path);  // -1 if absent
 std::string read_file(const std::string &path);  // throws model_error naming the file
 std::string join_path(const std::string &a, const std::string &b);
+std::string format_number(double v);  // as Python's repr(float): the shortest text that reads back the same, "0.8"
 
 }  // namespace sdrt

@@ -1,4 +1,4 @@
-// A minimal test harness for the C++ tests: CHECK counts failures and prints the first few; main returns
+// A minimal test harness for the C++ tests: CHECK counts failures and prints the first few (and gives the condition); main returns
 // finish() (0 pass, 1 fail) or kSkip (77, ctest's SKIP_RETURN_CODE) when a fixture is missing - a failure instead
 // when SDRT_REQUIRE_FIXTURES is set (CMake's -DSDRT_REQUIRE_FIXTURES=ON, which CI uses).
 #pragma once
@@ -13,10 +13,11 @@ namespace check {
 constexpr int kSkip = 77;
 inline int failures = 0, checks = 0;
 
-inline void report(bool ok, const std::string &what, const char *file, int line) {
+inline bool report(bool ok, const std::string &what, const char *file, int line) {
     ++checks;
-    if (ok) return;
+    if (ok) return true;
     if (++failures <= 25) std::fprintf(stderr, "FAIL %s:%d: %s\n", file, line, what.c_str());
+    return false;
 }
 
 inline int finish(const char *name) {

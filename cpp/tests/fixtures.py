@@ -4,11 +4,14 @@
 
 OUT/tokenizer_<name>.json  ids of the Python ClipTokenizer on a corpus of tricky prompts, per tokenizer folder
 OUT/noise.json             TorchCPUGenerator streams (both kernels) and, when torch imports, torch.randn itself
-OUT/schedulers.json        each scheduler's tables and a step-by-step trajectory, for many configs and step counts
+OUT/schedulers.json        each scheduler's tables and a step-by-step trajectory, for many configs and step counts;
+                           the tables (or errors) of SDXL's denoising_start/denoising_end windows
 OUT/pipeline.tsv + *.rgb   whole images of the Python pipeline on ONNX Runtime, per export (only with EXPORTs); on an
                            export with LoRA slots also with run-time LoRAs (OUT/lora_*.safetensors, written from the
                            manifest's slot table: kohya fp16 with LoCon convs, diffusers/PEFT with metadata alphas)
 OUT/lora_errors.tsv        LoRA requests the C++ host must refuse, and a word its message must hold
+OUT/handover.tsv + *.f32   SDXL base -> refiner (with an SDXL base and refiner export): the base's latents at
+                           denoising_end and the refiner's image from them (a refiner export runs only these)
 
 ctest runs this first (fixture "py"); the C++ tests skip when their file is missing. Light imports only: the
 runtime (numpy, tokenizers, onnxruntime), the CLIP vocabulary from the openai-clip package, torch if present.
@@ -97,6 +100,13 @@ NAMES = [None, "ddim", "pndm", "euler", "euler_karras", "euler_exponential", "eu
          "unipc", "unipc_karras", "unipc_exponential", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential",
          "dpmpp_2s_a", "dpmpp_2s_a_karras", "dpmpp_2s_a_exponential", "ddpm", "lcm", "tcd"]
 STEPS = [1, 2, 4, 7, 20, 50]
+# SDXL's hand-over windows (denoising_start, denoising_end; None = not given), per config x name x steps: the tables
+# of the calls kept, or the error (with its message: the C++ must say the same).
+WINDOW_CONFIGS = {"sd15": NAMES, "linear_trailing_zsnr_v": [None, "euler", "heun_karras", "unipc", "dpmpp_2m_karras", "lcm"],
+                  "heun_clip_exponential": [None], "pndm_prk": [None]}
+WINDOW_STEPS = [1, 4, 7, 12]
+WINDOWS = [(0.8, None), (None, 0.8), (0.5, None), (None, 0.25), (0.3, 0.7), (0.7, 0.3), (0.97, None), (None, 0.02),
+           (0.999, None), (0.05, 0.999), (1.0, None), (None, -0.2), (float("nan"), None)]
 TRAJECTORIES = [(4, 1.0), (20, 1.0), (20, 0.6), (7, 0.5)]
 N = 64  # trajectory sample size
 
@@ -113,8 +123,8 @@ def tokenizer_fixtures(out: Path, exports: list[Path]) -> None:
         folders["ti"] = ti
     except Exception as err:  # openai-clip missing: the exports' own folders still get tested
         print(f"fixtures: no standalone tokenizer folders ({err})")
-    for e in exports:
-        folders[f"export_{e.name}"] = e / "tokenizer"
+    for e in exports:  # (an SDXL refiner has the second tokenizer only)
+        folders[f"export_{e.name}"] = e / "tokenizer" if (e / "tokenizer").is_dir() else e / "tokenizer_2"
     for name, folder in folders.items():
         tok = ClipTokenizer.from_folder(folder)
         texts = CORPUS + (TI_CORPUS if name == "ti" else [])
@@ -204,6 +214,21 @@ def scheduler_fixtures(out: Path) -> None:
                 except Exception as err:
                     t = {"steps": n_steps, "strength": strength, "error": error_kind(err)}
                 cases.append({**base, "trajectory": t})
+    for cname, names in WINDOW_CONFIGS.items():
+        for name in names:
+            for n_steps in WINDOW_STEPS:
+                for start, end in WINDOWS:
+                    s = make_scheduler(name, CONFIGS[cname])
+                    case = {"config": cname, "name": name or "", "resolved_name": s.name, "steps": n_steps, "strength": 1.0,
+                            "denoising_start": start, "denoising_end": end}
+                    try:
+                        s.set_timesteps(n_steps, 1.0, start, end)
+                    except Exception as err:
+                        cases.append({**case, "error": error_kind(err), "message": str(err)})
+                        continue
+                    cases.append({**case, "timesteps": s.timesteps.tolist(), "coefficients": s.coefficients.tolist(),
+                                  "input_scale": s.input_scale.tolist(), "noise_coefficients": s.noise_coefficients.tolist(),
+                                  "init_noise_sigma": s.init_noise_sigma})
     # The family section as an export's manifest carries it: C++ takes every scheduler default from there.
     family = {"schedulers": scheduler_defaults(), "default_scheduler": DEFAULT_SCHEDULER}
     (out / "schedulers.json").write_text(json.dumps({"configs": CONFIGS, "cases": cases, "family": family}))
@@ -295,11 +320,80 @@ def lora_fixtures(out: Path, export: Path) -> dict[str, Path]:
     return files
 
 
+def facts(export: Path) -> dict:
+    return json.loads((export / "manifest.json").read_text())["facts"]
+
+
+def is_refiner(export: Path) -> bool:
+    return bool(facts(export).get("requires_aesthetics_score"))
+
+
+def is_sdxl_base(export: Path) -> bool:
+    return facts(export).get("family") == "sdxl"
+
+
+# SDXL's base -> refiner hand-over (diffusers' ensemble of experts): name, prompt, negative, steps, guidance, seed,
+# scheduler, batch, fraction (the base's denoising_end = the refiner's denoising_start), micro-conditioning. Heun
+# keeps a step's two calls together across the cut; "end_pixels" decodes the base's partial latents (no refiner);
+# "base_continues" hands the base's latents to the base itself, whose negative time ids then follow img2img's rule.
+HANDOVER_CASES = [
+    ("handover", "a photo of a cat", "", 6, 2.0, 30, "", 1, 0.8, None),
+    ("handover_heun_batch", "a red fox", "blurry", 5, 2.0, 31, "heun", 2, 0.7, None),
+    ("handover_dpmpp_2m_sde", "a lighthouse", "", 6, 1.5, 32, "dpmpp_2m_sde", 1, 0.75, None),
+    ("end_pixels", "a bowl of fruit", "", 6, 2.0, 33, "", 1, 0.8, None),
+    ("base_continues", "a green hill", "fog", 6, 3.0, 34, "", 1, 0.3, dict(negative_original_size=(1024, 16))),
+]
+
+
+def handover_fixtures(out: Path, bases: list[Path], refiners: list[Path]) -> None:
+    """OUT/handover.tsv: per case the base's latents after denoising_end (float32 .f32) and the refiner's image
+    (denoising_start from those latents, fresh generators seed + k), as Pipeline(..., refiner=) makes them."""
+    from sdrt.pipeline import Pipeline
+
+    rows = []
+    if not bases or not refiners:
+        (out / "handover.tsv").write_text("")
+        return
+    base = Pipeline.from_pretrained(bases[0], backend="onnx")
+    refiner = Pipeline.from_pretrained(refiners[0], backend="onnx")
+    size = max(base.facts.size_step, 64 // base.facts.size_step * base.facts.size_step)
+    for name, prompt, negative, steps, guidance, seed, sched, batch, fraction, micro in HANDOVER_CASES:
+        kwargs = dict(negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance, height=size,
+                      width=size, seed=seed, scheduler=sched or None, num_images_per_prompt=batch, progress=False, **(micro or {}))
+        stem = f"handover_{name}"
+        second, second_path = (base, bases[0]) if name == "base_continues" else (refiner, refiners[0])
+        if name == "end_pixels":
+            image = base(prompt, denoising_end=fraction, output_type="np", **kwargs).images
+            whole = base(prompt, output_type="np", **kwargs).images
+            assert np.abs(image.astype(int) - whole.astype(int)).max() > 2, f"{name}: denoising_end changes nothing"
+            (out / f"{stem}.rgb").write_bytes(np.ascontiguousarray(image).tobytes())
+            rows.append([name, bases[0], "", prompt, negative, steps, guidance, seed, sched, size, size, batch, fraction, "",
+                         f"{stem}.rgb", micro_column(micro)])
+            continue
+        latents = base(prompt, denoising_end=fraction, output_type="latent", **kwargs).images
+        image = second(prompt, image=latents, denoising_start=fraction, output_type="np", **kwargs).images
+        both = base(prompt, refiner=second, refiner_start=fraction, output_type="np", **kwargs).images
+        assert np.array_equal(both, image), f"{name}: Pipeline(refiner=) differs from the two calls"
+        if micro:  # the time ids must change the image, or the C++ comparison could pass with them ignored
+            plain = second(prompt, image=latents, denoising_start=fraction, output_type="np",
+                           **{k: v for k, v in kwargs.items() if k not in micro}).images
+            change = int(np.abs(plain.astype(int) - image.astype(int)).max())
+            assert change > 2, f"{name}: the micro-conditioning changes the image by {change}/255 only"
+        (out / f"{stem}.f32").write_bytes(np.ascontiguousarray(latents, np.float32).tobytes())
+        (out / f"{stem}.rgb").write_bytes(np.ascontiguousarray(image).tobytes())
+        rows.append([name, bases[0], second_path, prompt, negative, steps, guidance, seed, sched, size, size, batch, fraction,
+                     f"{stem}.f32", f"{stem}.rgb", micro_column(micro)])
+    (out / "handover.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+
+
 def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
     from sdrt.pipeline import Pipeline
 
     rows, errors = [], []
+    refiners = [e for e in exports if is_refiner(e)]
     for e in exports:
+        if e in refiners:
+            continue
         pipe = Pipeline.from_pretrained(e, backend="onnx")
         step = pipe.facts.size_step
         size = max(step, 64 // step * step)
@@ -387,6 +481,7 @@ def pipeline_fixtures(out: Path, exports: list[Path]) -> None:
                 (out / mask_file).write_bytes(mask.tobytes())
             rows.append([name, str(e), prompt, negative, steps, guidance, seed, sched, w, h, batch, strength, init_file,
                          f"{stem}.rgb", f"{seconds:.4f}", mask_file, int(bool(keep)), lora_spec, micro_column(micro)])
+    handover_fixtures(out, [e for e in exports if e not in refiners and is_sdxl_base(e)], refiners)
     (out / "pipeline.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
     (out / "lora_errors.tsv").write_text("".join(f"{e}\t{f}\t{words}\n" for e, f, words in errors))
 

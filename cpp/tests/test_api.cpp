@@ -3,6 +3,7 @@
 // never a crash - plus seeds (same seed, same image; image k of a batch = seed + k) and two contexts at once.
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -231,6 +232,31 @@ void struct_sizes(sdrt_ctx *ctx) {
     v4.struct_size = offsetof(sdrt_gen_params, original_height);
     v4.original_height = 7, v4.crop_left = -3, v4.aesthetic_score = std::nan("");
     CHECK(sdrt_generate(ctx, &v4, rgb.data()) == SDRT_OK && rgb == want, std::string("ABI 4 struct: ") + sdrt_last_error(ctx));
+    // An ABI 5 host's struct ends before the hand-over fields (ABI 6): garbage past it is never read.
+    sdrt_gen_params v5 = gp;
+    v5.struct_size = offsetof(sdrt_gen_params, denoising_start);
+    v5.denoising_start = 7, v5.denoising_end = std::nan(""), v5.init_latents = reinterpret_cast<const float *>(16);
+    CHECK(sdrt_generate(ctx, &v5, rgb.data()) == SDRT_OK && rgb == want, std::string("ABI 5 struct: ") + sdrt_last_error(ctx));
+    // The latents entry points (ABI 6): the latents sdrt_generate decodes, the shape that sizes them.
+    int shape[3] = {0, 0, 0};
+    CHECK(sdrt_latent_shape(ctx, 0, 0, shape) == SDRT_OK && shape[0] > 0 && shape[1] * sdrt_size_step(ctx) >= h &&
+              shape[2] > 0, std::string("sdrt_latent_shape: ") + sdrt_last_error(ctx));
+    CHECK(sdrt_latent_shape(ctx, 13, 0, shape) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "13"),
+          std::string("sdrt_latent_shape of a bad width: ") + sdrt_last_error(ctx));
+    CHECK(sdrt_latent_shape(ctx, 0, 0, nullptr) == SDRT_ERR_INVALID_ARGUMENT, "sdrt_latent_shape into NULL");
+    std::vector<float> latents(size_t(shape[0]) * size_t(shape[1]) * size_t(shape[2]));
+    CHECK(sdrt_generate_latents(ctx, &gp, latents.data()) == SDRT_OK &&
+              std::any_of(latents.begin(), latents.end(), [](float v) { return v != 0; }),
+          std::string("sdrt_generate_latents: ") + sdrt_last_error(ctx));
+    CHECK(sdrt_generate_latents(ctx, &gp, nullptr) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "latents_out"),
+          "sdrt_generate_latents into NULL");
+    sdrt_gen_params hand = gp;  // refused before any work, whatever the model (an SD 1.x/2.x one: any hand-over)
+    hand.init_latents = latents.data();
+    CHECK(sdrt_generate(ctx, &hand, rgb.data()) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "set denoising_start"),
+          std::string("init_latents without denoising_start: ") + sdrt_last_error(ctx));
+    hand.init_latents = nullptr, hand.denoising_end = 0.8;
+    const bool xl = sdrt_generate(ctx, &hand, rgb.data()) == SDRT_OK;
+    CHECK(xl || has(sdrt_last_error(ctx), "hand latents between SDXL base and refiner"), std::string("denoising_end: ") + sdrt_last_error(ctx));
     sdrt_gen_params micro = gp;  // a half-given size is refused whatever the model
     micro.original_width = 512;
     CHECK(sdrt_generate(ctx, &micro, rgb.data()) == SDRT_ERR_INVALID_ARGUMENT && has(sdrt_last_error(ctx), "original_height/width (0, 512)"),

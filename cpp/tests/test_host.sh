@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # sdrt-host under bad (and some good) command lines: each bad one must exit 1 or 2 with one line on stderr that
-# names the problem, never abort or trip a sanitizer.   test_host.sh SDRT_HOST [EXPORT]
+# names the problem, never abort or trip a sanitizer.   test_host.sh SDRT_HOST [EXPORT [MORE EXPORTS...]]
+# (an SDXL base and refiner among the exports: --refiner runs once on them)
 # Exit 0 pass, 1 fail, 77 skip (no export: the cases that load a model did not run), unless SDRT_REQUIRE_FIXTURES.
 set -u
 HOST=$(realpath "$1")
@@ -67,6 +68,10 @@ expect 2 "-o is empty" x -m /x -o ""
 expect 2 "sdrt-host writes PNG only" x -m /x -o out.jpg
 expect 2 "has suffix .gif, not an image type sdrt writes" x -m /x -o out.gif
 expect 2 "--max-memory is not supported" x -m /x --max-memory 2G
+expect 2 "--refiner-start needs --refiner DIR" x -m /x --refiner-start 0.5
+expect 2 "--refiner-start 1.5 is outside (0, 1)" x -m /x --refiner /y --refiner-start 1.5
+expect 2 "--refiner-start nan is not a finite number" x -m /x --refiner /y --refiner-start nan
+expect 2 "--refiner hands a txt2img run's latents to the refiner; drop --image" x -m /x --refiner /y --image a.png
 expect 0 "usage:" --help
 # --- files: the init image is read before the model loads ---
 expect 1 "--image $TMP is a folder" x -m /x --image "$TMP"
@@ -117,5 +122,18 @@ expect 1 "mask_image is all black" x "${M[@]}" --image "$TMP/sdrt.png" --mask "$
 expect 1 "is 32x32 but --image is 64x64" x "${M[@]}" --image "$TMP/sdrt.png" --mask "$TMP/small.ppm"
 expect 1 "--lora-slots" x "${M[@]}" --lora "$TMP/none.safetensors:0.5"  # the first export has no LoRA slots
 expect 1 "condition SDXL models only" x "${M[@]}" --original-size 1024x1024  # the first export is SD 1.x
+expect 1 "--refiner model folder /nonexistent/refiner does not exist" x "${M[@]}" --refiner /nonexistent/refiner  # before the base runs
+expect 1 "hand latents between SDXL base and refiner" x "${M[@]}" --refiner "$EXPORT"
+XL="" REFINER=""
+for e in "${@:3}"; do
+  grep -q '"family": "sdxl"' "$e/manifest.json" 2>/dev/null && XL=$(realpath "$e")
+  grep -q '"family": "sdxl_refiner"' "$e/manifest.json" 2>/dev/null && REFINER=$(realpath "$e")
+done
+if [ -n "$XL" ] && [ -n "$REFINER" ]; then  # base -> refiner (test_pipeline compares its numbers with Python's)
+  expect 0 "xl-2.png  (seed 4: image 2 of the batch from seed 3)" "a fox" -m "$XL" --refiner "$REFINER" --refiner-start 0.7 \
+    --steps 4 -q --backend cpu --seed 3 --num-images 2 -o xl.png
+  expect 1 "denoising_start leaves no step to run; lower it" "a fox" -m "$XL" --refiner "$REFINER" --refiner-start 0.999 \
+    --steps 4 -q --backend cpu
+fi
 echo "test_host: $runs cases, $fails failures"
 [ "$fails" = 0 ]

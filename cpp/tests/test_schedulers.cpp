@@ -2,7 +2,8 @@
 // exponential sigmas, DPM heun/sigma_min, from_config defaults, unknown classes, unsupported settings, and the
 // configs of issue #20's samplers: LMS, Heun, UniPC, DPM++ 2M SDE / 2S a, DDPM, LCM, TCD, PNDM's Runge-Kutta
 // warm-up), names, step counts and
-// img2img strengths: the same errors, the same tables (timesteps, coefficients, input scales, add_noise
+// img2img strengths, SDXL's denoising_start/denoising_end windows: the same errors (the windows' with Python's
+// message), the same tables (timesteps, coefficients, input scales, add_noise
 // coefficients, init_noise_sigma), and the same samples after every step of a trajectory.
 #include <algorithm>
 #include <cmath>
@@ -20,7 +21,7 @@
 namespace {
 
 std::map<std::string, double> worst;  // scheduler -> max relative coefficient difference
-size_t floats = 0, floats_exact = 0;
+size_t floats = 0, floats_exact = 0, window_messages = 0;
 double worst_step = 0;
 sdrt::SchedulerFamily family;  // the defaults an export's manifest carries (family.schedulers), from fixtures.py
 
@@ -29,6 +30,8 @@ double rel(double a, double b) { return a == b ? 0 : std::fabs(a - b) / std::max
 std::string id(const sdrt::Json &c) {
     std::string s = c.at("config").as_string() + "/" + (c.at("name").as_string().empty() ? "(config's own)" : c.at("name").as_string());
     if (c.find("steps")) s += " steps " + std::to_string(c.at("steps").as_int()) + " strength " + std::to_string(c.at("strength").as_number());
+    for (const char *key : {"denoising_start", "denoising_end"})
+        if (c.find(key) && !c.at(key).is_null()) s += std::string(" ") + key + " " + std::to_string(c.at(key).as_number());
     return s;
 }
 
@@ -58,10 +61,19 @@ void compare_floats(const std::vector<float> &got, const sdrt::Json &want, const
 void tables(const sdrt::Json &c, const sdrt::Json &config) {
     std::unique_ptr<sdrt::Scheduler> s = sdrt::Scheduler::create(c.at("name").as_string(), config, family);
     CHECK(s->name() == c.at("resolved_name").as_string(), id(c) + ": name " + s->name());
+    // SDXL's hand-over window (null: not given, the C API's 0); NaN stays NaN, which the C++ must refuse too.
+    auto fraction = [&](const char *key) {
+        const sdrt::Json *v = c.find(key);
+        return !v || v->is_null() ? 0.0 : v->as_number();
+    };
     try {
-        s->set_timesteps(int(c.at("steps").as_int()), c.at("strength").as_number());
+        s->set_timesteps(int(c.at("steps").as_int()), c.at("strength").as_number(), fraction("denoising_start"), fraction("denoising_end"));
     } catch (const sdrt::Error &e) {
         CHECK(c.find("error") && e.status() == expected_status(c.at("error").as_string()), id(c) + ": unexpected error: " + e.what());
+        if (const sdrt::Json *m = c.find("message"); m && m->as_string().find("denoising") != std::string::npos) {
+            CHECK(m->as_string() == e.what(), id(c) + ": message '" + e.what() + "', Python's '" + m->as_string() + "'");
+            ++window_messages;
+        }
         return;
     }
     if (c.find("error")) {
@@ -137,7 +149,7 @@ int main(int argc, char **argv) {
     sdrt::Json fx = sdrt::Json::parse_file(path);
     for (const auto &kv : fx.at("family").at("schedulers").as_object()) family.defaults[kv.first] = kv.second;
     family.default_name = fx.at("family").at("default_scheduler").as_string();
-    size_t n_tables = 0, n_traj = 0, n_err = 0;
+    size_t n_tables = 0, n_traj = 0, n_err = 0, n_windows = 0;
     for (const auto &c : fx.at("cases").as_array()) {
         const sdrt::Json &config = fx.at("configs").at(c.at("config").as_string());
         try {
@@ -155,12 +167,14 @@ int main(int argc, char **argv) {
             } else {
                 tables(c, config);
                 ++n_tables;
+                n_windows += c.find("denoising_start") != nullptr;
             }
         } catch (const std::exception &e) {
             CHECK(false, id(c) + ": exception " + e.what());
         }
     }
-    std::printf("%zu table cases, %zu trajectories, %zu refused configs\n", n_tables, n_traj, n_err);
+    std::printf("%zu table cases (%zu SDXL hand-over windows, %zu refusals with Python's message), %zu trajectories, %zu refused configs\n",
+                n_tables, n_windows, window_messages, n_traj, n_err);
     for (const auto &kv : worst) std::printf("  %-16s max relative coefficient difference %.2e\n", kv.first.c_str(), kv.second);
     std::printf("  step outputs: %zu floats, %zu bit-exact (the rest: NaN in both), worst difference %.2e of max|x|\n", floats, floats_exact, worst_step);
     return check::finish("test_schedulers");

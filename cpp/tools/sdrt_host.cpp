@@ -3,6 +3,7 @@
 //   sdrt-host "a red fox" --model exports/sd15-onnx --seed 42 -o fox.png
 //   sdrt-host --model M --prompt "a watercolour fox" --image in.png --strength 0.6 -o out.png
 //   sdrt-host --model M --prompt "a red hat" --image in.png --mask mask.png --keep-unmasked -o out.png
+//   sdrt-host "a red fox" --model sdxl-base-onnx --refiner sdxl-refiner-onnx --refiner-start 0.8 -o fox.png
 // With --num-images N, image k (seed + k) goes to out-<k+1>.png, as the Python CLI names them.
 // Exit status: 0 done, 1 a failure while running (model, image file, backend), 2 a bad command line. Every error
 // is one line naming the bad value and the fix; nothing aborts (main catches whatever is left).
@@ -51,6 +52,10 @@ const char *kUsage =
     "                             image's size, 0,0); --negative-original-size, --negative-target-size,\n"
     "                             --negative-crop-top-left their twins for the unconditional pass\n"
     "  --aesthetic-score S, --negative-aesthetic-score S  an SDXL refiner's (default 6.0 and 2.5)\n"
+    "  --refiner DIR              SDXL: a refiner export that finishes the base's latents (diffusers' ensemble of\n"
+    "                             experts): the base runs up to --refiner-start of the schedule, the refiner the rest,\n"
+    "                             with the same prompts, steps, scheduler, size and seeds (txt2img; --lora: the base's)\n"
+    "  --refiner-start F          with --refiner: the fraction of the schedule the base runs, in (0, 1) (default 0.8)\n"
     "  --lora FILE[:SCALE]        a run-time LoRA (.safetensors; repeatable; scale default 1) on an export made with\n"
     "                             `sdrt export --lora-slots all`\n"
     "  --backend NAME             auto (= onnx), cpu, cuda, ort-tensorrt, tensorrt (default auto)\n"
@@ -177,7 +182,8 @@ std::string make_parents(const std::string &path) {
 }
 
 struct Options {
-    std::string model, prompt, negative, scheduler, image_path, mask_path, out = "sdrt.png";
+    std::string model, prompt, negative, scheduler, image_path, mask_path, refiner, out = "sdrt.png";
+    double refiner_start = 0;  // 0: --refiner-start not given (0.8 with --refiner)
     bool have_prompt = false, quiet = false, have_seed = false, keep_unmasked = false;
     __int128 seed = 0;
     std::vector<std::string> paths;  // where the images go, worked out before the model loads
@@ -217,6 +223,13 @@ bool parse(int argc, char **argv, Options &o) {
             v = argv[++i];
         }
         if (a == "--model" || a == "-m") o.model = v;
+        else if (a == "--refiner") {
+            if (v.empty()) throw Usage(a + " is empty; name an SDXL refiner export folder");
+            o.refiner = v;
+        } else if (a == "--refiner-start") {
+            o.refiner_start = parse_double(a, v, "a fraction in (0, 1), e.g. 0.8");
+            if (!(o.refiner_start > 0 && o.refiner_start < 1)) throw Usage(a + " " + v + " is outside (0, 1); use e.g. 0.8");
+        }
         else if (a == "--prompt" || a == "-p") {
             if (o.have_prompt) throw Usage("a second prompt \"" + v + "\" was given; give the prompt once");
             o.prompt = v, o.have_prompt = true;
@@ -293,6 +306,10 @@ bool parse(int argc, char **argv, Options &o) {
     if (o.model.empty()) throw Usage("--model is required: an sdrt export folder (made with `sdrt export`)");
     if (!o.mask_path.empty() && o.image_path.empty()) throw Usage("--mask needs --image, the image it masks");
     if (o.keep_unmasked && o.mask_path.empty()) throw Usage("--keep-unmasked applies to inpainting: add --mask FILE");
+    if (o.refiner_start != 0 && o.refiner.empty()) throw Usage("--refiner-start needs --refiner DIR, the refiner that takes over");
+    if (!o.refiner.empty() && !o.image_path.empty())
+        throw Usage("--refiner hands a txt2img run's latents to the refiner; drop --image (and --mask), or --refiner");
+    if (!o.refiner.empty() && o.refiner_start == 0) o.refiner_start = 0.8;
     o.paths = output_paths(o.out, o.gp.batch_count);
     for (size_t k = 0; k < o.loras.size(); ++k) o.loras[k].path = o.lora_files[k].c_str();
     o.gp.loras = o.loras.empty() ? nullptr : o.loras.data();
@@ -313,6 +330,23 @@ bool parse(int argc, char **argv, Options &o) {
         o.gp.seed = int64_t(o.seed % (static_cast<__int128>(1) << 32));
     }
     return true;
+}
+
+// --refiner: the base up to --refiner-start (its latents), then the refiner from there (sdrt.h's ABI 6 hand-over),
+// as the Python CLI's `sdrt generate --refiner` runs them. The refiner gets the base's size and no LoRAs.
+sdrt_status with_refiner(const Options &o, sdrt_ctx *base, sdrt_ctx *refiner, sdrt_image **img) {
+    sdrt_gen_params gp = o.gp;
+    int w = 0, h = 0, shape[3] = {0, 0, 0};
+    sdrt_default_size(base, &w, &h);
+    gp.width = gp.width ? gp.width : w, gp.height = gp.height ? gp.height : h;  // the refiner's default may differ
+    sdrt_status st = sdrt_latent_shape(base, gp.width, gp.height, shape);
+    if (st != SDRT_OK) return st;
+    std::vector<float> latents(size_t(gp.batch_count) * size_t(shape[0]) * size_t(shape[1]) * size_t(shape[2]));
+    gp.denoising_end = o.refiner_start;
+    if ((st = sdrt_generate_latents(base, &gp, latents.data())) != SDRT_OK) return st;
+    gp.denoising_end = 0, gp.denoising_start = o.refiner_start, gp.init_latents = latents.data();
+    gp.loras = nullptr, gp.lora_count = 0;
+    return sdrt_generate_image(refiner, &gp, img);
 }
 
 int run(int argc, char **argv) {
@@ -366,6 +400,16 @@ int run(int argc, char **argv) {
         std::fprintf(stderr, "sdrt-host: %s\n", sdrt_last_error(nullptr));
         return 1;
     }
+    sdrt_ctx *refiner = nullptr;  // --refiner: the context that finishes the image (loaded now: a bad folder fails fast)
+    if (!o.refiner.empty()) {
+        sdrt_ctx_params cp = o.cp;
+        cp.model_dir = o.refiner.c_str();
+        if (sdrt_init(&cp, &refiner) != SDRT_OK) {
+            std::fprintf(stderr, "sdrt-host: --refiner %s\n", sdrt_last_error(nullptr));
+            sdrt_free(ctx);
+            return 1;
+        }
+    }
     double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     sdrt_gen_params &gp = o.gp;
     if (!o.image_path.empty()) {
@@ -388,11 +432,20 @@ int run(int argc, char **argv) {
     gp.scheduler = o.scheduler.empty() ? nullptr : o.scheduler.c_str();
 
     sdrt_image *img = nullptr;
-    sdrt_status st = sdrt_generate_image(ctx, &gp, &img);
+    std::string refiner_note;
+    sdrt_status st = refiner ? with_refiner(o, ctx, refiner, &img) : sdrt_generate_image(ctx, &gp, &img);
     if (st != SDRT_OK) {
-        std::fprintf(stderr, "sdrt-host: %s (%s)\n", sdrt_last_error(ctx), sdrt_status_name(st));
+        const bool in_refiner = refiner && *sdrt_last_error(refiner);  // the base failed when the refiner has no error
+        std::fprintf(stderr, "sdrt-host: %s%s (%s)\n", in_refiner ? "refiner: " : "", sdrt_last_error(in_refiner ? refiner : ctx),
+                     sdrt_status_name(st));
+        sdrt_free(refiner);
         sdrt_free(ctx);
         return 1;
+    }
+    if (refiner) {
+        char start[32];
+        std::snprintf(start, sizeof start, "%g", o.refiner_start);
+        refiner_note = ", Refiner: " + o.refiner.substr(o.refiner.find_last_of('/', o.refiner.size() - 2) + 1) + ", Refiner switch at: " + start;
     }
     int rc = 0;
     const __int128 seed = o.have_seed ? o.seed : sdrt_last_seed(ctx);
@@ -405,7 +458,7 @@ int run(int argc, char **argv) {
                              std::to_string(gp.steps) + ", CFG scale: " + cfg + ", Seed: " + to_string(seed + k) + ", Size: " +
                              std::to_string(img->width) + "x" + std::to_string(img->height) +
                              (o.scheduler.empty() ? "" : ", Sampler: " + o.scheduler) +
-                             (gp.init_image ? ", Denoising strength: " + std::to_string(gp.strength) : "") + ", Version: sdrt " +
+                             (gp.init_image ? ", Denoising strength: " + std::to_string(gp.strength) : "") + refiner_note + ", Version: sdrt " +
                              sdrt_version() + " (C++)";
         std::string err = sdrt_tools::write_png(path, img->data + size_t(k) * image_bytes, img->width, img->height, {{"parameters", params}});
         if (!err.empty()) {
@@ -420,10 +473,11 @@ int run(int argc, char **argv) {
     }
     sdrt_timings t;
     t.struct_size = sizeof t;
-    if (!o.quiet && sdrt_last_timings(ctx, &t) == SDRT_OK)
-        std::fprintf(stderr, "%s: load %.2f s, text %.2f s, loop %.2f s, decode %.2f s, total %.2f s\n", sdrt_backend_info(ctx),
-                     load_s, t.text, t.loop, t.decode, t.total);
+    if (!o.quiet && sdrt_last_timings(refiner ? refiner : ctx, &t) == SDRT_OK)
+        std::fprintf(stderr, "%s%s: load %.2f s, text %.2f s, loop %.2f s, decode %.2f s, total %.2f s\n", refiner ? "refiner on " : "",
+                     sdrt_backend_info(ctx), load_s, t.text, t.loop, t.decode, t.total);
     sdrt_image_free(img);
+    sdrt_free(refiner);
     sdrt_free(ctx);
     return rc;
 }

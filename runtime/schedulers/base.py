@@ -185,6 +185,9 @@ class Scheduler:
     coefficient_names: tuple = ()
     history_size = 0
     needs_noise = False
+    # UNet calls per step: diffusers' class attribute `order` (Heun's 2); not a solver's order (UniPC's solver_order 2
+    # is one call per step, and diffusers' UniPC has order 1).
+    calls_per_step = 1
 
     def __init__(self, config: dict, **overrides):
         self.config = resolve_config(self.DEFAULTS, dict(config), overrides)
@@ -237,7 +240,7 @@ class Scheduler:
         """The first step whose schedule holds exactly the calls diffusers keeps below `cutoff` (a 2nd-order
         scheduler's count is made odd, so that a hand-over never splits a step's two calls)."""
         count = int(np.sum(self.timesteps < cutoff))
-        if getattr(self, "order", 1) == 2 and count % 2 == 0:
+        if self.calls_per_step == 2 and count % 2 == 0:
             count += 1
         if count == 0:
             raise InputError("denoising_start leaves no step to run; lower it")

@@ -20,7 +20,7 @@ from sdrt.schedulers.traced import TracedStep
 
 class Heun(TracedStep, Euler):
     name = "heun"
-    order = 2  # diffusers: two UNet calls per step (a denoising_start hand-over keeps them together)
+    order = calls_per_step = 2  # diffusers' order: two UNet calls per step (a denoising_start hand-over keeps them together)
     DEFAULTS = dict(  # HeunDiscreteScheduler.__init__, diffusers 0.42.1
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear", trained_betas=None,
         prediction_type="epsilon", use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,

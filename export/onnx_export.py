@@ -177,6 +177,10 @@ def _export_folder(
         raise InputError(f"conv_tactics {conv_tactics!r} is not one of {', '.join(CONV_TACTIC_MODES)}")
     if conv_tactics == "measure" and not winograd:
         raise InputError("conv_tactics 'measure' picks among Winograd and sub-pixel forms; add --winograd")
+    if conv_tactics != "measure" and (tactic_threads is not None or tactic_cache_dir is not None):
+        raise InputError("tactic_threads and tactic_cache_dir go with conv_tactics 'measure'; add --conv-tactics measure")
+    if tactic_threads is not None and tactic_threads < 1:
+        raise InputError(f"tactic_threads {tactic_threads} must be at least 1 (the threads the export will run with)")
     if keep_fp32_ops and not fp16:
         raise InputError(f"keep_fp32_ops {list(keep_fp32_ops)} applies to fp16 exports only; add --fp16 or drop it")
     if not 14 <= opset <= 23:

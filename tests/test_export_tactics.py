@@ -72,6 +72,10 @@ def test_measured_export_exports_and_records_the_picks(tiny_sd1, tmp_path, monke
         export_model(tiny_sd1, tmp_path / "x", conv_tactics="measure", limits=limits, progress=False)
     with pytest.raises(InputError, match="'fastest' is not one of rule, measure"):
         export_model(tiny_sd1, tmp_path / "x", winograd=True, conv_tactics="fastest", limits=limits, progress=False)
+    with pytest.raises(InputError, match="go with conv_tactics 'measure'"):
+        export_model(tiny_sd1, tmp_path / "x", winograd=True, tactic_threads=2, limits=limits, progress=False)
+    with pytest.raises(InputError, match="tactic_threads 0 must be at least 1"):
+        export_model(tiny_sd1, tmp_path / "x", winograd=True, conv_tactics="measure", tactic_threads=0, limits=limits, progress=False)
     seen = []
 
     def fake(kind, ci, co, batch, h, w, forms, threads):  # every form somewhere: F(2x2) wide, F(4x4) narrow, stock upsampling

@@ -4,7 +4,8 @@ listens itself) against the default proxy path, for the added latency at 1 clien
     python benchmarks/ray_direct_ingress.py proxy 3     # rounds on Serve's default path (a fresh cluster each)
     python benchmarks/ray_direct_ingress.py direct 3    # the same with direct ingress
 
-Not an sdrt option yet: here the flag and a port range are set in the environment of the local cluster this process
+Superseded by the option `sdrt serve --ray --direct-ingress` (sdrt/serve/ray_direct.py), measured through the CLI
+by benchmarks/ray_serve_latency.py. When this experiment ran it was not an option yet: here the flag and a port range are set in the environment of the local cluster this process
 starts (Serve reads them at import in each of its processes), the proxy sdrt's deploy() still starts answers on
 --port, and the ingress replica takes the lowest free port of [port + 1, port + 4), which is measured directly.
 An option would start Serve without a proxy and give the ingress exactly --port (one ingress replica per node), and

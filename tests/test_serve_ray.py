@@ -562,6 +562,18 @@ def test_serve_config_file_builds():
     assert type(built).__name__ == "Application"
 
 
+def test_direct_ingress_refused_on_a_cluster_started_without_it(cluster, url):
+    """The module's cluster was started without RAY_SERVE_ENABLE_DIRECT_INGRESS: one line saying what to set, and
+    nothing deployed (the module's app is untouched)."""
+    from sdrt.errors import SdrtError
+    from sdrt.serve.ray_app import RayOptions, deploy
+
+    with pytest.raises(SdrtError, match=r"node\(s\) 127.0.0.1 run without direct ingress; start every "
+                                        r"node with RAY_SERVE_ENABLE_DIRECT_INGRESS=1"):
+        deploy(serve_config(), RayOptions(address=cluster, direct_ingress=True, port=free_port()), ready_timeout=5)
+    assert replicas() >= 1  # the module's app still runs
+
+
 def test_cli_serves_on_the_cluster_and_stops_on_sigint(cluster):
     """`sdrt serve --ray --address ADDR` (last but one: Serve's HTTP proxy keeps the port it started with, so the
     module's Serve instance goes first)."""

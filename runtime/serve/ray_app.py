@@ -13,6 +13,8 @@ previews, result); a request whose replica died is sent again to another replica
 Serve restarts the replica; `check_health` runs a tiny generation. `--lora-dir` is read on the replicas' nodes: a
 request's LoRAs are checked and registered by a replica at POST (`ModelReplica.prepare_loras`), as on one machine.
 
+--direct-ingress (ray_direct): the ingress replica serves HTTP on --port itself, without Serve's HTTP proxy hop.
+
 Nothing here is imported unless --ray is asked for: `import sdrt` and `sdrt serve` never import ray.
 """
 
@@ -25,6 +27,7 @@ import socket
 import time
 
 from sdrt.errors import InputError, SdrtError
+from sdrt.serve import ray_direct
 from sdrt.serve.app import ServeConfig, create_app
 from sdrt.serve.ray_jobs import JobStore, RemoteJobStore
 from sdrt.serve.ray_remote import APP_NAME, RemoteBatcher, deployment_name
@@ -57,6 +60,7 @@ class RayOptions:
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 30.0
     autoscaling_config: dict = dataclasses.field(default_factory=dict)  # Serve's own keys over sdrt's (with --autoscale)
+    direct_ingress: bool = False  # the ingress replica serves HTTP on --port itself (ray_direct)
 
     def deployment_options(self, config: ServeConfig) -> dict:
         options = {
@@ -163,20 +167,29 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
                         f"`ray start --head` or pass the head's address") from None
 
 
-def connect(options: RayOptions):
+def connect(options: RayOptions) -> int:
+    """Join the cluster at --address or start a local one; returns the port Serve's HTTP proxy is to take."""
     ray, _ = require_ray()
-    if ray.is_initialized():
-        return ray
     if options.address:
-        check_reachable(options.address)
-        ray.init(address=options.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    else:
+        if not ray.is_initialized():
+            check_reachable(options.address)
+            ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+        if options.direct_ingress:
+            ray_direct.check_joined(ray_direct.node_settings())
+        return options.port
+    proxy_port = options.port
+    if options.direct_ingress:
+        if ray.is_initialized():  # its processes read the switch and --port's range when they started
+            raise SdrtError("--direct-ingress needs the local Ray cluster started by deploy(): call ray.shutdown() first")
+        proxy_port = ray_direct.prepare_local(options.host, options.port)
+    if not ray.is_initialized():
         loopback_only()
         # Ray nices its workers (15) by default; the replicas here are the workload, at the priority `sdrt serve` has
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=options.num_cpus, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
-    return ray
+    return proxy_port
 
 
 def loopback_only() -> None:
@@ -230,10 +243,12 @@ def deploy(config: ServeConfig, options: RayOptions, ready_timeout: float = 300.
     """Connect (or start a local cluster), check placement, deploy; returns the HTTP base URL once /readyz is 200."""
     import httpx
 
-    ray = connect(options)
+    proxy_port = connect(options)
     _, serve = require_ray()
     check_placement(config, options)
-    serve.start(proxy_location="HeadOnly", http_options={"host": options.host, "port": options.port})
+    # With direct ingress Serve keeps this proxy on the head node anyway (its controller overrides the location);
+    # on a local cluster it takes another port and the ingress replica --port (ray_direct)
+    serve.start(proxy_location="HeadOnly", http_options={"host": options.host, "port": proxy_port})
     serve.run(build(config, options), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{options.host}:{options.port}"
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
@@ -241,13 +256,17 @@ def deploy(config: ServeConfig, options: RayOptions, ready_timeout: float = 300.
     while True:
         try:
             if httpx.get(f"{url}/readyz", timeout=5, headers=headers).status_code == 200:
-                return url
+                break
         except httpx.TransportError:
             pass
         if time.monotonic() > end:
             raise SdrtError(f"the Ray Serve app was not ready in {ready_timeout:g} s (see `serve status`)")
         time.sleep(0.2)
-    del ray
+    if options.direct_ingress and options.address:  # the proxy answered; the ingress took a port of the cluster's range
+        urls = ray_direct.ingress_urls(APP_NAME, proxy_port)
+        log.info("direct ingress at %s (Serve's proxy, one hop more: %s)", ", ".join(urls) or "?", url)
+        url = urls[0] if urls else url
+    return url
 
 
 def shutdown() -> None:

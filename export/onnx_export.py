@@ -34,6 +34,7 @@ from sdrt.model.facts import ModelFacts, read_json, read_model_facts
 from sdrt.memory import model_architecture
 from sdrt.outputs import chmod_default
 from sdrt.export.rewrites import graph_rewrites
+from sdrt.export.tactics import CONV_TACTIC_MODES, TacticPicker, cpu_name
 from sdrt.export.onnx_network import (
     check_dims,
     compare_with_torch,
@@ -102,6 +103,9 @@ def export_model(
     max_batch: int = 4,
     lora_slots: str = "none",
     no_winograd=(),
+    conv_tactics: str = "rule",
+    tactic_threads: int | None = None,
+    tactic_cache_dir=None,
 ) -> ExportReport:
     """Export `model` (a diffusers-format SD 1.x/2.x/XL folder, or an original-layout single-file checkpoint) to the
     sdrt export folder `out_dir`.
@@ -125,11 +129,16 @@ def export_model(
     size at limits.opt_size (sdrt.export.winograd): faster on ONNX Runtime's CPU provider at any size, fastest at
     the opt size; fp32 only, more memory, and not for TensorRT (`sdrt build` refuses such exports). no_winograd:
     networks left without it (an int8 export quantises those: sdrt.export.int8_export).
+    conv_tactics: with winograd, "rule" (default: deterministic) picks each conv's form by choose_tile's rule;
+    "measure" times every form of each conv and upsampler shape at the opt size in ONNX Runtime with
+    tactic_threads threads (default: one per physical core) and exports the fastest (sdrt.export.tactics; timings
+    cached in tactic_cache_dir, default ~/.cache/sdrt/conv-tactics, one file per CPU, ORT version and threads).
     """
     options = dict(fp16=fp16, opset=opset, limits=limits, check=check, keep_fp32_ops=keep_fp32_ops, progress=progress,
                    exporter=exporter, force=force, share_weights=share_weights, subpixel_upsample=subpixel_upsample,
                    winograd=winograd, min_size=min_size, opt_size=opt_size, max_size=max_size, max_batch=max_batch,
-                   lora_slots=lora_slots, no_winograd=tuple(no_winograd))
+                   lora_slots=lora_slots, no_winograd=tuple(no_winograd), conv_tactics=conv_tactics,
+                   tactic_threads=tactic_threads, tactic_cache_dir=tactic_cache_dir)
     model, out_dir = Path(model).expanduser(), Path(out_dir).expanduser()
     if not loras and not model.is_file():
         return _export_folder(model, out_dir, source=model, lora_records=[], **options)
@@ -151,7 +160,7 @@ def default_limits(facts: ModelFacts, min_size=None, opt_size=None, max_size=Non
 def _export_folder(
     model_dir: Path, out_dir: Path, fp16, opset, limits, check, keep_fp32_ops, progress, exporter, force, share_weights,
     subpixel_upsample, winograd, min_size, opt_size, max_size, max_batch, source: Path, lora_records: list[dict],
-    lora_slots: str = "none", no_winograd=(),
+    lora_slots: str = "none", no_winograd=(), conv_tactics: str = "rule", tactic_threads=None, tactic_cache_dir=None,
 ) -> ExportReport:  # fmt: skip
     from tqdm.auto import tqdm
 
@@ -164,6 +173,14 @@ def _export_folder(
         raise InputError("share_weights needs an fp32 export: the ONNX graphs read the checkpoint's float32 weights")
     if winograd and fp16:
         raise InputError("winograd is for fp32 exports run by ONNX Runtime on a CPU; drop --winograd or --fp16")
+    if conv_tactics not in CONV_TACTIC_MODES:
+        raise InputError(f"conv_tactics {conv_tactics!r} is not one of {', '.join(CONV_TACTIC_MODES)}")
+    if conv_tactics == "measure" and not winograd:
+        raise InputError("conv_tactics 'measure' picks among Winograd and sub-pixel forms; add --winograd")
+    if conv_tactics != "measure" and (tactic_threads is not None or tactic_cache_dir is not None):
+        raise InputError("tactic_threads and tactic_cache_dir go with conv_tactics 'measure'; add --conv-tactics measure")
+    if tactic_threads is not None and tactic_threads < 1:
+        raise InputError(f"tactic_threads {tactic_threads} must be at least 1 (the threads the export will run with)")
     if keep_fp32_ops and not fp16:
         raise InputError(f"keep_fp32_ops {list(keep_fp32_ops)} applies to fp16 exports only; add --fp16 or drop it")
     if not 14 <= opset <= 23:
@@ -189,7 +206,10 @@ def _export_folder(
     reports: dict[str, NetworkReport] = {}
     rewrites: dict[str, dict[str, int]] = {key: {} for key in GRAPH_REWRITES}
     dims = export_dims(limits, facts)
-    opt_scale = limits.dims(facts, "opt")["image_height"] / dims["image_height"]  # winograd's tiles suit the opt size
+    opt_dims = limits.dims(facts, "opt")
+    opt_scale = opt_dims["image_height"] / dims["image_height"]  # winograd's tiles suit the opt size
+    picker = tactic_picker(conv_tactics, tactic_threads, tactic_cache_dir)
+    tactic_records = {}
     try:
         if share_weights:
             copy_diffusers_folder(model_dir, tmp)
@@ -199,8 +219,13 @@ def _export_folder(
             t0 = time.perf_counter()
             rel = f"{name}/model.onnx" if not share_weights else f".staging/{name}/model.onnx"
             args = example_args(contracts[name], dims)
-            with graph_rewrites(modules[name], args, opt_scale, subpixel_upsample, winograd and name not in no_winograd) as counts:
+            rewrite = winograd and name not in no_winograd
+            tactic_batch = opt_dims["unet_batch" if name == UNET else "batch"]  # the UNet's opt batch: one image, guided
+            with graph_rewrites(modules[name], args, opt_scale, subpixel_upsample, rewrite, picker if rewrite else None,
+                                tactic_batch) as counts:
                 export_network(modules[name], contracts[name], tmp / rel, args, opset, exporter, constant_folding=not share_weights)
+            if picker is not None and picker.records:
+                tactic_records[name], picker.records = picker.records, {}
             for key in GRAPH_REWRITES:
                 rewrites[key][name] = counts[key]
             # A VAE that overflows in fp16 (SDXL's: force_upcast) stays fp32 in an fp16 export, as diffusers runs it.
@@ -247,6 +272,8 @@ def _export_folder(
                 # The UNet config's own flag, whatever the precision: `sdrt build --fp16` converts fp32 exports with it.
                 "unet_upcast_attention": bool(read_json(model_dir / "unet" / "config.json").get("upcast_attention")),
                 **rewrites,
+                "conv_tactics": {"mode": conv_tactics, **({"threads": picker.threads, "cpu": cpu_name(), "picks": tactic_records}
+                                                          if picker is not None else {})},
                 "graph_revision": GRAPH_REVISION,
                 "parity": {n: {"dims": r.check_dims, "errors": r.errors} for n, r in reports.items() if r.errors},
                 "architecture": model_architecture(model_dir, None).to_dict(),  # what sdrt.memory estimates from
@@ -263,6 +290,15 @@ def _export_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportReport(out_dir, exporter, opset, reports, time.perf_counter() - t_start)
+
+
+def tactic_picker(mode: str, threads: int | None, cache_dir):
+    """A TacticPicker for conv_tactics "measure", else None (the rule)."""
+    if mode != "measure":
+        return None
+    from sdrt.bench.env import physical_cores
+
+    return TacticPicker(threads or physical_cores(), Path(cache_dir).expanduser() if cache_dir else None)
 
 
 # --- checks before anything is written ------------------------------------------------------------------------

@@ -23,6 +23,11 @@ output transform interleaving the phases: 1.2-1.3x over the sub-pixel form for 2
 Error: F(2x2)'s transforms use 0, +-1 and 1/2 (~5e-7 of the output's range in fp32); F(4x4)'s reach 8 and
 1/24 (~6e-6, twice a direct conv's own float error here). fp32 only.
 
+The rule (choose_tile) is that EPYC's. On an AVX-512 Xeon (2 cores, ORT 1.32, 2 threads) direct NCHWc convolution
+is relatively faster: 256->128 channels at 256x256 ran 1.3-1.5x faster direct than by F(4x4), and the sub-pixel
+upsamplers at 32x32 and 128x128 1.1-1.3x faster without F(4x4); `--conv-tactics measure` (sdrt.export.tactics) times
+every form per shape on the machine instead (benchmarks/results/conv-tactics-xeon-sdxl-256px.md).
+
 Costs: the transformed kernels are (m+2)^2/9 times the 3x3 weights they replace (memory), and TensorRT and
 cuDNN pick Winograd themselves, so `sdrt build` refuses an export made with it.
 """

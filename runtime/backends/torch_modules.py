@@ -40,8 +40,8 @@ class TextEncoderOnEmbeddings(nn.Module):
 
 class PenultimateTextEncoder(TextEncoderOnEmbeddings):
     """SDXL's text encoders: token embeddings -> the penultimate layer's hidden states (diffusers' hidden_states[-2],
-    clip_skip None); with `projection`, also CLIPTextModelWithProjection's pooled output: the final layer and layer
-    norm, the state at the one-hot `pool_weights` position (CLIP's end-of-text token), the text projection.
+    clip_skip None); with `projection`, also CLIPTextModelWithProjection's pooled output: the final layer (for the
+    one-hot `pool_weights` position, CLIP's end-of-text token, only), the final layer norm, the text projection.
 
     The layers run one by one: transformers 5's encoder no longer returns every layer's states by itself."""
 
@@ -68,9 +68,29 @@ class PenultimateTextEncoder(TextEncoderOnEmbeddings):
             hidden = self._layer(layer, hidden, mask)
         if self.projection is None:
             return hidden
-        last = self.final_layer_norm(self._layer(layers[-1], hidden, mask))
-        pooled = (pool_weights.to(last.dtype).unsqueeze(-1) * last).sum(dim=1)
-        return hidden, self.projection(pooled)
+        return hidden, self.projection(self.final_layer_norm(self._pooled_last_layer(layers[-1], hidden, pool_weights)))
+
+    @staticmethod
+    def _pooled_last_layer(layer, hidden, pool_weights):
+        """The final layer's output at the pooled position only, [batch, width]: nothing else of that layer is used.
+        Its keys and values need every token; its query, attention row, output projection and MLP only the pooled
+        one (about a sixth of the layer's multiply-adds). Exact: the same ops on the same rows, up to float rounding."""
+        attn, w = layer.self_attn, pool_weights.to(hidden.dtype).unsqueeze(-1)  # one-hot [b, seq, 1]
+        b, seq, width = hidden.shape
+        heads, head_dim = attn.num_heads, attn.head_dim
+        x = layer.layer_norm1(hidden)
+        q = attn.q_proj((w * x).sum(dim=1, keepdim=True)).reshape(b, 1, heads, head_dim).transpose(1, 2)
+        k = attn.k_proj(x).reshape(b, seq, heads, head_dim).transpose(1, 2)
+        v = attn.v_proj(x).reshape(b, seq, heads, head_dim).transpose(1, 2)
+        # CLIP's causal mask, the pooled row of it: keys after the pooled position are blocked.
+        positions = torch.arange(seq, device=hidden.device, dtype=hidden.dtype)
+        at = (w[..., 0] * positions).sum(dim=1, keepdim=True)  # [b, 1]
+        blocked = torch.zeros_like(w[..., 0]).masked_fill(positions > at, torch.finfo(hidden.dtype).min)
+        scores = (q @ k.transpose(-1, -2)) * attn.scale + blocked[:, None, None, :]
+        context = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, 1, width)
+        state = (w * hidden).sum(dim=1, keepdim=True) + attn.out_proj(context)
+        state = state + layer.mlp(layer.layer_norm2(state))
+        return state[:, 0]
 
 
 class UNetContract(nn.Module):

@@ -61,8 +61,9 @@ def folder_digest(folder: Path, *extra) -> str:
 def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchConfig, log, int8: bool = False) -> Path:
     """Export `diffusers_dir` to the cache once (`sdrt export` in a subprocess, so its memory goes back); int8: with
     `--int8` (the UNet quantised, calibrated on sdrt's default prompts; the other networks as the fp32 export)."""
-    from sdrt.model.manifest import GRAPH_REVISION
+    from sdrt.bench.env import physical_cores
     from sdrt.model.facts import read_model_facts
+    from sdrt.model.manifest import GRAPH_REVISION
 
     facts = read_model_facts(diffusers_dir)
     # One export serves every size and batch ORT runs. The opt size is the benchmarked one: TensorRT tunes its
@@ -70,10 +71,15 @@ def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchC
     step = facts.size_step
     limits = {"min": step, "opt": size, "max": max(size, facts.default_size), "batch": max(max_batch, 4)}
     # On a CPU, the export sdrt recommends there: Winograd convolutions.
-    flags = ["--winograd"] if config.device == "cpu" else []
+    # Each conv's form timed on this CPU at that size and the runners' threads (sdrt.export.tactics), as TensorRT
+    # times its tactics; the timings are cached beside the exports.
+    threads = config.threads or physical_cores()
+    flags = ["--winograd", "--conv-tactics", "measure", "--tactic-threads", str(threads)] if config.device == "cpu" else []
     if int8:
         flags.append("--int8")
     key = folder_digest(diffusers_dir, limits, GRAPH_REVISION, flags)
+    if config.device == "cpu":  # not in the key: the same timings give the same export
+        flags += ["--tactic-cache-dir", str(config.cache_dir / "conv-tactics")]
     out = config.cache_dir / "exports" / f"{diffusers_dir.name}-{key}"
     if (out / "manifest.json").exists():
         return out

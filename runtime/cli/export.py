@@ -45,6 +45,14 @@ def add_parser(sub) -> None:
     p.add_argument("--winograd", action="store_true",
                    help="for ONNX Runtime on a CPU: wide 3x3 convolutions as Winograd F(4x4,3x3) or F(2x2,3x3), chosen "
                         "per conv for --opt-size (1.3-2x faster per conv there; fp32 only, more memory; not for TensorRT)")
+    p.add_argument("--conv-tactics", choices=("rule", "measure"), default="rule",
+                   help="with --winograd: 'rule' (default, deterministic) picks each conv's form by a rule tuned on one CPU; "
+                        "'measure' times direct, Winograd and sub-pixel forms of each shape at --opt-size on this CPU and "
+                        "exports the fastest (seconds per shape, cached per CPU and ONNX Runtime version)")
+    p.add_argument("--tactic-threads", type=int, default=None, metavar="N", help="with --conv-tactics measure: the threads the "
+                   "export will run with (default: one per physical core)")
+    p.add_argument("--tactic-cache-dir", default=None, metavar="DIR", help="with --conv-tactics measure: where the timings are "
+                   "cached, one file per CPU, ONNX Runtime version and threads (default: ~/.cache/sdrt/conv-tactics)")
     p.add_argument("--share-weights", action="store_true", help="OUT also holds the diffusers weights and the ONNX graphs read theirs from them (fp32; both backends, one copy of the weights)")
     # issue 4: LoRAs fused at export; single-file checkpoints (sdrt.export.lora, sdrt.export.single_file)
     p.add_argument("--lora-slots", choices=("none", "attention", "all"), default="none",
@@ -88,6 +96,9 @@ def cmd_export(args) -> int:
         share_weights=args.share_weights,
         subpixel_upsample=args.subpixel_upsample,
         winograd=args.winograd,
+        conv_tactics=args.conv_tactics,
+        tactic_threads=args.tactic_threads,
+        tactic_cache_dir=args.tactic_cache_dir,
         loras=[parse_lora_spec(spec) for spec in args.lora],
         lora_slots=args.lora_slots,
         allow_pickle=args.allow_pickle,

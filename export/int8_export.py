@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from sdrt.errors import InputError
+from sdrt.info import int8_quality_lines
 
 QUANTIZED_NETWORKS = ("unet",)  # the UNet is called 2 x steps times; the VAE decoder lost PSNR for no time here
 CALIBRATION_STEPS = 8  # steps per calibration prompt (PNDM: one more UNet call): ranges over the whole trajectory
@@ -123,13 +124,5 @@ def summary(out_dir, record: dict) -> str:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(st["quantized"].items()))
         lines.append(f"  {name}: {st['bytes_before'] / 1e6:.1f} -> {st['bytes_after'] / 1e6:.1f} MB; "
                      f"{len(st['kept_fp32'])} Conv/MatMul kept fp32; {ops}")
-    q = record.get("quality")
-    if q:
-        lines.append(f"  quality vs fp32: PSNR {q['psnr_db']:.1f} dB (worst image {q['psnr_min_db']:.1f}) on {q['prompts']} "
-                     f"prompts at {q['size']} px, {q['steps']} steps")
-        o = q.get("oracle")
-        if o:
-            lines.append(f"  oracle (50 prompts, guidance 7.5, 20 steps): digit {o['int8']['digit']:.0%} / colour "
-                         f"{o['int8']['colour']:.0%} (fp32 {o['fp32']['digit']:.0%} / {o['fp32']['colour']:.0%}); "
-                         f"PSNR {o['psnr_db']:.1f} dB")
+    lines += ["  " + line for line in int8_quality_lines(record.get("quality"))]
     return "\n".join(lines)

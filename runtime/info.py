@@ -78,12 +78,19 @@ def _int8_lines(record: dict | None) -> list[str]:
         return []
     nets = ", ".join(record.get("networks", {}))
     lines = [f"int8         {record.get('scheme')} scheme on {nets} (onnxruntime {record.get('onnxruntime', '?')})"]
-    q = record.get("quality")
-    if q:
-        lines.append(f"  quality    PSNR {q['psnr_db']:.1f} dB vs the fp32 export ({q['prompts']} prompts, {q['size']} px, "
-                     f"{q['steps']} steps, seed {q['seed']})")
-        o = q.get("oracle")
-        if o:
-            lines.append(f"  oracle     digit {o['int8']['digit']:.0%} / colour {o['int8']['colour']:.0%} "
-                         f"(fp32 {o['fp32']['digit']:.0%} / {o['fp32']['colour']:.0%}; 50 prompts, guidance 7.5, 20 steps)")
+    return lines + ["  " + line for line in int8_quality_lines(record.get("quality"))]
+
+
+def int8_quality_lines(q: dict | None) -> list[str]:
+    """An int8 export's measured quality (its record's "quality"): for `sdrt info` and `sdrt export --int8` alike."""
+    if not q:
+        return []
+    worst = f" (worst image {q['psnr_min_db']:.1f})" if "psnr_min_db" in q else ""
+    lines = [f"quality    PSNR {q['psnr_db']:.1f} dB{worst} vs the fp32 export ({q['prompts']} prompts, {q['size']} px, "
+             f"{q['steps']} steps, seed {q['seed']})"]
+    o = q.get("oracle")
+    if o:
+        lines.append(f"oracle     digit {o['int8']['digit']:.0%} / colour {o['int8']['colour']:.0%} "
+                     f"(fp32 {o['fp32']['digit']:.0%} / {o['fp32']['colour']:.0%}; 50 prompts, guidance 7.5, 20 steps; "
+                     f"PSNR {o['psnr_db']:.1f} dB)")
     return lines

@@ -176,6 +176,28 @@ sdrt::Request to_request(const sdrt_gen_params &p, int64_t &seed_used) {
     return r;
 }
 
+// What every generate entry point shares: the context's lock, then params and the output pointer checked, the
+// params read as the host's ABI wrote them, the request made; `run` fills the output; the seed and timings are kept
+// for sdrt_last_seed / sdrt_last_timings.
+template <class Run>
+sdrt_status generate_with(sdrt_ctx *ctx, const sdrt_gen_params *params, const void *out, const char *out_what, Run &&run) {
+    if (!ctx) return null_arg(nullptr, "ctx");
+    std::unique_lock<std::mutex> lock(ctx->lock, std::defer_lock);
+    if (guarded(nullptr, [&] { lock.lock(); }) != SDRT_OK) return SDRT_ERR_INTERNAL;
+    if (!params) return null_arg(ctx, "params");
+    if (!out) return null_arg(ctx, out_what);
+    return guarded(ctx, [&] {
+        const sdrt_gen_params p = read_params(params, kGenSizes, sdrt_gen_params_init, "sdrt_gen_params", "start from sdrt_gen_default_params()");
+        int64_t seed = SDRT_SEED_RANDOM;
+        sdrt::Request r = to_request(p, seed);
+        sdrt::Timings t;
+        run(r, t);
+        ctx->last_seed = seed;
+        ctx->timings = t;
+        ctx->has_timings = true;
+    });
+}
+
 }  // namespace
 }  // namespace sdrt_api
 
@@ -249,64 +271,28 @@ void sdrt_free(sdrt_ctx *ctx) {
 }
 
 sdrt_status sdrt_generate(sdrt_ctx *ctx, const sdrt_gen_params *params, uint8_t *rgb_out) {
-    if (!ctx) return null_arg(nullptr, "ctx");
-    std::unique_lock<std::mutex> lock(ctx->lock, std::defer_lock);
-    if (guarded(nullptr, [&] { lock.lock(); }) != SDRT_OK) return SDRT_ERR_INTERNAL;
-    if (!params) return null_arg(ctx, "params");
-    if (!rgb_out) return null_arg(ctx, "rgb_out (a buffer of batch_count * height * width * 3 bytes)");
-    return guarded(ctx, [&] {
-        const sdrt_gen_params p = read_params(params, kGenSizes, sdrt_gen_params_init, "sdrt_gen_params", "start from sdrt_gen_default_params()");
-        int64_t seed = SDRT_SEED_RANDOM;
-        sdrt::Request r = to_request(p, seed);
-        sdrt::Timings t;
-        ctx->pipeline->generate(r, rgb_out, ctx->progress, ctx->progress_user, t);
-        ctx->last_seed = seed;
-        ctx->timings = t;
-        ctx->has_timings = true;
-    });
+    return generate_with(ctx, params, rgb_out, "rgb_out (a buffer of batch_count * height * width * 3 bytes)",
+                         [&](sdrt::Request &r, sdrt::Timings &t) {
+                             ctx->pipeline->generate(r, rgb_out, ctx->progress, ctx->progress_user, t);
+                         });
 }
 
 sdrt_status sdrt_generate_image(sdrt_ctx *ctx, const sdrt_gen_params *params, sdrt_image **out) {
-    if (!ctx) return null_arg(nullptr, "ctx");
-    if (!out) return null_arg(ctx, "the sdrt_image ** output pointer");
-    *out = nullptr;
-    std::unique_lock<std::mutex> lock(ctx->lock, std::defer_lock);
-    if (guarded(nullptr, [&] { lock.lock(); }) != SDRT_OK) return SDRT_ERR_INTERNAL;
-    if (!params) return null_arg(ctx, "params");
-    sdrt_image *image = nullptr;
-    sdrt_status st = guarded(ctx, [&] {
-        const sdrt_gen_params p = read_params(params, kGenSizes, sdrt_gen_params_init, "sdrt_gen_params", "start from sdrt_gen_default_params()");
-        int64_t seed = SDRT_SEED_RANDOM;
-        sdrt::Request r = to_request(p, seed);
+    if (out) *out = nullptr;
+    return generate_with(ctx, params, out, "the sdrt_image ** output pointer", [&](sdrt::Request &r, sdrt::Timings &t) {
         ctx->pipeline->check(r);  // fills in the default size
         std::unique_ptr<uint8_t[]> data(new uint8_t[size_t(r.batch) * size_t(r.width) * size_t(r.height) * 3]);
-        sdrt::Timings t;
         ctx->pipeline->generate(r, data.get(), ctx->progress, ctx->progress_user, t);
-        image = new sdrt_image{r.width, r.height, r.batch, data.release()};
-        ctx->last_seed = seed;
-        ctx->timings = t;
-        ctx->has_timings = true;
+        *out = new sdrt_image{r.width, r.height, r.batch, data.release()};
     });
-    *out = image;
-    return st;
 }
 
 sdrt_status sdrt_generate_latents(sdrt_ctx *ctx, const sdrt_gen_params *params, float *latents_out) {
-    if (!ctx) return null_arg(nullptr, "ctx");
-    std::unique_lock<std::mutex> lock(ctx->lock, std::defer_lock);
-    if (guarded(nullptr, [&] { lock.lock(); }) != SDRT_OK) return SDRT_ERR_INTERNAL;
-    if (!params) return null_arg(ctx, "params");
-    if (!latents_out) return null_arg(ctx, "latents_out (a buffer of batch_count x C x h x w floats, see sdrt_latent_shape)");
-    return guarded(ctx, [&] {
-        const sdrt_gen_params p = read_params(params, kGenSizes, sdrt_gen_params_init, "sdrt_gen_params", "start from sdrt_gen_default_params()");
-        int64_t seed = SDRT_SEED_RANDOM;
-        sdrt::Request r = to_request(p, seed);
-        sdrt::Timings t;
-        ctx->pipeline->generate_latents(r, latents_out, ctx->progress, ctx->progress_user, t);
-        ctx->last_seed = seed;
-        ctx->timings = t;
-        ctx->has_timings = true;
-    });
+    return generate_with(ctx, params, latents_out,
+                         "latents_out (a buffer of batch_count x C x h x w floats, see sdrt_latent_shape)",
+                         [&](sdrt::Request &r, sdrt::Timings &t) {
+                             ctx->pipeline->generate_latents(r, latents_out, ctx->progress, ctx->progress_user, t);
+                         });
 }
 
 sdrt_status sdrt_latent_shape(const sdrt_ctx *ctx, int width, int height, int shape[3]) {

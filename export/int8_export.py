@@ -23,7 +23,7 @@ from sdrt.info import int8_quality_lines
 
 QUANTIZED_NETWORKS = ("unet",)  # the UNet is called 2 x steps times; the VAE decoder lost PSNR for no time here
 CALIBRATION_STEPS = 8  # steps per calibration prompt (PNDM: one more UNet call): ranges over the whole trajectory
-CALIBRATION_SAMPLES = 32  # UNet calls kept, spread over all prompts and steps (the calibrator merges them 4 at a time)
+CALIBRATION_SAMPLES = 32  # UNet calls kept, spread over all prompts and steps (merged sdrt.export.int8.CALIBRATION_CHUNK at a time)
 QUALITY_STEPS = 20
 
 

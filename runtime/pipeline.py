@@ -221,12 +221,13 @@ class Pipeline:
             init_latents, image = sdxl.handed_over_latents(self.facts, image, batch, denoising_start), None
             height = height or init_latents.shape[2] * self.facts.vae_scale_factor
             width = width or init_latents.shape[3] * self.facts.vae_scale_factor
-        init_image = inputs.check_image(image, max_pixels=image_pixel_limit(budget))
+        max_pixels = image_pixel_limit(budget)  # init image and mask alike
+        init_image = inputs.check_image(image, max_pixels=max_pixels)
         height, width = inputs.check_size(self.facts, height, width, init_image.size if init_image is not None else None)
         if init_latents is not None and init_latents.shape[2:] != self._latent_shape(height, width)[2:]:
             raise InputError(f"the handed-over latents {init_latents.shape} do not match height {height} and width {width}")
         mask = plan_mask(self.facts, self.source.path.name, init_image, mask_image, mask_blur, keep_unmasked, masked_content,
-                         width, height, image_pixel_limit(budget))
+                         width, height, max_pixels)
         latents = inputs.check_latents(latents, (batch,) + self._latent_shape(height, width)[1:])
         # an unknown name or spacing fails here, not after the text
         sched = make_scheduler(scheduler, self.source.scheduler_config, timestep_spacing)

@@ -34,7 +34,7 @@ DRAIN_HOLD = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 QUARANTINE = "RAY_SERVE_PORT_QUARANTINE_S"
 
 
-def prepare_local(host: str, port: int) -> str:
+def prepare_local(host: str, port: int) -> int:
     """Before ray.init of a local cluster: --port free, the variables set; returns a free port for Serve's proxy."""
     check_free(host, port)
     os.environ.update({ENABLE: "1", MIN_PORT: str(port), MAX_PORT: str(port + 1)})  # range(MIN, MAX): only --port

@@ -55,7 +55,21 @@ def group(name: str, levels: dict) -> tuple:
     return side, level, next((r for r in ROLES if r in name), "other")
 
 
-def search(errors: dict, macs: dict, budget: float) -> list:
+def read_times(path: Path) -> dict:
+    """{group: seconds saved by int8} from a JSON {"side|level|role": [fp32 s, int8 s]} (per-node profiles of the
+    target's fp32 and all-int8 UNet calls, summed per group), as shares of their total."""
+    raw = json.loads(Path(path).read_text())
+    saved = {}
+    for key, (fp32, int8) in raw.items():
+        side, level, role = key.split("|")
+        saved[(side, None if level == "None" else int(level), role)] = max(fp32 - int8, 0.0)
+    total = sum(saved.values())
+    return {g: v / total for g, v in saved.items()}
+
+
+def search(errors: dict, macs: dict, budget: float, times: dict | None = None) -> list:
+    """Greedy: groups kept fp32 in order of error^2 saved per unit of cost (the target's multiply-adds, or with
+    `times` the seconds int8 saves on the target) until the error left is under `budget`."""
     from sdrt.export.int8 import resolution_levels
 
     err2 = collections.defaultdict(float)
@@ -66,6 +80,8 @@ def search(errors: dict, macs: dict, budget: float) -> list:
     levels = resolution_levels(list(macs))
     for name, m in macs.items():
         cost[group(name, levels)] += m / total
+    if times is not None:
+        macs_share, cost = dict(cost), collections.defaultdict(float, times)
     left, fp32, steps = sum(err2.values()), 0.0, []
     for g in sorted(err2, key=lambda g: -err2[g] / max(cost.get(g, 0.0), 1e-4)):
         if left <= budget ** 2:
@@ -74,6 +90,8 @@ def search(errors: dict, macs: dict, budget: float) -> list:
         fp32 += cost.get(g, 0.0)
         steps.append({"group": g, "error": math.sqrt(err2[g]), "macs": cost.get(g, 0.0),
                       "error_left": math.sqrt(max(left, 0.0)), "fp32_macs": fp32})
+        if times is not None:
+            steps[-1]["mac_share"] = macs_share.get(g, 0.0)
     return steps
 
 
@@ -83,12 +101,16 @@ def main(argv=None) -> int:
     p.add_argument("unet", help="the target UNet's folder (its config.json)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels for the multiply-adds (default: %(default)s)")
     p.add_argument("--budget", type=float, default=0.06, help="guided-call error to stay under (default: %(default)s)")
+    p.add_argument("--times", default=None, help="JSON {'side|level|role': [fp32 s, int8 s]} measured on the target: "
+                   "rank groups by the time int8 saves instead of by multiply-adds")
     args = p.parse_args(argv)
     errors = json.loads(Path(args.errors).read_text())
     print(f"all int8: error {math.sqrt(sum(e * e for e in errors.values())):.3f}")
-    for s in search(errors, module_macs(Path(args.unet), args.size), args.budget):
+    times = read_times(Path(args.times)) if args.times else None
+    what = "of int8's time saving" if times else "of the MACs"
+    for s in search(errors, module_macs(Path(args.unet), args.size), args.budget, times):
         side, level, role = s["group"]
-        print(f"keep {side} level {level} {role}: error {s['error']:.3f}, {s['macs']:.2%} of the MACs -> "
+        print(f"keep {side} level {level} {role}: error {s['error']:.3f}, {s['macs']:.2%} {what} -> "
               f"error left {s['error_left']:.3f}, fp32 {s['fp32_macs']:.1%}")
     return 0
 

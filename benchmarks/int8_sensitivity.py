@@ -54,7 +54,7 @@ def _matches(name: str, pattern) -> bool:
 
 
 class Sweep:
-    def __init__(self, work: Path, threads: int):
+    def __init__(self, work: Path, threads: int, smooth: float | None = None):
         from sdrt.builtin import builtin_model_dir
         from sdrt.export.int8 import _write_named, fp32_nodes
         from sdrt.export.int8_quality import default_prompts, record_unet_feeds
@@ -74,6 +74,12 @@ class Sweep:
         self.heldout = record_unet_feeds(self.fp32, held, 64, 20, 7.5, seed=100, limit=40, threads=threads)
         self.heldout_ref = self._guided(self.fp32 / "unet" / "model.onnx")
         self.ref, self.ref_read = self._images(self.fp32)
+        if smooth is not None:  # every layer's input smoothed (sdrt.export.int8_smooth); its own calibration cache
+            from sdrt.export.int8 import write_smoothed
+
+            smoothed = work / "smoothed.onnx"
+            print(f"smoothed {write_smoothed(self.named, smoothed, self.nodes, self.calibration, smooth, False)} layers", flush=True)
+            self.named, self.cache = smoothed, work / "calibration-smoothed.json"
         print(f"calibration feeds and fp32 images in {time.perf_counter() - t0:.1f} s; {len(self.nodes)} nodes", flush=True)
 
     def _images(self, folder):
@@ -158,6 +164,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="results path without suffix (.json and .md are written)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smooth", type=float, default=None, help="smooth every layer's input first with this alpha")
     p.add_argument("--custom", default=None, help="JSON {label: {keep: [substrings], options: {...}}} for the part 'custom'")
     p.add_argument("--parts", default="all,options,only-block,without-block,only-kind,without-kind,candidates")
     args = p.parse_args(argv)
@@ -167,7 +174,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="int8-sensitivity-"))
     rows = []
     try:
-        s = Sweep(work, args.threads)
+        s = Sweep(work, args.threads, args.smooth)
         rows.append({"variant": "fp32", "oracle": s.ref_read, "quantized_nodes": 0})
         nodes = s.nodes
         if "one-layer" in parts:

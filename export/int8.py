@@ -34,6 +34,7 @@ import numpy as np
 SCHEMES = ("mixed", "dynamic", "dynamic-matmul", "static", "static-wide", "static-all", "static-s8", "weight-only")
 DEFAULT_SCHEME = "static"
 STATIC_SCHEMES = ("static", "static-wide", "static-all", "static-s8", "mixed")  # the ones that need calibration
+SMOOTH_SCHEMES: dict[str, float] = {}  # static schemes whose layer inputs are smoothed first: scheme -> alpha
 
 # Layer roles, as the exporter names them (diffusers module paths): the layers whose input is an un-normalised stream,
 # where one per-tensor int8 range must span channels of very different scales (ONNX Runtime's QLinearConv and
@@ -168,6 +169,12 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
             _static(named, mid, [n for n in quantize if n in conv], calibration, big, **(options or {}))
             _dynamic(mid, out, [n for n in quantize if n not in conv], big)
         elif scheme.startswith("static"):
+            if scheme in SMOOTH_SCHEMES:
+                smoothed = Path(work) / "smoothed.onnx"
+                write_smoothed(named, smoothed, quantize, calibration, SMOOTH_SCHEMES[scheme], big)
+                named.unlink()
+                named.with_name("named.data").unlink(missing_ok=True)
+                named = smoothed
             _static(named, out, quantize, calibration, big, activation="s8" if scheme == "static-s8" else "u8",
                     **(options or {}))
         else:
@@ -236,6 +243,33 @@ def _write_named(src: Path, dst: Path, big: bool) -> None:
         onnx.save_model(model, str(dst))
 
 
+def write_smoothed(src: Path, dst: Path, nodes: list[str], calibration, alpha: float, big: bool) -> int:
+    """`src` with the inputs of `nodes` smoothed (sdrt.export.int8_smooth; per-channel ranges from the calibration
+    feeds) written to `dst`; returns the number of layers smoothed."""
+    import onnx
+
+    from sdrt.export.int8_smooth import channel_amax, smoothable, smooth_model
+
+    if not calibration:
+        from sdrt.errors import InputError
+
+        raise InputError("smoothing needs calibration feeds (recorded UNet inputs); none were given")
+    model = onnx.load(str(src), load_external_data=False)
+    groups = smoothable(model, nodes)
+    axes = {t: 1 if g[0].op_type == "Conv" else -1 for t, g in groups.items()}
+    del model
+    amax = channel_amax(src, axes, calibration)
+    model = onnx.load(str(src))
+    groups = smoothable(model, nodes)
+    done = smooth_model(model, groups, amax, alpha)
+    if big:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.stem + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))
+    return done
+
+
 def _dynamic(src: Path, dst: Path, nodes: list[str], big: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -261,8 +295,14 @@ def _static(src: Path, dst: Path, nodes: list[str], calibration, big: bool, acti
                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=big,
                         calibrate_method=_method(method), calibration_cache_path=str(cache),
                         extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False, "WeightSymmetric": True,
-                                       **(extra or {})})
+                                       "OpTypesToExcludeOutputQuantization": FLOAT_OUTPUT_OPS, **(extra or {})})
 
+
+# Quantised MatMuls keep a float output: ONNX Runtime then fuses DequantizeLinear -> MatMul into MatMulIntegerToFloat
+# (int8 GEMM, float result) instead of QLinearMatMul + an output QuantizeLinear/DequantizeLinear pair, which saves
+# the output's rounding (guided-call error 0.039 -> 0.036 for `static` on the built-in model) and ~4% of an SD
+# 1.5-shape UNet call (int8-sensitivity.md). Convs keep their int8 output: ORT fuses QLinearConv only with one.
+FLOAT_OUTPUT_OPS = ["MatMul"]
 
 CALIBRATION_CHUNK = 2  # UNet calls run through the calibrator between range merges: bounded memory on SD 1.5
 

@@ -207,3 +207,78 @@ def test_static_s8_is_asymmetric(tmp_path):
     assert ql and all(inits[n.input[2]].dtype == np.int8 for n in ql)
     h = [n for n in ql if n.input[0] == "h"][0]  # conv1's input: 0..2, non-negative
     assert inits[h.input[2]] == -128 and abs(float(inits[h.input[1]]) - 2.0 / 255) < 1e-6
+
+
+def test_quantised_matmuls_keep_float_outputs(tmp_path):
+    """Static schemes leave a quantised MatMul's output float (no QuantizeLinear after it), so ONNX Runtime runs
+    MatMulIntegerToFloat rather than QLinearMatMul plus an output rounding; a quantised Conv keeps its int8 output
+    (QLinearConv needs one)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdrt.export.int8 import quantize_network
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("c0", (8, 3, 3, 3)), ("c1", (8, 8, 3, 3)), ("m0", (16, 16)), ("m1", (16, 16)), ("c2", (8, 8, 3, 3)))]
+    nodes = [helper.make_node("Conv", ["x", "c0"], ["a"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "c1"], ["b"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["b"], ["b2"], name="relu0"),
+             helper.make_node("Reshape", ["b2", "shape"], ["r"], name="reshape"),
+             helper.make_node("MatMul", ["r", "m0"], ["h"], name="mm0"),
+             helper.make_node("Sigmoid", ["h"], ["h2"], name="sigmoid"),
+             helper.make_node("MatMul", ["h2", "m1"], ["k"], name="mm1"),
+             helper.make_node("Reshape", ["k", "back"], ["s"], name="back"),
+             helper.make_node("Conv", ["s", "c2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    inits += [numpy_helper.from_array(np.array([1, 8, 16], np.int64), "shape"),
+              numpy_helper.from_array(np.array([1, 8, 4, 4], np.int64), "back")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    feeds = [{"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32)} for _ in range(3)]
+    stats = quantize_network(tmp_path / "m.onnx", tmp_path / "q.onnx", "static-all", feeds)
+    assert sorted(stats.kept_fp32) == ["conv0", "conv2"]  # first and last conv
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    consumers = {}
+    for n in q.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    outputs = {n.name: n.output[0] for n in q.graph.node}
+    assert consumers[outputs["mm0"]] == ["Sigmoid"] and consumers[outputs["mm1"]] == ["Reshape"]
+    assert consumers[outputs["conv1"]] == ["QuantizeLinear"]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 2 and "QLinearMatMul" not in ops and "QLinearConv" in ops
+    ref = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+    got = session.run(None, feeds[0])[0]
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()  # int8: a few % of the range, not a broken graph
+
+
+def test_smoothing_is_exact_in_fp32(tmp_path):
+    """write_smoothed (SmoothQuant-style per-channel input scaling, measured in int8-sensitivity.md) divides each
+    smoothed layer's input by s and multiplies its weights by s: the fp32 UNet computes the same noise prediction
+    (float rounding only), with a Mul in front of every group of layers that read one tensor."""
+    import onnx
+    import onnxruntime as ort
+
+    from sdrt.builtin import builtin_model_dir
+    from sdrt.contracts import ShapeLimits
+    from sdrt.export.int8 import _write_named, fp32_nodes, write_smoothed
+    from sdrt.model.manifest import read_manifest
+
+    manifest = read_manifest(builtin_model_dir())
+    dims = ShapeLimits(min_size=64, opt_size=64, max_size=64).dims(manifest.facts, "opt")
+    feeds = [manifest.contracts["unet"].sample_inputs(dims, seed) for seed in (0, 1)]
+    _write_named(builtin_model_dir() / "unet" / "model.onnx", tmp_path / "named.onnx", False)
+    nodes, _ = fp32_nodes(onnx.load(str(tmp_path / "named.onnx")))
+    done = write_smoothed(tmp_path / "named.onnx", tmp_path / "smooth.onnx", nodes, feeds, 0.5, False)
+    assert done == len(nodes)
+    muls = [n for n in onnx.load(str(tmp_path / "smooth.onnx")).graph.node if n.name.endswith("_smooth")]
+    assert 0 < len(muls) < len(nodes)  # q/k/v (and to_k/to_v) share one
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+    ref, got = run(tmp_path / "named.onnx"), run(tmp_path / "smooth.onnx")
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max(), np.abs(got - ref).max()

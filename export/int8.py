@@ -8,11 +8,20 @@ and time on the built-in model):
   (MatMulInteger / DynamicQuantizeMatMul, ConvInteger). No calibration; ranges always fit the input.
 - "dynamic-matmul": the same for MatMuls only (attention projections and feed-forwards); convs stay fp32.
 - "static-all": QDQ with activation ranges calibrated on UNet inputs recorded from the model's own sampling loop
-  (sdrt.export.int8_quality), weights per channel; ORT fuses the Q/DQ pairs into QLinearConv / QLinearMatMul.
+  (sdrt.export.int8_quality), weights per channel; ORT fuses the Q/DQ pairs into QLinearConv for convs and, as
+  quantised MatMuls keep a float output (FLOAT_OUTPUT_OPS), into MatMulIntegerToFloat for MatMuls.
 - "static" (default): static-all with the layers int8 hurts most per multiply-add kept fp32 (KEEP_RULES: roles at
-  full resolution, a few at the next level; ~29% of SD 1.5's multiply-adds).
+  full resolution, a few at the next level; ~29% of SD 1.5's multiply-adds). With `sdrt export --int8 --winograd`
+  the kept 3x3 convs (and only those: kept_modules) are exported as Winograd convolutions.
 - "static-wide": the first default: the raw-input roles everywhere and the whole last up block fp32 (44%).
-- "static-s8": static-all with int8 (not uint8) activations, asymmetric; the same accuracy as static-all.
+- "static-s8": static-all with int8 (not uint8) activations, asymmetric; the same accuracy as static-all, and slower
+  than uint8 on an SD 1.5-shape UNet call here (MLAS's u8s8 kernels are its fast ones on AVX-512 VNNI / AMX).
+
+Measured and not used (benchmarks/results/int8-sensitivity.md, third pass): SmoothQuant-style per-channel input
+scaling (write_smoothed, sdrt.export.int8_smooth) left the guided-call error where it was (static-all 0.277 -> 0.252,
+`static` 0.039 -> 0.049 at alpha 0.5, worse at 0.8); ranking the keep list by time measured on SD 1.5 instead of by
+multiply-adds gives the same frontier (the default sits on it); dynamic (per-call) ranges for the kept MatMuls
+doubled their error.
 - "weight-only": MatMul weights stored as 8-bit blocks (MatMulNBits, bits=8), dequantised in the kernel; convs fp32.
 
 What stays fp32 whatever the scheme (`fp32_nodes`): the first and last conv (the latent <-> feature maps, where an
@@ -34,7 +43,12 @@ import numpy as np
 SCHEMES = ("mixed", "dynamic", "dynamic-matmul", "static", "static-wide", "static-all", "static-s8", "weight-only")
 DEFAULT_SCHEME = "static"
 STATIC_SCHEMES = ("static", "static-wide", "static-all", "static-s8", "mixed")  # the ones that need calibration
-SMOOTH_SCHEMES: dict[str, float] = {}  # static schemes whose layer inputs are smoothed first: scheme -> alpha
+
+# Quantised MatMuls keep a float output: ONNX Runtime then fuses DequantizeLinear -> MatMul into MatMulIntegerToFloat
+# (int8 GEMM, float result) instead of QLinearMatMul + an output QuantizeLinear/DequantizeLinear pair, which saves
+# the output's rounding (guided-call error 0.039 -> 0.036 for `static` on the built-in model) and ~4% of an SD
+# 1.5-shape UNet call (int8-sensitivity.md). Convs keep their int8 output: ORT fuses QLinearConv only with one.
+FLOAT_OUTPUT_OPS = ["MatMul"]
 
 # Layer roles, as the exporter names them (diffusers module paths): the layers whose input is an un-normalised stream,
 # where one per-tensor int8 range must span channels of very different scales (ONNX Runtime's QLinearConv and
@@ -130,6 +144,19 @@ def sensitive_nodes(names: list[str], rule: KeepRule = KEEP_RULES[DEFAULT_SCHEME
     return [n for n in names if any(r in n for r in rule.everywhere + rule.groups.get(levels.get(n), ()))]
 
 
+def kept_modules(module, scheme: str, prefix: str = "/unet/") -> set:
+    """The submodules of the torch `module` whose layers `scheme`'s keep rule leaves fp32, found by the node scopes
+    the exporter gives them (`prefix` + the module path, e.g. /unet/up_blocks.3/resnets.0/conv1/): an int8 export
+    gives those (and only those) Winograd convolutions (sdrt.export.rewrites), which int8 cannot follow."""
+    import re
+
+    rule = KEEP_RULES.get(scheme)
+    if rule is None:
+        return set()
+    scopes = {prefix + re.sub(r"\.(?!\d)", "/", name) + "/": m for name, m in module.named_modules() if name}
+    return {scopes[n] for n in sensitive_nodes(list(scopes), rule)}
+
+
 def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibration=None, keep=(), options=None) -> QuantStats:
     """Quantise the ONNX graph at `src` into `dst` (one file, or file + `.data` when over 2 GB).
 
@@ -169,12 +196,6 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
             _static(named, mid, [n for n in quantize if n in conv], calibration, big, **(options or {}))
             _dynamic(mid, out, [n for n in quantize if n not in conv], big)
         elif scheme.startswith("static"):
-            if scheme in SMOOTH_SCHEMES:
-                smoothed = Path(work) / "smoothed.onnx"
-                write_smoothed(named, smoothed, quantize, calibration, SMOOTH_SCHEMES[scheme], big)
-                named.unlink()
-                named.with_name("named.data").unlink(missing_ok=True)
-                named = smoothed
             _static(named, out, quantize, calibration, big, activation="s8" if scheme == "static-s8" else "u8",
                     **(options or {}))
         else:
@@ -297,12 +318,6 @@ def _static(src: Path, dst: Path, nodes: list[str], calibration, big: bool, acti
                         extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False, "WeightSymmetric": True,
                                        "OpTypesToExcludeOutputQuantization": FLOAT_OUTPUT_OPS, **(extra or {})})
 
-
-# Quantised MatMuls keep a float output: ONNX Runtime then fuses DequantizeLinear -> MatMul into MatMulIntegerToFloat
-# (int8 GEMM, float result) instead of QLinearMatMul + an output QuantizeLinear/DequantizeLinear pair, which saves
-# the output's rounding (guided-call error 0.039 -> 0.036 for `static` on the built-in model) and ~4% of an SD
-# 1.5-shape UNet call (int8-sensitivity.md). Convs keep their int8 output: ORT fuses QLinearConv only with one.
-FLOAT_OUTPUT_OPS = ["MatMul"]
 
 CALIBRATION_CHUNK = 2  # UNet calls run through the calibrator between range merges: bounded memory on SD 1.5
 

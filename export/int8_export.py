@@ -61,7 +61,8 @@ def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=N
         # The fp32 export and the calibration sampling each run in a child process: their memory (torch's model,
         # ONNX Runtime's sessions) goes back before ORT's quantiser loads the UNet again (SD 1.5 in one process: >16 GB).
         report = in_child(export_model, model, fp32, progress=progress, force=True, winograd=winograd,
-                          no_winograd=QUANTIZED_NETWORKS, **export_options)
+                          no_winograd=QUANTIZED_NETWORKS, winograd_kept={n: scheme for n in QUANTIZED_NETWORKS},
+                          **export_options)
         manifest = read_manifest(fp32)
         is_digits = _is_builtin(manifest)
         prompts = list(calibration_prompts) if calibration_prompts else default_prompts(is_digits)

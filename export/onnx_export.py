@@ -106,6 +106,7 @@ def export_model(
     conv_tactics: str = "rule",
     tactic_threads: int | None = None,
     tactic_cache_dir=None,
+    winograd_kept=None,
 ) -> ExportReport:
     """Export `model` (a diffusers-format SD 1.x/2.x/XL folder, or an original-layout single-file checkpoint) to the
     sdrt export folder `out_dir`.
@@ -128,7 +129,8 @@ def export_model(
     winograd: export wide 3x3 convolutions as Winograd F(4x4, 3x3) or F(2x2, 3x3), each chosen for its input's
     size at limits.opt_size (sdrt.export.winograd): faster on ONNX Runtime's CPU provider at any size, fastest at
     the opt size; fp32 only, more memory, and not for TensorRT (`sdrt build` refuses such exports). no_winograd:
-    networks left without it (an int8 export quantises those: sdrt.export.int8_export).
+    networks left without it (an int8 export quantises those: sdrt.export.int8_export); winograd_kept: {network:
+    int8 scheme} for such a network, Winograd all the same for the layers that scheme keeps fp32.
     conv_tactics: with winograd, "rule" (default: deterministic) picks each conv's form by choose_tile's rule;
     "measure" times every form of each conv and upsampler shape at the opt size in ONNX Runtime with
     tactic_threads threads (default: one per physical core) and exports the fastest (sdrt.export.tactics; timings
@@ -138,7 +140,7 @@ def export_model(
                    exporter=exporter, force=force, share_weights=share_weights, subpixel_upsample=subpixel_upsample,
                    winograd=winograd, min_size=min_size, opt_size=opt_size, max_size=max_size, max_batch=max_batch,
                    lora_slots=lora_slots, no_winograd=tuple(no_winograd), conv_tactics=conv_tactics,
-                   tactic_threads=tactic_threads, tactic_cache_dir=tactic_cache_dir)
+                   tactic_threads=tactic_threads, tactic_cache_dir=tactic_cache_dir, winograd_kept=dict(winograd_kept or {}))
     model, out_dir = Path(model).expanduser(), Path(out_dir).expanduser()
     if not loras and not model.is_file():
         return _export_folder(model, out_dir, source=model, lora_records=[], **options)
@@ -161,6 +163,7 @@ def _export_folder(
     model_dir: Path, out_dir: Path, fp16, opset, limits, check, keep_fp32_ops, progress, exporter, force, share_weights,
     subpixel_upsample, winograd, min_size, opt_size, max_size, max_batch, source: Path, lora_records: list[dict],
     lora_slots: str = "none", no_winograd=(), conv_tactics: str = "rule", tactic_threads=None, tactic_cache_dir=None,
+    winograd_kept=None,
 ) -> ExportReport:  # fmt: skip
     from tqdm.auto import tqdm
 
@@ -219,10 +222,15 @@ def _export_folder(
             t0 = time.perf_counter()
             rel = f"{name}/model.onnx" if not share_weights else f".staging/{name}/model.onnx"
             args = example_args(contracts[name], dims)
-            rewrite = winograd and name not in no_winograd
+            only = None
+            if winograd and name in (winograd_kept or {}):  # an int8 network: Winograd for its fp32 layers only
+                from sdrt.export.int8 import kept_modules
+
+                only = kept_modules(modules[name], winograd_kept[name], "/" + name + "/")
+            rewrite = winograd and (name not in no_winograd or only is not None)
             tactic_batch = opt_dims["unet_batch" if name == UNET else "batch"]  # the UNet's opt batch: one image, guided
             with graph_rewrites(modules[name], args, opt_scale, subpixel_upsample, rewrite, picker if rewrite else None,
-                                tactic_batch) as counts:
+                                tactic_batch, only) as counts:
                 export_network(modules[name], contracts[name], tmp / rel, args, opset, exporter, constant_folding=not share_weights)
             if picker is not None and picker.records:
                 tactic_records[name], picker.records = picker.records, {}

@@ -22,11 +22,13 @@ from sdrt.export.winograd import choose_tile, rewritable_conv, winograd_forward
 
 @contextmanager
 def graph_rewrites(module, example_args, opt_scale: float = 1.0, subpixel: bool = True, winograd: bool = False,
-                   picker=None, batch: int = 1):
+                   picker=None, batch: int = 1, only=None):
     """Within the block `module` runs with the rewrites; yields {"subpixel_upsamplers": n, "winograd_convs": n}.
 
     example_args: inputs for the probe pass (winograd only); opt_scale: the opt size over the example's;
-    picker: a sdrt.export.tactics.TacticPicker (with winograd) to time each shape at `batch` instead of the rule."""
+    picker: a sdrt.export.tactics.TacticPicker (with winograd) to time each shape at `batch` instead of the rule;
+    only: with winograd, the modules (convs, upsamplers) that may take it, None for all (an int8 export: the layers
+    its scheme keeps fp32, sdrt.export.int8.kept_modules)."""
     sizes = input_sizes(module, example_args, lambda m: rewritable_conv(m) or upsampler_conv(m) is not None) if winograd else {}
     plan = {}  # module -> forward(self, *args, **kwargs)
     counts = {"subpixel_upsamplers": 0, "winograd_convs": 0}
@@ -37,8 +39,8 @@ def graph_rewrites(module, example_args, opt_scale: float = 1.0, subpixel: bool 
             continue
         upsampler_convs.add(conv)
         tile = _tile(conv, sizes.get(m), opt_scale)
-        tile = tile if tile == 4 else 0
-        if picker is not None and sizes.get(m) is not None:
+        tile = tile if tile == 4 and (only is None or m in only) else 0
+        if picker is not None and sizes.get(m) is not None and (only is None or m in only):
             rule = {4: "subpixel_f4", 0: "subpixel"}[tile]
             tile = UPSAMPLER_TACTICS[picker.pick("upsampler", *_shape(conv, sizes[m], opt_scale, batch), rule)]
             if tile is None:
@@ -47,7 +49,7 @@ def graph_rewrites(module, example_args, opt_scale: float = 1.0, subpixel: bool 
         counts["subpixel_upsamplers"] += 1
         counts["winograd_convs"] += bool(tile)
     for m in module.modules():
-        if m in upsampler_convs or not (winograd and rewritable_conv(m)):
+        if m in upsampler_convs or not (winograd and rewritable_conv(m)) or (only is not None and m not in only):
             continue  # an upsampler's conv: rewritten with it, or left direct
         tile = _tile(m, sizes.get(m), opt_scale)
         if picker is not None and sizes.get(m) is not None:

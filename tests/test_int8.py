@@ -282,3 +282,36 @@ def test_smoothing_is_exact_in_fp32(tmp_path):
     run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
     ref, got = run(tmp_path / "named.onnx"), run(tmp_path / "smooth.onnx")
     assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max(), np.abs(got - ref).max()
+
+
+def test_int8_export_gives_winograd_to_the_kept_fp32_layers_only():
+    """An int8 export with --winograd rewrites only the 3x3 convs its scheme keeps fp32 (int8 cannot follow Winograd's
+    transforms): kept_modules reads the keep rule on the module paths as the exporter names their scopes, and
+    graph_rewrites(only=...) leaves every other conv direct."""
+    import torch
+
+    from sdrt.export.int8 import kept_modules
+    from sdrt.export.rewrites import graph_rewrites
+
+    def block(channels):
+        b, r = torch.nn.Module(), torch.nn.Module()
+        r.conv1, r.conv2 = torch.nn.Conv2d(channels, 128, 3, padding=1), torch.nn.Conv2d(128, 128, 3, padding=1)
+        b.resnets = torch.nn.ModuleList([r])
+        return b
+
+    unet = torch.nn.Module()
+    unet.down_blocks = torch.nn.ModuleList([block(256), block(128)])
+    unet.up_blocks = torch.nn.ModuleList([block(256), block(256)])  # up_blocks.1: the last, level 0
+    last = unet.up_blocks[1].resnets[0]
+    assert kept_modules(unet, "static") == {last.conv1, last.conv2}  # the last up block's resnet convs
+    assert kept_modules(unet, "static-all") == set()
+    seq = torch.nn.Sequential(torch.nn.Conv2d(256, 128, 3, padding=1), torch.nn.Conv2d(128, 256, 3, padding=1))
+    x = torch.randn(1, 256, 16, 16)
+    with torch.no_grad():
+        ref = seq(x)
+        with graph_rewrites(seq, (x,), winograd=True, only={seq[1]}) as counts:
+            assert counts["winograd_convs"] == 1 and "forward" in vars(seq[1]) and "forward" not in vars(seq[0])
+            got = seq(x)
+        with graph_rewrites(seq, (x,), winograd=True) as counts:
+            assert counts["winograd_convs"] == 2
+    assert (got - ref).abs().max() < 1e-4 * ref.abs().max()

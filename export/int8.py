@@ -337,10 +337,10 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
 #   text states (with their outlier channels) are taken per call; the attention scores stay fp32 (fp32_nodes).
 # - vae_decoder / vae_encoder: static QDQ convs (QLinearConv: ConvInteger, the dynamic form, has no fast kernel),
 #   calibrated on the decoder's own inputs (latents the sampling loop produced) or, for the encoder, on the images
-#   decoded from them; the first and last conv stay fp32 (fp32_nodes: for the decoder, post_quant_conv), and so do
-#   conv_in (4 latent channels in: next to nothing to save) and the mid-block attention (one block at the lowest
-#   resolution, its scores fp32 anyway) by `keep`.
-_VAE_KEEP = ("/conv_in/", "/mid_block/attentions.")
+#   decoded from them. fp32 stays: the first and last conv (fp32_nodes: post_quant_conv / quant_conv and the
+#   decoder's conv_out), conv_in and conv_out (a few latent channels in or out: little to save, and the error lands in
+#   the latents or the image) and the mid-block attention (one block at the lowest resolution) by `keep`.
+_VAE_KEEP = ("/conv_in/", "/conv_out/", "/mid_block/attentions.")
 OTHER_NETWORK_SCHEMES = {
     "text_encoder": ("dynamic-matmul", ()),
     "text_encoder_2": ("dynamic-matmul", ()),

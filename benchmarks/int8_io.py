@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -111,7 +112,10 @@ def main(argv=None) -> int:
     if not (exports["int8"] / "manifest.json").exists():
         feeds = in_child(record_feeds, exports["fp32"], default_prompts(False), 256, 8, 7.5,
                          ("text_encoder", "vae_decoder"), {}, threads=args.threads)
-        in_child(quantize_export, exports["fp32"], exports["int8"], "static", ("text_encoder", "vae_decoder"), feeds)
+        partial = work / "int8.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        in_child(quantize_export, exports["fp32"], partial, "static", ("text_encoder", "vae_decoder"), feeds)
+        partial.rename(exports["int8"])
     if args.rounds == 0:  # preparation only (run it niced; then the timed rounds under the heavy lock)
         return 0
     rows = {label: [] for label in exports}

@@ -3,9 +3,11 @@
     python benchmarks/int8_schemes.py --out benchmarks/results/int8-schemes   # ~3 min on 2 cores
 
 Exports the built-in model in fp32 once, quantises it with every scheme of sdrt.export.int8 (the UNet's scheme;
-each set of `--network-sets`, the other networks by sdrt.export.int8.network_scheme), and for each reports the oracle's digit and colour accuracy (the 50 prompts of
-tests/test_digits.py, guidance 7.5, 20 steps, seed 0) beside fp32's, the PSNR of the same 50 images against fp32's,
-the VAE decoder's PSNR alone (latents of 10 held-out prompts through the fp32 and the int8 decoder), and the median time of one guided UNet call (batch 2, 64x64 image) in one thread.
+each set of `--network-sets`, the other networks by sdrt.export.int8.network_scheme), and for each reports the
+oracle's digit and colour accuracy (the 50 prompts of tests/test_digits.py, guidance 7.5, 20 steps, seed 0) beside
+fp32's, the PSNR of the same 50 images against fp32's, the VAE decoder's PSNR alone (latents of 10 held-out prompts
+through the fp32 and the int8 decoder), and the median time of one guided UNet call (batch 2, 64x64 image) in one
+thread.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
 
 
 def markdown(rows) -> str:
-    lines = ["| UNet scheme | networks quantised | digit % | colour % | PSNR vs fp32 (dB) | decode alone (dB) | UNet ms (batch 2, 1 thread) | UNet MB |",
+    lines = ["| UNet scheme | networks quantised | digit % | colour % | PSNR vs fp32 (dB) | decode alone (dB) "
+             "| UNet ms (batch 2, 1 thread) | UNet MB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["scheme"] == "fp32":

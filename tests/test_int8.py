@@ -73,7 +73,8 @@ def test_cli_int8_export_records_scheme_and_quality(tiny_sd1, tmp_path, capsys):
     prompts.write_text("a red cat\n\na blue dog\n")
     out = tmp_path / "int8"
     code = main(["export", str(tiny_sd1), str(out), "--int8", "--int8-scheme", "dynamic-matmul", "--calibration-prompts",
-                 str(prompts), "--int8-networks", "unet,text_encoder,vae_decoder", "--min-size", "32", "--opt-size", "64", "--max-size", "64", "--max-batch", "2", "--no-check", "-q"])
+                 str(prompts), "--int8-networks", "unet,text_encoder,vae_decoder",
+                 "--min-size", "32", "--opt-size", "64", "--max-size", "64", "--max-batch", "2", "--no-check", "-q"])
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     nets = manifest["networks"]

@@ -6,8 +6,8 @@ Builds SD 1.5's text encoder and VAE from SD 1.5's configs with random weights b
 measured here: building and exporting SD 1.5's would take ~10 min and 8 GB for nothing), exports them fp32 with and
 without Winograd (`--winograd --conv-tactics measure`, as `sdrt bench` exports for a CPU), quantises the export
 without Winograd as `sdrt export --int8` does (sdrt.export.int8.network_scheme; calibration recorded from the
-pipeline's own sampling at 256 px), and times one text-encoder call (batch 2: the guided pair) and one VAE decode
-(batch 1, 256 px) of each export in turn, `--rounds` times, in one process per export at a time so that nothing else
+pipeline's own sampling at 256 px; the encoder's on the decoded images), and times one text-encoder call (batch 2:
+the guided pair), one VAE decode and one VAE encode (batch 1, 256 px) of each export in turn, `--rounds` times, in one process per export at a time so that nothing else
 holds memory. Random weights: speed only (quality is measured on the built-in model: int8-schemes.md).
 """
 
@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+NETWORKS = ("text_encoder", "vae_decoder", "vae_encoder")
 
 
 def build(folder: Path) -> Path:
@@ -59,7 +62,8 @@ def build(folder: Path) -> Path:
 
 
 def time_networks(folder: Path, threads: int, repeats: int) -> dict:
-    """Median seconds of one text-encoder call (batch 2) and one VAE decode (batch 1) at 256 px, ORT, `threads`."""
+    """Median seconds of one text-encoder call (batch 2), one VAE decode and one encode (batch 1) at 256 px, ORT,
+    `threads`."""
     import onnxruntime as ort
 
     from sdrt.contracts import ShapeLimits
@@ -67,7 +71,7 @@ def time_networks(folder: Path, threads: int, repeats: int) -> dict:
 
     manifest = read_manifest(folder)
     out = {}
-    for name, batch in (("text_encoder", 2), ("vae_decoder", 1)):
+    for name, batch in (("text_encoder", 2), ("vae_decoder", 1), ("vae_encoder", 1)):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
@@ -111,10 +115,10 @@ def main(argv=None) -> int:
     exports["int8"] = work / "int8"
     if not (exports["int8"] / "manifest.json").exists():
         feeds = in_child(record_feeds, exports["fp32"], default_prompts(False), 256, 8, 7.5,
-                         ("text_encoder", "vae_decoder"), {}, threads=args.threads)
+                         NETWORKS, {}, threads=args.threads)
         partial = work / "int8.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        in_child(quantize_export, exports["fp32"], partial, "static", ("text_encoder", "vae_decoder"), feeds)
+        in_child(quantize_export, exports["fp32"], partial, "static", NETWORKS, feeds)
         partial.rename(exports["int8"])
     if args.rounds == 0:  # preparation only (run it niced; then the timed rounds under the heavy lock)
         return 0

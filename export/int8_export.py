@@ -3,18 +3,18 @@
     report = export_int8("models/sd15", "exports/sd15-int8", calibration_prompts=["a fox", ...])
 
 Which networks: `networks` (`--int8-networks`), default DEFAULT_NETWORKS: the UNet (by the chosen scheme) and the VAE
-decoder (static convs, sdrt.export.int8.network_scheme), the ones that keep the quality bar on the built-in model
-(benchmarks/results/int8-schemes.md, "Other networks"); the text encoder (dynamic int8 MatMuls) and the VAE encoder
-(static convs, img2img/inpainting) on request. The text encoder is not a default: with the UNet's int8 it took the
-built-in model's 20-step PSNR under 30 dB (29.2-29.7) for ~0.2 s of a ~5 s SD 1.5 image.
+decoder and encoder (static convs, sdrt.export.int8.network_scheme), the ones that keep the quality bar on the
+built-in model (benchmarks/results/int8-schemes.md, "Other networks"); the text encoder (dynamic int8 MatMuls) on
+request only: with the UNet's int8 it took the built-in model's 20-step PSNR under 30 dB (26.4) for ~0.06 s of a
+~5 s SD 1.5 image.
 
 Steps: export fp32 into a hidden folder beside OUT (the networks that get quantised without Winograd rewrites, which
 would turn their convs into transforms int8 cannot follow); record the inputs of the networks a static scheme
 calibrates while that export samples the calibration prompts (sdrt.export.int8_quality.record_feeds: the UNet's at
 every step, the decoder's latents, the decoded images for the encoder); quantise (sdrt.export.int8) into a second
 hidden folder; sample the quality prompts with both and compare (PSNR; the VAE decoder's alone on the calibration
-latents when it is quantised; on the built-in model the oracle's digit and colour accuracy too);
-write the report into the manifest (extras["int8"]["quality"]) and as int8_quality.json; rename into place. The fp32
+latents, the encoder's by a round trip through the fp32 decoder on the decoded images, when they are quantised; on
+the built-in model the oracle's digit and colour accuracy too); write the report into the manifest (extras["int8"]["quality"]) and as int8_quality.json; rename into place. The fp32
 folder is removed at the end, whatever happens.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from sdrt.errors import InputError
 from sdrt.info import int8_quality_lines
 
-DEFAULT_NETWORKS = ("unet", "vae_decoder")  # those that keep the quality bar (module docstring)
+DEFAULT_NETWORKS = ("unet", "vae_decoder", "vae_encoder")  # those that keep the quality bar (module docstring)
 INT8_NETWORKS = ("unet", "text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")  # what --int8-networks takes
 CALIBRATION_STEPS = 8  # steps per calibration prompt (PNDM: one more UNet call): ranges over the whole trajectory
 CALIBRATION_SAMPLES = 32  # UNet calls kept, spread over all prompts and steps (merged sdrt.export.int8.CALIBRATION_CHUNK at a time)
@@ -48,7 +48,7 @@ def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=N
     Other options go to export_model for the fp32 export. Returns (ExportReport of the fp32 export, int8 record).
     """
     from sdrt.export.int8 import DEFAULT_SCHEME, SCHEMES, STATIC_SCHEMES, network_scheme, quantize_export
-    from sdrt.export.int8_quality import decode_psnr, default_prompts, quality_report, record_feeds
+    from sdrt.export.int8_quality import decode_psnr, default_prompts, encode_psnr, quality_report, record_feeds
     from sdrt.export.onnx_export import check_out_dir, export_model, replace_folder
     from sdrt.model.manifest import read_manifest
 
@@ -102,6 +102,8 @@ def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=N
                                          QUALITY_STEPS, 7.5, is_digits, threads)
             if "vae_decoder" in networks:
                 record["quality"]["decode_psnr_db"] = in_child(decode_psnr, fp32, tmp, feeds["vae_decoder"], threads)
+            if "vae_encoder" in networks:
+                record["quality"]["encode_psnr_db"] = in_child(encode_psnr, fp32, tmp, feeds["vae_encoder"], threads)
         manifest = read_manifest(tmp)
         manifest.extras["int8"].update(record)
         (tmp / "int8_quality.json").write_text(json.dumps(record, indent=1))

@@ -133,6 +133,23 @@ def decode_psnr(fp32_dir: Path, int8_dir: Path, latents, threads=None) -> float:
     return psnr(images[1], images[0])
 
 
+def encode_psnr(fp32_dir: Path, int8_dir: Path, images, threads=None) -> float:
+    """PSNR of images encoded by the int8 export's VAE encoder (posterior mean) and decoded by the fp32 decoder,
+    against the same round trip through the fp32 encoder: the encoder's own share of an img2img error."""
+    from sdrt.export.int8 import psnr
+    from sdrt.model.manifest import read_manifest
+
+    manifest = read_manifest(fp32_dir)
+    decoder = _session(Path(fp32_dir) / manifest.networks[VAE_DECODER]["file"], threads)
+    scale = manifest.facts.scaling_factor  # the plain factor (no latents_mean/std): a metric, the same both sides
+    out = []
+    for folder in (fp32_dir, int8_dir):
+        encoder = _session(Path(folder) / read_manifest(folder).networks[VAE_ENCODER]["file"], threads)
+        latents = [encoder.run(["mean"], f)[0] * scale for f in images]
+        out.append(np.concatenate([to_uint8(decoder.run(None, {"latent": z})[0].transpose(0, 2, 3, 1) / 2 + 0.5) for z in latents]))
+    return psnr(out[1], out[0])
+
+
 def _session(path: Path, threads=None):
     import onnxruntime as ort
 

@@ -90,6 +90,8 @@ def int8_quality_lines(q: dict | None) -> list[str]:
              f"{q['steps']} steps, seed {q['seed']})"]
     if "decode_psnr_db" in q:
         lines.append(f"vae decode PSNR {q['decode_psnr_db']:.1f} dB alone (the same latents through fp32 and int8)")
+    if "encode_psnr_db" in q:
+        lines.append(f"vae encode PSNR {q['encode_psnr_db']:.1f} dB alone (round trip through the fp32 decoder)")
     o = q.get("oracle")
     if o:
         lines.append(f"oracle     digit {o['int8']['digit']:.0%} / colour {o['int8']['colour']:.0%} "

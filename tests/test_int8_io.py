@@ -2,7 +2,7 @@
 the inputs the model's own sampling gives it, loaded by the runtime with its I/O unchanged, close to fp32.
 
 Tolerances: the built-in model's decoder measured 41 dB alone against fp32 (benchmarks/results/int8-schemes.md);
-the bar of 30 dB catches a broken calibration (ranges from the wrong inputs clip the feature maps: < 20 dB) without
+the encoder's round trip 40 dB; the bar of 30 dB catches a broken calibration (ranges from the wrong inputs clip the feature maps: < 20 dB) without
 catching noise. The text encoder's states measured ~2% relative error; the bar of 10% is far below a wrong graph's.
 """
 
@@ -26,12 +26,12 @@ def feeds():
 
 @pytest.fixture(scope="module")
 def io_int8(feeds, tmp_path_factory):
-    """The built-in export with its text encoder and VAE decoder quantised (the UNet left fp32)."""
+    """The built-in export with its text encoder and VAE quantised (the UNet left fp32)."""
     from sdrt.builtin import builtin_model_dir
     from sdrt.export.int8 import quantize_export
 
     out = tmp_path_factory.mktemp("int8io") / "digits"
-    stats = quantize_export(builtin_model_dir(), out, "static", ("text_encoder", "vae_decoder"), feeds)
+    stats = quantize_export(builtin_model_dir(), out, "static", ("text_encoder", "vae_decoder", "vae_encoder"), feeds)
     return out, stats
 
 
@@ -56,17 +56,17 @@ def test_int8_text_encoder_and_decoder_load_unchanged_and_stay_close(io_int8, fe
     import onnx
 
     from sdrt.builtin import builtin_model_dir
-    from sdrt.export.int8_quality import decode_psnr
+    from sdrt.export.int8_quality import decode_psnr, encode_psnr
     from sdrt.model.manifest import read_manifest
     from sdrt.oracle import DigitOracle
 
     folder, stats = io_int8
     manifest, ref = read_manifest(folder), read_manifest(builtin_model_dir())
     assert {n: manifest.networks[n]["precision"] for n in manifest.networks} == {
-        "text_encoder": "int8", "unet": "fp32", "vae_encoder": "fp32", "vae_decoder": "int8"}
+        "text_encoder": "int8", "unet": "fp32", "vae_encoder": "int8", "vae_decoder": "int8"}
     assert stats["text_encoder"]["quantized"].get("MatMulInteger", 0) > 0
     assert stats["vae_decoder"]["quantized"].get("QuantizeLinear", 0) > 10
-    for name in ("text_encoder", "vae_decoder"):  # the contract the runtime and the C host read: names, dtypes, ranks
+    for name in ("text_encoder", "vae_decoder", "vae_encoder"):  # the contract the runtime and the C host read: names, dtypes, ranks
         def io(m):
             return [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim)) for v in (*m.graph.input, *m.graph.output)]
 
@@ -76,6 +76,7 @@ def test_int8_text_encoder_and_decoder_load_unchanged_and_stay_close(io_int8, fe
     kept = stats["vae_decoder"]["kept_fp32"]
     assert any("mid_block/attentions" in n for n in kept) and any("conv_in" in n for n in kept) and any("conv_out" in n for n in kept)
     assert decode_psnr(builtin_model_dir(), folder, feeds["vae_decoder"], threads=1) > 30.0
+    assert encode_psnr(builtin_model_dir(), folder, feeds["vae_encoder"], threads=1) > 30.0  # measured 40 dB
 
     pipe, fp32 = (sdrt.Pipeline.from_pretrained(f, backend="onnx", threads=1) for f in (folder, builtin_model_dir()))
     assert pipe.backend.precision("vae_decoder") == "int8" and pipe.backend.precision("text_encoder") == "int8"
@@ -90,7 +91,7 @@ def test_int8_text_encoder_and_decoder_load_unchanged_and_stay_close(io_int8, fe
 def test_int8_networks_are_checked_before_work(tiny_sd1, tmp_path):
     from sdrt.export.int8_export import DEFAULT_NETWORKS, check_networks, export_int8
 
-    assert check_networks(None) == DEFAULT_NETWORKS == ("unet", "vae_decoder")
+    assert check_networks(None) == DEFAULT_NETWORKS == ("unet", "vae_decoder", "vae_encoder")
     assert check_networks("unet, text_encoder,unet") == ("unet", "text_encoder")
     with pytest.raises(InputError, match="--int8-networks vae: pick one or more of"):
         check_networks("unet,vae")

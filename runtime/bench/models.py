@@ -60,7 +60,7 @@ def folder_digest(folder: Path, *extra) -> str:
 
 def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchConfig, log, int8: bool = False) -> Path:
     """Export `diffusers_dir` to the cache once (`sdrt export` in a subprocess, so its memory goes back); int8: with
-    `--int8` (the default networks quantised, the UNet and the VAE decoder, calibrated on sdrt's default prompts; the
+    `--int8` (the default networks quantised: the UNet and the VAE, calibrated on sdrt's default prompts; the
     other networks as the fp32 export)."""
     from sdrt.bench.env import physical_cores
     from sdrt.model.facts import read_model_facts

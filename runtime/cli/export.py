@@ -62,12 +62,12 @@ def add_parser(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA (kohya or diffusers layout) into the UNet and text encoder; repeatable (scale default 1)")
     p.add_argument("--allow-pickle", action="store_true", help="let MODEL be a pickle .ckpt: unpickling can run code from the file, use only for files you trust")
     # issue 22: int8 for ONNX Runtime on CPUs (sdrt.export.int8_export)
-    p.add_argument("--int8", action="store_true", help="quantise the UNet and VAE decoder to int8 for ONNX Runtime on a CPU, calibrated on "
+    p.add_argument("--int8", action="store_true", help="quantise the UNet and VAE to int8 for ONNX Runtime on a CPU, calibrated on "
                    "prompts run through the model; reports PSNR against fp32 (and the oracle's accuracy on the built-in model)")
     p.add_argument("--int8-scheme", default=None, metavar="SCHEME", help="with --int8: static (default), static-wide, static-all, static-s8, mixed, "
                    "dynamic, dynamic-matmul or weight-only (see benchmarks/results/int8-schemes.md)")
     p.add_argument("--int8-networks", default=None, metavar="LIST", help="with --int8: the networks to quantise, comma-separated, "
-                   "of unet, text_encoder, text_encoder_2, vae_decoder, vae_encoder (default unet,vae_decoder: those that keep "
+                   "of unet, text_encoder, text_encoder_2, vae_decoder, vae_encoder (default unet,vae_decoder,vae_encoder: those that keep "
                    "the quality bar; the UNet takes --int8-scheme, the others their own: sdrt.export.int8.network_scheme)")
     p.add_argument("--calibration-prompts", default=None, metavar="FILE", help="with --int8: calibration prompts, one a line (default: a built-in spread)")
     p.add_argument("--no-quality", dest="quality", action="store_false", help="with --int8: skip the quality report against fp32")

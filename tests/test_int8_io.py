@@ -2,7 +2,7 @@
 the inputs the model's own sampling gives it, loaded by the runtime with its I/O unchanged, close to fp32.
 
 Tolerances: the built-in model's decoder measured 41 dB alone against fp32 (benchmarks/results/int8-schemes.md);
-the encoder's round trip 40 dB; the bar of 30 dB catches a broken calibration (ranges from the wrong inputs clip the feature maps: < 20 dB) without
+the encoder's round trip 40 dB; the bar of 30 dB catches a broken calibration (ranges from inputs scaled by 0.1 clip the feature maps: 10 dB) without
 catching noise. The text encoder's states measured ~2% relative error; the bar of 10% is far below a wrong graph's.
 """
 

@@ -59,12 +59,12 @@ def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=N
         raise InputError("--int8 starts from an fp32 export; drop --fp16")
     if export_options.get("share_weights"):
         raise InputError("--int8 stores its own int8 weights; drop --share-weights")
-    networks = check_networks(networks)
+    explicit, networks = networks is not None, check_networks(networks)
     if quality_prompts < 1:
         raise InputError(f"quality prompts {quality_prompts} must be at least 1")
     model, out_dir = Path(model).expanduser(), Path(out_dir).expanduser()
     check_out_dir(model, out_dir, force)
-    _check_family_networks(model, networks)
+    networks = _check_family_networks(model, networks, explicit)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     fp32 = out_dir.parent / f".{out_dir.name}.fp32-{os.getpid()}"
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
@@ -76,7 +76,8 @@ def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=N
                           no_winograd=networks, **export_options)
         manifest = read_manifest(fp32)
         missing = [n for n in networks if n not in manifest.networks]
-        if missing:
+        networks = tuple(n for n in networks if n in manifest.networks)  # the defaults this model has
+        if missing and explicit:
             raise InputError(f"--int8-networks {','.join(missing)}: this {manifest.facts.family} model has no such network; "
                              f"pick from {', '.join(n for n in INT8_NETWORKS if n in manifest.networks)}")
         is_digits = _is_builtin(manifest)
@@ -132,18 +133,20 @@ def check_networks(networks) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _check_family_networks(model: Path, networks) -> None:
-    """A diffusers folder's family must have every one of `networks` (checked again on the fp32 export for the rest)."""
+def _check_family_networks(model: Path, networks: tuple, explicit: bool) -> tuple:
+    """`networks` as a diffusers folder's family has them: every one asked for `explicit`ly must be there, the defaults
+    it lacks are dropped (checked again on the fp32 export, for single files)."""
     if not (model / "model_index.json").is_file():
-        return
+        return networks
     from sdrt.families import family_spec
     from sdrt.model.facts import read_model_facts
 
     have = family_spec(read_model_facts(model).family).networks
     missing = [n for n in networks if n not in have]
-    if missing:
+    if missing and explicit:
         raise InputError(f"--int8-networks {','.join(missing)}: this model has no such network; pick from "
                          f"{', '.join(n for n in INT8_NETWORKS if n in have)}")
+    return tuple(n for n in networks if n in have)
 
 
 def in_child(fn, *args, **kwargs):

@@ -322,3 +322,26 @@ def test_int8_export_gives_winograd_to_the_kept_fp32_layers_only():
         with graph_rewrites(seq, (x,), winograd=True) as counts:
             assert counts["winograd_convs"] == 2
     assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_named_copy_of_a_big_graph_reads_ort_weights_in_place(tmp_path):
+    """For a big graph _write_named names the nodes of ORT's constant-folded copy and lets it read folded.data where it
+    lies (no second copy of the weights: 3.5 GB of disk on SD 1.5), and the result computes what the source does."""
+    import onnx
+    import onnxruntime as ort
+
+    from sdrt.builtin import builtin_model_dir
+    from sdrt.contracts import ShapeLimits
+    from sdrt.export.int8 import _write_named
+    from sdrt.model.manifest import read_manifest
+
+    src = builtin_model_dir() / "unet" / "model.onnx"
+    _write_named(src, tmp_path / "named.onnx", True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folded.data", "named.onnx"]
+    model = onnx.load(str(tmp_path / "named.onnx"), load_external_data=False)
+    assert all(n.name for n in model.graph.node) and any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    manifest = read_manifest(builtin_model_dir())
+    feeds = manifest.contracts["unet"].sample_inputs(ShapeLimits(min_size=64, opt_size=64, max_size=64).dims(manifest.facts, "opt"))
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    ref, got = run(src), run(tmp_path / "named.onnx")
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()

@@ -14,7 +14,7 @@ shape-specialised sessions of small networks.
   kernels for. Packed QKV/KV attention only for fp16 graphs, as ORT's own SD optimiser does: ORT's CUDA
   MultiHeadAttention runs packed fp32 attention only for sequences of 256 or more
   (kMinSeqLenForMemoryEfficientAttentionFp32), and SD's mid-block at 512 px has 64 tokens.
-- Small networks (weights under SMALL_NETWORK_BYTES, like the built-in model's) run on one intra-op thread
+- Small networks (weights under SMALL_NETWORK_BYTES at fp32 width, like the built-in model's) run on one intra-op thread
   and get a session per input shape on CPU, built with ORT's free-dimension overrides, so that the shape
   arithmetic a dynamic-shape export carries (hundreds of Shape/Gather/Concat nodes) is folded away.
 """
@@ -103,7 +103,7 @@ class Sessions:
         self.device_id, self.threads = device_id, threads
         self.notes: list[str] = []
         self.providers = {n: session_providers(route, n, manifest, self.path, device_id) for n in manifest.networks}
-        self.small_networks = {n for n in manifest.networks if self.weight_bytes(n) <= SMALL_NETWORK_BYTES}
+        self.small_networks = {n for n in manifest.networks if self.fp32_weight_bytes(n) <= SMALL_NETWORK_BYTES}
         tensorrt = route == "tensorrt"  # ORT cannot save TensorRT-compiled graphs; TensorRT fuses by itself
         self.sessions: dict[str, ort.InferenceSession] = {}
         for network in manifest.networks:
@@ -228,6 +228,12 @@ class Sessions:
         """The network's folder on disk: its graph and weights (a shared-weight export's safetensors too)."""
         folder = (self.path / self.manifest.networks[network]["file"]).parent
         return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+    def fp32_weight_bytes(self, network: str) -> int:
+        """weight_bytes at fp32 width: an int8 network's 1-byte weights count 4x, so that an int8 SD VAE (57 MB on
+        disk, the compute of a 198 MB fp32 one) is not taken for a small network and run on one thread."""
+        scale = 4 if self.manifest.networks[network].get("precision") == "int8" else 1
+        return scale * self.weight_bytes(network)
 
     def check_session(self, session: ort.InferenceSession, network: str, file: Path) -> None:
         contract = self.contracts[network]

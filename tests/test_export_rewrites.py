@@ -187,3 +187,38 @@ def test_depth_to_space_dcr_is_onnx_depth_to_space_in_eager_and_in_onnx_runtime(
     assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["DepthToSpace"]
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     assert np.array_equal(got, want)
+
+
+# --- GroupNorm's affine step as BatchNormalization (sdrt.export.groupnorm) ------------------------------------
+
+
+def test_group_norm_rewrite_equals_group_norm_and_exports_one_batch_normalization(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8, eps=1e-6), torch.nn.SiLU()).eval()
+    torch.nn.init.normal_(model[1].weight)  # gamma and beta away from 1 and 0, so that a dropped affine step fails
+    torch.nn.init.normal_(model[1].bias)
+    x = torch.randn(2, 4, 5, 7)
+    with torch.no_grad():
+        ref = model(x).numpy()
+        with graph_rewrites(model, (x,), winograd=True) as _:
+            assert "forward" in vars(model[1])
+            out = model(x).numpy()
+            path = tmp_path / "g.onnx"
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    assert "forward" not in vars(model[1])  # restored
+    assert np.abs(out - ref).max() <= 1e-6 * np.abs(ref).max()
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("BatchNormalization") == 1 and ops.count("InstanceNormalization") == 1
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in [(1, 4, 3, 3), (3, 4, 8, 6)]:  # other batches and sizes than the trace's
+        x = torch.randn(shape)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = session.run(None, {"x": x.numpy()})[0]
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    with graph_rewrites(model, (x,), winograd=False):  # stock export without --winograd (ORT's CUDA fusions match it)
+        assert "forward" not in vars(model[1])

@@ -2,10 +2,12 @@
 
     python benchmarks/int8_schemes.py --out benchmarks/results/int8-schemes   # ~3 min on 2 cores
 
-Exports the built-in model in fp32 once, quantises it with every scheme of sdrt.export.int8 (the UNet alone, and
-the UNet plus the VAE decoder), and for each reports the oracle's digit and colour accuracy (the 50 prompts of
-tests/test_digits.py, guidance 7.5, 20 steps, seed 0) beside fp32's, the PSNR of the same 50 images against fp32's,
-and the median time of one guided UNet call (batch 2, 64x64 image) in one thread.
+Exports the built-in model in fp32 once, quantises it with every scheme of sdrt.export.int8 (the UNet's scheme;
+each set of `--network-sets`, the other networks by sdrt.export.int8.network_scheme), and for each reports the
+oracle's digit and colour accuracy (the 50 prompts of tests/test_digits.py, guidance 7.5, 20 steps, seed 0) beside
+fp32's, the PSNR of the same 50 images against fp32's, the VAE decoder's PSNR alone (latents of 10 held-out prompts
+through the fp32 and the int8 decoder), and the median time of one guided UNet call (batch 2, 64x64 image) in one
+thread.
 """
 
 from __future__ import annotations
@@ -47,31 +49,35 @@ def unet_ms(folder: Path, repeats: int = 30) -> float:
 
 def main(argv=None) -> int:
     from sdrt.builtin import builtin_model_dir
-    from sdrt.export.int8 import SCHEMES, STATIC_SCHEMES, quantize_export
-    from sdrt.export.int8_quality import default_prompts, oracle_accuracy, record_unet_feeds
+    from sdrt.export.int8 import SCHEMES, quantize_export
+    from sdrt.export.int8_quality import ORACLE_PAIRS, decode_psnr, default_prompts, oracle_accuracy, record_feeds
     from sdrt.export.onnx_export import export_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="results path without suffix (.json and .md are written)")
     p.add_argument("--schemes", default=",".join(SCHEMES))
+    p.add_argument("--network-sets", default="unet;unet,vae_decoder",
+                   help="';'-separated sets of networks to quantise with each scheme (e.g. 'text_encoder;unet,text_encoder')")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="int8-schemes-"))
     try:
         fp32 = work / "fp32"
         export_model(builtin_model_dir(), fp32, progress=False, check=False)
-        calib = record_unet_feeds(fp32, default_prompts(True), 64, 20, 7.5, limit=64, threads=1)
+        calib = record_feeds(fp32, default_prompts(True), 64, 20, 7.5, ("unet", "vae_decoder", "vae_encoder"), {"unet": 64},
+                             threads=1)
+        held = record_feeds(fp32, [f"a {c} {d}" for d, c in ORACLE_PAIRS[2::5]], 64, 20, 7.5, ("vae_decoder",), {},
+                            seed=100, threads=1)["vae_decoder"]
         rows = [{"scheme": "fp32", "networks": [], "unet_ms": unet_ms(fp32)}]
         for scheme in args.schemes.split(","):
-            for networks in (("unet",), ("unet", "vae_decoder")):
-                if networks != ("unet",) and scheme in STATIC_SCHEMES:
-                    continue  # calibration is recorded for the UNet only
+            for networks in [tuple(s.split(",")) for s in args.network_sets.split(";")]:
                 folder = work / f"{scheme}-{'-'.join(networks)}"
                 t0 = time.perf_counter()
-                stats = quantize_export(fp32, folder, scheme, networks, {"unet": calib})
+                stats = quantize_export(fp32, folder, scheme, networks, calib)
                 seconds = time.perf_counter() - t0
                 acc = oracle_accuracy(fp32, folder, threads=1)
                 rows.append({"scheme": scheme, "networks": list(networks), "quantize_s": seconds, "oracle": acc,
-                             "unet_ms": unet_ms(folder), "stats": stats})
+                             "unet_ms": unet_ms(folder), "stats": stats,
+                             "decode_psnr_db": decode_psnr(fp32, folder, held, 1) if "vae_decoder" in networks else None})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "stats"}), flush=True)
         rows[0]["oracle"] = rows[1]["oracle"]["fp32"] if len(rows) > 1 else None
         out = Path(args.out)
@@ -85,17 +91,19 @@ def main(argv=None) -> int:
 
 
 def markdown(rows) -> str:
-    lines = ["| scheme | networks quantised | digit % | colour % | PSNR vs fp32 (dB) | UNet ms (batch 2, 1 thread) | UNet MB |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| UNet scheme | networks quantised | digit % | colour % | PSNR vs fp32 (dB) | decode alone (dB) "
+             "| UNet ms (batch 2, 1 thread) | UNet MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["scheme"] == "fp32":
             o = r.get("oracle") or {}
-            lines.append(f"| fp32 | | {o.get('digit', 0) * 100:.0f} | {o.get('colour', 0) * 100:.0f} | | {r['unet_ms']:.2f} | |")
+            lines.append(f"| fp32 | | {o.get('digit', 0) * 100:.0f} | {o.get('colour', 0) * 100:.0f} | | | {r['unet_ms']:.2f} | |")
             continue
         o = r["oracle"]
-        mb = r["stats"]["unet"]["bytes_after"] / 1e6
+        mb = f"{r['stats']['unet']['bytes_after'] / 1e6:.1f}" if "unet" in r["stats"] else ""
+        dec = f"{r['decode_psnr_db']:.1f}" if r.get("decode_psnr_db") is not None else ""
         lines.append(f"| {r['scheme']} | {', '.join(r['networks'])} | {o['int8']['digit'] * 100:.0f} | "
-                     f"{o['int8']['colour'] * 100:.0f} | {o['psnr_db']:.1f} | {r['unet_ms']:.2f} | {mb:.1f} |")
+                     f"{o['int8']['colour'] * 100:.0f} | {o['psnr_db']:.1f} | {dec} | {r['unet_ms']:.2f} | {mb} |")
     return "\n".join(lines) + "\n"
 
 

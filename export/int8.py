@@ -330,10 +330,35 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
     return float("inf") if err == 0 else float(10 * np.log10(peak * peak / err))
 
 
+# The networks other than the UNet (issue 22, int8io): each with its own scheme, whatever the UNet's, and substrings
+# of the node names it keeps fp32 (beside fp32_nodes' rules). Measured on the built-in model and timed on the SD 1.5
+# shape in benchmarks/results/int8-schemes.md ("Other networks").
+# - text_encoder: dynamic int8 MatMuls (DynamicQuantizeMatMul, weights per channel): no calibration, the ranges of the
+#   text states (with their outlier channels) are taken per call; the attention scores stay fp32 (fp32_nodes).
+# - vae_decoder / vae_encoder: static QDQ convs (QLinearConv: ConvInteger, the dynamic form, has no fast kernel),
+#   calibrated on the decoder's own inputs (latents the sampling loop produced) or, for the encoder, on the images
+#   decoded from them. fp32 stays: the first and last conv (fp32_nodes: post_quant_conv / quant_conv and the
+#   decoder's conv_out), conv_in and conv_out (a few latent channels in or out: little to save, and the error lands in
+#   the latents or the image) and the mid-block attention (one block at the lowest resolution) by `keep`.
+_VAE_KEEP = ("/conv_in/", "/conv_out/", "/mid_block/attentions.")
+OTHER_NETWORK_SCHEMES = {
+    "text_encoder": ("dynamic-matmul", ()),
+    "text_encoder_2": ("dynamic-matmul", ()),
+    "vae_decoder": ("static-all", _VAE_KEEP),
+    "vae_encoder": ("static-all", _VAE_KEEP),
+}
+
+
+def network_scheme(network: str, unet_scheme: str) -> tuple[str, tuple]:
+    """(scheme, keep substrings) for `network` in an export whose UNet gets `unet_scheme`."""
+    return OTHER_NETWORK_SCHEMES.get(network, (unet_scheme, ()))
+
+
 def quantize_export(fp32_dir: Path, out_dir: Path, scheme: str, networks=("unet",), calibration=None) -> dict:
-    """Copy the fp32 export at `fp32_dir` to `out_dir` with `networks` quantised by `scheme`; rewrites the manifest
-    (each quantised network's precision "int8" and its stats; extras["int8"]) and the file records. Returns
-    {network: QuantStats dict}. `calibration`: {network: [feeds]} for the static scheme."""
+    """Copy the fp32 export at `fp32_dir` to `out_dir` with `networks` quantised (the UNet by `scheme`, the others by
+    network_scheme); rewrites the manifest (each quantised network's precision "int8" and its scheme; extras["int8"]
+    with the stats) and the file records. Returns {network: QuantStats dict}. `calibration`: {network: [feeds]} for
+    the static schemes."""
     from sdrt.model.manifest import read_manifest
 
     fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
@@ -347,8 +372,9 @@ def quantize_export(fp32_dir: Path, out_dir: Path, scheme: str, networks=("unet"
         for p in dst.parent.iterdir():
             if p.name.startswith(dst.name):
                 p.unlink()
-        stats[name] = quantize_network(src, dst, scheme, (calibration or {}).get(name)).to_dict()
-        manifest.networks[name] = {**manifest.networks[name], "precision": "int8", "int8_scheme": scheme}
+        net_scheme, keep = network_scheme(name, scheme)
+        stats[name] = quantize_network(src, dst, net_scheme, (calibration or {}).get(name), keep).to_dict()
+        manifest.networks[name] = {**manifest.networks[name], "precision": "int8", "int8_scheme": net_scheme}
     manifest.extras["int8"] = {"scheme": scheme, "networks": stats, "onnxruntime": _ort_version()}
     manifest.files = {}
     files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != "manifest.json")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.contracts import UNET
+from sdrt.contracts import UNET, VAE_DECODER, VAE_ENCODER
 
 # A spread of everyday prompts for models other than the built-in one (no file given).
 DEFAULT_PROMPTS = (
@@ -81,6 +81,82 @@ def record_unet_feeds(export_dir: Path, prompts, size: int, steps: int, guidance
     if len(feeds) > limit:
         feeds = [feeds[int(j)] for j in np.linspace(0, len(feeds) - 1, limit).round()]
     return feeds
+
+
+class NetworkRecorder:
+    """Wraps a backend's run: keeps the feeds (copies) of each network in `networks`, and the decoder's output images
+    as feeds for the VAE encoder (its input contract: images in [-1, 1]) when that is asked for."""
+
+    def __init__(self, backend, networks):
+        self.networks, self.feeds = tuple(networks), {n: [] for n in networks}
+        self._run = backend.run
+
+    def __call__(self, network, feeds):
+        if network in self.feeds:
+            self.feeds[network].append({k: np.array(v) for k, v in feeds.items()})
+        out = self._run(network, feeds)
+        if network == VAE_DECODER and VAE_ENCODER in self.feeds:
+            self.feeds[VAE_ENCODER].append({"image": np.clip(np.array(out["image"]), -1, 1)})
+        return out
+
+
+def record_feeds(export_dir: Path, prompts, size: int, steps: int, guidance: float, networks, limits: dict,
+                 seed: int = 0, threads: int | None = None) -> dict:
+    """Sample `prompts` (one call each) with the fp32 export at `export_dir` and return {network: feed dicts} for
+    each of `networks` (the UNet, the text encoder, the VAE decoder; the VAE encoder's feeds are the decoded images),
+    at most limits[network] each (default 64), spread evenly over the recorded calls."""
+    import sdrt
+
+    pipe = sdrt.Pipeline.from_pretrained(export_dir, backend="onnx", threads=threads)
+    recorder = NetworkRecorder(pipe.backend, networks)
+    pipe.backend.run = recorder
+    for i, prompt in enumerate(prompts):  # one prompt per call: batch-1 feeds, as calibration tools expect
+        pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, seed=seed + i,
+             output_type="np", progress=False)
+    out = {}
+    for name, feeds in recorder.feeds.items():
+        limit = limits.get(name, 64)
+        out[name] = [feeds[int(j)] for j in np.linspace(0, len(feeds) - 1, limit).round()] if len(feeds) > limit else feeds
+    return out
+
+
+def decode_psnr(fp32_dir: Path, int8_dir: Path, latents, threads=None) -> float:
+    """PSNR of the int8 export's VAE decoder against the fp32 one's on the same `latents` (feed dicts recorded from
+    sampling): the decoder's own share of the error, apart from the UNet's."""
+    from sdrt.export.int8 import psnr
+    from sdrt.model.manifest import read_manifest
+
+    images = []
+    for folder in (fp32_dir, int8_dir):
+        session = _session(Path(folder) / read_manifest(folder).networks[VAE_DECODER]["file"], threads)
+        images.append(np.concatenate([to_uint8(session.run(None, f)[0].transpose(0, 2, 3, 1) / 2 + 0.5) for f in latents]))
+    return psnr(images[1], images[0])
+
+
+def encode_psnr(fp32_dir: Path, int8_dir: Path, images, threads=None) -> float:
+    """PSNR of images encoded by the int8 export's VAE encoder (posterior mean) and decoded by the fp32 decoder,
+    against the same round trip through the fp32 encoder: the encoder's own share of an img2img error."""
+    from sdrt.export.int8 import psnr
+    from sdrt.model.manifest import read_manifest
+
+    manifest = read_manifest(fp32_dir)
+    decoder = _session(Path(fp32_dir) / manifest.networks[VAE_DECODER]["file"], threads)
+    scale = manifest.facts.scaling_factor  # the plain factor (no latents_mean/std): a metric, the same both sides
+    out = []
+    for folder in (fp32_dir, int8_dir):
+        encoder = _session(Path(folder) / read_manifest(folder).networks[VAE_ENCODER]["file"], threads)
+        latents = [encoder.run(["mean"], f)[0] * scale for f in images]
+        out.append(np.concatenate([to_uint8(decoder.run(None, {"latent": z})[0].transpose(0, 2, 3, 1) / 2 + 0.5) for z in latents]))
+    return psnr(out[1], out[0])
+
+
+def _session(path: Path, threads=None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def generate(export_dir: Path, prompts, size: int, steps: int, guidance: float, seed: int, threads=None):

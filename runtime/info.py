@@ -76,8 +76,8 @@ def _int8_lines(record: dict | None) -> list[str]:
     """What `sdrt export --int8` did and measured (extras["int8"]), in two or three lines."""
     if not record:
         return []
-    nets = ", ".join(record.get("networks", {}))
-    lines = [f"int8         {record.get('scheme')} scheme on {nets} (onnxruntime {record.get('onnxruntime', '?')})"]
+    nets = ", ".join(f"{n} ({st.get('scheme', record.get('scheme'))})" for n, st in record.get("networks", {}).items())
+    lines = [f"int8         {nets} (onnxruntime {record.get('onnxruntime', '?')})"]
     return lines + ["  " + line for line in int8_quality_lines(record.get("quality"))]
 
 
@@ -88,6 +88,10 @@ def int8_quality_lines(q: dict | None) -> list[str]:
     worst = f" (worst image {q['psnr_min_db']:.1f})" if "psnr_min_db" in q else ""
     lines = [f"quality    PSNR {q['psnr_db']:.1f} dB{worst} vs the fp32 export ({q['prompts']} prompts, {q['size']} px, "
              f"{q['steps']} steps, seed {q['seed']})"]
+    if "decode_psnr_db" in q:
+        lines.append(f"vae decode PSNR {q['decode_psnr_db']:.1f} dB alone (the same latents through fp32 and int8)")
+    if "encode_psnr_db" in q:
+        lines.append(f"vae encode PSNR {q['encode_psnr_db']:.1f} dB alone (round trip through the fp32 decoder)")
     o = q.get("oracle")
     if o:
         lines.append(f"oracle     digit {o['int8']['digit']:.0%} / colour {o['int8']['colour']:.0%} "

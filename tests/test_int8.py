@@ -73,20 +73,27 @@ def test_cli_int8_export_records_scheme_and_quality(tiny_sd1, tmp_path, capsys):
     prompts.write_text("a red cat\n\na blue dog\n")
     out = tmp_path / "int8"
     code = main(["export", str(tiny_sd1), str(out), "--int8", "--int8-scheme", "dynamic-matmul", "--calibration-prompts",
-                 str(prompts), "--min-size", "32", "--opt-size", "64", "--max-size", "64", "--max-batch", "2", "--no-check", "-q"])
+                 str(prompts), "--int8-networks", "unet,text_encoder,vae_decoder",
+                 "--min-size", "32", "--opt-size", "64", "--max-size", "64", "--max-batch", "2", "--no-check", "-q"])
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["networks"]["unet"]["precision"] == "int8" and manifest["networks"]["vae_decoder"]["precision"] == "fp32"
+    nets = manifest["networks"]
+    assert {n: (nets[n]["precision"], nets[n].get("int8_scheme")) for n in nets} == {
+        "unet": ("int8", "dynamic-matmul"), "text_encoder": ("int8", "dynamic-matmul"),
+        "vae_decoder": ("int8", "static-all"), "vae_encoder": ("fp32", None)}
     record = manifest["extras"]["int8"]
     assert record["scheme"] == "dynamic-matmul" and record["calibration"]["prompts"] == 2
+    assert record["calibration"]["calls"] == {"vae_decoder": 2}  # the only static network: one decode per prompt
     q = record["quality"]
     assert q["prompts"] == 2 and q["size"] == 32 and q["psnr_db"] > 20 and "oracle" not in q  # not the built-in model
+    assert q["decode_psnr_db"] > 25
     assert json.loads((out / "int8_quality.json").read_text())["quality"]["psnr_db"] == q["psnr_db"]
     assert not list(tmp_path.glob(".int8.*"))  # the fp32 reference and partial folders are gone
     capsys.readouterr()
     assert main(["info", str(out), "--verify"]) == 0
     text = capsys.readouterr().out
-    assert "(int8," in text and "dynamic-matmul scheme on unet" in text and "PSNR" in text
+    assert "(int8," in text and "unet (dynamic-matmul)" in text and "vae_decoder (static-all)" in text and "PSNR" in text
+    assert "vae decode PSNR" in text
 
 
 def test_int8_bad_input_is_refused_before_work(tiny_sd1, tmp_path, capsys):

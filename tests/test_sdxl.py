@@ -271,7 +271,8 @@ def make_sdxl_kohya_lora(pipe, path, unet_layers, te_layers, seed=0):
     """A kohya SDXL LoRA as sd-scripts writes it: lora_unet_ in the original (LDM) UNet layout, lora_te1_/lora_te2_."""
     from safetensors.torch import save_file
 
-    from sdrt.adapters.lora import ldm_unet_names, weight_shapes
+    from sdrt.adapters.ldm_names import ldm_unet_names
+    from sdrt.adapters.lora import weight_shapes
 
     unet = pipe.backend.modules["unet"].unet
     shapes = weight_shapes(unet)

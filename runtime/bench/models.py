@@ -60,7 +60,8 @@ def folder_digest(folder: Path, *extra) -> str:
 
 def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchConfig, log, int8: bool = False) -> Path:
     """Export `diffusers_dir` to the cache once (`sdrt export` in a subprocess, so its memory goes back); int8: with
-    `--int8` (the UNet quantised, calibrated on sdrt's default prompts; the other networks as the fp32 export)."""
+    `--int8` (the default networks quantised: the UNet and the VAE, calibrated on sdrt's default prompts; the
+    other networks as the fp32 export)."""
     from sdrt.bench.env import physical_cores
     from sdrt.model.facts import read_model_facts
     from sdrt.model.manifest import GRAPH_REVISION
@@ -75,8 +76,10 @@ def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchC
     # times its tactics; the timings are cached beside the exports.
     threads = config.threads or physical_cores()
     flags = ["--winograd", "--conv-tactics", "measure", "--tactic-threads", str(threads)] if config.device == "cpu" else []
-    if int8:
-        flags.append("--int8")
+    if int8:  # the networks named, so that the cache key changes with the default (sdrt.export.int8_export)
+        from sdrt.export.int8_export import DEFAULT_NETWORKS
+
+        flags += ["--int8", "--int8-networks", ",".join(DEFAULT_NETWORKS)]
     key = folder_digest(diffusers_dir, limits, GRAPH_REVISION, flags)
     if config.device == "cpu":  # not in the key: the same timings give the same export
         flags += ["--tactic-cache-dir", str(config.cache_dir / "conv-tactics")]

@@ -62,10 +62,13 @@ def add_parser(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA (kohya or diffusers layout) into the UNet and text encoder; repeatable (scale default 1)")
     p.add_argument("--allow-pickle", action="store_true", help="let MODEL be a pickle .ckpt: unpickling can run code from the file, use only for files you trust")
     # issue 22: int8 for ONNX Runtime on CPUs (sdrt.export.int8_export)
-    p.add_argument("--int8", action="store_true", help="quantise the UNet to int8 for ONNX Runtime on a CPU, calibrated on "
+    p.add_argument("--int8", action="store_true", help="quantise the UNet and VAE to int8 for ONNX Runtime on a CPU, calibrated on "
                    "prompts run through the model; reports PSNR against fp32 (and the oracle's accuracy on the built-in model)")
     p.add_argument("--int8-scheme", default=None, metavar="SCHEME", help="with --int8: static (default), static-wide, static-all, static-s8, mixed, "
                    "dynamic, dynamic-matmul or weight-only (see benchmarks/results/int8-schemes.md)")
+    p.add_argument("--int8-networks", default=None, metavar="LIST", help="with --int8: the networks to quantise, comma-separated, "
+                   "of unet, text_encoder, text_encoder_2, vae_decoder, vae_encoder (default unet,vae_decoder,vae_encoder: those that keep "
+                   "the quality bar; the UNet takes --int8-scheme, the others their own: sdrt.export.int8.network_scheme)")
     p.add_argument("--calibration-prompts", default=None, metavar="FILE", help="with --int8: calibration prompts, one a line (default: a built-in spread)")
     p.add_argument("--no-quality", dest="quality", action="store_false", help="with --int8: skip the quality report against fp32")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -79,8 +82,12 @@ def cmd_export(args) -> int:
     from sdrt.adapters.lora import parse_lora_spec
     from sdrt.export.onnx_export import export_model
 
-    if not args.int8 and (args.int8_scheme or args.calibration_prompts or not args.quality):
-        raise InputError("--int8-scheme, --calibration-prompts and --no-quality go with --int8; add --int8")
+    if not args.int8 and (args.int8_scheme or args.int8_networks or args.calibration_prompts or not args.quality):
+        raise InputError("--int8-scheme, --int8-networks, --calibration-prompts and --no-quality go with --int8; add --int8")
+    if args.int8:
+        from sdrt.export.int8_export import check_networks
+
+        check_networks(args.int8_networks)  # before any work
     options = dict(
         fp16=args.fp16,
         opset=args.opset,
@@ -112,7 +119,7 @@ def cmd_export(args) -> int:
             options.pop(key)
         report, record = export_int8(args.model, args.out, scheme=args.int8_scheme, calibration_prompts=prompts,
                                      quality=args.quality, force=args.force, progress=not args.quiet, check=args.check,
-                                     winograd=args.winograd, **options)
+                                     winograd=args.winograd, networks=args.int8_networks, **options)
         print(report.summary().replace("exported to", "fp32 reference exported to", 1))
         print(summary(args.out, record))
         return 0

@@ -87,7 +87,7 @@ def model_table(paths: list[str], named: list[str]) -> dict:
 
 def cmd_serve(args) -> int:
     try:
-        from sdrt.serve.batcher import Limits
+        from sdrt.serve.limits import Limits
         from sdrt.serve.server import ServeConfig, serve
     except ImportError as err:
         from sdrt.errors import SdrtError

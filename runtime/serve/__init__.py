@@ -10,6 +10,7 @@ and async jobs on one FastAPI app, with requests batched across clients.
 """
 
 from sdrt.serve.app import ServeConfig, create_app
-from sdrt.serve.batcher import Batcher, Limits
+from sdrt.serve.batcher import Batcher
+from sdrt.serve.limits import Limits
 
 __all__ = ["create_app", "ServeConfig", "Batcher", "Limits"]

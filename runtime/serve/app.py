@@ -25,7 +25,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.errors import BackendError, InputError, SdrtError
-from sdrt.serve.batcher import Batcher, Job, Limits, NotAccepting, QueueFull
+from sdrt.serve.batcher import Batcher, Job, NotAccepting, QueueFull
+from sdrt.serve.limits import Limits
 from sdrt.serve.loras import LoraLibrary
 from sdrt.serve.schemas import ApiError, FieldError
 

@@ -2,7 +2,7 @@
 sdrt's async jobs, and the error body all routes share.
 
 Static bounds live here (they appear in the OpenAPI schema); the server's configurable limits (pixels, steps,
-images per request, prompt length) are checked by `sdrt.serve.batcher.Limits` and answer 422 the same way.
+images per request, prompt length) are checked by `sdrt.serve.limits.Limits` and answer 422 the same way.
 """
 
 from __future__ import annotations

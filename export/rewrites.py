@@ -8,6 +8,7 @@
 With a TacticPicker (sdrt.export.tactics, `--conv-tactics measure`) the form of each conv and upsampler is the
 one timed fastest on this machine at the opt size instead: direct or F(2x2)/F(4x4); stock, sub-pixel or
 sub-pixel by F(4x4).
+- GroupNorm's affine step as one BatchNormalization (sdrt.export.groupnorm), with the Winograd rewrite (CPU only).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import types
 from contextlib import contextmanager
 
+from sdrt.export.groupnorm import group_norm_forward, rewritable_group_norm
 from sdrt.export.subpixel import subpixel_forward, upsampler_conv
 from sdrt.export.tactics import CONV_TACTICS, UPSAMPLER_TACTICS
 from sdrt.export.winograd import choose_tile, rewritable_conv, winograd_forward
@@ -58,6 +60,9 @@ def graph_rewrites(module, example_args, opt_scale: float = 1.0, subpixel: bool 
         if tile:
             plan[m] = lambda self, x, tile=tile: winograd_forward(self, x, tile)
             counts["winograd_convs"] += 1
+    for m in module.modules() if winograd else ():
+        if rewritable_group_norm(m):
+            plan[m] = group_norm_forward
     for m, forward in plan.items():  # the instance attribute shadows the class's forward
         m.forward = types.MethodType(forward, m)
     try:

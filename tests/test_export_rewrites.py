@@ -150,6 +150,75 @@ def test_winograd_export_is_fp32_only_and_refused_by_tensorrt(tiny_sd1, tmp_path
     counts, upsamplers = manifest.extras["winograd_convs"], manifest.extras["subpixel_upsamplers"]
     assert counts["unet"] > 0 and counts["vae_decoder"] > 0
     graph = onnx.load(str(tmp_path / "w" / manifest.networks["vae_decoder"]["file"]), load_external_data=False).graph
-    assert sum(n.op_type == "DepthToSpace" for n in graph.node) < upsamplers["vae_decoder"]  # some upsample by Winograd
+    # pixel_shuffle (CRD) is the plain sub-pixel upsampler's interleave; Winograd's output transform uses DCR
+    modes = [next((a.s.decode() for a in n.attribute if a.name == "mode"), "DCR") for n in graph.node if n.op_type == "DepthToSpace"]
+    assert modes.count("CRD") < upsamplers["vae_decoder"]  # some upsample by Winograd
+    assert modes.count("DCR") >= counts["vae_decoder"]  # every Winograd conv lays its tiles out by depth-to-space
+    assert not any(n.op_type == "ConvTranspose" for n in graph.node)
     with pytest.raises(InputError, match="without --winograd"):
         build_engines(tmp_path / "w", tmp_path / "trt", dry_run=True)
+
+
+def test_depth_to_space_dcr_is_onnx_depth_to_space_in_eager_and_in_onnx_runtime(tmp_path):
+    """The Winograd output transform's layout step: eager (and dynamo) reshape-transpose, torchscript one ONNX
+    DepthToSpace node in DCR mode; both must agree with ONNX's definition of DCR."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from sdrt.export.winograd import depth_to_space_dcr
+
+    x = torch.randn(2, 3 * 4 * 4, 3, 5)
+    graph = helper.make_graph([helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=4, mode="DCR")], "d2s",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert np.array_equal(depth_to_space_dcr(x, 4).numpy(), want)  # pixel (4h + b1, 4w + b2) of c <- channel (b1, b2, c)
+
+    class Module(torch.nn.Module):
+        def forward(self, x):
+            return depth_to_space_dcr(x, 4)
+
+    path = tmp_path / "d.onnx"
+    torch.onnx.export(Module(), (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    import onnx
+
+    assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["DepthToSpace"]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert np.array_equal(got, want)
+
+
+# --- GroupNorm's affine step as BatchNormalization (sdrt.export.groupnorm) ------------------------------------
+
+
+def test_group_norm_rewrite_equals_group_norm_and_exports_one_batch_normalization(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8, eps=1e-6), torch.nn.SiLU()).eval()
+    torch.nn.init.normal_(model[1].weight)  # gamma and beta away from 1 and 0, so that a dropped affine step fails
+    torch.nn.init.normal_(model[1].bias)
+    x = torch.randn(2, 4, 5, 7)
+    with torch.no_grad():
+        ref = model(x).numpy()
+        with graph_rewrites(model, (x,), winograd=True) as _:
+            assert "forward" in vars(model[1])
+            out = model(x).numpy()
+            path = tmp_path / "g.onnx"
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    assert "forward" not in vars(model[1])  # restored
+    assert np.abs(out - ref).max() <= 1e-6 * np.abs(ref).max()
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("BatchNormalization") == 1 and ops.count("InstanceNormalization") == 1
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in [(1, 4, 3, 3), (3, 4, 8, 6)]:  # other batches and sizes than the trace's
+        x = torch.randn(shape)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = session.run(None, {"x": x.numpy()})[0]
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    with graph_rewrites(model, (x,), winograd=False):  # stock export without --winograd (ORT's CUDA fusions match it)
+        assert "forward" not in vars(model[1])

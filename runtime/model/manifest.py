@@ -23,9 +23,10 @@ FORMAT_VERSION = 1
 # What `sdrt export` writes into the graphs, beyond the contract (2: sub-pixel upsampling; 3: Winograd tiles
 # chosen per conv, F(4x4) among them, batch folded into the GEMMs; 4: Winograd sub-pixel upsamplers; 5: LoRA slots
 # gated, sdrt.export.lora_gates; 6: SDXL's pooled final text layer for one token, conv forms measured per machine with
-# --conv-tactics measure, sdrt.export.tactics). Exports of any
+# --conv-tactics measure, sdrt.export.tactics; 7: Winograd's output transform by a GEMM and depth-to-space, no transposed
+# convolution, GroupNorm's affine step as one BatchNormalization). Exports of any
 # revision run; caches of exports (sdrt bench) key on it so that a better graph is not hidden by an old one.
-GRAPH_REVISION = 6
+GRAPH_REVISION = 7
 GRAPH_REWRITES = ("subpixel_upsamplers", "winograd_convs")  # extras keys: {network: modules rewritten}
 
 

@@ -60,7 +60,7 @@ def graph_rewrites(module, example_args, opt_scale: float = 1.0, subpixel: bool 
         if tile:
             plan[m] = lambda self, x, tile=tile: winograd_forward(self, x, tile)
             counts["winograd_convs"] += 1
-    for m in module.modules() if winograd else ():
+    for m in module.modules() if winograd and only is None else ():  # an int8 network's GroupNorms stay as benchmarked
         if rewritable_group_norm(m):
             plan[m] = group_norm_forward
     for m, forward in plan.items():  # the instance attribute shadows the class's forward

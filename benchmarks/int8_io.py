@@ -25,40 +25,18 @@ import numpy as np
 NETWORKS = ("text_encoder", "vae_decoder", "vae_encoder")
 
 
+TINY_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)  # fmt: skip
+
+
 def build(folder: Path) -> Path:
     """SD 1.5's text encoder and VAE (random weights, SD 1.5's configs) with a tiny UNet of the same interface."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from sdrt.export.clip_vocab import write_clip_tokenizer
-    from sdrt.export.tiny import SD15_SCHEDULER
-    from sdrt.model.weights import prefix_text_encoder_keys
+    from sdrt.bench.models import build_sd15_random
 
     if (folder / "model_index.json").exists():
         return folder
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-        sample_size=512, act_fn="silu",
-    )  # fmt: skip
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77,
-        vocab_size=49408, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))  # fmt: skip
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer"))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
-    pipe.save_pretrained(folder)
-    prefix_text_encoder_keys(folder)
-    return folder
+    return build_sd15_random(folder, seed=0, unet=TINY_UNET)
 
 
 def time_networks(folder: Path, threads: int, repeats: int) -> dict:

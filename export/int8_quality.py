@@ -52,35 +52,11 @@ def default_prompts(is_digits: bool) -> list[str]:
     return list(DEFAULT_PROMPTS)
 
 
-class Recorder:
-    """Wraps a backend's run: keeps the UNet's feeds (copies), at most `limit` calls, spread over the schedule."""
-
-    def __init__(self, backend, limit: int):
-        self.backend, self.limit, self.feeds = backend, limit, []
-        self._run = backend.run
-
-    def __call__(self, network, feeds):
-        if network == UNET:
-            self.feeds.append({k: np.array(v) for k, v in feeds.items()})
-        return self._run(network, feeds)
-
-
 def record_unet_feeds(export_dir: Path, prompts, size: int, steps: int, guidance: float, seed: int = 0,
                       limit: int = 64, threads: int | None = None) -> list[dict]:
     """Sample `prompts` with the fp32 export at `export_dir` and return up to `limit` UNet feed dicts, spread evenly
     over the recorded calls (so early, middle and late timesteps are all there)."""
-    import sdrt
-
-    pipe = sdrt.Pipeline.from_pretrained(export_dir, backend="onnx", threads=threads)
-    recorder = Recorder(pipe.backend, limit)
-    pipe.backend.run = recorder
-    for i, prompt in enumerate(prompts):  # one prompt per call: batch-1 feeds, as calibration tools expect
-        pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, seed=seed + i,
-             output_type="np", progress=False)
-    feeds = recorder.feeds
-    if len(feeds) > limit:
-        feeds = [feeds[int(j)] for j in np.linspace(0, len(feeds) - 1, limit).round()]
-    return feeds
+    return record_feeds(export_dir, prompts, size, steps, guidance, (UNET,), {UNET: limit}, seed, threads)[UNET]
 
 
 class NetworkRecorder:

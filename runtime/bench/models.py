@@ -96,9 +96,10 @@ def cached_export(diffusers_dir: Path, size: int, max_batch: int, config: BenchC
     return out
 
 
-def build_sd15_random(folder, seed: int = 0) -> Path:
+def build_sd15_random(folder, seed: int = 0, unet: dict | None = None) -> Path:
     """An SD 1.5-shape diffusers folder from SD 1.5's real configs with random weights (needs torch + diffusers).
-    ~4.3 GB of fp32 weights: benchmarks only, never committed."""
+    ~4.3 GB of fp32 weights: benchmarks only, never committed. `unet`: UNet2DConditionModel arguments in place of
+    SD 1.5's (a benchmark of the other networks takes a tiny UNet of the same interface)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -108,12 +109,12 @@ def build_sd15_random(folder, seed: int = 0) -> Path:
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet = UNet2DConditionModel(**(unet or dict(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
-    )  # fmt: skip
+    )))  # fmt: skip
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,30 +41,10 @@ def build(folder: Path) -> Path:
 def time_networks(folder: Path, threads: int, repeats: int) -> dict:
     """Median seconds of one text-encoder call (batch 2), one VAE decode and one encode (batch 1) at 256 px, ORT,
     `threads`."""
-    import onnxruntime as ort
+    from int8_schemes import network_seconds  # benchmarks/, beside this script
 
-    from sdrt.contracts import ShapeLimits
-    from sdrt.model.manifest import read_manifest
-
-    manifest = read_manifest(folder)
-    out = {}
-    for name, batch in (("text_encoder", 2), ("vae_decoder", 1), ("vae_encoder", 1)):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(folder / manifest.networks[name]["file"]), options, providers=["CPUExecutionProvider"])
-        dims = ShapeLimits(min_size=256, opt_size=256, max_size=256, max_batch=batch).dims(manifest.facts, "opt")
-        dims["batch"] = batch
-        feeds = manifest.contracts[name].sample_inputs(dims)
-        session.run(None, feeds)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - t0)
-        out[name] = float(np.median(times))
-        del session
-    return out
+    return {name: network_seconds(folder, name, threads, 256, batch, repeats)
+            for name, batch in (("text_encoder", 2), ("vae_decoder", 1), ("vae_encoder", 1))}
 
 
 def main(argv=None) -> int:

@@ -22,29 +22,38 @@ from pathlib import Path
 import numpy as np
 
 
-def unet_ms(folder: Path, repeats: int = 30) -> float:
+def network_seconds(folder: Path, network: str, threads: int, size: int, batch: int | None = None, repeats: int = 30) -> float:
+    """Median seconds of one call of the export's `network` in a plain ONNX Runtime CPU session (`threads` intra-op
+    threads) on the contract's sample inputs at `size` px (`batch`: the batch dim; None: the opt shape's), after one
+    warm-up call."""
     import onnxruntime as ort
 
+    from sdrt.contracts import ShapeLimits
     from sdrt.model.manifest import read_manifest
 
     manifest = read_manifest(folder)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(folder / manifest.networks["unet"]["file"]), options, providers=["CPUExecutionProvider"])
-    contract = manifest.contracts["unet"]
-    from sdrt.contracts import ShapeLimits
-
-    size = manifest.facts.default_size
-    dims = ShapeLimits(min_size=size, opt_size=size, max_size=size).dims(manifest.facts, "opt")
-    feeds = contract.sample_inputs(dims)
+    session = ort.InferenceSession(str(folder / manifest.networks[network]["file"]), options, providers=["CPUExecutionProvider"])
+    limits = ShapeLimits(min_size=size, opt_size=size, max_size=size, **({"max_batch": batch} if batch else {}))
+    dims = limits.dims(manifest.facts, "opt")
+    if batch:
+        dims["batch"] = batch
+    feeds = manifest.contracts[network].sample_inputs(dims)
     session.run(None, feeds)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         session.run(None, feeds)
         times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+    return float(np.median(times))
+
+
+def unet_ms(folder: Path, repeats: int = 30) -> float:
+    from sdrt.model.manifest import read_manifest
+
+    return network_seconds(folder, "unet", 1, read_manifest(folder).facts.default_size, None, repeats) * 1e3
 
 
 def main(argv=None) -> int:

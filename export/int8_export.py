@@ -77,11 +77,7 @@ def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=N
                           no_winograd=networks, winograd_kept={"unet": scheme} if "unet" in networks else {},
                           **export_options)
         manifest = read_manifest(fp32)
-        missing = [n for n in networks if n not in manifest.networks]
-        networks = tuple(n for n in networks if n in manifest.networks)  # the defaults this model has
-        if missing and explicit:
-            raise InputError(f"--int8-networks {','.join(missing)}: this {manifest.facts.family} model has no such network; "
-                             f"pick from {', '.join(n for n in INT8_NETWORKS if n in manifest.networks)}")
+        networks = _present(networks, manifest.networks, explicit, f"this {manifest.facts.family} model")
         is_digits = _is_builtin(manifest)
         prompts = list(calibration_prompts) if calibration_prompts else default_prompts(is_digits)
         limits = manifest.limits
@@ -143,10 +139,14 @@ def _check_family_networks(model: Path, networks: tuple, explicit: bool) -> tupl
     from sdrt.families import family_spec
     from sdrt.model.facts import read_model_facts
 
-    have = family_spec(read_model_facts(model).family).networks
+    return _present(networks, family_spec(read_model_facts(model).family).networks, explicit, "this model")
+
+
+def _present(networks: tuple, have, explicit: bool, what: str) -> tuple:
+    """`networks` less those not in `have`; when they were named `explicit`ly, a missing one is a one-line error."""
     missing = [n for n in networks if n not in have]
     if missing and explicit:
-        raise InputError(f"--int8-networks {','.join(missing)}: this model has no such network; pick from "
+        raise InputError(f"--int8-networks {','.join(missing)}: {what} has no such network; pick from "
                          f"{', '.join(n for n in INT8_NETWORKS if n in have)}")
     return tuple(n for n in networks if n in have)
 

@@ -100,12 +100,13 @@ def decode_psnr(fp32_dir: Path, int8_dir: Path, latents, threads=None) -> float:
     """PSNR of the int8 export's VAE decoder against the fp32 one's on the same `latents` (feed dicts recorded from
     sampling): the decoder's own share of the error, apart from the UNet's."""
     from sdrt.export.int8 import psnr
+    from sdrt.images import decoded_to_uint8
     from sdrt.model.manifest import read_manifest
 
     images = []
     for folder in (fp32_dir, int8_dir):
         session = _session(Path(folder) / read_manifest(folder).networks[VAE_DECODER]["file"], threads)
-        images.append(np.concatenate([to_uint8(session.run(None, f)[0].transpose(0, 2, 3, 1) / 2 + 0.5) for f in latents]))
+        images.append(np.concatenate([decoded_to_uint8(session.run(None, f)[0]) for f in latents]))
     return psnr(images[1], images[0])
 
 
@@ -113,6 +114,7 @@ def encode_psnr(fp32_dir: Path, int8_dir: Path, images, threads=None) -> float:
     """PSNR of images encoded by the int8 export's VAE encoder (posterior mean) and decoded by the fp32 decoder,
     against the same round trip through the fp32 encoder: the encoder's own share of an img2img error."""
     from sdrt.export.int8 import psnr
+    from sdrt.images import decoded_to_uint8
     from sdrt.model.manifest import read_manifest
 
     manifest = read_manifest(fp32_dir)
@@ -122,7 +124,7 @@ def encode_psnr(fp32_dir: Path, int8_dir: Path, images, threads=None) -> float:
     for folder in (fp32_dir, int8_dir):
         encoder = _session(Path(folder) / read_manifest(folder).networks[VAE_ENCODER]["file"], threads)
         latents = [encoder.run(["mean"], f)[0] * scale for f in images]
-        out.append(np.concatenate([to_uint8(decoder.run(None, {"latent": z})[0].transpose(0, 2, 3, 1) / 2 + 0.5) for z in latents]))
+        out.append(np.concatenate([decoded_to_uint8(decoder.run(None, {"latent": z})[0]) for z in latents]))
     return psnr(out[1], out[0])
 
 

@@ -33,6 +33,10 @@ def graph_rewrites(module, example_args, opt_scale: float = 1.0, subpixel: bool 
     its scheme keeps fp32, sdrt.export.int8.kept_modules)."""
     sizes = input_sizes(module, example_args, lambda m: rewritable_conv(m) or upsampler_conv(m) is not None) if winograd else {}
     plan = {}  # module -> forward(self, *args, **kwargs)
+
+    def allowed(m) -> bool:  # may take Winograd (`only`)
+        return only is None or m in only
+
     counts = {"subpixel_upsamplers": 0, "winograd_convs": 0}
     upsampler_convs = set()
     for m in module.modules():
@@ -41,8 +45,8 @@ def graph_rewrites(module, example_args, opt_scale: float = 1.0, subpixel: bool 
             continue
         upsampler_convs.add(conv)
         tile = _tile(conv, sizes.get(m), opt_scale)
-        tile = tile if tile == 4 and (only is None or m in only) else 0
-        if picker is not None and sizes.get(m) is not None and (only is None or m in only):
+        tile = tile if tile == 4 and allowed(m) else 0
+        if picker is not None and sizes.get(m) is not None and allowed(m):
             rule = {4: "subpixel_f4", 0: "subpixel"}[tile]
             tile = UPSAMPLER_TACTICS[picker.pick("upsampler", *_shape(conv, sizes[m], opt_scale, batch), rule)]
             if tile is None:
@@ -51,7 +55,7 @@ def graph_rewrites(module, example_args, opt_scale: float = 1.0, subpixel: bool 
         counts["subpixel_upsamplers"] += 1
         counts["winograd_convs"] += bool(tile)
     for m in module.modules():
-        if m in upsampler_convs or not (winograd and rewritable_conv(m)) or (only is not None and m not in only):
+        if m in upsampler_convs or not (winograd and rewritable_conv(m) and allowed(m)):
             continue  # an upsampler's conv: rewritten with it, or left direct
         tile = _tile(m, sizes.get(m), opt_scale)
         if picker is not None and sizes.get(m) is not None:

@@ -33,6 +33,7 @@ from sdrt.model.manifest import GRAPH_REVISION, GRAPH_REWRITES, MANIFEST_NAME, M
 from sdrt.model.facts import ModelFacts, read_json, read_model_facts
 from sdrt.memory import model_architecture
 from sdrt.outputs import chmod_default
+from sdrt.export.attention import fused_self_attention
 from sdrt.export.rewrites import graph_rewrites
 from sdrt.export.tactics import CONV_TACTIC_MODES, TacticPicker, cpu_name
 from sdrt.export.onnx_network import (
@@ -107,6 +108,7 @@ def export_model(
     tactic_threads: int | None = None,
     tactic_cache_dir=None,
     winograd_kept=None,
+    fused_attention=(),
 ) -> ExportReport:
     """Export `model` (a diffusers-format SD 1.x/2.x/XL folder, or an original-layout single-file checkpoint) to the
     sdrt export folder `out_dir`.
@@ -135,12 +137,15 @@ def export_model(
     "measure" times every form of each conv and upsampler shape at the opt size in ONNX Runtime with
     tactic_threads threads (default: one per physical core) and exports the fastest (sdrt.export.tactics; timings
     cached in tactic_cache_dir, default ~/.cache/sdrt/conv-tactics, one file per CPU, ORT version and threads).
+    fused_attention: networks whose self-attentions export as ONNX Runtime's com.microsoft MultiHeadAttention
+    (sdrt.export.attention; ORT only: the int8 export's UNet); recorded in extras["fused_attentions"].
     """
     options = dict(fp16=fp16, opset=opset, limits=limits, check=check, keep_fp32_ops=keep_fp32_ops, progress=progress,
                    exporter=exporter, force=force, share_weights=share_weights, subpixel_upsample=subpixel_upsample,
                    winograd=winograd, min_size=min_size, opt_size=opt_size, max_size=max_size, max_batch=max_batch,
                    lora_slots=lora_slots, no_winograd=tuple(no_winograd), conv_tactics=conv_tactics,
-                   tactic_threads=tactic_threads, tactic_cache_dir=tactic_cache_dir, winograd_kept=dict(winograd_kept or {}))
+                   tactic_threads=tactic_threads, tactic_cache_dir=tactic_cache_dir, winograd_kept=dict(winograd_kept or {}),
+                   fused_attention=tuple(fused_attention))
     model, out_dir = Path(model).expanduser(), Path(out_dir).expanduser()
     if not loras and not model.is_file():
         return _export_folder(model, out_dir, source=model, lora_records=[], **options)
@@ -163,7 +168,7 @@ def _export_folder(
     model_dir: Path, out_dir: Path, fp16, opset, limits, check, keep_fp32_ops, progress, exporter, force, share_weights,
     subpixel_upsample, winograd, min_size, opt_size, max_size, max_batch, source: Path, lora_records: list[dict],
     lora_slots: str = "none", no_winograd=(), conv_tactics: str = "rule", tactic_threads=None, tactic_cache_dir=None,
-    winograd_kept=None,
+    winograd_kept=None, fused_attention=(),
 ) -> ExportReport:  # fmt: skip
     from tqdm.auto import tqdm
 
@@ -213,6 +218,7 @@ def _export_folder(
     opt_scale = opt_dims["image_height"] / dims["image_height"]  # winograd's tiles suit the opt size
     picker = tactic_picker(conv_tactics, tactic_threads, tactic_cache_dir)
     tactic_records = {}
+    fused = {}  # network -> self-attentions exported as MultiHeadAttention
     try:
         if share_weights:
             copy_diffusers_folder(model_dir, tmp)
@@ -229,8 +235,9 @@ def _export_folder(
                 only = kept_modules(modules[name], winograd_kept[name], "/" + name + "/")
             rewrite = winograd and (name not in no_winograd or only is not None)
             tactic_batch = opt_dims["unet_batch" if name == UNET else "batch"]  # the UNet's opt batch: one image, guided
-            with graph_rewrites(modules[name], args, opt_scale, subpixel_upsample, rewrite, picker if rewrite else None,
-                                tactic_batch, only) as counts:
+            with (graph_rewrites(modules[name], args, opt_scale, subpixel_upsample, rewrite, picker if rewrite else None,
+                                 tactic_batch, only) as counts,
+                  fused_self_attention(modules[name], name in fused_attention) as fused[name]):
                 export_network(modules[name], contracts[name], tmp / rel, args, opset, exporter, constant_folding=not share_weights)
             if picker is not None and picker.records:
                 tactic_records[name], picker.records = picker.records, {}
@@ -280,6 +287,7 @@ def _export_folder(
                 # The UNet config's own flag, whatever the precision: `sdrt build --fp16` converts fp32 exports with it.
                 "unet_upcast_attention": bool(read_json(model_dir / "unet" / "config.json").get("upcast_attention")),
                 **rewrites,
+                **({"fused_attentions": fused} if any(fused.values()) else {}),
                 "conv_tactics": {"mode": conv_tactics, **({"threads": picker.threads, "cpu": cpu_name(), "picks": tactic_records}
                                                           if picker is not None else {})},
                 "graph_revision": GRAPH_REVISION,

@@ -2,8 +2,8 @@
 
 The stock export of a diffusers self-attention (attn1) is to_q/to_k/to_v MatMuls, Reshape + Transpose per head,
 Q.K^T, Softmax, P.V, Transpose + Reshape back, to_out. ORT's CPU MultiHeadAttention kernel does the middle part in
-one node (the heads split inside, scores and softmax per head block): measured faster per 1024-token layer on the
-SD 1.5 shape (benchmarks/results/int8-unet-profile.md). to_q/to_k/to_v and to_out stay plain Linear -> MatMul nodes,
+one node (the heads split inside, scores and softmax per head block): faster on 1024-token layers of the SD 1.5
+shape, slower on small ones (MIN_TOKENS; benchmarks/results/int8-unet-profile.md). to_q/to_k/to_v and to_out stay plain Linear -> MatMul nodes,
 so the int8 quantiser still sees (and quantises) them; cross-attention (attn2) is left as it is, so its K/V stay
 plain MatMuls on encoder_hidden_states. ORT-only (a contrib op): the int8 export (sdrt.export.int8_export), which
 only ONNX Runtime's CPU provider runs, asks for it; eager PyTorch (the export's probe and parity check) computes
@@ -42,10 +42,25 @@ class FusedSelfAttention:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+# Fused only where a self-attention sees at least this many tokens at the export's opt size: on the SD 1.5-shape int8
+# UNet at 256 px the five 1024-token layers together took the call to 0.962x, while fusing the 256-, 64- and 16-token
+# ones too gave 0.985x (the fused kernel loses to the stock MatMuls on small score matrices; int8-unet-profile.md).
+MIN_TOKENS = 1024
+
+
 @contextmanager
-def fused_self_attention(module, enabled: bool = True):
-    """Within the block, every fusable self-attention of `module` exports as MultiHeadAttention; yields how many."""
-    swapped = {m: m.processor for m in module.modules() if enabled and fusable(m)}
+def fused_self_attention(module, example_args=None, opt_scale: float = 1.0, enabled: bool = True,
+                         min_tokens: int = MIN_TOKENS):
+    """Within the block, the fusable self-attentions of `module` that see at least `min_tokens` tokens at the opt size
+    export as MultiHeadAttention; yields how many. example_args: inputs for a probe pass that measures each one's
+    tokens (scaled by opt_scale, the opt size over the example's, squared); None fuses every fusable one."""
+    candidates = [m for m in module.modules() if enabled and fusable(m)]
+    if candidates and example_args is not None:
+        from sdrt.export.rewrites import input_sizes
+
+        tokens = input_sizes(module, example_args, lambda m: m in candidates)  # (tokens, channels) per attention
+        candidates = [m for m in candidates if m in tokens and round(tokens[m][0] * opt_scale**2) >= min_tokens]
+    swapped = {m: m.processor for m in candidates}
     for m, original in swapped.items():
         m.processor = FusedSelfAttention(original)
     try:

@@ -35,9 +35,10 @@ INT8_NETWORKS = ("unet", "text_encoder", "text_encoder_2", "vae_decoder", "vae_e
 CALIBRATION_STEPS = 8  # steps per calibration prompt (PNDM: one more UNet call): ranges over the whole trajectory
 CALIBRATION_SAMPLES = 32  # UNet calls kept, spread over all prompts and steps (merged sdrt.export.int8.CALIBRATION_CHUNK at a time)
 QUALITY_STEPS = 20
-# Self-attention as ONNX Runtime's fused MultiHeadAttention (sdrt.export.attention): only ORT's CPU provider runs an
+# The UNet's transformer blocks in ONNX Runtime CPU forms (self-attention as ORT's fused MultiHeadAttention where the
+# tokens are many, GEGLU as two MatMuls: sdrt.export.attention, sdrt.export.geglu): only ORT's CPU provider runs an
 # int8 export; measured faster on the SD 1.5-shape UNet call (benchmarks/results/int8-unet-profile.md).
-FUSED_ATTENTION = ("unet",)
+CPU_TRANSFORMERS = ("unet",)
 
 
 def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=None, quality: bool = True,
@@ -78,7 +79,7 @@ def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=N
         # ONNX Runtime's sessions) goes back before ORT's quantiser loads the UNet again (SD 1.5 in one process: >16 GB).
         report = in_child(export_model, model, fp32, progress=progress, force=True, winograd=winograd,
                           no_winograd=networks, winograd_kept={"unet": scheme} if "unet" in networks else {},
-                          fused_attention=FUSED_ATTENTION, **export_options)
+                          cpu_transformers=CPU_TRANSFORMERS, **export_options)
         manifest = read_manifest(fp32)
         networks = _present(networks, manifest.networks, explicit, f"this {manifest.facts.family} model")
         is_digits = _is_builtin(manifest)

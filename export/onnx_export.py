@@ -34,6 +34,7 @@ from sdrt.model.facts import ModelFacts, read_json, read_model_facts
 from sdrt.memory import model_architecture
 from sdrt.outputs import chmod_default
 from sdrt.export.attention import fused_self_attention
+from sdrt.export.geglu import split_geglu
 from sdrt.export.rewrites import graph_rewrites
 from sdrt.export.tactics import CONV_TACTIC_MODES, TacticPicker, cpu_name
 from sdrt.export.onnx_network import (
@@ -108,7 +109,7 @@ def export_model(
     tactic_threads: int | None = None,
     tactic_cache_dir=None,
     winograd_kept=None,
-    fused_attention=(),
+    cpu_transformers=(),
 ) -> ExportReport:
     """Export `model` (a diffusers-format SD 1.x/2.x/XL folder, or an original-layout single-file checkpoint) to the
     sdrt export folder `out_dir`.
@@ -137,15 +138,16 @@ def export_model(
     "measure" times every form of each conv and upsampler shape at the opt size in ONNX Runtime with
     tactic_threads threads (default: one per physical core) and exports the fastest (sdrt.export.tactics; timings
     cached in tactic_cache_dir, default ~/.cache/sdrt/conv-tactics, one file per CPU, ORT version and threads).
-    fused_attention: networks whose self-attentions export as ONNX Runtime's com.microsoft MultiHeadAttention
-    (sdrt.export.attention; ORT only: the int8 export's UNet); recorded in extras["fused_attentions"].
+    cpu_transformers: networks whose transformer blocks take ONNX Runtime CPU forms: self-attention on enough
+    tokens at the opt size as ORT's com.microsoft MultiHeadAttention (sdrt.export.attention) and GEGLU as two
+    MatMuls (sdrt.export.geglu); ORT only (the int8 export's UNet); counted in extras["cpu_transformers"].
     """
     options = dict(fp16=fp16, opset=opset, limits=limits, check=check, keep_fp32_ops=keep_fp32_ops, progress=progress,
                    exporter=exporter, force=force, share_weights=share_weights, subpixel_upsample=subpixel_upsample,
                    winograd=winograd, min_size=min_size, opt_size=opt_size, max_size=max_size, max_batch=max_batch,
                    lora_slots=lora_slots, no_winograd=tuple(no_winograd), conv_tactics=conv_tactics,
                    tactic_threads=tactic_threads, tactic_cache_dir=tactic_cache_dir, winograd_kept=dict(winograd_kept or {}),
-                   fused_attention=tuple(fused_attention))
+                   cpu_transformers=tuple(cpu_transformers))
     model, out_dir = Path(model).expanduser(), Path(out_dir).expanduser()
     if not loras and not model.is_file():
         return _export_folder(model, out_dir, source=model, lora_records=[], **options)
@@ -168,7 +170,7 @@ def _export_folder(
     model_dir: Path, out_dir: Path, fp16, opset, limits, check, keep_fp32_ops, progress, exporter, force, share_weights,
     subpixel_upsample, winograd, min_size, opt_size, max_size, max_batch, source: Path, lora_records: list[dict],
     lora_slots: str = "none", no_winograd=(), conv_tactics: str = "rule", tactic_threads=None, tactic_cache_dir=None,
-    winograd_kept=None, fused_attention=(),
+    winograd_kept=None, cpu_transformers=(),
 ) -> ExportReport:  # fmt: skip
     from tqdm.auto import tqdm
 
@@ -218,7 +220,7 @@ def _export_folder(
     opt_scale = opt_dims["image_height"] / dims["image_height"]  # winograd's tiles suit the opt size
     picker = tactic_picker(conv_tactics, tactic_threads, tactic_cache_dir)
     tactic_records = {}
-    fused = {}  # network -> self-attentions exported as MultiHeadAttention
+    cpu_forms = {}  # network -> {"fused_attentions": n, "split_geglus": n}
     try:
         if share_weights:
             copy_diffusers_folder(model_dir, tmp)
@@ -237,12 +239,15 @@ def _export_folder(
             tactic_batch = opt_dims["unet_batch" if name == UNET else "batch"]  # the UNet's opt batch: one image, guided
             with (graph_rewrites(modules[name], args, opt_scale, subpixel_upsample, rewrite, picker if rewrite else None,
                                  tactic_batch, only) as counts,
-                  fused_self_attention(modules[name], name in fused_attention) as fused[name]):
+                  fused_self_attention(modules[name], args, opt_scale, name in cpu_transformers) as attentions,
+                  split_geglu(modules[name], name in cpu_transformers) as geglus):
                 export_network(modules[name], contracts[name], tmp / rel, args, opset, exporter, constant_folding=not share_weights)
             if picker is not None and picker.records:
                 tactic_records[name], picker.records = picker.records, {}
             for key in GRAPH_REWRITES:
                 rewrites[key][name] = counts[key]
+            if attentions or geglus:
+                cpu_forms[name] = {"fused_attentions": attentions, "split_geglus": geglus}
             # A VAE that overflows in fp16 (SDXL's: force_upcast) stays fp32 in an fp16 export, as diffusers runs it.
             net_fp16 = fp16 and not (facts.force_upcast and name.startswith("vae_"))
             finish_network(tmp / rel, contracts[name], net_fp16, keep_fp32_ops, upcast_attention and name == UNET)
@@ -287,7 +292,7 @@ def _export_folder(
                 # The UNet config's own flag, whatever the precision: `sdrt build --fp16` converts fp32 exports with it.
                 "unet_upcast_attention": bool(read_json(model_dir / "unet" / "config.json").get("upcast_attention")),
                 **rewrites,
-                **({"fused_attentions": fused} if any(fused.values()) else {}),
+                **({"cpu_transformers": cpu_forms} if cpu_forms else {}),
                 "conv_tactics": {"mode": conv_tactics, **({"threads": picker.threads, "cpu": cpu_name(), "picks": tactic_records}
                                                           if picker is not None else {})},
                 "graph_revision": GRAPH_REVISION,

@@ -1,8 +1,10 @@
-"""Self-attention exported as ONNX Runtime's fused MultiHeadAttention (sdrt.export.attention; the int8 export's UNet).
+"""The int8 export's ONNX Runtime CPU forms of the UNet's transformer blocks: self-attention as ORT's fused
+MultiHeadAttention (sdrt.export.attention) and GEGLU as two MatMuls (sdrt.export.geglu).
 
 Tolerance: the fused kernel computes the same softmax(Q K^T / sqrt(d)) V in fp32 in another order (scores per head
-block, its own exp), so the UNet's output may differ from the stock graph's by float rounding only: 1e-5 of its
-range (the export parity check's fp32 bar is 1e-4); a wrong head split, scale or transpose gives errors of order 1.
+block, its own exp), and the split GEGLU the same products, so the UNet's output may differ from the stock graph's by
+float rounding only: 1e-5 of its range (the export parity check's fp32 bar is 1e-4); a wrong head split, scale,
+transpose or half gives errors of order 1.
 """
 
 import re
@@ -23,14 +25,22 @@ def _tiny_unet():
     ).eval()  # fmt: skip
 
 
-def _export(unet, path, fused: bool) -> int:
+def _args():
+    import torch
+
+    return torch.randn(2, 4, 16, 16), torch.tensor([10.0, 10.0]), torch.randn(2, 7, 32)
+
+
+def _export(unet, path, cpu_forms: bool) -> int:
     import torch
 
     from sdrt.export.attention import fused_self_attention
+    from sdrt.export.geglu import split_geglu
 
-    args = (torch.randn(2, 4, 16, 16), torch.tensor([10.0, 10.0]), torch.randn(2, 7, 32))
+    args = _args()
     axes = {"sample": {0: "b", 2: "h", 3: "w"}, "timestep": {0: "b"}, "encoder_hidden_states": {0: "b", 1: "t"}}
-    with fused_self_attention(unet, fused) as n, torch.no_grad():
+    with fused_self_attention(unet, enabled=cpu_forms) as n, split_geglu(unet, cpu_forms) as g, torch.no_grad():
+        assert g == n  # one GEGLU per transformer block
         torch.onnx.export(unet, args, str(path), dynamo=False, opset_version=17, dynamic_axes=axes,
                           input_names=list(axes), output_names=["out_sample"])
     return n
@@ -73,4 +83,19 @@ def test_only_self_attention_is_fused_and_cross_attention_kv_stay_matmuls(graphs
     assert len(kv) == 2 * n and all(re.search(r"/attn2/to_[kv]/", x.name) for x in kv)
     assert not any(x.op_type == "Softmax" and "/attn1/" in x.name for x in graph.node)
     assert any(x.op_type == "Softmax" and "/attn2/" in x.name for x in graph.node)
+    # GEGLU: two MatMuls on stored weights under the module's scope (the int8 keep rules' role), no Slice
+    stored = {i.name for i in graph.initializer}
+    geglu = [x for x in graph.node if "/ff/net.0/" in x.name]
+    assert sum(x.op_type == "MatMul" and x.input[1] in stored for x in geglu) == 2 * n
+    assert not any(x.op_type in ("Slice", "Split") for x in geglu)
+
+
+def test_only_attentions_with_enough_tokens_at_the_opt_size_are_fused():
+    from sdrt.export.attention import fused_self_attention
+
+    unet = _tiny_unet()  # example 16x16 latents: 256 tokens in the level-0 blocks (3 attentions), 64 in the mid block
+    for opt_scale, min_tokens, expected in ((1.0, 256, 3), (2.0, 256, 4), (1.0, 257, 0), (0.5, 64, 3)):
+        with fused_self_attention(unet, _args(), opt_scale, min_tokens=min_tokens) as n:
+            assert n == expected, (opt_scale, min_tokens, n)
+    assert not any(type(m.processor).__name__ == "FusedSelfAttention" for m in unet.modules() if hasattr(m, "processor"))
 

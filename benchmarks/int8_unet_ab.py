@@ -97,12 +97,15 @@ def profile(onnx_file: Path, threads: int, calls: int, prefix: str) -> dict:
     return {"file": str(onnx_file), "threads": threads, "calls": calls, "wall_s": walls,
             "kernel_s_per_call": sum(by_op.values()), "by_op_s": dict(by_op.most_common()),
             "nodes_by_op": {k: round(v) for k, v in n_op.items()}, "by_category_s": dict(by_cat.most_common()),
-            "top_nodes_s": [[op, name, t] for (op, name), t in by_node.most_common(40)]}
+            "nodes_s": [[op, name, t] for (op, name), t in by_node.most_common()]}
 
 
-def ab(files: list[Path], threads: int, calls: int) -> dict:
-    """One session per graph, all loaded; calls alternated (A, B, A, B, ...) after one warm-up each; per-graph
-    seconds and medians, and each B's median ratio to A over the pairs."""
+def ab(files: list[Path], threads: int, calls: int, gap: float = 0.3, block: int = 1) -> dict:
+    """One session per graph, all loaded; rounds alternate the graphs (A, B, A, B, ...; the order reversed every
+    other round) after one warm-up each; each turn is `block` back-to-back calls, of which the first is not counted
+    when block > 1 (it meets the previous session's pool threads still spinning: the runtime has one UNet session,
+    its calls back to back), turns `gap` seconds apart. `calls` rounds; per-graph seconds and medians, and each
+    one's median ratio to A (per round)."""
     sessions = [session(f, threads) for f in files]
     feeds = feeds_for(files[0])
     outs = [s.run(None, feeds)[0] for s in sessions]
@@ -110,11 +113,16 @@ def ab(files: list[Path], threads: int, calls: int) -> dict:
     for i in range(calls):
         order = range(len(files)) if i % 2 == 0 else reversed(range(len(files)))
         for k in order:
-            t0 = time.perf_counter()
-            sessions[k].run(None, feeds)
-            times[k].append(time.perf_counter() - t0)
+            time.sleep(gap)
+            turn = []
+            for _ in range(block):
+                t0 = time.perf_counter()
+                sessions[k].run(None, feeds)
+                turn.append(time.perf_counter() - t0)
+            times[k].append(float(np.median(turn[1:] if block > 1 else turn)))
     ref = outs[0]
-    return {"files": [str(f) for f in files], "threads": threads, "calls": calls, "seconds": times,
+    return {"files": [str(f) for f in files], "threads": threads, "rounds": calls, "block": block, "gap_s": gap,
+            "seconds": times,
             "median_s": [float(np.median(t)) for t in times],
             "median_ratio_to_first": [float(np.median(np.array(t) / np.array(times[0]))) for t in times],
             "max_abs_diff_to_first": [float(np.max(np.abs(o - ref))) for o in outs],
@@ -162,12 +170,55 @@ def fuse_attention_graph(src: Path, dst: Path, heads: int, scopes: str = "") -> 
     return fused
 
 
+def batchnorm_affine_graph(src: Path, dst: Path) -> int:
+    """`src` with each GroupNorm's affine step (InstanceNormalization -> Reshape -> Mul gamma -> Add beta) as one
+    BatchNormalization (mean 0, variance 1, epsilon 0: what sdrt.export.groupnorm exports for fp32 CPU graphs).
+    Returns how many were rewritten."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = collections.defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+    done = 0
+    for mul in [n for n in graph.node if n.op_type == "Mul"]:
+        x = next((i for i in mul.input if i not in inits), None)
+        gamma = next((i for i in mul.input if i in inits), None)
+        if x is None or gamma is None or x not in producer or producer[x].op_type != "Reshape":
+            continue
+        if producer[x].input[0] not in producer or producer[producer[x].input[0]].op_type != "InstanceNormalization":
+            continue
+        adds = consumers[mul.output[0]]
+        if len(adds) != 1 or adds[0].op_type != "Add" or not any(i in inits for i in adds[0].input):
+            continue
+        add = adds[0]
+        beta = next(i for i in add.input if i in inits)
+        g, b = numpy_helper.to_array(inits[gamma]).reshape(-1), numpy_helper.to_array(inits[beta]).reshape(-1)
+        names = [f"{mul.name}_bn_{k}" for k in ("scale", "bias", "mean", "var")]
+        for name, value in zip(names, (g, b, np.zeros_like(g), np.ones_like(g))):
+            graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+        graph.node.insert(list(graph.node).index(mul), helper.make_node(
+            "BatchNormalization", [x, *names], [add.output[0]], name=f"{mul.name}_bn", epsilon=0.0))
+        graph.node.remove(mul)
+        graph.node.remove(add)
+        done += 1
+    onnx.save_model(model, str(dst))
+    return done
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["profile", "ab", "fuse"])
+    p.add_argument("what", choices=["profile", "ab", "fuse", "batchnorm"])
     p.add_argument("files", nargs="+", type=Path, help="UNet ONNX files (inside or beside an sdrt export)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--gap", type=float, default=0.3, help="ab: seconds between turns")
+    p.add_argument("--block", type=int, default=1, help="ab: back-to-back calls per turn (the first not counted)")
     p.add_argument("--out", type=Path, help="JSON results (fuse: the new graph, beside the first file)")
     p.add_argument("--heads", type=int, help="fuse: attention heads (SD 1.5's UNet config: attention_head_dim 8)")
     p.add_argument("--scopes", default="", help="fuse: only self-attentions whose scope matches this regex")
@@ -175,10 +226,13 @@ def main(argv=None) -> int:
     if args.what == "fuse":
         print(fuse_attention_graph(args.files[0], args.out, args.heads, args.scopes), "self-attentions fused")
         return 0
+    if args.what == "batchnorm":
+        print(batchnorm_affine_graph(args.files[0], args.out), "GroupNorm affine steps as BatchNormalization")
+        return 0
     if args.what == "profile":
         result = [profile(f, args.threads, args.calls, str(f.parent / "profile")) for f in args.files]
     else:
-        result = ab(args.files, args.threads, args.calls)
+        result = ab(args.files, args.threads, args.calls, args.gap, args.block)
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text)

@@ -89,6 +89,10 @@ def test_cli_int8_export_records_scheme_and_quality(tiny_sd1, tmp_path, capsys):
     assert q["decode_psnr_db"] > 25
     assert json.loads((out / "int8_quality.json").read_text())["quality"]["psnr_db"] == q["psnr_db"]
     assert not list(tmp_path.glob(".int8.*"))  # the fp32 reference and partial folders are gone
+    # the UNet's transformer blocks in ORT's CPU forms (sdrt.export.attention, sdrt.export.geglu): GEGLU split in
+    # every block; at a 64 px opt size no self-attention reaches MIN_TOKENS, so none is fused
+    assert manifest["extras"]["cpu_transformers"]["unet"]["split_geglus"] > 0
+    assert manifest["extras"]["cpu_transformers"]["unet"]["fused_attentions"] == 0
     capsys.readouterr()
     assert main(["info", str(out), "--verify"]) == 0
     text = capsys.readouterr().out

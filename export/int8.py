@@ -424,6 +424,7 @@ def quantize_export(fp32_dir: Path, out_dir: Path, scheme: str, networks=("unet"
     network_scheme); rewrites the manifest (each quantised network's precision "int8" and its scheme; extras["int8"]
     with the stats) and the file records. Returns {network: QuantStats dict}. `calibration`: {network: [feeds]} for
     the static schemes."""
+    from sdrt.export.step_split import write_step_split
     from sdrt.model.manifest import read_manifest
 
     fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
@@ -446,6 +447,11 @@ def quantize_export(fp32_dir: Path, out_dir: Path, scheme: str, networks=("unet"
         net_scheme, keep = network_scheme(name, scheme)
         stats[name] = quantize_network(src, dst, net_scheme, (calibration or {}).get(name), keep).to_dict()
         manifest.networks[name] = {**manifest.networks[name], "precision": "int8", "int8_scheme": net_scheme}
+        manifest.networks[name].pop("step_split", None)
+        if name == "unet":  # the fp32 export's split graphs were copied: split the int8 UNet instead
+            split = write_step_split(dst)
+            if split:
+                manifest.networks[name]["step_split"] = split
     manifest.extras["int8"] = {"scheme": scheme, "networks": stats, "onnxruntime": _ort_version()}
     manifest.files = {}
     files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != "manifest.json")

@@ -36,6 +36,7 @@ from sdrt.outputs import chmod_default
 from sdrt.export.attention import fused_self_attention
 from sdrt.export.geglu import split_geglu
 from sdrt.export.rewrites import graph_rewrites
+from sdrt.export.step_split import write_step_split
 from sdrt.export.tactics import CONV_TACTIC_MODES, TacticPicker, cpu_name
 from sdrt.export.onnx_network import (
     check_dims,
@@ -269,11 +270,13 @@ def _export_folder(
         bar.close()
         del modules
         shutil.rmtree(tmp / ".staging", ignore_errors=True)
+        splits = {UNET: write_step_split(tmp / reports[UNET].file)} if UNET in reports else {}
         text_encoders = copy_runtime_files(model_dir, tmp, token_table=not share_weights)
         manifest = Manifest(
             facts=facts,
             contracts=contracts,
-            networks={n: {"file": r.file, "precision": r.precision, "opset": opset, "exporter": exporter} for n, r in reports.items()},
+            networks={n: {"file": r.file, "precision": r.precision, "opset": opset, "exporter": exporter,
+                          **({"step_split": splits[n]} if splits.get(n) else {})} for n, r in reports.items()},
             files={},
             limits=limits.to_dict(),
             versions=library_versions(opset, exporter),

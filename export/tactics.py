@@ -27,6 +27,8 @@ CONV_TACTIC_MODES = ("rule", "measure")
 CONV_TACTICS = {"direct": 0, "f2": 2, "f4": 4}  # tactic -> Winograd tile (0: ONNX Runtime's own conv)
 UPSAMPLER_TACTICS = {"plain": None, "subpixel": 0, "subpixel_f4": 4}  # None: stock upsample + conv, no rewrite
 MARGIN = 0.05  # a measured tactic replaces the rule's only when this much faster: timing noise must not flip picks
+# ... and only after a second timing of the two (each form's best of both counts). Load from elsewhere only adds time, and
+# on a shared 2-core machine one burst slowed a whole measurement 2x and flipped picks that cost the SDXL UNet 3.6%.
 REPEATS = 5  # timed runs per tactic after one warm-up (the minimum counts: others' load only adds time)
 BUDGET_S = 2.0  # per tactic: fewer repeats when one run is slow
 
@@ -62,6 +64,10 @@ class TacticPicker:
         if times is None:
             tactics = CONV_TACTICS if kind == "conv" else UPSAMPLER_TACTICS
             times = self.measure(kind, ci, co, batch, h, w, list(tactics), self.threads)
+            best = min(times, key=times.get)
+            if rule in times and times[best] < (1 - MARGIN) * times[rule]:  # a departure from the rule: time the two again
+                again = self.measure(kind, ci, co, batch, h, w, [best, rule], self.threads)
+                times = {t: min(s, again.get(t, s)) for t, s in times.items()}
             self.cache[key] = times
             _write_cache(self.cache_file, self.cache)
         best = min(times, key=times.get)

@@ -46,7 +46,10 @@ def describe_model(model: str | Path | None, verify: bool = False) -> tuple[str,
         for name, net in source.manifest.networks.items():
             files = [p for p in (source.path / net["file"]).parent.glob(Path(net["file"]).name + "*")]  # + .data
             size = sum(p.stat().st_size for p in files) / 1e6
-            lines.append(f"  {name:<14} {net['file']}  ({net.get('precision', 'fp32')}, {size:.1f} MB)")
+            split = net.get("step_split")
+            lines.append(f"  {name:<14} {net['file']}  ({net.get('precision', 'fp32')}, {size:.1f} MB)"
+                         + (f"; step split: {split['prepass']} once per generation, {split['step']} per step"
+                            f" ({split['carried']} tensors carried)" if split else ""))
         lines += _int8_lines(source.manifest.extras.get("int8"))
     else:
         for name in family_spec(f.family).components:

@@ -249,6 +249,7 @@ BACKEND_OPTIONS = {
         "batch_parallel": (_opt_bool, "True, False or None"),
         "route": (lambda v: v is None or v in ("auto", "cuda", "tensorrt", "cpu"), "'auto', 'cuda', 'tensorrt' or 'cpu'"),
         "shape_sessions": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "step_split": (_bool, "True or False"),
     },
     "torch": {
         "device": (lambda v: v is None or (isinstance(v, str) and (v in ("cpu", "cuda", "auto") or v.startswith("cuda:"))),

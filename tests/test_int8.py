@@ -361,3 +361,23 @@ def test_int8_networks_count_at_fp32_width_for_the_small_network_rule(builtin_in
     monkeypatch.setattr(sessions, "SMALL_NETWORK_BYTES", int(2.5 * unet_mb * 2**20))  # over its raw size, under 4x
     pipe = sdrt.Pipeline.from_pretrained(folder, backend="onnx", threads=1)
     assert "unet" not in pipe.backend.small_networks and "vae_decoder" in pipe.backend.small_networks
+
+
+def test_int8_unet_is_split_and_the_split_equals_the_whole(builtin_int8):
+    """The int8 UNet gets its own step split (sdrt.export.step_split); its quantised K/V MatMuls go to the prepass."""
+    import onnx
+
+    from sdrt.backends.onnx_backend import OnnxBackend
+    from sdrt.model.manifest import read_manifest
+
+    folder, _ = builtin_int8
+    manifest = read_manifest(folder)
+    record = manifest.networks["unet"]["step_split"]
+    prepass = onnx.load(str(folder / "unet" / record["prepass"]), load_external_data=False)
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} & {n.op_type for n in prepass.graph.node} or any(
+        n.op_type == "QuantizeLinear" for n in prepass.graph.node)
+    whole, split = (OnnxBackend(folder, manifest, threads=1, static_shapes=False, step_split=s) for s in (False, True))
+    assert "unet" in split.splits
+    feeds = manifest.contracts["unet"].sample_inputs({"unet_batch": 2, "latent_height": 8, "latent_width": 8})
+    a, b = whole.run("unet", feeds)["out_sample"], split.run("unet", feeds)["out_sample"]
+    assert np.abs(a - b).max() <= 1e-6 * max(1.0, np.abs(a).max())

@@ -129,14 +129,22 @@ public:
             std::string used;
             OrtSessionPlan plan = plan_ort_session(opt, want_trt, want_cuda || auto_cuda, kv.first, model.contracts.at(kv.first),
                                                    model.facts, limits, trt_cache);
-            sessions_[kv.first] = load(kv.first, kv.second, model.manifest_digest, join_path(model.path, ".ort_cache"), opt, plan, used);
+            const std::string cache_dir = join_path(model.path, ".ort_cache");
+            auto split = model.split_files.find(kv.first);
+            if (split != model.split_files.end() && !plan.cuda && file_exists(split->second.first) && file_exists(split->second.second)) {
+                splits_[kv.first] = load_split(kv.first, split->second, model.manifest_digest, cache_dir, opt, plan, used);
+            } else {
+                sessions_[kv.first] = load(kv.first, kv.second, model.manifest_digest, cache_dir, opt, plan, used);
+            }
             providers_ = used;
         }
     }
 
-    bool has(const std::string &network) const override { return sessions_.count(network) != 0; }
+    bool has(const std::string &network) const override { return sessions_.count(network) != 0 || splits_.count(network) != 0; }
 
     void run(const std::string &network, const std::vector<TensorIn> &inputs, const std::vector<TensorOut> &outputs) override {
+        auto split = splits_.find(network);
+        if (split != splits_.end()) return run_split(network, *split->second, inputs, outputs);
         auto it = sessions_.find(network);
         if (it == sessions_.end()) throw model_error("this export has no " + network + " network; re-export the model with `sdrt export`");
         const NetworkContract &c = contracts_.at(network);
@@ -166,7 +174,11 @@ public:
         }
     }
 
-    std::string describe() const override { return "onnxruntime " + Ort::GetVersionString() + " on " + providers_; }
+    std::string describe() const override {
+        std::string text = "onnxruntime " + Ort::GetVersionString() + " on " + providers_;
+        for (const auto &kv : splits_) text += "; step-invariant prepass for " + kv.first;
+        return text;
+    }
     void reset_cancel() override {
         std::lock_guard<std::mutex> lock(cancel_mutex_);
         cancelled_ = false;
@@ -182,6 +194,20 @@ private:
     const OrtApi *api_ = init_api();  // first: the members below call the API when they are constructed
     std::map<std::string, NetworkContract> contracts_;
     std::map<std::string, std::unique_ptr<Ort::Session>> sessions_;
+    // A UNet exported with its step split (sdrt.export.step_split), on CPU: the prepass runs when the fixed inputs
+    // (all but the sample and timestep) differ from the last call's, the step graph every call; as the Python backend
+    // (runtime/backends/onnx_split.py), with the last set of fixed inputs kept (one generation at a time per context).
+    struct StepSplit {
+        std::unique_ptr<Ort::Session> prepass, step;
+        std::vector<std::string> fixed, carried, step_inputs;  // prepass inputs, prepass outputs, step inputs
+        std::vector<size_t> fixed_index;  // each prepass input's position in the contract
+        std::vector<long> step_source;  // each step input: its contract position, or -1 - its carried position
+        std::vector<std::vector<float>> kept_inputs;
+        std::vector<std::vector<int64_t>> kept_shapes;
+        std::vector<Ort::Value> carried_values;
+        std::mutex mutex;
+    };
+    std::map<std::string, std::unique_ptr<StepSplit>> splits_;
     Ort::RunOptions run_options_;
     std::mutex cancel_mutex_;
     std::atomic<bool> cancelled_{false};
@@ -224,15 +250,16 @@ private:
     }
 
     std::unique_ptr<Ort::Session> load(const std::string &network, const std::string &file, const std::string &digest,
-                                       const std::string &dir, const BackendOptions &opt, const OrtSessionPlan &plan, std::string &used) {
+                                       const std::string &dir, const BackendOptions &opt, const OrtSessionPlan &plan, std::string &used,
+                                       bool part = false) {
         const bool cuda = plan.cuda;
         try {
             try {
-                return load_cached(network, file, digest, dir, opt, plan, used);
+                return load_cached(network, file, digest, dir, opt, plan, used, part);
             } catch (const Ort::Exception &e) {
                 if (!cuda || opt.provider != SDRT_BACKEND_AUTO) throw;
                 BackendOptions cpu{SDRT_BACKEND_ORT_CPU, opt.threads, opt.device_id};
-                auto session = load_cached(network, file, digest, dir, cpu, OrtSessionPlan{}, used);
+                auto session = load_cached(network, file, digest, dir, cpu, OrtSessionPlan{}, used, part);
                 used = "CPUExecutionProvider (no usable GPU: " + std::string(e.what()).substr(0, 120) + ")";
                 return session;
             }
@@ -251,15 +278,16 @@ private:
     // manifest (every file's sha256, so shared weight files too), the ONNX Runtime version, providers, threads and
     // CPU; later loads skip the optimisers. A damaged cache is rebuilt; an
     // unwritable folder only costs the cache.
+    // `part`: one graph of a step split (named <network>.prepass / <network>.step), checked by load_split instead.
     std::unique_ptr<Ort::Session> load_cached(const std::string &network, const std::string &file, const std::string &digest,
                                               const std::string &dir, const BackendOptions &opt, const OrtSessionPlan &plan,
-                                                     std::string &used) {
+                                              std::string &used, bool part = false) {
         Ort::SessionOptions so = options(opt, plan, GraphOptimizationLevel::ORT_ENABLE_ALL, used);
         struct stat st;
         if (stat(file.c_str(), &st) != 0) throw model_error(file + " is missing; re-export the model with `sdrt export`");
         if (!plan.cache_optimized_model) {  // the TensorRT provider: ORT cannot save its compiled graph
             auto session = std::make_unique<Ort::Session>(env(), file.c_str(), so);
-            check(*session, network, file);
+            if (!part) check(*session, network, file);
             return session;
         }
         std::string key = file.substr(file.rfind('/') + 1) + "|" + std::to_string(st.st_size) + "|" + std::to_string(st.st_mtim.tv_sec) +
@@ -275,7 +303,7 @@ private:
                 std::string ignored;
                 Ort::SessionOptions cached = options(opt, plan, GraphOptimizationLevel::ORT_DISABLE_ALL, ignored);
                 auto session = std::make_unique<Ort::Session>(env(), cache.c_str(), cached);
-                check(*session, network, cache);
+                if (!part) check(*session, network, cache);
                 return session;
             } catch (const std::exception &) {  // stale or damaged: rebuilt below
             }
@@ -290,12 +318,119 @@ private:
             so.AddConfigEntry("session.optimized_model_external_initializers_min_size_in_bytes", "1024");
         }
         auto session = std::make_unique<Ort::Session>(env(), file.c_str(), so);
-        check(*session, network, file);
+        if (!part) check(*session, network, file);
         if (!tmp.empty() && file_exists(tmp)) {
             if (std::rename(tmp.c_str(), cache.c_str()) == 0) prune(dir, "cpp-" + network + "-", stem);
             std::remove(tmp.c_str());
         }
         return session;
+    }
+
+    std::unique_ptr<StepSplit> load_split(const std::string &network, const std::pair<std::string, std::string> &files,
+                                          const std::string &digest, const std::string &dir, const BackendOptions &opt,
+                                          const OrtSessionPlan &plan, std::string &used) {
+        auto s = std::make_unique<StepSplit>();
+        s->prepass = load(network + ".prepass", files.first, digest, dir, opt, plan, used, true);
+        s->step = load(network + ".step", files.second, digest, dir, opt, plan, used, true);
+        Ort::AllocatorWithDefaultOptions alloc;
+        for (size_t i = 0; i < s->prepass->GetInputCount(); ++i) s->fixed.push_back(s->prepass->GetInputNameAllocated(i, alloc).get());
+        for (size_t i = 0; i < s->prepass->GetOutputCount(); ++i) s->carried.push_back(s->prepass->GetOutputNameAllocated(i, alloc).get());
+        for (size_t i = 0; i < s->step->GetInputCount(); ++i) s->step_inputs.push_back(s->step->GetInputNameAllocated(i, alloc).get());
+        std::vector<std::string> outs;
+        for (size_t i = 0; i < s->step->GetOutputCount(); ++i) outs.push_back(s->step->GetOutputNameAllocated(i, alloc).get());
+        const NetworkContract &c = contracts_.at(network);
+        auto position = [](const std::vector<std::string> &names, const std::string &name) {
+            return long(std::find(names.begin(), names.end(), name) - names.begin());
+        };
+        bool ok = outs == c.outputs;
+        for (const auto &name : s->fixed) {
+            long i = position(c.inputs, name);
+            ok &= i < long(c.inputs.size());
+            s->fixed_index.push_back(size_t(i));
+        }
+        for (const auto &name : s->step_inputs) {
+            long i = position(c.inputs, name), k = position(s->carried, name);
+            ok &= i < long(c.inputs.size()) || k < long(s->carried.size());
+            s->step_source.push_back(i < long(c.inputs.size()) ? i : -1 - k);
+        }
+        if (!ok)
+            throw model_error(files.second + " and " + files.first + " (the " + network + " network's step split) do not match the "
+                              "manifest's " + network + " contract: the export is mismatched; re-export it with `sdrt export`");
+        return s;
+    }
+
+    static size_t element_bytes(ONNXTensorElementDataType type) {
+        switch (type) {
+            case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
+            case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return 8;
+            case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return 2;
+            case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8:
+            case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8:
+            case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return 1;
+            default: return 4;
+        }
+    }
+
+    void run_split(const std::string &network, StepSplit &s, const std::vector<TensorIn> &inputs, const std::vector<TensorOut> &outputs) {
+        std::lock_guard<std::mutex> lock(s.mutex);
+        const NetworkContract &c = contracts_.at(network);
+        Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+        auto count = [](const std::vector<int64_t> &shape) {
+            size_t n = 1;
+            for (int64_t d : shape) n *= size_t(d);
+            return n;
+        };
+        auto view = [&](const TensorIn &t) {
+            return Ort::Value::CreateTensor<float>(mem, const_cast<float *>(t.data), count(t.shape), t.shape.data(), t.shape.size());
+        };
+        bool same = s.kept_inputs.size() == s.fixed.size();
+        for (size_t k = 0; same && k < s.fixed.size(); ++k) {
+            const TensorIn &t = inputs[s.fixed_index[k]];
+            same = t.shape == s.kept_shapes[k] && std::equal(t.data, t.data + count(t.shape), s.kept_inputs[k].begin());
+        }
+        try {
+            if (!same) {
+                std::vector<Ort::Value> in;
+                std::vector<const char *> in_names, out_names;
+                for (size_t k = 0; k < s.fixed.size(); ++k) {
+                    in.push_back(view(inputs[s.fixed_index[k]]));
+                    in_names.push_back(s.fixed[k].c_str());
+                }
+                for (const auto &name : s.carried) out_names.push_back(name.c_str());
+                s.kept_inputs.clear(), s.kept_shapes.clear();
+                s.carried_values = s.prepass->Run(run_options_, in_names.data(), in.data(), in.size(), out_names.data(), out_names.size());
+                for (size_t k = 0; k < s.fixed.size(); ++k) {
+                    const TensorIn &t = inputs[s.fixed_index[k]];
+                    s.kept_inputs.emplace_back(t.data, t.data + count(t.shape));
+                    s.kept_shapes.push_back(t.shape);
+                }
+            }
+            std::vector<Ort::Value> in, out;
+            std::vector<const char *> in_names, out_names;
+            for (size_t j = 0; j < s.step_inputs.size(); ++j) {
+                long i = s.step_source[j];
+                if (i >= 0) {
+                    in.push_back(view(inputs[size_t(i)]));
+                } else {  // a carried tensor: a view of the prepass output (float, or int64 shape values)
+                    Ort::Value &v = s.carried_values[size_t(-1 - i)];
+                    auto info = v.GetTensorTypeAndShapeInfo();
+                    std::vector<int64_t> shape = info.GetShape();
+                    in.push_back(Ort::Value::CreateTensor(mem, v.GetTensorMutableRawData(), info.GetElementCount() * element_bytes(info.GetElementType()),
+                                                          shape.data(), shape.size(), info.GetElementType()));
+                }
+                in_names.push_back(s.step_inputs[j].c_str());
+            }
+            for (size_t i = 0; i < outputs.size(); ++i) {
+                out.push_back(Ort::Value::CreateTensor<float>(mem, outputs[i].data, count(outputs[i].shape), outputs[i].shape.data(),
+                                                              outputs[i].shape.size()));
+                out_names.push_back(c.outputs[i].c_str());
+            }
+            s.step->Run(run_options_, in_names.data(), in.data(), in.size(), out_names.data(), out.data(), out.size());
+        } catch (const Ort::Exception &e) {
+            s.kept_inputs.clear();  // a cancelled or failed prepass leaves nothing to reuse
+            if (cancelled_) throw Error(SDRT_ERR_CANCELLED, "cancelled by sdrt_request_cancel during the " + network + " network");
+            throw Error(SDRT_ERR_BACKEND, "ONNX Runtime failed running the " + network + " network: " + e.what());
+        }
     }
 
     // Removes this network's older cache files (other keys), keeping `stem`'s model and its data file.

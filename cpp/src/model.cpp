@@ -197,6 +197,10 @@ ExportFolder read_export(const std::string &path) {
                 throw model_error(mpath + ": the unet contract's third input is " + c->second.inputs[2] + " but the family's "
                                   "conditioning is " + ex.family.conditioning[0] + kReexport);
             ex.network_files[name] = join_path(path, networks.at(name).at("file").as_string());
+            if (const Json *split = networks.at(name).find("step_split")) {
+                const std::string &file = ex.network_files[name], dir = file.substr(0, file.rfind('/'));
+                ex.split_files[name] = {join_path(dir, split->at("prepass").as_string()), join_path(dir, split->at("step").as_string())};
+            }
         }
         if (!ex.network_files.count(kTextEncoder) && !ex.network_files.count(kTextEncoder2))
             throw model_error(mpath + " has no text encoder network" + kReexport);

@@ -61,6 +61,8 @@ struct ExportFolder {
     FamilySpec family;
     std::map<std::string, NetworkContract> contracts;
     std::map<std::string, std::string> network_files;  // network -> path of its .onnx
+    // network -> (prepass, step): its step split's graphs (sdrt.export.step_split), run on CPU instead of the whole
+    std::map<std::string, std::pair<std::string, std::string>> split_files;
     std::string manifest_digest;  // a hash of manifest.json (every file's size and sha256): keys the graph cache
     std::string tokenizer_dir, scheduler_config, token_embeddings;  // the first text encoder's (SD: the only one)
     std::vector<TextEncoderFiles> text_encoders;  // in the order their states are concatenated

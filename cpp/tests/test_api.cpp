@@ -82,7 +82,9 @@ void bad_exports(const std::string &exp) {
     broken_export(exp, root, "future_manifest", [](const fs::path &d) { replace_in(d / "manifest.json", "\"format_version\": 1", "\"format_version\": 2"); }, "format 2");
     broken_export(exp, root, "truncated_unet", [](const fs::path &d) { fs::resize_file(d / "unet/model.onnx", 100); }, "truncated");
     broken_export(exp, root, "missing_vocab", [](const fs::path &d) { fs::remove(d / "tokenizer/merges.txt"); }, "missing tokenizer/merges.txt");
-    broken_export(exp, root, "garbage_onnx", [](const fs::path &d) { overwrite_start(d / "unet/model.onnx", std::string(64, '\x7f')); }, "could not load");
+    broken_export(exp, root, "garbage_onnx", [](const fs::path &d) { overwrite_start(d / "vae_decoder/model.onnx", std::string(64, '\x7f')); }, "could not load");
+    // The UNet runs as its step split on CPU (prepass.onnx, step.onnx beside model.onnx): a damaged one is refused too.
+    broken_export(exp, root, "garbage_step", [](const fs::path &d) { overwrite_start(d / "unet/step.onnx", std::string(64, '\x7f')); }, "could not load");
     broken_export(exp, root, "swapped_network", [](const fs::path &d) {
         replace_in(d / "manifest.json", "\"file\": \"unet/model.onnx\"", "\"file\": \"vae_decoder/model.onnx\""); }, "mismatched");
     broken_export(exp, root, "bad_safetensors", [](const fs::path &d) { overwrite_start(d / "token_embeddings.safetensors", std::string(8, '\xff')); }, "safetensors");
@@ -105,7 +107,8 @@ void bad_exports(const std::string &exp) {
     for (const auto &e : fs::directory_iterator(cached / ".ort_cache"))
         if (e.path().filename().string().rfind("cpp-", 0) == 0 && e.path().extension() == ".onnx")
             overwrite_start(e.path(), std::string(32, '\x01')), ++damaged;
-    CHECK(damaged == 4, "the C++ runtime wrote its optimised graphs to .ort_cache (" + std::to_string(damaged) + " files)");
+    // 5: text encoder, the UNet's prepass and step graphs, VAE encoder and decoder
+    CHECK(damaged == 5, "the C++ runtime wrote its optimised graphs to .ort_cache (" + std::to_string(damaged) + " files)");
     CHECK(init_at(cached.string(), &ctx) == SDRT_OK, std::string("damaged cache: ") + sdrt_last_error(nullptr));
     sdrt_free(ctx);
     fs::remove_all(root);
@@ -375,6 +378,7 @@ int main(int argc, char **argv) {
     CHECK(init_at(exp, &ctx) == SDRT_OK, std::string("init: ") + sdrt_last_error(nullptr));
     if (ctx) {
         std::printf("backend: %s\n", sdrt_backend_info(ctx));
+        CHECK(has(sdrt_backend_info(ctx), "step-invariant prepass for unet"), "the UNet runs as its step split on the CPU");
         bad_generate(ctx);
         struct_sizes(ctx);
         seeds(ctx, exp);

@@ -44,6 +44,7 @@ class OnnxBackend(Backend):
         batch_parallel: bool | None = None,
         route: str | None = None,
         shape_sessions: int = SPECIALIZED_PER_NETWORK,
+        step_split: bool = True,
     ):
         """route: "auto", "cuda", "tensorrt" or "cpu" (sdrt.backends.onnx_providers); a GPU route whose provider is
         missing is a BackendError. providers: ORT provider names, the older way to say a route.
@@ -51,7 +52,9 @@ class OnnxBackend(Backend):
         when a session runs on CUDA. static_shapes: a session per input shape with the shapes fixed (None: on
         CPU, for networks whose weights are under SMALL_NETWORK_BYTES). batch_parallel: run a small network's
         batch in `threads` parts at once, one single-threaded run each (None: on, on CPU). shape_sessions: input
-        shapes kept per static network (a server whose batches vary in size keeps one per batch size it runs)."""
+        shapes kept per static network (a server whose batches vary in size keeps one per batch size it runs).
+        step_split: on CPU, run a UNet exported with its step split as its step-invariant prepass (once per
+        generation) and its step graph (sdrt.backends.onnx_split); False runs model.onnx whole."""
         super().__init__(manifest.contracts)
         if route is not None and providers:
             raise InputError("pass route or providers, not both")
@@ -62,7 +65,7 @@ class OnnxBackend(Backend):
         self.path, self.manifest, self.route = Path(path), manifest, route
         self.threads, self.device_id = threads, device_id
         self.sessions_set = Sessions(self.path, manifest, route, device_id, threads, optimized_cache, fusions, static_shapes,
-                                     shape_sessions)
+                                     shape_sessions, step_split)
         self.sessions = self.sessions_set.sessions
         self.notes = self.sessions_set.notes
         problem = ort_install_problem() if route == "auto" else None
@@ -70,6 +73,7 @@ class OnnxBackend(Backend):
             self.notes.append(problem)
         self.on_cuda = self.sessions_set.on_cuda
         self.small_networks = self.sessions_set.small_networks
+        self.splits = self.sessions_set.splits
         self.static_networks = self.sessions_set.static_networks
         self.providers = self.sessions_set.provider_names()
         self.parallel = max(1, self.threads or os.cpu_count() or 1)
@@ -126,6 +130,8 @@ class OnnxBackend(Backend):
         dims = self._dims(contract, arrays)
         if self.on_cuda:
             return self._cuda.run(network, self._session_for(network, dims), contract, arrays, dims)
+        if network in self.splits:
+            return self.splits[network].run(contract, arrays, dims)
         parts = self._batch_parts(network, dims)
         if len(parts) > 1:
             return self._splitter.run(network, contract, arrays, dims, parts, self._session_for)
@@ -158,6 +164,8 @@ class OnnxBackend(Backend):
         rewrites = [f"{n} {names[key]}" for key, n in counts.items() if n]
         if rewrites:
             text += f"; export: {', '.join(rewrites)}"
+        if self.splits:
+            text += f"; step-invariant prepass for {', '.join(sorted(self.splits))}"
         if self.small_networks:
             text += f"; 1 thread for the small {', '.join(sorted(self.small_networks))}"
         if self.static_networks:

@@ -17,6 +17,9 @@ shape-specialised sessions of small networks.
 - Small networks (weights under SMALL_NETWORK_BYTES at fp32 width, like the built-in model's) run on one intra-op thread
   and get a session per input shape on CPU, built with ORT's free-dimension overrides, so that the shape
   arithmetic a dynamic-shape export carries (hundreds of Shape/Gather/Concat nodes) is folded away.
+- A UNet exported with its step split (sdrt.export.step_split) runs on CPU as two sessions, its step-invariant
+  prepass and its step graph (sdrt.backends.onnx_split), unless it is a small network (static shapes fold more
+  there than the prepass saves) or `step_split=False`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import onnxruntime as ort
 
 from sdrt.backends.base import module_available
 from sdrt.backends.onnx_providers import provider_names, require_session_providers, session_providers
+from sdrt.backends.onnx_split import StepSplit
 from sdrt.errors import ModelError
 from sdrt.model.manifest import Manifest
 
@@ -97,7 +101,7 @@ class Sessions:
 
     def __init__(self, path: Path, manifest: Manifest, route: str, device_id: int = 0, threads: int | None = None,
                  optimized_cache: bool = True, fusions: bool = True, static_shapes: bool | None = None,
-                 shape_sessions: int = SPECIALIZED_PER_NETWORK):  # fmt: skip
+                 shape_sessions: int = SPECIALIZED_PER_NETWORK, step_split: bool = True):  # fmt: skip
         self.path, self.manifest, self.route = Path(path), manifest, route
         self.contracts = manifest.contracts
         self.device_id, self.threads = device_id, threads
@@ -106,12 +110,18 @@ class Sessions:
         self.small_networks = {n for n in manifest.networks if self.fp32_weight_bytes(n) <= SMALL_NETWORK_BYTES}
         tensorrt = route == "tensorrt"  # ORT cannot save TensorRT-compiled graphs; TensorRT fuses by itself
         self.sessions: dict[str, ort.InferenceSession] = {}
+        self.splits: dict[str, StepSplit] = {}  # networks run as prepass + step graph; sessions[] holds the step graph
         for network in manifest.networks:
+            static = static_shapes if static_shapes is not None else network in self.small_networks
+            if step_split and not static and self.split_record(network) and self.provider_names(network) == ["CPUExecutionProvider"]:
+                self.splits[network] = self.load_split(network, optimized_cache)
+                self.sessions[network] = self.splits[network].step
+                continue
             self.sessions[network] = self.load(network, optimized_cache and not tensorrt, fusions and not tensorrt)
             require_session_providers(route, network, self.sessions[network].get_providers())
         self.on_cuda = bool(self.sessions) and all("CUDAExecutionProvider" in s.get_providers() for s in self.sessions.values())
         self.static_networks = {
-            n for n in self.sessions if not self.on_cuda and (static_shapes if static_shapes is not None else n in self.small_networks)
+            n for n in self.sessions if not self.on_cuda and n not in self.splits and (static_shapes if static_shapes is not None else n in self.small_networks)
             and not self.contracts[n].lora_slots  # a session per LoRA rank would make every switch a session load
         }  # fmt: skip
         self.specialized: dict[str, dict[tuple, ort.InferenceSession]] = {n: {} for n in self.static_networks}
@@ -141,17 +151,32 @@ class Sessions:
 
     # --- loading --------------------------------------------------------------------------------------------
 
-    def load(self, network: str, optimized_cache: bool, fusions: bool) -> ort.InferenceSession:
+    def split_record(self, network: str) -> dict | None:
+        """The manifest's record of the network's step split, when its files are there."""
+        record = self.manifest.networks[network].get("step_split")
+        folder = (self.path / self.manifest.networks[network]["file"]).parent
+        return record if record and all((folder / record[k]).is_file() for k in ("prepass", "step")) else None
+
+    def load_split(self, network: str, optimized_cache: bool) -> StepSplit:
+        record = self.split_record(network)
+        prepass, step = (self.load(network, optimized_cache, False, part=record[k]) for k in ("prepass", "step"))
+        return StepSplit(prepass, step, self.contracts[network])
+
+    def load(self, network: str, optimized_cache: bool, fusions: bool, part: str | None = None) -> ort.InferenceSession:
+        """The network's session; `part`: one of its step split's graphs (a file beside model.onnx) instead."""
         file = self.path / self.manifest.networks[network]["file"]
+        if part is not None:
+            file = file.parent / part
+        check = (lambda session: None) if part else (lambda session: self.check_session(session, network, file))
         try:
             source = file
             if fusions and "CUDAExecutionProvider" in self.provider_names(network):
                 source = self.fused(network, file)
-            cache = self.cache_path(network, source) if optimized_cache else None
+            cache = self.cache_path(network, source, part) if optimized_cache else None
             if cache is not None and cache.exists():
                 try:  # already optimised: loading skips the optimisers' work
                     session = self.session(cache, self.options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, network), network)
-                    self.check_session(session, network, file)
+                    check(session)
                     return session
                 except Exception:  # a stale or damaged cache costs a rebuild, never the run
                     self.notes.append(f"rebuilt the {network} cache")
@@ -164,7 +189,7 @@ class Sessions:
                 f"ONNX Runtime could not load {file} ({first[:300]}); the file is damaged or from an incompatible "
                 "export: re-export the model with `sdrt export`"
             ) from None
-        self.check_session(session, network, file)
+        check(session)
         return session
 
     def create_and_cache(self, source: Path, cache: Path | None, network: str) -> ort.InferenceSession:
@@ -189,10 +214,11 @@ class Sessions:
         prune_cache(cache, keep=(cache.name, stem + ".data"))
         return session
 
-    def cache_path(self, network: str, source: Path) -> Path:
-        """One cache file per (network, ONNX file state, ORT version, providers, fusions, machine)."""
+    def cache_path(self, network: str, source: Path, part: str | None = None) -> Path:
+        """One cache file per (network or split part, ONNX file state, ORT version, providers, fusions, machine)."""
         stat = source.stat()
-        entry = self.manifest.files.get(self.manifest.networks[network]["file"], {})
+        rel = self.manifest.networks[network]["file"]
+        entry = self.manifest.files.get(str(Path(rel).parent / part) if part else rel, {})
         key = {
             "file": [source.name, stat.st_size, stat.st_mtime_ns, entry.get("sha256")],
             "ort": ort.__version__,
@@ -201,7 +227,8 @@ class Sessions:
             "machine": [platform.machine(), cpu_name()],
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return self.path / CACHE_DIR / f"{network}-{digest}.onnx"
+        name = f"{network}.{Path(part).stem}" if part else network  # unet.prepass-<key>: pruned apart from unet-<key>
+        return self.path / CACHE_DIR / f"{name}-{digest}.onnx"
 
     def fused(self, network: str, file: Path) -> Path:
         """ORT's SD fusions (attention, GroupNorm, NhwcConv, ...) for CUDA, saved once beside the cache."""
@@ -225,9 +252,12 @@ class Sessions:
         return fused
 
     def weight_bytes(self, network: str) -> int:
-        """The network's folder on disk: its graph and weights (a shared-weight export's safetensors too)."""
+        """The network's folder on disk: its graph and weights (a shared-weight export's safetensors too), less its
+        step split's graphs (which hold a second copy of weights a small model keeps inside its graph)."""
         folder = (self.path / self.manifest.networks[network]["file"]).parent
-        return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        split = self.manifest.networks[network].get("step_split") or {}
+        skip = {split.get("prepass"), split.get("step")}
+        return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name not in skip)
 
     def fp32_weight_bytes(self, network: str) -> int:
         """weight_bytes at fp32 width: an int8 network's 1-byte weights count 4x, so that an int8 SD VAE (57 MB on

@@ -24,10 +24,11 @@ FORMAT_VERSION = 1
 # chosen per conv, F(4x4) among them, batch folded into the GEMMs; 4: Winograd sub-pixel upsamplers; 5: LoRA slots
 # gated, sdrt.export.lora_gates; 6: SDXL's pooled final text layer for one token, conv forms measured per machine with
 # --conv-tactics measure, sdrt.export.tactics; 7: Winograd's output transform by a GEMM and depth-to-space, no transposed
-# convolution, GroupNorm's affine step as one BatchNormalization; 8: the int8 export's UNet with ORT's fused
-# MultiHeadAttention for self-attention on >= 1024 tokens and GEGLU as two MatMuls). Exports of any
+# convolution, GroupNorm's affine step as one BatchNormalization; 8: the UNet's step split beside it,
+# sdrt.export.step_split; 9: the int8 export's UNet with ORT's fused MultiHeadAttention for self-attention on >= 1024
+# tokens and GEGLU as two MatMuls). Exports of any
 # revision run; caches of exports (sdrt bench) key on it so that a better graph is not hidden by an old one.
-GRAPH_REVISION = 8
+GRAPH_REVISION = 9
 GRAPH_REWRITES = ("subpixel_upsamplers", "winograd_convs")  # extras keys: {network: modules rewritten}
 
 

@@ -10,7 +10,7 @@ request only: with the UNet's int8 it took the built-in model's 20-step PSNR und
 
 Steps: export fp32 into a hidden folder beside OUT (the networks that get quantised without Winograd rewrites, which
 would turn their convs into transforms int8 cannot follow, but for the UNet's layers its scheme keeps fp32:
-sdrt.export.int8.kept_modules); record the inputs of the networks a static scheme
+sdrt.export.int8.kept_modules; the UNet's transformer blocks in ORT's CPU forms, CPU_TRANSFORMERS); record the inputs of the networks a static scheme
 calibrates while that export samples the calibration prompts (sdrt.export.int8_quality.record_feeds: the UNet's at
 every step, the decoder's latents, the decoded images for the encoder); quantise (sdrt.export.int8) into a second
 hidden folder; sample the quality prompts with both and compare (PSNR; the VAE decoder's alone on the calibration

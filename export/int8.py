@@ -27,7 +27,8 @@ doubled their error.
 What stays fp32 whatever the scheme (`fp32_nodes`): the first and last conv (the latent <-> feature maps, where an
 error lands directly in the output), every Gemm (the time embedding and the per-resnet time projections: 2-D, tiny,
 and they set each block's scale), every norm, softmax and elementwise op (only Conv/MatMul are quantised), the
-attention score MatMuls whose two inputs are both activations (Q.K^T and P.V: their ranges swing per step), and convs
+attention score MatMuls whose two inputs are both activations (Q.K^T and P.V: their ranges swing per step; inside ORT's
+fused MultiHeadAttention where the export fused them, sdrt.export.attention), and convs
 whose weight is computed in the graph rather than stored.
 """
 

@@ -2,8 +2,12 @@
 
     # per op type / per node, one session, ORT's profiler (3 calls after a warm-up)
     flock /work/heavy.lock python benchmarks/int8_unet_ab.py profile EXPORT/unet/model.onnx --out OUT.json
-    # paired A/B: one session per graph, calls alternated A, B, A, B, ...; medians
-    flock /work/heavy.lock python benchmarks/int8_unet_ab.py ab A.onnx B.onnx --calls 8 --out OUT.json
+    # paired A/B: one session per graph, turns alternated A, B, A, B, ...; medians
+    flock /work/heavy.lock python benchmarks/int8_unet_ab.py ab A.onnx B.onnx --calls 6 --block 4 --out OUT.json
+    # the same through the runtime (sdrt.Pipeline, 4 steps at 256 px): UNet call = loop / 5
+    flock /work/heavy.lock python benchmarks/int8_unet_ab.py pipeline EXPORT_A EXPORT_B --calls 6 --out OUT.json
+    # B graphs for the A/B: self-attentions fused into an existing export's UNet; GroupNorm affine as BatchNormalization
+    python benchmarks/int8_unet_ab.py fuse A.onnx --heads 8 --scopes "down_blocks\.0/|up_blocks\.3/" --out B.onnx
 
 EXPORT: an int8 export of `sdrt.bench.models.build_sd15_random` (as `sdrt bench --sd15-random` makes it:
 `sdrt export MODEL OUT --winograd --conv-tactics measure --int8`). Inputs: the UNet contract's sample inputs at
@@ -129,6 +133,31 @@ def ab(files: list[Path], threads: int, calls: int, gap: float = 0.3, block: int
             "ref_max_abs": float(np.max(np.abs(ref)))}
 
 
+def pipeline_ab(folders: list[Path], threads: int, rounds: int, size: int = 256, steps: int = 4) -> dict:
+    """The UNet call through the runtime: sdrt.Pipeline on each export (all loaded), `steps` steps of the export's
+    scheduler (SD 1.5's PNDM: steps + 1 guided UNet calls), guidance 7.5, `size` px, one image; rounds alternate the
+    order, 0.5 s apart; UNet call = loop seconds / calls. Also the largest pixel difference from the first export."""
+    import sdrt
+
+    pipes = [sdrt.Pipeline.from_pretrained(f, backend="onnx", threads=threads) for f in folders]
+
+    def run(p):
+        return p(["a photo of a fox in the snow"], num_inference_steps=steps, guidance_scale=7.5, seed=0, height=size,
+                 width=size, output_type="np", progress=False)
+
+    images = [run(p).images for p in pipes]  # warm-up
+    calls = steps + 1
+    per_call = [[] for _ in pipes]
+    for r in range(rounds):
+        for k in range(len(pipes)) if r % 2 == 0 else reversed(range(len(pipes))):
+            time.sleep(0.5)
+            per_call[k].append(run(pipes[k]).timings["loop"] / calls)
+    return {"exports": [str(f) for f in folders], "threads": threads, "unet_call_s": per_call,
+            "median_s": [float(np.median(t)) for t in per_call],
+            "ratio_to_first": [float(np.median(t) / np.median(per_call[0])) for t in per_call],
+            "max_abs_diff_uint8": [int(np.abs(i.astype(np.int16) - images[0]).max()) for i in images]}
+
+
 def fuse_attention_graph(src: Path, dst: Path, heads: int, scopes: str = "") -> int:
     """`src` with each self-attention core (the nodes between to_q/to_k/to_v and to_out.0, in scopes matching the
     regex `scopes`) replaced by one com.microsoft MultiHeadAttention on the projections' outputs: what the export
@@ -213,8 +242,9 @@ def batchnorm_affine_graph(src: Path, dst: Path) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["profile", "ab", "fuse", "batchnorm"])
-    p.add_argument("files", nargs="+", type=Path, help="UNet ONNX files (inside or beside an sdrt export)")
+    p.add_argument("what", choices=["profile", "ab", "pipeline", "fuse", "batchnorm"])
+    p.add_argument("files", nargs="+", type=Path, help="UNet ONNX files (inside or beside an sdrt export); pipeline: "
+                   "export folders")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--gap", type=float, default=0.3, help="ab: seconds between turns")
@@ -228,6 +258,11 @@ def main(argv=None) -> int:
         return 0
     if args.what == "batchnorm":
         print(batchnorm_affine_graph(args.files[0], args.out), "GroupNorm affine steps as BatchNormalization")
+        return 0
+    if args.what == "pipeline":
+        result = pipeline_ab(args.files, args.threads, args.calls)
+        args.out and args.out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
         return 0
     if args.what == "profile":
         result = [profile(f, args.threads, args.calls, str(f.parent / "profile")) for f in args.files]

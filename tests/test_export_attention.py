@@ -99,3 +99,33 @@ def test_only_attentions_with_enough_tokens_at_the_opt_size_are_fused():
             assert n == expected, (opt_scale, min_tokens, n)
     assert not any(type(m.processor).__name__ == "FusedSelfAttention" for m in unet.modules() if hasattr(m, "processor"))
 
+
+
+def test_fused_graph_splits_at_the_cross_attention_kv(graphs, tmp_path):
+    """The step split (sdrt.export.step_split) still moves the cross-attention K/V MatMuls to its prepass, and
+    prepass + step equal the whole fused graph."""
+    import shutil
+
+    import onnx
+    import onnxruntime as ort
+
+    from sdrt.export.step_split import write_step_split
+
+    folder, n, _ = graphs
+    whole = tmp_path / "model.onnx"
+    shutil.copy(folder / "fused.onnx", whole)
+    record = write_step_split(whole)
+    assert record and record["carried"] >= 2 * n
+    prepass = onnx.load(str(tmp_path / record["prepass"]), load_external_data=False).graph
+    assert sum(x.op_type == "MatMul" and re.search(r"/attn2/to_[kv]/", x.name) is not None for x in prepass.node) == 2 * n
+    rng = np.random.default_rng(2)
+    feeds = {"sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32), "timestep": np.full(2, 300.0, np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 7, 32), dtype=np.float32)}
+    sessions = {k: ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
+                for k, f in (("whole", "model.onnx"), ("prepass", record["prepass"]), ("step", record["step"]))}
+    pre = sessions["prepass"]
+    pre_feeds = {i.name: feeds[i.name] for i in pre.get_inputs()}
+    carried = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, pre_feeds)))
+    step_feeds = {i.name: {**feeds, **carried}[i.name] for i in sessions["step"].get_inputs()}
+    got, ref = sessions["step"].run(None, step_feeds)[0], sessions["whole"].run(None, feeds)[0]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)

@@ -141,7 +141,8 @@ def export_model(
     cached in tactic_cache_dir, default ~/.cache/sdrt/conv-tactics, one file per CPU, ORT version and threads).
     cpu_transformers: networks whose transformer blocks take ONNX Runtime CPU forms: self-attention on enough
     tokens at the opt size as ORT's com.microsoft MultiHeadAttention (sdrt.export.attention) and GEGLU as two
-    MatMuls (sdrt.export.geglu); ORT only (the int8 export's UNet); counted in extras["cpu_transformers"].
+    MatMuls (sdrt.export.geglu); ORT only (the int8 export's UNet); counted in extras["cpu_transformers"]. A
+    `winograd` export (a CPU one) splits its UNet's GEGLUs too: exact, and no Slice copies out the halves.
     """
     options = dict(fp16=fp16, opset=opset, limits=limits, check=check, keep_fp32_ops=keep_fp32_ops, progress=progress,
                    exporter=exporter, force=force, share_weights=share_weights, subpixel_upsample=subpixel_upsample,
@@ -241,7 +242,7 @@ def _export_folder(
             with (graph_rewrites(modules[name], args, opt_scale, subpixel_upsample, rewrite, picker if rewrite else None,
                                  tactic_batch, only) as counts,
                   fused_self_attention(modules[name], args, opt_scale, name in cpu_transformers) as attentions,
-                  split_geglu(modules[name], name in cpu_transformers) as geglus):
+                  split_geglu(modules[name], name in cpu_transformers or (winograd and name == UNET)) as geglus):
                 export_network(modules[name], contracts[name], tmp / rel, args, opset, exporter, constant_folding=not share_weights)
             if picker is not None and picker.records:
                 tactic_records[name], picker.records = picker.records, {}

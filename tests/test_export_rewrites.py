@@ -149,6 +149,7 @@ def test_winograd_export_is_fp32_only_and_refused_by_tensorrt(tiny_sd1, tmp_path
     manifest = read_manifest(tmp_path / "w")
     counts, upsamplers = manifest.extras["winograd_convs"], manifest.extras["subpixel_upsamplers"]
     assert counts["unet"] > 0 and counts["vae_decoder"] > 0
+    assert manifest.extras["cpu_transformers"]["unet"] == {"fused_attentions": 0, "split_geglus": 7}  # a CPU export's GEGLUs
     graph = onnx.load(str(tmp_path / "w" / manifest.networks["vae_decoder"]["file"]), load_external_data=False).graph
     # pixel_shuffle (CRD) is the plain sub-pixel upsampler's interleave; Winograd's output transform uses DCR
     modes = [next((a.s.decode() for a in n.attribute if a.name == "mode"), "DCR") for n in graph.node if n.op_type == "DepthToSpace"]

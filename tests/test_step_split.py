@@ -54,6 +54,9 @@ def test_split_equals_whole_and_runs_the_prepass_once_per_context(fixture, reque
     feeds["encoder_hidden_states"][:] += 0.25  # the same array changed in place: compared by value, not identity
     assert_close(whole.run("unet", feeds)["out_sample"], split.run("unet", feeds)["out_sample"])
     assert state.prepass_runs == 3
+    split.forget_fixed_inputs()  # what the bench does before each run: the same text pays for its prepass again
+    split.run("unet", feeds)
+    assert state.prepass_runs == 4
     single = unet_feeds(whole, seed=3, batch=1)  # another batch size (guidance 0)
     assert_close(whole.run("unet", single)["out_sample"], split.run("unet", single)["out_sample"])
 

@@ -93,6 +93,12 @@ class OnnxBackend(Backend):
             return super().set_lora_factors(network, factors)
         self.lora_feeds[network] = self._lora_feeds(network, factors)
 
+    def forget_fixed_inputs(self) -> None:
+        """Drop the step splits' kept prepass outputs: the next call runs the prepass whatever its inputs (a benchmark
+        repeating one prompt measures what a new prompt costs)."""
+        for split in self.splits.values():
+            split.forget()
+
     # --- what a caller may ask (the pipeline, tests, sdrt info) -------------------------------------------------
 
     @property

@@ -53,6 +53,10 @@ class StepSplit:
             del self.kept[:-KEEP]
         return carried
 
+    def forget(self) -> None:
+        with self.lock:
+            self.kept.clear()
+
     def run(self, contract, arrays: dict[str, np.ndarray], dims: dict[str, int]) -> dict[str, np.ndarray]:
         carried = self.carried_for(arrays)
         feeds = {name: arrays[name] if name in arrays else carried[name] for name in self.step_inputs}

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from sdrt.export.winograd import LazyFunction
+
 
 def fusable(m) -> bool:
     """A diffusers self-attention module whose processor the fused form reproduces: no group/spatial/q-k norms, no
@@ -104,15 +106,4 @@ def _make_function():
     return MultiHeadAttention
 
 
-class _LazyFunction:
-    """torch is imported only when an export runs (the runtime never imports it)."""
-
-    def __init__(self, make):
-        self.make, self.fn = make, None
-
-    def apply(self, *args):
-        self.fn = self.fn or self.make()
-        return self.fn.apply(*args)
-
-
-_MultiHeadAttention = _LazyFunction(_make_function)
+_MultiHeadAttention = LazyFunction(_make_function)

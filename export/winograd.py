@@ -125,8 +125,9 @@ def _make_depth_to_space_function():
     return DepthToSpaceDCR
 
 
-class _LazyFunction:
-    """torch is imported only when an export runs (the runtime never imports it)."""
+class LazyFunction:
+    """A torch.autograd.Function made on first use: torch is imported only when an export runs (the runtime never
+    imports it). Also sdrt.export.attention's."""
 
     def __init__(self, make):
         self.make, self.fn = make, None
@@ -136,7 +137,7 @@ class _LazyFunction:
         return self.fn.apply(*args)
 
 
-_DepthToSpaceDCR = _LazyFunction(_make_depth_to_space_function)
+_DepthToSpaceDCR = LazyFunction(_make_depth_to_space_function)
 
 def choose_tile(in_channels: int, out_channels: int, height: int, width: int) -> int:
     """The Winograd tile for a 3x3 conv whose input is height x width at the opt size; 0 keeps it direct."""

@@ -151,26 +151,15 @@ public:
         Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
         std::vector<Ort::Value> in, out;
         std::vector<const char *> in_names, out_names;
-        auto count = [](const std::vector<int64_t> &s) {
-            size_t n = 1;
-            for (int64_t d : s) n *= size_t(d);
-            return n;
-        };
         for (size_t i = 0; i < inputs.size(); ++i) {
-            in.push_back(Ort::Value::CreateTensor<float>(mem, const_cast<float *>(inputs[i].data), count(inputs[i].shape),
-                                                         inputs[i].shape.data(), inputs[i].shape.size()));
+            in.push_back(float_view(mem, inputs[i].data, inputs[i].shape));
             in_names.push_back(c.inputs[i].c_str());
         }
-        for (size_t i = 0; i < outputs.size(); ++i) {
-            out.push_back(Ort::Value::CreateTensor<float>(mem, outputs[i].data, count(outputs[i].shape), outputs[i].shape.data(),
-                                                          outputs[i].shape.size()));
-            out_names.push_back(c.outputs[i].c_str());
-        }
+        bind_outputs(c, mem, outputs, out, out_names);
         try {
             it->second->Run(run_options_, in_names.data(), in.data(), in.size(), out_names.data(), out.data(), out.size());
         } catch (const Ort::Exception &e) {
-            if (cancelled_) throw Error(SDRT_ERR_CANCELLED, "cancelled by sdrt_request_cancel during the " + network + " network");
-            throw Error(SDRT_ERR_BACKEND, "ONNX Runtime failed running the " + network + " network: " + e.what());
+            run_failed(network, e);
         }
     }
 
@@ -359,41 +348,43 @@ private:
         return s;
     }
 
-    static size_t element_bytes(ONNXTensorElementDataType type) {
-        switch (type) {
-            case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
-            case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return 8;
-            case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return 2;
-            case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8:
-            case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8:
-            case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return 1;
-            default: return 4;
+    static size_t element_count(const std::vector<int64_t> &shape) {
+        size_t n = 1;
+        for (int64_t d : shape) n *= size_t(d);
+        return n;
+    }
+    static Ort::Value float_view(const Ort::MemoryInfo &mem, const float *data, const std::vector<int64_t> &shape) {
+        return Ort::Value::CreateTensor<float>(mem, const_cast<float *>(data), element_count(shape), shape.data(), shape.size());
+    }
+    // The caller's output buffers as ORT values, named in contract order.
+    static void bind_outputs(const NetworkContract &c, const Ort::MemoryInfo &mem, const std::vector<TensorOut> &outputs,
+                             std::vector<Ort::Value> &out, std::vector<const char *> &names) {
+        for (size_t i = 0; i < outputs.size(); ++i) {
+            out.push_back(float_view(mem, outputs[i].data, outputs[i].shape));
+            names.push_back(c.outputs[i].c_str());
         }
+    }
+    [[noreturn]] void run_failed(const std::string &network, const Ort::Exception &e) const {
+        if (cancelled_) throw Error(SDRT_ERR_CANCELLED, "cancelled by sdrt_request_cancel during the " + network + " network");
+        throw Error(SDRT_ERR_BACKEND, "ONNX Runtime failed running the " + network + " network: " + e.what());
     }
 
     void run_split(const std::string &network, StepSplit &s, const std::vector<TensorIn> &inputs, const std::vector<TensorOut> &outputs) {
         std::lock_guard<std::mutex> lock(s.mutex);
         const NetworkContract &c = contracts_.at(network);
         Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-        auto count = [](const std::vector<int64_t> &shape) {
-            size_t n = 1;
-            for (int64_t d : shape) n *= size_t(d);
-            return n;
-        };
-        auto view = [&](const TensorIn &t) {
-            return Ort::Value::CreateTensor<float>(mem, const_cast<float *>(t.data), count(t.shape), t.shape.data(), t.shape.size());
-        };
         bool same = s.kept_inputs.size() == s.fixed.size();
         for (size_t k = 0; same && k < s.fixed.size(); ++k) {
             const TensorIn &t = inputs[s.fixed_index[k]];
-            same = t.shape == s.kept_shapes[k] && std::equal(t.data, t.data + count(t.shape), s.kept_inputs[k].begin());
+            same = t.shape == s.kept_shapes[k] && std::equal(t.data, t.data + element_count(t.shape), s.kept_inputs[k].begin());
         }
         try {
             if (!same) {
                 std::vector<Ort::Value> in;
                 std::vector<const char *> in_names, out_names;
                 for (size_t k = 0; k < s.fixed.size(); ++k) {
-                    in.push_back(view(inputs[s.fixed_index[k]]));
+                    const TensorIn &t = inputs[s.fixed_index[k]];
+                    in.push_back(float_view(mem, t.data, t.shape));
                     in_names.push_back(s.fixed[k].c_str());
                 }
                 for (const auto &name : s.carried) out_names.push_back(name.c_str());
@@ -401,35 +392,32 @@ private:
                 s.carried_values = s.prepass->Run(run_options_, in_names.data(), in.data(), in.size(), out_names.data(), out_names.size());
                 for (size_t k = 0; k < s.fixed.size(); ++k) {
                     const TensorIn &t = inputs[s.fixed_index[k]];
-                    s.kept_inputs.emplace_back(t.data, t.data + count(t.shape));
+                    s.kept_inputs.emplace_back(t.data, t.data + element_count(t.shape));
                     s.kept_shapes.push_back(t.shape);
                 }
             }
-            std::vector<Ort::Value> in, out;
+            // The step graph's inputs: the caller's (as views) and the carried prepass outputs themselves (float, or int64
+            // shape values), passed as OrtValue pointers through the C API, which takes them side by side.
+            std::vector<Ort::Value> views, out;
+            std::vector<const OrtValue *> in;
             std::vector<const char *> in_names, out_names;
             for (size_t j = 0; j < s.step_inputs.size(); ++j) {
                 long i = s.step_source[j];
                 if (i >= 0) {
-                    in.push_back(view(inputs[size_t(i)]));
-                } else {  // a carried tensor: a view of the prepass output (float, or int64 shape values)
-                    Ort::Value &v = s.carried_values[size_t(-1 - i)];
-                    auto info = v.GetTensorTypeAndShapeInfo();
-                    std::vector<int64_t> shape = info.GetShape();
-                    in.push_back(Ort::Value::CreateTensor(mem, v.GetTensorMutableRawData(), info.GetElementCount() * element_bytes(info.GetElementType()),
-                                                          shape.data(), shape.size(), info.GetElementType()));
+                    views.push_back(float_view(mem, inputs[size_t(i)].data, inputs[size_t(i)].shape));
+                    in.push_back(views.back());
+                } else {
+                    in.push_back(s.carried_values[size_t(-1 - i)]);
                 }
                 in_names.push_back(s.step_inputs[j].c_str());
             }
-            for (size_t i = 0; i < outputs.size(); ++i) {
-                out.push_back(Ort::Value::CreateTensor<float>(mem, outputs[i].data, count(outputs[i].shape), outputs[i].shape.data(),
-                                                              outputs[i].shape.size()));
-                out_names.push_back(c.outputs[i].c_str());
-            }
-            s.step->Run(run_options_, in_names.data(), in.data(), in.size(), out_names.data(), out.data(), out.size());
+            bind_outputs(c, mem, outputs, out, out_names);
+            std::vector<OrtValue *> out_values(out.begin(), out.end());
+            Ort::ThrowOnError(Ort::GetApi().Run(*s.step, run_options_, in_names.data(), in.data(), in.size(), out_names.data(),
+                                                out_names.size(), out_values.data()));
         } catch (const Ort::Exception &e) {
             s.kept_inputs.clear();  // a cancelled or failed prepass leaves nothing to reuse
-            if (cancelled_) throw Error(SDRT_ERR_CANCELLED, "cancelled by sdrt_request_cancel during the " + network + " network");
-            throw Error(SDRT_ERR_BACKEND, "ONNX Runtime failed running the " + network + " network: " + e.what());
+            run_failed(network, e);
         }
     }
 

@@ -173,7 +173,7 @@ def write_step_split(network_file: Path) -> dict | None:
     types = {o.name: o.type for o in session.get_outputs()}
     del session
     for info in list(split.prepass.graph.output) + [i for i in split.step.graph.input if i.name in split.carried]:
-        info.type.tensor_type.elem_type = _ELEM_TYPES[types[info.name]]
+        info.type.tensor_type.elem_type = getattr(onnx.TensorProto, types[info.name][len("tensor("):-1].upper())  # FLOAT, INT64, ...
     _save(split.prepass, prepass_path)
     _save(split.step, step_path)
     return {"prepass": PREPASS_FILE, "step": STEP_FILE, "carried": len(split.carried)}
@@ -185,6 +185,3 @@ def _save(model, path: Path) -> None:
     tmp.write_bytes(model.SerializeToString())
     tmp.replace(path)
 
-
-_ELEM_TYPES = {"tensor(float)": 1, "tensor(uint8)": 2, "tensor(int8)": 3, "tensor(int32)": 6, "tensor(int64)": 7,
-               "tensor(bool)": 9, "tensor(float16)": 10, "tensor(double)": 11}  # fmt: skip

@@ -94,8 +94,7 @@ class OnnxBackend(Backend):
         self.lora_feeds[network] = self._lora_feeds(network, factors)
 
     def forget_fixed_inputs(self) -> None:
-        """Drop the step splits' kept prepass outputs: the next call runs the prepass whatever its inputs (a benchmark
-        repeating one prompt measures what a new prompt costs)."""
+        """Drop the step splits' kept prepass outputs: the next call runs the prepass whatever its inputs."""
         for split in self.splits.values():
             split.forget()
 

@@ -111,9 +111,10 @@ class Sessions:
         tensorrt = route == "tensorrt"  # ORT cannot save TensorRT-compiled graphs; TensorRT fuses by itself
         self.sessions: dict[str, ort.InferenceSession] = {}
         self.splits: dict[str, StepSplit] = {}  # networks run as prepass + step graph; sessions[] holds the step graph
+        # Shape-specialised on CPU: the small networks, unless static_shapes says otherwise for all.
+        by_shape = {n for n in manifest.networks if (static_shapes if static_shapes is not None else n in self.small_networks)}
         for network in manifest.networks:
-            static = static_shapes if static_shapes is not None else network in self.small_networks
-            if step_split and not static and self.split_record(network) and self.provider_names(network) == ["CPUExecutionProvider"]:
+            if step_split and network not in by_shape and self.split_record(network) and self.provider_names(network) == ["CPUExecutionProvider"]:
                 self.splits[network] = self.load_split(network, optimized_cache)
                 self.sessions[network] = self.splits[network].step
                 continue
@@ -121,7 +122,7 @@ class Sessions:
             require_session_providers(route, network, self.sessions[network].get_providers())
         self.on_cuda = bool(self.sessions) and all("CUDAExecutionProvider" in s.get_providers() for s in self.sessions.values())
         self.static_networks = {
-            n for n in self.sessions if not self.on_cuda and n not in self.splits and (static_shapes if static_shapes is not None else n in self.small_networks)
+            n for n in by_shape if not self.on_cuda and n not in self.splits
             and not self.contracts[n].lora_slots  # a session per LoRA rank would make every switch a session load
         }  # fmt: skip
         self.specialized: dict[str, dict[tuple, ort.InferenceSession]] = {n: {} for n in self.static_networks}

@@ -45,11 +45,12 @@ SCHEMES = ("mixed", "dynamic", "dynamic-matmul", "static", "static-wide", "stati
 DEFAULT_SCHEME = "static"
 STATIC_SCHEMES = ("static", "static-wide", "static-all", "static-s8", "mixed")  # the ones that need calibration
 
-# Quantised MatMuls keep a float output: ONNX Runtime then fuses DequantizeLinear -> MatMul into MatMulIntegerToFloat
-# (int8 GEMM, float result) instead of QLinearMatMul + an output QuantizeLinear/DequantizeLinear pair, which saves
-# the output's rounding (guided-call error 0.039 -> 0.036 for `static` on the built-in model) and ~4% of an SD
-# 1.5-shape UNet call (int8-sensitivity.md). Convs keep their int8 output: ORT fuses QLinearConv only with one.
-FLOAT_OUTPUT_OPS = ["MatMul"]
+# Quantised MatMuls and convs keep a float output. MatMuls: ONNX Runtime then fuses DequantizeLinear -> MatMul into
+# MatMulIntegerToFloat (int8 GEMM, float result) instead of QLinearMatMul + an output QuantizeLinear/DequantizeLinear
+# pair, which saves the output's rounding (guided-call error 0.039 -> 0.036 for `static` on the built-in model) and
+# ~4% of an SD 1.5-shape UNet call (int8-sensitivity.md). Convs: sdrt.export.int8_conv_gemm rewrites each as an int8
+# GEMM with a float output (ORT would fuse QLinearConv only with an int8 output, and its kernel is the slower one).
+FLOAT_OUTPUT_OPS = ["MatMul", "Conv"]
 
 # Layer roles, as the exporter names them (diffusers module paths): the layers whose input is an un-normalised stream,
 # where one per-tensor int8 range must span channels of very different scales (ONNX Runtime's QLinearConv and
@@ -202,6 +203,10 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
         else:
             _weight_only(named, out, quantize, big)
         result = onnx.load(str(out))
+        if scheme in STATIC_SCHEMES:
+            from sdrt.export.int8_conv_gemm import convs_as_int8_gemm
+
+            convs_as_int8_gemm(result)
         for leftover in [dst, dst.with_name(dst.name + ".data")]:
             leftover.unlink(missing_ok=True)
         big_after = sum(len(t.raw_data) for t in result.graph.initializer) > 1_800_000_000
@@ -218,7 +223,7 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
 
 
 QUANT_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv", "QLinearMatMul",
-             "QuantizeLinear", "DequantizeLinear", "MatMulNBits", "DynamicQuantizeLinear")
+             "MatMulIntegerToFloat", "QuantizeLinear", "DequantizeLinear", "MatMulNBits", "DynamicQuantizeLinear")
 
 
 def _bytes(path: Path) -> int:

@@ -221,9 +221,9 @@ def test_static_s8_is_asymmetric(tmp_path):
 
 
 def test_quantised_matmuls_keep_float_outputs(tmp_path):
-    """Static schemes leave a quantised MatMul's output float (no QuantizeLinear after it), so ONNX Runtime runs
-    MatMulIntegerToFloat rather than QLinearMatMul plus an output rounding; a quantised Conv keeps its int8 output
-    (QLinearConv needs one)."""
+    """Static schemes leave a quantised MatMul's or Conv's output float (no QuantizeLinear after it): ONNX Runtime
+    runs MatMulIntegerToFloat rather than QLinearMatMul plus an output rounding, and the conv is rewritten as an int8
+    GEMM with a float output (sdrt.export.int8_conv_gemm) rather than run as QLinearConv."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -257,13 +257,13 @@ def test_quantised_matmuls_keep_float_outputs(tmp_path):
             consumers.setdefault(i, []).append(n.op_type)
     outputs = {n.name: n.output[0] for n in q.graph.node}
     assert consumers[outputs["mm0"]] == ["Sigmoid"] and consumers[outputs["mm1"]] == ["Reshape"]
-    assert consumers[outputs["conv1"]] == ["QuantizeLinear"]
+    assert consumers["b"] == ["Relu"] and "conv1" not in outputs and outputs["conv1/to_nchw"] == "b"
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "opt.onnx")
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
-    assert ops.count("MatMulIntegerToFloat") == 2 and "QLinearMatMul" not in ops and "QLinearConv" in ops
+    assert ops.count("MatMulIntegerToFloat") == 3 and "QLinearMatMul" not in ops and "QLinearConv" not in ops
     ref = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
     got = session.run(None, feeds[0])[0]
     assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()  # int8: a few % of the range, not a broken graph

@@ -26,9 +26,10 @@ FORMAT_VERSION = 1
 # --conv-tactics measure, sdrt.export.tactics; 7: Winograd's output transform by a GEMM and depth-to-space, no transposed
 # convolution, GroupNorm's affine step as one BatchNormalization; 8: the UNet's step split beside it,
 # sdrt.export.step_split; 9: the int8 export's UNet with ORT's fused MultiHeadAttention for self-attention on >= 1024
-# tokens and GEGLU as two MatMuls; 10: a --winograd export's UNet GEGLUs as two MatMuls). Exports of any
+# tokens and GEGLU as two MatMuls; 10: a --winograd export's UNet GEGLUs as two MatMuls; 11: an int8 export's convs
+# as im2col + one int8 GEMM with a float output, sdrt.export.int8_conv_gemm). Exports of any
 # revision run; caches of exports (sdrt bench) key on it so that a better graph is not hidden by an old one.
-GRAPH_REVISION = 10
+GRAPH_REVISION = 11
 GRAPH_REWRITES = ("subpixel_upsamplers", "winograd_convs")  # extras keys: {network: modules rewritten}
 
 

@@ -1,0 +1,106 @@
+"""int8 convs as im2col + one int8 GEMM (sdrt.export.int8_conv_gemm): the rewrite computes what the QDQ graph it
+replaces computes, for every conv form the exporter writes, at every image size.
+
+Reference: the QDQ graph before the rewrite, run by ONNX Runtime with graph optimisations off, so each quantised conv
+runs as DequantizeLinear + a float Conv: the same integer values and scales, summed in float. The rewrite sums them
+in int32 (exact) and scales once, so the two differ by float rounding only: 1e-5 of the output's range.
+"""
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from sdrt.export.int8_conv_gemm import convs_as_int8_gemm  # noqa: E402
+
+# (name, weight shape, attributes): the forms sdrt's exports hold (3x3 same-size, stride-2 downsampler, 1x1
+# shortcut/proj, an asymmetric pad) and two the rewrite must leave alone (grouped, dilated).
+CONVS = [
+    ("same3x3", (8, 4, 3, 3), {"pads": [1, 1, 1, 1]}),
+    ("down3x3", (8, 8, 3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}),
+    ("shortcut1x1", (6, 8, 1, 1), {}),
+    ("asym2x2", (6, 6, 2, 2), {"pads": [0, 0, 1, 1]}),
+    ("grouped", (6, 3, 3, 3), {"pads": [1, 1, 1, 1], "group": 2}),
+    ("dilated", (5, 6, 3, 3), {"pads": [2, 2, 2, 2], "dilations": [2, 2]}),
+]
+REWRITTEN = {"same3x3", "down3x3", "shortcut1x1", "asym2x2"}
+
+
+def _float_model(path):
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i, (name, shape, attrs) in enumerate(CONVS):
+        inits += [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, f"w{i}"),
+                  numpy_helper.from_array(rng.standard_normal(shape[0]).astype(np.float32), f"b{i}")]
+        out = f"y{i}" if i == len(CONVS) - 1 else f"h{i}"
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], name=name, **attrs))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [out], name=f"relu{i}"))  # between convs: float
+        prev = out
+    graph = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, "h", "w"])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, None)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _run(model, x, optimise):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    if not optimise:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.fixture(scope="module")
+def qdq(tmp_path_factory):
+    """The float model quantised as sdrt's static schemes do (QDQ, per-channel int8 weights, uint8 activations,
+    float outputs), before the rewrite."""
+    from sdrt.export.int8 import _static
+
+    folder = tmp_path_factory.mktemp("convgemm")
+    _float_model(folder / "m.onnx")
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((1, 4, 12, 12)).astype(np.float32)} for _ in range(3)]
+    names = [c[0] for c in CONVS]
+    _static(folder / "m.onnx", folder / "q.onnx", names, feeds, big=False)
+    return onnx.load(str(folder / "q.onnx"))
+
+
+def test_rewrite_matches_the_qdq_graph_at_every_size(qdq):
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(qdq)
+    assert convs_as_int8_gemm(rewritten) == len(REWRITTEN)
+    onnx.checker.check_model(rewritten)
+    convs = {n.name for n in rewritten.graph.node if n.op_type == "Conv"}
+    assert convs == {c[0] for c in CONVS} - REWRITTEN  # grouped and dilated stay as they were
+    gemms = [n for n in rewritten.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(gemms) == len(REWRITTEN) and all(n.domain == "com.microsoft" for n in gemms)
+    rng = np.random.default_rng(2)
+    for size in (12, 9, 16):  # the calibrated size, an odd one (the stride-2 conv's last row), a larger one
+        x = rng.standard_normal((2, 4, size, size)).astype(np.float32)
+        want = _run(qdq, x, optimise=False)
+        got = _run(rewritten, x, optimise=True)
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max() + 1e-6, size
+
+
+def test_rewrite_leaves_no_dangling_dequantize(qdq):
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(qdq)
+    convs_as_int8_gemm(rewritten)
+    read = {i for n in rewritten.graph.node for i in n.input} | {o.name for o in rewritten.graph.output}
+    assert all(set(n.output) & read for n in rewritten.graph.node if n.op_type == "DequantizeLinear")
+    assert {t.name for t in rewritten.graph.initializer} <= read  # the int8 conv weights now live in the GEMMs
+    weights = [t for t in rewritten.graph.initializer if t.name.endswith("/weight")]
+    assert len(weights) == len(REWRITTEN) and all(t.data_type == TensorProto.INT8 for t in weights)
+
+
+def test_a_float_conv_is_left_alone():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])
+    w = numpy_helper.from_array(np.ones((2, 2, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph)
+    assert convs_as_int8_gemm(model) == 0 and [n.op_type for n in model.graph.node] == ["Conv"]

@@ -45,12 +45,12 @@ SCHEMES = ("mixed", "dynamic", "dynamic-matmul", "static", "static-wide", "stati
 DEFAULT_SCHEME = "static"
 STATIC_SCHEMES = ("static", "static-wide", "static-all", "static-s8", "mixed")  # the ones that need calibration
 
-# Quantised MatMuls and convs keep a float output. MatMuls: ONNX Runtime then fuses DequantizeLinear -> MatMul into
-# MatMulIntegerToFloat (int8 GEMM, float result) instead of QLinearMatMul + an output QuantizeLinear/DequantizeLinear
-# pair, which saves the output's rounding (guided-call error 0.039 -> 0.036 for `static` on the built-in model) and
-# ~4% of an SD 1.5-shape UNet call (int8-sensitivity.md). Convs: sdrt.export.int8_conv_gemm rewrites each as an int8
-# GEMM with a float output (ORT would fuse QLinearConv only with an int8 output, and its kernel is the slower one).
-FLOAT_OUTPUT_OPS = ["MatMul", "Conv"]
+# Quantised MatMuls keep a float output: ONNX Runtime then fuses DequantizeLinear -> MatMul into MatMulIntegerToFloat
+# (int8 GEMM, float result) instead of QLinearMatMul + an output QuantizeLinear/DequantizeLinear pair, which saves
+# the output's rounding (guided-call error 0.039 -> 0.036 for `static` on the built-in model) and ~4% of an SD
+# 1.5-shape UNet call (int8-sensitivity.md). Convs are quantised with their int8 output, which ORT needs to fuse
+# QLinearConv; sdrt.export.int8_conv_gemm then rewrites the convs where an int8 GEMM is faster, with a float output.
+FLOAT_OUTPUT_OPS = ["MatMul"]
 
 # Layer roles, as the exporter names them (diffusers module paths): the layers whose input is an un-normalised stream,
 # where one per-tensor int8 range must span channels of very different scales (ONNX Runtime's QLinearConv and
@@ -99,6 +99,7 @@ class QuantStats:
     kept_fp32: list  # Conv/MatMul nodes left in fp32, by name
     bytes_before: int
     bytes_after: int
+    conv_forms: dict = dataclasses.field(default_factory=dict)  # {"gemm": n, "qlinearconv": n, "by": how picked}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,10 +160,14 @@ def kept_modules(module, scheme: str, prefix: str = "/unet/") -> set:
     return {scopes[n] for n in sensitive_nodes(list(scopes), rule)}
 
 
-def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibration=None, keep=(), options=None) -> QuantStats:
+def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibration=None, keep=(), options=None,
+                     conv_forms: dict | None = None) -> QuantStats:
     """Quantise the ONNX graph at `src` into `dst` (one file, or file + `.data` when over 2 GB).
 
     calibration: for "static", a list of feed dicts (the network's inputs, recorded from real sampling).
+    conv_forms: how the static schemes pick each quantised conv's form (sdrt.export.int8_conv_gemm):
+    {"dims": {dim_param: value} at the export's opt size, "picker": a sdrt.export.tactics.TacticPicker to time the
+    forms on this machine, or None for the rule}; None: every conv as an int8 GEMM.
     """
     import onnx
 
@@ -203,10 +208,7 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
         else:
             _weight_only(named, out, quantize, big)
         result = onnx.load(str(out))
-        if scheme in STATIC_SCHEMES:
-            from sdrt.export.int8_conv_gemm import convs_as_int8_gemm
-
-            convs_as_int8_gemm(result)
+        forms = _rewrite_convs(result, conv_forms) if scheme in STATIC_SCHEMES else {}
         for leftover in [dst, dst.with_name(dst.name + ".data")]:
             leftover.unlink(missing_ok=True)
         big_after = sum(len(t.raw_data) for t in result.graph.initializer) > 1_800_000_000
@@ -219,7 +221,32 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
     for n in result.graph.node:
         if n.op_type in QUANT_OPS:
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return QuantStats(scheme, counts, keep, bytes_before, _bytes(dst))
+    return QuantStats(scheme, counts, keep, bytes_before, _bytes(dst), forms)
+
+
+def _rewrite_convs(model, conv_forms: dict | None) -> dict:
+    """Rewrite `model`'s quantised convs as int8 GEMMs where conv_forms' rule or timings pick it (quantize_network);
+    returns {"gemm": n, "qlinearconv": n, "by": "rule"|"measure"|"all"}."""
+    from sdrt.export.int8_conv_gemm import conv_geometry, convs_as_int8_gemm, rule_form
+
+    if conv_forms is None:
+        return {"gemm": convs_as_int8_gemm(model), "qlinearconv": 0, "by": "all"}
+    shapes = conv_geometry(model, conv_forms["dims"])
+    picker = conv_forms.get("picker")
+    picks = {}
+
+    def choose(name):
+        shape = shapes.get(name)
+        form = rule_form(shape)
+        if picker is not None and shape is not None:
+            form = picker.pick(shape.kind(), shape.in_channels, shape.out_channels, shape.batch, shape.height,
+                               shape.width, form)
+        picks[name] = form
+        return form == "gemm"
+
+    gemm = convs_as_int8_gemm(model, choose)
+    return {"gemm": gemm, "qlinearconv": sum(f == "qlinearconv" for f in picks.values()),
+            "by": "measure" if picker is not None else "rule"}
 
 
 QUANT_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv", "QLinearMatMul",
@@ -425,11 +452,15 @@ def network_scheme(network: str, unet_scheme: str) -> tuple[str, tuple]:
     return OTHER_NETWORK_SCHEMES.get(network, (unet_scheme, ()))
 
 
-def quantize_export(fp32_dir: Path, out_dir: Path, scheme: str, networks=("unet",), calibration=None) -> dict:
+def quantize_export(fp32_dir: Path, out_dir: Path, scheme: str, networks=("unet",), calibration=None,
+                    conv_tactics: str = "rule", tactic_threads: int | None = None, tactic_cache_dir=None) -> dict:
     """Copy the fp32 export at `fp32_dir` to `out_dir` with `networks` quantised (the UNet by `scheme`, the others by
     network_scheme); rewrites the manifest (each quantised network's precision "int8" and its scheme; extras["int8"]
     with the stats) and the file records. Returns {network: QuantStats dict}. `calibration`: {network: [feeds]} for
-    the static schemes."""
+    the static schemes. conv_tactics "measure" times each quantised conv's two forms at the export's opt size
+    (sdrt.export.int8_conv_gemm; cached as sdrt.export.tactics caches), "rule" takes int8_conv_gemm.rule_form."""
+    from sdrt.contracts import ShapeLimits
+    from sdrt.export.onnx_export import tactic_picker
     from sdrt.export.step_split import write_step_split
     from sdrt.model.manifest import read_manifest
 
@@ -442,6 +473,9 @@ def quantize_export(fp32_dir: Path, out_dir: Path, scheme: str, networks=("unet"
                                  if Path(folder).resolve() == f.parent and name.startswith(f.name)}
 
     shutil.copytree(fp32_dir, out_dir, ignore=ignore)
+    known = {f.name for f in dataclasses.fields(ShapeLimits)}
+    dims = ShapeLimits(**{k: v for k, v in manifest.limits.items() if k in known}).dims(manifest.facts, "opt")
+    conv_forms = {"dims": dims, "picker": tactic_picker(conv_tactics, tactic_threads, tactic_cache_dir)}
     stats = {}
     for name in networks:
         rel = manifest.networks[name]["file"]
@@ -451,7 +485,8 @@ def quantize_export(fp32_dir: Path, out_dir: Path, scheme: str, networks=("unet"
             if p.name.startswith(dst.name):
                 p.unlink()
         net_scheme, keep = network_scheme(name, scheme)
-        stats[name] = quantize_network(src, dst, net_scheme, (calibration or {}).get(name), keep).to_dict()
+        stats[name] = quantize_network(src, dst, net_scheme, (calibration or {}).get(name), keep,
+                                       conv_forms=conv_forms).to_dict()
         manifest.networks[name] = {**manifest.networks[name], "precision": "int8", "int8_scheme": net_scheme}
         manifest.networks[name].pop("step_split", None)
         if name == "unet":  # the fp32 export's split graphs were copied: split the int8 UNet instead

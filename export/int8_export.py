@@ -97,7 +97,9 @@ def export_int8(model, out_dir, scheme: str | None = None, calibration_prompts=N
         t2 = time.perf_counter()
         # Quantising and the quality report run in children too: ORT's quantiser holds the fp32 UNet and its int8
         # copy, the report an fp32 and an int8 pipeline one after the other, and none of that need stay in this process.
-        stats = in_child(quantize_export, fp32, tmp, scheme, networks, feeds)
+        stats = in_child(quantize_export, fp32, tmp, scheme, networks, feeds,
+                         **{k: export_options[k] for k in ("conv_tactics", "tactic_threads", "tactic_cache_dir")
+                            if k in export_options})
         record = {"scheme": scheme, "networks": stats, "calibration": calibration,
                   "quantize_seconds": time.perf_counter() - t2}
         if quality:
@@ -179,7 +181,10 @@ def summary(out_dir, record: dict) -> str:
     lines = [f"int8 ({record['scheme']}) export at {out_dir} in {record.get('seconds', 0):.1f} s"]
     for name, st in record["networks"].items():
         ops = ", ".join(f"{k} {v}" for k, v in sorted(st["quantized"].items()))
+        forms = st.get("conv_forms") or {}
+        convs = (f"; int8 convs: {forms['gemm']} as GEMM, {forms['qlinearconv']} as QLinearConv ({forms['by']})"
+                 if forms.get("gemm") or forms.get("qlinearconv") else "")
         lines.append(f"  {name} ({st['scheme']}): {st['bytes_before'] / 1e6:.1f} -> {st['bytes_after'] / 1e6:.1f} MB; "
-                     f"{len(st['kept_fp32'])} Conv/MatMul kept fp32; {ops}")
+                     f"{len(st['kept_fp32'])} Conv/MatMul kept fp32; {ops}{convs}")
     lines += ["  " + line for line in int8_quality_lines(record.get("quality"))]
     return "\n".join(lines)

@@ -6,7 +6,9 @@ choices can lose. `--conv-tactics measure` instead times, for each distinct shap
 every form sdrt can export, in a tiny ONNX Runtime session (the same exporter, threads and graph optimisation
 the runtime uses), and exports the fastest:
 - a 3x3 conv: direct, Winograd F(2x2, 3x3) or F(4x4, 3x3);
-- an upsampler (nearest 2x + 3x3 conv): stock, sub-pixel (four 2x2 convs), or sub-pixel by F(4x4).
+- an upsampler (nearest 2x + 3x3 conv): stock, sub-pixel (four 2x2 convs), or sub-pixel by F(4x4);
+- an int8 export's quantised conv (kinds "int8conv{k}x{k}/{stride}"): ONNX Runtime's QLinearConv, or im2col + one
+  int8 GEMM (sdrt.export.int8_conv_gemm, whose rule_form is the rule).
 Every form is exact to float rounding (each has its own test against PyTorch's conv); only speed differs.
 Timings are cached per CPU model, ONNX Runtime version and thread count (a JSON file under ~/.cache/sdrt), so an
 export measured once is re-made the same way; the rule stays the default because it is deterministic.
@@ -26,6 +28,7 @@ from sdrt.backends.onnx_sessions import cpu_name
 CONV_TACTIC_MODES = ("rule", "measure")
 CONV_TACTICS = {"direct": 0, "f2": 2, "f4": 4}  # tactic -> Winograd tile (0: ONNX Runtime's own conv)
 UPSAMPLER_TACTICS = {"plain": None, "subpixel": 0, "subpixel_f4": 4}  # None: stock upsample + conv, no rewrite
+INT8_CONV_FORMS = ("qlinearconv", "gemm")  # sdrt.export.int8_conv_gemm.FORMS
 MARGIN = 0.05  # a measured tactic replaces the rule's only when this much faster: timing noise must not flip picks
 # ... and only after a second timing of the two (each form's best of both counts). Load from elsewhere only adds time, and
 # on a shared 2-core machine one burst slowed a whole measurement 2x and flipped picks that cost the SDXL UNet 3.6%.
@@ -62,7 +65,7 @@ class TacticPicker:
         key = conv_key(kind, ci, co, batch, h, w)
         times = self.cache.get(key)
         if times is None:
-            tactics = CONV_TACTICS if kind == "conv" else UPSAMPLER_TACTICS
+            tactics = _tactics_of(kind)
             times = self.measure(kind, ci, co, batch, h, w, list(tactics), self.threads)
             best = min(times, key=times.get)
             if rule in times and times[best] < (1 - MARGIN) * times[rule]:  # a departure from the rule: time the two again
@@ -74,6 +77,12 @@ class TacticPicker:
         choice = best if rule not in times or times[best] < (1 - MARGIN) * times[rule] else rule
         self.records[key] = {"times_ms": {t: round(s * 1e3, 3) for t, s in times.items()}, "rule": rule, "pick": choice}
         return choice
+
+
+def _tactics_of(kind: str):
+    if kind.startswith("int8conv"):
+        return INT8_CONV_FORMS
+    return CONV_TACTICS if kind == "conv" else UPSAMPLER_TACTICS
 
 
 def _read_cache(path: Path) -> dict:
@@ -135,6 +144,12 @@ def time_tactics(kind: str, ci: int, co: int, batch: int, h: int, w: int, tactic
     """{tactic: best seconds per call} in ONNX Runtime (CPU, `threads` intra-op threads, ENABLE_ALL). The tactics'
     runs take turns, so that a burst of load from elsewhere falls on all of them alike (on a busy 2-core machine
     it slowed the forms unevenly: Winograd's data movement more than direct convolution)."""
+    if kind.startswith("int8conv"):  # "int8conv3x3/2": kernel 3, stride 2
+        from sdrt.export.int8_conv_gemm import ConvShape, time_forms
+
+        k, s = (int(v) for v in re.fullmatch(r"int8conv(\d+)x\d+/(\d+)", kind).groups())
+        rows = batch * ((h + 2 * (k // 2) - k) // s + 1) * ((w + 2 * (k // 2) - k) // s + 1)
+        return time_forms(ConvShape(batch, ci, co, h, w, k, s, rows), tactics, threads, repeats, budget_s)
     import onnxruntime as ort
     import torch
 

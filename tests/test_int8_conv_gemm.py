@@ -1,9 +1,11 @@
 """int8 convs as im2col + one int8 GEMM (sdrt.export.int8_conv_gemm): the rewrite computes what the QDQ graph it
 replaces computes, for every conv form the exporter writes, at every image size.
 
-Reference: the QDQ graph before the rewrite, run by ONNX Runtime with graph optimisations off, so each quantised conv
-runs as DequantizeLinear + a float Conv: the same integer values and scales, summed in float. The rewrite sums them
-in int32 (exact) and scales once, so the two differ by float rounding only: 1e-5 of the output's range.
+Reference: the QDQ graph before the rewrite, quantised without the convs' output rounding and run by ONNX Runtime
+with graph optimisations off, so each quantised conv runs as DequantizeLinear + a float Conv: the same integer values
+and scales, summed in float. The rewrite sums them in int32 (exact) and scales once, so the two differ by float
+rounding only: 1e-5 of the output's range. The exports quantise conv outputs (QLinearConv needs it); the rewrite
+bypasses that rounding, which the second test checks against the same reference.
 """
 
 import numpy as np
@@ -54,9 +56,9 @@ def _run(model, x, optimise):
 
 
 @pytest.fixture(scope="module")
-def qdq(tmp_path_factory):
-    """The float model quantised as sdrt's static schemes do (QDQ, per-channel int8 weights, uint8 activations,
-    float outputs), before the rewrite."""
+def quantised(tmp_path_factory):
+    """The float model quantised as sdrt's static schemes do (QDQ, per-channel int8 weights, uint8 activations; one
+    calibration): ("float_outputs": convs' outputs left float, the reference; "int8_outputs": as the exports)."""
     from sdrt.export.int8 import _static
 
     folder = tmp_path_factory.mktemp("convgemm")
@@ -64,13 +66,26 @@ def qdq(tmp_path_factory):
     rng = np.random.default_rng(1)
     feeds = [{"x": rng.standard_normal((1, 4, 12, 12)).astype(np.float32)} for _ in range(3)]
     names = [c[0] for c in CONVS]
-    _static(folder / "m.onnx", folder / "q.onnx", names, feeds, big=False)
-    return onnx.load(str(folder / "q.onnx"))
+    ranges = folder / "ranges.json"
+    _static(folder / "m.onnx", folder / "f.onnx", names, feeds, big=False, cache=ranges,
+            extra={"OpTypesToExcludeOutputQuantization": ["MatMul", "Conv"]})
+    _static(folder / "m.onnx", folder / "q.onnx", names, feeds, big=False, cache=ranges)
+    return {"float_outputs": onnx.load(str(folder / "f.onnx")), "int8_outputs": onnx.load(str(folder / "q.onnx"))}
+
+
+@pytest.fixture
+def qdq(quantised):
+    return quantised["float_outputs"]
+
+
+def _copy(model):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def test_rewrite_matches_the_qdq_graph_at_every_size(qdq):
-    rewritten = onnx.ModelProto()
-    rewritten.CopyFrom(qdq)
+    rewritten = _copy(qdq)
     assert convs_as_int8_gemm(rewritten) == len(REWRITTEN)
     onnx.checker.check_model(rewritten)
     convs = {n.name for n in rewritten.graph.node if n.op_type == "Conv"}
@@ -87,14 +102,82 @@ def test_rewrite_matches_the_qdq_graph_at_every_size(qdq):
 
 
 def test_rewrite_leaves_no_dangling_dequantize(qdq):
-    rewritten = onnx.ModelProto()
-    rewritten.CopyFrom(qdq)
+    rewritten = _copy(qdq)
     convs_as_int8_gemm(rewritten)
     read = {i for n in rewritten.graph.node for i in n.input} | {o.name for o in rewritten.graph.output}
     assert all(set(n.output) & read for n in rewritten.graph.node if n.op_type == "DequantizeLinear")
     assert {t.name for t in rewritten.graph.initializer} <= read  # the int8 conv weights now live in the GEMMs
     weights = [t for t in rewritten.graph.initializer if t.name.endswith("/weight")]
     assert len(weights) == len(REWRITTEN) and all(t.data_type == TensorProto.INT8 for t in weights)
+
+
+def test_output_rounding_is_bypassed_for_float_readers(quantised):
+    """From the exports' form (conv outputs quantised): the rewritten convs' outputs reach their float readers (Relu)
+    unrounded, so the result is the reference's; a conv not chosen keeps its rounding and runs as QLinearConv."""
+    last = f"h{len(REWRITTEN) - 1}"  # after the rewritten convs (grouped and dilated keep their output rounding)
+    reference, rewritten = _copy(quantised["float_outputs"]), _copy(quantised["int8_outputs"])
+    for model in (reference, rewritten):
+        model.graph.output.insert(0, helper.make_tensor_value_info(last, TensorProto.FLOAT, None))
+    assert convs_as_int8_gemm(rewritten) == len(REWRITTEN)
+    x = np.random.default_rng(3).standard_normal((1, 4, 12, 12)).astype(np.float32)
+    want = _run(reference, x, optimise=False)
+    got = _run(rewritten, x, optimise=True)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max() + 1e-6
+    rounded = {n.input[0] for n in rewritten.graph.node if n.op_type == "QuantizeLinear"}
+    assert not rounded & {f"c{i}" for i in range(len(REWRITTEN))} and {"c4", "c5"} <= rounded
+
+    partly = _copy(quantised["int8_outputs"])
+    assert convs_as_int8_gemm(partly, choose=lambda name: name != "down3x3") == len(REWRITTEN) - 1
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as work:
+        options.optimized_model_filepath = str(Path(work) / "opt.onnx")
+        ort.InferenceSession(partly.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        fused = [n.name for n in onnx.load(options.optimized_model_filepath).graph.node if n.op_type == "QLinearConv"]
+    assert set(fused) == {"down3x3", "grouped", "dilated"}  # ORT fuses every conv left in QDQ form
+
+
+def test_conv_geometry_and_the_rule(qdq):
+    from sdrt.export.int8_conv_gemm import ConvShape, conv_geometry, rule_form
+
+    shapes = conv_geometry(qdq, {"n": 2, "h": 12, "w": 12})
+    assert shapes["same3x3"] == ConvShape(2, 4, 8, 12, 12, 3, 1, 2 * 12 * 12)
+    assert shapes["down3x3"] == ConvShape(2, 8, 8, 12, 12, 3, 2, 2 * 6 * 6)
+    assert shapes["shortcut1x1"].kernel == 1 and shapes["shortcut1x1"].rows == 2 * 6 * 6
+    assert "asym2x2" in shapes and shapes["down3x3"].kind() == "int8conv3x3/2"
+    # The rule: the GEMM up to 8192 output rows or from 512 output channels (int8-conv-gemm.md).
+    assert rule_form(ConvShape(2, 320, 320, 32, 32, 3, 1, 2048)) == "gemm"
+    assert rule_form(ConvShape(1, 512, 512, 256, 256, 3, 1, 65536)) == "gemm"
+    assert rule_form(ConvShape(1, 256, 128, 256, 256, 3, 1, 65536)) == "qlinearconv"
+    assert rule_form(None) == "gemm"
+
+
+def test_measured_forms_go_through_the_tactic_cache(tmp_path):
+    """`--conv-tactics measure` times the two forms per shape once (TacticPicker, a fake timer here) and keeps the
+    rule's form unless the other is clearly faster."""
+    from sdrt.export.tactics import TacticPicker
+
+    calls = []
+
+    def fake(kind, ci, co, batch, h, w, tactics, threads):
+        calls.append((kind, tuple(tactics)))
+        return {"qlinearconv": 1.0, "gemm": 2.0} if co < 64 else {"qlinearconv": 1.0, "gemm": 0.98}
+
+    picker = TacticPicker(2, tmp_path, measure=fake)
+    assert picker.pick("int8conv3x3/1", 32, 32, 1, 64, 64, "gemm") == "qlinearconv"
+    assert picker.pick("int8conv3x3/1", 32, 32, 1, 64, 64, "gemm") == "qlinearconv"  # cached: timed once (twice: confirmed)
+    assert picker.pick("int8conv3x3/1", 64, 64, 1, 64, 64, "gemm") == "gemm"  # 2% apart: the rule stands
+    assert [c[1] for c in calls][0] == ("qlinearconv", "gemm") and len([c for c in calls if "32" in str(c)]) <= 2
+
+
+def test_time_forms_runs_both_forms():
+    from sdrt.export.int8_conv_gemm import ConvShape, time_forms
+
+    times = time_forms(ConvShape(1, 8, 8, 8, 8, 3, 1, 64), ("qlinearconv", "gemm"), threads=1, repeats=2)
+    assert set(times) == {"qlinearconv", "gemm"} and all(0 < t < 5 for t in times.values())
 
 
 def test_a_float_conv_is_left_alone():

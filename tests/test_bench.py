@@ -89,3 +89,34 @@ def test_sequential_order_compares_runs_apart():
     assert ratios["e2e_s"] == pytest.approx(1.5) and ratios["side_by_side"] is False
     record["order"] = "pairs"  # runners in different groups of a paired run are never compared
     assert speedups(record) == {}
+
+
+def test_rounds_keep_one_order_so_every_run_follows_the_other_runner():
+    """Each measured run comes right after one run of the other runner (a rotating order ran A B | B A | A B, which
+    gave the reference more runs after two of the other's)."""
+    from sdrt.bench import BenchConfig, _measure_group
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def load(self, request):
+            return {"load_s": 0.0}
+
+        def run(self, batch, seed):
+            calls.append(self.name)
+            return {"e2e_s": 1.0}
+
+        def vae_encode(self, batch, seed):
+            return 0.1
+
+        def close(self):
+            pass
+
+    record = {"runners": {"sdrt-onnx": {"samples": {}}, "diffusers": {"samples": {}}}}
+    cfg = BenchConfig(runs=3, warmup=1)
+    _measure_group(0, [Fake("sdrt-onnx"), Fake("diffusers")], cfg, {}, record, log=lambda *a: None)
+    assert calls == ["sdrt-onnx", "diffusers"] * 4
+    assert len(record["runners"]["sdrt-onnx"]["samples"]["1"]) == 3

@@ -8,8 +8,11 @@ it records, per run: end-to-end latency, text encoding, each UNet call (guidance
 network work; PNDM makes n+1 calls for n steps), the loop's own time, VAE decode, a separate VAE encode, and the
 process's peak RSS (GPU memory on CUDA). From those: the UNet call's median, the loop overhead per step (loop time
 minus the UNet calls, over the calls: scheduler, guidance combine, copies), images per second. Load time is
-apart from run time. Warm-up rounds first; then rounds interleave the runners (rotating their order each round),
-so drift on the machine hits all of them alike; median, quartiles and min/max over the runs.
+apart from run time. Warm-up rounds first; then rounds interleave the runners in one fixed order, so drift on the
+machine hits all of them alike and every measured run comes right after one run of another runner (rotating the
+order each round, as the bench did before, made pairs run A B | B A | A B: with an odd number of runs the reference
+had one run more that followed two of the other's, whose memory traffic had just evicted its pages, and the other
+one run more straight after its own); median, quartiles and min/max over the runs.
 
 sdrt runs in this process (as users run it); each baseline runs in a worker process from
 benchmarks/baselines/, in a venv of its own that sdrt.bench.runners creates once in the cache (their pins conflict
@@ -263,7 +266,7 @@ def _measure_group(index: int, group: list, cfg: BenchConfig, request: dict, rec
             r.close()
     rounds = cfg.warmup + cfg.runs
     for k in range(rounds):
-        order = live[k % len(live):] + live[: k % len(live)] if live else []
+        order = list(live)  # the same order every round (module docstring)
         for batch in cfg.batches:
             for r in order:
                 if r not in live:

@@ -3,10 +3,10 @@
 
     flock /work/heavy.lock python benchmarks/int8_conv_gemm_ab.py --threads 2 --reps 20 --out OUT.json
 
-Each shape: a float Conv (random weights, bias) quantised as sdrt's static schemes do (sdrt.export.int8._static:
-QDQ, per-channel int8 weights, uint8 activations calibrated on 3 random inputs), in two forms:
-- "qlinearconv": the conv's output quantised too (the earlier export), which ONNX Runtime fuses into QLinearConv;
-- "gemm": the output left float and the conv rewritten by convs_as_int8_gemm (the export since graph revision 11).
+Each shape: a float Conv (random weights, bias) quantised as sdrt's static schemes do (sdrt.export.int8_conv_gemm.
+form_models: QDQ, per-channel int8 weights, uint8 activations calibrated on 3 random inputs), in two forms:
+- "qlinearconv": the QDQ conv with its int8 output, which ONNX Runtime fuses into QLinearConv;
+- "gemm": the conv rewritten by convs_as_int8_gemm (im2col + MatMulIntegerToFloat, float output).
 Both sessions are loaded side by side and timed in alternating turns (median of --reps calls each, after 3 warm-up
 calls); the error column is each form's largest difference from the float conv, over that output's largest value.
 """
@@ -31,40 +31,10 @@ SHAPES = {"unet": [(2, 320, 320, 32, 3, 1), (2, 320, 320, 32, 3, 2), (2, 640, 64
                   (1, 256, 128, 256, 1, 1)]}
 
 
-def float_conv(path: Path, shape, rng) -> None:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    n, c, k, size, kernel, stride = shape
-    w = (rng.standard_normal((k, c, kernel, kernel)) / np.sqrt(c * kernel * kernel)).astype(np.float32)
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[kernel // 2] * 4, strides=[stride] * 2)
-    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, c, size, size])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(w, "w"),
-                               numpy_helper.from_array(rng.standard_normal(k).astype(np.float32) * 0.1, "b")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-
-
-def forms(folder: Path, shape, rng) -> dict:
-    """{form: serialized model} for the float conv and its two int8 forms."""
-    import onnx
-
-    from sdrt.export.int8 import _static
-    from sdrt.export.int8_conv_gemm import convs_as_int8_gemm
-
-    float_conv(folder / "f.onnx", shape, rng)
-    feeds = [{"x": rng.standard_normal(shape[:2] + (shape[3], shape[3])).astype(np.float32)} for _ in range(3)]
-    _static(folder / "f.onnx", folder / "a.onnx", ["conv"], feeds, big=False, cache=folder / "ranges.json",
-            extra={"OpTypesToExcludeOutputQuantization": ["MatMul"]})
-    _static(folder / "f.onnx", folder / "b.onnx", ["conv"], feeds, big=False, cache=folder / "ranges.json")
-    gemm = onnx.load(str(folder / "b.onnx"))
-    assert convs_as_int8_gemm(gemm) == 1
-    return {"float": onnx.load(str(folder / "f.onnx")).SerializeToString(),
-            "qlinearconv": onnx.load(str(folder / "a.onnx")).SerializeToString(), "gemm": gemm.SerializeToString()}
-
-
 def main(argv=None) -> int:
     import onnxruntime as ort
+
+    from sdrt.export.int8_conv_gemm import ConvShape, form_models
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -78,8 +48,10 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     rows = []
     for shape in [s for n in args.networks.split(",") for s in SHAPES[n]]:
+        n, c, k, size, kernel, stride = shape
+        out = (size + 2 * (kernel // 2) - kernel) // stride + 1
         with tempfile.TemporaryDirectory() as work:
-            models = forms(Path(work), shape, rng)
+            models = form_models(ConvShape(n, c, k, size, size, kernel, stride, n * out * out), work)
         sessions = {f: ort.InferenceSession(m, options, providers=["CPUExecutionProvider"]) for f, m in models.items()}
         x = rng.standard_normal(shape[:2] + (shape[3], shape[3])).astype(np.float32)
         outputs = {f: s.run(None, {"x": x})[0] for f, s in sessions.items()}
@@ -92,8 +64,7 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 sessions[f].run(None, {"x": x})
                 times[f].append(time.perf_counter() - start)
-        n, c, k, size, kernel, stride = shape
-        gmac = n * (size // stride) ** 2 * k * c * kernel * kernel / 1e9
+        gmac = n * out * out * k * c * kernel * kernel / 1e9
         peak = float(np.abs(outputs["float"]).max())
         row = {"shape": f"{n}x{c}->{k} {kernel}x{kernel}/{stride} at {size}x{size}", "gmac": gmac}
         for f, t in times.items():

@@ -116,7 +116,7 @@ def test_rounds_keep_one_order_so_every_run_follows_the_other_runner():
             pass
 
     record = {"runners": {"sdrt-onnx": {"samples": {}}, "diffusers": {"samples": {}}}}
-    cfg = BenchConfig(runs=3, warmup=1)
+    cfg = BenchConfig(runs=3, warmup=1, settle_s=0)
     _measure_group(0, [Fake("sdrt-onnx"), Fake("diffusers")], cfg, {}, record, log=lambda *a: None)
     assert calls == ["sdrt-onnx", "diffusers"] * 4
     assert len(record["runners"]["sdrt-onnx"]["samples"]["1"]) == 3

@@ -12,7 +12,9 @@ apart from run time. Warm-up rounds first; then rounds interleave the runners in
 machine hits all of them alike and every measured run comes right after one run of another runner (rotating the
 order each round, as the bench did before, made pairs run A B | B A | A B: with an odd number of runs the reference
 had one run more that followed two of the other's, whose memory traffic had just evicted its pages, and the other
-one run more straight after its own); median, quartiles and min/max over the runs.
+one run more straight after its own); median, quartiles and min/max over the runs. Each run starts `settle_s` after
+the last one ended: thread pools spin-wait for work a while after a call (ONNX Runtime's, PyTorch's OpenMP), and a
+neighbour's spinning cores slowed an int8 UNet call ~10% (benchmarks/results/int8-unet-profile.md).
 
 sdrt runs in this process (as users run it); each baseline runs in a worker process from
 benchmarks/baselines/, in a venv of its own that sdrt.bench.runners creates once in the cache (their pins conflict
@@ -87,6 +89,7 @@ class BenchConfig:
     cache_dir: Path = dataclasses.field(default_factory=default_cache_dir)
     baselines_dir: Path = BASELINES_DIR
     note: str = ""  # what else ran on the machine, in the user's words (recorded; a snapshot is taken too)
+    settle_s: float = 0.5  # idle time before each run: the last runner's thread pools stop spinning (module docstring)
 
 
 # --- statistics ----------------------------------------------------------------------------------------------
@@ -170,7 +173,7 @@ def run_bench(config: BenchConfig, log=print) -> dict:
               "machine": machine_info(), "busy_before": busy_before, "note": cfg.note,
               "libraries": library_versions(),
               "config": {**request, "model_arg": "sd15-random" if config.sd15_random else str(config.model or "built-in"), "export": str(export) if export else None,
-                         "batches": list(cfg.batches), "runs": cfg.runs, "warmup": cfg.warmup, "prompt": PROMPT,
+                         "batches": list(cfg.batches), "runs": cfg.runs, "warmup": cfg.warmup, "settle_s": cfg.settle_s, "prompt": PROMPT,
                          "scheduler": _scheduler_name(diffusers_dir or export), "facts": facts.to_dict()},
               "runners": {}, "groups": [], "notes": []}  # fmt: skip
 
@@ -271,6 +274,7 @@ def _measure_group(index: int, group: list, cfg: BenchConfig, request: dict, rec
             for r in order:
                 if r not in live:
                     continue
+                time.sleep(cfg.settle_s)
                 try:
                     s = r.run(batch, seed=k)
                     s["encode_s"] = r.vae_encode(batch, seed=k)
@@ -342,5 +346,7 @@ def _check(config: BenchConfig) -> None:
         raise InputError(f"runs {config.runs} must be >= 1 and warmup {config.warmup} >= 0")
     if not config.batches or min(config.batches) < 1:
         raise InputError(f"batch sizes {list(config.batches)} must be >= 1")
+    if not 0 <= config.settle_s <= 60:
+        raise InputError(f"settle {config.settle_s} s must be 0-60 (idle seconds before each run)")
     if config.steps < 1:
         raise InputError(f"steps {config.steps} must be >= 1")

@@ -24,7 +24,8 @@ def format_table(record: dict) -> str:
     """Markdown: one row per runner and batch size (medians; end to end with [min-max]), then the ratios."""
     c = record["config"]
     lines = [f"{c['size']}x{c['size']}, {c['steps']} steps ({c['scheduler']}), guidance {c['guidance']}, {c['precision']}, "
-             f"{c['threads']} threads, {c['runs']} runs after {c['warmup']} warm-up; {record['order']}", "",
+             f"{c['threads']} threads, {c['runs']} runs after {c['warmup']} warm-up"
+             f"{', each after %g s idle' % c['settle_s'] if c.get('settle_s') else ''}; {record['order']}", "",
              "| runner | batch | load s | text s | UNet call s (calls) | loop overhead ms/step (% of step) | VAE decode s | "
              "VAE encode s | end to end s [min-max] | images/s | peak RSS GB* |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

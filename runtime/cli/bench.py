@@ -73,6 +73,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-create-envs", dest="create_envs", action="store_false", help="never pip-install baseline venvs; skip baselines without one")
     p.add_argument("--cache-dir", default=None, help="exports, venvs, models and worker logs (default: ~/.cache/sdrt/bench or $SDRT_BENCH_CACHE)")
     p.add_argument("--note", default="", help="what else ran on the machine (recorded with a process snapshot)")
+    p.add_argument("--settle", type=float, default=0.5, metavar="S",
+                   help="idle seconds before each run, so the last runner's thread pools stop spinning (default 0.5)")
     p.add_argument("--json", default=None, help="write the full record here")
     p.add_argument("--markdown", default=None, help="write the table, with the machine and what else ran, here")
     p.add_argument("--chart", default=None, help="write a PNG chart of per-stage times here (needs matplotlib)")
@@ -89,6 +91,7 @@ def cmd_bench(args) -> int:
         runs=args.runs, warmup=args.warmup, threads=args.threads, guidance=args.guidance, device=args.device,
         order=args.order, in_process=args.in_process, baseline_envs=dict(args.baseline_env), create_envs=args.create_envs,
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir(), note=args.note,
+        settle_s=args.settle,
     )  # fmt: skip
     if args.sd15_random and args.model:
         print("sdrt: error: pass MODEL or --sd15-random, not both", file=sys.stderr)

@@ -309,9 +309,10 @@ def time_forms(shape: ConvShape, forms, threads: int, repeats: int = 5, budget_s
     """{form: best seconds per call} in ONNX Runtime (CPU, `threads` intra-op threads, ENABLE_ALL), the forms' runs
     taking turns (as sdrt.export.tactics.time_tactics)."""
     import tempfile
-    import time
 
     import onnxruntime as ort
+
+    from sdrt.export.tactics import time_in_turns
 
     with tempfile.TemporaryDirectory(prefix="sdrt-int8conv-") as work:
         models = form_models(shape, work)
@@ -322,14 +323,4 @@ def time_forms(shape: ConvShape, forms, threads: int, repeats: int = 5, budget_s
     sessions = {f: ort.InferenceSession(models[f], options, providers=["CPUExecutionProvider"]) for f in forms}
     feed = {"x": np.random.default_rng(1).standard_normal(
         (shape.batch, shape.in_channels, shape.height, shape.width)).astype(np.float32)}
-    for session in sessions.values():
-        session.run(None, feed)  # warm-up: allocations, packed weights
-    best, start = dict.fromkeys(forms, float("inf")), time.perf_counter()
-    for _ in range(repeats):
-        for form, session in sessions.items():
-            t0 = time.perf_counter()
-            session.run(None, feed)
-            best[form] = min(best[form], time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s * len(forms):
-            break
-    return best
+    return time_in_turns(sessions, feed, repeats, budget_s)

@@ -165,13 +165,20 @@ def time_tactics(kind: str, ci: int, co: int, batch: int, h: int, w: int, tactic
             options.inter_op_num_threads = 1
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             sessions[tactic] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            sessions[tactic].run(None, feed)  # warm-up: allocations, packed weights
-    best, start = dict.fromkeys(tactics, float("inf")), time.perf_counter()
+    return time_in_turns(sessions, feed, repeats, budget_s)
+
+
+def time_in_turns(sessions: dict, feed: dict, repeats: int = REPEATS, budget_s: float = BUDGET_S) -> dict[str, float]:
+    """{name: best seconds per call} of ONNX Runtime `sessions` on `feed`: one warm-up call each (allocations, packed
+    weights), then `repeats` rounds in which each runs once, stopping early past `budget_s` per session."""
+    for session in sessions.values():
+        session.run(None, feed)
+    best, start = dict.fromkeys(sessions, float("inf")), time.perf_counter()
     for _ in range(repeats):
-        for tactic, session in sessions.items():
+        for name, session in sessions.items():
             t0 = time.perf_counter()
             session.run(None, feed)
-            best[tactic] = min(best[tactic], time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s * len(tactics):
+            best[name] = min(best[name], time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s * len(sessions):
             break
     return best

@@ -187,3 +187,32 @@ def test_a_float_conv_is_left_alone():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
     model = helper.make_model(graph)
     assert convs_as_int8_gemm(model) == 0 and [n.op_type for n in model.graph.node] == ["Conv"]
+
+
+def test_quantize_export_times_each_conv_shape_when_asked(tmp_path, monkeypatch):
+    """`conv_tactics="measure"` asks the tactic cache for each quantised conv shape at the export's opt size (a fake
+    timer that makes QLinearConv faster everywhere here), and the stats say what was picked and how."""
+    import json
+
+    from sdrt.builtin import builtin_model_dir
+    from sdrt.export import tactics
+    from sdrt.export.int8 import quantize_export
+    from sdrt.export.int8_quality import record_unet_feeds
+
+    asked = []
+
+    def fake(kind, ci, co, batch, h, w, forms, threads, *rest):
+        asked.append(kind)
+        assert kind.startswith("int8conv") and list(forms) == ["qlinearconv", "gemm"]
+        return {"qlinearconv": 1.0, "gemm": 3.0}
+
+    monkeypatch.setattr(tactics, "time_tactics", fake)
+    feeds = record_unet_feeds(builtin_model_dir(), ["a red 7"], 64, 2, 7.5, limit=4, threads=1)
+    stats = quantize_export(builtin_model_dir(), tmp_path / "out", "static", ("unet",), {"unet": feeds},
+                            conv_tactics="measure", tactic_threads=1, tactic_cache_dir=tmp_path / "cache")
+    forms = stats["unet"]["conv_forms"]
+    assert forms["by"] == "measure" and forms["gemm"] == 0 and forms["qlinearconv"] > 0 and asked
+    cached = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
+    assert all(k.startswith("int8conv") for k in cached) and len(asked) == 2 * len(cached)  # a departure: timed twice
+    rule = quantize_export(builtin_model_dir(), tmp_path / "rule", "static", ("unet",), {"unet": feeds})
+    assert rule["unet"]["conv_forms"]["by"] == "rule" and rule["unet"]["conv_forms"]["gemm"] > 0

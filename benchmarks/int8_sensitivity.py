@@ -53,15 +53,31 @@ def _matches(name: str, pattern) -> bool:
     return any(p in name for p in ((pattern,) if isinstance(pattern, str) else pattern))
 
 
+def quantize(src: Path, dst: Path, nodes: list, calibration, conv_form: str = "gemm", **kw) -> None:
+    """sdrt's static QDQ quantisation of `nodes`, with the quantised convs in `conv_form`: "gemm" (im2col + int8
+    GEMM, float output: every conv of the SD 1.5 UNet and the built-in model's since graph revision 11) or
+    "qlinearconv" (int8 output, as before it)."""
+    import onnx
+
+    from sdrt.export.int8 import _static
+    from sdrt.export.int8_conv_gemm import convs_as_int8_gemm
+
+    _static(src, dst, nodes, calibration, False, **kw)
+    if conv_form == "gemm":
+        model = onnx.load(str(dst))
+        if convs_as_int8_gemm(model):
+            onnx.save(model, str(dst))
+
+
 class Sweep:
-    def __init__(self, work: Path, threads: int, smooth: float | None = None):
+    def __init__(self, work: Path, threads: int, smooth: float | None = None, conv_form: str = "gemm"):
         from sdrt.builtin import builtin_model_dir
         from sdrt.export.int8 import _write_named, fp32_nodes
         from sdrt.export.int8_quality import default_prompts, record_unet_feeds
 
         import onnx
 
-        self.work, self.threads = work, threads
+        self.work, self.threads, self.conv_form = work, threads, conv_form
         self.fp32 = builtin_model_dir()
         self.named = work / "named.onnx"
         _write_named(self.fp32 / "unet" / "model.onnx", self.named, False)
@@ -116,19 +132,17 @@ class Sweep:
     def layer_errors(self, out: Path) -> dict:
         """The guided-call error with one layer int8 and the rest fp32, for every layer (errors add in quadrature,
         int8-sensitivity.md): {node: error}, written to `out` as it goes (JSON)."""
-        from sdrt.export.int8 import _static
-
         errors = {}
         dst = self.work / "one.onnx"
         for i, node in enumerate(self.nodes):
-            _static(self.named, dst, [node], self.calibration, False, cache=self.cache)
+            quantize(self.named, dst, [node], self.calibration, self.conv_form, cache=self.cache)
             errors[node] = self.call_error(dst)
             print(f"{i + 1}/{len(self.nodes)} {node} {errors[node]:.3e}", flush=True)
             out.write_text(json.dumps(errors, indent=1))
         return errors
 
-    def run(self, label: str, quantize: list[str], scheme: str = "static", **options) -> dict:
-        from sdrt.export.int8 import _static, _weight_only, psnr
+    def run(self, label: str, nodes: list[str], scheme: str = "static", **options) -> dict:
+        from sdrt.export.int8 import _weight_only, psnr
 
         folder = self.work / "variant"
         shutil.rmtree(folder, ignore_errors=True)
@@ -138,10 +152,10 @@ class Sweep:
         method = options.pop("method", "MinMax")
         cache = self.cache if method == "MinMax" else self.work / f"calibration-{method}.json"
         if scheme == "weight-only":
-            _weight_only(self.named, dst, quantize, False)
+            _weight_only(self.named, dst, nodes, False)
         else:
-            _static(self.named, dst, quantize, self.calibration, False, activation="s8" if scheme == "static-s8" else "u8", method=method,
-                    cache=cache, extra=options)
+            quantize(self.named, dst, nodes, self.calibration, self.conv_form, cache=cache, extra=options, method=method,
+                     activation="s8" if scheme == "static-s8" else "u8")
         seconds = time.perf_counter() - t0
         from sdrt.model.manifest import read_manifest
 
@@ -154,7 +168,7 @@ class Sweep:
         images, read = self._images(folder)
         per_image = [psnr(a, b) for a, b in zip(images, self.ref)]
         row = {"variant": label, "scheme": scheme, "options": {k: v for k, v in options.items()}, "method": method,
-               "quantized_nodes": len(quantize), "call_rel_error": call_error, "psnr_db": psnr(images, self.ref), "psnr_min_db": min(per_image),
+               "quantized_nodes": len(nodes), "conv_form": self.conv_form, "call_rel_error": call_error, "psnr_db": psnr(images, self.ref), "psnr_min_db": min(per_image),
                "oracle": read, "quantize_s": seconds}
         print(json.dumps(row), flush=True)
         return row
@@ -166,7 +180,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smooth", type=float, default=None, help="smooth every layer's input first with this alpha")
     p.add_argument("--custom", default=None, help="JSON {label: {keep: [substrings], options: {...}}} for the part 'custom'")
-    p.add_argument("--parts", default="all,options,only-block,without-block,only-kind,without-kind,candidates")
+    p.add_argument("--parts", default="all,options,only-block,without-block,only-kind,without-kind,candidates",
+                   help="also: one-layer (each layer alone int8: the errors int8_keep_search.py ranks), custom")
+    p.add_argument("--conv-form", default="gemm", choices=("gemm", "qlinearconv"),
+                   help="quantised convs as the int8 GEMM (float output; the export's form since graph revision 11) or QLinearConv")
     args = p.parse_args(argv)
     from sdrt.export.int8 import KEEP_RULES, sensitive_nodes
 
@@ -174,7 +191,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="int8-sensitivity-"))
     rows = []
     try:
-        s = Sweep(work, args.threads, args.smooth)
+        s = Sweep(work, args.threads, args.smooth, args.conv_form)
         rows.append({"variant": "fp32", "oracle": s.ref_read, "quantized_nodes": 0})
         nodes = s.nodes
         if "one-layer" in parts:

@@ -79,9 +79,17 @@ def _int8_lines(record: dict | None) -> list[str]:
     """What `sdrt export --int8` did and measured (extras["int8"]), in two or three lines."""
     if not record:
         return []
-    nets = ", ".join(f"{n} ({st.get('scheme', record.get('scheme'))})" for n, st in record.get("networks", {}).items())
+    nets = ", ".join(f"{n} ({st.get('scheme', record.get('scheme'))}{_conv_forms(st)})"
+                     for n, st in record.get("networks", {}).items())
     lines = [f"int8         {nets} (onnxruntime {record.get('onnxruntime', '?')})"]
     return lines + ["  " + line for line in int8_quality_lines(record.get("quality"))]
+
+
+def _conv_forms(stats: dict) -> str:
+    """"; convs: 24 int8 GEMM, 18 QLinearConv" (sdrt.export.int8_conv_gemm's picks), or "" when none were made."""
+    forms = stats.get("conv_forms") or {}
+    parts = [f"{forms[k]} {label}" for k, label in (("gemm", "int8 GEMM"), ("qlinearconv", "QLinearConv")) if forms.get(k)]
+    return "; convs: " + ", ".join(parts) if parts else ""
 
 
 def int8_quality_lines(q: dict | None) -> list[str]:

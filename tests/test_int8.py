@@ -96,7 +96,7 @@ def test_cli_int8_export_records_scheme_and_quality(tiny_sd1, tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(out), "--verify"]) == 0
     text = capsys.readouterr().out
-    assert "(int8," in text and "unet (dynamic-matmul)" in text and "vae_decoder (static-all)" in text and "PSNR" in text
+    assert "(int8," in text and "unet (dynamic-matmul)" in text and "vae_decoder (static-all; convs: " in text and "PSNR" in text
     assert "vae decode PSNR" in text
 
 

@@ -216,3 +216,30 @@ def test_quantize_export_times_each_conv_shape_when_asked(tmp_path, monkeypatch)
     assert all(k.startswith("int8conv") for k in cached) and len(asked) == 2 * len(cached)  # a departure: timed twice
     rule = quantize_export(builtin_model_dir(), tmp_path / "rule", "static", ("unet",), {"unet": feeds})
     assert rule["unet"]["conv_forms"]["by"] == "rule" and rule["unet"]["conv_forms"]["gemm"] > 0
+
+
+def test_convs_without_bias_and_with_int8_activations(tmp_path):
+    """static-s8 (int8 activations with a zero point) and convs without a bias take the GEMM form too, and compute
+    what the QDQ graph does."""
+    from sdrt.export.int8 import _static
+
+    rng = np.random.default_rng(4)
+    w0 = numpy_helper.from_array((0.3 * rng.standard_normal((6, 3, 3, 3))).astype(np.float32), "w0")
+    w1 = numpy_helper.from_array((0.3 * rng.standard_normal((5, 6, 3, 3))).astype(np.float32), "w1")
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="first", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Conv", ["b", "w1"], ["y"], name="nobias", pads=[1, 1, 1, 1], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w0, w1])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    feeds = [{"x": rng.standard_normal((1, 3, 10, 10)).astype(np.float32)} for _ in range(3)]
+    _static(tmp_path / "m.onnx", tmp_path / "q.onnx", ["first", "nobias"], feeds, big=False, activation="s8",
+            extra={"OpTypesToExcludeOutputQuantization": ["MatMul", "Conv"]})
+    reference = onnx.load(str(tmp_path / "q.onnx"))
+    rewritten = _copy(reference)
+    assert convs_as_int8_gemm(rewritten) == 2
+    gemm = next(n for n in rewritten.graph.node if n.name == "nobias/gemm")
+    assert len(gemm.input) == 6  # no bias input
+    x = rng.standard_normal((2, 3, 11, 11)).astype(np.float32)
+    want, got = _run(reference, x, optimise=False), _run(rewritten, x, optimise=True)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max() + 1e-6

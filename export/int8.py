@@ -208,7 +208,12 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
         else:
             _weight_only(named, out, quantize, big)
         result = onnx.load(str(out))
-        forms = _rewrite_convs(result, conv_forms) if scheme in STATIC_SCHEMES else {}
+        if scheme in STATIC_SCHEMES:
+            from sdrt.export.int8_conv_gemm import rewrite_convs
+
+            forms = rewrite_convs(result, conv_forms)
+        else:
+            forms = {}
         for leftover in [dst, dst.with_name(dst.name + ".data")]:
             leftover.unlink(missing_ok=True)
         big_after = sum(len(t.raw_data) for t in result.graph.initializer) > 1_800_000_000
@@ -222,31 +227,6 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
         if n.op_type in QUANT_OPS:
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return QuantStats(scheme, counts, keep, bytes_before, _bytes(dst), forms)
-
-
-def _rewrite_convs(model, conv_forms: dict | None) -> dict:
-    """Rewrite `model`'s quantised convs as int8 GEMMs where conv_forms' rule or timings pick it (quantize_network);
-    returns {"gemm": n, "qlinearconv": n, "by": "rule"|"measure"|"all"}."""
-    from sdrt.export.int8_conv_gemm import conv_geometry, convs_as_int8_gemm, rule_form
-
-    if conv_forms is None:
-        return {"gemm": convs_as_int8_gemm(model), "qlinearconv": 0, "by": "all"}
-    shapes = conv_geometry(model, conv_forms["dims"])
-    picker = conv_forms.get("picker")
-    picks = {}
-
-    def choose(name):
-        shape = shapes.get(name)
-        form = rule_form(shape)
-        if picker is not None and shape is not None:
-            form = picker.pick(shape.kind(), shape.in_channels, shape.out_channels, shape.batch, shape.height,
-                               shape.width, form)
-        picks[name] = form
-        return form == "gemm"
-
-    gemm = convs_as_int8_gemm(model, choose)
-    return {"gemm": gemm, "qlinearconv": sum(f == "qlinearconv" for f in picks.values()),
-            "by": "measure" if picker is not None else "rule"}
 
 
 QUANT_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv", "QLinearMatMul",

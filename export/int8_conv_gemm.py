@@ -146,6 +146,30 @@ def convs_as_int8_gemm(model, choose=None) -> int:
     return rewritten
 
 
+def rewrite_convs(model, conv_forms: dict | None) -> dict:
+    """Rewrite `model`'s quantised convs as int8 GEMMs where conv_forms' rule or timings pick it (conv_forms as
+    sdrt.export.int8.quantize_network takes it; None: every eligible conv); returns {"gemm": n, "qlinearconv": n,
+    "by": "rule"|"measure"|"all"}."""
+    if conv_forms is None:
+        return {"gemm": convs_as_int8_gemm(model), "qlinearconv": 0, "by": "all"}
+    shapes = conv_geometry(model, conv_forms["dims"])
+    picker = conv_forms.get("picker")
+    picks = {}
+
+    def choose(name):
+        shape = shapes.get(name)
+        form = rule_form(shape)
+        if picker is not None and shape is not None:
+            form = picker.pick(shape.kind(), shape.in_channels, shape.out_channels, shape.batch, shape.height,
+                               shape.width, form)
+        picks[name] = form
+        return form == "gemm"
+
+    gemm = convs_as_int8_gemm(model, choose)
+    return {"gemm": gemm, "qlinearconv": sum(f == "qlinearconv" for f in picks.values()),
+            "by": "measure" if picker is not None else "rule"}
+
+
 def _bypass_output_rounding(body, outputs) -> None:
     """Consumers of a rewritten conv's QuantizeLinear -> DequantizeLinear output read the float output instead,
     except quantised Convs/MatMuls (weight from a DequantizeLinear), which ONNX Runtime fuses only with a

@@ -49,9 +49,9 @@ def main(argv=None) -> int:
     rows = []
     for shape in [s for n in args.networks.split(",") for s in SHAPES[n]]:
         n, c, k, size, kernel, stride = shape
-        out = (size + 2 * (kernel // 2) - kernel) // stride + 1
+        conv = ConvShape.padded(n, c, k, size, size, kernel, stride)
         with tempfile.TemporaryDirectory() as work:
-            models = form_models(ConvShape(n, c, k, size, size, kernel, stride, n * out * out), work)
+            models = form_models(conv, work)
         sessions = {f: ort.InferenceSession(m, options, providers=["CPUExecutionProvider"]) for f, m in models.items()}
         x = rng.standard_normal(shape[:2] + (shape[3], shape[3])).astype(np.float32)
         outputs = {f: s.run(None, {"x": x})[0] for f, s in sessions.items()}
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 sessions[f].run(None, {"x": x})
                 times[f].append(time.perf_counter() - start)
-        gmac = n * out * out * k * c * kernel * kernel / 1e9
+        gmac = conv.rows * k * c * kernel * kernel / 1e9
         peak = float(np.abs(outputs["float"]).max())
         row = {"shape": f"{n}x{c}->{k} {kernel}x{kernel}/{stride} at {size}x{size}", "gmac": gmac}
         for f, t in times.items():

@@ -453,8 +453,7 @@ def quantize_export(fp32_dir: Path, out_dir: Path, scheme: str, networks=("unet"
                                  if Path(folder).resolve() == f.parent and name.startswith(f.name)}
 
     shutil.copytree(fp32_dir, out_dir, ignore=ignore)
-    known = {f.name for f in dataclasses.fields(ShapeLimits)}
-    dims = ShapeLimits(**{k: v for k, v in manifest.limits.items() if k in known}).dims(manifest.facts, "opt")
+    dims = ShapeLimits.from_dict(manifest.limits).dims(manifest.facts, "opt")
     conv_forms = {"dims": dims, "picker": tactic_picker(conv_tactics, tactic_threads, tactic_cache_dir)}
     stats = {}
     for name in networks:

@@ -55,6 +55,21 @@ class ConvShape:
     def kind(self) -> str:
         return f"int8conv{self.kernel}x{self.kernel}/{self.stride}"
 
+    @classmethod
+    def padded(cls, batch: int, in_channels: int, out_channels: int, height: int, width: int, kernel: int,
+               stride: int) -> "ConvShape":
+        """A conv padded by kernel // 2 on every side (as form_models builds it), its output rows computed."""
+        out_h, out_w = ((n + 2 * (kernel // 2) - kernel) // stride + 1 for n in (height, width))
+        return cls(batch, in_channels, out_channels, height, width, kernel, stride, batch * out_h * out_w)
+
+    @classmethod
+    def of_kind(cls, kind: str, batch: int, in_channels: int, out_channels: int, height: int, width: int) -> "ConvShape":
+        """The padded conv a tactic-cache key names (kind() and sdrt.export.tactics.conv_key's other fields)."""
+        import re
+
+        kernel, stride = (int(v) for v in re.fullmatch(r"int8conv(\d+)x\d+/(\d+)", kind).groups())
+        return cls.padded(batch, in_channels, out_channels, height, width, kernel, stride)
+
 
 def rule_form(shape: ConvShape | None) -> str:
     """The form the rule picks for a conv of `shape` (None: unknown, the GEMM)."""

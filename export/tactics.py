@@ -28,7 +28,6 @@ from sdrt.backends.onnx_sessions import cpu_name
 CONV_TACTIC_MODES = ("rule", "measure")
 CONV_TACTICS = {"direct": 0, "f2": 2, "f4": 4}  # tactic -> Winograd tile (0: ONNX Runtime's own conv)
 UPSAMPLER_TACTICS = {"plain": None, "subpixel": 0, "subpixel_f4": 4}  # None: stock upsample + conv, no rewrite
-INT8_CONV_FORMS = ("qlinearconv", "gemm")  # sdrt.export.int8_conv_gemm.FORMS
 MARGIN = 0.05  # a measured tactic replaces the rule's only when this much faster: timing noise must not flip picks
 # ... and only after a second timing of the two (each form's best of both counts). Load from elsewhere only adds time, and
 # on a shared 2-core machine one burst slowed a whole measurement 2x and flipped picks that cost the SDXL UNet 3.6%.
@@ -81,7 +80,9 @@ class TacticPicker:
 
 def _tactics_of(kind: str):
     if kind.startswith("int8conv"):
-        return INT8_CONV_FORMS
+        from sdrt.export.int8_conv_gemm import FORMS
+
+        return FORMS
     return CONV_TACTICS if kind == "conv" else UPSAMPLER_TACTICS
 
 
@@ -144,12 +145,10 @@ def time_tactics(kind: str, ci: int, co: int, batch: int, h: int, w: int, tactic
     """{tactic: best seconds per call} in ONNX Runtime (CPU, `threads` intra-op threads, ENABLE_ALL). The tactics'
     runs take turns, so that a burst of load from elsewhere falls on all of them alike (on a busy 2-core machine
     it slowed the forms unevenly: Winograd's data movement more than direct convolution)."""
-    if kind.startswith("int8conv"):  # "int8conv3x3/2": kernel 3, stride 2
+    if kind.startswith("int8conv"):
         from sdrt.export.int8_conv_gemm import ConvShape, time_forms
 
-        k, s = (int(v) for v in re.fullmatch(r"int8conv(\d+)x\d+/(\d+)", kind).groups())
-        rows = batch * ((h + 2 * (k // 2) - k) // s + 1) * ((w + 2 * (k // 2) - k) // s + 1)
-        return time_forms(ConvShape(batch, ci, co, h, w, k, s, rows), tactics, threads, repeats, budget_s)
+        return time_forms(ConvShape.of_kind(kind, batch, ci, co, h, w), tactics, threads, repeats, budget_s)
     import onnxruntime as ort
     import torch
 

@@ -148,6 +148,7 @@ def test_conv_geometry_and_the_rule(qdq):
     assert shapes["down3x3"] == ConvShape(2, 8, 8, 12, 12, 3, 2, 2 * 6 * 6)
     assert shapes["shortcut1x1"].kernel == 1 and shapes["shortcut1x1"].rows == 2 * 6 * 6
     assert "asym2x2" in shapes and shapes["down3x3"].kind() == "int8conv3x3/2"
+    assert ConvShape.of_kind("int8conv3x3/2", 2, 8, 8, 12, 12) == shapes["down3x3"]  # a tactic-cache key read back
     # The rule: the GEMM up to 8192 output rows or from 512 output channels (int8-conv-gemm.md).
     assert rule_form(ConvShape(2, 320, 320, 32, 32, 3, 1, 2048)) == "gemm"
     assert rule_form(ConvShape(1, 512, 512, 256, 256, 3, 1, 65536)) == "gemm"

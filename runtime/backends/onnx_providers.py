@@ -143,8 +143,7 @@ def session_providers(
     if export_dir is None:
         raise ValueError("the tensorrt route needs export_dir, where ORT keeps its engine cache")
     if limits is None:
-        fields = set(ShapeLimits.__dataclass_fields__)
-        limits = ShapeLimits(**{k: v for k, v in manifest.limits.items() if k in fields})
+        limits = ShapeLimits.from_dict(manifest.limits)
     profile = limits.profile(manifest.contracts[network], manifest.facts)
     cache_dir = ort_trt_cache_dir(export_dir, device_id)
     try:

@@ -70,9 +70,7 @@ def cmd_build(args) -> int:
         from sdrt.contracts import ShapeLimits
         from sdrt.model.manifest import read_manifest
 
-        saved = read_manifest(args.onnx_dir).limits
-        fields = {f.name for f in dataclasses.fields(ShapeLimits)}
-        limits = dataclasses.replace(ShapeLimits(**{k: v for k, v in saved.items() if k in fields}), **explicit)
+        limits = dataclasses.replace(ShapeLimits.from_dict(read_manifest(args.onnx_dir).limits), **explicit)
     report = build_engines(
         args.onnx_dir,
         args.out_dir,

@@ -16,6 +16,7 @@ export measured once is re-made the same way; the rule stays the default because
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sdrt.backends.onnx_sessions import cpu_name
+from sdrt.backends.onnx_sessions import cpu_isa, cpu_name
 
 CONV_TACTIC_MODES = ("rule", "measure")
 CONV_TACTICS = {"direct": 0, "f2": 2, "f4": 4}  # tactic -> Winograd tile (0: ONNX Runtime's own conv)
@@ -40,12 +41,13 @@ def conv_key(kind: str, in_channels: int, out_channels: int, batch: int, height:
 
 
 def cache_file(threads: int, folder=None) -> Path:
-    """One file per CPU model, ONNX Runtime version and thread count (timings from elsewhere do not apply), in
-    `folder` (default ~/.cache/sdrt/conv-tactics)."""
+    """One file per CPU model and vector extensions, ONNX Runtime version and thread count (timings from elsewhere
+    do not apply), in `folder` (default ~/.cache/sdrt/conv-tactics)."""
     import onnxruntime as ort
 
     base = Path(folder) if folder else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdrt" / "conv-tactics"
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{cpu_name()}-ort{ort.__version__}-{threads}t").strip("-")
+    isa = hashlib.sha256(cpu_isa().encode()).hexdigest()[:8]  # "AMD EPYC" names Zen 2 (AVX2) and Zen 4 (AVX-512)
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{cpu_name()}-{isa}-ort{ort.__version__}-{threads}t").strip("-")
     return base / f"{slug}.json"
 
 

@@ -1,13 +1,18 @@
 """How much memory a request needs, and how much there is: refuse what cannot fit before anything is allocated.
 
-A request's peak is the networks' weights plus the largest network's activations at that size and batch, plus
-the host arrays (latents, pixels). Activations have two terms per network, read from the model's UNet and VAE
+A request's peak is the networks' weights as the runtime holds them, plus activations at that size and batch,
+plus the host arrays (latents, pixels). Activations have two terms per network, read from the model's UNet and VAE
 configs (an export keeps them in its manifest, extras["architecture"]; diffusers' defaults otherwise):
   - self-attention scores, quadratic in tokens: batch x heads x tokens^2 x 4 bytes, at the finest level with
     attention (UNet: levels whose down block is CrossAttn*, heads = attention_head_dim as diffusers reads it;
     VAE: one head in the mid block, at the latent resolution);
   - convolution activations, linear in pixels: batch x pixels x channels x 4 bytes at the finest level.
-Each term is scaled by a factor measured on the runtime (below), so the estimate is an upper bound.
+Each term is scaled by a factor measured on the runtime (below), so the estimate is an upper bound. ONNX Runtime
+keeps each session's arena at its largest size, so its networks' activations add up; torch frees between
+networks, so there the hungriest one counts. Weights as ONNX Runtime holds them are its optimised graphs (an
+export's `.ort_cache`): Winograd exports keep their convolution weights in the Winograd domain (16/9 or 36/9 of
+the 3x3 weights) in the blocked layout, which the export's own files understate (SDXL, Segmind Vega shape: UNet
+2.84 -> 4.41 GB, VAE decoder 0.19 -> 0.98 GB).
 
 Calibration: peak RSS (`resource.getrusage` of a fresh process) on a 2-core x86 CPU, onnxruntime 1.32, torch 2.13;
 the factors below are round values a little above every measured point (table below). The check runs for CPU
@@ -23,7 +28,9 @@ from pathlib import Path
 
 from sdrt.errors import InputError
 
-# Measured peak RSS -> this estimate (MB), 1 step, guidance on:
+# Measured peak RSS -> this estimate (MB), 1-2 steps, guidance on:
+#   SDXL, Segmind Vega shape (benchmarks/sdxl_random.py), `--winograd` export at opt 256, onnx, AMD EPYC,
+#   2-4 images per process: 256px 9420 -> 9980 | 512px 12120 -> 12720
 #   built-in digits, onnx:  64px 151 -> 219 | 256px 283 -> 325 | 384px 663 -> 750 | 512px 1533 -> 1882 |
 #                           640px 3304 -> 4260 | batch 4: 128px 224 -> 270, 384px 2161 -> 2353
 #   tests' tiny sd1, torch: 64px 498 -> 614 | 256px 529 -> 663 | 384px 601 -> 732 | 512px 647 -> 894
@@ -34,6 +41,10 @@ RUNTIMES = {  # backend -> (base bytes of the process and its libraries, attenti
     "torch": (600 << 20, 0.25),
 }
 CONV_COPIES = 12  # live activations at the finest level: the block's input, norm, conv outputs, skip connections
+WINOGRAD_CONV_COPIES = 24  # the same with Winograd-domain tiles (2.25x an activation for F(4x4)): 17-19 measured
+# Where no optimised graph is cached yet, a Winograd network's weights as ORT holds them, per byte of its files
+# (measured on the Vega-shape SDXL export: UNet 1.55, VAE decoder 5.1, encoder 3.5; rounded up).
+WINOGRAD_WEIGHT_GROWTH = {"unet": 1.6, "vae_decoder": 5.5, "vae_encoder": 4.0}
 HOST_BYTES_PER_PIXEL = 64  # latents, decoded float image, uint8 pixels, PIL copies, per image pixel
 FLOAT = 4
 
@@ -85,31 +96,71 @@ def model_architecture(folder: Path, manifest) -> Architecture:
 
 
 def weight_bytes(folder: Path, manifest) -> int:
-    """Bytes of the networks' weight files (what loading holds in memory)."""
+    """Bytes of the networks' weights as the runtime holds them: per network, its files, or its optimised graphs in
+    the export's `.ort_cache` where larger (a Winograd export's, estimated from its files until they exist)."""
     folder = Path(folder)
-    if manifest is not None:
-        return sum(info["size"] for rel, info in manifest.files.items() if rel.endswith((".onnx", ".data", ".onnx_data", ".safetensors")))
-    return sum(p.stat().st_size for p in folder.glob("*/*.safetensors"))
+    if manifest is None:
+        return sum(p.stat().st_size for p in folder.glob("*/*.safetensors"))
+    weights = (".onnx", ".data", ".onnx_data", ".safetensors")
+    by_network: dict[str, int] = {}
+    for rel, info in manifest.files.items():
+        if rel.endswith(weights):
+            network = Path(rel).parts[0] if len(Path(rel).parts) > 1 else ""
+            by_network[network] = by_network.get(network, 0) + info["size"]
+    winograd = manifest.extras.get("winograd_convs", {})
+    cache = folder / ".ort_cache"
+    total = 0
+    for network, size in by_network.items():
+        cached = 0
+        if network and cache.is_dir():  # the whole graph's cache, or its step split's two (whichever ran)
+            whole, split = (sum(p.stat().st_size for g in globs for p in cache.glob(g) if p.is_file())
+                            for globs in ([f"{network}-*"], [f"{network}.prepass-*", f"{network}.step-*"]))
+            cached = max(whole, split)
+        if not cached and winograd.get(network):
+            cached = int(size * WINOGRAD_WEIGHT_GROWTH.get(network, 1.0))
+        total += max(size, cached)
+    return total
+
+
+def winograd_export(manifest) -> bool:
+    return manifest is not None and any(manifest.extras.get("winograd_convs", {}).values())
 
 
 def estimate_bytes(facts, arch: Architecture, weights: int, batch: int, height: int, width: int,
-                   guidance: bool, img2img: bool, backend: str = "onnx") -> int:
-    """Estimated peak bytes of one request: base + weights + host arrays + the hungriest network's activations."""
+                   guidance: bool, img2img: bool, backend: str = "onnx", winograd: bool = False) -> int:
+    """Estimated peak bytes of one request: base + weights + host arrays + activations (ONNX Runtime: every
+    network's, its arenas keep them; torch: the hungriest network's). winograd: the export has Winograd convs."""
     base, attention_copies = RUNTIMES.get(backend, RUNTIMES["onnx"])
+    copies = WINOGRAD_CONV_COPIES if winograd else CONV_COPIES
     lh, lw = height // facts.vae_scale_factor, width // facts.vae_scale_factor
     tokens = lh * lw
     unet_batch = batch * (2 if guidance else 1)
     unet_attn = max((unet_batch * h * (tokens // (f * f)) ** 2 for f, h in arch.unet_attention), default=0)
-    unet = attention_copies * FLOAT * unet_attn + CONV_COPIES * FLOAT * unet_batch * tokens * arch.unet_channels
+    unet = attention_copies * FLOAT * unet_attn + copies * FLOAT * unet_batch * tokens * arch.unet_channels
     vae_attn = attention_copies * FLOAT * tokens**2 if arch.vae_attention else 0
-    decoder = batch * vae_attn + CONV_COPIES * FLOAT * batch * height * width * arch.vae_channels
-    encoder = vae_attn + CONV_COPIES * FLOAT * height * width * arch.vae_channels if img2img else 0  # batch 1
+    decoder = batch * vae_attn + copies * FLOAT * batch * height * width * arch.vae_channels
+    encoder = vae_attn + copies * FLOAT * height * width * arch.vae_channels if img2img else 0  # batch 1
     host = HOST_BYTES_PER_PIXEL * batch * height * width
-    return int(base + weights + host + max(unet, decoder, encoder))
+    activations = unet + decoder + encoder if backend == "onnx" else max(unet, decoder, encoder)
+    return int(base + weights + host + activations)
+
+
+def own_anonymous_bytes() -> int:
+    """This process's anonymous resident memory (loaded weights, arenas): part of a request's need, and not counted
+    in MemAvailable, unlike its file-backed pages (mapped weights), which the page cache lends back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def available_bytes() -> int | None:
-    """Memory this process may still use: MemAvailable, capped by a cgroup limit; None where neither is known."""
+    """Memory this process may use in all: what it holds (anonymous) plus MemAvailable, capped by a cgroup limit;
+    None where neither is known."""
     found = []
     try:
         with open("/proc/meminfo") as f:
@@ -130,7 +181,7 @@ def available_bytes() -> int | None:
                 break
         except (OSError, ValueError):
             continue
-    return min(found) if found else None
+    return min(found) + own_anonymous_bytes() if found else None
 
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -161,8 +212,8 @@ def check_request(facts, manifest, folder, batch: int, height: int, width: int, 
     """Refuse a request whose estimate exceeds the budget, naming the largest size (same aspect) that fits.
     Returns the estimate in bytes."""
     budget = parse_memory(max_memory)
-    arch, weights = model_architecture(folder, manifest), weight_bytes(folder, manifest)
-    need = estimate_bytes(facts, arch, weights, batch, height, width, guidance, img2img, backend)
+    arch, weights, winograd = model_architecture(folder, manifest), weight_bytes(folder, manifest), winograd_export(manifest)
+    need = estimate_bytes(facts, arch, weights, batch, height, width, guidance, img2img, backend, winograd)
     if budget is False:
         return need
     source = "set by max_memory"
@@ -177,7 +228,7 @@ def check_request(facts, manifest, folder, batch: int, height: int, width: int, 
     for side in range(longer // step * step, 0, -step):
         h = max(step, height * side // longer // step * step)
         w = max(step, width * side // longer // step * step)
-        if estimate_bytes(facts, arch, weights, batch, h, w, guidance, img2img, backend) <= budget:
+        if estimate_bytes(facts, arch, weights, batch, h, w, guidance, img2img, backend, winograd) <= budget:
             fits = f"at most {w}x{h} fits" + (f" at {batch} images" if batch > 1 else "")
             break
     if fits is None:

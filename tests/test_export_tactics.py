@@ -39,7 +39,7 @@ def test_time_tactics_times_every_form():
     assert set(times) == set(tactics.UPSAMPLER_TACTICS) and all(0 < t < 10 for t in times.values())
 
 
-def test_picker_takes_the_fastest_past_the_margin_and_caches_it(tmp_path):
+def test_picker_takes_the_fastest_past_the_margin_and_caches_it(tmp_path, monkeypatch):
     calls = []
 
     def fake(kind, ci, co, batch, h, w, forms, threads):
@@ -58,6 +58,9 @@ def test_picker_takes_the_fastest_past_the_margin_and_caches_it(tmp_path):
     assert again.pick("conv", 8, 8, 1, 32, 32, rule="f2") == "f4"  # read from the cache file
     assert picker.cache_file.parent == tmp_path and "-2t" in picker.cache_file.name
     assert tactics.TacticPicker(1, tmp_path, measure=fake).cache_file != picker.cache_file  # per thread count
+    monkeypatch.setattr(tactics, "cpu_isa", lambda: "avx avx2 fma f16c avx512f")  # same model name, other vectors
+    assert tactics.TacticPicker(2, tmp_path, measure=fake).cache_file != picker.cache_file
+    monkeypatch.undo()
     picker.cache_file.write_text("{broken")
     assert tactics.TacticPicker(2, tmp_path, measure=fake).pick("conv", 8, 8, 1, 32, 32, rule="f2") == "f4"
 

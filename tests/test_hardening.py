@@ -57,6 +57,48 @@ def test_memory_estimate_grows_and_refuses(digits):
         digits("a 7", height=100000, width=100000, progress=False)
 
 
+def test_memory_estimate_counts_weights_as_onnx_runtime_holds_them(tmp_path):
+    """A Winograd export's optimised graphs outweigh its files (SDXL's VAE decoder 5x): the cache counts where it is
+    larger (the whole graph's or its step split's, not both), a measured growth where it is not there yet; ONNX
+    Runtime's arenas keep every network's activations, torch's only the largest."""
+    from types import SimpleNamespace
+
+    from sdrt import memory
+
+    files = {"unet/model.onnx.data": {"size": 1000}, "unet/step.onnx": {"size": 10}, "vae_decoder/model.onnx": {"size": 100},
+             "text_encoder/model.onnx": {"size": 50}, "scheduler/scheduler_config.json": {"size": 5}}  # fmt: skip
+    manifest = SimpleNamespace(files=files, extras={"winograd_convs": {"unet": 3, "vae_decoder": 2, "text_encoder": 0}})
+    growth = memory.WINOGRAD_WEIGHT_GROWTH
+    assert memory.weight_bytes(tmp_path, manifest) == int(1010 * growth["unet"]) + int(100 * growth["vae_decoder"]) + 50
+    cache = tmp_path / ".ort_cache"
+    cache.mkdir()
+    for name, size in {"unet.step-k.data": 1500, "unet.prepass-k.data": 200, "unet-k.data": 1600, "vae_decoder-k.data": 900,
+                       "text_encoder-k.data": 40}.items():  # fmt: skip
+        (cache / name).write_bytes(b"x" * size)
+    assert memory.weight_bytes(tmp_path, manifest) == 1700 + 900 + 50  # split > whole; the encoder's files > its cache
+    assert memory.winograd_export(manifest) and not memory.winograd_export(SimpleNamespace(extras={}))
+    facts = SimpleNamespace(vae_scale_factor=8)
+    arch = memory.Architecture(320, (), 128, False)  # convolutions only: the attention factors differ by runtime
+    onnx, torch = (memory.estimate_bytes(facts, arch, 0, 1, 512, 512, True, False, b) - memory.RUNTIMES[b][0] for b in ("onnx", "torch"))
+    unet = memory.CONV_COPIES * 4 * 2 * 64 * 64 * 320  # guided batch 2 at 64x64 latents
+    assert onnx == torch + unet  # ORT: UNet + decoder; torch: the decoder alone (the larger)
+    plain, winograd = (memory.estimate_bytes(facts, arch, 0, 1, 512, 512, True, False, "onnx", w) for w in (False, True))
+    assert winograd > plain
+    assert memory.own_anonymous_bytes() > 0 and memory.available_bytes() >= memory.own_anonymous_bytes()
+
+
+def test_large_cpu_networks_run_without_the_memory_pattern():
+    from types import SimpleNamespace
+
+    from sdrt.backends.onnx_sessions import Sessions
+
+    sessions = SimpleNamespace(small_networks={"text_encoder"}, threads=2, provider_names=lambda n=None: ["CPUExecutionProvider"])
+    big, small = (Sessions.options(sessions, network=n) for n in ("unet", "text_encoder"))
+    assert not big.enable_mem_pattern and small.enable_mem_pattern  # the arena's chunks reused: RSS flat after image 1
+    gpu = SimpleNamespace(small_networks=set(), threads=None, provider_names=lambda n=None: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert Sessions.options(gpu, network="unet").enable_mem_pattern
+
+
 def test_cli_huge_size_is_one_line_and_override(tmp_path, capsys, monkeypatch):
     import sdrt.pipeline
 

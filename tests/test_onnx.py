@@ -273,7 +273,7 @@ def test_export_refuses_bad_requests(tiny_sd1, onnx_sd1, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
-def test_optimized_graph_cache(onnx_sd1, tmp_path):
+def test_optimized_graph_cache(onnx_sd1, tmp_path, monkeypatch):
     export = copy_export(onnx_sd1, tmp_path / "export")
     source = open_model(export)
     first = source.create_backend("onnx")  # optimises and writes the cache
@@ -295,6 +295,11 @@ def test_optimized_graph_cache(onnx_sd1, tmp_path):
     open_model(export).create_backend("onnx")
     now = sorted(p.name for p in (export / CACHE_DIR).glob("*.onnx"))
     assert len(now) == 4 and [n for n in now if n.startswith("unet-")] != [n for n in cached if n.startswith("unet-")]
+    # Another CPU with the same model name but other vector extensions (a VM's "AMD EPYC": Zen 2 or Zen 4) gets its own.
+    key = first.sessions_set.cache_path("unet", unet)
+    monkeypatch.setattr("sdrt.backends.onnx_sessions.cpu_isa", lambda: "avx avx2 fma f16c avx512f")
+    assert first.sessions_set.cache_path("unet", unet) != key
+    monkeypatch.undo()
     # A damaged cache is rebuilt, not fatal.
     for p in (export / CACHE_DIR).glob("unet-*.onnx"):
         p.write_bytes(b"junk")

@@ -4,7 +4,9 @@ shape-specialised sessions of small networks.
 - Each session gets its network's providers (sdrt.backends.onnx_providers); a GPU route whose session did not
   get the GPU provider is an error, not a CPU run.
 - Full graph optimisation, and the optimised graph cached in `<export>/.ort_cache/` keyed by the ONNX file's
-  size, mtime and manifest hash, the ORT version, providers and CPU, so a changed file or machine rebuilds it
+  size, mtime and manifest hash, the ORT version, providers, CPU model and vector extensions (a VM's model name,
+  such as "AMD EPYC", covers CPUs with and without AVX-512, whose blocked layouts differ), so a changed file or
+  machine rebuilds it
   (the manifest lists only the export's own files, so the cache never trips its checks). ORT maps the
   cache's weights file and reads its pages on first use: a fast load, and a first run that pays for it
   (measured: copying the weights into memory at load instead took the SD 1.5-shape load from 4 s to 25 s,
@@ -17,6 +19,7 @@ shape-specialised sessions of small networks.
 - Small networks (weights under SMALL_NETWORK_BYTES at fp32 width, like the built-in model's) run on one intra-op thread
   and get a session per input shape on CPU, built with ORT's free-dimension overrides, so that the shape
   arithmetic a dynamic-shape export carries (hundreds of Shape/Gather/Concat nodes) is folded away.
+- On CPU, large networks run without ORT's memory pattern (see options()): their arenas stop at their peak.
 - A UNet exported with its step split (sdrt.export.step_split) runs on CPU as two sessions, its step-invariant
   prepass and its step graph (sdrt.backends.onnx_split), unless it is a small network (static shapes fold more
   there than the prepass saves) or `step_split=False`.
@@ -142,6 +145,12 @@ class Sessions:
             options.intra_op_num_threads = 1
         elif self.threads:
             options.intra_op_num_threads = self.threads
+        if network is not None and network not in self.small_networks and self.provider_names(network) == ["CPUExecutionProvider"]:
+            # ORT's memory pattern takes, from a shape's second run on, one block of the planned peak from the arena
+            # beside the first run's freed chunks: the arena grows to ~2x the activations (SDXL's VAE decoder at
+            # 512 px: +2.3 GB on the second image). Without it the chunks are reused: RSS flat from the first image
+            # (SDXL, Vega shape: 13.9 -> 11.8 GB at 512 px, 9.8 -> 9.2 GB at 256 px), the same speed.
+            options.enable_mem_pattern = False
         return options
 
     def provider_names(self, network: str | None = None) -> list[str]:
@@ -225,7 +234,7 @@ class Sessions:
             "ort": ort.__version__,
             "providers": self.provider_names(network),  # not the thread count: it does not change the optimised graph
             "fusions": FUSION_REVISION,
-            "machine": [platform.machine(), cpu_name()],
+            "machine": [platform.machine(), cpu_name(), cpu_isa()],
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         name = f"{network}.{Path(part).stem}" if part else network  # unet.prepass-<key>: pruned apart from unet-<key>
@@ -314,3 +323,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+# The vector extensions that change what ORT's optimiser and MLAS pick (NCHWc block size, GEMM kernels).
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve", "sve2", "i8mm", "bf16")  # fmt: skip
+
+
+def cpu_isa() -> str:
+    """The CPU's vector extensions among ISA_FLAGS, from /proc/cpuinfo ("" where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                present = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in ISA_FLAGS if f in present)
+    except OSError:
+        pass
+    return ""

@@ -448,7 +448,7 @@ def summarise(runs):
 
 
 def machine():
-    from sdrt.backends.onnx_sessions import cpu_name
+    from sdrt.cpu import cpu_name
 
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "loadavg": os.getloadavg(),
             "note": "2 cores shared with other agents' jobs; conditions interleaved to share the noise"}

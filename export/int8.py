@@ -100,6 +100,7 @@ class QuantStats:
     bytes_before: int
     bytes_after: int
     conv_forms: dict = dataclasses.field(default_factory=dict)  # {"gemm": n, "qlinearconv": n, "by": how picked}
+    weight_bits: int = 8  # 7: the weights' range halved for CPUs whose int8 kernels saturate (sdrt.cpu.int8_weight_bits)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -161,21 +162,26 @@ def kept_modules(module, scheme: str, prefix: str = "/unet/") -> set:
 
 
 def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibration=None, keep=(), options=None,
-                     conv_forms: dict | None = None) -> QuantStats:
+                     conv_forms: dict | None = None, weight_bits: int | None = None) -> QuantStats:
     """Quantise the ONNX graph at `src` into `dst` (one file, or file + `.data` when over 2 GB).
 
     calibration: for "static", a list of feed dicts (the network's inputs, recorded from real sampling).
     conv_forms: how the static schemes pick each quantised conv's form (sdrt.export.int8_conv_gemm):
     {"dims": {dim_param: value} at the export's opt size, "picker": a sdrt.export.tactics.TacticPicker to time the
     forms on this machine, or None for the rule}; None: every conv as an int8 GEMM.
+    weight_bits: 8, or 7 for a CPU whose u8s8 kernels saturate; None: this CPU's (sdrt.cpu.int8_weight_bits).
     """
     import onnx
+
+    from sdrt.cpu import int8_weight_bits
 
     if scheme not in SCHEMES:
         from sdrt.errors import InputError
 
         raise InputError(f"int8 scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
     src, dst = Path(src), Path(dst)
+    weight_bits = weight_bits or int8_weight_bits()
+    reduce = weight_bits == 7
     bytes_before = _bytes(src)
     big = bytes_before > 1_800_000_000
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -196,15 +202,15 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
         del model
         out = Path(work) / "quant.onnx"
         if scheme.startswith("dynamic"):
-            _dynamic(named, out, quantize, big)
+            _dynamic(named, out, quantize, big, reduce)
         elif scheme == "mixed":
             conv = {n.name for n in onnx.load(str(named), load_external_data=False).graph.node if n.op_type == "Conv"}
             mid = Path(work) / "convs.onnx"
-            _static(named, mid, [n for n in quantize if n in conv], calibration, big, **(options or {}))
-            _dynamic(mid, out, [n for n in quantize if n not in conv], big)
+            _static(named, mid, [n for n in quantize if n in conv], calibration, big, reduce=reduce, **(options or {}))
+            _dynamic(mid, out, [n for n in quantize if n not in conv], big, reduce)
         elif scheme.startswith("static"):
             _static(named, out, quantize, calibration, big, activation="s8" if scheme == "static-s8" else "u8",
-                    **(options or {}))
+                    reduce=reduce, **(options or {}))
         else:
             _weight_only(named, out, quantize, big)
         result = onnx.load(str(out))
@@ -226,7 +232,8 @@ def quantize_network(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME, calibra
     for n in result.graph.node:
         if n.op_type in QUANT_OPS:
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return QuantStats(scheme, counts, keep, bytes_before, _bytes(dst), forms)
+    integer = scheme != "weight-only"  # weight-only dequantises to float: no integer kernels to saturate
+    return QuantStats(scheme, counts, keep, bytes_before, _bytes(dst), forms, weight_bits if integer else 8)
 
 
 QUANT_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv", "QLinearMatMul",
@@ -314,16 +321,16 @@ def write_smoothed(src: Path, dst: Path, nodes: list[str], calibration, alpha: f
     return done
 
 
-def _dynamic(src: Path, dst: Path, nodes: list[str], big: bool) -> None:
+def _dynamic(src: Path, dst: Path, nodes: list[str], big: bool, reduce: bool = False) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=["Conv", "MatMul"], per_channel=True,
                      weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=big,
-                     extra_options={"MatMulConstBOnly": True})
+                     reduce_range=reduce, extra_options={"MatMulConstBOnly": True})
 
 
 def _static(src: Path, dst: Path, nodes: list[str], calibration, big: bool, activation: str = "u8",
-            method: str = "MinMax", cache: Path | None = None, extra: dict | None = None) -> None:
+            method: str = "MinMax", cache: Path | None = None, extra: dict | None = None, reduce: bool = False) -> None:
     """Static QDQ quantisation of `nodes`; activation ranges from `calibration` (feed dicts), computed by
     calibrate() into `cache` (ONNX Runtime's calibration cache, reused when it exists). activation: "u8" or "s8"
     (int8 with a zero point: the same 256 levels over the same range; ActivationSymmetric, which the first static-s8
@@ -337,7 +344,7 @@ def _static(src: Path, dst: Path, nodes: list[str], calibration, big: bool, acti
         quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul"],
                         per_channel=True, activation_type=QuantType.QInt8 if activation == "s8" else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=big,
-                        calibrate_method=_method(method), calibration_cache_path=str(cache),
+                        calibrate_method=_method(method), calibration_cache_path=str(cache), reduce_range=reduce,
                         extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False, "WeightSymmetric": True,
                                        "OpTypesToExcludeOutputQuantization": FLOAT_OUTPUT_OPS, **(extra or {})})
 
@@ -433,7 +440,8 @@ def network_scheme(network: str, unet_scheme: str) -> tuple[str, tuple]:
 
 
 def quantize_export(fp32_dir: Path, out_dir: Path, scheme: str, networks=("unet",), calibration=None,
-                    conv_tactics: str = "rule", tactic_threads: int | None = None, tactic_cache_dir=None) -> dict:
+                    conv_tactics: str = "rule", tactic_threads: int | None = None, tactic_cache_dir=None,
+                    weight_bits: int | None = None) -> dict:
     """Copy the fp32 export at `fp32_dir` to `out_dir` with `networks` quantised (the UNet by `scheme`, the others by
     network_scheme); rewrites the manifest (each quantised network's precision "int8" and its scheme; extras["int8"]
     with the stats) and the file records. Returns {network: QuantStats dict}. `calibration`: {network: [feeds]} for
@@ -465,7 +473,7 @@ def quantize_export(fp32_dir: Path, out_dir: Path, scheme: str, networks=("unet"
                 p.unlink()
         net_scheme, keep = network_scheme(name, scheme)
         stats[name] = quantize_network(src, dst, net_scheme, (calibration or {}).get(name), keep,
-                                       conv_forms=conv_forms).to_dict()
+                                       conv_forms=conv_forms, weight_bits=weight_bits).to_dict()
         manifest.networks[name] = {**manifest.networks[name], "precision": "int8", "int8_scheme": net_scheme}
         manifest.networks[name].pop("step_split", None)
         if name == "unet":  # the fp32 export's split graphs were copied: split the int8 UNet instead

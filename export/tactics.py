@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sdrt.backends.onnx_sessions import cpu_isa, cpu_name
+from sdrt.cpu import cpu_isa, cpu_name
 
 CONV_TACTIC_MODES = ("rule", "measure")
 CONV_TACTICS = {"direct": 0, "f2": 2, "f4": 4}  # tactic -> Winograd tile (0: ONNX Runtime's own conv)

@@ -79,10 +79,15 @@ def _int8_lines(record: dict | None) -> list[str]:
     """What `sdrt export --int8` did and measured (extras["int8"]), in two or three lines."""
     if not record:
         return []
-    nets = ", ".join(f"{n} ({st.get('scheme', record.get('scheme'))}{_conv_forms(st)})"
+    nets = ", ".join(f"{n} ({st.get('scheme', record.get('scheme'))}{_conv_forms(st)}{_weight_bits(st)})"
                      for n, st in record.get("networks", {}).items())
     lines = [f"int8         {nets} (onnxruntime {record.get('onnxruntime', '?')})"]
     return lines + ["  " + line for line in int8_quality_lines(record.get("quality"))]
+
+
+def _weight_bits(stats: dict) -> str:
+    """"; 7-bit weights" for an export made for CPUs whose int8 kernels saturate (sdrt.cpu.int8_weight_bits)."""
+    return f"; {stats['weight_bits']}-bit weights" if stats.get("weight_bits", 8) != 8 else ""
 
 
 def _conv_forms(stats: dict) -> str:

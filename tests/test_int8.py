@@ -96,7 +96,10 @@ def test_cli_int8_export_records_scheme_and_quality(tiny_sd1, tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(out), "--verify"]) == 0
     text = capsys.readouterr().out
-    assert "(int8," in text and "unet (dynamic-matmul)" in text and "vae_decoder (static-all; convs: " in text and "PSNR" in text
+    assert "(int8," in text and "unet (dynamic-matmul" in text and "vae_decoder (static-all; convs: " in text and "PSNR" in text
+    from sdrt.cpu import int8_weight_bits
+
+    assert ("unet (dynamic-matmul; 7-bit weights)" in text) == (int8_weight_bits() == 7)  # this CPU's range, said
     assert "vae decode PSNR" in text
 
 
@@ -250,6 +253,9 @@ def test_quantised_matmuls_keep_float_outputs(tmp_path):
     feeds = [{"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32)} for _ in range(3)]
     stats = quantize_network(tmp_path / "m.onnx", tmp_path / "q.onnx", "static-all", feeds)
     assert sorted(stats.kept_fp32) == ["conv0", "conv2"]  # first and last conv
+    from sdrt.cpu import int8_weight_bits
+
+    assert stats.weight_bits == int8_weight_bits()  # 7 on a CPU whose u8s8 kernels saturate: else 27% off on AVX2
     q = onnx.load(str(tmp_path / "q.onnx"))
     consumers = {}
     for n in q.graph.node:
@@ -381,3 +387,43 @@ def test_int8_unet_is_split_and_the_split_equals_the_whole(builtin_int8):
     feeds = manifest.contracts["unet"].sample_inputs({"unet_batch": 2, "latent_height": 8, "latent_width": 8})
     a, b = whole.run("unet", feeds)["out_sample"], split.run("unet", feeds)["out_sample"]
     assert np.abs(a - b).max() <= 1e-6 * max(1.0, np.abs(a).max())
+
+
+def test_int8_weight_range_follows_the_cpu(tmp_path, monkeypatch):
+    """x86 without VNNI/AMX: ONNX Runtime's u8s8 kernels add product pairs in a saturating int16, so the export
+    halves the weights' range (7 bits); VNNI, AMX and ARM keep 8. Running an 8-bit export on such a CPU is said."""
+    from types import SimpleNamespace
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import sdrt.cpu
+    from sdrt.backends.onnx_sessions import saturation_note
+    from sdrt.export.int8 import quantize_network
+
+    for machine, isa, bits in (("x86_64", "avx avx2 fma", 7), ("x86_64", "avx avx2 avx512f avx512_vnni", 8),
+                               ("x86_64", "avx avx2 avx_vnni", 8), ("x86_64", "amx_tile amx_int8", 8), ("aarch64", "asimd", 8)):
+        monkeypatch.setattr(sdrt.cpu.platform, "machine", lambda m=machine: m)
+        monkeypatch.setattr(sdrt.cpu, "cpu_isa", lambda i=isa: i)
+        assert sdrt.cpu.int8_weight_bits() == bits, (machine, isa)
+    manifest = SimpleNamespace(networks={"unet": {}, "vae_decoder": {}}, extras={"int8": {"networks": {
+        "unet": {"scheme": "static", "weight_bits": 8}, "vae_decoder": {"scheme": "static", "weight_bits": 7}}}})
+    monkeypatch.setattr("sdrt.backends.onnx_sessions.int8_weight_bits", lambda: 8)
+    assert saturation_note(manifest) is None
+    monkeypatch.setattr("sdrt.backends.onnx_sessions.int8_weight_bits", lambda: 7)
+    assert saturation_note(manifest).startswith("int8 unet quantised with 8-bit weights")  # not the 7-bit decoder
+    manifest.extras["int8"]["networks"]["unet"]["weight_bits"] = 7
+    assert saturation_note(manifest) is None
+    # The weights themselves: 7 bits keep within [-64, 63], 8 bits use [-127, 127].
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+                              [numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    feeds = [{"x": rng.standard_normal((4, 32)).astype(np.float32)} for _ in range(2)]
+    for bits, top in ((7, 64), (8, 127)):
+        stats = quantize_network(tmp_path / "m.onnx", tmp_path / f"q{bits}.onnx", "static-all", feeds, weight_bits=bits)
+        q = onnx.load(str(tmp_path / f"q{bits}.onnx"))
+        weights = [numpy_helper.to_array(t) for t in q.graph.initializer if t.data_type == TensorProto.INT8 and t.dims]
+        assert stats.weight_bits == bits and weights and max(int(np.abs(w.astype(int)).max()) for w in weights) == top

@@ -38,6 +38,7 @@ import onnxruntime as ort
 from sdrt.backends.base import module_available
 from sdrt.backends.onnx_providers import provider_names, require_session_providers, session_providers
 from sdrt.backends.onnx_split import StepSplit
+from sdrt.cpu import cpu_isa, cpu_name, int8_weight_bits
 from sdrt.errors import ModelError
 from sdrt.model.manifest import Manifest
 
@@ -111,6 +112,9 @@ class Sessions:
         self.notes: list[str] = []
         self.providers = {n: session_providers(route, n, manifest, self.path, device_id) for n in manifest.networks}
         self.small_networks = {n for n in manifest.networks if self.fp32_weight_bytes(n) <= SMALL_NETWORK_BYTES}
+        note = saturation_note(manifest) if route != "cuda" else None
+        if note:
+            self.notes.append(note)
         tensorrt = route == "tensorrt"  # ORT cannot save TensorRT-compiled graphs; TensorRT fuses by itself
         self.sessions: dict[str, ort.InferenceSession] = {}
         self.splits: dict[str, StepSplit] = {}  # networks run as prepass + step graph; sessions[] holds the step graph
@@ -314,29 +318,13 @@ def prune_cache(cache: Path, keep) -> None:
             old.unlink(missing_ok=True)
 
 
-def cpu_name() -> str:
-    """The CPU model: graphs optimised at ORT_ENABLE_ALL may use layouts for this CPU's vector width."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-# The vector extensions that change what ORT's optimiser and MLAS pick (NCHWc block size, GEMM kernels).
-ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-             "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve", "sve2", "i8mm", "bf16")  # fmt: skip
-
-
-def cpu_isa() -> str:
-    """The CPU's vector extensions among ISA_FLAGS, from /proc/cpuinfo ("" where it cannot be read)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                present = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in ISA_FLAGS if f in present)
-    except OSError:
-        pass
-    return ""
+def saturation_note(manifest) -> str | None:
+    """What to say when an int8 export quantised with 8-bit weights (made on a CPU with VNNI, AMX or ARM's dot
+    products) runs on a CPU whose u8s8 kernels saturate (sdrt.cpu.int8_weight_bits); None when nothing is wrong."""
+    networks = (manifest.extras.get("int8") or {}).get("networks", {})
+    full = [n for n, stats in networks.items()
+            if n in manifest.networks and stats.get("scheme") != "weight-only" and stats.get("weight_bits", 8) == 8]
+    if not full or int8_weight_bits() == 8:
+        return None
+    return (f"int8 {', '.join(full)} quantised with 8-bit weights, which this CPU's int8 kernels (no VNNI) can saturate, "
+            "losing quality: re-export with `sdrt export --int8` on this machine (7-bit weights)")

@@ -86,7 +86,7 @@ def physical_cores() -> int:
 
 
 def machine_info() -> dict:
-    from sdrt.backends.onnx_sessions import cpu_name as _cpu_name
+    from sdrt.cpu import cpu_name as _cpu_name
 
     info = {"platform": platform.platform(), "machine": platform.machine(), "cpu": _cpu_name(),
             "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(), "gpu": gpu_name()}  # fmt: skip

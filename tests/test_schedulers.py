@@ -399,7 +399,9 @@ def test_comparison_catches_small_errors(name):
     column = max(columns, key=lambda k: abs(s.coefficients[row, k]))
     tol = TOLERANCE.get(name, 1e-6)
     with pytest.raises(AssertionError, match=f"call {row} "):
-        run_chain(name, SD21, 10, 1.0, tol=tol, label="perturbed ", perturb=(row, column, 1 + 10 * tol))
+        # fractional timesteps (Karras sigmas mapped back) as test_matches_diffusers allows: 1 ulp apart on AVX2
+        run_chain(name, SD21, 10, 1.0, tol=tol, label="perturbed ", perturb=(row, column, 1 + 10 * tol),
+                  timestep_atol=1e-4 if name in FRACTIONAL else 0.0)
 
 
 def test_defaults_are_diffusers_init_defaults():

@@ -3,6 +3,7 @@ keys of the optimised-graph and conv-tactic caches), and the int8 weight range i
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -13,27 +14,28 @@ ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "a
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
-def cpu_name() -> str:
-    """The CPU model: graphs optimised at ORT_ENABLE_ALL may use layouts for this CPU's vector width."""
+@functools.lru_cache(maxsize=None)
+def _cpuinfo_value(prefixes: tuple[str, ...]) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with one of `prefixes` (None where there is none): read
+    once per process, since every session load keys its cache on it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(prefixes):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU model: graphs optimised at ORT_ENABLE_ALL may use layouts for this CPU's vector width."""
+    return _cpuinfo_value(("model name",)) or platform.processor()
 
 
 def cpu_isa() -> str:
     """The CPU's vector extensions among ISA_FLAGS, from /proc/cpuinfo ("" where it cannot be read)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                present = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in ISA_FLAGS if f in present)
-    except OSError:
-        pass
-    return ""
+    present = set((_cpuinfo_value(("flags", "Features")) or "").split())
+    return " ".join(f for f in ISA_FLAGS if f in present)
 
 
 def int8_weight_bits() -> int:
